@@ -1,0 +1,87 @@
+"""SoftTargetDataset: any (input, label) data set, with PS-KD's soft target per item."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .loss import alpha_t, soft_target
+from .service import PredictionService
+from .store import SoftTargetStore, StoreError
+
+
+class SoftTargetDataset(Dataset):
+    """Wrap a map-style data set of ``(input, label)``; items become
+    ``(input, target, label, index)`` with target = (1 - a_t)·onehot(label) + a_t·p_{t-1}.
+
+    Call :meth:`set_epoch` in the main process before iterating each epoch's DataLoader
+    (as with ``DistributedSampler.set_epoch``). The epoch lives in a shared-memory tensor,
+    so workers started earlier (``persistent_workers=True``, fork or spawn) see it too and
+    switch to the new teacher on their next item. Epoch 1 has no teacher: one-hot targets.
+    """
+
+    def __init__(
+        self,
+        base: Dataset,
+        store: SoftTargetStore,
+        alpha_T: float,
+        total_epochs: int,
+        *,
+        cache_dir: str | None = None,
+    ):
+        if len(base) != store.num_samples:
+            raise StoreError(
+                f"the data set has {len(base)} samples but the store was made for "
+                f"{store.num_samples}: use the store of this data set"
+            )
+        alpha_t(1, total_epochs, alpha_T)  # validates both
+        self.base = base
+        self.alpha_T = alpha_T
+        self.total_epochs = total_epochs
+        self.num_classes = store.num_classes
+        self.service = PredictionService(store, cache_dir)
+        self._store = store
+        # [epoch, teacher epoch or 0, seal token as int]: written by set_epoch, read by workers
+        self._state = torch.zeros(3, dtype=torch.int64).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def epoch(self) -> int:
+        return int(self._state[0])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the predictions of sealed epoch ``epoch - 1`` (none for epoch 1)."""
+        alpha_t(epoch, self.total_epochs, self.alpha_T)
+        teacher, token = 0, 0
+        if epoch > 1:
+            if self._store is None:
+                raise RuntimeError("set_epoch() belongs in the main process, not in a DataLoader worker")
+            teacher = epoch - 1
+            token = int(self.service.prepare(teacher), 16)
+        self._state[1] = teacher
+        self._state[2] = token
+        self._state[0] = epoch
+
+    def alpha(self) -> float:
+        return alpha_t(self.epoch, self.total_epochs, self.alpha_T)
+
+    def __getitem__(self, index: int):
+        epoch, teacher, token = self._state.tolist()
+        if epoch == 0:
+            raise RuntimeError("call set_epoch(epoch) before iterating a SoftTargetDataset")
+        input, label = self.base[index]
+        label = torch.as_tensor(label, dtype=torch.int64)
+        if teacher == 0:
+            target = torch.nn.functional.one_hot(label, self.num_classes).float()
+        else:
+            past = self.service.view(teacher, f"{token:016x}")[index]
+            target = soft_target(label, torch.from_numpy(past.astype(np.float32)), alpha_t(epoch, self.total_epochs, self.alpha_T))
+        return input, target, label, index
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_store"] = None  # workers read memory maps only, never the Zarr store
+        return state

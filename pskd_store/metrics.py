@@ -1,0 +1,183 @@
+"""Evaluation metrics reported in the PS-KD paper (Kim et al., ICCV 2021).
+
+All metrics are returned in the paper's units: error rates and ECE in percent,
+AURC and E-AURC multiplied by 10^3. ECE and AURC/E-AURC follow the PS-KD
+authors' reference implementation (``calc_ece`` and ``calc_aurc_eaurc``) so
+numbers are comparable with the paper's tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Union
+
+import numpy as np
+import torch
+
+ArrayLike = Union[np.ndarray, torch.Tensor]
+
+# Floor for the true-class probability in the NLL, so a probability of exactly
+# zero yields a large finite loss instead of inf (which would poison averages).
+NLL_EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """Per-bin statistics of a reliability diagram.
+
+    Bin ``i`` holds samples with ``edges[i] < confidence <= edges[i + 1]``.
+    ``confidence`` and ``accuracy`` are NaN for empty bins so a plot shows a
+    gap rather than a misleading zero.
+    """
+
+    edges: np.ndarray  # (n_bins + 1,) bin boundaries, 0 to 1
+    confidence: np.ndarray  # (n_bins,) mean max-probability in each bin
+    accuracy: np.ndarray  # (n_bins,) fraction of top-1 correct in each bin
+    count: np.ndarray  # (n_bins,) number of samples in each bin
+    n_samples: int  # all samples, including any with confidence 0 (unbinned)
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error as a fraction: sum |acc - conf| * bin share.
+
+        The share divides by all samples (not just binned ones), as the
+        authors' code does.
+        """
+        filled = self.count > 0
+        gaps = np.abs(self.accuracy[filled] - self.confidence[filled])
+        return float(np.sum(gaps * self.count[filled]) / self.n_samples)
+
+
+def _to_numpy(x: ArrayLike) -> np.ndarray:
+    """Convert a tensor (any device/dtype, incl. bfloat16) or array to numpy."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        if x.is_floating_point():
+            x = x.to(torch.float64)  # numpy has no bfloat16
+        return x.numpy()
+    return np.asarray(x)
+
+
+def _prepare(probs: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Validate inputs once and return float64 probs (N, K) and int64 labels (N,).
+
+    Metrics silently computed on malformed input (e.g. logits, NaNs, shifted
+    labels) produce plausible-looking but wrong numbers, so fail loudly instead.
+    """
+    p = _to_numpy(probs)
+    y = _to_numpy(labels)
+    if p.ndim != 2:
+        raise ValueError(f"probs must be 2-D (N, K), got shape {p.shape}")
+    if y.ndim != 1:
+        raise ValueError(f"labels must be 1-D (N,), got shape {y.shape}")
+    if p.shape[0] != y.shape[0]:
+        raise ValueError(
+            f"shape mismatch: probs has {p.shape[0]} rows but labels has {y.shape[0]} entries"
+        )
+    n, k = p.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"probs must be non-empty, got shape {p.shape}")
+    if not np.issubdtype(p.dtype, np.floating):
+        raise ValueError(f"probs must be a float array, got dtype {p.dtype}")
+    p = p.astype(np.float64)
+    if np.isnan(p).any():
+        raise ValueError("probs contains NaN")
+    if not ((p >= 0.0) & (p <= 1.0)).all():
+        raise ValueError("probs must lie in [0, 1] (pass probabilities, not logits)")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {y.dtype}")
+    y = y.astype(np.int64)
+    if y.min() < 0 or y.max() >= k:
+        raise ValueError(
+            f"labels out of range: must be in [0, {k}), got min {y.min()} and max {y.max()}"
+        )
+    return p, y
+
+
+def _true_class_rank(p: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """0-based rank of the true class per sample, ties going to the lower index.
+
+    The tie rule matches ``argmax`` (first maximum wins), so rank 0 is exactly
+    "top-1 prediction is correct" and top-1 and top-k agree with each other.
+    """
+    p_true = p[np.arange(len(y)), y][:, None]
+    classes = np.arange(p.shape[1])[None, :]
+    higher = p > p_true
+    tied_before = (p == p_true) & (classes < y[:, None])
+    return np.sum(higher | tied_before, axis=1)
+
+
+def _reliability(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> ReliabilityBins:
+    """Bin samples by confidence into ``n_bins`` equal-width (lower, upper] bins."""
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # side="left" gives the index i with edges[i-1] < conf <= edges[i]; conf == 0
+    # lands at -1 and is left out, as in the authors' code.
+    idx = np.searchsorted(edges, conf, side="left") - 1
+    binned = idx >= 0
+    idx, c, a = idx[binned], conf[binned], correct[binned].astype(np.float64)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.bincount(idx, weights=c, minlength=n_bins) / count
+        accuracy = np.bincount(idx, weights=a, minlength=n_bins) / count
+    return ReliabilityBins(edges, confidence, accuracy, count, n_samples=len(conf))
+
+
+def _check_n_bins(n_bins: int) -> None:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be a positive integer, got {n_bins!r}")
+
+
+def reliability_bins(probs: ArrayLike, labels: ArrayLike, n_bins: int = 10) -> ReliabilityBins:
+    """Per-bin confidence/accuracy/count: the data behind a reliability diagram.
+
+    Confidence is the max probability; correctness is top-1 correctness.
+    """
+    _check_n_bins(n_bins)
+    p, y = _prepare(probs, labels)
+    return _reliability(p.max(axis=1), _true_class_rank(p, y) == 0, n_bins)
+
+
+def _aurc_eaurc(conf: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
+    """AURC and E-AURC as fractions (Geifman et al. 2019), as in ``calc_aurc_eaurc``.
+
+    Samples are taken most-confident first; the risk at coverage i/N is the
+    error rate among those first i samples, and AURC is the mean of these
+    risks. E-AURC subtracts the AURC of an oracle ranking (all errors last),
+    r + (1 - r) ln(1 - r), so it isolates ranking quality from accuracy.
+    A stable sort keeps the original order among equal confidences, matching
+    the authors' ``sorted(..., reverse=True)``.
+    """
+    order = np.argsort(-conf, kind="stable")
+    errors = ~correct[order]
+    risks = np.cumsum(errors) / np.arange(1, len(errors) + 1)
+    aurc = float(risks.mean())
+    r = float(errors.mean())
+    # (1 - r) ln(1 - r) -> 0 as r -> 1; avoid 0 * -inf = nan.
+    optimal = r + ((1.0 - r) * np.log(1.0 - r) if r < 1.0 else 0.0)
+    return aurc, aurc - optimal
+
+
+def evaluate(probs: ArrayLike, labels: ArrayLike, n_bins: int = 10) -> dict[str, float]:
+    """Compute the PS-KD paper's metrics for predicted probabilities.
+
+    Returns ``top1_err`` and ``top5_err`` (percent; top-5 uses min(5, K)
+    classes), ``nll`` (mean, nats), ``ece`` (percent, ``n_bins`` bins),
+    ``aurc`` and ``eaurc`` (x 10^3) and ``n`` (sample count).
+    """
+    _check_n_bins(n_bins)
+    p, y = _prepare(probs, labels)
+    n, k = p.shape
+    rank = _true_class_rank(p, y)
+    correct = rank == 0
+    conf = p.max(axis=1)
+    p_true = p[np.arange(n), y]
+    aurc, eaurc = _aurc_eaurc(conf, correct)
+    return {
+        "top1_err": 100.0 * float(np.mean(~correct)),
+        "top5_err": 100.0 * float(np.mean(rank >= min(5, k))),
+        "nll": float(-np.mean(np.log(np.clip(p_true, NLL_EPS, 1.0)))),
+        "ece": 100.0 * _reliability(conf, correct, n_bins).ece,
+        "aurc": 1e3 * aurc,
+        "eaurc": 1e3 * eaurc,
+        "n": float(n),
+    }

@@ -1,0 +1,103 @@
+"""The prediction service: sealed epochs as memory-mapped, uncompressed arrays.
+
+Reading single rows from a compressed Zarr array costs a chunk decode each (milliseconds);
+training needs a random batch of rows every step. So once per epoch a sealed teacher epoch
+is decoded into a plain ``.npy`` file, and every lookup is a numpy gather on a read-only
+memory map of it. All DataLoader workers and all processes on a machine that map the same
+file share the operating system's page cache: one copy of the table per machine.
+
+The file name carries the epoch's seal token, so a cached file can never be mistaken for
+a later re-seal of the same epoch number (after a rollback).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .store import SoftTargetStore, epoch_key
+
+
+class PredictionService:
+    """Serve ``lookup(epoch, ids)`` from memory maps of sealed epochs of one store.
+
+    The main process calls :meth:`prepare` once per epoch; any process (a forked or
+    spawned DataLoader worker included) can then call :meth:`lookup` with the returned
+    token. Pickling keeps only paths, so each process maps the file itself.
+    """
+
+    def __init__(self, store: SoftTargetStore, cache_dir: str | Path | None = None):
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(store)
+        self._store: SoftTargetStore | None = store
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+
+    def prepare(self, epoch: int) -> str:
+        """Materialise sealed ``epoch`` (once) and return its seal token for :meth:`lookup`."""
+        store = self._require_store()
+        store.require_sealed(epoch)
+        token = store.epoch_info(epoch)["seal_token"]
+        path = self.path(epoch, token)
+        if not path.exists():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            predictions = store.read_epoch(epoch)
+            # Write beside the target, then rename: readers see the whole file or none.
+            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+            try:
+                with os.fdopen(fd, "wb") as file:
+                    np.save(file, predictions, allow_pickle=False)
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        self._drop_stale(store)
+        return token
+
+    def path(self, epoch: int, token: str) -> Path:
+        return self.cache_dir / f"{epoch_key(epoch)}-{token}.npy"
+
+    def view(self, epoch: int, token: str) -> np.ndarray:
+        """The read-only (N, K) memory map of a prepared epoch, opened once per process."""
+        key = (epoch, token)
+        view = self._maps.get(key)
+        if view is None:
+            view = np.load(self.path(epoch, token), mmap_mode="r")
+            self._maps = {key: view}  # one epoch mapped at a time per process
+        return view
+
+    def lookup(self, epoch: int, token: str, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Predictions of ``ids`` at ``epoch`` as a float32 (B, K) tensor."""
+        rows = self.view(epoch, token)[np.asarray(ids)]
+        return torch.from_numpy(rows.astype(np.float32))
+
+    def _require_store(self) -> SoftTargetStore:
+        if self._store is None:
+            raise RuntimeError(
+                "prepare() runs in the main process (before iterating the DataLoader), "
+                "not in a DataLoader worker"
+            )
+        return self._store
+
+    def _drop_stale(self, store: SoftTargetStore) -> None:
+        """Delete cached files of epochs the store no longer keeps (open maps stay valid)."""
+        keep = {
+            self.path(e, store.epoch_info(e)["seal_token"]).name for e in store.teacher_epochs
+        }
+        for cached in self.cache_dir.glob("epoch_*.npy"):
+            if cached.name not in keep:
+                cached.unlink(missing_ok=True)
+
+    def __getstate__(self) -> dict:
+        return {"cache_dir": self.cache_dir, "_store": None, "_maps": {}}
+
+
+def default_cache_dir(store: SoftTargetStore) -> Path:
+    """Beside a local store (``run/store`` -> ``run/store.mmap``); else in the user cache."""
+    local = store.local_path
+    if local is not None:
+        return local.with_name(local.name + ".mmap")
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "pskd-store" / store.store_id

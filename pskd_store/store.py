@@ -1,0 +1,521 @@
+"""The soft-target store: past predictions of a training run, per epoch, in a Zarr v3 group.
+
+Layout (all under one group, a local path or any fsspec URL zarr accepts)::
+
+    zarr.json                         attributes["pskd_store"]: schema, N, K, dtype,
+                                      fingerprint, sealed epochs and their statistics
+    labels                            (N,) int64 — the one-hot half of every target
+    teacher/epoch_0007                (N, K) predictions of epoch 7, chunked along N
+    trajectory/epoch_0007/true_prob   (N,) probability of the true class  ┐ compact, kept
+    trajectory/epoch_0007/max_prob    (N,) max probability                ├ for every epoch
+    trajectory/epoch_0007/argmax      (N,) predicted class                ┘
+    staging/epoch_0008/writer_0000/   rows of an epoch in progress, one part per writer
+
+An epoch exists for readers only once its number is in the root attributes' ``sealed``
+list. That list is written by :meth:`SoftTargetStore.seal` after every array of the epoch
+is complete, in one atomic write of the root metadata, so a crash at any point leaves the
+previous sealed epoch as the teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.codecs
+import zarr.storage
+
+SCHEMA_VERSION = 1
+ATTRS_KEY = "pskd_store"
+DTYPES = ("float16", "float32")
+CHUNK_BYTES = 1 << 20  # ~1 MiB of uncompressed rows per chunk
+
+
+class StoreError(ValueError):
+    """Bad use of a store: the message names the problem and the fix."""
+
+
+class EpochNotSealedError(StoreError, KeyError):
+    """An epoch was asked for that was never sealed (or was pruned)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What makes two data sets interchangeable for a store: N, K and the labels."""
+
+    num_samples: int
+    num_classes: int
+    labels_sha256: str
+
+    @classmethod
+    def of(cls, labels: np.ndarray, num_classes: int) -> Fingerprint:
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        return cls(len(labels), int(num_classes), hashlib.sha256(labels.tobytes()).hexdigest())
+
+    def mismatch(self, other: Fingerprint) -> str | None:
+        """A sentence describing how ``other`` differs, or None when they agree."""
+        if self.num_samples != other.num_samples:
+            return f"the store holds N={self.num_samples} samples, the data set has {other.num_samples}"
+        if self.num_classes != other.num_classes:
+            return f"the store holds K={self.num_classes} classes, the data set has {other.num_classes}"
+        if self.labels_sha256 != other.labels_sha256:
+            return "the data set's labels differ from the ones the store was made for"
+        return None
+
+
+def default_chunk_rows(num_classes: int, dtype: str) -> int:
+    """Rows per chunk so that one chunk is about 1 MiB uncompressed (a power of two)."""
+    rows = max(1, CHUNK_BYTES // (num_classes * np.dtype(dtype).itemsize))
+    return 1 << (rows.bit_length() - 1)
+
+
+# Blosc/zstd with bit-shuffle: probabilities compress well at little CPU cost.
+DEFAULT_BLOSC = {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
+
+
+def epoch_key(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def _open_zarr_store(url: str | Path, read_only: bool, storage_options: dict | None):
+    text = str(url)
+    if "://" in text:
+        return zarr.storage.FsspecStore.from_url(
+            text, storage_options=storage_options, read_only=read_only
+        )
+    return zarr.storage.LocalStore(Path(text), read_only=read_only)
+
+
+class SoftTargetStore:
+    """Past predictions of one training run, one (N, K) array per sealed epoch.
+
+    Use :meth:`create` for a new run and :meth:`open` to come back to one; pass the data
+    set's ``labels`` to ``open`` so that a store made for other data is refused.
+    """
+
+    def __init__(self, group: zarr.Group, url: str, storage_options: dict | None = None):
+        self._group = group
+        self.url = url
+        self.storage_options = storage_options
+        meta = group.attrs.get(ATTRS_KEY)
+        if meta is None:
+            raise StoreError(f"{url} is a Zarr group but not a pskd-store (no '{ATTRS_KEY}' attributes)")
+        if meta.get("schema_version") != SCHEMA_VERSION:
+            raise StoreError(
+                f"{url} has store schema {meta.get('schema_version')}, this pskd-store reads "
+                f"schema {SCHEMA_VERSION}: upgrade pskd-store or start a new store"
+            )
+        self._meta = meta
+        self._labels: np.ndarray | None = None
+
+    # -- creating and opening -------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        url: str | Path,
+        labels: np.ndarray,
+        num_classes: int,
+        *,
+        dtype: str = "float16",
+        chunk_rows: int | None = None,
+        blosc: dict[str, Any] | None = None,
+        keep_epochs: int = 2,
+        overwrite: bool = False,
+        storage_options: dict | None = None,
+    ) -> SoftTargetStore:
+        """Make a new, empty store for a data set with these labels.
+
+        ``blosc`` holds Blosc options (cname, clevel, shuffle; default zstd level 3 with
+        bit-shuffle); Blosc's type size follows each array's dtype. ``keep_epochs`` teacher epochs are kept (the trajectory tier keeps all): 2 lets a
+        run that crashed between sealing epoch t and checkpointing it redo epoch t.
+        """
+        labels = np.asarray(labels)
+        if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
+            raise StoreError("labels must be a non-empty 1-D array of integer class indices")
+        if num_classes < 1 or labels.min() < 0 or labels.max() >= num_classes:
+            raise StoreError(
+                f"labels must lie in [0, num_classes={num_classes}); got [{labels.min()}, {labels.max()}]"
+            )
+        if dtype not in DTYPES:
+            raise StoreError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+        if keep_epochs < 1:
+            raise StoreError("keep_epochs must be at least 1: training reads the previous epoch")
+        rows = chunk_rows or default_chunk_rows(num_classes, dtype)
+        zstore = _open_zarr_store(url, read_only=False, storage_options=storage_options)
+        try:
+            group = zarr.open_group(zstore, mode="w" if overwrite else "w-")
+        except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as err:
+            raise StoreError(
+                f"a store already exists at {url}: open it with SoftTargetStore.open, "
+                "or pass overwrite=True to start over"
+            ) from err
+        blosc = dict(DEFAULT_BLOSC if blosc is None else blosc)
+        try:
+            codec = zarr.codecs.BloscCodec(**blosc)
+        except (TypeError, ValueError) as err:
+            raise StoreError(f"bad Blosc options {blosc}: {err}") from err
+        group.create_array(
+            "labels", data=labels.astype(np.int64), chunks=(max(len(labels), 1),), compressors=codec
+        )
+        fingerprint = Fingerprint.of(labels, num_classes)
+        group.attrs[ATTRS_KEY] = {
+            "schema_version": SCHEMA_VERSION,
+            "store_id": secrets.token_hex(8),
+            "num_samples": fingerprint.num_samples,
+            "num_classes": fingerprint.num_classes,
+            "dtype": dtype,
+            "chunk_rows": rows,
+            "blosc": blosc,
+            "keep_epochs": keep_epochs,
+            "fingerprint": fingerprint.__dict__,
+            "sealed": [],
+            "epochs": {},
+        }
+        return cls(group, str(url), storage_options)
+
+    @classmethod
+    def open(
+        cls,
+        url: str | Path,
+        *,
+        labels: np.ndarray | None = None,
+        num_classes: int | None = None,
+        read_only: bool = False,
+        storage_options: dict | None = None,
+    ) -> SoftTargetStore:
+        """Open an existing store; with ``labels`` (and ``num_classes``), refuse other data."""
+        zstore = _open_zarr_store(url, read_only=read_only, storage_options=storage_options)
+        try:
+            group = zarr.open_group(zstore, mode="r" if read_only else "r+")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as err:
+            raise StoreError(
+                f"no pskd-store at {url}: check the path, or create one with "
+                "SoftTargetStore.create (the train command does so)"
+            ) from err
+        store = cls(group, str(url), storage_options)
+        if labels is not None:
+            expected = Fingerprint.of(labels, num_classes if num_classes is not None else store.num_classes)
+            problem = store.fingerprint.mismatch(expected)
+            if problem:
+                raise StoreError(
+                    f"the store at {url} was made for another data set: {problem}. "
+                    "Use a new store path (or a new run directory) for this data set"
+                )
+        return store
+
+    @classmethod
+    def open_or_create(
+        cls, url: str | Path, labels: np.ndarray, num_classes: int, **create_kwargs: Any
+    ) -> SoftTargetStore:
+        """Open the store at ``url`` if one is there (checking the fingerprint), else create it."""
+        try:
+            return cls.open(
+                url, labels=labels, num_classes=num_classes,
+                storage_options=create_kwargs.get("storage_options"),
+            )
+        except StoreError as err:
+            if not isinstance(err.__cause__, (FileNotFoundError, zarr.errors.GroupNotFoundError)):
+                raise
+        return cls.create(url, labels, num_classes, **create_kwargs)
+
+    # -- what the store is ----------------------------------------------------------------
+
+    @property
+    def num_samples(self) -> int:
+        return int(self._meta["num_samples"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self._meta["num_classes"])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self._meta["dtype"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self._meta["chunk_rows"])
+
+    @property
+    def keep_epochs(self) -> int:
+        return int(self._meta["keep_epochs"])
+
+    @property
+    def store_id(self) -> str:
+        return self._meta["store_id"]
+
+    @property
+    def read_only(self) -> bool:
+        return self._group.read_only
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        return Fingerprint(**self._meta["fingerprint"])
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels is None:
+            self._labels = self._group["labels"][:]
+        return self._labels
+
+    @property
+    def local_path(self) -> Path | None:
+        """The store's directory when it is on the local file system."""
+        return None if "://" in self.url else Path(self.url)
+
+    def refresh(self) -> None:
+        """Re-read the attributes, to see epochs sealed by another process."""
+        self._group = zarr.open_group(self._group.store, mode="r" if self.read_only else "r+")
+        self._meta = self._group.attrs[ATTRS_KEY]
+
+    @property
+    def sealed_epochs(self) -> list[int]:
+        return list(self._meta["sealed"])
+
+    @property
+    def teacher_epochs(self) -> list[int]:
+        """Sealed epochs whose full predictions are still kept (the rest were pruned)."""
+        return self.sealed_epochs[-self.keep_epochs:]
+
+    @property
+    def latest_sealed(self) -> int | None:
+        sealed = self._meta["sealed"]
+        return sealed[-1] if sealed else None
+
+    def epoch_info(self, epoch: int) -> dict[str, Any]:
+        """Statistics recorded when ``epoch`` was sealed (coverage, bytes, seal token)."""
+        self.require_sealed(epoch, teacher=False)
+        return dict(self._meta["epochs"][str(epoch)])
+
+    def require_sealed(self, epoch: int, *, teacher: bool = True) -> None:
+        """Raise :class:`EpochNotSealedError` unless ``epoch`` is sealed (and its teacher kept)."""
+        if epoch not in self._meta["sealed"]:
+            self.refresh()
+        sealed = self._meta["sealed"]
+        if epoch not in sealed:
+            raise EpochNotSealedError(
+                f"epoch {epoch} was never sealed in {self.url} (sealed epochs: {sealed or 'none'}); "
+                "finish that epoch's PredictionWriter with seal() before reading it"
+            )
+        if teacher and epoch not in self.teacher_epochs:
+            raise EpochNotSealedError(
+                f"the predictions of epoch {epoch} were pruned from {self.url}: only the last "
+                f"{self.keep_epochs} epochs are kept ({self.teacher_epochs}); its trajectory is still there"
+            )
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def teacher_array(self, epoch: int) -> zarr.Array:
+        """The Zarr array of a sealed epoch (compressed; read whole chunks, not single rows)."""
+        self.require_sealed(epoch)
+        return self._group[f"teacher/{epoch_key(epoch)}"]
+
+    def read_epoch(self, epoch: int) -> np.ndarray:
+        """All (N, K) predictions of a sealed epoch, decoded into memory."""
+        return self.teacher_array(epoch)[:]
+
+    def trajectory(self, epochs: list[int] | None = None) -> dict[str, np.ndarray]:
+        """The trajectory tier as arrays of shape (E, N), plus ``epochs`` (E,).
+
+        Reads only the compact per-epoch records, never the teacher predictions.
+        """
+        epochs = self.sealed_epochs if epochs is None else list(epochs)
+        for epoch in epochs:
+            self.require_sealed(epoch, teacher=False)
+        out: dict[str, np.ndarray] = {"epochs": np.asarray(epochs, dtype=np.int64)}
+        for field, dtype in TRAJECTORY_FIELDS.items():
+            rows = [self._group[f"trajectory/{epoch_key(e)}/{field}"][:] for e in epochs]
+            out[field] = np.stack(rows) if rows else np.empty((0, self.num_samples), dtype)
+        return out
+
+    def summary(self) -> dict[str, Any]:
+        """What `pskd-store info` prints: shape, dtype, codec, epochs and bytes on disk."""
+        epochs = {int(k): v for k, v in self._meta["epochs"].items()}
+        return {
+            "url": self.url,
+            "schema_version": SCHEMA_VERSION,
+            "num_samples": self.num_samples,
+            "num_classes": self.num_classes,
+            "dtype": str(self.dtype),
+            "chunk_rows": self.chunk_rows,
+            "blosc": self._meta["blosc"],
+            "keep_epochs": self.keep_epochs,
+            "fingerprint": self._meta["fingerprint"],
+            "sealed_epochs": self.sealed_epochs,
+            "teacher_epochs": self.teacher_epochs,
+            "epochs": epochs,
+        }
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _require_writable(self, what: str) -> None:
+        if self.read_only:
+            raise StoreError(
+                f"cannot {what}: the store at {self.url} was opened read-only; "
+                "open it with read_only=False on a writable path"
+            )
+
+    def staging_group(self, epoch: int) -> zarr.Group:
+        """The group where writers of an unsealed ``epoch`` put their rows."""
+        self._require_writable(f"write epoch {epoch}")
+        self.require_unsealed(epoch)
+        return self._group.require_group(f"staging/{epoch_key(epoch)}")
+
+    def require_unsealed(self, epoch: int) -> None:
+        if epoch < 1:
+            raise StoreError(f"epochs count from 1, got {epoch}")
+        self.refresh()
+        latest = self.latest_sealed
+        if latest is not None and epoch <= latest:
+            raise StoreError(
+                f"epoch {epoch} is already sealed in {self.url} (latest sealed: {latest}); "
+                "sealed epochs are never overwritten — write epoch "
+                f"{latest + 1}, or call rollback({epoch - 1}) to redo it deliberately"
+            )
+
+    def writer(self, epoch: int, **kwargs: Any):
+        """A :class:`~pskd_store.writer.PredictionWriter` for ``epoch`` (see its options)."""
+        from .writer import PredictionWriter
+
+        return PredictionWriter(self, epoch, **kwargs)
+
+    def seal(self, epoch: int) -> dict[str, Any]:
+        """Merge every writer's rows of ``epoch`` and publish it atomically.
+
+        Coverage rules: an id written more than once keeps the value written last by its
+        writer (several writers: the one with the higher rank); an id never written carries
+        forward its prediction from the latest sealed epoch, or its one-hot label if it has
+        none. Returns the epoch's statistics.
+        """
+        self._require_writable(f"seal epoch {epoch}")
+        self.require_unsealed(epoch)
+        staging_path = f"staging/{epoch_key(epoch)}"
+        if staging_path not in self._group:
+            raise StoreError(f"nothing was written for epoch {epoch}: no writer staged rows in {self.url}")
+        ids, probs = self._gather_staging(self._group[staging_path], epoch)
+
+        dense = self._previous_predictions()
+        last_write = np.unique(ids[::-1], return_index=True)[1]
+        last_write = len(ids) - 1 - last_write  # position of each id's last write
+        unique_ids = ids[last_write]
+        dense[unique_ids] = probs[last_write]
+        carried_or_onehot = self.num_samples - len(unique_ids)
+
+        teacher = self._group.create_array(
+            f"teacher/{epoch_key(epoch)}", data=dense, chunks=(self.chunk_rows, self.num_classes),
+            compressors=self.codec, overwrite=True,
+        )
+        self._write_trajectory(epoch, dense)
+        info = {
+            "seal_token": f"{secrets.randbits(63):016x}",  # fits an int64 for workers
+            "rows_written": int(len(ids)),
+            "ids_written": int(len(unique_ids)),
+            "duplicates": int(len(ids) - len(unique_ids)),
+            "carried_forward": int(carried_or_onehot),
+            "nbytes": int(teacher.nbytes),
+            "nbytes_stored": int(teacher.nbytes_stored()),
+        }
+        meta = dict(self._meta)
+        meta["sealed"] = meta["sealed"] + [epoch]
+        meta["epochs"] = {**meta["epochs"], str(epoch): info}
+        self._group.attrs[ATTRS_KEY] = meta  # the seal: one atomic metadata write
+        self._meta = meta
+        self._prune(staging_path)
+        return info
+
+    def rollback(self, last_kept: int) -> list[int]:
+        """Unseal every epoch after ``last_kept`` (to resume from an earlier checkpoint).
+
+        Returns the epochs dropped. Refused when it would drop the last kept teacher.
+        """
+        self._require_writable("roll back")
+        self.refresh()
+        dropped = [e for e in self.sealed_epochs if e > last_kept]
+        if not dropped:
+            return []
+        remaining = [e for e in self.sealed_epochs if e <= last_kept]
+        if remaining and remaining[-1] not in self.teacher_epochs:
+            raise StoreError(
+                f"cannot roll back to epoch {last_kept}: its predictions were pruned "
+                f"(kept: {self.teacher_epochs}); resume from a later checkpoint"
+            )
+        meta = dict(self._meta)
+        meta["sealed"] = remaining
+        meta["epochs"] = {k: v for k, v in meta["epochs"].items() if int(k) <= last_kept}
+        self._group.attrs[ATTRS_KEY] = meta
+        self._meta = meta
+        for epoch in dropped:
+            for path in (f"teacher/{epoch_key(epoch)}", f"trajectory/{epoch_key(epoch)}"):
+                if path in self._group:
+                    del self._group[path]
+        return dropped
+
+    # -- internals ---------------------------------------------------------------------------
+
+    @property
+    def codec(self) -> zarr.codecs.BloscCodec:
+        """The compressor every array of this store uses."""
+        return zarr.codecs.BloscCodec(**self._meta["blosc"])
+
+    def _previous_predictions(self) -> np.ndarray:
+        """The starting point of a new epoch: the latest sealed one, else one-hot labels."""
+        latest = self.latest_sealed
+        if latest is not None:
+            return self.read_epoch(latest)
+        dense = np.zeros((self.num_samples, self.num_classes), dtype=self.dtype)
+        dense[np.arange(self.num_samples), self.labels] = 1
+        return dense
+
+    def _gather_staging(self, staging: zarr.Group, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        ids_parts, prob_parts = [], []
+        for name in sorted(staging.group_keys()):
+            part = staging[name]
+            if not part.attrs.get("closed"):
+                raise StoreError(
+                    f"writer {name} of epoch {epoch} was never closed (it crashed or is still "
+                    "running): close every writer before sealing, or rerun the epoch"
+                )
+            rows = int(part.attrs["rows"])
+            ids_parts.append(part["ids"][:rows])
+            prob_parts.append(part["probs"][:rows])
+        ids = np.concatenate(ids_parts) if ids_parts else np.empty(0, np.int64)
+        if len(ids) == 0:
+            raise StoreError(f"nothing was written for epoch {epoch}: every writer closed empty")
+        if ids.min() < 0 or ids.max() >= self.num_samples:
+            raise StoreError(f"staged ids of epoch {epoch} fall outside [0, {self.num_samples})")
+        return ids, np.concatenate(prob_parts)
+
+    def _write_trajectory(self, epoch: int, dense: np.ndarray) -> None:
+        rows = np.arange(self.num_samples)
+        values = {
+            "true_prob": dense[rows, self.labels],
+            "max_prob": dense.max(axis=1),
+            "argmax": dense.argmax(axis=1),
+        }
+        for field, dtype in TRAJECTORY_FIELDS.items():
+            self._group.create_array(
+                f"trajectory/{epoch_key(epoch)}/{field}", data=values[field].astype(dtype),
+                chunks=(self.num_samples,), compressors=self.codec, overwrite=True,
+            )
+
+    def _prune(self, staging_path: str) -> None:
+        """Drop the staging rows of the sealed epoch and teachers beyond ``keep_epochs``."""
+        del self._group[staging_path]
+        kept = set(self.teacher_epochs)
+        for epoch in self.sealed_epochs:
+            path = f"teacher/{epoch_key(epoch)}"
+            if epoch not in kept and path in self._group:
+                del self._group[path]
+
+
+TRAJECTORY_FIELDS = {"true_prob": np.float16, "max_prob": np.float16, "argmax": np.int32}
+

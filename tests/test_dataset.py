@@ -1,0 +1,133 @@
+"""SoftTargetDataset and the prediction service, with real DataLoader worker processes."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from pskd_store.dataset import SoftTargetDataset
+from pskd_store.service import PredictionService
+from pskd_store.store import EpochNotSealedError, SoftTargetStore, StoreError
+from store_helpers import epoch_probs, make_labels, write_epoch
+
+N, K, T, ALPHA_T = 96, 5, 3, 0.8
+
+
+@pytest.fixture
+def labels() -> np.ndarray:
+    return make_labels(N, K, seed=3)
+
+
+@pytest.fixture
+def store(tmp_path, labels) -> SoftTargetStore:
+    return SoftTargetStore.create(tmp_path / "store", labels, K, chunk_rows=16)
+
+
+def base_dataset(labels: np.ndarray) -> TensorDataset:
+    return TensorDataset(torch.arange(len(labels), dtype=torch.float32)[:, None], torch.as_tensor(labels))
+
+
+def expected_target(epoch: int, index: int, label: int) -> np.ndarray:
+    """Eq. 6 written out by hand: (1 - a_t)·onehot + a_t·p_{t-1}, a_t = alpha_T·t/T."""
+    onehot = np.zeros(K)
+    onehot[label] = 1.0
+    if epoch == 1:
+        return onehot
+    a = ALPHA_T * epoch / T
+    past = epoch_probs(epoch - 1, N, K)[index].astype(np.float16).astype(np.float64)
+    return (1 - a) * onehot + a * past
+
+
+def test_blended_target_matches_eq6(store, labels):
+    data = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
+    for epoch in (1, 2, 3):
+        data.set_epoch(epoch)
+        for index in (0, 17, N - 1):
+            x, target, label, idx = data[index]
+            assert idx == index and int(label) == labels[index] and x.item() == index
+            assert target.dtype == torch.float32 and target.shape == (K,)
+            np.testing.assert_allclose(target.numpy(), expected_target(epoch, index, labels[index]), atol=1e-6)
+            assert target.sum().item() == pytest.approx(1.0, abs=2e-3)
+        write_epoch(store, epoch)
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_persistent_workers_follow_the_teacher_epoch(store, labels, start_method):
+    """2 persistent workers, started in epoch 1, must use epoch t-1's predictions in epoch t."""
+    data = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
+    loader = DataLoader(
+        data, batch_size=8, shuffle=True, num_workers=2, persistent_workers=True,
+        multiprocessing_context=mp.get_context(start_method),
+    )
+    for epoch in (1, 2, 3):
+        data.set_epoch(epoch)
+        seen = 0
+        for _, target, label, index in loader:
+            expected = np.stack([expected_target(epoch, int(i), int(y)) for i, y in zip(index, label)])
+            np.testing.assert_allclose(target.numpy(), expected, atol=1e-6)
+            seen += len(index)
+        assert seen == N
+        write_epoch(store, epoch)
+
+
+def _mapped_in_child(service: PredictionService, token: str, ids: list[int]) -> tuple[list, bool, bool]:
+    rows = service.lookup(2, token, np.asarray(ids)).tolist()
+    view = service.view(2, token)
+    maps = Path("/proc/self/maps").read_text()
+    return rows, isinstance(view, np.memmap), str(service.path(2, token)) in maps
+
+
+def test_service_lookup_is_a_shared_memory_map(store):
+    for epoch in (1, 2):
+        write_epoch(store, epoch)
+    service = PredictionService(store)
+    token = service.prepare(2)
+    ids = [5, 0, 95, 5]
+    expected = store.read_epoch(2)[ids].astype(np.float32)
+    np.testing.assert_array_equal(service.lookup(2, token, np.asarray(ids)).numpy(), expected)
+    with mp.get_context("spawn").Pool(1) as pool:  # a fresh process maps the same file
+        rows, is_memmap, mapped = pool.apply(_mapped_in_child, (service, token, ids))
+    np.testing.assert_array_equal(np.asarray(rows, dtype=np.float32), expected)
+    assert is_memmap and mapped
+
+
+def test_service_never_serves_a_stale_epoch_after_rollback(store):
+    for epoch in (1, 2):
+        write_epoch(store, epoch)
+    service = PredictionService(store)
+    old = service.prepare(2)
+    store.rollback(1)
+    with store.writer(2, from_logits=False) as writer:
+        writer.write(torch.arange(N), torch.full((N, K), 1.0 / K))
+    store.seal(2)
+    new = service.prepare(2)
+    assert new != old and not service.path(2, old).exists()
+    np.testing.assert_allclose(service.lookup(2, new, np.arange(3)).numpy(), 1.0 / K, atol=1e-3)
+
+
+def test_set_epoch_needs_the_previous_epoch_sealed(store, labels):
+    data = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
+    write_epoch(store, 1, seal=False)
+    with pytest.raises(EpochNotSealedError, match="epoch 1 was never sealed"):
+        data.set_epoch(2)
+
+
+def test_items_before_set_epoch_are_refused(store, labels):
+    data = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
+    with pytest.raises(RuntimeError, match="call set_epoch"):
+        data[0]
+
+
+def test_bad_arguments(store, labels):
+    with pytest.raises(StoreError, match="95 samples but the store was made for 96"):
+        SoftTargetDataset(base_dataset(labels[:-1]), store, ALPHA_T, T)
+    with pytest.raises(ValueError, match=r"alpha_T must lie in \[0, 1\]"):
+        SoftTargetDataset(base_dataset(labels), store, 1.5, T)
+    data = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
+    with pytest.raises(ValueError, match=r"epoch must lie in \[1, total_epochs=3\]"):
+        data.set_epoch(4)

@@ -1,0 +1,36 @@
+"""PS-KD's schedule and loss against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from pskd_store.loss import alpha_t, soft_cross_entropy, soft_target
+
+
+def test_alpha_schedule_counts_epochs_from_one():
+    assert alpha_t(1, 300, 0.8) == pytest.approx(0.8 / 300)
+    assert alpha_t(150, 300, 0.8) == pytest.approx(0.4)
+    assert alpha_t(300, 300, 0.8) == pytest.approx(0.8)
+
+
+@pytest.mark.parametrize("args, message", [((1, 10, 1.2), "alpha_T must lie"), ((0, 10, 0.8), "epoch must lie"),
+                                           ((11, 10, 0.8), "epoch must lie")])
+def test_alpha_schedule_bad_input(args, message):
+    with pytest.raises(ValueError, match=message):
+        alpha_t(*args)
+
+
+def test_soft_target_and_loss_by_hand():
+    past = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    labels = torch.tensor([1, 2])
+    target = soft_target(labels, past, 0.25)
+    expected = torch.tensor([[0.125, 0.75 + 0.075, 0.05], [0.025, 0.025, 0.75 + 0.2]])
+    torch.testing.assert_close(target, expected)
+    logits = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
+    lse0 = math.log(math.e + math.e ** 2 + 1)
+    log_p0 = [1 - lse0, 2 - lse0, 0 - lse0]
+    log_p1 = [-math.log(3)] * 3
+    loss0 = -sum(t * lp for t, lp in zip(expected[0].tolist(), log_p0))
+    loss1 = -sum(t * lp for t, lp in zip(expected[1].tolist(), log_p1))
+    assert soft_cross_entropy(logits, target).item() == pytest.approx((loss0 + loss1) / 2, rel=1e-6)

@@ -1,0 +1,164 @@
+"""Metrics checked against values worked out by hand on tiny inputs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pskd_store.metrics import ReliabilityBins, evaluate, reliability_bins
+
+# Five samples, three classes. Confidences (max prob) avoid bin edges so the
+# hand binning is unambiguous.
+#   sample  probs               label  pred  correct  conf  p_true
+#   0       [.95, .03, .02]     0      0     yes      .95   .95
+#   1       [.05, .85, .10]     1      1     yes      .85   .85
+#   2       [.30, .65, .05]     0      1     no       .65   .30
+#   3       [.20, .25, .55]     2      2     yes      .55   .55
+#   4       [.45, .35, .20]     2      0     no       .45   .20
+PROBS = np.array(
+    [
+        [0.95, 0.03, 0.02],
+        [0.05, 0.85, 0.10],
+        [0.30, 0.65, 0.05],
+        [0.20, 0.25, 0.55],
+        [0.45, 0.35, 0.20],
+    ]
+)
+LABELS = np.array([0, 1, 0, 2, 2])
+
+
+@pytest.fixture(scope="module")
+def res():
+    return evaluate(PROBS, LABELS)
+
+
+def test_top1_and_top5(res):
+    # 2 of 5 wrong at top-1; with K=3 "top-5" is top-3, which always contains the label.
+    assert res["top1_err"] == pytest.approx(100 * 2 / 5)
+    assert res["top5_err"] == pytest.approx(0.0)
+    assert res["n"] == 5
+
+
+def test_nll(res):
+    # Mean of -ln p_true over the five samples.
+    expected = -(math.log(0.95) + math.log(0.85) + math.log(0.30) + math.log(0.55) + math.log(0.20)) / 5
+    assert res["nll"] == pytest.approx(expected)
+
+
+def test_ece_ten_bins(res):
+    # Each sample sits alone in its bin (.95->(.9,1], .85->(.8,.9], .65->(.6,.7],
+    # .55->(.5,.6], .45->(.4,.5]), so ECE = mean |correct - conf|.
+    expected = (abs(1 - 0.95) + abs(1 - 0.85) + abs(0 - 0.65) + abs(1 - 0.55) + abs(0 - 0.45)) / 5
+    assert res["ece"] == pytest.approx(100 * expected)  # = 35 %
+
+
+def test_ece_depends_on_n_bins():
+    # 2 bins: (0, .5] holds sample 4 (conf .45, acc 0);
+    #         (.5, 1] holds 0-3: mean conf (.95+.85+.65+.55)/4 = .75, acc 3/4 = .75 -> gap 0.
+    ece2 = abs(0 - 0.45) * 1 / 5 + abs(3 / 4 - (0.95 + 0.85 + 0.65 + 0.55) / 4) * 4 / 5  # = 9 %
+    # 3 bins: (1/3, 2/3] holds samples 2,3,4: conf (.65+.55+.45)/3 = .55, acc 1/3;
+    #         (2/3, 1]   holds samples 0,1:   conf (.95+.85)/2 = .9,      acc 1.
+    ece3 = abs(1 / 3 - (0.65 + 0.55 + 0.45) / 3) * 3 / 5 + abs(1 - (0.95 + 0.85) / 2) * 2 / 5  # = 17 %
+    assert evaluate(PROBS, LABELS, n_bins=2)["ece"] == pytest.approx(100 * ece2)
+    assert evaluate(PROBS, LABELS, n_bins=3)["ece"] == pytest.approx(100 * ece3)
+    assert ece2 != pytest.approx(ece3)
+
+
+def test_aurc_eaurc(res):
+    # Sorted by conf descending: 0(ok) 1(ok) 2(err) 3(ok) 4(err)
+    # cumulative errors 0,0,1,1,2 -> risks 0/1, 0/2, 1/3, 1/4, 2/5.
+    aurc = (0 / 1 + 0 / 2 + 1 / 3 + 1 / 4 + 2 / 5) / 5  # = 59/300
+    r = 2 / 5
+    optimal = r + (1 - r) * math.log(1 - r)
+    assert res["aurc"] == pytest.approx(1e3 * aurc)
+    assert res["eaurc"] == pytest.approx(1e3 * (aurc - optimal))
+
+
+def test_reliability_bins_by_hand():
+    bins = reliability_bins(PROBS, LABELS, n_bins=4)
+    assert isinstance(bins, ReliabilityBins)
+    np.testing.assert_allclose(bins.edges, [0, 0.25, 0.5, 0.75, 1])
+    # (0,.25]: none; (.25,.5]: sample 4; (.5,.75]: samples 2,3; (.75,1]: samples 0,1
+    np.testing.assert_array_equal(bins.count, [0, 1, 2, 2])
+    np.testing.assert_allclose(bins.confidence[1:], [0.45, (0.65 + 0.55) / 2, (0.95 + 0.85) / 2])
+    np.testing.assert_allclose(bins.accuracy[1:], [0, 1 / 2, 1])
+    assert np.isnan(bins.confidence[0]) and np.isnan(bins.accuracy[0])  # empty bin
+    expected = (0.45 * 1 + abs(0.5 - 0.6) * 2 + abs(1 - 0.9) * 2) / 5
+    assert bins.ece == pytest.approx(expected)
+    assert evaluate(PROBS, LABELS, n_bins=4)["ece"] == pytest.approx(100 * bins.ece)
+
+
+def test_perfect_confident_classifier():
+    labels = np.array([0, 2, 1, 2])
+    probs = np.eye(3)[labels]
+    res = evaluate(probs, labels)
+    for key in ("top1_err", "top5_err", "ece", "aurc", "eaurc", "nll"):
+        assert res[key] == pytest.approx(0.0, abs=1e-9), key
+
+
+def test_all_wrong_gives_finite_eaurc():
+    # r = 1: every risk is 1, AURC = 1 and the oracle AURC is also 1 (limit of (1-r)ln(1-r) is 0).
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]])
+    res = evaluate(probs, np.array([1, 0]))
+    assert res["aurc"] == pytest.approx(1e3)
+    assert res["eaurc"] == pytest.approx(0.0)
+
+
+def test_zero_probability_nll_is_finite():
+    res = evaluate(np.array([[1.0, 0.0]]), np.array([1]))
+    assert math.isfinite(res["nll"]) and res["nll"] > 20  # -ln(epsilon)
+
+
+def test_top5_differs_from_top1():
+    row = [0.30, 0.20, 0.15, 0.12, 0.10, 0.08, 0.05]  # 7 classes, sorted descending
+    probs = np.array([row, row, row])
+    # label 5 is 6th most likely (outside top-5); label 2 is 3rd (in top-5 only); label 0 is top-1.
+    res = evaluate(probs, np.array([5, 2, 0]))
+    assert res["top1_err"] == pytest.approx(100 * 2 / 3)
+    assert res["top5_err"] == pytest.approx(100 * 1 / 3)
+
+
+def test_ties_follow_argmax():
+    # Equal top probabilities: argmax picks the lowest index, so label 1 is a top-1 miss.
+    res = evaluate(np.array([[0.5, 0.5, 0.0], [0.5, 0.5, 0.0]]), np.array([0, 1]))
+    assert res["top1_err"] == pytest.approx(50.0)
+
+
+def test_torch_and_numpy_agree():
+    ref = evaluate(PROBS, LABELS, n_bins=3)
+    for dtype in (torch.float64, torch.float32):
+        got = evaluate(torch.tensor(PROBS, dtype=dtype), torch.tensor(LABELS), n_bins=3)
+        assert got.keys() == ref.keys()
+        for key in ref:
+            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-5), (dtype, key)
+    got32 = evaluate(PROBS.astype(np.float32), LABELS.astype(np.int32), n_bins=3)
+    assert got32["ece"] == pytest.approx(ref["ece"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "probs, labels, match",
+    [
+        (np.array([0.5, 0.5]), np.array([0]), "2-D"),
+        (np.ones((2, 2, 2)) / 2, np.array([0, 1]), "2-D"),
+        (PROBS, LABELS[:4], "shape mismatch"),
+        (PROBS, LABELS[:, None], "1-D"),
+        (PROBS, np.array([0, 1, 0, 2, 3]), "out of range"),
+        (PROBS, np.array([0, 1, 0, 2, -1]), "out of range"),
+        (np.where(np.eye(5, 3) == 1, np.nan, PROBS), LABELS, "NaN"),
+        (PROBS * 10, LABELS, r"\[0, 1\]"),
+        (PROBS, LABELS.astype(float), "integers"),
+        (np.zeros((0, 3)), np.zeros(0, dtype=int), "non-empty"),
+    ],
+)
+def test_bad_input_raises(probs, labels, match):
+    with pytest.raises(ValueError, match=match):
+        evaluate(probs, labels)
+    with pytest.raises(ValueError, match=match):
+        reliability_bins(probs, labels)
+
+
+@pytest.mark.parametrize("n_bins", [0, -3, 2.5])
+def test_bad_n_bins_raises(n_bins):
+    with pytest.raises(ValueError, match="n_bins"):
+        evaluate(PROBS, LABELS, n_bins=n_bins)
