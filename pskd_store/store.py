@@ -496,11 +496,8 @@ class SoftTargetStore:
 
     def _write_trajectory(self, epoch: int, dense: np.ndarray) -> None:
         rows = np.arange(self.num_samples)
-        values = {
-            "true_prob": dense[rows, self.labels],
-            "max_prob": dense.max(axis=1),
-            "argmax": dense.argmax(axis=1),
-        }
+        argmax = dense.argmax(axis=1)
+        values = {"true_prob": dense[rows, self.labels], "max_prob": dense[rows, argmax], "argmax": argmax}
         for field, dtype in TRAJECTORY_FIELDS.items():
             self._group.create_array(
                 f"trajectory/{epoch_key(epoch)}/{field}", data=values[field].astype(dtype),

@@ -1,10 +1,12 @@
 """PredictionWriter: the hook that records every training step's predictions for one epoch.
 
-The training thread only checks shapes, starts an asynchronous device-to-host copy into
-pinned memory (on an accelerator) and enqueues the batch. A background thread waits for
-the copy, turns logits into probabilities, validates the values, buffers rows and writes
-whole chunks to this writer's own staging part. Each writer (one per DDP rank) owns its
-part, so writers never read-modify-write a chunk that another one writes.
+The training thread only checks shapes and copies each batch into a chunk-sized host
+buffer: pinned memory and a non-blocking copy when the outputs live on an accelerator
+(turned into probabilities in the store's dtype there first), so the step never waits on
+the device. Each full buffer goes to a background thread that waits for the copy, applies
+the softmax (for CPU outputs), validates the values and writes the buffer as one whole
+chunk of this writer's own staging part. Each writer (one per DDP rank) owns its part, so
+writers never read-modify-write a chunk that another one writes.
 
 Value errors (ids out of range, NaN/inf) are found by the background thread, so that no
 device tensor is ever synchronised; they are raised by the next ``write`` or ``close``.
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,13 +27,24 @@ from .store import SoftTargetStore, StoreError
 _CLOSE = object()
 
 
+@dataclass
+class _ChunkBuffer:
+    """One chunk of rows on the host: filled by the training thread, written by the worker."""
+
+    ids: torch.Tensor     # (R,) int64
+    values: torch.Tensor  # (R, K): raw outputs (CPU) or probabilities in the store dtype
+    raw: bool             # still needs the softmax / dtype conversion
+    filled: int = 0
+
+
 class PredictionWriter:
     """Record (dataset ids, logits) of each training step of ``epoch`` into ``store``.
 
     ``from_logits=False`` takes probabilities instead of logits. ``rank`` names this
     writer's staging part; under DDP give each rank its own and seal once, on one rank,
-    after every writer has closed. A context manager closes on success and abandons the
-    unsealed rows on an exception.
+    after every writer has closed. ``buffers`` chunk-sized host buffers bound the memory
+    in flight; when all are waiting to be written, ``write`` waits. A context manager
+    closes on success and abandons the unsealed rows on an exception.
     """
 
     def __init__(
@@ -40,32 +54,33 @@ class PredictionWriter:
         *,
         rank: int = 0,
         from_logits: bool = True,
-        max_pending_batches: int = 64,
+        buffers: int = 3,
     ):
         self.store = store
         self.epoch = epoch
         self.from_logits = from_logits
         self.num_classes = store.num_classes
         self._num_samples = store.num_samples
-        self._dtype = store.dtype
         self._torch_dtype = getattr(torch, str(store.dtype))
         self._chunk_rows = store.chunk_rows
+        # Staged rows live until the seal: stored uncompressed, so the writer spends no CPU
+        # on compression; the seal compresses the epoch once.
         self._part = store.staging_group(epoch).create_group(f"writer_{rank:04d}", overwrite=True)
         self._ids = self._part.create_array(
-            "ids", shape=(self._num_samples,), chunks=(self._chunk_rows,), dtype=np.int64,
-            compressors=store.codec,
+            "ids", shape=(self._num_samples,), chunks=(self._chunk_rows,), dtype=np.int64, compressors=None,
         )
         self._probs = self._part.create_array(
             "probs", shape=(self._num_samples, self.num_classes),
-            chunks=(self._chunk_rows, self.num_classes), dtype=self._dtype, compressors=store.codec,
+            chunks=(self._chunk_rows, self.num_classes), dtype=store.dtype, compressors=None,
         )
-        self._rows = 0  # rows written to the staging arrays
-        self._buffer_ids: list[np.ndarray] = []
-        self._buffer_probs: list[np.ndarray] = []
-        self._buffered = 0
+        self._rows = 0  # rows written to the staging arrays (by the background thread)
+        self._buffers = buffers
+        self._free: queue.Queue = queue.Queue()  # buffers the training thread may fill
+        self._allocated = 0
+        self._current: _ChunkBuffer | None = None
         self._error: BaseException | None = None
         self._closed = False
-        self._queue: queue.Queue = queue.Queue(maxsize=max_pending_batches)
+        self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._drain, name=f"pskd-writer-{epoch}", daemon=True)
         self._thread.start()
 
@@ -90,28 +105,28 @@ class PredictionWriter:
         if ids.ndim != 1 or ids.shape[0] != outputs.shape[0]:
             raise ValueError(f"ids must have shape ({outputs.shape[0]},) to match outputs, got {tuple(ids.shape)}")
         outputs = outputs.detach()
-        if outputs.device.type == "cpu":
-            self._queue.put((ids, outputs, None))
-            return
-        # On an accelerator: probabilities in the store's dtype there, halving the copy.
-        probs = self._to_probs(outputs)
-        host_probs = torch.empty(probs.shape, dtype=probs.dtype, pin_memory=True)
-        host_probs.copy_(probs, non_blocking=True)
-        host_ids = ids
-        if ids.device.type != "cpu":
-            host_ids = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
-            host_ids.copy_(ids, non_blocking=True)
-        done = torch.cuda.Event() if probs.is_cuda else None
-        if done is not None:
-            done.record()
-        self._queue.put((host_ids, host_probs, done))
+        on_host = outputs.device.type == "cpu"
+        if not on_host:  # probabilities in the store's dtype on the device: half the copy
+            outputs = self._to_probs(outputs)
+        done = 0
+        while done < len(ids):
+            buffer = self._current or self._take_buffer(like=outputs, raw=on_host)
+            n = min(len(ids) - done, self._chunk_rows - buffer.filled)
+            rows = slice(buffer.filled, buffer.filled + n)
+            buffer.ids[rows].copy_(ids[done:done + n], non_blocking=True)
+            buffer.values[rows].copy_(outputs[done:done + n], non_blocking=True)
+            buffer.filled += n
+            done += n
+            self._current = buffer
+            if buffer.filled == self._chunk_rows:
+                self._submit()
 
     def close(self) -> None:
-        """Flush every buffered row and mark this writer's part complete (idempotent)."""
+        """Write every buffered row and mark this writer's part complete (idempotent)."""
         if not self._closed:
-            self._closed = True
-            self._queue.put(_CLOSE)
-            self._thread.join()
+            if self._current is not None and self._error is None:
+                self._submit()
+            self._stop()
         self._raise_if_failed()
         if not self._part.attrs.get("closed"):
             self._part.attrs.update({"closed": True, "rows": self._rows})
@@ -124,9 +139,7 @@ class PredictionWriter:
     def abandon(self) -> None:
         """Stop without closing: the epoch's rows stay unsealed and invisible to readers."""
         if not self._closed:
-            self._closed = True
-            self._queue.put(_CLOSE)
-            self._thread.join()
+            self._stop()
 
     def __enter__(self) -> PredictionWriter:
         return self
@@ -137,6 +150,39 @@ class PredictionWriter:
         else:
             self.abandon()
 
+    def _take_buffer(self, like: torch.Tensor, raw: bool) -> _ChunkBuffer:
+        """A free buffer; allocates up to ``buffers`` of them, then waits for one."""
+        if self._allocated < self._buffers and self._free.empty():
+            self._allocated += 1
+            pinned = not raw  # pinned host memory makes device copies asynchronous
+            shape = (self._chunk_rows, self.num_classes)
+            # zeros, not empty: touching the pages now keeps page faults out of write()
+            return _ChunkBuffer(
+                ids=torch.zeros(self._chunk_rows, dtype=torch.int64, pin_memory=pinned),
+                values=torch.zeros(shape, dtype=like.dtype, pin_memory=pinned),
+                raw=raw,
+            )
+        buffer = self._free.get()
+        self._raise_if_failed()
+        return buffer
+
+    def _submit(self) -> None:
+        buffer, self._current = self._current, None
+        copied = None
+        if not buffer.raw and torch.cuda.is_available():
+            copied = torch.cuda.Event()
+            copied.record()
+        self._queue.put((buffer, copied))
+
+    def _stop(self) -> None:
+        self._closed = True
+        self._queue.put(_CLOSE)
+        self._thread.join()
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise StoreError(f"the prediction writer of epoch {self.epoch} failed: {self._error}") from self._error
+
     # -- the background thread's side ------------------------------------------------------
 
     def _to_probs(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -144,65 +190,38 @@ class PredictionWriter:
         return probs.to(self._torch_dtype)
 
     def _drain(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _CLOSE:
-                break
-            if self._error is not None:
-                continue  # keep draining so write() never blocks on a full queue
-            try:
-                self._accept(*item)
-            except BaseException as err:  # reported to the training thread
-                self._error = err
-        if self._error is None:
-            try:
-                self._flush(final=True)
-            except BaseException as err:
-                self._error = err
+        while (item := self._queue.get()) is not _CLOSE:
+            buffer, copied = item
+            if self._error is None:
+                try:
+                    self._write_chunk(buffer, copied)
+                except BaseException as err:  # reported to the training thread
+                    self._error = err
+            buffer.filled = 0
+            self._free.put(buffer)  # also after an error, so write() never waits forever
 
-    def _accept(self, ids: torch.Tensor, outputs: torch.Tensor, done: Any) -> None:
-        if done is not None:
-            done.synchronize()
-            probs = outputs
-        else:
-            probs = self._to_probs(outputs)
-        ids_np = ids.numpy().astype(np.int64, copy=False)
-        probs_np = probs.numpy()
-        if len(ids_np) and (ids_np.min() < 0 or ids_np.max() >= self._num_samples):
-            bad = ids_np[(ids_np < 0) | (ids_np >= self._num_samples)][:5]
+    def _write_chunk(self, buffer: _ChunkBuffer, copied: Any) -> None:
+        if copied is not None:
+            copied.synchronize()
+        values = buffer.values[:buffer.filled]
+        probs = (self._to_probs(values) if buffer.raw else values).numpy()
+        ids = buffer.ids[:buffer.filled].numpy()
+        if ids.min() < 0 or ids.max() >= self._num_samples:
+            bad = ids[(ids < 0) | (ids >= self._num_samples)][:5]
             raise ValueError(
                 f"ids out of range: {bad.tolist()} not in [0, N={self._num_samples}); pass dataset "
                 "indices (SoftTargetDataset returns them), not batch positions"
             )
-        if not np.isfinite(probs_np).all():
+        if not np.isfinite(probs).all():
             raise ValueError(
                 "predictions contain NaN or inf: the model diverged (lower the learning rate or "
                 "check the loss); nothing of this epoch will be sealed"
             )
-        self._buffer_ids.append(ids_np)
-        self._buffer_probs.append(probs_np)
-        self._buffered += len(ids_np)
-        if self._buffered >= self._chunk_rows:
-            self._flush(final=False)
-
-    def _flush(self, final: bool) -> None:
-        """Write whole chunks (and, when ``final``, the remainder) to the staging part."""
-        if not self._buffered:
-            return
-        ids = np.concatenate(self._buffer_ids)
-        probs = np.concatenate(self._buffer_probs)
-        n = len(ids) if final else len(ids) - len(ids) % self._chunk_rows
-        end = self._rows + n
+        end = self._rows + len(ids)
         if end > self._ids.shape[0]:  # more rows than samples: duplicates; grow the part
             capacity = max(end, 2 * self._ids.shape[0])
             self._ids.resize((capacity,))
             self._probs.resize((capacity, self.num_classes))
-        self._ids[self._rows:end] = ids[:n]
-        self._probs[self._rows:end] = probs[:n]
+        self._ids[self._rows:end] = ids
+        self._probs[self._rows:end] = probs
         self._rows = end
-        self._buffer_ids, self._buffer_probs = [ids[n:]], [probs[n:]]
-        self._buffered = len(ids) - n
-
-    def _raise_if_failed(self) -> None:
-        if self._error is not None:
-            raise StoreError(f"the prediction writer of epoch {self.epoch} failed: {self._error}") from self._error

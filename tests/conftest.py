@@ -1,0 +1,105 @@
+"""Shared fixtures.
+
+Data fixtures write small data sets in the real on-disk formats, so tests take the
+same code path as users (torchvision's own parsers included).
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.datasets import CIFAR10, CIFAR100
+from torchvision.datasets.utils import calculate_md5
+
+
+def _dump(path: Path, obj: dict) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f)
+
+
+def _cifar_batch(rng: np.random.Generator, labels: np.ndarray, label_key: str, batch_label: str) -> dict:
+    """One batch as torchvision reads it (``pickle.load(..., encoding="latin1")``).
+
+    The real files are Python 2 pickles whose byte-string keys (b"data" when read
+    with encoding="bytes") decode to str under latin1; str keys are the Python 3 equivalent.
+    """
+    n = len(labels)
+    return {
+        "batch_label": batch_label,
+        "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+        label_key: labels.tolist(),
+        "filenames": [f"img_{i:05d}.png" for i in range(n)],
+    }
+
+
+def _trust_written_files(monkeypatch: pytest.MonkeyPatch, cls: type[CIFAR10], root: Path) -> None:
+    """Make torchvision's md5 check expect the files just written, for this test only.
+
+    The check itself, the loader and the parser stay torchvision's; only the
+    reference checksums (class attributes) are swapped, and monkeypatch restores them.
+    """
+    folder = root / cls.base_folder
+
+    def md5(name: str) -> str:
+        return calculate_md5(folder / name)
+
+    monkeypatch.setattr(cls, "train_list", [[n, md5(n)] for n, _ in cls.train_list])
+    monkeypatch.setattr(cls, "test_list", [[n, md5(n)] for n, _ in cls.test_list])
+    monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"])})
+
+
+@pytest.fixture
+def cifar100_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``cifar-100-python/{train,test,meta}``: 200 train / 100 test random images, all 100 classes."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / CIFAR100.base_folder
+    folder.mkdir()
+    for name, n in (("train", 200), ("test", 100)):
+        fine = rng.permutation(np.arange(n) % 100)
+        batch = _cifar_batch(rng, fine, "fine_labels", f"{name}ing batch 1 of 1")
+        batch["coarse_labels"] = (fine // 5).tolist()
+        _dump(folder / name, batch)
+    _dump(folder / "meta", {
+        "fine_label_names": [f"fine_{i}" for i in range(100)],
+        "coarse_label_names": [f"coarse_{i}" for i in range(20)],
+    })
+    _trust_written_files(monkeypatch, CIFAR100, tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def cifar10_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """``cifar-10-batches-py/``: five 20-image training batches and a 20-image test batch."""
+    rng = np.random.default_rng(1)
+    folder = tmp_path / CIFAR10.base_folder
+    folder.mkdir()
+    for i in range(1, 6):
+        labels = rng.permutation(np.arange(20) % 10)
+        _dump(folder / f"data_batch_{i}", _cifar_batch(rng, labels, "labels", f"training batch {i} of 5"))
+    labels = rng.permutation(np.arange(20) % 10)
+    _dump(folder / "test_batch", _cifar_batch(rng, labels, "labels", "testing batch 1 of 1"))
+    _dump(folder / "batches.meta", {
+        "num_cases_per_batch": 20,
+        "label_names": [f"class_{i}" for i in range(10)],
+        "num_vis": 3072,
+    })
+    _trust_written_files(monkeypatch, CIFAR10, tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def imagefolder_dir(tmp_path: Path) -> Path:
+    """``train/<class>/*.png`` (4 per class) and ``val/<class>/*.png`` (2 per class), 3 classes."""
+    rng = np.random.default_rng(2)
+    for split, per_class in (("train", 4), ("val", 2)):
+        for cls in ("ant", "bee", "cat"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                pixels = rng.integers(0, 256, size=(36, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return tmp_path

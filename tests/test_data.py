@@ -1,0 +1,203 @@
+from __future__ import annotations
+
+import shutil
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import pskd_store.data as data
+from pskd_store.data import DATASETS, Lighting, build_datasets, labels_of
+
+
+def _items(dataset, n=None):
+    n = len(dataset) if n is None else n
+    return [dataset[i] for i in range(n)]
+
+
+def _check_items(dataset, shape, num_classes, n=None):
+    for x, y in _items(dataset, n):
+        assert isinstance(x, torch.Tensor) and x.dtype == torch.float32
+        assert tuple(x.shape) == shape
+        assert isinstance(y, int) and 0 <= y < num_classes
+
+
+def _item_labels(dataset):
+    return np.array([y for _, y in _items(dataset)], dtype=np.int64)
+
+
+@pytest.fixture
+def small_mnist1d(monkeypatch):
+    """Shrink the generated data set so each generation takes well under a second."""
+    monkeypatch.setitem(data.MNIST1D_VARIANT, "num_samples", 500)
+
+
+# ---------------------------------------------------------------- CIFAR
+
+
+def test_cifar100_builds_from_torchvision_format(cifar100_dir):
+    splits = build_datasets("cifar100", cifar100_dir, download=False)
+    assert (len(splits.train), len(splits.test), splits.val) == (200, 100, None)
+    assert splits.num_classes == 100 and splits.input_kind == "32x32"
+    _check_items(splits.train, (3, 32, 32), 100, n=8)
+    _check_items(splits.test, (3, 32, 32), 100, n=8)
+    assert splits.train_labels.dtype == np.int64
+    np.testing.assert_array_equal(splits.train_labels, _item_labels(splits.train))
+    assert set(splits.train_labels.tolist()) == set(range(100))
+
+
+def test_cifar100_eval_transform_is_deterministic_train_is_augmented(cifar100_dir):
+    torch.manual_seed(0)
+    splits = build_datasets("cifar100", cifar100_dir, download=False)
+    assert torch.equal(splits.test[0][0], splits.test[0][0])
+    assert any(not torch.equal(splits.train[0][0], splits.train[0][0]) for _ in range(5))
+
+
+def test_cifar10_builds(cifar10_dir):
+    splits = build_datasets("cifar10", cifar10_dir, download=False, val_split=0.2, seed=3)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (80, 20, 20)
+    assert splits.num_classes == 10
+    _check_items(splits.val, (3, 32, 32), 10, n=4)
+    np.testing.assert_array_equal(splits.train_labels, _item_labels(splits.train))
+
+
+def test_val_split_sizes_disjoint_and_seeded(cifar100_dir):
+    splits = build_datasets("cifar100", cifar100_dir, download=False, val_split=0.25, seed=7)
+    train_idx, val_idx = set(splits.train.indices), set(splits.val.indices)
+    assert (len(train_idx), len(val_idx)) == (150, 50)
+    assert not train_idx & val_idx and train_idx | val_idx == set(range(200))
+    np.testing.assert_array_equal(splits.train_labels, _item_labels(splits.train))
+    # the val view shares the images but not the augmentation
+    base = splits.train.dataset
+    assert splits.val.dataset.data is base.data
+    i = splits.val.indices[0]
+    assert torch.equal(splits.val[0][0], splits.val[0][0])
+    assert splits.val[0][1] == base.targets[i]
+
+    again = build_datasets("cifar100", cifar100_dir, download=False, val_split=0.25, seed=7)
+    other = build_datasets("cifar100", cifar100_dir, download=False, val_split=0.25, seed=8)
+    assert again.val.indices == splits.val.indices
+    assert other.val.indices != splits.val.indices
+
+
+def test_missing_cifar_without_download_names_folder_and_fix(tmp_path):
+    with pytest.raises(FileNotFoundError) as info:
+        build_datasets("cifar100", tmp_path / "nowhere", download=False)
+    message = str(info.value)
+    assert str(tmp_path / "nowhere" / "cifar-100-python") in message
+    assert "--data-dir" in message and "cifar-100-python/" in message and "download" in message
+
+
+def test_failed_download_is_wrapped(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr("torchvision.datasets.cifar.download_and_extract_archive", offline)
+    with pytest.raises(FileNotFoundError, match="no route to host") as info:
+        build_datasets("cifar10", tmp_path, download=True)
+    assert str(tmp_path / "cifar-10-batches-py") in str(info.value)
+    assert isinstance(info.value.__cause__, urllib.error.URLError)
+
+
+def test_corrupted_cifar_fails_md5_check(cifar100_dir):
+    with open(cifar100_dir / "cifar-100-python" / "test", "ab") as f:
+        f.write(b"\0")
+    with pytest.raises(ValueError, match="md5"):
+        build_datasets("cifar100", cifar100_dir, download=False)
+
+
+# ---------------------------------------------------------------- ImageFolder
+
+
+@pytest.mark.parametrize("name", ["imagenet", "folder"])
+def test_imagefolder_sets(imagefolder_dir, name):
+    splits = build_datasets(name, imagefolder_dir, val_split=0.25)
+    assert splits.num_classes == 3 and splits.input_kind == "224x224"
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (9, 3, 6)
+    _check_items(splits.train, (3, 224, 224), 3, n=2)
+    _check_items(splits.val, (3, 224, 224), 3, n=2)
+    _check_items(splits.test, (3, 224, 224), 3, n=2)
+    np.testing.assert_array_equal(splits.train_labels, _item_labels(splits.train))
+
+
+def test_folder_accepts_test_subfolder_imagenet_does_not(imagefolder_dir):
+    (imagefolder_dir / "val").rename(imagefolder_dir / "test")
+    assert len(build_datasets("folder", imagefolder_dir).test) == 6
+    with pytest.raises(FileNotFoundError, match="val/"):
+        build_datasets("imagenet", imagefolder_dir)
+
+
+def test_folder_with_mismatched_classes(imagefolder_dir):
+    shutil.rmtree(imagefolder_dir / "val" / "cat")
+    with pytest.raises(ValueError, match="class folders differ"):
+        build_datasets("folder", imagefolder_dir)
+
+
+def test_lighting_adds_one_colour_shift_per_image():
+    img = torch.rand(3, 5, 7)
+    assert torch.equal(Lighting(0.0)(img), img)
+    torch.manual_seed(0)
+    shift = Lighting(0.1)(img) - img
+    assert shift.abs().max() > 0
+    torch.testing.assert_close(shift, shift[:, :1, :1].expand_as(shift))
+
+
+# ---------------------------------------------------------------- MNIST-1D
+
+
+def test_mnist1d_items_and_sizes(tmp_path, small_mnist1d):
+    splits = build_datasets("mnist1d", tmp_path, val_split=0.1, seed=1)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (360, 40, 100)
+    assert splits.num_classes == 10 and splits.input_kind == "mnist1d"
+    _check_items(splits.train, (1, 40), 10)
+    _check_items(splits.test, (1, 40), 10)
+    np.testing.assert_array_equal(splits.train_labels, _item_labels(splits.train))
+    assert not set(splits.train.indices) & set(splits.val.indices)
+
+
+def test_mnist1d_deterministic_cached_and_leaves_global_rng_alone(tmp_path, small_mnist1d, monkeypatch):
+    np.random.seed(123)
+    expected_draw = np.random.rand()
+    np.random.seed(123)
+    first = build_datasets("mnist1d", tmp_path / "a")
+    assert np.random.rand() == expected_draw
+    elsewhere = build_datasets("mnist1d", tmp_path / "b")
+    cached_files = list((tmp_path / "a").glob("*.npz"))
+    assert len(cached_files) == 1
+
+    def no_regeneration(*args, **kwargs):
+        raise AssertionError("generated again instead of reading the cache")
+
+    monkeypatch.setattr("mnist1d.data.make_dataset", no_regeneration)
+    cached = build_datasets("mnist1d", tmp_path / "a")
+    for splits in (elsewhere, cached):
+        torch.testing.assert_close(splits.train.inputs, first.train.inputs, rtol=0, atol=0)
+        torch.testing.assert_close(splits.test.inputs, first.test.inputs, rtol=0, atol=0)
+        np.testing.assert_array_equal(splits.train_labels, first.train_labels)
+
+    # another variant is another cache entry, not a stale hit
+    monkeypatch.setitem(data.MNIST1D_VARIANT, "iid_noise_scale", 0.05)
+    with pytest.raises(AssertionError, match="generated again"):
+        build_datasets("mnist1d", tmp_path / "a")
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def test_unknown_name_lists_available(tmp_path):
+    with pytest.raises(ValueError) as info:
+        build_datasets("svhn", tmp_path)
+    assert all(name in str(info.value) for name in DATASETS)
+
+
+@pytest.mark.parametrize("val_split", [-0.1, 1.0, 1.5])
+def test_val_split_out_of_range(tmp_path, val_split):
+    with pytest.raises(ValueError, match="val_split"):
+        build_datasets("mnist1d", tmp_path, val_split=val_split)
+
+
+def test_labels_of_falls_back_to_items():
+    ds = TensorDataset(torch.zeros(4, 2), torch.tensor([3, 1, 0, 2]))
+    np.testing.assert_array_equal(labels_of(ds), [3, 1, 0, 2])
