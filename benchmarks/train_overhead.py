@@ -1,0 +1,130 @@
+"""Training throughput of PS-KD with the store against its alternatives; prints JSON.
+
+Three arms train the same model on the same data with the same loop, differing only in
+where the soft target comes from:
+  * ``ce``: plain cross-entropy, no past predictions (the speed to match),
+  * ``store``: PS-KD with SoftTargetDataset reading sealed epoch t-1 and a PredictionWriter
+    recording epoch t (what ``pskd-store train`` does),
+  * ``teacher``: PS-KD the paper's first way — a frozen copy of last epoch's model run
+    forward on every batch.
+Arms alternate (ce, store, teacher, ce, ...) so that drift of a shared machine hits all
+of them alike; samples/s excludes epoch 1 (warm-up, and no teacher yet for PS-KD).
+
+    python benchmarks/train_overhead.py                          # MNIST-1D, mnist1d_cnn
+    python benchmarks/train_overhead.py --arch mnist1d_mlp --epochs 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from pskd_store.data import build_datasets
+from pskd_store.dataset import SoftTargetDataset
+from pskd_store.loss import alpha_t, soft_target
+from pskd_store.models import create_model
+from pskd_store.store import SoftTargetStore
+
+ARMS = ("ce", "store", "teacher")
+
+
+def train_arm(arm: str, splits, args, workdir: Path) -> float:
+    """Train ``args.epochs`` epochs; return samples/s over epochs 2..T."""
+    torch.manual_seed(0)
+    model = create_model(args.arch, splits.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    data = splits.train
+    store = None
+    if arm == "store":
+        store = SoftTargetStore.create(workdir / f"store-{time.time_ns()}", splits.train_labels, splits.num_classes)
+        data = SoftTargetDataset(splits.train, store, args.alpha_T, args.epochs)
+    loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
+                        persistent_workers=args.workers > 0)
+    teacher = None
+    timed_samples, timed_seconds = 0, 0.0
+    for epoch in range(1, args.epochs + 1):
+        alpha = alpha_t(epoch, args.epochs, args.alpha_T)
+        writer = None
+        if store is not None:
+            data.set_epoch(epoch)
+            writer = store.writer(epoch)
+        start, seen = time.perf_counter(), 0
+        for batch in loader:
+            if store is not None:
+                inputs, targets, labels, ids = batch
+            else:
+                inputs, labels = batch
+            logits = model(inputs)
+            if arm == "ce":
+                loss = F.cross_entropy(logits, labels)
+            elif arm == "teacher":
+                if teacher is None:
+                    loss = F.cross_entropy(logits, labels)
+                else:
+                    with torch.no_grad():
+                        past = teacher(inputs).softmax(dim=1)
+                    loss = F.cross_entropy(logits, soft_target(labels, past, alpha))
+            else:
+                loss = F.cross_entropy(logits, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if writer is not None:
+                writer.write(ids, logits)
+            seen += len(labels)
+        if writer is not None:
+            writer.seal()
+        if arm == "teacher":
+            teacher = copy.deepcopy(model).eval()
+        if epoch > 1:
+            timed_samples += seen
+            timed_seconds += time.perf_counter() - start
+    return timed_samples / timed_seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="mnist1d")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--arch", default="mnist1d_cnn")
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--alpha-T", dest="alpha_T", type=float, default=0.8)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=2)
+    args = parser.parse_args()
+
+    splits = build_datasets(args.dataset, args.data_dir)
+    rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            for arm in ARMS:
+                rates[arm].append(train_arm(arm, splits, args, Path(tmp)))
+    median = {arm: statistics.median(values) for arm, values in rates.items()}
+    result = {
+        "benchmark": "train_overhead",
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "device": "cpu"},
+        "config": vars(args),
+        "samples_per_s": median,
+        "runs": rates,
+        "store_over_ce": median["store"] / median["ce"],
+        "teacher_over_ce": median["teacher"] / median["ce"],
+        "store_over_teacher": median["store"] / median["teacher"],
+    }
+    result["targets"] = {"store_at_least_0.97_of_ce": result["store_over_ce"] >= 0.97}
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""``pskd-store eval``: test metrics of one model or of the average of several."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pskd_store.store import StoreError
+
+
+def checkpoint_path(path: str) -> Path:
+    """A run directory stands for its last checkpoint."""
+    candidate = Path(path) / "checkpoints" / "last.pt"
+    return candidate if candidate.is_file() else Path(path)
+
+
+@click.command("eval")
+@click.argument("checkpoints", nargs=-1, required=True)
+@click.option("--data-dir", type=click.Path(file_okay=False),
+              help="Where the data set is, if not where the run found it.")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+@click.option("--ece-bins", type=int, default=10, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Where to write per-sample probabilities (.npz); default RUN/eval/<split>_probs.npz "
+                   "of the first run (ensemble_<split>_probs.npz for several models).")
+def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str, ece_bins: int,
+                 device: str, output: str | None) -> None:
+    """Evaluate CHECKPOINTS (run directories or .pt files) on the test split.
+
+    Several checkpoints are an ensemble: their softmax outputs are averaged, as in the
+    paper's ensemble results. Prints top-1/top-5 error, NLL, ECE and AURC/E-AURC as JSON and
+    writes the per-sample probabilities that `pskd-store inspect` draws the reliability
+    diagram from.
+    """
+    from pskd_store.evaluation import evaluate_checkpoints
+
+    paths = [checkpoint_path(p) for p in checkpoints]
+    try:
+        metrics, probs, labels = evaluate_checkpoints(paths, split=split, data_dir=data_dir,
+                                                      device=device, ece_bins=ece_bins)
+    except (ValueError, FileNotFoundError, StoreError) as err:
+        raise click.ClickException(str(err)) from err
+    if output is None:
+        run = paths[0].parent.parent
+        name = f"{split}_probs.npz" if len(paths) == 1 else f"ensemble_{split}_probs.npz"
+        output = run / "eval" / name
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(output, probs=probs, labels=labels, checkpoints=np.array([str(p) for p in paths]))
+    click.echo(json.dumps({"checkpoints": [str(p) for p in paths], "split": split, **metrics,
+                           "probs": str(output)}, indent=2))

@@ -1,0 +1,42 @@
+"""``pskd-store info``: what a store holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from pskd_store.store import SoftTargetStore, StoreError
+
+
+def resolve_store(path: str) -> str:
+    """A run directory stands for its ``store/``; anything else is the store itself."""
+    candidate = Path(path) / "store"
+    return str(candidate) if (candidate / "zarr.json").is_file() else path
+
+
+@click.command("info")
+@click.argument("store")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info_command(store: str, as_json: bool) -> None:
+    """Print the summary of STORE (a store path, fsspec URL or run directory)."""
+    try:
+        summary = SoftTargetStore.open(resolve_store(store), read_only=True).summary()
+    except StoreError as err:
+        raise click.ClickException(str(err)) from err
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"store        {summary['url']}")
+    click.echo(f"samples      N={summary['num_samples']}  classes K={summary['num_classes']}")
+    click.echo(f"storage      {summary['dtype']}, {summary['chunk_rows']} rows per chunk, blosc {summary['blosc']}")
+    click.echo(f"sealed       {summary['sealed_epochs'] or 'none'}  (teacher kept: {summary['teacher_epochs']})")
+    for epoch, info in summary["epochs"].items():
+        stored, raw = info["nbytes_stored"], info["nbytes"]
+        kept = "" if epoch in summary["teacher_epochs"] else "  (pruned; trajectory kept)"
+        click.echo(
+            f"  epoch {epoch:4d}  {stored / 2**20:8.2f} MiB ({raw / max(stored, 1):.2f}x)  "
+            f"written {info['ids_written']}  carried {info['carried_forward']}  "
+            f"duplicates {info['duplicates']}{kept}"
+        )

@@ -1,0 +1,15 @@
+"""Logging for long commands: to the terminal and to a file in the run directory."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+
+def setup_logging(log_file: Path | None = None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+                        handlers=handlers, force=True)

@@ -1,0 +1,144 @@
+"""``pskd-store train``: the paper's recipe end to end, or the offline default."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import click
+from click.core import ParameterSource
+
+from pskd_store.data import DATASETS
+from pskd_store.models import available_models, input_kind
+from pskd_store.recipe import AUGMENTATIONS, DATASET_DEFAULTS, METHODS, TrainConfig
+from pskd_store.store import StoreError
+
+from .logs import setup_logging
+
+
+def _models_epilog() -> str:
+    by_kind: dict[str, list[str]] = {}
+    for name in available_models():
+        by_kind.setdefault(input_kind(name), []).append(name)
+    tv = by_kind.get("224x224", [])
+    return "\n".join([
+        "\b",
+        "Architectures (--arch):",
+        f"  32x32 (CIFAR):    {', '.join(by_kind.get('32x32', []))}",
+        f"  1-D (MNIST-1D):   {', '.join(by_kind.get('mnist1d', []))}",
+        f"  224x224 (ImageNet, folder): torchvision's {len(tv)} classifiers as tv_<name>,",
+        "                    e.g. tv_resnet152 (the paper's), tv_resnet50, tv_vit_b_16",
+        "\b",
+        "Defaults per data set (override any with its option):",
+        *[f"  {name:9s} arch {d['arch']}, {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']}, "
+          f"wd {d['weight_decay']}, lr x0.1 at {d['milestones'] or 'never'}"
+          for name, d in DATASET_DEFAULTS.items()],
+        "  pyramidnet200: batch 64, lr 0.25, wd 1e-4",
+    ])
+
+
+def _choices(options: dict[str, str]) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in options.items())
+
+
+# Options that define the run; --resume takes them from the run's config.json instead.
+RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "aug", "epochs",
+               "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "lr_gamma",
+               "val_split", "seed", "steps_per_epoch", "store_dtype", "ece_bins", "output")
+
+
+@click.command("train", epilog=_models_epilog())
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist1d", show_default=True,
+              help=_choices(DATASETS))
+@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False),
+              help="Where the data set is (or is downloaded / generated to).")
+@click.option("--download/--no-download", default=True, show_default=True,
+              help="Let torchvision download CIFAR when it is missing.")
+@click.option("--arch", help="Model (see below); default: per data set.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="pskd", show_default=True,
+              help=_choices(METHODS))
+@click.option("--alpha-T", "alpha_T", type=float, default=0.8, show_default=True,
+              help="PS-KD's alpha_T: weight of past predictions at the last epoch (a_t = alpha_T·t/T).")
+@click.option("--aug", type=click.Choice(list(AUGMENTATIONS)), default="none", show_default=True,
+              help=_choices(AUGMENTATIONS))
+@click.option("--epochs", type=int, help="Epochs T.")
+@click.option("-b", "--batch-size", type=int, help="Batch size.")
+@click.option("--lr", type=float, help="Initial learning rate (SGD).")
+@click.option("--momentum", type=float, default=0.9, show_default=True)
+@click.option("--nesterov/--no-nesterov", default=True, show_default=True)
+@click.option("--wd", "--weight-decay", "weight_decay", type=float, help="Weight decay.")
+@click.option("--milestones", help="Epochs at which lr is multiplied by --lr-gamma, e.g. 150,225.")
+@click.option("--lr-gamma", type=float, default=0.1, show_default=True)
+@click.option("--val-split", type=float, default=0.0, show_default=True,
+              help="Hold out this fraction of the training set (e.g. 0.1) to tune alpha_T.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("-j", "--workers", type=int, help="DataLoader worker processes.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 mixed precision on a GPU.")
+@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+              help="channels_last memory format on a GPU.")
+@click.option("--steps-per-epoch", type=int, help="Stop each epoch after this many steps (smoke tests).")
+@click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="How past predictions are stored.")
+@click.option("--ece-bins", type=int, default=10, show_default=True, help="Bins of the ECE metric.")
+@click.option("-o", "--output", type=click.Path(file_okay=False),
+              help="Run directory; default runs/<dataset>-<arch>-<method>-<time>.")
+@click.option("--resume", type=click.Path(file_okay=False, exists=True),
+              help="Continue this run directory from its last checkpoint, with its saved config.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars: one log line per epoch.")
+@click.pass_context
+def train_command(ctx: click.Context, resume: str | None, quiet: bool, **options) -> None:
+    """Train a classifier with PS-KD (or a baseline), keeping every epoch's predictions
+    in the run's Zarr store and reporting test error, NLL, ECE and AURC every epoch.
+
+    With no options: PS-KD on the offline MNIST-1D data set, a few minutes on a CPU.
+    """
+    from pskd_store.training import train  # torch/torchvision import only when training
+
+    try:
+        if resume:
+            given = [name for name in RUN_OPTIONS if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
+            if given:
+                raise click.UsageError(
+                    f"--resume continues with the run's saved config.json; drop "
+                    f"{', '.join('--' + n.replace('_', '-') for n in given)}"
+                )
+            directory = Path(resume)
+            config_path = directory / "config.json"
+            if not config_path.is_file():
+                raise click.UsageError(f"{resume} has no config.json: is it a run directory made by train?")
+            config = TrainConfig.load(config_path)
+            for name in ("workers", "device", "amp", "channels_last"):
+                if ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
+                    setattr(config, name, options[name])  # where it runs, not what it computes
+        else:
+            output = options.pop("output")
+            options["milestones"] = _parse_milestones(options["milestones"])
+            config = TrainConfig(**options).resolved()
+            directory = Path(output or f"runs/{config.dataset}-{config.arch}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+            if (directory / "config.json").exists():
+                raise click.UsageError(
+                    f"{directory} already holds a run: continue it with --resume {directory}, "
+                    "or choose another --output"
+                )
+        setup_logging(directory / "train.log")
+        logging.getLogger("pskd_store.train").info("run directory %s", directory)
+        summary = train(config, directory, resume=bool(resume), quiet=quiet)
+    except (ValueError, FileNotFoundError, StoreError) as err:
+        raise click.ClickException(str(err)) from err
+    test = summary["final"]["test"]
+    click.echo(
+        f"done: {directory}  test top-1 err {test['top1_err']:.2f}%  nll {test['nll']:.4f}  "
+        f"ece {test['ece']:.2f}%  aurc {test['aurc']:.2f}"
+    )
+
+
+def _parse_milestones(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated epochs such as 150,225, got {text!r}",
+                                 param_hint="--milestones") from None

@@ -1,0 +1,234 @@
+"""What `pskd-store inspect` computes from a run directory: pure numpy, no plotting.
+
+A run directory, as `pskd-store train` writes it::
+
+    RUN/config.json            the resolved training config
+    RUN/store/                 the SoftTargetStore (only its trajectory tier is read here)
+    RUN/metrics.jsonl          one JSON object per epoch (train and test metrics)
+    RUN/eval/test_probs.npz    test probabilities from `pskd-store eval` (optional)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .metrics import reliability_bins
+from .store import SoftTargetStore, StoreError
+
+EVAL_PROBS = Path("eval") / "test_probs.npz"
+DEFAULT_ECE_BINS = 10
+MIB = 2**20
+
+
+class RunError(ValueError):
+    """A run directory that cannot be inspected: the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class RunData:
+    """Everything `inspect` needs of one run, read once and read-only."""
+
+    path: Path
+    config: dict[str, Any]
+    labels: np.ndarray                    # (N,) class of every training sample
+    trajectory: dict[str, np.ndarray]     # SoftTargetStore.trajectory(): epochs, (E, N) arrays
+    metrics: list[dict[str, Any]]         # metrics.jsonl rows, in epoch order
+    store_summary: dict[str, Any]
+    eval_probs: np.ndarray | None = None  # (N_test, K) from `pskd-store eval`
+    eval_labels: np.ndarray | None = None  # (N_test,)
+
+    @property
+    def name(self) -> str:
+        """Method/arch from the config (to tell runs apart in plots) and the directory name."""
+        method, arch = self.config.get("method"), self.config.get("arch")
+        return f"{method}/{arch} ({self.path.name})" if method and arch else self.path.name
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_epochs(self) -> int:
+        return len(self.trajectory["epochs"])
+
+    @property
+    def ece_bins(self) -> int:
+        """The bins training used for its ECE, so eval ECE is comparable with metrics.jsonl."""
+        return int(self.config.get("ece_bins", DEFAULT_ECE_BINS))
+
+
+def load_run(path: str | Path) -> RunData:
+    """Read a run directory without writing to it: config, trajectory tier, metrics, eval."""
+    path = Path(path)
+    if not path.is_dir():
+        raise RunError(
+            f"run directory {path} does not exist: pass a directory written by "
+            "`pskd-store train` (it holds config.json and store/)"
+        )
+    if not (path / "store" / "zarr.json").is_file():
+        raise RunError(f"no store in {path}: was it made by `pskd-store train`?")
+    try:
+        store = SoftTargetStore.open(path / "store", read_only=True)
+        trajectory = store.trajectory()
+    except StoreError as err:
+        raise RunError(f"cannot read the store of {path}: {err}") from err
+    if len(trajectory["epochs"]) == 0:
+        raise RunError(f"the store in {path} has no sealed epoch yet: train at least one epoch first")
+    probs, labels = _read_eval(path)
+    return RunData(
+        path=path,
+        config=_read_json(path / "config.json"),
+        labels=store.labels,
+        trajectory=trajectory,
+        metrics=_read_metrics(path / "metrics.jsonl"),
+        store_summary=store.summary(),
+        eval_probs=probs,
+        eval_labels=labels,
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object, or {} when the file is absent (a run made by hand may lack a config)."""
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise RunError(f"{path} is not valid JSON ({err}): fix or delete it") from err
+
+
+def _read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl ([] when training has not written any)."""
+    if not path.is_file():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            raise RunError(f"line {number} of {path} is not valid JSON ({err}): fix or delete that line") from err
+    return rows
+
+
+def _read_eval(run: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Test probabilities and labels written by `pskd-store eval`, or (None, None)."""
+    path = run / EVAL_PROBS
+    if not path.is_file():
+        return None, None
+    with np.load(path) as data:
+        missing = {"probs", "labels"} - set(data.files)
+        if missing:
+            raise RunError(f"{path} lacks {sorted(missing)}: rerun `pskd-store eval {run}`")
+        return data["probs"], data["labels"]
+
+
+def correct_epochs(traj: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
+    """(N,) number of epochs in which each sample's prediction was its label."""
+    return np.count_nonzero(traj["argmax"] == np.asarray(labels)[None, :], axis=0)
+
+
+def hard_mask(traj: dict[str, np.ndarray], labels: np.ndarray, max_correct_fraction: float = 0.5) -> np.ndarray:
+    """(N,) True for samples right in fewer than ``max_correct_fraction`` of the epochs.
+
+    The definition of a hard sample in Figure 2 of the PS-KD paper.
+    """
+    return correct_epochs(traj, labels) < max_correct_fraction * len(traj["epochs"])
+
+
+def hard_samples(
+    traj: dict[str, np.ndarray], labels: np.ndarray, top: int = 100, max_correct_fraction: float = 0.5
+) -> np.ndarray:
+    """Ids of the ``top`` hardest samples, hardest first.
+
+    Hardest means fewest correct epochs; ties go to the lower final true-class probability,
+    then the lower id, so the choice is deterministic.
+    """
+    ids = np.flatnonzero(hard_mask(traj, labels, max_correct_fraction))
+    final_true = traj["true_prob"][-1, ids].astype(np.float64)
+    order = np.lexsort((ids, final_true, correct_epochs(traj, labels)[ids]))
+    return ids[order][:top]
+
+
+def check_ids(ids: list[int] | np.ndarray, num_samples: int, run: Path) -> np.ndarray:
+    """Sample ids chosen by hand, refused when the store has no such sample."""
+    ids = np.asarray(ids, dtype=np.int64)
+    for sample in ids:
+        if not 0 <= sample < num_samples:
+            raise RunError(
+                f"sample id {sample} is out of range: the store in {run} holds N={num_samples} "
+                f"samples, so --ids takes ids 0..{num_samples - 1}"
+            )
+    return ids
+
+
+def check_same_samples(first: RunData, other: RunData) -> None:
+    """Refuse to compare runs whose sample ids do not name the same training samples."""
+    if other.num_samples != first.num_samples:
+        raise RunError(
+            f"{other.path} holds N={other.num_samples} samples but {first.path} holds "
+            f"N={first.num_samples}: inspect together only runs trained on the same data set"
+        )
+    if not np.array_equal(other.labels, first.labels):
+        raise RunError(
+            f"{other.path} and {first.path} hold N={first.num_samples} samples with different "
+            "labels: inspect together only runs trained on the same data set and split"
+        )
+
+
+def metric_series(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs, values) of one metric over the rows; NaN where a row lacks it.
+
+    ``keys`` is the path into a row, e.g. ("test", "nll") or ("alpha_t",).
+    """
+    values = []
+    for row in rows:
+        value: Any = row
+        for key in keys:
+            value = value.get(key) if isinstance(value, dict) else None
+        values.append(np.nan if value is None else float(value))
+    return np.array([row.get("epoch", np.nan) for row in rows], dtype=float), np.array(values, dtype=float)
+
+
+def eval_ece(run: RunData) -> float | None:
+    """ECE (percent) of the eval probabilities, or None when `pskd-store eval` was not run."""
+    if run.eval_probs is None:
+        return None
+    return 100.0 * reliability_bins(run.eval_probs, run.eval_labels, n_bins=run.ece_bins).ece
+
+
+def final_test_metrics(run: RunData) -> dict[str, Any] | None:
+    """The test metrics of the last epoch that has them, with its epoch number."""
+    for row in reversed(run.metrics):
+        if isinstance(row.get("test"), dict):
+            return {"epoch": row.get("epoch"), **row["test"]}
+    return None
+
+
+def summarize(run: RunData, plotted_ids: np.ndarray, max_correct_fraction: float = 0.5) -> dict[str, Any]:
+    """The numbers `inspect` prints for one run; ``plotted_ids`` are the samples plotted
+    (the hard samples of the first run, or the ids chosen with --ids)."""
+    plotted_ids = np.asarray(plotted_ids, dtype=np.int64)
+    final_true = run.trajectory["true_prob"][-1, plotted_ids].astype(np.float64)
+    stored = [info["nbytes_stored"] for info in run.store_summary["epochs"].values()]
+    return {
+        "run": str(run.path),
+        "name": run.name,
+        "num_samples": run.num_samples,
+        "epochs": run.num_epochs,
+        "hard_found": int(np.count_nonzero(hard_mask(run.trajectory, run.labels, max_correct_fraction))),
+        "max_correct_fraction": max_correct_fraction,
+        "plotted": len(plotted_ids),
+        "plotted_ids": plotted_ids.tolist(),
+        "mean_final_true_prob": float(final_true.mean()) if len(plotted_ids) else None,
+        "store_mib_per_epoch": float(np.mean(stored)) / MIB if stored else 0.0,
+        "store_mib_total": float(np.sum(stored)) / MIB,
+        "final_test": final_test_metrics(run),
+        "eval_ece": eval_ece(run),
+    }

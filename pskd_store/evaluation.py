@@ -1,0 +1,40 @@
+"""Evaluate trained checkpoints, alone or as an ensemble (averaged softmax outputs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import load_checkpoint
+from .data import build_datasets
+from .metrics import evaluate
+from .models import create_model
+from .recipe import TrainConfig
+from .training import predict, select_device
+
+
+def evaluate_checkpoints(
+    paths: list[Path], *, split: str = "test", data_dir: str | None = None,
+    device: str = "auto", ece_bins: int = 10,
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Metrics, averaged probabilities (N, K) and labels (N,) of ``paths`` on ``split``."""
+    states = [load_checkpoint(path) for path in paths]
+    configs = [TrainConfig(**state["config"]) for state in states]
+    if len({(c.dataset, c.val_split, c.seed if c.val_split else 0) for c in configs}) > 1:
+        raise ValueError("an ensemble needs checkpoints trained on the same data set and split")
+    first = configs[0]
+    splits = build_datasets(first.dataset, data_dir or first.data_dir, val_split=first.val_split,
+                            seed=first.seed, download=False)
+    data = splits.test if split == "test" else splits.val
+    if data is None:
+        raise ValueError("these runs held out no validation split (train with --val-split)")
+    torch_device = select_device(device)
+    probs_sum, labels = None, None
+    for state, config in zip(states, configs):
+        model = create_model(config.arch, splits.num_classes).to(torch_device)
+        model.load_state_dict(state["model"])
+        probs, labels = predict(model, data, config, torch_device)
+        probs_sum = probs if probs_sum is None else probs_sum + probs
+    probs = probs_sum / len(states)
+    return evaluate(probs, labels, n_bins=ece_bins), probs, labels

@@ -1,0 +1,241 @@
+"""The training loop: the paper's recipe, with past predictions read from and written to
+the run's store for every method (so baselines can be compared with PS-KD later).
+
+Per epoch t: ``set_epoch(t)`` points the data set at sealed epoch t-1; each step trains on
+the targets of the chosen method and hands (ids, logits) to the writer; at the end the
+epoch is sealed, test (and validation) metrics are appended to ``metrics.jsonl`` and an
+atomic checkpoint is written. A resumed run rolls the store and the metrics back to its
+checkpoint and continues with the same alpha_t and the same teacher epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
+
+from .augment import HalfBatchAugment
+from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from .data import DataSplits, build_datasets
+from .dataset import SoftTargetDataset
+from .loss import alpha_t
+from .metrics import evaluate
+from .models import create_model, input_kind
+from .recipe import TrainConfig
+from .store import SoftTargetStore
+
+_logger = logging.getLogger("pskd_store.train")
+
+LABEL_SMOOTHING = 0.1
+CHECKPOINT = "checkpoints/last.pt"
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Run:
+    """What one training run is made of, built from its config."""
+
+    config: TrainConfig
+    directory: Path
+    device: torch.device
+    splits: DataSplits
+    model: torch.nn.Module
+    store: SoftTargetStore
+    train_data: SoftTargetDataset
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+
+def build_run(config: TrainConfig, directory: Path) -> Run:
+    """Data, model, store and optimizer of a run (the store is created on first use)."""
+    splits = build_datasets(config.dataset, config.data_dir, val_split=config.val_split,
+                            seed=config.seed, download=config.download)
+    if input_kind(config.arch) != splits.input_kind:
+        raise ValueError(
+            f"--arch {config.arch} takes {input_kind(config.arch)} inputs but {config.dataset} "
+            f"has {splits.input_kind} inputs; see `pskd-store train --help` for the models of each"
+        )
+    torch.manual_seed(config.seed)
+    device = select_device(config.device)
+    model = create_model(config.arch, splits.num_classes).to(device)
+    if config.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    store = SoftTargetStore.open_or_create(
+        directory / "store", splits.train_labels, splits.num_classes, dtype=config.store_dtype
+    )
+    train_data = SoftTargetDataset(splits.train, store, config.alpha_T, config.epochs)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                nesterov=config.nesterov, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.milestones, config.lr_gamma)
+    return Run(config, directory, device, splits, model, store, train_data, optimizer, scheduler)
+
+
+def train(config: TrainConfig, directory: Path, *, resume: bool = False, quiet: bool = False) -> dict:
+    """Train (or resume) the run in ``directory``; returns the final summary."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        config.save(directory / "config.json")
+    run = build_run(config, directory)
+    start = _restore(run) + 1 if resume else 1
+    loader = _train_loader(run)
+    augment = HalfBatchAugment(config.aug, run.splits.num_classes) if config.aug != "none" else None
+    for epoch in range(start, config.epochs + 1):
+        train_stats = _train_epoch(run, loader, epoch, augment, quiet)
+        row = {"epoch": epoch, "alpha_t": _alpha(config, epoch), "lr": run.scheduler.get_last_lr()[0],
+               "train": train_stats}
+        run.scheduler.step()
+        row["test"] = evaluate(*predict(run.model, run.splits.test, config, run.device), n_bins=config.ece_bins)
+        if run.splits.val is not None:
+            row["val"] = evaluate(*predict(run.model, run.splits.val, config, run.device), n_bins=config.ece_bins)
+        with open(directory / "metrics.jsonl", "a") as file:
+            file.write(json.dumps(row) + "\n")
+        save_checkpoint(directory / CHECKPOINT, model=run.model.state_dict(),
+                        optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                        epoch=epoch, config=config.__dict__)
+        _log_epoch(row, config.epochs)
+    summary = {"run": str(directory), "config": config.__dict__, "epochs": config.epochs,
+               "final": {k: v for k, v in _metrics_rows(directory)[-1].items() if k in ("test", "val")},
+               "store": run.store.summary()}
+    (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _alpha(config: TrainConfig, epoch: int) -> float:
+    """The weight of past predictions this epoch: alpha_t for PS-KD, 0 for the others."""
+    return alpha_t(epoch, config.epochs, config.alpha_T) if config.method == "pskd" else 0.0
+
+
+def _train_loader(run: Run) -> DataLoader:
+    """Shuffled by epoch (a one-replica DistributedSampler: the order depends only on the
+    seed and the epoch, so a resumed run sees the same batches)."""
+    workers = run.config.workers
+    return DataLoader(
+        run.train_data, batch_size=run.config.batch_size,
+        sampler=DistributedSampler(run.train_data, num_replicas=1, rank=0, shuffle=True, seed=run.config.seed),
+        num_workers=workers, persistent_workers=workers > 0, pin_memory=run.device.type == "cuda",
+    )
+
+
+def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: HalfBatchAugment | None,
+                 quiet: bool) -> dict:
+    config, model, device = run.config, run.model, run.device
+    run.train_data.set_epoch(epoch)
+    loader.sampler.set_epoch(epoch)
+    model.train()
+    steps = len(loader) if config.steps_per_epoch is None else min(len(loader), config.steps_per_epoch)
+    loss_sum = correct = seen = 0
+    started = time.perf_counter()
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", disable=quiet, leave=False, dynamic_ncols=True)
+    with run.store.writer(epoch) as writer:
+        for step, (inputs, targets, labels, ids) in enumerate(loader):
+            if step == steps:
+                break
+            inputs = to_device(inputs, device, config.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            targets = targets.to(device, non_blocking=True)
+            clean = len(inputs)
+            if augment is not None:
+                inputs, targets, clean = augment(inputs, targets, labels)
+            with autocast(device, config.amp):
+                logits = model(inputs)
+                loss = _loss(config.method, logits, targets, labels)
+            run.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            run.optimizer.step()
+            writer.write(ids[:clean], logits[:clean])
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+            if not quiet and (step % 10 == 0 or step == steps - 1):
+                bar.set_postfix(loss=f"{loss.item():.3f}", alpha_t=f"{_alpha(config, epoch):.3f}",
+                                samples_s=f"{seen / (time.perf_counter() - started):.0f}")
+            bar.update()
+    bar.close()
+    seconds = time.perf_counter() - started
+    writer.seal()
+    return {"loss": float(loss_sum) / seen, "top1_err": 100.0 * (1 - float(correct) / seen),
+            "samples_per_s": seen / seconds, "seconds": seconds}
+
+
+def _loss(method: str, logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    if method == "ce":
+        return F.cross_entropy(logits, labels)
+    if method == "ls":
+        return F.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING)
+    return F.cross_entropy(logits, targets)  # PS-KD: probability targets from the data set
+
+
+def to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    inputs = inputs.to(device, non_blocking=True)
+    if channels_last and device.type == "cuda" and inputs.ndim == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
+def autocast(device: torch.device, amp: bool):
+    """bfloat16 mixed precision on a GPU (no loss scaling needed); full precision on CPU."""
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, data: Dataset, config: TrainConfig,
+            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (N, K) and labels (N,) of ``data`` in index order."""
+    loader = DataLoader(data, batch_size=2 * config.batch_size, shuffle=False,
+                        num_workers=config.workers, pin_memory=device.type == "cuda")
+    model.eval()
+    probs, labels = [], []
+    for inputs, target in loader:
+        with autocast(device, config.amp):
+            logits = model(to_device(inputs, device, config.channels_last))
+        probs.append(logits.float().softmax(1).cpu())
+        labels.append(torch.as_tensor(target))
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def _restore(run: Run) -> int:
+    """Load the last checkpoint; roll the store and metrics back to it. Returns its epoch."""
+    state = load_checkpoint(run.directory / CHECKPOINT)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    epoch = state["epoch"]
+    dropped = run.store.rollback(epoch)
+    rows = [row for row in _metrics_rows(run.directory) if row["epoch"] <= epoch]
+    (run.directory / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    _logger.info("resuming %s after epoch %d%s", run.directory, epoch,
+                 f" (dropped unfinished epochs {dropped} from the store)" if dropped else "")
+    return epoch
+
+
+def _metrics_rows(directory: Path) -> list[dict]:
+    path = directory / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _log_epoch(row: dict, epochs: int) -> None:
+    train, test = row["train"], row["test"]
+    _logger.info(
+        "epoch %d/%d  alpha_t %.3f  lr %.4g  train loss %.4f err %.2f%%  %.0f samples/s  |  "
+        "test err %.2f%%  nll %.4f  ece %.2f%%  aurc %.2f",
+        row["epoch"], epochs, row["alpha_t"], row["lr"], train["loss"], train["top1_err"],
+        train["samples_per_s"], test["top1_err"], test["nll"], test["ece"], test["aurc"],
+    )

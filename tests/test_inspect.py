@@ -1,0 +1,222 @@
+"""`pskd-store inspect` and its analysis on run directories built by hand.
+
+Each run has a real store whose predictions are designed so that the hard samples, their
+order and their final true-class probabilities are known in advance.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pskd_store.analysis import hard_samples, load_run
+from pskd_store.metrics import evaluate
+from pskd_store.store import SoftTargetStore
+from pskd_store_cli.inspect import inspect_command
+
+N, K, EPOCHS = 40, 4, 6
+LABELS = np.arange(N) % K
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+F16_TOL = 1e-3
+
+# id -> (correct in epochs 1..n, true-class probability at the last epoch, which is wrong).
+# Ids not listed are right in every epoch with true-class probability 0.7.
+CE_DESIGN = {
+    7: (0, 0.10), 9: (0, 0.10),                     # never right; tie broken by id
+    3: (1, 0.05), 1: (1, 0.15), 4: (1, 0.18), 0: (1, 0.20), 2: (1, 0.25),
+    6: (2, 0.20),                                   # right in 2 of 6: still hard
+    5: (3, 0.20),                                   # right in exactly half: not hard
+}
+CE_HARD = [7, 9, 3, 1, 4, 0, 2, 6]
+CE_HARD_MEAN_FINAL = (0.10 + 0.10 + 0.05 + 0.15 + 0.18 + 0.20 + 0.25 + 0.20) / 8
+PSKD_DESIGN = {7: (0, 0.30)}
+PSKD_MEAN_FINAL_ON_CE_HARD = (7 * 0.7 + 0.30) / 8
+
+
+def design_probs(epoch: int, design: dict[int, tuple[int, float]], labels: np.ndarray) -> np.ndarray:
+    """(N, K) predictions of one epoch: right (0.7 on the label) or wrong (0.6 on the next class)."""
+    probs = np.full((len(labels), K), 0.1, dtype=np.float32)
+    probs[np.arange(len(labels)), labels] = 0.7
+    for sample, (right_epochs, final_true) in design.items():
+        if epoch <= right_epochs:
+            continue
+        true = final_true if epoch == EPOCHS else 0.2
+        wrong = (labels[sample] + 1) % K
+        probs[sample] = (1 - 0.6 - true) / (K - 2)
+        probs[sample, labels[sample]] = true
+        probs[sample, wrong] = 0.6
+    return probs
+
+
+def metrics_row(epoch: int, alpha_T: float) -> dict:
+    test = {"top1_err": 30.0 - epoch, "top5_err": 5.0 - 0.5 * epoch, "nll": 1.2 - 0.1 * epoch,
+            "ece": 8.0 - epoch, "aurc": 90.0 - epoch, "eaurc": 40.0 - epoch, "n": 100.0}
+    return {"epoch": epoch, "alpha_t": alpha_T * epoch / EPOCHS, "lr": 0.1,
+            "train": {"loss": 2.0 / epoch, "top1_err": 50.0 / epoch, "samples_per_s": 1000.0, "seconds": 0.1},
+            "test": test}
+
+
+def make_run(root: Path, name: str, design: dict, method: str, labels: np.ndarray = LABELS,
+             eval_probs: bool = False) -> Path:
+    """A run directory as `pskd-store train` (and `eval`) leave it."""
+    run = root / name
+    run.mkdir()
+    alpha_T = 0.8 if method == "pskd" else 0.0
+    config = {"dataset": "mnist1d", "arch": "mlp", "method": method, "alpha_T": alpha_T, "epochs": EPOCHS}
+    (run / "config.json").write_text(json.dumps(config))
+    store = SoftTargetStore.create(run / "store", labels, K)
+    for epoch in range(1, EPOCHS + 1):
+        writer = store.writer(epoch, from_logits=False)
+        writer.write(torch.arange(len(labels)), torch.from_numpy(design_probs(epoch, design, labels)))
+        writer.seal()
+    rows = [metrics_row(epoch, alpha_T) for epoch in range(1, EPOCHS + 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if eval_probs:
+        rng = np.random.default_rng(0)
+        (run / "eval").mkdir()
+        np.savez(run / "eval" / "test_probs.npz", probs=rng.dirichlet(np.ones(K), 50).astype(np.float32),
+                 labels=rng.integers(0, K, 50))
+    return run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    return {
+        "ce": make_run(root, "ce", CE_DESIGN, "ce", eval_probs=True),
+        "pskd": make_run(root, "pskd", PSKD_DESIGN, "pskd"),
+    }
+
+
+def invoke(*args: str) -> tuple[int, str]:
+    """Exit code and output; an error must be a clean exit, never an escaped exception."""
+    result = CliRunner().invoke(inspect_command, [str(a) for a in args])
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result.exit_code, result.output
+
+
+def inspect_json(*args: str) -> dict:
+    code, output = invoke(*args, "--json")
+    assert code == 0, output
+    return json.loads(output)
+
+
+def assert_pngs(files: list[str], names: set[str]) -> None:
+    assert {Path(f).name for f in files} == names
+    for file in files:
+        data = Path(file).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, file
+
+
+def png_width(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # IHDR width
+
+
+def test_hard_samples_are_the_designed_ones_hardest_first(runs):
+    run = load_run(runs["ce"])
+    assert hard_samples(run.trajectory, run.labels).tolist() == CE_HARD
+    assert hard_samples(run.trajectory, run.labels, top=3).tolist() == CE_HARD[:3]
+    # right in 3 of 6 epochs is hard only once the bar is above one half
+    assert 5 in hard_samples(run.trajectory, run.labels, max_correct_fraction=0.6)
+
+
+def test_load_run_reads_config_metrics_eval_and_store(runs):
+    run = load_run(runs["ce"])
+    assert run.name == "ce/mlp (ce)" and run.num_epochs == EPOCHS and run.num_samples == N
+    assert run.trajectory["epochs"].tolist() == list(range(1, EPOCHS + 1))
+    assert [row["epoch"] for row in run.metrics] == list(range(1, EPOCHS + 1))
+    assert run.eval_probs.shape == (50, K) and run.eval_labels.shape == (50,)
+    assert load_run(runs["pskd"]).eval_probs is None
+
+
+def test_json_summary_has_the_designed_numbers(runs, tmp_path):
+    report = inspect_json(runs["ce"], "--out", tmp_path)
+    assert report["selection"] == "hard"
+    (ce,) = report["runs"]
+    assert ce["epochs"] == EPOCHS and ce["hard_found"] == len(CE_HARD) and ce["plotted"] == len(CE_HARD)
+    assert ce["plotted_ids"] == CE_HARD
+    assert ce["mean_final_true_prob"] == pytest.approx(CE_HARD_MEAN_FINAL, abs=F16_TOL)
+    assert ce["final_test"] == {"epoch": EPOCHS, **metrics_row(EPOCHS, 0.0)["test"]}
+    run = load_run(runs["ce"])
+    assert ce["eval_ece"] == pytest.approx(evaluate(run.eval_probs, run.eval_labels)["ece"])
+    stored = [info["nbytes_stored"] for info in run.store_summary["epochs"].values()]
+    assert ce["store_mib_total"] == pytest.approx(sum(stored) / 2**20) and ce["store_mib_total"] > 0
+    assert ce["store_mib_per_epoch"] == pytest.approx(ce["store_mib_total"] / EPOCHS)
+    assert_pngs(report["files"], {"trajectories.png", "reliability_1_ce.png", "training_curves.png"})
+
+
+def test_top_limits_the_plotted_samples(runs, tmp_path):
+    (ce,) = inspect_json(runs["ce"], "--top", "2", "--out", tmp_path)["runs"]
+    assert ce["plotted_ids"] == [7, 9] and ce["hard_found"] == len(CE_HARD)
+    assert ce["mean_final_true_prob"] == pytest.approx(0.10, abs=F16_TOL)
+
+
+def test_ids_plots_the_chosen_samples(runs, tmp_path):
+    report = inspect_json(runs["pskd"], "--ids", "5,12", "--out", tmp_path)
+    (pskd,) = report["runs"]
+    assert report["selection"] == "ids" and pskd["plotted_ids"] == [5, 12]
+    assert pskd["mean_final_true_prob"] == pytest.approx(0.7, abs=F16_TOL)
+    assert_pngs(report["files"], {"trajectories.png", "training_curves.png"})
+
+
+def test_two_runs_side_by_side_use_the_first_runs_hard_samples(runs, tmp_path):
+    report = inspect_json(runs["ce"], runs["pskd"], "--out", tmp_path / "two")
+    ce, pskd = report["runs"]
+    assert ce["plotted_ids"] == pskd["plotted_ids"] == CE_HARD
+    assert pskd["hard_found"] == 1 and pskd["name"] == "pskd/mlp (pskd)"
+    assert pskd["mean_final_true_prob"] == pytest.approx(PSKD_MEAN_FINAL_ON_CE_HARD, abs=F16_TOL)
+    assert_pngs(report["files"], {"trajectories.png", "reliability_1_ce.png", "training_curves.png"})
+    single = inspect_json(runs["ce"], "--out", tmp_path / "one")["files"][0]
+    assert png_width(tmp_path / "two" / "trajectories.png") > png_width(Path(single))
+
+
+def test_text_summary_writes_to_run_inspect_by_default(runs):
+    code, output = invoke(runs["pskd"])
+    assert code == 0, output
+    assert "hard samples  1 found (right in < 50% of epochs)" in output
+    assert "plotted       1 samples (hardest of pskd/mlp (pskd)), mean final true-class prob 0.300" in output
+    assert f"final test    epoch {EPOCHS}: top-1 err 24.00%" in output
+    assert str(runs["pskd"] / "inspect" / "trajectories.png") in output
+    assert (runs["pskd"] / "inspect" / "training_curves.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_missing_run_is_refused(tmp_path):
+    code, output = invoke(tmp_path / "nope")
+    assert code == 1 and "does not exist" in output and "pskd-store train" in output
+
+
+def test_run_without_store_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    code, output = invoke(tmp_path)
+    assert code == 1 and f"no store in {tmp_path}: was it made by `pskd-store train`?" in output
+
+
+def test_ids_out_of_range_name_the_id_and_n(runs, tmp_path):
+    code, output = invoke(runs["ce"], "--ids", "3,40", "--out", tmp_path)
+    assert code == 1 and "sample id 40 is out of range" in output and f"N={N}" in output
+    code, output = invoke(runs["ce"], "--ids", "3,x")
+    assert code == 2 and "comma-separated list of sample ids" in output
+
+
+def test_runs_with_other_samples_are_refused(runs, tmp_path):
+    other = make_run(tmp_path, "small", {}, "ce", labels=np.arange(30) % K)
+    code, output = invoke(runs["ce"], other, "--out", tmp_path / "out")
+    assert code == 1 and "N=30" in output and f"N={N}" in output and "same data set" in output
+
+
+def test_console_script_runs_inspect(runs, tmp_path):
+    script = shutil.which("pskd-store")
+    assert script, "pskd-store is not installed: pip install -e ."
+    done = subprocess.run([script, "inspect", str(runs["ce"]), str(runs["pskd"]), "--top", "3", "--json",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert [run["plotted_ids"] for run in report["runs"]] == [CE_HARD[:3]] * 2
+    assert_pngs(report["files"], {"trajectories.png", "reliability_1_ce.png", "training_curves.png"})

@@ -1,0 +1,154 @@
+"""`pskd-store train` and `eval` end to end: real subprocesses on the offline default,
+in-process (click's runner) where torchvision's CIFAR checksums must be swapped."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pskd_store.store import SoftTargetStore
+from pskd_store_cli.main import cli
+
+PSKD = shutil.which("pskd-store")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """One MNIST-1D cache for the module: generated once, like a user's --data-dir."""
+    return tmp_path_factory.mktemp("data")
+
+
+def pskd(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run([PSKD, *args], capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"pskd-store {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def metrics_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timings(row: dict) -> dict:
+    train = {k: v for k, v in row["train"].items() if k not in ("samples_per_s", "seconds")}
+    return {**row, "train": train}
+
+
+def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
+    run = tmp_path / "run"
+    result = pskd("train", "--epochs", "3", "--data-dir", str(data_dir), "-o", str(run), "-q")
+    assert "done:" in result.stdout and "test top-1 err" in result.stdout
+
+    rows = metrics_rows(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    assert [r["alpha_t"] for r in rows] == pytest.approx([0.8 / 3, 1.6 / 3, 0.8])
+    for row in rows:
+        assert set(row["test"]) >= {"top1_err", "top5_err", "nll", "ece", "aurc", "eaurc"}
+        assert 0 <= row["test"]["top1_err"] < 90 and row["train"]["samples_per_s"] > 0
+    store = SoftTargetStore.open(run / "store", read_only=True)
+    assert store.sealed_epochs == [1, 2, 3] and store.num_samples == 8000
+    assert store.trajectory()["true_prob"].shape == (3, 8000)
+
+    checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["epoch"] == 3 and set(checkpoint) >= {"model", "optimizer", "scheduler", "rng"}
+    table_bytes = store.num_samples * store.num_classes * 2
+    assert (run / "checkpoints" / "last.pt").stat().st_size < table_bytes  # no prediction table inside
+
+    result = pskd("eval", str(run))
+    report = json.loads(result.stdout)
+    probs = np.load(run / "eval" / "test_probs.npz")
+    assert probs["probs"].shape == (2000, 10) and probs["labels"].shape == (2000,)
+    assert report["top1_err"] == pytest.approx(rows[-1]["test"]["top1_err"], abs=1e-6)
+    assert report["ece"] == pytest.approx(rows[-1]["test"]["ece"], abs=1e-4)
+
+    ensemble = pskd("eval", str(run), str(run / "checkpoints" / "last.pt"))
+    assert json.loads(ensemble.stdout)["nll"] == pytest.approx(report["nll"], rel=1e-5)
+    assert (run / "eval" / "ensemble_test_probs.npz").is_file()
+
+
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir):
+    args = ["train", "--epochs", "4", "--data-dir", str(data_dir), "-q", "--seed", "3"]
+    whole = tmp_path / "whole"
+    pskd(*args, "-o", str(whole))
+
+    broken = tmp_path / "broken"
+    proc = subprocess.Popen([PSKD, *args, "-o", str(broken)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (
+        (broken / "metrics.jsonl").exists() and len(metrics_rows(broken)) >= 2
+    ):
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    done = len(metrics_rows(broken))
+    assert 2 <= done < 4, "the run must be killed part-way"
+
+    pskd("train", "--resume", str(broken), "-q")
+    assert [without_timings(r) for r in metrics_rows(broken)] == [without_timings(r) for r in metrics_rows(whole)]
+    resumed = SoftTargetStore.open(broken / "store", read_only=True)
+    np.testing.assert_array_equal(
+        resumed.read_epoch(4), SoftTargetStore.open(whole / "store", read_only=True).read_epoch(4)
+    )
+
+
+@pytest.mark.parametrize("arch, aug", [("densenet121", "none"), ("preact_resnet18", "cutmix"),
+                                       ("preact_resnet18", "cutout")])
+def test_cifar100_format_run_for_a_few_steps(tmp_path, cifar100_dir, arch, aug):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, [
+        "train", "--dataset", "cifar100", "--arch", arch, "--aug", aug, "--data-dir", str(cifar100_dir),
+        "--no-download", "--epochs", "2", "--steps-per-epoch", "2", "-b", "16", "-j", "0", "-o", str(run), "-q",
+    ])
+    assert result.exit_code == 0, result.output
+    rows = metrics_rows(run)
+    assert len(rows) == 2 and rows[-1]["test"]["n"] == 100
+    info = SoftTargetStore.open(run / "store", read_only=True).epoch_info(2)
+    clean_per_step = 16 if aug == "none" else 8  # augmented halves are not recorded
+    assert info["ids_written"] == 2 * clean_per_step
+    assert info["carried_forward"] == 200 - 2 * clean_per_step
+
+
+def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, [
+        "train", "--dataset", "folder", "--arch", "tv_resnet18", "--data-dir", str(imagefolder_dir),
+        "--epochs", "1", "-b", "4", "-j", "0", "-o", str(run), "-q",
+    ])
+    assert result.exit_code == 0, result.output
+    assert metrics_rows(run)[0]["test"]["n"] == 6
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "densenet12"], "Unknown model 'densenet12'. Did you mean: densenet121"),
+    (["--alpha-T", "1.5"], "alpha_T must lie in [0, 1]"),
+    (["--dataset", "cifar100", "--no-download", "--data-dir", "{tmp}/nowhere"], "CIFAR100 data not found"),
+    (["--dataset", "mnist1d", "--arch", "densenet121", "--data-dir", "{data}"], "takes 32x32 inputs"),
+    (["--aug", "cutmix"], "needs image data"),
+    (["--dataset", "svhn"], "Invalid value for '--dataset'"),
+])
+def test_bad_arguments_get_clear_errors(tmp_path, data_dir, args, message):
+    args = [a.format(tmp=tmp_path, data=data_dir) for a in args]
+    result = pskd("train", *args, "-o", str(tmp_path / "run"), check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_resume_refuses_new_run_options_and_existing_output_needs_resume(tmp_path, data_dir):
+    run = tmp_path / "run"
+    pskd("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(run), "-q")
+    again = pskd("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(run), check=False)
+    assert again.returncode != 0 and f"continue it with --resume {run}" in again.stderr
+    resumed = pskd("train", "--resume", str(run), "--lr", "0.3", check=False)
+    assert resumed.returncode != 0 and "drop --lr" in resumed.stderr
