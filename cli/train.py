@@ -32,7 +32,8 @@ def _models_epilog() -> str:
         "\b",
         "Defaults per data set (override any with its option):",
         *[f"  {name:9s} arch {d['arch']}, {d['epochs']} epochs, batch {d['batch_size']}, lr {d['lr']}, "
-          f"wd {d['weight_decay']}, lr x0.1 at {d['milestones'] or 'never'}"
+          f"wd {d['weight_decay']}, lr x0.1 at "
+          f"{', '.join(f'{m:.0%}' for m in d['milestones']) + ' of the epochs' if d['milestones'] else 'no epoch'}"
           for name, d in DATASET_DEFAULTS.items()],
         "  pyramidnet200: batch 64, lr 0.25, wd 1e-4",
     ])

@@ -22,19 +22,20 @@ AUGMENTATIONS = {
 }
 
 # The paper's recipes (Kim et al. 2021, Sec. 4; the authors' code): SGD with Nesterov
-# momentum 0.9 and a step schedule. The offline default trains a small MLP that
+# momentum 0.9 and a step schedule. Default milestones are fractions of the epochs (CIFAR:
+# 150 and 225 of 300; ImageNet: 30 and 60 of 90), so a shorter run keeps the schedule's shape. The offline default trains a small MLP that
 # over-fits MNIST-1D within minutes on a CPU.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist1d": dict(arch="mnist1d_mlp", epochs=40, batch_size=128, lr=0.05, weight_decay=0.0,
                     milestones=[], workers=0),
     "cifar10": dict(arch="preact_resnet18", epochs=300, batch_size=128, lr=0.1, weight_decay=5e-4,
-                    milestones=[150, 225], workers=4),
+                    milestones=[0.5, 0.75], workers=4),
     "cifar100": dict(arch="preact_resnet18", epochs=300, batch_size=128, lr=0.1, weight_decay=5e-4,
-                     milestones=[150, 225], workers=4),
+                     milestones=[0.5, 0.75], workers=4),
     "imagenet": dict(arch="tv_resnet152", epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4,
-                     milestones=[30, 60], workers=8),
+                     milestones=[1 / 3, 2 / 3], workers=8),
     "folder": dict(arch="tv_resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4,
-                   milestones=[30, 60], workers=8),
+                   milestones=[1 / 3, 2 / 3], workers=8),
 }
 # PyramidNet on CIFAR (the paper, after Han et al.): smaller batch, larger lr, lighter decay.
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -81,6 +82,8 @@ class TrainConfig:
         values = {k: (defaults[k] if getattr(self, k) is None and k in defaults else getattr(self, k))
                   for k in (f.name for f in dataclasses.fields(self))}
         values["arch"] = arch
+        if self.milestones is None:
+            values["milestones"] = sorted({max(1, round(f * values["epochs"])) for f in defaults["milestones"]})
         config = TrainConfig(**values)
         config.validate()
         return config
