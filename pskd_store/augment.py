@@ -35,6 +35,13 @@ class HalfBatchAugment:
 
     @staticmethod
     def _cutout(image: torch.Tensor) -> torch.Tensor:
+        """An 8x8 hole in an image; a hole of 8 samples in a 1-D signal of shape (1, L)
+        (torchvision's RandomErasing never erases the full height, so signals get their own)."""
         height, width = image.shape[-2:]
-        scale = CUTOUT_HOLE * CUTOUT_HOLE / (height * width)
-        return v2.RandomErasing(p=1.0, scale=(scale, scale), ratio=(1.0, 1.0), value=0)(image)
+        if height > 1:
+            scale = CUTOUT_HOLE * CUTOUT_HOLE / (height * width)
+            return v2.RandomErasing(p=1.0, scale=(scale, scale), ratio=(1.0, 1.0), value=0)(image)
+        start = int(torch.randint(0, width - CUTOUT_HOLE + 1, ()))
+        erased = image.clone()
+        erased[..., start:start + CUTOUT_HOLE] = 0
+        return erased

@@ -69,17 +69,24 @@ class SoftTargetDataset(Dataset):
         return alpha_t(self.epoch, self.total_epochs, self.alpha_T)
 
     def __getitem__(self, index: int):
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple]:
+        """A whole batch at once (the DataLoader calls this): one gather from the memory
+        map and one blend for all rows, instead of per-item tensor work."""
         epoch, teacher, token = self._state.tolist()
         if epoch == 0:
             raise RuntimeError("call set_epoch(epoch) before iterating a SoftTargetDataset")
-        input, label = self.base[index]
-        label = torch.as_tensor(label, dtype=torch.int64)
+        items = [self.base[i] for i in indices]
+        labels = torch.as_tensor([int(label) for _, label in items], dtype=torch.int64)
         if teacher == 0:
-            target = torch.nn.functional.one_hot(label, self.num_classes).float()
+            targets = torch.nn.functional.one_hot(labels, self.num_classes).float()
         else:
-            past = self.service.view(teacher, f"{token:016x}")[index]
-            target = soft_target(label, torch.from_numpy(past.astype(np.float32)), alpha_t(epoch, self.total_epochs, self.alpha_T))
-        return input, target, label, index
+            past = self.service.view(teacher, f"{token:016x}")[np.asarray(indices)]
+            targets = soft_target(labels, torch.from_numpy(past.astype(np.float32)),
+                                  alpha_t(epoch, self.total_epochs, self.alpha_T))
+        return [(input, target, label, index)
+                for (input, _), target, label, index in zip(items, targets, labels.tolist(), indices)]
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

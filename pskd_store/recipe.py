@@ -17,7 +17,7 @@ METHODS = {
 }
 AUGMENTATIONS = {
     "none": "the data set's own augmentation only",
-    "cutout": "Cutout (8x8 hole) on half of each batch, PS-KD targets on the other half",
+    "cutout": "Cutout (8x8 hole; 8 samples of a 1-D signal) on half of each batch, PS-KD targets on the other half",
     "cutmix": "CutMix (Beta(1,1)) on half of each batch, PS-KD targets on the other half",
 }
 
@@ -98,8 +98,8 @@ class TrainConfig:
             raise ValueError(f"alpha_T must lie in [0, 1] (the paper uses 0.8), got {self.alpha_T}")
         if self.aug != "none" and self.method != "pskd":
             raise ValueError(f"--aug {self.aug} is PS-KD's combination (half the batch each); use --method pskd")
-        if self.aug != "none" and self.dataset == "mnist1d":
-            raise ValueError(f"--aug {self.aug} needs image data; {self.dataset} holds 1-D signals")
+        if self.aug == "cutmix" and self.dataset == "mnist1d":
+            raise ValueError(f"--aug cutmix needs image data; {self.dataset} holds 1-D signals (use cutout)")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError("epochs, batch size and learning rate must be positive")
         if any(m < 1 or m > self.epochs for m in self.milestones):

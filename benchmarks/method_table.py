@@ -1,0 +1,108 @@
+"""The paper's Table 1 at a scale this machine runs: ce, ls, pskd and pskd+cutout on the
+offline default data set, several seeds each, plus an alpha_T sweep on a held-out split.
+
+Prints JSON (every run's final test metrics, and mean/std per method) followed by the
+Markdown tables that the README shows. Every run is a normal run directory under --out,
+so `pskd-store inspect` can look at any of them afterwards.
+
+    python benchmarks/method_table.py                      # 3 seeds, 40 epochs, ~25 min on 2 cores
+    python benchmarks/method_table.py --seeds 0 --epochs 5 --alphas 0.8   # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from pskd_store.recipe import TrainConfig
+from pskd_store.training import train
+
+METHODS = {  # label -> TrainConfig overrides
+    "CE": dict(method="ce"),
+    "LS (0.1)": dict(method="ls"),
+    "PS-KD": dict(method="pskd"),
+    "PS-KD + Cutout": dict(method="pskd", aug="cutout"),
+}
+COLUMNS = {"top1_err": "Top-1 err (%)", "top5_err": "Top-5 err (%)", "nll": "NLL",
+           "ece": "ECE (%)", "aurc": "AURC (x1e3)"}
+
+
+def run_one(base: dict, overrides: dict, seed: int, directory: Path, split: str) -> dict:
+    config = TrainConfig(**{**base, **overrides, "seed": seed}).resolved()
+    if not (directory / "summary.json").is_file():
+        train(config, directory, quiet=True)
+    return json.loads((directory / "summary.json").read_text())["final"][split]
+
+
+def mean_std(rows: list[dict]) -> dict:
+    return {k: {"mean": statistics.mean(r[k] for r in rows),
+                "std": statistics.stdev(r[k] for r in rows) if len(rows) > 1 else 0.0} for k in COLUMNS}
+
+
+def markdown(title: str, table: dict[str, dict]) -> str:
+    lines = [f"| {title} | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for label, stats in table.items():
+        cells = [f"{stats[k]['mean']:.2f} ± {stats[k]['std']:.2f}" for k in COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="mnist1d")
+    parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--arch")
+    parser.add_argument("--epochs", type=int)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--alphas", default="0.2,0.4,0.6,0.8", help="alpha_T sweep; empty to skip")
+    parser.add_argument("--val-split", type=float, default=0.1)
+    parser.add_argument("--out", default="runs/method_table")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    alphas = [float(a) for a in args.alphas.split(",") if a]
+    base = {k: v for k, v in dict(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
+                                   epochs=args.epochs, workers=0).items() if v is not None}
+    out = Path(args.out)
+    started = time.time()
+
+    runs: dict[str, list[dict]] = {}
+    for label, overrides in METHODS.items():
+        slug = label.lower().replace(" ", "").replace("+", "-").replace("(0.1)", "")
+        runs[label] = [run_one(base, overrides, seed, out / f"{slug}-seed{seed}", "test") for seed in seeds]
+    sweep: dict[str, list[dict]] = {}
+    for alpha in alphas:
+        sweep[f"alpha_T {alpha}"] = [
+            run_one(base, dict(method="pskd", alpha_T=alpha, val_split=args.val_split), seed,
+                    out / f"sweep-alpha{alpha}-seed{seed}", "val") for seed in seeds]
+    if alphas:
+        sweep = {"CE (alpha_T 0)": [run_one(base, dict(method="ce", val_split=args.val_split), seed,
+                                            out / f"sweep-ce-seed{seed}", "val") for seed in seeds], **sweep}
+
+    table = {label: mean_std(rows) for label, rows in runs.items()}
+    sweep_table = {label: mean_std(rows) for label, rows in sweep.items()}
+    result = {
+        "benchmark": "method_table",
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "config": {**vars(args), "resolved": TrainConfig(**base).resolved().__dict__},
+        "seeds": seeds,
+        "test": table,
+        "alpha_sweep_val": sweep_table,
+        "runs": {"test": runs, "val": sweep},
+        "minutes": (time.time() - started) / 60,
+    }
+    print(json.dumps(result, indent=2))
+    print()
+    print(markdown("Method (test split)", table))
+    if sweep_table:
+        print()
+        print(markdown(f"PS-KD alpha_T (held-out {args.val_split:.0%} of train)", sweep_table))
+
+
+if __name__ == "__main__":
+    main()
