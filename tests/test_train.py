@@ -84,6 +84,12 @@ def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
     assert json.loads(ensemble.stdout)["nll"] == pytest.approx(report["nll"], rel=1e-5)
     assert (run / "eval" / "ensemble_test_probs.npz").is_file()
 
+    inspected = json.loads(pskd("inspect", str(run), "--top", "10", "--json").stdout)
+    assert inspected["runs"][0]["epochs"] == 3 and inspected["runs"][0]["plotted"] <= 10
+    assert inspected["runs"][0]["eval_ece"] == pytest.approx(report["ece"], abs=1e-3)
+    pngs = sorted((run / "inspect").glob("*.png"))
+    assert len(pngs) == 3 and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
+
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir):
     args = ["train", "--epochs", "4", "--data-dir", str(data_dir), "-q", "--seed", "3"]
