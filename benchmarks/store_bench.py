@@ -123,6 +123,7 @@ def training_thread_cost(store: SoftTargetStore, logits: torch.Tensor, args) -> 
     return {
         "step_ms": step["none"] * 1e3,
         "write_us_per_batch": hook["writer"] * 1e6,
+        "training_thread_rows_per_s": args.batch / hook["writer"],
         "in_memory_update_us_per_batch": hook["in_memory"] * 1e6,
         "write_over_in_memory": hook["writer"] / hook["in_memory"],
         "write_hot_us": statistics.median(hot) * 1e6,

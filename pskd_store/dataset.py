@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -82,9 +81,8 @@ class SoftTargetDataset(Dataset):
         if teacher == 0:
             targets = torch.nn.functional.one_hot(labels, self.num_classes).float()
         else:
-            past = self.service.view(teacher, f"{token:016x}")[np.asarray(indices)]
-            targets = soft_target(labels, torch.from_numpy(past.astype(np.float32)),
-                                  alpha_t(epoch, self.total_epochs, self.alpha_T))
+            past = self.service.lookup(teacher, f"{token:016x}", indices)
+            targets = soft_target(labels, past, alpha_t(epoch, self.total_epochs, self.alpha_T))
         return [(input, target, label, index)
                 for (input, _), target, label, index in zip(items, targets, labels.tolist(), indices)]
 

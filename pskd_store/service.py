@@ -70,8 +70,8 @@ class PredictionService:
 
     def lookup(self, epoch: int, token: str, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Predictions of ``ids`` at ``epoch`` as a float32 (B, K) tensor."""
-        rows = self.view(epoch, token)[np.asarray(ids)]
-        return torch.from_numpy(rows.astype(np.float32))
+        rows = np.take(self.view(epoch, token), np.asarray(ids), axis=0)  # faster than fancy indexing
+        return torch.from_numpy(rows).float()
 
     def _require_store(self) -> SoftTargetStore:
         if self._store is None:
