@@ -161,7 +161,8 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: HalfBatchAug
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
             if not quiet and (step % 10 == 0 or step == steps - 1):
-                bar.set_postfix(loss=f"{loss.item():.3f}", alpha_t=f"{_alpha(config, epoch):.3f}",
+                bar.set_postfix(loss=f"{loss.item():.3f}", err=f"{100 * (1 - float(correct) / seen):.1f}%",
+                                alpha_t=f"{_alpha(config, epoch):.3f}",
                                 samples_s=f"{seen / (time.perf_counter() - started):.0f}")
             bar.update()
     bar.close()
