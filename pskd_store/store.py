@@ -507,10 +507,10 @@ class SoftTargetStore:
     def _prune(self, staging_path: str) -> None:
         """Drop the staging rows of the sealed epoch and teachers beyond ``keep_epochs``."""
         del self._group[staging_path]
-        kept = set(self.teacher_epochs)
-        for epoch in self.sealed_epochs:
-            path = f"teacher/{epoch_key(epoch)}"
-            if epoch not in kept and path in self._group:
+        expired = self.sealed_epochs[:-self.keep_epochs]
+        if expired:  # earlier seals pruned the ones before it
+            path = f"teacher/{epoch_key(expired[-1])}"
+            if path in self._group:
                 del self._group[path]
 
 

@@ -63,16 +63,8 @@ class PredictionWriter:
         self._num_samples = store.num_samples
         self._torch_dtype = getattr(torch, str(store.dtype))
         self._chunk_rows = store.chunk_rows
-        # Staged rows live until the seal: stored uncompressed, so the writer spends no CPU
-        # on compression; the seal compresses the epoch once.
-        self._part = store.staging_group(epoch).create_group(f"writer_{rank:04d}", overwrite=True)
-        self._ids = self._part.create_array(
-            "ids", shape=(self._num_samples,), chunks=(self._chunk_rows,), dtype=np.int64, compressors=None,
-        )
-        self._probs = self._part.create_array(
-            "probs", shape=(self._num_samples, self.num_classes),
-            chunks=(self._chunk_rows, self.num_classes), dtype=store.dtype, compressors=None,
-        )
+        self._staging = store.staging_group(epoch)  # refuses a sealed epoch or a read-only store now
+        self._part_name = f"writer_{rank:04d}"
         self._rows = 0  # rows written to the staging arrays (by the background thread)
         self._buffers = buffers
         self._free: queue.Queue = queue.Queue()  # buffers the training thread may fill
@@ -189,7 +181,26 @@ class PredictionWriter:
         probs = outputs.float().softmax(dim=1) if self.from_logits else outputs
         return probs.to(self._torch_dtype)
 
+    def _open_part(self) -> None:
+        """Create this writer's staging part (in the background: a few metadata writes).
+
+        Staged rows live only until the seal, so they are stored uncompressed: the writer
+        spends no CPU on compression and the seal compresses the epoch once.
+        """
+        self._part = self._staging.create_group(self._part_name, overwrite=True)
+        self._ids = self._part.create_array(
+            "ids", shape=(self._num_samples,), chunks=(self._chunk_rows,), dtype=np.int64, compressors=None,
+        )
+        self._probs = self._part.create_array(
+            "probs", shape=(self._num_samples, self.num_classes),
+            chunks=(self._chunk_rows, self.num_classes), dtype=self.store.dtype, compressors=None,
+        )
+
     def _drain(self) -> None:
+        try:
+            self._open_part()
+        except BaseException as err:  # reported to the training thread
+            self._error = err
         while (item := self._queue.get()) is not _CLOSE:
             buffer, copied = item
             if self._error is None:
