@@ -109,7 +109,10 @@ def main() -> None:
     parser.add_argument("--alpha-T", dest="alpha_T", type=float, default=0.8)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, help="torch compute threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     splits = build_datasets(args.dataset, args.data_dir)
     rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
