@@ -3,8 +3,8 @@ the run's store for every method (so baselines can be compared with PS-KD later)
 
 Per epoch t: ``set_epoch(t)`` points the data set at sealed epoch t-1; each step trains on
 the targets of the chosen method and hands (ids, logits) to the writer; at the end the
-epoch is sealed, test (and validation) metrics are appended to ``metrics.jsonl`` and an
-atomic checkpoint is written. A resumed run rolls the store and the metrics back to its
+epoch is sealed while the test set is evaluated, test (and validation) metrics are
+appended to ``metrics.jsonl`` and an atomic checkpoint is written. A resumed run rolls the store and the metrics back to its
 checkpoint and continues with the same alpha_t and the same teacher epoch.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,9 +99,12 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, quiet: 
         row = {"epoch": epoch, "alpha_t": _alpha(config, epoch), "lr": run.scheduler.get_last_lr()[0],
                "train": train_stats}
         run.scheduler.step()
-        row["test"] = evaluate(*predict(run.model, run.splits.test, config, run.device), n_bins=config.ece_bins)
-        if run.splits.val is not None:
-            row["val"] = evaluate(*predict(run.model, run.splits.val, config, run.device), n_bins=config.ece_bins)
+        with ThreadPoolExecutor(1) as background:  # the seal's I/O overlaps the evaluation
+            sealing = background.submit(run.store.seal, epoch)
+            row["test"] = evaluate(*predict(run.model, run.splits.test, config, run.device), n_bins=config.ece_bins)
+            if run.splits.val is not None:
+                row["val"] = evaluate(*predict(run.model, run.splits.val, config, run.device), n_bins=config.ece_bins)
+            sealing.result()
         with open(directory / "metrics.jsonl", "a") as file:
             file.write(json.dumps(row) + "\n")
         save_checkpoint(directory / CHECKPOINT, model=run.model.state_dict(),
@@ -167,7 +171,7 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: HalfBatchAug
             bar.update()
     bar.close()
     seconds = time.perf_counter() - started
-    writer.seal()
+    writer.close()
     return {"loss": float(loss_sum) / seen, "top1_err": 100.0 * (1 - float(correct) / seen),
             "samples_per_s": seen / seconds, "seconds": seconds}
 
