@@ -64,9 +64,6 @@ class SoftTargetDataset(Dataset):
         self._state[2] = token
         self._state[0] = epoch
 
-    def alpha(self) -> float:
-        return alpha_t(self.epoch, self.total_epochs, self.alpha_T)
-
     def __getitem__(self, index: int):
         return self.__getitems__([index])[0]
 

@@ -28,7 +28,7 @@ from .augment import HalfBatchAugment
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .data import DataSplits, build_datasets
 from .dataset import SoftTargetDataset
-from .loss import alpha_t
+from .loss import alpha_t, soft_cross_entropy
 from .metrics import evaluate
 from .models import create_model, input_kind
 from .recipe import TrainConfig
@@ -182,7 +182,7 @@ def _loss(method: str, logits: torch.Tensor, targets: torch.Tensor, labels: torc
         return F.cross_entropy(logits, labels)
     if method == "ls":
         return F.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING)
-    return F.cross_entropy(logits, targets)  # PS-KD: probability targets from the data set
+    return soft_cross_entropy(logits, targets)  # PS-KD: probability targets from the data set
 
 
 def to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
