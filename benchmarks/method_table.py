@@ -5,7 +5,7 @@ Prints JSON (every run's final test metrics, and mean/std per method) followed b
 Markdown tables that the README shows. Every run is a normal run directory under --out,
 so `pskd-store inspect` can look at any of them afterwards.
 
-    python benchmarks/method_table.py                      # 3 seeds, 40 epochs, ~25 min on 2 cores
+    python benchmarks/method_table.py                      # 3 seeds, 40 epochs, ~13 min on 2 cores
     python benchmarks/method_table.py --seeds 0 --epochs 5 --alphas 0.8   # a quick look
 """
 
