@@ -2,30 +2,43 @@
 
 from __future__ import annotations
 
+import importlib
+
 import click
 
-from .eval import eval_command
-from .info import info_command
-from .inspect import inspect_command
-from .train import train_command
+# name -> "module:attribute" of each subcommand, imported only when it runs: torch and
+# torchvision take seconds to import, and `info` needs neither.
+COMMANDS = {
+    "train": "pskd_store_cli.train:train_command",
+    "eval": "pskd_store_cli.eval:eval_command",
+    "inspect": "pskd_store_cli.inspect:inspect_command",
+    "info": "pskd_store_cli.info:info_command",
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class LazyGroup(click.Group):
+    """A click group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute = COMMANDS[name].split(":")
+        return getattr(importlib.import_module(module), attribute)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="pskd-store")
 def cli() -> None:
     """Progressive self-knowledge distillation (PS-KD) with past predictions kept in a
     chunked, compressed Zarr store instead of a teacher model or an in-memory table.
 
     \b
-    pskd-store train                      offline default: MNIST-1D, a few minutes on CPU
+    pskd-store train                      offline default: MNIST-1D, under a minute on a CPU
     pskd-store train --dataset cifar100 --arch densenet121
     pskd-store eval RUN_DIR               test metrics; writes test probabilities
     pskd-store inspect RUN_DIR [RUN_DIR]  trajectories, calibration, hard examples
     pskd-store info RUN_DIR/store         what a store holds
     """
-
-
-cli.add_command(train_command)
-cli.add_command(eval_command)
-cli.add_command(inspect_command)
-cli.add_command(info_command)
