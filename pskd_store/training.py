@@ -171,7 +171,6 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: HalfBatchAug
             bar.update()
     bar.close()
     seconds = time.perf_counter() - started
-    writer.close()
     return {"loss": float(loss_sum) / seen, "top1_err": 100.0 * (1 - float(correct) / seen),
             "samples_per_s": seen / seconds, "seconds": seconds}
 
