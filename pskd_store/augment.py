@@ -29,19 +29,20 @@ class HalfBatchAugment:
         if self.kind == "cutmix":
             tail_x, tail_t = self._cutmix(tail_x, labels[clean:])
         else:
-            tail_x = torch.stack([self._cutout(x) for x in tail_x])
+            tail_x = self._cutout(tail_x)
             tail_t = torch.nn.functional.one_hot(labels[clean:], self.num_classes).float()
         return torch.cat([head_x, tail_x]), torch.cat([targets[:clean], tail_t.to(targets)]), clean
 
     @staticmethod
-    def _cutout(image: torch.Tensor) -> torch.Tensor:
-        """An 8x8 hole in an image; a hole of 8 samples in a 1-D signal of shape (1, L)
+    def _cutout(batch: torch.Tensor) -> torch.Tensor:
+        """An 8x8 hole per image; a hole of 8 samples per 1-D signal of shape (1, L)
         (torchvision's RandomErasing never erases the full height, so signals get their own)."""
-        height, width = image.shape[-2:]
+        height, width = batch.shape[-2:]
         if height > 1:
             scale = CUTOUT_HOLE * CUTOUT_HOLE / (height * width)
-            return v2.RandomErasing(p=1.0, scale=(scale, scale), ratio=(1.0, 1.0), value=0)(image)
-        start = int(torch.randint(0, width - CUTOUT_HOLE + 1, ()))
-        erased = image.clone()
-        erased[..., start:start + CUTOUT_HOLE] = 0
-        return erased
+            erase = v2.RandomErasing(p=1.0, scale=(scale, scale), ratio=(1.0, 1.0), value=0)
+            return torch.stack([erase(image) for image in batch])  # a new hole for each image
+        starts = torch.randint(0, width - CUTOUT_HOLE + 1, (len(batch), 1), device=batch.device)
+        positions = torch.arange(width, device=batch.device)
+        hole = (positions >= starts) & (positions < starts + CUTOUT_HOLE)
+        return batch.masked_fill(hole[:, None, :], 0)
