@@ -1,9 +1,14 @@
-"""Evaluation metrics reported in the PS-KD paper (Kim et al., ICCV 2021).
+"""Evaluation metrics reported in the PS-KD paper (Kim et al., ICCV 2021, Sec. 4).
 
 All metrics are returned in the paper's units: error rates and ECE in percent,
-AURC and E-AURC multiplied by 10^3. ECE and AURC/E-AURC follow the PS-KD
-authors' reference implementation (``calc_ece`` and ``calc_aurc_eaurc``) so
-numbers are comparable with the paper's tables.
+AURC and E-AURC multiplied by 10^3. ECE, AURC and E-AURC compute exactly what the
+PS-KD authors' code computes (``metric_ece_aurc_eaurc``, ``compute_bin`` and
+``calc_aurc`` in ``utils/metric.py`` of lgcnsai/PS-KD-Pytorch), bin edges and
+sort order included, so numbers are comparable with the paper's tables.
+
+Definitions: ECE is Naeini et al. (AAAI 2015) as used by Guo et al. (ICML 2017);
+AURC and E-AURC are Geifman et al., "Bias-Reduced Uncertainty Estimation for Deep
+Neural Classifiers" (ICLR 2019).
 """
 
 from __future__ import annotations
@@ -25,16 +30,22 @@ NLL_EPS = 1e-12
 class ReliabilityBins:
     """Per-bin statistics of a reliability diagram.
 
-    Bin ``i`` holds samples with ``edges[i] < confidence <= edges[i + 1]``.
+    Bin ``i`` holds samples with ``lower[i] < confidence <= upper[i]``.
     ``confidence`` and ``accuracy`` are NaN for empty bins so a plot shows a
     gap rather than a misleading zero.
     """
 
-    edges: np.ndarray  # (n_bins + 1,) bin boundaries, 0 to 1
+    lower: np.ndarray  # (n_bins,) exclusive lower bounds
+    upper: np.ndarray  # (n_bins,) inclusive upper bounds
     confidence: np.ndarray  # (n_bins,) mean max-probability in each bin
     accuracy: np.ndarray  # (n_bins,) fraction of top-1 correct in each bin
     count: np.ndarray  # (n_bins,) number of samples in each bin
     n_samples: int  # all samples, including any with confidence 0 (unbinned)
+
+    @property
+    def edges(self) -> np.ndarray:
+        """(n_bins + 1,) boundaries for plotting: the lower bounds, then the last upper one."""
+        return np.append(self.lower, self.upper[-1])
 
     @property
     def ece(self) -> float:
@@ -107,19 +118,29 @@ def _true_class_rank(p: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.sum(higher | tied_before, axis=1)
 
 
+def _bin_bounds(n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """The authors' bins: upper bounds ``np.arange(w, 1 + w, w)`` and lower bounds
+    ``upper - w`` for width ``w = 1 / n_bins``.
+
+    These are not ``linspace`` edges: float rounding makes some lower bounds a hair
+    above the previous upper bound (0.30000000000000004 against 0.3 at 10 bins), and
+    their code bins exactly so. A bound past 1.0 (arange's rounding can add one) holds
+    no probability, so it is dropped.
+    """
+    width = 1.0 / n_bins
+    upper = np.arange(width, 1.0 + width, width)[:n_bins]
+    return upper - width, upper
+
+
 def _reliability(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> ReliabilityBins:
-    """Bin samples by confidence into ``n_bins`` equal-width (lower, upper] bins."""
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # side="left" gives the index i with edges[i-1] < conf <= edges[i]; conf == 0
-    # lands at -1 and is left out, as in the authors' code.
-    idx = np.searchsorted(edges, conf, side="left") - 1
-    binned = idx >= 0
-    idx, c, a = idx[binned], conf[binned], correct[binned].astype(np.float64)
-    count = np.bincount(idx, minlength=n_bins)
+    """Bin samples by confidence into ``n_bins`` (lower, upper] bins, as ``compute_bin`` does."""
+    lower, upper = _bin_bounds(n_bins)
+    inside = (conf[None, :] > lower[:, None]) & (conf[None, :] <= upper[:, None])  # (n_bins, N)
+    count = inside.sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        confidence = np.bincount(idx, weights=c, minlength=n_bins) / count
-        accuracy = np.bincount(idx, weights=a, minlength=n_bins) / count
-    return ReliabilityBins(edges, confidence, accuracy, count, n_samples=len(conf))
+        confidence = (inside * conf).sum(axis=1) / count
+        accuracy = (inside & correct).sum(axis=1) / count
+    return ReliabilityBins(lower, upper, confidence, accuracy, count, n_samples=len(conf))
 
 
 def _check_n_bins(n_bins: int) -> None:
@@ -138,22 +159,19 @@ def reliability_bins(probs: ArrayLike, labels: ArrayLike, n_bins: int = 10) -> R
 
 
 def _aurc_eaurc(conf: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
-    """AURC and E-AURC as fractions (Geifman et al. 2019), as in ``calc_aurc_eaurc``.
+    """AURC and E-AURC as fractions, exactly as the authors' ``calc_aurc``.
 
-    Samples are taken most-confident first; the risk at coverage i/N is the
-    error rate among those first i samples, and AURC is the mean of these
-    risks. E-AURC subtracts the AURC of an oracle ranking (all errors last),
-    r + (1 - r) ln(1 - r), so it isolates ranking quality from accuracy.
-    A stable sort keeps the original order among equal confidences, matching
-    the authors' ``sorted(..., reverse=True)``.
+    Samples are taken most-confident first (``np.argsort(conf)`` reversed, so equal
+    confidences keep the authors' order); the risk at coverage i/N is the error rate
+    among those first i samples, and AURC is the mean of these risks. E-AURC subtracts
+    the AURC of the optimal ranking of the same predictions (every error last), the
+    finite sum ``(1/N) sum_{i=1..E} i / (N - E + i)`` over the E errors.
     """
-    order = np.argsort(-conf, kind="stable")
-    errors = ~correct[order]
-    risks = np.cumsum(errors) / np.arange(1, len(errors) + 1)
-    aurc = float(risks.mean())
-    r = float(errors.mean())
-    # (1 - r) ln(1 - r) -> 0 as r -> 1; avoid 0 * -inf = nan.
-    optimal = r + ((1.0 - r) * np.log(1.0 - r) if r < 1.0 else 0.0)
+    n = len(conf)
+    errors = ~correct[np.argsort(conf)[::-1]]
+    aurc = float(np.mean(np.cumsum(errors) / np.arange(1, n + 1)))
+    wrong_ranks = np.arange(1, int(errors.sum()) + 1, dtype=np.float64)
+    optimal = float(np.sum(wrong_ranks / (n - len(wrong_ranks) + wrong_ranks)) / n)
     return aurc, aurc - optimal
 
 

@@ -69,10 +69,65 @@ def test_aurc_eaurc(res):
     # Sorted by conf descending: 0(ok) 1(ok) 2(err) 3(ok) 4(err)
     # cumulative errors 0,0,1,1,2 -> risks 0/1, 0/2, 1/3, 1/4, 2/5.
     aurc = (0 / 1 + 0 / 2 + 1 / 3 + 1 / 4 + 2 / 5) / 5  # = 59/300
-    r = 2 / 5
-    optimal = r + (1 - r) * math.log(1 - r)
-    assert res["aurc"] == pytest.approx(1e3 * aurc)
-    assert res["eaurc"] == pytest.approx(1e3 * (aurc - optimal))
+    # Optimal ranking of 5 predictions with 2 errors: both errors last, risks
+    # 0, 0, 0, 1/4, 2/5 -> (1/4 + 2/5) / 5 = 0.13 (the authors' finite sum, not r + (1-r)ln(1-r)).
+    optimal = (1 / 4 + 2 / 5) / 5
+    assert res["aurc"] == pytest.approx(1e3 * aurc, abs=1e-12)
+    assert res["eaurc"] == pytest.approx(1e3 * (aurc - optimal), abs=1e-12)
+
+
+def _authors_ece_aurc_eaurc(probs: np.ndarray, labels: np.ndarray, bin_size: float = 0.1):
+    """The PS-KD authors' utils/metric.py formulas, written out with Python loops
+    (np.float there is float64 here): what our vectorised metrics must equal."""
+    predictions, max_confs = np.argmax(probs, axis=1), np.amax(probs, axis=1)
+    total, ces = len(probs), []
+    for upper in np.arange(bin_size, 1 + bin_size, bin_size):
+        lower = upper - bin_size
+        members = [(p, t, c) for p, t, c in zip(predictions, labels, max_confs) if lower < c <= upper]
+        if members:
+            accuracy = sum(p == t for p, t, _ in members) / len(members)
+            average = sum(c for _, _, c in members) / len(members)
+            ces.append(abs(accuracy - average) * len(members))
+    order = np.argsort(max_confs)[::-1]
+    wrong = labels[order] != predictions[order]
+    n, n_wrong = len(labels), int(wrong.sum())
+    aurc = np.mean(np.cumsum(wrong).astype(np.float64) / np.arange(1, n + 1))
+    ranks = np.arange(1, n_wrong + 1).astype(np.float64)
+    optimal = (1.0 / n) * np.sum(ranks / (n - n_wrong + ranks))
+    return 100 * sum(ces) / total, 1000 * aurc, 1000 * (aurc - optimal)
+
+
+@pytest.mark.parametrize("seed, n, k, temperature, n_bins", [
+    (0, 200, 10, 1.0, 10), (1, 1000, 100, 0.3, 10), (2, 500, 5, 3.0, 15), (3, 37, 3, 1.0, 20), (4, 300, 10, 0.05, 10),
+])
+def test_ece_aurc_eaurc_equal_the_authors_formulas(seed, n, k, temperature, n_bins):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(n, k)) / temperature
+    probs = torch.softmax(torch.tensor(logits, dtype=torch.float32), 1).numpy()  # float32, as a model gives
+    probs[: n // 10] = probs[n // 10: 2 * (n // 10)]  # tied confidences: the sort order must match theirs
+    labels = rng.integers(0, k, n)
+    labels[: n // 4] = probs[: n // 4].argmax(1)  # some right, some wrong
+    ece, aurc, eaurc = _authors_ece_aurc_eaurc(probs.astype(np.float64), labels, bin_size=1 / n_bins)
+    got = evaluate(probs, labels, n_bins=n_bins)
+    assert abs(got["ece"] - ece) < 1e-9
+    assert abs(got["aurc"] - aurc) < 1e-9
+    assert abs(got["eaurc"] - eaurc) < 1e-9
+
+
+def test_ece_bins_are_the_authors_float_bounds():
+    # At 10 bins the authors' third bin is (0.20000000000000004, 0.30000000000000004]: a
+    # confidence of exactly 0.30000000000000004 belongs to it (equal-width linspace edges
+    # would put it in the fourth), and one just above 0.2 falls between two bins.
+    high, gap = 0.30000000000000004, float(np.nextafter(0.2, 1.0))
+    probs = np.array([
+        [high, 0.3, 0.2, 0.1, 1 - high - 0.6],    # confidence `high`
+        [gap, 0.2, 0.2, 0.2, 1 - gap - 0.6],      # confidence `gap`
+        [0.7, 0.2, 0.1, 0.0, 0.0],                # confidence 0.7: the seventh bin
+    ])
+    bins = reliability_bins(probs, np.array([0, 0, 0]), n_bins=10)
+    assert bins.count.tolist() == [0, 0, 1, 0, 0, 0, 1, 0, 0, 0]  # the `gap` row is in none
+    assert bins.ece == pytest.approx((abs(1 - high) + abs(1 - 0.7)) / 3)
+    assert bins.upper[2] == high and bins.lower[3] == high
 
 
 def test_reliability_bins_by_hand():
