@@ -66,7 +66,8 @@ def write_epoch(store: SoftTargetStore, epoch: int, logits: torch.Tensor, batch:
     writer = store.writer(epoch)
     for ids, out in batches:
         writer.write(ids, out)
-    writer.seal()
+    writer.close()
+    store.seal(epoch)
     return time.perf_counter() - start
 
 

@@ -36,15 +36,20 @@ from pskd_store.dataset import SoftTargetDataset
 from pskd_store.loss import alpha_t, soft_target
 from pskd_store.models import create_model
 from pskd_store.store import SoftTargetStore
+from pskd_store.training import autocast, to_device
 
 ARMS = ("ce", "store", "teacher")
 
 
-def train_arm(arm: str, splits, args, workdir: Path) -> tuple[float, float]:
-    """Train ``args.epochs`` epochs; return samples/s over epochs 2..T and the seconds per
-    epoch spent outside the steps (set_epoch, opening the writer, sealing)."""
+def train_arm(arm: str, splits, args, workdir: Path) -> dict[str, float]:
+    """Train ``args.epochs`` epochs on ``args.device`` (fp32, or bfloat16 autocast with
+    ``args.amp``); return samples/s over epochs 2..T, the seconds per epoch spent outside
+    the steps (set_epoch, opening the writer, sealing) and, on a GPU, peak memory."""
+    device = torch.device(args.device)
     torch.manual_seed(0)
-    model = create_model(args.arch, splits.num_classes)
+    model = create_model(args.arch, splits.num_classes).to(device)
+    if args.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     data = splits.train
     store = None
@@ -52,7 +57,9 @@ def train_arm(arm: str, splits, args, workdir: Path) -> tuple[float, float]:
         store = SoftTargetStore.create(workdir / f"store-{time.time_ns()}", splits.train_labels, splits.num_classes)
         data = SoftTargetDataset(splits.train, store, args.alpha_T, args.epochs)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        persistent_workers=args.workers > 0)
+                        persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     teacher = None
     timed_samples, timed_seconds, fixed_seconds = 0, 0.0, 0.0
     for epoch in range(1, args.epochs + 1):
@@ -66,20 +73,20 @@ def train_arm(arm: str, splits, args, workdir: Path) -> tuple[float, float]:
         for batch in loader:
             if store is not None:
                 inputs, targets, labels, ids = batch
+                targets = targets.to(device, non_blocking=True)
             else:
                 inputs, labels = batch
-            logits = model(inputs)
-            if arm == "ce":
-                loss = F.cross_entropy(logits, labels)
+            inputs = to_device(inputs, device, args.channels_last)
+            labels = labels.to(device, non_blocking=True)
+            with autocast(device, args.amp):
+                logits = model(inputs)
+            if arm == "ce" or (arm == "teacher" and teacher is None):
+                targets = labels
             elif arm == "teacher":
-                if teacher is None:
-                    loss = F.cross_entropy(logits, labels)
-                else:
-                    with torch.no_grad():
-                        past = teacher(inputs).softmax(dim=1)
-                    loss = F.cross_entropy(logits, soft_target(labels, past, alpha))
-            else:
-                loss = F.cross_entropy(logits, targets)
+                with torch.no_grad(), autocast(device, args.amp):
+                    past = teacher(inputs).float().softmax(dim=1)
+                targets = soft_target(labels, past, alpha)
+            loss = F.cross_entropy(logits.float(), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -88,15 +95,21 @@ def train_arm(arm: str, splits, args, workdir: Path) -> tuple[float, float]:
             seen += len(labels)
         if writer is not None:
             sealing = time.perf_counter()
-            writer.seal()
+            writer.close()
+            store.seal(epoch)
             fixed += time.perf_counter() - sealing
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the epoch's kernels are done before the clock stops
         if arm == "teacher":
             teacher = copy.deepcopy(model).eval()
         if epoch > 1:
             timed_samples += seen
             timed_seconds += time.perf_counter() - start
             fixed_seconds += fixed
-    return timed_samples / timed_seconds, fixed_seconds / (args.epochs - 1)
+    result = {"samples_per_s": timed_samples / timed_seconds, "fixed_s_per_epoch": fixed_seconds / (args.epochs - 1)}
+    if device.type == "cuda":
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
 
 
 def main() -> None:
@@ -110,6 +123,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, help="torch compute threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (on a GPU)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (on a GPU)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,17 +136,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             for arm in ARMS:
-                rate, per_epoch = train_arm(arm, splits, args, Path(tmp))
-                rates[arm].append(rate)
+                measured = train_arm(arm, splits, args, Path(tmp))
+                rates[arm].append(measured["samples_per_s"])
                 if arm == "store":
-                    fixed.append(per_epoch)
+                    fixed.append(measured["fixed_s_per_epoch"])
     median = {arm: statistics.median(values) for arm, values in rates.items()}
     epoch_s = {arm: len(splits.train) / rate for arm, rate in median.items()}
     store_fixed = statistics.median(fixed)
     result = {
         "benchmark": "train_overhead",
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "device": "cpu"},
+                    "threads": torch.get_num_threads(), "device": args.device},
         "config": vars(args),
         "samples_per_s": median,
         "runs": rates,

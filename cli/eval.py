@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import click
-import numpy as np
 
+from pskd_store.analysis import write_eval_probs
 from pskd_store.store import StoreError
 
 
@@ -44,12 +44,10 @@ def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str,
                                                       device=device, ece_bins=ece_bins)
     except (ValueError, FileNotFoundError, StoreError) as err:
         raise click.ClickException(str(err)) from err
+    run = paths[0].parent.parent
     if output is None:
-        run = paths[0].parent.parent
         name = f"{split}_probs.npz" if len(paths) == 1 else f"ensemble_{split}_probs.npz"
         output = run / "eval" / name
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(output, probs=probs, labels=labels, checkpoints=np.array([str(p) for p in paths]))
+    output = write_eval_probs(run, probs, labels, sources=[str(p) for p in paths], path=Path(output))
     click.echo(json.dumps({"checkpoints": [str(p) for p in paths], "split": split, **metrics,
                            "probs": str(output)}, indent=2))

@@ -123,8 +123,9 @@ def inspect_command(
     Files written to --out:
       trajectories.png         per run, true-class and max probability of the plotted
                                samples over epochs (thin: samples, bold: mean)
-      reliability_I_RUN.png    reliability diagram of each run that has
-                               RUN/eval/test_probs.npz (from `pskd-store eval`)
+      reliability_I_RUN.png    reliability diagram of each run's final test
+                               probabilities, RUN/eval/test_probs.npz (written by
+                               train; `pskd-store eval` overwrites it)
       training_curves.png      alpha_t, train loss, test error, NLL and ECE per
                                epoch from RUN/metrics.jsonl, the runs overlaid
 

@@ -35,7 +35,7 @@ def _models_epilog() -> str:
           f"wd {d['weight_decay']}, lr x0.1 at "
           f"{', '.join(f'{m:.0%}' for m in d['milestones']) + ' of the epochs' if d['milestones'] else 'no epoch'}"
           for name, d in DATASET_DEFAULTS.items()],
-        "  pyramidnet200: batch 64, lr 0.25, wd 1e-4",
+        "  pyramidnet200, pyramidnet200_shakedrop: batch 64, lr 0.25, wd 1e-4",
     ])
 
 
@@ -46,7 +46,7 @@ def _choices(options: dict[str, str]) -> str:
 # Options that define the run; --resume takes them from the run's config.json instead.
 RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "aug", "epochs",
                "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "lr_gamma",
-               "val_split", "seed", "steps_per_epoch", "store_dtype", "ece_bins", "output")
+               "val_split", "seed", "deterministic", "steps_per_epoch", "store_dtype", "ece_bins", "output")
 
 
 @click.command("train", epilog=_models_epilog())
@@ -74,11 +74,17 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
 @click.option("--val-split", type=float, default=0.0, show_default=True,
               help="Hold out this fraction of the training set (e.g. 0.1) to tune alpha_T.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("-j", "--workers", type=int, help="DataLoader worker processes.")
+@click.option("-j", "--workers", type=int,
+              help="DataLoader worker processes; default min(4, usable CPUs), 0 for MNIST-1D (in memory).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--amp/--no-amp", default=True, show_default=True, help="bfloat16 mixed precision on a GPU.")
+@click.option("--amp/--no-amp", default=False, show_default=True,
+              help="bfloat16 mixed precision on a GPU (opt-in: the paper trains in fp32). The store still "
+                   "records the softmax of fp32 logits.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
               help="channels_last memory format on a GPU.")
+@click.option("--deterministic", is_flag=True,
+              help="PyTorch's deterministic algorithms, no cuDNN autotuning (on by default otherwise): "
+                   "a resumed run then repeats an uninterrupted one bit for bit on the same GPU.")
 @click.option("--steps-per-epoch", type=int, help="Stop each epoch after this many steps (smoke tests).")
 @click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="How past predictions are stored.")

@@ -5,7 +5,8 @@ A run directory, as `pskd-store train` writes it::
     RUN/config.json            the resolved training config
     RUN/store/                 the SoftTargetStore (only its trajectory tier is read here)
     RUN/metrics.jsonl          one JSON object per epoch (train and test metrics)
-    RUN/eval/test_probs.npz    test probabilities from `pskd-store eval` (optional)
+    RUN/eval/test_probs.npz    test probabilities of the final model (train writes them,
+                               `pskd-store eval` overwrites them)
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class RunData:
     trajectory: dict[str, np.ndarray]     # SoftTargetStore.trajectory(): epochs, (E, N) arrays
     metrics: list[dict[str, Any]]         # metrics.jsonl rows, in epoch order
     store_summary: dict[str, Any]
-    eval_probs: np.ndarray | None = None  # (N_test, K) from `pskd-store eval`
+    eval_probs: np.ndarray | None = None  # (N_test, K) from train's last epoch or `pskd-store eval`
     eval_labels: np.ndarray | None = None  # (N_test,)
 
     @property
@@ -117,8 +118,18 @@ def _read_metrics(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def write_eval_probs(run: Path, probs: np.ndarray, labels: np.ndarray, *, sources: list[str],
+                     path: Path | None = None) -> Path:
+    """Save per-sample probabilities where `inspect` reads them (``RUN/eval/test_probs.npz``
+    unless ``path`` says otherwise); ``sources`` names the checkpoints they came from."""
+    path = path if path is not None else run / EVAL_PROBS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, probs=probs, labels=labels, checkpoints=np.array(sources))
+    return path
+
+
 def _read_eval(run: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Test probabilities and labels written by `pskd-store eval`, or (None, None)."""
+    """Test probabilities and labels written by training or `pskd-store eval`, or (None, None)."""
     path = run / EVAL_PROBS
     if not path.is_file():
         return None, None

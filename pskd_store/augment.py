@@ -1,48 +1,82 @@
-"""PS-KD combined with Cutout or CutMix, as in the paper's Table 4: within each shuffled
-batch, the first half trains on PS-KD targets and the second half on Cutout or CutMix."""
+"""Cutout and CutMix inside the training step, on the batch's own device.
+
+The paper's Table 2 and Table 4 use them two ways, and so does ``--aug``:
+
+* with ``--method ce`` or ``ls``, as those methods are normally used: Cutout on every
+  image (DeVries & Taylor 2017), CutMix on a whole batch with probability 0.5
+  (Yun et al. 2019, the CIFAR setting of their published code: ``--beta 1.0
+  --cutmix_prob 0.5``);
+* with ``--method pskd``, the paper's split (Sec. 4.1): within each shuffled batch the
+  first half trains on PS-KD targets, the second half on Cutout or CutMix.
+
+Nothing here waits on the device: holes are drawn with the batch's own generator, and
+the only host-side draw (CutMix's coin and its Beta sample) uses the CPU generator.
+"""
 
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 from torchvision.transforms import v2
 
-CUTOUT_HOLE = 8  # pixels, the paper's (and DeVries & Taylor's) CIFAR setting
+CUTOUT_HOLE = 8  # pixels: the paper's Cutout setting (and DeVries & Taylor's for CIFAR-100)
+CUTMIX_BETA = 1.0  # lambda ~ Beta(1, 1): Yun et al.'s CIFAR setting
+CUTMIX_PROB = 0.5  # chance that a batch is mixed, for CE / LS: Yun et al.'s CIFAR setting
 
 
-class HalfBatchAugment:
-    """Augment the second half of a batch; only the first half's predictions are clean,
-    so only those are recorded (the rest carry their last prediction forward)."""
+def cutout(batch: Tensor, hole: int = CUTOUT_HOLE) -> Tensor:
+    """Zero a ``hole``-wide square (images, (B, C, H, W)) or segment (signals, (B, C, L))
+    per sample, centred on a uniformly random position and clipped at the border, as
+    DeVries & Taylor's Cutout does. One mask for the whole batch, built on its device."""
+    spatial = batch.shape[2:]
+    inside = torch.ones((len(batch),) + (1,) * len(spatial), dtype=torch.bool, device=batch.device)
+    for dim, size in enumerate(spatial):
+        centres = torch.randint(size, (len(batch), 1), device=batch.device)
+        positions = torch.arange(size, device=batch.device)
+        in_hole = (positions >= centres - hole // 2) & (positions < centres + hole // 2)  # (B, size)
+        shape = [len(batch)] + [1] * len(spatial)
+        shape[1 + dim] = size
+        inside = inside & in_hole.view(shape)
+    return batch.masked_fill(inside.unsqueeze(1), 0)
 
-    def __init__(self, kind: str, num_classes: int):
+
+class BatchAugment:
+    """Cutout or CutMix for one training step; see the module doc for the two modes.
+
+    ``__call__`` returns ``(inputs, targets, recorded)``: the (possibly) augmented batch,
+    its targets (class indices, or probabilities where CutMix mixed labels) and how many
+    leading rows the store records. Mixed rows are never recorded (their input is not
+    the sample), and under PS-KD only the PS-KD half is, so the teacher is made of the
+    same kind of predictions as the targets it feeds.
+    """
+
+    def __init__(self, kind: str, num_classes: int, *, half_batch: bool):
+        if kind not in ("cutout", "cutmix"):
+            raise ValueError(f"unknown augmentation {kind!r}; choose cutout or cutmix")
         self.kind = kind
         self.num_classes = num_classes
-        self._cutmix = v2.CutMix(num_classes=num_classes, alpha=1.0)
+        self.half_batch = half_batch
+        self._cutmix = v2.CutMix(num_classes=num_classes, alpha=CUTMIX_BETA)
 
-    def __call__(
-        self, inputs: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """Return (inputs, targets, clean) where rows ``[:clean]`` kept their PS-KD targets."""
-        clean = len(inputs) - len(inputs) // 2
-        if clean == len(inputs):
-            return inputs, targets, clean
-        head_x, tail_x = inputs[:clean], inputs[clean:]
+    def __call__(self, inputs: Tensor, targets: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, int]:
+        if self.half_batch:
+            return self._half_batch(inputs, targets, labels)
+        if self.kind == "cutout":
+            return cutout(inputs), targets, len(inputs)
+        if torch.rand(()) >= CUTMIX_PROB:
+            return inputs, targets, len(inputs)
+        mixed, mixed_targets = self._cutmix(inputs, labels)
+        return mixed, mixed_targets, 0
+
+    def _half_batch(self, inputs: Tensor, targets: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, int]:
+        """PS-KD targets on the first half (recorded), Cutout/CutMix on the second."""
+        head = len(inputs) - len(inputs) // 2
+        if head == len(inputs):
+            return inputs, targets, head
+        tail = slice(head, None)
         if self.kind == "cutmix":
-            tail_x, tail_t = self._cutmix(tail_x, labels[clean:])
+            tail_x, tail_t = self._cutmix(inputs[tail], labels[tail])
         else:
-            tail_x = self._cutout(tail_x)
-            tail_t = torch.nn.functional.one_hot(labels[clean:], self.num_classes).float()
-        return torch.cat([head_x, tail_x]), torch.cat([targets[:clean], tail_t.to(targets)]), clean
-
-    @staticmethod
-    def _cutout(batch: torch.Tensor) -> torch.Tensor:
-        """An 8x8 hole per image; a hole of 8 samples per 1-D signal of shape (1, L)
-        (torchvision's RandomErasing never erases the full height, so signals get their own)."""
-        height, width = batch.shape[-2:]
-        if height > 1:
-            scale = CUTOUT_HOLE * CUTOUT_HOLE / (height * width)
-            erase = v2.RandomErasing(p=1.0, scale=(scale, scale), ratio=(1.0, 1.0), value=0)
-            return torch.stack([erase(image) for image in batch])  # a new hole for each image
-        starts = torch.randint(0, width - CUTOUT_HOLE + 1, (len(batch), 1), device=batch.device)
-        positions = torch.arange(width, device=batch.device)
-        hole = (positions >= starts) & (positions < starts + CUTOUT_HOLE)
-        return batch.masked_fill(hole[:, None, :], 0)
+            tail_x = cutout(inputs[tail])
+            tail_t = torch.nn.functional.one_hot(labels[tail], self.num_classes)
+        return torch.cat([inputs[:head], tail_x]), torch.cat([targets[:head], tail_t.to(targets)]), head

@@ -47,9 +47,12 @@ MNIST1D_VARIANT: dict[str, Any] = {
     "seed": 42,
 }
 
-# Per-channel statistics of the training images.
-_CIFAR10_MEAN, _CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-_CIFAR100_MEAN, _CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+# Normalisation constants of the authors' loader (loader/custom_dataloader.py of
+# lgcnsai/PS-KD-Pytorch). Their CIFAR-100 values are the CIFAR-10 statistics commonly
+# used in CIFAR code, not CIFAR-100's own; kept as they are, so inputs match theirs.
+_CIFAR10_MEAN = tuple(x / 255.0 for x in (125.3, 123.0, 113.9))
+_CIFAR10_STD = tuple(x / 255.0 for x in (63.0, 62.1, 66.7))
+_CIFAR100_MEAN, _CIFAR100_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Principal components of ImageNet RGB pixels (AlexNet, Krizhevsky et al. 2012).
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)

@@ -11,7 +11,7 @@ from .data import build_datasets
 from .metrics import evaluate
 from .models import create_model
 from .recipe import TrainConfig
-from .training import predict, select_device
+from .training import eval_loader, predict, select_device
 
 
 def evaluate_checkpoints(
@@ -30,11 +30,12 @@ def evaluate_checkpoints(
     if data is None:
         raise ValueError("these runs held out no validation split (train with --val-split)")
     torch_device = select_device(device)
+    loader = eval_loader(data, first, torch_device)
     probs_sum, labels = None, None
     for state, config in zip(states, configs):
         model = create_model(config.arch, splits.num_classes).to(torch_device)
         model.load_state_dict(state["model"])
-        probs, labels = predict(model, data, config, torch_device)
+        probs, labels = predict(model, loader, config, torch_device)
         probs_sum = probs if probs_sum is None else probs_sum + probs
     probs = probs_sum / len(states)
     return evaluate(probs, labels, n_bins=ece_bins), probs, labels

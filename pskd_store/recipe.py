@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,29 +18,47 @@ METHODS = {
 }
 AUGMENTATIONS = {
     "none": "the data set's own augmentation only",
-    "cutout": "Cutout (8x8 hole; 8 samples of a 1-D signal) on half of each batch, PS-KD targets on the other half",
-    "cutmix": "CutMix (Beta(1,1)) on half of each batch, PS-KD targets on the other half",
+    "cutout": "Cutout, one 8x8 hole (8 samples of a 1-D signal): on every image with ce/ls; "
+              "on half of each batch with pskd (PS-KD targets on the other half)",
+    "cutmix": "CutMix, Beta(1,1): on a whole batch with probability 0.5 with ce/ls; "
+              "on half of each batch with pskd (PS-KD targets on the other half)",
 }
 
-# The paper's recipes (Kim et al. 2021, Sec. 4; the authors' code): SGD with Nesterov
-# momentum 0.9 and a step schedule. Default milestones are fractions of the epochs (CIFAR:
-# 150 and 225 of 300; ImageNet: 30 and 60 of 90), so a shorter run keeps the schedule's shape. The offline default trains a small MLP that
-# over-fits MNIST-1D within minutes on a CPU.
+
+def default_workers() -> int:
+    """min(4, the CPUs this process may use): enough to feed one GPU on CIFAR, and never
+    more workers than CPUs (which makes the DataLoader warn on a small machine)."""
+    return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+# The paper's recipes, each value with its source. "Paper" is Kim et al., ICCV 2021,
+# Sec. 4 (implementation details); "authors" is their code (lgcnsai/PS-KD-Pytorch,
+# main.py's argument defaults). Milestones are fractions of the epochs (CIFAR: 150 and 225
+# of 300; ImageNet: 30 and 60 of 90), so a shorter run keeps the schedule's shape.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    # Offline default (this project's, not the paper's): a small MLP that over-fits
+    # MNIST-1D within minutes on a CPU; in-memory tensors, so no worker processes.
     "mnist1d": dict(arch="mnist1d_mlp", epochs=40, batch_size=128, lr=0.05, weight_decay=0.0,
                     milestones=[], workers=0),
+    # CIFAR: paper and authors (--end_epoch 300, --batch_size 128, --lr 0.1,
+    # --weight_decay 5e-4, --lr_decay_schedule 150 225, --lr_decay_rate 0.1).
+    # Default arch: the authors' --classifier_type ResNet18 (PreAct ResNet-18).
     "cifar10": dict(arch="preact_resnet18", epochs=300, batch_size=128, lr=0.1, weight_decay=5e-4,
-                    milestones=[0.5, 0.75], workers=4),
+                    milestones=[0.5, 0.75]),
     "cifar100": dict(arch="preact_resnet18", epochs=300, batch_size=128, lr=0.1, weight_decay=5e-4,
-                     milestones=[0.5, 0.75], workers=4),
+                     milestones=[0.5, 0.75]),
+    # ImageNet: paper (ResNet-152, 90 epochs, batch 256, lr 0.1 x0.1 at 30 and 60, weight
+    # decay 1e-4: the standard torchvision ResNet recipe it follows).
     "imagenet": dict(arch="tv_resnet152", epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4,
-                     milestones=[1 / 3, 2 / 3], workers=8),
+                     milestones=[1 / 3, 2 / 3]),
+    # Any ImageFolder tree: the ImageNet recipe with a smaller default model (this project's).
     "folder": dict(arch="tv_resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4,
-                   milestones=[1 / 3, 2 / 3], workers=8),
+                   milestones=[1 / 3, 2 / 3]),
 }
-# PyramidNet on CIFAR (the paper, after Han et al.): smaller batch, larger lr, lighter decay.
+# PyramidNet on CIFAR: paper (after Han et al. 2017 and Yun et al. 2019's CutMix setting):
+# batch 64, lr 0.25, weight decay 1e-4.
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    "pyramidnet200": dict(batch_size=64, lr=0.25, weight_decay=1e-4),
+    name: dict(batch_size=64, lr=0.25, weight_decay=1e-4) for name in ("pyramidnet200", "pyramidnet200_shakedrop")
 }
 
 
@@ -52,25 +71,26 @@ class TrainConfig:
     download: bool = True
     arch: str | None = None
     method: str = "pskd"
-    alpha_T: float = 0.8
+    alpha_T: float = 0.8  # paper Sec. 4.1 (CIFAR-100) and the authors' --alpha_T default
     aug: str = "none"
     epochs: int | None = None
     batch_size: int | None = None
     lr: float | None = None
-    momentum: float = 0.9
-    nesterov: bool = True
+    momentum: float = 0.9  # paper; authors: SGD(momentum=0.9, nesterov=True)
+    nesterov: bool = True  # authors' SGD(nesterov=True)
     weight_decay: float | None = None
     milestones: list[int] | None = None
-    lr_gamma: float = 0.1
+    lr_gamma: float = 0.1  # authors' --lr_decay_rate
     val_split: float = 0.0
     seed: int = 0
-    workers: int | None = None
+    workers: int | None = None  # None: default_workers(), or the data set's own default
     device: str = "auto"
-    amp: bool = True
-    channels_last: bool = True
+    amp: bool = False  # the paper trains in fp32; bfloat16 autocast is opt-in (--amp)
+    channels_last: bool = True  # memory layout on a GPU only: the same arithmetic
+    deterministic: bool = False  # False: cudnn.benchmark, as the authors' main.py sets
     steps_per_epoch: int | None = None
     store_dtype: str = "float16"
-    ece_bins: int = 10
+    ece_bins: int = 10  # the authors' metric_ece_aurc_eaurc(bin_size=0.1)
 
     def resolved(self) -> TrainConfig:
         """Fill every unset value from the data set's and the architecture's defaults."""
@@ -82,6 +102,8 @@ class TrainConfig:
         values = {k: (defaults[k] if getattr(self, k) is None and k in defaults else getattr(self, k))
                   for k in (f.name for f in dataclasses.fields(self))}
         values["arch"] = arch
+        if values["workers"] is None:
+            values["workers"] = default_workers()
         if self.milestones is None:
             values["milestones"] = sorted({max(1, round(f * values["epochs"])) for f in defaults["milestones"]})
         config = TrainConfig(**values)
@@ -96,8 +118,6 @@ class TrainConfig:
             raise ValueError(f"unknown augmentation {self.aug!r}; choose one of {', '.join(AUGMENTATIONS)}")
         if not 0.0 <= self.alpha_T <= 1.0:
             raise ValueError(f"alpha_T must lie in [0, 1] (the paper uses 0.8), got {self.alpha_T}")
-        if self.aug != "none" and self.method != "pskd":
-            raise ValueError(f"--aug {self.aug} is PS-KD's combination (half the batch each); use --method pskd")
         if self.aug == "cutmix" and self.dataset == "mnist1d":
             raise ValueError(f"--aug cutmix needs image data; {self.dataset} holds 1-D signals (use cutout)")
         if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:

@@ -4,14 +4,20 @@ the run's store for every method (so baselines can be compared with PS-KD later)
 Per epoch t: ``set_epoch(t)`` points the data set at sealed epoch t-1; each step trains on
 the targets of the chosen method and hands (ids, logits) to the writer; at the end the
 epoch is sealed while the test set is evaluated, test (and validation) metrics are
-appended to ``metrics.jsonl`` and an atomic checkpoint is written. A resumed run rolls the store and the metrics back to its
+appended to ``metrics.jsonl`` and an atomic checkpoint is written. After the last epoch
+its test probabilities go to ``eval/test_probs.npz`` (what ``inspect`` draws the
+reliability diagram from). A resumed run rolls the store and the metrics back to its
 checkpoint and continues with the same alpha_t and the same teacher epoch.
+
+fp32 by default, as the paper trains; ``amp`` is opt-in (bfloat16 autocast on a GPU).
+The store always records the softmax of fp32 logits: the writer upcasts before softmax.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -24,11 +30,12 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
-from .augment import HalfBatchAugment
+from .analysis import write_eval_probs
+from .augment import BatchAugment
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .data import DataSplits, build_datasets
 from .dataset import SoftTargetDataset
-from .loss import alpha_t, soft_cross_entropy
+from .loss import alpha_t
 from .metrics import evaluate
 from .models import create_model, input_kind
 from .recipe import TrainConfig
@@ -46,6 +53,17 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def configure_determinism(deterministic: bool) -> None:
+    """cuDNN autotuning for fixed input shapes (the authors' ``cudnn.benchmark = True``),
+    or, with ``deterministic``, PyTorch's deterministic algorithms and no autotuning, so a
+    resumed run repeats an uninterrupted one bit for bit on the same GPU and software."""
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+    torch.use_deterministic_algorithms(deterministic)
+
+
 @dataclass
 class Run:
     """What one training run is made of, built from its config."""
@@ -59,12 +77,16 @@ class Run:
     train_data: SoftTargetDataset
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    test_loader: DataLoader
+    val_loader: DataLoader | None
 
 
-def build_run(config: TrainConfig, directory: Path) -> Run:
-    """Data, model, store and optimizer of a run (the store is created on first use)."""
-    splits = build_datasets(config.dataset, config.data_dir, val_split=config.val_split,
-                            seed=config.seed, download=config.download)
+def build_run(config: TrainConfig, directory: Path, splits: DataSplits | None = None) -> Run:
+    """Data, model, store and optimizer of a run (the store is created on first use).
+    ``splits`` replaces the data set ``config`` names (benchmarks on synthetic data)."""
+    if splits is None:
+        splits = build_datasets(config.dataset, config.data_dir, val_split=config.val_split,
+                                seed=config.seed, download=config.download)
     if input_kind(config.arch) != splits.input_kind:
         raise ValueError(
             f"--arch {config.arch} takes {input_kind(config.arch)} inputs but {config.dataset} "
@@ -72,6 +94,8 @@ def build_run(config: TrainConfig, directory: Path) -> Run:
         )
     torch.manual_seed(config.seed)
     device = select_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # so streams, events and pinned memory use this GPU
     model = create_model(config.arch, splits.num_classes).to(device)
     if config.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -82,40 +106,64 @@ def build_run(config: TrainConfig, directory: Path) -> Run:
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.milestones, config.lr_gamma)
-    return Run(config, directory, device, splits, model, store, train_data, optimizer, scheduler)
+    # Built once: persistent workers instead of new processes for every epoch's evaluation.
+    test_loader = eval_loader(splits.test, config, device)
+    val_loader = eval_loader(splits.val, config, device) if splits.val is not None else None
+    return Run(config, directory, device, splits, model, store, train_data, optimizer, scheduler,
+               test_loader, val_loader)
 
 
-def train(config: TrainConfig, directory: Path, *, resume: bool = False, quiet: bool = False) -> dict:
-    """Train (or resume) the run in ``directory``; returns the final summary."""
+def train(config: TrainConfig, directory: Path, *, resume: bool = False, quiet: bool = False,
+          splits: DataSplits | None = None) -> dict:
+    """Train (or resume) the run in ``directory``; returns the final summary. ``splits``
+    replaces the data set ``config`` names (benchmarks on synthetic data)."""
     directory.mkdir(parents=True, exist_ok=True)
     if not resume:
         config.save(directory / "config.json")
-    run = build_run(config, directory)
+    configure_determinism(config.deterministic)
+    run = build_run(config, directory, splits)
     start = _restore(run) + 1 if resume else 1
     loader = _train_loader(run)
-    augment = HalfBatchAugment(config.aug, run.splits.num_classes) if config.aug != "none" else None
+    augment = None
+    if config.aug != "none":
+        augment = BatchAugment(config.aug, run.splits.num_classes, half_batch=config.method == "pskd")
+    test_probs = None
     for epoch in range(start, config.epochs + 1):
+        started = time.perf_counter()
         train_stats = _train_epoch(run, loader, epoch, augment, quiet)
         row = {"epoch": epoch, "alpha_t": _alpha(config, epoch), "lr": run.scheduler.get_last_lr()[0],
                "train": train_stats}
         run.scheduler.step()
         with ThreadPoolExecutor(1) as background:  # the seal's I/O overlaps the evaluation
             sealing = background.submit(run.store.seal, epoch)
-            row["test"] = evaluate(*predict(run.model, run.splits.test, config, run.device), n_bins=config.ece_bins)
-            if run.splits.val is not None:
-                row["val"] = evaluate(*predict(run.model, run.splits.val, config, run.device), n_bins=config.ece_bins)
+            test_probs = predict(run.model, run.test_loader, config, run.device)
+            row["test"] = evaluate(*test_probs, n_bins=config.ece_bins)
+            if run.val_loader is not None:
+                row["val"] = evaluate(*predict(run.model, run.val_loader, config, run.device), n_bins=config.ece_bins)
             sealing.result()
+        row["epoch_seconds"] = time.perf_counter() - started  # steps, seal and evaluation
         with open(directory / "metrics.jsonl", "a") as file:
             file.write(json.dumps(row) + "\n")
         save_checkpoint(directory / CHECKPOINT, model=run.model.state_dict(),
                         optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
                         epoch=epoch, config=config.__dict__)
         _log_epoch(row, config.epochs)
+    if test_probs is not None:  # a resumed run that had nothing left to train keeps its file
+        write_eval_probs(directory, *test_probs, sources=[str(directory / CHECKPOINT)])
     summary = {"run": str(directory), "config": config.__dict__, "epochs": config.epochs,
-               "final": {k: v for k, v in _metrics_rows(directory)[-1].items() if k in ("test", "val")},
-               "store": run.store.summary()}
+               **summarize_metrics(_metrics_rows(directory)), "store": run.store.summary()}
     (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def summarize_metrics(rows: list[dict]) -> dict:
+    """``final``: the last epoch's test (and val) metrics; ``best``: those of the epoch with
+    the lowest test top-1 error, the first such epoch on a tie (what the authors' code
+    reports as its best accuracy)."""
+    best = min(rows, key=lambda row: row["test"]["top1_err"])  # min keeps the first of equals
+    splits = ("test", "val")
+    return {"final": {"epoch": rows[-1]["epoch"], **{k: v for k, v in rows[-1].items() if k in splits}},
+            "best": {"epoch": best["epoch"], **{k: v for k, v in best.items() if k in splits}}}
 
 
 def _alpha(config: TrainConfig, epoch: int) -> float:
@@ -134,7 +182,7 @@ def _train_loader(run: Run) -> DataLoader:
     )
 
 
-def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: HalfBatchAugment | None,
+def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment | None,
                  quiet: bool) -> dict:
     config, model, device = run.config, run.model, run.device
     run.train_data.set_epoch(epoch)
@@ -150,17 +198,18 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: HalfBatchAug
                 break
             inputs = to_device(inputs, device, config.channels_last)
             labels = labels.to(device, non_blocking=True)
-            targets = targets.to(device, non_blocking=True)
-            clean = len(inputs)
+            # PS-KD trains on the data set's soft targets; CE and LS on the labels.
+            targets = targets.to(device, non_blocking=True) if config.method == "pskd" else labels
+            recorded = len(inputs)
             if augment is not None:
-                inputs, targets, clean = augment(inputs, targets, labels)
+                inputs, targets, recorded = augment(inputs, targets, labels)
             with autocast(device, config.amp):
                 logits = model(inputs)
-                loss = _loss(config.method, logits, targets, labels)
+            loss = _loss(config.method, logits, targets)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()
-            writer.write(ids[:clean], logits[:clean])
+            writer.write(ids[:recorded], logits[:recorded])
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
@@ -175,13 +224,11 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: HalfBatchAug
             "samples_per_s": seen / seconds, "seconds": seconds}
 
 
-def _loss(method: str, logits: torch.Tensor, targets: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    logits = logits.float()
-    if method == "ce":
-        return F.cross_entropy(logits, labels)
-    if method == "ls":
-        return F.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING)
-    return soft_cross_entropy(logits, targets)  # PS-KD: probability targets from the data set
+def _loss(method: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in fp32 against class indices or probability targets (PS-KD's soft
+    targets, CutMix's mixed labels): ``F.cross_entropy`` takes both; LS adds epsilon 0.1."""
+    smoothing = LABEL_SMOOTHING if method == "ls" else 0.0
+    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
 
 def to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -198,12 +245,16 @@ def autocast(device: torch.device, amp: bool):
     return nullcontext()
 
 
+def eval_loader(data: Dataset, config: TrainConfig, device: torch.device) -> DataLoader:
+    """An in-order loader for evaluation, its workers kept alive between epochs."""
+    return DataLoader(data, batch_size=2 * config.batch_size, shuffle=False, num_workers=config.workers,
+                      persistent_workers=config.workers > 0, pin_memory=device.type == "cuda")
+
+
 @torch.no_grad()
-def predict(model: torch.nn.Module, data: Dataset, config: TrainConfig,
+def predict(model: torch.nn.Module, loader: DataLoader, config: TrainConfig,
             device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (N, K) and labels (N,) of ``data`` in index order."""
-    loader = DataLoader(data, batch_size=2 * config.batch_size, shuffle=False,
-                        num_workers=config.workers, pin_memory=device.type == "cuda")
+    """Softmax probabilities (N, K) of fp32 logits and labels (N,) of ``loader``'s data, in order."""
     model.eval()
     probs, labels = [], []
     for inputs, target in loader:

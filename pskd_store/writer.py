@@ -16,8 +16,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ class _ChunkBuffer:
     values: torch.Tensor  # (R, K): raw outputs (CPU) or probabilities in the store dtype
     raw: bool             # still needs the softmax / dtype conversion
     filled: int = 0
+    copies: list = field(default_factory=list)  # one CUDA event per device copy into it
 
 
 class PredictionWriter:
@@ -107,6 +107,10 @@ class PredictionWriter:
             rows = slice(buffer.filled, buffer.filled + n)
             buffer.ids[rows].copy_(ids[done:done + n], non_blocking=True)
             buffer.values[rows].copy_(outputs[done:done + n], non_blocking=True)
+            if not on_host:  # marks the copy on the stream that made it, whichever device and stream
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(outputs.device))
+                buffer.copies.append(event)
             buffer.filled += n
             done += n
             self._current = buffer
@@ -122,11 +126,6 @@ class PredictionWriter:
         self._raise_if_failed()
         if not self._part.attrs.get("closed"):
             self._part.attrs.update({"closed": True, "rows": self._rows})
-
-    def seal(self) -> dict[str, Any]:
-        """Close, then seal the epoch in the store (single-writer runs; see the class doc)."""
-        self.close()
-        return self.store.seal(self.epoch)
 
     def abandon(self) -> None:
         """Stop without closing: the epoch's rows stay unsealed and invisible to readers."""
@@ -160,11 +159,7 @@ class PredictionWriter:
 
     def _submit(self) -> None:
         buffer, self._current = self._current, None
-        copied = None
-        if not buffer.raw and torch.cuda.is_available():
-            copied = torch.cuda.Event()
-            copied.record()
-        self._queue.put((buffer, copied))
+        self._queue.put(buffer)
 
     def _stop(self) -> None:
         self._closed = True
@@ -201,18 +196,18 @@ class PredictionWriter:
             self._open_part()
         except BaseException as err:  # reported to the training thread
             self._error = err
-        while (item := self._queue.get()) is not _CLOSE:
-            buffer, copied = item
+        while (buffer := self._queue.get()) is not _CLOSE:
             if self._error is None:
                 try:
-                    self._write_chunk(buffer, copied)
+                    self._write_chunk(buffer)
                 except BaseException as err:  # reported to the training thread
                     self._error = err
             buffer.filled = 0
+            buffer.copies.clear()
             self._free.put(buffer)  # also after an error, so write() never waits forever
 
-    def _write_chunk(self, buffer: _ChunkBuffer, copied: Any) -> None:
-        if copied is not None:
+    def _write_chunk(self, buffer: _ChunkBuffer) -> None:
+        for copied in buffer.copies:  # every copy into this buffer has landed
             copied.synchronize()
         values = buffer.values[:buffer.filled]
         probs = (self._to_probs(values) if buffer.raw else values).numpy()

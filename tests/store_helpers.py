@@ -28,10 +28,9 @@ def write_epoch(
     for start in range(0, len(ids), batch):
         chunk = ids[start:start + batch]
         writer.write(torch.from_numpy(chunk), torch.from_numpy(probs[chunk]))
+    writer.close()
     if seal:
-        writer.seal()
-    else:
-        writer.close()
+        store.seal(epoch)
     return probs
 
 

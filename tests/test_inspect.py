@@ -73,9 +73,9 @@ def make_run(root: Path, name: str, design: dict, method: str, labels: np.ndarra
     (run / "config.json").write_text(json.dumps(config))
     store = SoftTargetStore.create(run / "store", labels, K)
     for epoch in range(1, EPOCHS + 1):
-        writer = store.writer(epoch, from_logits=False)
-        writer.write(torch.arange(len(labels)), torch.from_numpy(design_probs(epoch, design, labels)))
-        writer.seal()
+        with store.writer(epoch, from_logits=False) as writer:
+            writer.write(torch.arange(len(labels)), torch.from_numpy(design_probs(epoch, design, labels)))
+        store.seal(epoch)
     rows = [metrics_row(epoch, alpha_T) for epoch in range(1, EPOCHS + 1)]
     (run / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     if eval_probs:

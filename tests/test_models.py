@@ -2,37 +2,294 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from pskd_store.models import available_models, create_model, input_kind
+from pskd_store.models.cifar import ShakeDrop
 
-# Parameter counts at 100 classes, from Table 1 of the PS-KD paper (Kim et al., ICCV 2021).
-PAPER_PARAMS_M = {
-    "preact_resnet18": 11.22,
-    "resnet101": 42.70,
-    "resnext29_8x64d": 34.52,
-    "densenet121": 7.05,
-    "pyramidnet200": 26.84,
+# Exact parameter counts at 100 classes of the PS-KD authors' CIFAR networks
+# (the paper's Table 1 rounds them to 11.22M, 42.70M, 34.52M, 7.05M, 26.84M).
+CIFAR_PARAMS = {
+    "preact_resnet18": 11_217_444,
+    "resnet101": 42_697_380,
+    "resnext29_8x64d": 34_518_948,
+    "densenet121": 7_048_548,
+    "pyramidnet200": 26_844_952,
+    "pyramidnet200_shakedrop": 26_844_952,  # ShakeDrop has no parameters
+}
+
+# (Conv2d, BatchNorm2d, Linear) modules, derived from the authors' definitions.
+LAYER_COUNTS = {
+    # 1 stem conv + 8 blocks x 2 convs + 3 projection convs (first block of stages 2-4) = 20;
+    # 1 stem BN + 8 blocks x 2 BNs, projections have no BN and there is no final BN = 17.
+    "preact_resnet18": (20, 17, 1),
+    # 1 stem conv + 33 bottlenecks x 3 + 4 projections (first block of every stage, 64 -> 256
+    # in stage 1) = 104; each conv, projections included, is followed by one BN = 104.
+    "resnet101": (104, 104, 1),
+    # 1 stem conv + 9 bottlenecks x 3 + 3 projections (first block of each stage) = 31; one BN each = 31.
+    "resnext29_8x64d": (31, 31, 1),
+    # 1 stem conv (no BN) + 58 dense layers x 2 + 3 transitions = 120;
+    # 58 x 2 + 3 transitions + 1 final BN = 120.
+    "densenet121": (120, 120, 1),
+    # 1 stem conv + 66 bottlenecks x 3 (shortcuts are pool + zero-pad) = 199;
+    # 1 stem BN + 66 x 4 + 1 final BN = 266.
+    "pyramidnet200": (199, 266, 1),
+    "pyramidnet200_shakedrop": (199, 266, 1),
+    # torchvision, 1000 classes: 1 stem conv + 50 bottlenecks x 3 + 4 downsample convs = 155; one BN each.
+    "tv_resnet152": (155, 155, 1),
 }
 
 
-def _num_params(model: torch.nn.Module) -> int:
+@functools.cache
+def _built(name: str, num_classes: int = 100) -> nn.Module:
+    """One seeded build per network, shared by the read-only tests (the large ones take seconds)."""
+    torch.manual_seed(0)
+    return create_model(name, num_classes)
+
+
+def _num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", sorted(PAPER_PARAMS_M))
-def test_cifar_param_count_matches_paper(name: str) -> None:
-    count = _num_params(create_model(name, 100))
-    assert count / 1e6 == pytest.approx(PAPER_PARAMS_M[name], rel=0.01)
+def _count(model: nn.Module, kind: type[nn.Module]) -> int:
+    return sum(isinstance(m, kind) for m in model.modules())
+
+
+@pytest.mark.parametrize("name", sorted(CIFAR_PARAMS))
+def test_cifar_param_count_is_exact(name: str) -> None:
+    assert _num_params(_built(name)) == CIFAR_PARAMS[name]
     assert input_kind(name) == "32x32"
 
 
-@pytest.mark.parametrize("name", ["preact_resnet18", "densenet121"])
+def test_torchvision_resnet152_param_count() -> None:
+    assert _num_params(_built("tv_resnet152", 1000)) == 60_192_808
+
+
+@pytest.mark.parametrize("name", sorted(LAYER_COUNTS))
+def test_layer_counts_match_authors(name: str) -> None:
+    model = _built(name, 1000 if name.startswith("tv_") else 100)
+    counts = (_count(model, nn.Conv2d), _count(model, nn.BatchNorm2d), _count(model, nn.Linear))
+    assert counts == LAYER_COUNTS[name]
+
+
+def test_only_the_shakedrop_pyramidnet_has_shakedrop() -> None:
+    assert _count(_built("pyramidnet200_shakedrop"), ShakeDrop) == 66
+    assert _count(_built("pyramidnet200"), ShakeDrop) == 0
+
+
+@pytest.mark.parametrize("name", sorted(CIFAR_PARAMS))
 def test_cifar_forward(name: str) -> None:
+    torch.manual_seed(0)
     model = create_model(name, 100).eval()
     with torch.no_grad():
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
+
+
+def test_pyramidnet_shakedrop_trains() -> None:
+    torch.manual_seed(0)
+    model = create_model("pyramidnet200_shakedrop", 10).train()
+    model(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+# --------------------------------------------------------------------------
+# PreAct ResNet-18: the authors' variant
+# --------------------------------------------------------------------------
+
+
+def test_preact_identity_shortcut_takes_normalised_input() -> None:
+    torch.manual_seed(0)
+    model = create_model("preact_resnet18", 10).eval()
+    block = model.stages[1]  # second block of stage 1: identity shortcut
+    assert isinstance(block.shortcut, nn.Identity)
+    with torch.no_grad():
+        nn.init.zeros_(block.conv2.weight)  # silence the residual branch: the output is the shortcut
+        x = torch.randn(2, 64, 8, 8)
+        torch.testing.assert_close(block(x), F.relu(block.bn1(x)))
+
+
+def test_preact_stem_is_conv_bn_relu_and_head_has_bias() -> None:
+    model = _built("preact_resnet18")
+    assert [type(m) for m in model.stem] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]
+    assert isinstance(model.head.norm, nn.Identity)
+    assert model.head.fc.bias is not None
+
+
+# --------------------------------------------------------------------------
+# Initialisation
+# --------------------------------------------------------------------------
+
+
+def _fans(weight: torch.Tensor) -> tuple[int, int]:
+    receptive = weight[0][0].numel()
+    return weight.shape[1] * receptive, weight.shape[0] * receptive
+
+
+def _assert_std(weight: torch.Tensor, expected: float) -> None:
+    """Sample std within 5 standard errors (relative error of a std is about 1 / sqrt(2N))."""
+    tolerance = 5 / math.sqrt(2 * weight.numel())
+    assert weight.std().item() == pytest.approx(expected, rel=tolerance)
+
+
+def _assert_normal(weight: torch.Tensor) -> None:
+    """Kurtosis 3 (normal), not 1.8 (uniform)."""
+    w = weight.flatten().double()
+    assert (w.pow(4).mean() / w.pow(2).mean() ** 2).item() == pytest.approx(3.0, abs=0.15)
+
+
+def test_resnext_init_is_fan_out_he_normal() -> None:
+    model = _built("resnext29_8x64d")
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        _assert_std(conv.weight, math.sqrt(2 / _fans(conv.weight)[1]))
+    # The grouped 3x3 of the last block: fan_out = 2048*9 is 8x its fan_in = 256*9.
+    grouped = model.stages[-1].body[3]
+    assert grouped.groups == 8 and _fans(grouped.weight) == (256 * 9, 2048 * 9)
+    _assert_std(grouped.weight, math.sqrt(2 / (2048 * 9)))
+    _assert_normal(grouped.weight)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    fc = model.head.fc
+    _assert_std(fc.weight, math.sqrt(2 / 1024))  # fan_in; fan_out would give sqrt(2 / 100)
+    _assert_normal(fc.weight)
+    assert torch.all(fc.bias == 0)
+
+
+@pytest.mark.parametrize("name", ["pyramidnet200", "pyramidnet200_shakedrop"])
+def test_pyramidnet_init_is_fan_out_he_normal(name: str) -> None:
+    model = _built(name)
+    for conv in (m for m in model.modules() if isinstance(m, nn.Conv2d)):
+        k = conv.kernel_size[0] * conv.kernel_size[1]
+        _assert_std(conv.weight, math.sqrt(2 / (k * conv.out_channels)))
+    # The last block's 1x1 expansion: 256 -> 1024 channels, fan_out = 4 x fan_in.
+    expand = model.stages[-1].body[7]
+    assert _fans(expand.weight) == (256, 1024)
+    _assert_normal(expand.weight)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm2d)):
+        assert torch.all(bn.weight == 1) and torch.all(bn.bias == 0)
+    # The authors leave the classifier at PyTorch's default: uniform, bias included.
+    assert torch.any(model.head.fc.bias != 0)
+
+
+@pytest.mark.parametrize("name", ["preact_resnet18", "resnet101", "densenet121"])
+def test_other_cifar_networks_keep_pytorch_default_init(name: str) -> None:
+    # Default conv/linear init is kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    model = _built(name)
+    for layer in (m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))):
+        bound = 1 / math.sqrt(_fans(layer.weight)[0])
+        assert layer.weight.abs().max().item() <= bound * (1 + 1e-6)  # float32 rounding of the bound
+        _assert_std(layer.weight, bound / math.sqrt(3))
+    assert torch.any(model.head.fc.bias != 0)
+
+
+# --------------------------------------------------------------------------
+# ShakeDrop
+# --------------------------------------------------------------------------
+
+
+def _per_sample_factor(out: torch.Tensor, inp: torch.Tensor) -> torch.Tensor:
+    """out / inp, checked to be one factor per sample; returns the (batch,) factors."""
+    ratio = out / inp
+    factor = ratio.flatten(1)[:, 0]
+    torch.testing.assert_close(ratio, factor.view(-1, 1, 1, 1).expand_as(ratio))
+    return factor
+
+
+def test_shakedrop_eval_scales_by_keep_probability() -> None:
+    x = torch.randn(4, 3, 5, 5)
+    assert torch.equal(ShakeDrop(0.3).eval()(x), (1 - 0.3) * x)
+
+
+def test_shakedrop_keep_is_identity_both_ways() -> None:
+    shake = ShakeDrop(0.0).train()
+    for _ in range(5):
+        x = torch.randn(8, 3, 4, 4, requires_grad=True)
+        y = shake(x)
+        g = torch.randn_like(y)
+        y.backward(g)
+        assert torch.equal(y, x) and torch.equal(x.grad, g)
+
+
+def test_shakedrop_drop_scales_forward_by_alpha_and_backward_by_independent_beta() -> None:
+    torch.manual_seed(0)
+    shake = ShakeDrop(1.0).train()  # always dropped
+    x = torch.randn(4096, 2, 2, 2).add_(0.1).requires_grad_()  # no zeros to divide by
+    y = shake(x)
+    g = torch.randn_like(y)
+    y.backward(g)
+    alpha = _per_sample_factor(y.detach(), x.detach())
+    beta = _per_sample_factor(x.grad, g)
+    assert alpha.min() >= -1 and alpha.max() <= 1
+    assert alpha.min() < -0.95 and alpha.max() > 0.95  # spans U(-1, 1), one draw per sample
+    assert beta.min() >= 0 and beta.max() <= 1
+    assert beta.min() < 0.05 and beta.max() > 0.95  # spans U(0, 1)
+    # A fresh draw, not alpha reused: uncorrelated with alpha and with |alpha| (std error ~ 0.016).
+    for a in (alpha, alpha.abs()):
+        assert abs(torch.corrcoef(torch.stack([a, beta]))[0, 1].item()) < 0.08
+
+
+def test_shakedrop_gate_is_one_draw_per_batch_with_keep_probability() -> None:
+    torch.manual_seed(0)
+    shake = ShakeDrop(0.25).train()
+    dropped = 0
+    trials = 400
+    for _ in range(trials):
+        x = torch.randn(4, 3, 2, 2, requires_grad=True)
+        y = shake(x)
+        g = torch.randn_like(y)
+        y.backward(g)
+        kept = torch.eq(y, x).flatten(1).all(1)
+        assert kept.all() or not kept.any()  # the whole batch shares the gate
+        # Backward follows the forward's gate.
+        assert torch.equal(x.grad, g) == bool(kept.all())
+        dropped += not kept.all()
+    assert dropped / trials == pytest.approx(0.25, abs=0.07)  # std error ~ 0.022
+
+
+def test_shakedrop_never_syncs_with_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    shake = ShakeDrop(0.5).train()
+    if torch.cuda.is_available():
+        x = torch.randn(8, 3, 4, 4, device="cuda", requires_grad=True)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(8):
+                shake(x).sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    # On any device: reading a tensor's value on the host is how a sync happens, so forbid it.
+    def host_read(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ShakeDrop read a tensor value on the host")
+
+    for method in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, method, host_read)
+    x = torch.randn(8, 3, 4, 4, requires_grad=True)
+    for _ in range(8):
+        shake(x).sum().backward()
+
+
+def test_pyramidnet_shakedrop_schedule() -> None:
+    p = [m.p_drop for m in _built("pyramidnet200_shakedrop").modules() if isinstance(m, ShakeDrop)]
+    assert p == pytest.approx([0.5 * (i + 1) / 66 for i in range(66)])
+    assert p[0] == pytest.approx(0.5 / 66) and p[-1] == pytest.approx(0.5)
+
+
+def test_pyramidnet_shakedrop_scales_the_branch_not_the_shortcut() -> None:
+    torch.manual_seed(0)
+    model = create_model("pyramidnet200_shakedrop", 10).eval()
+    block = model.stages[22]  # first block of stage 2: pooled, zero-padded shortcut
+    x = torch.randn(2, block.body[0].num_features, 8, 8)
+    with torch.no_grad():
+        branch = block.body(x)
+        shortcut = F.pad(F.avg_pool2d(x, 2), (0, 0, 0, 0, 0, branch.shape[1] - x.shape[1]))
+        torch.testing.assert_close(block(x), (1 - block.shake_drop.p_drop) * branch + shortcut)
 
 
 @pytest.mark.parametrize("name", ["mnist1d_cnn", "mnist1d_mlp"])
@@ -54,6 +311,7 @@ def test_cifar_names_win_over_torchvision() -> None:
     for name in ("resnet101", "densenet121"):
         assert models[name].startswith("32x32")
         assert models[f"tv_{name}"].startswith("224x224")
+    assert models["pyramidnet200_shakedrop"].startswith("32x32")
     assert models["tv_resnet152"] == "224x224 ImageNet — torchvision resnet152"
     assert models["mnist1d_cnn"].startswith("1-D (MNIST-1D)")
 

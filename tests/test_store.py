@@ -48,6 +48,18 @@ def test_logits_are_stored_as_softmax(store):
     np.testing.assert_allclose(store.read_epoch(1), logits.softmax(1).numpy(), atol=1e-3)
 
 
+def test_low_precision_logits_are_upcast_before_the_softmax(tmp_path, labels):
+    # What --amp hands the writer: bfloat16 logits. The teacher is softmax(fp32(logits)),
+    # exactly; a softmax taken in bfloat16 would be off by up to ~4e-3 per probability.
+    store = SoftTargetStore.create(tmp_path / "f32", labels, K, dtype="float32")
+    logits = (torch.randn(N, K) * 6).bfloat16()
+    with store.writer(1) as writer:
+        writer.write(torch.arange(N), logits)
+    store.seal(1)
+    np.testing.assert_array_equal(store.read_epoch(1), logits.float().softmax(1).numpy())
+    assert not np.array_equal(store.read_epoch(1), logits.softmax(1).float().numpy())
+
+
 def test_layout_attributes_and_compression(store, labels):
     write_epoch(store, 1)
     root = json.loads((Path(store.url) / "zarr.json").read_text())["attributes"]["pskd_store"]

@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pskd_store.metrics import evaluate
 from pskd_store.store import SoftTargetStore
 from pskd_store_cli.main import cli
 
@@ -51,7 +52,7 @@ def tensors_in(obj) -> list[torch.Tensor]:
 
 def without_timings(row: dict) -> dict:
     train = {k: v for k, v in row["train"].items() if k not in ("samples_per_s", "seconds")}
-    return {**row, "train": train}
+    return {**{k: v for k, v in row.items() if k != "epoch_seconds"}, "train": train}
 
 
 def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
@@ -68,6 +69,22 @@ def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
     store = SoftTargetStore.open(run / "store", read_only=True)
     assert store.sealed_epochs == [1, 2, 3] and store.num_samples == 8000
     assert store.trajectory()["true_prob"].shape == (3, 8000)
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["amp"] is False and config["deterministic"] is False  # fp32, as the paper trains
+
+    summary = json.loads((run / "summary.json").read_text())
+    best = min(rows, key=lambda r: r["test"]["top1_err"])
+    assert summary["final"] == {"epoch": 3, "test": rows[-1]["test"]}
+    assert summary["best"] == {"epoch": best["epoch"], "test": best["test"]}
+
+    # training leaves the final model's test probabilities where inspect reads them
+    with np.load(run / "eval" / "test_probs.npz") as trained:
+        assert evaluate(trained["probs"], trained["labels"]) == pytest.approx(rows[-1]["test"], abs=1e-9)
+        assert str(trained["checkpoints"][0]).endswith("last.pt")
+    first_look = json.loads(pskd("inspect", str(run), "--json", "--out", str(tmp_path / "look")).stdout)
+    assert first_look["runs"][0]["eval_ece"] == pytest.approx(rows[-1]["test"]["ece"], abs=1e-9)
+    assert (tmp_path / "look" / f"reliability_1_{run.name}.png").is_file()
 
     checkpoint = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     assert checkpoint["epoch"] == 3 and set(checkpoint) >= {"model", "optimizer", "scheduler", "rng"}
@@ -117,21 +134,26 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir):
     )
 
 
-@pytest.mark.parametrize("arch, aug", [("densenet121", "none"), ("preact_resnet18", "cutmix"),
-                                       ("preact_resnet18", "cutout")])
-def test_cifar100_format_run_for_a_few_steps(tmp_path, cifar100_dir, arch, aug):
+@pytest.mark.parametrize("arch, method, aug, recorded_per_step", [
+    ("densenet121", "pskd", "none", {16}),
+    ("preact_resnet18", "pskd", "cutmix", {8}),   # PS-KD half recorded, the augmented half not
+    ("preact_resnet18", "pskd", "cutout", {8}),
+    ("preact_resnet18", "ce", "cutout", {16}),    # Cutout on every image: every row is its sample
+    ("preact_resnet18", "ce", "cutmix", {0, 16}),  # a mixed batch records nothing
+])
+def test_cifar100_format_run_for_a_few_steps(tmp_path, cifar100_dir, arch, method, aug, recorded_per_step):
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, [
-        "train", "--dataset", "cifar100", "--arch", arch, "--aug", aug, "--data-dir", str(cifar100_dir),
-        "--no-download", "--epochs", "2", "--steps-per-epoch", "2", "-b", "16", "-j", "0", "-o", str(run), "-q",
+        "train", "--dataset", "cifar100", "--arch", arch, "--method", method, "--aug", aug,
+        "--data-dir", str(cifar100_dir), "--no-download", "--epochs", "2", "--steps-per-epoch", "2",
+        "-b", "16", "-j", "0", "-o", str(run), "-q",
     ])
     assert result.exit_code == 0, result.output
     rows = metrics_rows(run)
     assert len(rows) == 2 and rows[-1]["test"]["n"] == 100
     info = SoftTargetStore.open(run / "store", read_only=True).epoch_info(2)
-    clean_per_step = 16 if aug == "none" else 8  # augmented halves are not recorded
-    assert info["ids_written"] == 2 * clean_per_step
-    assert info["carried_forward"] == 200 - 2 * clean_per_step
+    assert info["ids_written"] in {a + b for a in recorded_per_step for b in recorded_per_step}
+    assert info["carried_forward"] == 200 - info["ids_written"]
 
 
 def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):

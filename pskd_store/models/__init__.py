@@ -4,7 +4,7 @@ Three families live here:
 
 * ``32x32`` — the PS-KD paper's CIFAR architectures (:mod:`.cifar`):
   ``preact_resnet18``, ``resnet101``, ``resnext29_8x64d``, ``densenet121``,
-  ``pyramidnet200``.
+  ``pyramidnet200`` and ``pyramidnet200_shakedrop`` (the paper's "+ SD" rows).
 * ``mnist1d`` — small models for the offline default data set (:mod:`.small`):
   ``mnist1d_cnn``, ``mnist1d_mlp``.
 * ``224x224`` — every torchvision classification model (:mod:`.imagenet`),

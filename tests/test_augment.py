@@ -1,0 +1,114 @@
+"""Cutout and CutMix in the training step: hole sizes and positions, and which rows each
+mode augments, trains on mixed labels and records."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pskd_store.augment import CUTMIX_PROB, CUTOUT_HOLE, BatchAugment, cutout
+
+
+def _hole_bounds(centre: int, size: int) -> tuple[int, int]:
+    """DeVries & Taylor's Cutout: rows clip(c - 4, 0, size) .. clip(c + 4, 0, size)."""
+    return max(centre - CUTOUT_HOLE // 2, 0), min(centre + CUTOUT_HOLE // 2, size)
+
+
+def test_image_holes_are_8x8_squares_clipped_at_the_border():
+    torch.manual_seed(0)
+    batch = torch.randn(512, 3, 32, 32) + 10  # never zero outside a hole
+    out = cutout(batch)
+    zero = out == 0
+    assert torch.equal(zero.all(1), zero.any(1))  # the same hole in every channel
+    zero = zero[:, 0]
+    sides, touching = [], 0
+    for image in zero:
+        rows = image.any(1).nonzero().flatten()
+        cols = image.any(0).nonzero().flatten()
+        top, bottom, left, right = rows[0].item(), rows[-1].item() + 1, cols[0].item(), cols[-1].item() + 1
+        assert image[top:bottom, left:right].all() and image.sum() == (bottom - top) * (right - left)  # a rectangle
+        for low, high in ((top, bottom), (left, right)):
+            # the only centres giving these bounds: an 8-wide hole, cut only where it meets the border
+            assert any(_hole_bounds(c, 32) == (low, high) for c in range(32)), (low, high)
+        sides += [bottom - top, right - left]
+        touching += top == 0 or left == 0 or bottom == 32 or right == 32
+    assert max(sides) == CUTOUT_HOLE and min(sides) == CUTOUT_HOLE // 2  # centre on the edge: half a hole
+    # Centres uniform over all 32 positions: a side is whole for centres 4..28 (25 of 32), and
+    # a hole meets the border with probability 1 - (23/32)^2 (holes kept inside would never be cut).
+    assert abs(sides.count(CUTOUT_HOLE) / len(sides) - 25 / 32) < 0.05
+    assert abs(touching / len(zero) - (1 - (23 / 32) ** 2)) < 0.07
+    assert torch.equal(out[~(out == 0)], batch[~(out == 0)])  # nothing else changed
+
+
+def test_every_position_can_be_cut():
+    torch.manual_seed(1)
+    out = cutout(torch.ones(2000, 1, 32, 32))
+    assert (out == 0).any(0).all()  # corners included
+
+
+def test_signal_holes_are_8_samples_clipped_at_the_ends():
+    torch.manual_seed(2)
+    out = cutout(torch.ones(1000, 1, 40))
+    widths = (out == 0).sum(-1).flatten()
+    assert widths.max() == CUTOUT_HOLE and widths.min() == CUTOUT_HOLE // 2
+    assert (out[:, 0, 0] == 0).any() and (out[:, 0, -1] == 0).any()
+
+
+def test_each_image_gets_its_own_hole():
+    torch.manual_seed(3)
+    holes = (cutout(torch.ones(64, 3, 32, 32)) == 0)[:, 0]
+    assert len({tuple(h.flatten().nonzero().flatten().tolist()) for h in holes}) > 50
+
+
+def _batch(n: int = 16, k: int = 10):
+    torch.manual_seed(4)
+    inputs = torch.randn(n, 3, 32, 32) + 10
+    labels = torch.arange(n) % k
+    soft = torch.full((n, k), 0.5 / (k - 1)).scatter_(1, labels[:, None], 0.5)  # stand-in PS-KD targets
+    return inputs, soft, labels
+
+
+def test_ce_cutout_cuts_every_image_keeps_labels_and_records_every_row():
+    inputs, _, labels = _batch()
+    out, targets, recorded = BatchAugment("cutout", 10, half_batch=False)(inputs, labels, labels)
+    assert ((out == 0).flatten(1).any(1)).all()
+    assert targets is labels and recorded == len(inputs)
+
+
+def test_ce_cutmix_mixes_a_whole_batch_half_of_the_time():
+    inputs, _, labels = _batch()
+    augment = BatchAugment("cutmix", 10, half_batch=False)
+    torch.manual_seed(5)
+    mixed = 0
+    for _ in range(400):
+        out, targets, recorded = augment(inputs, labels, labels)
+        if recorded == 0:
+            mixed += 1
+            assert targets.shape == (16, 10) and torch.allclose(targets.sum(1), torch.ones(16))
+            # each row keeps lam of its label and gets 1 - lam of its neighbour's: one lam per batch
+            lam = targets[torch.arange(16), labels]
+            assert torch.allclose(lam, lam[0].expand(16)) and 0 <= lam[0] <= 1
+            assert (out != inputs).any()
+        else:
+            assert recorded == 16 and targets is labels and torch.equal(out, inputs)
+    assert abs(mixed / 400 - CUTMIX_PROB) < 0.08  # binomial sd 0.025
+
+
+@pytest.mark.parametrize("kind", ["cutout", "cutmix"])
+def test_pskd_splits_each_batch_in_half(kind):
+    inputs, soft, labels = _batch()
+    out, targets, recorded = BatchAugment(kind, 10, half_batch=True)(inputs, soft, labels)
+    assert recorded == 8
+    assert torch.equal(out[:8], inputs[:8]) and torch.equal(targets[:8], soft[:8])  # PS-KD half untouched
+    assert (out[8:] != inputs[8:]).flatten(1).any(1).any()
+    if kind == "cutout":
+        assert torch.equal(targets[8:], torch.nn.functional.one_hot(labels[8:], 10).float())
+        assert ((out[8:] == 0).flatten(1).any(1)).all()
+    else:
+        assert torch.allclose(targets[8:].sum(1), torch.ones(8))
+
+
+def test_odd_batches_give_the_extra_row_to_pskd():
+    inputs, soft, labels = _batch(n=5)
+    _, _, recorded = BatchAugment("cutout", 10, half_batch=True)(inputs, soft, labels)
+    assert recorded == 3

@@ -1,0 +1,82 @@
+"""The recipe's defaults (fp32, workers, cuDNN autotuning) and the package's public names."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from pskd_store.recipe import TrainConfig, default_workers
+from pskd_store.training import configure_determinism
+
+
+def test_top_level_names_are_the_custom_loop_api():
+    from pskd_store import (PredictionService, PredictionWriter, SoftTargetDataset, SoftTargetStore, StoreError,
+                            alpha_t, soft_target)
+    from pskd_store.dataset import SoftTargetDataset as defined_dataset
+    from pskd_store.store import SoftTargetStore as defined_store
+
+    assert SoftTargetStore is defined_store and SoftTargetDataset is defined_dataset
+    assert issubclass(StoreError, ValueError) and alpha_t(2, 4, 0.8) == pytest.approx(0.4)
+    assert {PredictionService.__name__, PredictionWriter.__name__, soft_target.__name__} == {
+        "PredictionService", "PredictionWriter", "soft_target"}
+    with pytest.raises(AttributeError, match="no attribute 'SoftTargetStor'"):
+        import pskd_store
+        pskd_store.SoftTargetStor  # noqa: B018
+
+
+def test_importing_the_package_does_not_import_torch():
+    code = "import sys, pskd_store; assert 'torch' not in sys.modules; print(sorted(pskd_store.__all__)[0])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "EpochNotSealedError"
+
+
+@pytest.mark.parametrize("dataset", ["cifar100", "imagenet"])
+def test_image_data_sets_default_to_fp32_and_min_4_usable_cpus_workers(dataset):
+    config = TrainConfig(dataset=dataset).resolved()
+    assert config.amp is False and config.deterministic is False
+    assert config.workers == default_workers() == min(4, len(os.sched_getaffinity(0)))
+
+
+def test_mnist1d_keeps_its_in_memory_loader_and_explicit_workers_win():
+    assert TrainConfig().resolved().workers == 0
+    assert TrainConfig(dataset="cifar100", workers=7).resolved().workers == 7
+
+
+def test_default_workers_raise_no_dataloader_warning():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the DataLoader warns when workers exceed usable CPUs
+        assert sum(DataLoader(list(range(8)), batch_size=4, num_workers=default_workers())).sum() == 28
+
+
+@pytest.mark.parametrize("arch", ["pyramidnet200", "pyramidnet200_shakedrop"])
+def test_pyramidnet_recipe(arch):
+    config = TrainConfig(dataset="cifar100", arch=arch).resolved()
+    assert (config.batch_size, config.lr, config.weight_decay) == (64, 0.25, 1e-4)
+    assert config.milestones == [150, 225] and config.epochs == 300
+
+
+def test_cifar_recipe_is_the_authors():
+    config = TrainConfig(dataset="cifar100").resolved()
+    assert (config.arch, config.epochs, config.batch_size, config.lr, config.weight_decay) == (
+        "preact_resnet18", 300, 128, 0.1, 5e-4)
+    assert (config.momentum, config.nesterov, config.milestones, config.lr_gamma, config.alpha_T) == (
+        0.9, True, [150, 225], 0.1, 0.8)
+
+
+def test_cudnn_autotuning_by_default_deterministic_on_request():
+    try:
+        configure_determinism(False)
+        assert torch.backends.cudnn.benchmark and not torch.are_deterministic_algorithms_enabled()
+        configure_determinism(True)
+        assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")
+    finally:
+        configure_determinism(False)
