@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+LABEL_SMOOTHING = 0.1  # the paper's label-smoothing baseline (Szegedy et al.'s epsilon)
+
 
 def alpha_t(epoch: int, total_epochs: int, alpha_T: float) -> float:
     """Weight of the past prediction at ``epoch`` (1-based): alpha_T * t / T.
@@ -32,3 +34,11 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     ``F.cross_entropy`` takes probability targets and computes exactly this.
     """
     return F.cross_entropy(logits, target)
+
+
+def method_loss(method: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The training loss of ``method`` ("ce", "ls" or "pskd") in fp32, against class
+    indices or probability targets (PS-KD's soft targets, CutMix's mixed labels):
+    ``F.cross_entropy`` takes both; LS adds epsilon 0.1."""
+    smoothing = LABEL_SMOOTHING if method == "ls" else 0.0
+    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)

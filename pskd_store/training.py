@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
@@ -35,7 +34,7 @@ from .augment import BatchAugment
 from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
 from .data import DataSplits, build_datasets
 from .dataset import SoftTargetDataset
-from .loss import alpha_t
+from .loss import alpha_t, method_loss
 from .metrics import evaluate
 from .models import create_model, input_kind
 from .recipe import TrainConfig
@@ -43,7 +42,6 @@ from .store import SoftTargetStore
 
 _logger = logging.getLogger("pskd_store.train")
 
-LABEL_SMOOTHING = 0.1
 CHECKPOINT = "checkpoints/last.pt"
 
 
@@ -205,7 +203,7 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment
                 inputs, targets, recorded = augment(inputs, targets, labels)
             with autocast(device, config.amp):
                 logits = model(inputs)
-            loss = _loss(config.method, logits, targets)
+            loss = method_loss(config.method, logits, targets)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()
@@ -222,13 +220,6 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment
     seconds = time.perf_counter() - started
     return {"loss": float(loss_sum) / seen, "top1_err": 100.0 * (1 - float(correct) / seen),
             "samples_per_s": seen / seconds, "seconds": seconds}
-
-
-def _loss(method: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in fp32 against class indices or probability targets (PS-KD's soft
-    targets, CutMix's mixed labels): ``F.cross_entropy`` takes both; LS adds epsilon 0.1."""
-    smoothing = LABEL_SMOOTHING if method == "ls" else 0.0
-    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
 
 
 def to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pskd_store.loss import alpha_t, soft_cross_entropy, soft_target
+from pskd_store.loss import alpha_t, method_loss, soft_cross_entropy, soft_target
 
 
 def test_alpha_schedule_counts_epochs_from_one():
@@ -34,3 +34,17 @@ def test_soft_target_and_loss_by_hand():
     loss0 = -sum(t * lp for t, lp in zip(expected[0].tolist(), log_p0))
     loss1 = -sum(t * lp for t, lp in zip(expected[1].tolist(), log_p1))
     assert soft_cross_entropy(logits, target).item() == pytest.approx((loss0 + loss1) / 2, rel=1e-6)
+
+
+def test_method_losses_by_hand():
+    logits = torch.tensor([[1.0, 2.0, 0.0], [0.5, -1.0, 0.0]], dtype=torch.bfloat16)  # as --amp gives them
+    labels = torch.tensor([1, 0])
+    log_p = torch.log_softmax(logits.double(), 1)
+    ce = -(log_p[0, 1] + log_p[1, 0]).item() / 2
+    uniform = -log_p.mean(1).mean().item()  # cross-entropy against the uniform distribution
+    assert method_loss("ce", logits, labels).item() == pytest.approx(ce, rel=1e-6)
+    assert method_loss("ls", logits, labels).item() == pytest.approx(0.9 * ce + 0.1 * uniform, rel=1e-6)
+    assert method_loss("ce", logits, labels).dtype == torch.float32  # computed in fp32
+    soft = torch.tensor([[0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
+    expected = -(soft * log_p).sum(1).mean().item()
+    assert method_loss("pskd", logits, soft).item() == pytest.approx(expected, rel=1e-6)

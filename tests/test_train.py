@@ -17,7 +17,9 @@ import torch
 from click.testing import CliRunner
 
 from pskd_store.metrics import evaluate
+from pskd_store.recipe import TrainConfig
 from pskd_store.store import SoftTargetStore
+from pskd_store.training import train
 from pskd_store_cli.main import cli
 
 PSKD = shutil.which("pskd-store")
@@ -189,3 +191,19 @@ def test_resume_refuses_new_run_options_and_existing_output_needs_resume(tmp_pat
     assert again.returncode != 0 and f"continue it with --resume {run}" in again.stderr
     resumed = pskd("train", "--resume", str(run), "--lr", "0.3", check=False)
     assert resumed.returncode != 0 and "drop --lr" in resumed.stderr
+
+
+def test_methods_differ_only_in_their_targets(tmp_path, data_dir):
+    # Same seed and data: in epoch 1 PS-KD has no teacher (one-hot targets), so it trains
+    # like CE; from epoch 2 it trains on its soft targets while CE keeps the labels.
+    rows = {}
+    for method in ("ce", "pskd", "ls"):
+        config = TrainConfig(method=method, epochs=2, data_dir=str(data_dir)).resolved()
+        train(config, tmp_path / method, quiet=True)
+        rows[method] = metrics_rows(tmp_path / method)
+    ce, pskd, ls = rows["ce"], rows["pskd"], rows["ls"]
+    assert pskd[0]["train"]["loss"] == pytest.approx(ce[0]["train"]["loss"], rel=1e-5)
+    assert pskd[0]["test"] == pytest.approx(ce[0]["test"], rel=1e-3, abs=1e-3)
+    # a soft target has entropy: PS-KD's loss is well above CE's once alpha_2 = 0.8 weighs in
+    assert pskd[1]["train"]["loss"] > ce[1]["train"]["loss"] + 0.1
+    assert ls[0]["train"]["loss"] > ce[0]["train"]["loss"] + 0.1  # label smoothing's uniform term
