@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -76,7 +77,11 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("-j", "--workers", type=int,
               help="DataLoader worker processes; default min(4, usable CPUs), 0 for MNIST-1D (in memory).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--device", default="auto", show_default=True,
+              help="auto, cpu, cuda or cuda:N. Under torchrun each process takes cuda:LOCAL_RANK.")
+@click.option("--cache-dir", type=click.Path(file_okay=False),
+              help="Node-local folder for the decoded teacher (one per node, shared by its ranks); "
+                   "default: beside the store when it is a local path.")
 @click.option("--amp/--no-amp", default=False, show_default=True,
               help="bfloat16 mixed precision on a GPU (opt-in: the paper trains in fp32). The store still "
                    "records the softmax of fp32 logits.")
@@ -100,9 +105,16 @@ def train_command(ctx: click.Context, resume: str | None, quiet: bool, **options
     in the run's Zarr store and reporting test error, NLL, ECE and AURC every epoch.
 
     With no options: PS-KD on the offline MNIST-1D data set, a few minutes on a CPU.
+
+    \b
+    Several GPUs or machines: launch with torchrun, e.g.
+      torchrun --nproc-per-node 4 --no-python pskd-store train --dataset cifar100 -o runs/c100
+    --batch-size is per process: the global batch is batch size x processes.
     """
+    from pskd_store.distributed import launched_by_torchrun
     from pskd_store.training import train  # torch/torchvision import only when training
 
+    is_main = int(os.environ.get("RANK", "0")) == 0
     try:
         if resume:
             given = [name for name in RUN_OPTIONS if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
@@ -116,24 +128,29 @@ def train_command(ctx: click.Context, resume: str | None, quiet: bool, **options
             if not config_path.is_file():
                 raise click.UsageError(f"{resume} has no config.json: is it a run directory made by train?")
             config = TrainConfig.load(config_path)
-            for name in ("workers", "device", "amp", "channels_last"):
+            for name in ("workers", "device", "cache_dir", "amp", "channels_last"):
                 if ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
                     setattr(config, name, options[name])  # where it runs, not what it computes
         else:
             output = options.pop("output")
+            if output is None and launched_by_torchrun():
+                raise click.UsageError("under torchrun pass --output RUN_DIR: every process must write the same run")
             options["milestones"] = _parse_milestones(options["milestones"])
             config = TrainConfig(**options).resolved()
             directory = Path(output or f"runs/{config.dataset}-{config.arch}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-            if (directory / "config.json").exists():
+            if is_main and (directory / "config.json").exists():
                 raise click.UsageError(
                     f"{directory} already holds a run: continue it with --resume {directory}, "
                     "or choose another --output"
                 )
-        setup_logging(directory / "train.log")
-        logging.getLogger("pskd_store.train").info("run directory %s", directory)
+        if is_main:  # one log, one progress bar: rank 0's
+            setup_logging(directory / "train.log")
+            logging.getLogger("pskd_store.train").info("run directory %s", directory)
         summary = train(config, directory, resume=bool(resume), quiet=quiet)
     except (ValueError, FileNotFoundError, StoreError) as err:
         raise click.ClickException(str(err)) from err
+    if summary is None:  # another rank than 0 of a torchrun launch
+        return
     test = summary["final"]["test"]
     click.echo(
         f"done: {directory}  test top-1 err {test['top1_err']:.2f}%  nll {test['nll']:.4f}  "

@@ -1,5 +1,5 @@
-"""Atomic checkpoints: model, optimizer, scheduler, epoch and RNG states — never the
-prediction table, which lives in the store."""
+"""Atomic checkpoints: model, optimizer, scheduler, epoch and every rank's RNG states —
+never the prediction table, which lives in the store."""
 
 from __future__ import annotations
 
@@ -13,9 +13,12 @@ import torch
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's generators: Python, NumPy, torch's CPU one and, on a GPU, the
+    generator of the current device only (a checkpoint must resume on a node with fewer
+    GPUs, or on another GPU index)."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -24,14 +27,17 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])  # onto the current device, whichever it is now
 
 
 def save_checkpoint(path: Path, **state: Any) -> None:
-    """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file."""
+    """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file.
+
+    ``state`` must include ``rng``: one :func:`rng_state` per rank, in rank order.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save({**state, "rng": rng_state()}, tmp)
+    torch.save(state, tmp)
     os.replace(tmp, path)
 
 

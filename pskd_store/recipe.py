@@ -85,6 +85,7 @@ class TrainConfig:
     seed: int = 0
     workers: int | None = None  # None: default_workers(), or the data set's own default
     device: str = "auto"
+    cache_dir: str | None = None  # the decoded teacher's node-local cache; None: beside a local store
     amp: bool = False  # the paper trains in fp32; bfloat16 autocast is opt-in (--amp)
     channels_last: bool = True  # memory layout on a GPU only: the same arithmetic
     deterministic: bool = False  # False: cudnn.benchmark, as the authors' main.py sets

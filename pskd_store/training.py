@@ -11,6 +11,12 @@ checkpoint and continues with the same alpha_t and the same teacher epoch.
 
 fp32 by default, as the paper trains; ``amp`` is opt-in (bfloat16 autocast on a GPU).
 The store always records the softmax of fp32 logits: the writer upcasts before softmax.
+
+Under torchrun every rank trains a DistributedDataParallel replica on its shard of each
+epoch and writes the predictions of the ids it trained on into its own staging part; at
+the epoch's end rank 0 seals while all ranks evaluate their shards of the test set, and
+the node's local rank 0 decodes the new teacher once for the ranks of its node. Only rank 0
+writes logs, metrics and checkpoints.
 """
 
 from __future__ import annotations
@@ -26,14 +32,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
 from .analysis import write_eval_probs
 from .augment import BatchAugment
-from .checkpoint import load_checkpoint, save_checkpoint, set_rng_state
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import DataSplits, build_datasets
 from .dataset import SoftTargetDataset
+from .distributed import Distributed, setup, teardown
 from .loss import alpha_t, method_loss
 from .metrics import evaluate
 from .models import create_model, input_kind
@@ -64,13 +72,15 @@ def configure_determinism(deterministic: bool) -> None:
 
 @dataclass
 class Run:
-    """What one training run is made of, built from its config."""
+    """What one training run is made of, built from its config, on one rank."""
 
     config: TrainConfig
     directory: Path
+    env: Distributed
     device: torch.device
     splits: DataSplits
-    model: torch.nn.Module
+    network: torch.nn.Module  # the model itself: evaluated and checkpointed
+    model: torch.nn.Module    # what the steps train: the network, or its DDP wrapper
     store: SoftTargetStore
     train_data: SoftTargetDataset
     optimizer: torch.optim.Optimizer
@@ -79,9 +89,11 @@ class Run:
     val_loader: DataLoader | None
 
 
-def build_run(config: TrainConfig, directory: Path, splits: DataSplits | None = None) -> Run:
-    """Data, model, store and optimizer of a run (the store is created on first use).
-    ``splits`` replaces the data set ``config`` names (benchmarks on synthetic data)."""
+def build_run(config: TrainConfig, directory: Path, env: Distributed, device: torch.device,
+              splits: DataSplits | None = None) -> Run:
+    """Data, model, store and optimizer of a run on this rank (the store is created on
+    first use, by rank 0). ``splits`` replaces the data set ``config`` names (benchmarks
+    on synthetic data)."""
     if splits is None:
         splits = build_datasets(config.dataset, config.data_dir, val_split=config.val_split,
                                 seed=config.seed, download=config.download)
@@ -91,35 +103,61 @@ def build_run(config: TrainConfig, directory: Path, splits: DataSplits | None = 
             f"has {splits.input_kind} inputs; see `pskd-store train --help` for the models of each"
         )
     torch.manual_seed(config.seed)
-    device = select_device(config.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # so streams, events and pinned memory use this GPU
-    model = create_model(config.arch, splits.num_classes).to(device)
+    network = create_model(config.arch, splits.num_classes).to(device)
     if config.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    store = SoftTargetStore.open_or_create(
-        directory / "store", splits.train_labels, splits.num_classes, dtype=config.store_dtype
-    )
-    train_data = SoftTargetDataset(splits.train, store, config.alpha_T, config.epochs)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+        network = network.to(memory_format=torch.channels_last)
+    model = network
+    if env.enabled:
+        model = DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
+    store = _open_store(config, directory, splits, env)
+    train_data = SoftTargetDataset(splits.train, store, config.alpha_T, config.epochs, cache_dir=config.cache_dir)
+    optimizer = torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.milestones, config.lr_gamma)
     # Built once: persistent workers instead of new processes for every epoch's evaluation.
-    test_loader = eval_loader(splits.test, config, device)
-    val_loader = eval_loader(splits.val, config, device) if splits.val is not None else None
-    return Run(config, directory, device, splits, model, store, train_data, optimizer, scheduler,
-               test_loader, val_loader)
+    test_loader = eval_loader(_shard(splits.test, env), config, device)
+    val_loader = eval_loader(_shard(splits.val, env), config, device) if splits.val is not None else None
+    return Run(config, directory, env, device, splits, network, model, store, train_data, optimizer,
+               scheduler, test_loader, val_loader)
+
+
+def _open_store(config: TrainConfig, directory: Path, splits: DataSplits, env: Distributed) -> SoftTargetStore:
+    """Rank 0 creates (or reopens) the store; the others open it once it exists."""
+    store = None
+    if env.is_main:
+        store = SoftTargetStore.open_or_create(
+            directory / "store", splits.train_labels, splits.num_classes, dtype=config.store_dtype)
+    env.barrier()
+    return store or SoftTargetStore.open(directory / "store", labels=splits.train_labels,
+                                         num_classes=splits.num_classes)
+
+
+def _shard(data: Dataset, env: Distributed) -> Dataset:
+    """Every world_size-th sample from this rank's index: the test set split without padding."""
+    return data if not env.enabled else Subset(data, range(env.rank, len(data), env.world_size))
 
 
 def train(config: TrainConfig, directory: Path, *, resume: bool = False, quiet: bool = False,
-          splits: DataSplits | None = None) -> dict:
-    """Train (or resume) the run in ``directory``; returns the final summary. ``splits``
-    replaces the data set ``config`` names (benchmarks on synthetic data)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        config.save(directory / "config.json")
+          splits: DataSplits | None = None) -> dict | None:
+    """Train (or resume) the run in ``directory``; returns the final summary on rank 0
+    (None on the other ranks of a torchrun launch). ``splits`` replaces the data set
+    ``config`` names (benchmarks on synthetic data)."""
+    env, device = setup(config.device)
+    try:
+        return _train(config, directory, env, device, resume=resume, quiet=quiet or not env.is_main,
+                      splits=splits)
+    finally:
+        teardown()
+
+
+def _train(config: TrainConfig, directory: Path, env: Distributed, device: torch.device, *,
+           resume: bool, quiet: bool, splits: DataSplits | None) -> dict | None:
+    if env.is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            config.save(directory / "config.json")
     configure_determinism(config.deterministic)
-    run = build_run(config, directory, splits)
+    run = build_run(config, directory, env, device, splits)
     start = _restore(run) + 1 if resume else 1
     loader = _train_loader(run)
     augment = None
@@ -132,24 +170,36 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, quiet: 
         row = {"epoch": epoch, "alpha_t": _alpha(config, epoch), "lr": run.scheduler.get_last_lr()[0],
                "train": train_stats}
         run.scheduler.step()
+        env.barrier()  # every rank's writer has closed its part
         with ThreadPoolExecutor(1) as background:  # the seal's I/O overlaps the evaluation
-            sealing = background.submit(run.store.seal, epoch)
-            test_probs = predict(run.model, run.test_loader, config, run.device)
-            row["test"] = evaluate(*test_probs, n_bins=config.ece_bins)
+            sealing = background.submit(run.store.seal, epoch) if env.is_main else None
+            test_probs = predict_all(run, run.test_loader)
             if run.val_loader is not None:
-                row["val"] = evaluate(*predict(run.model, run.val_loader, config, run.device), n_bins=config.ece_bins)
-            sealing.result()
+                val_probs = predict_all(run, run.val_loader)
+            if sealing is not None:
+                sealing.result()
+        env.barrier()  # the epoch is sealed before any rank reads it as the next teacher
+        rng = env.gather_to_main(rng_state())
+        if not env.is_main:
+            continue
+        row["test"] = evaluate(*test_probs, n_bins=config.ece_bins)
+        if run.val_loader is not None:
+            row["val"] = evaluate(*val_probs, n_bins=config.ece_bins)
         row["epoch_seconds"] = time.perf_counter() - started  # steps, seal and evaluation
         with open(directory / "metrics.jsonl", "a") as file:
             file.write(json.dumps(row) + "\n")
-        save_checkpoint(directory / CHECKPOINT, model=run.model.state_dict(),
+        save_checkpoint(directory / CHECKPOINT, model=run.network.state_dict(),
                         optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
-                        epoch=epoch, config=config.__dict__)
+                        epoch=epoch, config=config.__dict__, rng=rng)
         _log_epoch(row, config.epochs)
+    env.barrier()  # the last checkpoint is written before any rank leaves
+    if not env.is_main:
+        return None
     if test_probs is not None:  # a resumed run that had nothing left to train keeps its file
         write_eval_probs(directory, *test_probs, sources=[str(directory / CHECKPOINT)])
     summary = {"run": str(directory), "config": config.__dict__, "epochs": config.epochs,
-               **summarize_metrics(_metrics_rows(directory)), "store": run.store.summary()}
+               "world_size": env.world_size, **summarize_metrics(_metrics_rows(directory)),
+               "store": run.store.summary()}
     (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -170,27 +220,37 @@ def _alpha(config: TrainConfig, epoch: int) -> float:
 
 
 def _train_loader(run: Run) -> DataLoader:
-    """Shuffled by epoch (a one-replica DistributedSampler: the order depends only on the
-    seed and the epoch, so a resumed run sees the same batches)."""
+    """This rank's shard of each epoch, shuffled by epoch: the order depends only on the
+    seed and the epoch, so a resumed run sees the same batches. DistributedSampler pads
+    the last shard with repeated ids; the store keeps one write per id (the higher rank's)."""
     workers = run.config.workers
-    return DataLoader(
-        run.train_data, batch_size=run.config.batch_size,
-        sampler=DistributedSampler(run.train_data, num_replicas=1, rank=0, shuffle=True, seed=run.config.seed),
-        num_workers=workers, persistent_workers=workers > 0, pin_memory=run.device.type == "cuda",
-    )
+    sampler = DistributedSampler(run.train_data, num_replicas=run.env.world_size, rank=run.env.rank,
+                                 shuffle=True, seed=run.config.seed)
+    return DataLoader(run.train_data, batch_size=run.config.batch_size, sampler=sampler, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=run.device.type == "cuda")
+
+
+def _set_teacher(run: Run, epoch: int) -> None:
+    """Point the data set at sealed epoch ``epoch - 1``: the node's local rank 0 decodes it
+    into the node's cache first, then the node's other ranks map that same file."""
+    if run.env.is_local_main:
+        run.train_data.set_epoch(epoch)
+    run.env.barrier()
+    if not run.env.is_local_main:
+        run.train_data.set_epoch(epoch)
 
 
 def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment | None,
                  quiet: bool) -> dict:
     config, model, device = run.config, run.model, run.device
-    run.train_data.set_epoch(epoch)
+    _set_teacher(run, epoch)
     loader.sampler.set_epoch(epoch)
     model.train()
     steps = len(loader) if config.steps_per_epoch is None else min(len(loader), config.steps_per_epoch)
-    loss_sum = correct = seen = 0
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, samples
     started = time.perf_counter()
     bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", disable=quiet, leave=False, dynamic_ncols=True)
-    with run.store.writer(epoch) as writer:
+    with run.store.writer(epoch, rank=run.env.rank) as writer:
         for step, (inputs, targets, labels, ids) in enumerate(loader):
             if step == steps:
                 break
@@ -208,17 +268,21 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment
             loss.backward()
             run.optimizer.step()
             writer.write(ids[:recorded], logits[:recorded])
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
-            seen += len(labels)
+            totals[0] += loss.detach() * len(labels)
+            totals[1] += (logits.argmax(1) == labels).sum()
+            totals[2] += len(labels)
             if not quiet and (step % 10 == 0 or step == steps - 1):
-                bar.set_postfix(loss=f"{loss.item():.3f}", err=f"{100 * (1 - float(correct) / seen):.1f}%",
+                loss_sum, correct, seen = totals.tolist()
+                bar.set_postfix(loss=f"{loss.item():.3f}", err=f"{100 * (1 - correct / seen):.1f}%",
                                 alpha_t=f"{_alpha(config, epoch):.3f}",
                                 samples_s=f"{seen / (time.perf_counter() - started):.0f}")
             bar.update()
     bar.close()
     seconds = time.perf_counter() - started
-    return {"loss": float(loss_sum) / seen, "top1_err": 100.0 * (1 - float(correct) / seen),
+    if run.env.enabled:
+        torch.distributed.all_reduce(totals)  # the whole epoch, every rank's shard
+    loss_sum, correct, seen = totals.tolist()
+    return {"loss": loss_sum / seen, "top1_err": 100.0 * (1 - correct / seen),
             "samples_per_s": seen / seconds, "seconds": seconds}
 
 
@@ -253,22 +317,54 @@ def predict(model: torch.nn.Module, loader: DataLoader, config: TrainConfig,
             logits = model(to_device(inputs, device, config.channels_last))
         probs.append(logits.float().softmax(1).cpu())
         labels.append(torch.as_tensor(target))
+    if not probs:  # an empty shard of a set smaller than the world
+        return np.empty((0, 0), np.float32), np.empty(0, np.int64)
     return torch.cat(probs).numpy(), torch.cat(labels).numpy()
 
 
+def predict_all(run: Run, loader: DataLoader) -> tuple[np.ndarray, np.ndarray] | None:
+    """Predictions of the whole evaluation set, in index order, on rank 0 (None elsewhere):
+    each rank predicts its shard (``_shard``: every world_size-th sample) and rank 0
+    interleaves them back."""
+    probs, labels = predict(run.network, loader, run.config, run.device)
+    shards = run.env.gather_to_main((probs, labels))
+    if shards is None:
+        return None
+    size = sum(len(shard_labels) for _, shard_labels in shards)
+    all_probs = np.empty((size, shards[0][0].shape[1]), dtype=np.float32)
+    all_labels = np.empty(size, dtype=np.int64)
+    for rank, (shard_probs, shard_labels) in enumerate(shards):
+        if not len(shard_labels):
+            continue
+        all_probs[rank::len(shards)] = shard_probs
+        all_labels[rank::len(shards)] = shard_labels
+    return all_probs, all_labels
+
+
 def _restore(run: Run) -> int:
-    """Load the last checkpoint; roll the store and metrics back to it. Returns its epoch."""
+    """Load the last checkpoint (every rank); rank 0 rolls the store and the metrics back
+    to it. Returns its epoch."""
     state = load_checkpoint(run.directory / CHECKPOINT)
-    run.model.load_state_dict(state["model"])
+    run.network.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+    if len(rng) != run.env.world_size:
+        raise ValueError(
+            f"{run.directory} was checkpointed by {len(rng)} process(es); resume it with as many "
+            f"(torchrun --nproc-per-node ...), not {run.env.world_size}, so that every rank's "
+            "random state and data shard carry on"
+        )
+    set_rng_state(rng[run.env.rank])
     epoch = state["epoch"]
-    dropped = run.store.rollback(epoch)
-    rows = [row for row in _metrics_rows(run.directory) if row["epoch"] <= epoch]
-    (run.directory / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    _logger.info("resuming %s after epoch %d%s", run.directory, epoch,
-                 f" (dropped unfinished epochs {dropped} from the store)" if dropped else "")
+    if run.env.is_main:
+        dropped = run.store.rollback(epoch)
+        rows = [row for row in _metrics_rows(run.directory) if row["epoch"] <= epoch]
+        (run.directory / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        _logger.info("resuming %s after epoch %d%s", run.directory, epoch,
+                     f" (dropped unfinished epochs {dropped} from the store)" if dropped else "")
+    run.env.barrier()
+    run.store.refresh()
     return epoch
 
 

@@ -1,0 +1,93 @@
+"""The process group of a torchrun launch, or a stand-in for one process.
+
+``torchrun --nproc-per-node N --no-python pskd-store train ...`` sets RANK, WORLD_SIZE,
+LOCAL_RANK and LOCAL_WORLD_SIZE; :func:`setup` reads them, picks NCCL on GPUs and gloo
+on CPUs, and gives each process its own device. Without torchrun it is one process and
+no process group. The training loop synchronises only at epoch boundaries (no
+per-batch exchange of predictions): barriers around the seal and the teacher's decode,
+and one gather of the test predictions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Distributed:
+    """Where this process stands among the processes of one run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1 or dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        """Global rank 0: the one process that writes logs, metrics and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def is_local_main(self) -> bool:
+        """Local rank 0: the one process per node that decodes the teacher for the node."""
+        return self.local_rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def gather_to_main(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj``, in rank order, on the main process (None elsewhere)."""
+        if not self.enabled:
+            return [obj]
+        gathered = [None] * self.world_size if self.is_main else None
+        dist.gather_object(obj, gathered, dst=0)
+        return gathered
+
+    def broadcast_from_main(self, obj: Any) -> Any:
+        """The main process's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def setup(device: str) -> tuple[Distributed, torch.device]:
+    """Join torchrun's process group (if launched by it) and choose this process's device.
+
+    ``device`` is the user's choice ("auto", "cpu", "cuda", "cuda:N"); under torchrun a
+    CUDA choice becomes this process's own GPU, ``cuda:LOCAL_RANK``.
+    """
+    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if not launched_by_torchrun():
+        chosen = torch.device("cuda" if device == "auto" and use_cuda else ("cpu" if device == "auto" else device))
+        if chosen.type == "cuda":
+            torch.cuda.set_device(chosen)  # so streams, events and pinned memory use this GPU
+        return Distributed(), chosen
+    env = Distributed(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                      local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+    chosen = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
+    if chosen.type == "cuda":
+        torch.cuda.set_device(chosen)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo",
+                                device_id=chosen if chosen.type == "cuda" else None)
+    return env, chosen
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

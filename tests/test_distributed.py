@@ -1,0 +1,174 @@
+"""Several processes for real: torchrun with the gloo backend on CPU, real kills.
+
+Each test launches its own torchrun and stays well under a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pskd_store.metrics import evaluate
+from pskd_store.store import SoftTargetStore
+
+TORCHRUN = shutil.which("torchrun")
+PSKD = shutil.which("pskd-store")
+# 8,000 MNIST-1D training signals less one held out: 7,999 does not divide by 2 ranks.
+ODD_TRAIN_SET = ["--val-split", "0.0001"]
+
+
+def torchrun(nproc: int, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+    command = [TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(_free_port()), "--no-python", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr[-4000:]}")
+    return result
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timings(row: dict) -> dict:
+    train = {k: v for k, v in row["train"].items() if k not in ("samples_per_s", "seconds")}
+    return {**{k: v for k, v in row.items() if k != "epoch_seconds"}, "train": train}
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, data_dir) -> Path:
+    """One uninterrupted 2-process run of the offline default, 3 epochs."""
+    run = tmp_path_factory.mktemp("ddp") / "run"
+    torchrun(2, PSKD, "train", "--epochs", "3", "--data-dir", str(data_dir), "-o", str(run), "-q", *ODD_TRAIN_SET)
+    return run
+
+
+def test_two_ranks_train_one_run(two_rank_run, data_dir):
+    run = two_rank_run
+    assert [r["epoch"] for r in rows(run)] == [1, 2, 3]  # one metrics.jsonl, one row per epoch
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
+    assert json.loads((run / "summary.json").read_text())["world_size"] == 2
+    store = SoftTargetStore.open(run / "store", read_only=True)
+    assert store.num_samples == 7999 and store.sealed_epochs == [1, 2, 3]
+    for epoch in (1, 2, 3):
+        info = store.epoch_info(epoch)
+        # DistributedSampler pads 7,999 ids to 2 x 4,000: one id is trained (and written) twice
+        assert (info["rows_written"], info["ids_written"], info["duplicates"], info["carried_forward"]) == (
+            8000, 7999, 1, 0)
+    # metrics of the whole test set, not of one rank's shard, sample by sample in the test
+    # set's order: they equal a one-process eval of the final checkpoint
+    test = rows(run)[-1]["test"]
+    assert test["n"] == 2000
+    with np.load(run / "eval" / "test_probs.npz") as trained:
+        trained_probs, trained_labels = trained["probs"], trained["labels"]
+    assert evaluate(trained_probs, trained_labels) == pytest.approx(test, abs=1e-9)
+    evaluated = json.loads(subprocess.run([PSKD, "eval", str(run)], capture_output=True, text=True,
+                                          check=True, timeout=120).stdout)
+    for key in ("top1_err", "top5_err", "nll", "ece", "aurc", "eaurc"):
+        assert evaluated[key] == pytest.approx(test[key], abs=1e-9), key
+    with np.load(run / "eval" / "test_probs.npz") as one_process:
+        np.testing.assert_array_equal(trained_labels, one_process["labels"])
+        np.testing.assert_allclose(trained_probs, one_process["probs"], atol=1e-6)
+
+
+def test_each_id_keeps_what_the_rank_that_trained_on_it_wrote(tmp_path):
+    # Two ranks write DistributedSampler's shards of an odd N as training does, each row
+    # marking the rank that wrote it; rank 0 seals after a barrier.
+    script = tmp_path / "ranks.py"
+    script.write_text(textwrap.dedent(f"""
+        import numpy as np, torch, torch.distributed as dist
+        from torch.utils.data import DistributedSampler
+        from pskd_store import SoftTargetStore
+        dist.init_process_group("gloo")
+        rank, n, k = dist.get_rank(), 1001, 5
+        labels = np.arange(n) % k
+        if rank == 0:
+            SoftTargetStore.create({str(tmp_path / "store")!r}, labels, k, dtype="float32", chunk_rows=64)
+        dist.barrier()
+        store = SoftTargetStore.open({str(tmp_path / "store")!r}, labels=labels)
+        sampler = DistributedSampler(range(n), num_replicas=2, rank=rank, shuffle=True, seed=7)
+        ids = torch.tensor(list(sampler))
+        np.save({str(tmp_path)!r} + f"/ids{{rank}}.npy", ids.numpy())
+        probs = torch.full((len(ids), k), 0.1)
+        probs[:, 0] = 0.3 + 0.1 * rank          # which rank wrote it
+        probs[:, 1] = 0.2 - 0.1 * rank
+        with store.writer(1, rank=rank, from_logits=False) as writer:
+            for batch in range(0, len(ids), 32):
+                writer.write(ids[batch:batch + 32], probs[batch:batch + 32])
+        dist.barrier()
+        if rank == 0:
+            store.seal(1)
+        dist.destroy_process_group()
+    """))
+    torchrun(2, sys.executable, str(script), timeout=60)
+    teacher = SoftTargetStore.open(tmp_path / "store", read_only=True).read_epoch(1)
+    ids = [np.load(tmp_path / f"ids{rank}.npy") for rank in (0, 1)]
+    assert len(ids[0]) == len(ids[1]) == 501
+    writer_of = np.full(1001, -1)
+    writer_of[ids[0]] = 0
+    writer_of[ids[1]] = 1  # the padding duplicate: the higher rank's write wins
+    assert (writer_of >= 0).all() and len(set(ids[0]) & set(ids[1])) == 1
+    np.testing.assert_array_equal(teacher[:, 0], (0.3 + 0.1 * writer_of).astype(np.float32))
+
+
+def test_a_killed_rank_fails_the_job_and_resume_finishes_it(tmp_path, two_rank_run, data_dir):
+    run = tmp_path / "run"
+    command = [TORCHRUN, "--nproc-per-node", "2", "--master-port", str(_free_port()), "--no-python", PSKD,
+               "train", "--epochs", "3", "--data-dir", str(data_dir), "-o", str(run), "-q", *ODD_TRAIN_SET]
+    launcher = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not ((run / "metrics.jsonl").exists() and rows(run)):
+        time.sleep(0.02)
+    ranks = _children(launcher.pid)
+    assert len(ranks) == 2, "torchrun starts one process per rank"
+    os.kill(max(ranks), signal.SIGKILL)  # the rank started last: rank 1
+    _, stderr = launcher.communicate(timeout=60)
+    assert launcher.returncode != 0 and "FAILED" in stderr  # loudly
+    done = len(rows(run))
+    assert 1 <= done < 3, "killed part-way"
+    assert SoftTargetStore.open(run / "store", read_only=True).sealed_epochs[-1] <= done + 1
+
+    torchrun(2, PSKD, "train", "--resume", str(run), "-q")
+    assert [without_timings(r) for r in rows(run)] == [without_timings(r) for r in rows(two_rank_run)]
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(child) for child in path.read_text().split()]
+
+
+def test_one_process_torchrun_equals_a_plain_run(tmp_path, data_dir):
+    plain, launched = tmp_path / "plain", tmp_path / "torchrun"
+    subprocess.run([PSKD, "train", "--epochs", "2", "--data-dir", str(data_dir), "-o", str(plain), "-q"],
+                   check=True, capture_output=True, timeout=120)
+    torchrun(1, PSKD, "train", "--epochs", "2", "--data-dir", str(data_dir), "-o", str(launched), "-q")
+    assert [without_timings(r) for r in rows(launched)] == [without_timings(r) for r in rows(plain)]
+    np.testing.assert_array_equal(SoftTargetStore.open(launched / "store", read_only=True).read_epoch(2),
+                                  SoftTargetStore.open(plain / "store", read_only=True).read_epoch(2))
+
+
+def test_torchrun_needs_an_output_directory(data_dir):
+    result = torchrun(1, PSKD, "train", "--epochs", "1", "--data-dir", str(data_dir), check=False)
+    assert result.returncode != 0 and "under torchrun pass --output" in result.stderr
