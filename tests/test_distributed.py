@@ -31,7 +31,8 @@ def torchrun(nproc: int, *args: str, check: bool = True, timeout: float = 120) -
     command = [TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(_free_port()), "--no-python", *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{result.stderr[-4000:]}")
+        errors = "\n".join(line for line in result.stderr.splitlines() if "Error" in line)
+        raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{errors}\n{result.stderr[-3000:]}")
     return result
 
 
