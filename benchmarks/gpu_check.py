@@ -45,6 +45,7 @@ from pskd_store.augment import BatchAugment  # noqa: E402
 from pskd_store.data import DataSplits  # noqa: E402
 from pskd_store.distributed import setup  # noqa: E402
 from pskd_store.recipe import TrainConfig  # noqa: E402
+from pskd_store.run_directory import RunDirectory  # noqa: E402
 from pskd_store.store import SoftTargetStore  # noqa: E402
 from pskd_store.training import _train_epoch, _train_loader, build_run, configure_determinism, train  # noqa: E402
 
@@ -119,7 +120,7 @@ def check_syncs(tmp: Path, steps: int) -> dict:
         config = TrainConfig(dataset="cifar100", arch="preact_resnet18", aug=aug, epochs=3, device=DEVICE,
                              steps_per_epoch=steps).resolved()
         env, device = setup(config.device)
-        run = build_run(config, tmp / f"syncs-{aug}", env, device, splits)
+        run = build_run(config, RunDirectory(tmp / f"syncs-{aug}"), env, device, splits)
         loader = _train_loader(run)
         augment = BatchAugment(aug, K, half_batch=True) if aug != "none" else None
         _train_epoch(run, loader, 1, augment, quiet=True)  # warm-up: workers, cuDNN autotuning

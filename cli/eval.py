@@ -7,13 +7,13 @@ from pathlib import Path
 
 import click
 
-from pskd_store.analysis import write_eval_probs
+from pskd_store.run_directory import RunDirectory
 from pskd_store.store import StoreError
 
 
 def checkpoint_path(path: str) -> Path:
     """A run directory stands for its last checkpoint."""
-    candidate = Path(path) / "checkpoints" / "last.pt"
+    candidate = RunDirectory(Path(path)).checkpoint
     return candidate if candidate.is_file() else Path(path)
 
 
@@ -44,10 +44,8 @@ def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str,
                                                       device=device, ece_bins=ece_bins)
     except (ValueError, FileNotFoundError, StoreError) as err:
         raise click.ClickException(str(err)) from err
-    run = paths[0].parent.parent
-    if output is None:
-        name = f"{split}_probs.npz" if len(paths) == 1 else f"ensemble_{split}_probs.npz"
-        output = run / "eval" / name
-    output = write_eval_probs(run, probs, labels, sources=[str(p) for p in paths], path=Path(output))
+    run = RunDirectory(paths[0].parent.parent)
+    output = Path(output) if output is not None else run.eval_probs(split, ensemble=len(paths) > 1)
+    run.write_eval_probs(probs, labels, sources=[str(p) for p in paths], path=output)
     click.echo(json.dumps({"checkpoints": [str(p) for p in paths], "split": split, **metrics,
                            "probs": str(output)}, indent=2))

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import click
 
+from pskd_store.run_directory import RunDirectory
 from pskd_store.store import SoftTargetStore, StoreError
 
 
 def resolve_store(path: str) -> str:
     """A run directory stands for its ``store/``; anything else is the store itself."""
-    candidate = Path(path) / "store"
+    candidate = RunDirectory(Path(path)).store
     return str(candidate) if (candidate / "zarr.json").is_file() else path
 
 

@@ -13,6 +13,7 @@ from click.core import ParameterSource
 from pskd_store.data import DATASETS
 from pskd_store.models import available_models, input_kind
 from pskd_store.recipe import AUGMENTATIONS, DATASET_DEFAULTS, METHODS, TrainConfig
+from pskd_store.run_directory import RunDirectory
 from pskd_store.store import StoreError
 
 from .logs import setup_logging
@@ -124,7 +125,7 @@ def train_command(ctx: click.Context, resume: str | None, quiet: bool, **options
                     f"{', '.join('--' + n.replace('_', '-') for n in given)}"
                 )
             directory = Path(resume)
-            config_path = directory / "config.json"
+            config_path = RunDirectory(directory).config
             if not config_path.is_file():
                 raise click.UsageError(f"{resume} has no config.json: is it a run directory made by train?")
             config = TrainConfig.load(config_path)
@@ -138,13 +139,13 @@ def train_command(ctx: click.Context, resume: str | None, quiet: bool, **options
             options["milestones"] = _parse_milestones(options["milestones"])
             config = TrainConfig(**options).resolved()
             directory = Path(output or f"runs/{config.dataset}-{config.arch}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
-            if is_main and (directory / "config.json").exists():
+            if is_main and RunDirectory(directory).config.exists():
                 raise click.UsageError(
                     f"{directory} already holds a run: continue it with --resume {directory}, "
                     "or choose another --output"
                 )
         if is_main:  # one log, one progress bar: rank 0's
-            setup_logging(directory / "train.log")
+            setup_logging(RunDirectory(directory).log)
             logging.getLogger("pskd_store.train").info("run directory %s", directory)
         summary = train(config, directory, resume=bool(resume), quiet=quiet)
     except (ValueError, FileNotFoundError, StoreError) as err:

@@ -1,13 +1,5 @@
-"""What `pskd-store inspect` computes from a run directory: pure numpy, no plotting.
-
-A run directory, as `pskd-store train` writes it::
-
-    RUN/config.json            the resolved training config
-    RUN/store/                 the SoftTargetStore (only its trajectory tier is read here)
-    RUN/metrics.jsonl          one JSON object per epoch (train and test metrics)
-    RUN/eval/test_probs.npz    test probabilities of the final model (train writes them,
-                               `pskd-store eval` overwrites them)
-"""
+"""What `pskd-store inspect` computes from a run directory (see
+:mod:`pskd_store.run_directory`): pure numpy, no plotting."""
 
 from __future__ import annotations
 
@@ -19,15 +11,11 @@ from typing import Any
 import numpy as np
 
 from .metrics import reliability_bins
+from .run_directory import RunDirectory, RunError
 from .store import SoftTargetStore, StoreError
 
-EVAL_PROBS = Path("eval") / "test_probs.npz"
 DEFAULT_ECE_BINS = 10
 MIB = 2**20
-
-
-class RunError(ValueError):
-    """A run directory that cannot be inspected: the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -65,28 +53,28 @@ class RunData:
 
 def load_run(path: str | Path) -> RunData:
     """Read a run directory without writing to it: config, trajectory tier, metrics, eval."""
-    path = Path(path)
-    if not path.is_dir():
+    run = RunDirectory(Path(path))
+    if not run.path.is_dir():
         raise RunError(
-            f"run directory {path} does not exist: pass a directory written by "
+            f"run directory {run.path} does not exist: pass a directory written by "
             "`pskd-store train` (it holds config.json and store/)"
         )
-    if not (path / "store" / "zarr.json").is_file():
-        raise RunError(f"no store in {path}: was it made by `pskd-store train`?")
+    if not (run.store / "zarr.json").is_file():
+        raise RunError(f"no store in {run.path}: was it made by `pskd-store train`?")
     try:
-        store = SoftTargetStore.open(path / "store", read_only=True)
+        store = SoftTargetStore.open(run.store, read_only=True)
         trajectory = store.trajectory()
     except StoreError as err:
-        raise RunError(f"cannot read the store of {path}: {err}") from err
+        raise RunError(f"cannot read the store of {run.path}: {err}") from err
     if len(trajectory["epochs"]) == 0:
-        raise RunError(f"the store in {path} has no sealed epoch yet: train at least one epoch first")
-    probs, labels = _read_eval(path)
+        raise RunError(f"the store in {run.path} has no sealed epoch yet: train at least one epoch first")
+    probs, labels = run.read_eval_probs()
     return RunData(
-        path=path,
-        config=_read_json(path / "config.json"),
+        path=run.path,
+        config=_read_json(run.config),
         labels=store.labels,
         trajectory=trajectory,
-        metrics=_read_metrics(path / "metrics.jsonl"),
+        metrics=run.metrics_rows(),
         store_summary=store.summary(),
         eval_probs=probs,
         eval_labels=labels,
@@ -101,43 +89,6 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise RunError(f"{path} is not valid JSON ({err}): fix or delete it") from err
-
-
-def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The rows of metrics.jsonl ([] when training has not written any)."""
-    if not path.is_file():
-        return []
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as err:
-            raise RunError(f"line {number} of {path} is not valid JSON ({err}): fix or delete that line") from err
-    return rows
-
-
-def write_eval_probs(run: Path, probs: np.ndarray, labels: np.ndarray, *, sources: list[str],
-                     path: Path | None = None) -> Path:
-    """Save per-sample probabilities where `inspect` reads them (``RUN/eval/test_probs.npz``
-    unless ``path`` says otherwise); ``sources`` names the checkpoints they came from."""
-    path = path if path is not None else run / EVAL_PROBS
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, probs=probs, labels=labels, checkpoints=np.array(sources))
-    return path
-
-
-def _read_eval(run: Path) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """Test probabilities and labels written by training or `pskd-store eval`, or (None, None)."""
-    path = run / EVAL_PROBS
-    if not path.is_file():
-        return None, None
-    with np.load(path) as data:
-        missing = {"probs", "labels"} - set(data.files)
-        if missing:
-            raise RunError(f"{path} lacks {sorted(missing)}: rerun `pskd-store eval {run}`")
-        return data["probs"], data["labels"]
 
 
 def correct_epochs(traj: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:

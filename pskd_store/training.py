@@ -36,7 +36,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
-from .analysis import write_eval_probs
 from .augment import BatchAugment
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import DataSplits, build_datasets
@@ -46,11 +45,10 @@ from .loss import alpha_t, method_loss
 from .metrics import evaluate
 from .models import create_model, input_kind
 from .recipe import TrainConfig
+from .run_directory import RunDirectory
 from .store import SoftTargetStore
 
 _logger = logging.getLogger("pskd_store.train")
-
-CHECKPOINT = "checkpoints/last.pt"
 
 
 def select_device(name: str) -> torch.device:
@@ -75,7 +73,7 @@ class Run:
     """What one training run is made of, built from its config, on one rank."""
 
     config: TrainConfig
-    directory: Path
+    directory: RunDirectory
     env: Distributed
     device: torch.device
     splits: DataSplits
@@ -89,7 +87,7 @@ class Run:
     val_loader: DataLoader | None
 
 
-def build_run(config: TrainConfig, directory: Path, env: Distributed, device: torch.device,
+def build_run(config: TrainConfig, directory: RunDirectory, env: Distributed, device: torch.device,
               splits: DataSplits | None = None) -> Run:
     """Data, model, store and optimizer of a run on this rank (the store is created on
     first use, by rank 0). ``splits`` replaces the data set ``config`` names (benchmarks
@@ -121,14 +119,15 @@ def build_run(config: TrainConfig, directory: Path, env: Distributed, device: to
                scheduler, test_loader, val_loader)
 
 
-def _open_store(config: TrainConfig, directory: Path, splits: DataSplits, env: Distributed) -> SoftTargetStore:
+def _open_store(config: TrainConfig, directory: RunDirectory, splits: DataSplits,
+                env: Distributed) -> SoftTargetStore:
     """Rank 0 creates (or reopens) the store; the others open it once it exists."""
     store = None
     if env.is_main:
         store = SoftTargetStore.open_or_create(
-            directory / "store", splits.train_labels, splits.num_classes, dtype=config.store_dtype)
+            directory.store, splits.train_labels, splits.num_classes, dtype=config.store_dtype)
     env.barrier()
-    return store or SoftTargetStore.open(directory / "store", labels=splits.train_labels,
+    return store or SoftTargetStore.open(directory.store, labels=splits.train_labels,
                                          num_classes=splits.num_classes)
 
 
@@ -144,18 +143,18 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, quiet: 
     ``config`` names (benchmarks on synthetic data)."""
     env, device = setup(config.device)
     try:
-        return _train(config, directory, env, device, resume=resume, quiet=quiet or not env.is_main,
-                      splits=splits)
+        return _train(config, RunDirectory(Path(directory)), env, device, resume=resume,
+                      quiet=quiet or not env.is_main, splits=splits)
     finally:
         teardown()
 
 
-def _train(config: TrainConfig, directory: Path, env: Distributed, device: torch.device, *,
+def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, device: torch.device, *,
            resume: bool, quiet: bool, splits: DataSplits | None) -> dict | None:
     if env.is_main:
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.path.mkdir(parents=True, exist_ok=True)
         if not resume:
-            config.save(directory / "config.json")
+            config.save(directory.config)
     configure_determinism(config.deterministic)
     run = build_run(config, directory, env, device, splits)
     start = _restore(run) + 1 if resume else 1
@@ -186,9 +185,8 @@ def _train(config: TrainConfig, directory: Path, env: Distributed, device: torch
         if run.val_loader is not None:
             row["val"] = evaluate(*val_probs, n_bins=config.ece_bins)
         row["epoch_seconds"] = time.perf_counter() - started  # steps, seal and evaluation
-        with open(directory / "metrics.jsonl", "a") as file:
-            file.write(json.dumps(row) + "\n")
-        save_checkpoint(directory / CHECKPOINT, model=run.network.state_dict(),
+        directory.append_metrics(row)
+        save_checkpoint(directory.checkpoint, model=run.network.state_dict(),
                         optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
                         epoch=epoch, config=config.__dict__, rng=rng)
         _log_epoch(row, config.epochs)
@@ -196,11 +194,11 @@ def _train(config: TrainConfig, directory: Path, env: Distributed, device: torch
     if not env.is_main:
         return None
     if test_probs is not None:  # a resumed run that had nothing left to train keeps its file
-        write_eval_probs(directory, *test_probs, sources=[str(directory / CHECKPOINT)])
-    summary = {"run": str(directory), "config": config.__dict__, "epochs": config.epochs,
-               "world_size": env.world_size, **summarize_metrics(_metrics_rows(directory)),
+        directory.write_eval_probs(*test_probs, sources=[str(directory.checkpoint)])
+    summary = {"run": str(directory.path), "config": config.__dict__, "epochs": config.epochs,
+               "world_size": env.world_size, **summarize_metrics(directory.metrics_rows()),
                "store": run.store.summary()}
-    (directory / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    directory.summary.write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -344,14 +342,14 @@ def predict_all(run: Run, loader: DataLoader) -> tuple[np.ndarray, np.ndarray] |
 def _restore(run: Run) -> int:
     """Load the last checkpoint (every rank); rank 0 rolls the store and the metrics back
     to it. Returns its epoch."""
-    state = load_checkpoint(run.directory / CHECKPOINT)
+    state = load_checkpoint(run.directory.checkpoint)
     run.network.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     if len(rng) != run.env.world_size:
         raise ValueError(
-            f"{run.directory} was checkpointed by {len(rng)} process(es); resume it with as many "
+            f"{run.directory.path} was checkpointed by {len(rng)} process(es); resume it with as many "
             f"(torchrun --nproc-per-node ...), not {run.env.world_size}, so that every rank's "
             "random state and data shard carry on"
         )
@@ -359,18 +357,12 @@ def _restore(run: Run) -> int:
     epoch = state["epoch"]
     if run.env.is_main:
         dropped = run.store.rollback(epoch)
-        rows = [row for row in _metrics_rows(run.directory) if row["epoch"] <= epoch]
-        (run.directory / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-        _logger.info("resuming %s after epoch %d%s", run.directory, epoch,
+        run.directory.keep_metrics_through(epoch)
+        _logger.info("resuming %s after epoch %d%s", run.directory.path, epoch,
                      f" (dropped unfinished epochs {dropped} from the store)" if dropped else "")
     run.env.barrier()
     run.store.refresh()
     return epoch
-
-
-def _metrics_rows(directory: Path) -> list[dict]:
-    path = directory / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _log_epoch(row: dict, epochs: int) -> None:

@@ -1,0 +1,105 @@
+"""The files of one training run: where `train` writes them, `eval` and `inspect` read them.
+
+    RUN/config.json            the resolved training config
+    RUN/store/                 the SoftTargetStore (RUN/store.mmap/: its decoded teacher, a cache)
+    RUN/checkpoints/last.pt    model, optimizer, scheduler, epoch, every rank's RNG states
+    RUN/metrics.jsonl          one JSON object per epoch (train, test and val metrics)
+    RUN/summary.json           the last and the best epoch's metrics, the store's summary
+    RUN/eval/test_probs.npz    test probabilities of the final model (train writes them,
+                               `pskd-store eval` overwrites them)
+    RUN/train.log              the log of rank 0
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class RunError(ValueError):
+    """A run directory that cannot be read: the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class RunDirectory:
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.json"
+
+    @property
+    def store(self) -> Path:
+        return self.path / "store"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def log(self) -> Path:
+        return self.path / "train.log"
+
+    def eval_probs(self, split: str = "test", ensemble: bool = False) -> Path:
+        return self.path / "eval" / f"{'ensemble_' if ensemble else ''}{split}_probs.npz"
+
+    # -- metrics.jsonl ---------------------------------------------------------------------
+
+    def metrics_rows(self) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl ([] when training has not written any)."""
+        if not self.metrics.is_file():
+            return []
+        rows = []
+        for number, line in enumerate(self.metrics.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise RunError(
+                    f"line {number} of {self.metrics} is not valid JSON ({err}): fix or delete that line"
+                ) from err
+        return rows
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        with open(self.metrics, "a") as file:
+            file.write(json.dumps(row) + "\n")
+
+    def keep_metrics_through(self, epoch: int) -> None:
+        """Drop the rows of epochs after ``epoch`` (what a resumed run redoes)."""
+        rows = [row for row in self.metrics_rows() if row["epoch"] <= epoch]
+        self.metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    # -- per-sample probabilities ------------------------------------------------------------
+
+    def write_eval_probs(self, probs: np.ndarray, labels: np.ndarray, *, sources: list[str],
+                         path: Path | None = None) -> Path:
+        """Save per-sample probabilities where `inspect` reads them (``eval/test_probs.npz``
+        unless ``path`` says otherwise); ``sources`` names the checkpoints they came from."""
+        path = path if path is not None else self.eval_probs()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path, probs=probs, labels=labels, checkpoints=np.array(sources))
+        return path
+
+    def read_eval_probs(self) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Test probabilities and labels written by training or `pskd-store eval`, or (None, None)."""
+        path = self.eval_probs()
+        if not path.is_file():
+            return None, None
+        with np.load(path) as data:
+            missing = {"probs", "labels"} - set(data.files)
+            if missing:
+                raise RunError(f"{path} lacks {sorted(missing)}: rerun `pskd-store eval {self.path}`")
+            return data["probs"], data["labels"]
