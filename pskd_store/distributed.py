@@ -72,6 +72,8 @@ def setup(device: str) -> tuple[Distributed, torch.device]:
     CUDA choice becomes this process's own GPU, ``cuda:LOCAL_RANK``.
     """
     use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is visible to this process; use --device cpu (or auto)")
     if not launched_by_torchrun():
         chosen = torch.device("cuda" if device == "auto" and use_cuda else ("cpu" if device == "auto" else device))
         if chosen.type == "cuda":

@@ -175,6 +175,8 @@ def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):
     (["--dataset", "mnist1d", "--arch", "densenet121", "--data-dir", "{data}"], "takes 32x32 inputs"),
     (["--aug", "cutmix"], "needs image data"),
     (["--dataset", "svhn"], "Invalid value for '--dataset'"),
+    pytest.param(["--device", "cuda:1"], "no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
 def test_bad_arguments_get_clear_errors(tmp_path, data_dir, args, message):
     args = [a.format(tmp=tmp_path, data=data_dir) for a in args]
