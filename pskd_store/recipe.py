@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,10 +123,26 @@ class TrainConfig:
             raise ValueError(f"alpha_T must lie in [0, 1] (the paper uses 0.8), got {self.alpha_T}")
         if self.aug == "cutmix" and self.dataset == "mnist1d":
             raise ValueError(f"--aug cutmix needs image data; {self.dataset} holds 1-D signals (use cutout)")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise ValueError("epochs, batch size and learning rate must be positive")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ValueError(f"--epochs and --batch-size must be positive, got {self.epochs} and {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number (the paper uses 0.1), got {self.lr}")
+        if not 0.0 < self.lr_gamma <= 1.0:
+            raise ValueError(f"--lr-gamma must lie in (0, 1] (the paper uses 0.1), got {self.lr_gamma}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ValueError(f"--momentum must lie in [0, 1) (the paper uses 0.9), got {self.momentum}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(f"--wd must be a non-negative number, got {self.weight_decay}")
         if any(m < 1 or m > self.epochs for m in self.milestones):
             raise ValueError(f"lr milestones {self.milestones} must lie within 1..{self.epochs}")
+        if self.ece_bins < 1:
+            raise ValueError(f"--ece-bins must be at least 1 (the paper uses 10), got {self.ece_bins}")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ValueError(f"--steps-per-epoch must be at least 1, got {self.steps_per_epoch}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be 0 or more, got {self.workers}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")

@@ -8,11 +8,16 @@
     RUN/eval/test_probs.npz    test probabilities of the final model (train writes them,
                                `pskd-store eval` overwrites them)
     RUN/train.log              the log of rank 0
+    RUN/.lock                  held by the one process that trains the run
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +56,35 @@ class RunDirectory:
     @property
     def log(self) -> Path:
         return self.path / "train.log"
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the run for this process: a second `train` or `--resume` of a live run is
+        refused, naming the process. The operating system releases the lock when the
+        process ends, however it ends (no stale lock after a SIGKILL)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / ".lock", "a+") as file:
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                file.seek(0)
+                holder = file.read().strip() or "another process"
+                raise RunError(
+                    f"{self.path} is being trained by {holder}: wait for it to finish or stop it, "
+                    "or train into another --output"
+                ) from None
+            file.truncate(0)
+            file.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+            file.flush()
+            yield
+
+    def remove_temporary_files(self) -> list[Path]:
+        """Half-written files a killed process left behind (checkpoints and decoded
+        teachers are written to a temporary name, then renamed)."""
+        leftovers = [*self.checkpoint.parent.glob(".*.tmp"), *self.path.glob("store.mmap/*.tmp")]
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return leftovers
 
     def eval_probs(self, split: str = "test", ensemble: bool = False) -> Path:
         return self.path / "eval" / f"{'ensemble_' if ensemble else ''}{split}_probs.npz"

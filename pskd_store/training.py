@@ -142,9 +142,11 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, quiet: 
     (None on the other ranks of a torchrun launch). ``splits`` replaces the data set
     ``config`` names (benchmarks on synthetic data)."""
     env, device = setup(config.device)
+    run_directory = RunDirectory(Path(directory))
     try:
-        return _train(config, RunDirectory(Path(directory)), env, device, resume=resume,
-                      quiet=quiet or not env.is_main, splits=splits)
+        with run_directory.lock() if env.is_main else nullcontext():
+            return _train(config, run_directory, env, device, resume=resume,
+                          quiet=quiet or not env.is_main, splits=splits)
     finally:
         teardown()
 
@@ -152,7 +154,7 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, quiet: 
 def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, device: torch.device, *,
            resume: bool, quiet: bool, splits: DataSplits | None) -> dict | None:
     if env.is_main:
-        directory.path.mkdir(parents=True, exist_ok=True)
+        directory.remove_temporary_files()
         if not resume:
             config.save(directory.config)
     configure_determinism(config.deterministic)
@@ -341,7 +343,10 @@ def predict_all(run: Run, loader: DataLoader) -> tuple[np.ndarray, np.ndarray] |
 
 def _restore(run: Run) -> int:
     """Load the last checkpoint (every rank); rank 0 rolls the store and the metrics back
-    to it. Returns its epoch."""
+    to it. Returns its epoch: 0 for a run killed before its first checkpoint, which then
+    starts over with an empty store."""
+    if not run.directory.checkpoint.is_file():
+        return _roll_back(run, 0)
     state = load_checkpoint(run.directory.checkpoint)
     run.network.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -354,7 +359,11 @@ def _restore(run: Run) -> int:
             "random state and data shard carry on"
         )
     set_rng_state(rng[run.env.rank])
-    epoch = state["epoch"]
+    return _roll_back(run, state["epoch"])
+
+
+def _roll_back(run: Run, epoch: int) -> int:
+    """Rank 0 forgets what came after ``epoch`` (sealed epochs, metrics rows); all wait."""
     if run.env.is_main:
         dropped = run.store.rollback(epoch)
         run.directory.keep_metrics_through(epoch)

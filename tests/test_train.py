@@ -18,9 +18,11 @@ from click.testing import CliRunner
 
 from pskd_store.metrics import evaluate
 from pskd_store.recipe import TrainConfig
+from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from pskd_store.training import train
 from pskd_store_cli.main import cli
+from store_helpers import write_epoch
 
 PSKD = shutil.which("pskd-store")
 
@@ -111,7 +113,9 @@ def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
 
 
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir):
-    args = ["train", "--epochs", "4", "--data-dir", str(data_dir), "-q", "--seed", "3"]
+    # Cutout draws random holes every step: the resumed run matches only if every RNG
+    # state was restored, not just the weights.
+    args = ["train", "--epochs", "4", "--aug", "cutout", "--data-dir", str(data_dir), "-q", "--seed", "3"]
     whole = tmp_path / "whole"
     pskd(*args, "-o", str(whole))
 
@@ -125,8 +129,12 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
-    done = len(metrics_rows(broken))
+    done = torch.load(broken / "checkpoints" / "last.pt", weights_only=False)["epoch"]
     assert 2 <= done < 4, "the run must be killed part-way"
+    store = SoftTargetStore.open(broken / "store")
+    if store.latest_sealed == done:  # make it a kill between a seal and its checkpoint
+        write_epoch(store, done + 1, seal=True)  # predictions the resumed run must not use
+        PredictionService(store).prepare(done + 1)  # and a decoded copy of them in the cache
 
     pskd("train", "--resume", str(broken), "-q")
     assert [without_timings(r) for r in metrics_rows(broken)] == [without_timings(r) for r in metrics_rows(whole)]
@@ -134,6 +142,38 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir):
     np.testing.assert_array_equal(
         resumed.read_epoch(4), SoftTargetStore.open(whole / "store", read_only=True).read_epoch(4)
     )
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, data_dir):
+    args = ["train", "--epochs", "2", "--data-dir", str(data_dir), "-q"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    pskd(*args, "-o", str(whole))
+    pskd(*args, "-o", str(broken))
+    # what a kill in epoch 1 leaves: no checkpoint yet, half-written temporary files, and
+    # here an epoch already sealed (the seal comes before the checkpoint)
+    (broken / "checkpoints" / "last.pt").unlink()
+    leftovers = [broken / "checkpoints" / ".last.pt.123.tmp", broken / "store.mmap" / "tmpab12.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    pskd("train", "--resume", str(broken), "-q")
+    assert not any(path.exists() for path in leftovers)
+    assert [without_timings(r) for r in metrics_rows(broken)] == [without_timings(r) for r in metrics_rows(whole)]
+
+
+def test_a_live_run_is_locked_and_a_killed_one_is_not(tmp_path, data_dir):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([PSKD, "train", "--epochs", "40", "--data-dir", str(data_dir), "-o", str(run), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "checkpoints" / "last.pt").exists():
+        time.sleep(0.02)
+    second = pskd("train", "--resume", str(run), "-q", check=False)
+    assert second.returncode != 0 and f"is being trained by process {proc.pid}" in second.stderr
+    assert "Traceback" not in second.stderr
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    pskd("train", "--resume", str(run), "-q")  # the dead process left no stale lock
+    assert [r["epoch"] for r in metrics_rows(run)] == list(range(1, 41))
 
 
 @pytest.mark.parametrize("arch, method, aug, recorded_per_step", [
@@ -175,6 +215,13 @@ def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):
     (["--dataset", "mnist1d", "--arch", "densenet121", "--data-dir", "{data}"], "takes 32x32 inputs"),
     (["--aug", "cutmix"], "needs image data"),
     (["--dataset", "svhn"], "Invalid value for '--dataset'"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--ece-bins", "0"], "--ece-bins must be at least 1"),
+    (["--steps-per-epoch", "0"], "--steps-per-epoch must be at least 1"),
+    (["--steps-per-epoch", "-3"], "--steps-per-epoch must be at least 1"),
+    (["--lr-gamma", "1.5"], "--lr-gamma must lie in (0, 1]"),
+    (["--lr-gamma", "0"], "--lr-gamma must lie in (0, 1]"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     pytest.param(["--device", "cuda:1"], "no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
