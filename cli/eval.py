@@ -42,7 +42,7 @@ def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str,
     try:
         metrics, probs, labels = evaluate_checkpoints(paths, split=split, data_dir=data_dir,
                                                       device=device, ece_bins=ece_bins)
-    except (ValueError, FileNotFoundError, StoreError) as err:
+    except (ValueError, OSError, StoreError) as err:  # each names its file and the fix
         raise click.ClickException(str(err)) from err
     run = RunDirectory(paths[0].parent.parent)
     output = Path(output) if output is not None else run.eval_probs(split, ensemble=len(paths) > 1)

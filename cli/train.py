@@ -148,7 +148,7 @@ def train_command(ctx: click.Context, resume: str | None, quiet: bool, **options
             setup_logging(RunDirectory(directory).log)
             logging.getLogger("pskd_store.train").info("run directory %s", directory)
         summary = train(config, directory, resume=bool(resume), quiet=quiet)
-    except (ValueError, FileNotFoundError, StoreError) as err:
+    except (ValueError, OSError, StoreError) as err:  # each names its file and the fix
         raise click.ClickException(str(err)) from err
     if summary is None:  # another rank than 0 of a torchrun launch
         return

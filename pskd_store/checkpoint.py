@@ -4,6 +4,7 @@ never the prediction table, which lives in the store."""
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -44,4 +45,10 @@ def save_checkpoint(path: Path, **state: Any) -> None:
 def load_checkpoint(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: pass a run directory or a .pt file written by train")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (EOFError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ValueError(
+            f"{path} is not a readable checkpoint ({err}): it was cut short or damaged; "
+            "delete it to resume the run from epoch 1, or restore it from a backup"
+        ) from err

@@ -149,4 +149,8 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> TrainConfig:
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError) as err:
+            raise ValueError(f"{path} is not a config written by pskd-store train ({err}): restore it "
+                             "from a backup, or start a new run") from err

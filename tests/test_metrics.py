@@ -217,3 +217,16 @@ def test_bad_input_raises(probs, labels, match):
 def test_bad_n_bins_raises(n_bins):
     with pytest.raises(ValueError, match="n_bins"):
         evaluate(PROBS, LABELS, n_bins=n_bins)
+
+
+def test_default_ece_has_the_papers_ten_bins():
+    rng = np.random.default_rng(9)
+    probs = torch.softmax(torch.tensor(rng.normal(size=(500, 10)) * 2), 1).numpy()
+    # right exactly when under 0.5 confident: a bin that straddles 0.5 (15 bins have one,
+    # 10 do not) mixes right and wrong samples and changes the ECE
+    wrong = (probs.argmax(1) + 1) % 10
+    labels = np.where(probs.max(1) < 0.5, probs.argmax(1), wrong)
+    ten, _, _ = _authors_ece_aurc_eaurc(probs, labels, bin_size=0.1)
+    fifteen, _, _ = _authors_ece_aurc_eaurc(probs, labels, bin_size=1 / 15)
+    assert abs(ten - fifteen) > 0.1  # the data tell the two apart
+    assert evaluate(probs, labels)["ece"] == pytest.approx(ten, abs=1e-9)

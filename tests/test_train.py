@@ -72,6 +72,7 @@ def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
         assert 0 <= row["test"]["top1_err"] < 90 and row["train"]["samples_per_s"] > 0
     store = SoftTargetStore.open(run / "store", read_only=True)
     assert store.sealed_epochs == [1, 2, 3] and store.num_samples == 8000
+    assert store.dtype == np.float16  # the CLI's default --store-dtype
     assert store.trajectory()["true_prob"].shape == (3, 8000)
 
     config = json.loads((run / "config.json").read_text())
@@ -256,3 +257,17 @@ def test_methods_differ_only_in_their_targets(tmp_path, data_dir):
     # a soft target has entropy: PS-KD's loss is well above CE's once alpha_2 = 0.8 weighs in
     assert pskd[1]["train"]["loss"] > ce[1]["train"]["loss"] + 0.1
     assert ls[0]["train"]["loss"] > ce[0]["train"]["loss"] + 0.1  # label smoothing's uniform term
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: (run / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 cut short"), "is not a readable checkpoint"),
+    (lambda run: (run / "checkpoints" / "last.pt").write_bytes(b""), "is not a readable checkpoint"),
+    (lambda run: (run / "config.json").write_text("{\"dataset\": "), "config.json is not a config"),
+    (lambda run: (run / "metrics.jsonl").write_text("{\"epoch\": 1}\n{oops\n"), "line 2 of"),
+])
+def test_damaged_run_files_are_named_in_one_line(tmp_path, data_dir, damage, message):
+    run = tmp_path / "run"
+    pskd("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(run), "-q")
+    damage(run)
+    result = pskd("train", "--resume", str(run), "-q", check=False)
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
