@@ -153,13 +153,24 @@ def build_datasets(
     return DataSplits(train, val, test, num_classes, labels_of(train), input_kind)
 
 
-def labels_of(dataset: Dataset) -> np.ndarray:
-    """Int64 labels in index order, read from ``.targets`` (through Subsets) when present."""
+def known_labels(dataset: Dataset) -> np.ndarray | None:
+    """Int64 labels in index order from a ``.targets`` or ``.labels`` attribute (through
+    Subsets), or None when the data set has neither: never loads an input."""
     if isinstance(dataset, Subset):
-        return labels_of(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
-    targets = getattr(dataset, "targets", None)
-    if targets is not None:
-        return np.asarray(targets, dtype=np.int64)
+        labels = known_labels(dataset.dataset)
+        return None if labels is None else labels[np.asarray(dataset.indices, dtype=np.int64)]
+    for name in ("targets", "labels"):
+        values = getattr(dataset, name, None)
+        if values is not None and not callable(values):
+            return np.asarray(values, dtype=np.int64)
+    return None
+
+
+def labels_of(dataset: Dataset) -> np.ndarray:
+    """Int64 labels in index order: :func:`known_labels`, else read item by item."""
+    labels = known_labels(dataset)
+    if labels is not None:
+        return labels
     return np.fromiter((int(label) for _, label in dataset), dtype=np.int64, count=len(dataset))
 
 

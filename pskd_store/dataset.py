@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .data import known_labels
 from .loss import alpha_t, soft_target
 from .service import PredictionService
 from .store import SoftTargetStore, StoreError
@@ -35,6 +37,8 @@ class SoftTargetDataset(Dataset):
                 f"{store.num_samples}: use the store of this data set"
             )
         alpha_t(1, total_epochs, alpha_T)  # validates both
+        self._labels = store.labels  # (N,): every batch's labels are checked against it
+        self._check_labels(known_labels(base), np.arange(len(base)))
         self.base = base
         self.alpha_T = alpha_T
         self.total_epochs = total_epochs
@@ -75,6 +79,7 @@ class SoftTargetDataset(Dataset):
             raise RuntimeError("call set_epoch(epoch) before iterating a SoftTargetDataset")
         items = [self.base[i] for i in indices]
         labels = torch.as_tensor([int(label) for _, label in items], dtype=torch.int64)
+        self._check_labels(labels.numpy(), np.asarray(indices))
         if teacher == 0:
             targets = torch.nn.functional.one_hot(labels, self.num_classes).float()
         else:
@@ -82,6 +87,20 @@ class SoftTargetDataset(Dataset):
             targets = soft_target(labels, past, alpha_t(epoch, self.total_epochs, self.alpha_T))
         return [(input, target, label, index)
                 for (input, _), target, label, index in zip(items, targets, labels.tolist(), indices)]
+
+    def _check_labels(self, labels: np.ndarray | None, indices: np.ndarray) -> None:
+        """A base data set with other labels than the store's would blend each sample's
+        teacher row with another class: refuse it, whatever its length."""
+        if labels is None:
+            return
+        wrong = np.flatnonzero(labels != self._labels[indices])
+        if len(wrong):
+            i = indices[wrong[0]]
+            raise StoreError(
+                f"sample {i} of the data set has label {labels[wrong[0]]} but the store was made for "
+                f"label {self._labels[i]} ({len(wrong)} of {len(indices)} checked samples differ): wrap "
+                "the data set the store was created for, in the same order, or create a new store"
+            )
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

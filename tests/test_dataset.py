@@ -131,3 +131,26 @@ def test_bad_arguments(store, labels):
     data = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
     with pytest.raises(ValueError, match=r"epoch must lie in \[1, total_epochs=3\]"):
         data.set_epoch(4)
+
+
+class _WithTargets(TensorDataset):
+    """A data set that exposes its labels, as torchvision's do (``.targets``)."""
+
+    @property
+    def targets(self) -> list[int]:
+        return self.tensors[1].tolist()
+
+
+def test_a_base_data_set_with_other_labels_is_refused(store, labels):
+    other = labels.copy()
+    other[[7, 40]] = (other[[7, 40]] + 1) % K  # same length, two labels differ
+    with pytest.raises(StoreError, match=r"sample 7 of the data set has label .* \(2 of 96 checked samples differ"):
+        SoftTargetDataset(_WithTargets(*base_dataset(other).tensors), store, ALPHA_T, T)
+    # without a labels attribute the check runs on every batch, in the workers too
+    data = SoftTargetDataset(base_dataset(other), store, ALPHA_T, T)
+    data.set_epoch(1)
+    assert len(data.__getitems__(list(range(7)))) == 7
+    with pytest.raises(StoreError, match="sample 40 of the data set"):
+        data.__getitems__([39, 40])
+    with pytest.raises(StoreError, match="sample 7 of the data set"):
+        list(DataLoader(data, batch_size=16, num_workers=1))
