@@ -7,7 +7,8 @@ memory map of it. All DataLoader workers and all processes on a machine that map
 file share the operating system's page cache: one copy of the table per machine.
 
 The file name carries the epoch's seal token, so a cached file can never be mistaken for
-a later re-seal of the same epoch number (after a rollback).
+a later re-seal of the same epoch number (after a rollback). The file is written in slices
+of whole chunks (an ImageNet epoch is 2.6 GB), so decoding it takes little memory.
 """
 
 from __future__ import annotations
@@ -15,11 +16,16 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
+import zarr
 
-from .store import SoftTargetStore, epoch_key
+from .staging import epoch_key
+from .store import SoftTargetStore
+
+SLICE_BYTES = 32 << 20  # decoded rows held at a time while the file is written
 
 
 class PredictionService:
@@ -43,12 +49,11 @@ class PredictionService:
         path = self.path(epoch, token)
         if not path.exists():
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            predictions = store.read_epoch(epoch)
             # Write beside the target, then rename: readers see the whole file or none.
             fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
             try:
                 with os.fdopen(fd, "wb") as file:
-                    np.save(file, predictions, allow_pickle=False)
+                    _write_npy(file, store.teacher_array(epoch))
                 os.replace(tmp, path)
             finally:
                 if os.path.exists(tmp):
@@ -92,6 +97,16 @@ class PredictionService:
 
     def __getstate__(self) -> dict:
         return {"cache_dir": self.cache_dir, "_store": None, "_maps": {}}
+
+
+def _write_npy(file: BinaryIO, array: zarr.Array) -> None:
+    """``array`` (a Zarr array) as a ``.npy`` file, decoded a slice of whole chunks at a time."""
+    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": array.shape}
+    np.lib.format.write_array_header_1_0(file, header)
+    chunk_rows = array.chunks[0]
+    row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
+    step = max(1, SLICE_BYTES // (chunk_rows * row_bytes)) * chunk_rows
+    file.writelines(np.ascontiguousarray(array[start:start + step]).data for start in range(0, array.shape[0], step))
 
 
 def default_cache_dir(store: SoftTargetStore) -> Path:

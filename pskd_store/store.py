@@ -9,12 +9,14 @@ Layout (all under one group, a local path or any fsspec URL zarr accepts)::
     trajectory/epoch_0007/true_prob   (N,) probability of the true class  ┐ compact, kept
     trajectory/epoch_0007/max_prob    (N,) max probability                ├ for every epoch
     trajectory/epoch_0007/argmax      (N,) predicted class                ┘
-    staging/epoch_0008/writer_0000/   rows of an epoch in progress, one part per writer
+    staging/epoch_0008/               rows of an epoch in progress, one part per writer
+                                      (the layout and its ownership: staging.py)
 
 An epoch exists for readers only once its number is in the root attributes' ``sealed``
 list. That list is written by :meth:`SoftTargetStore.seal` after every array of the epoch
 is complete, in one atomic write of the root metadata, so a crash at any point leaves the
-previous sealed epoch as the teacher.
+previous sealed epoch as the teacher. The seal streams (merge.py): it never holds a whole
+epoch in memory.
 """
 
 from __future__ import annotations
@@ -30,21 +32,14 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
+from .errors import EpochNotSealedError, StoreError
+from .merge import TRAJECTORY_FIELDS, merge_epoch
+from .staging import EpochStaging, epoch_key
+
 SCHEMA_VERSION = 1
 ATTRS_KEY = "pskd_store"
 DTYPES = ("float16", "float32")
 CHUNK_BYTES = 1 << 20  # ~1 MiB of uncompressed rows per chunk
-
-
-class StoreError(ValueError):
-    """Bad use of a store: the message names the problem and the fix."""
-
-
-class EpochNotSealedError(StoreError, KeyError):
-    """An epoch was asked for that was never sealed (or was pruned)."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
 
 
 @dataclass(frozen=True)
@@ -79,10 +74,6 @@ def default_chunk_rows(num_classes: int, dtype: str) -> int:
 
 # Blosc/zstd with bit-shuffle: probabilities compress well at little CPU cost.
 DEFAULT_BLOSC = {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
-
-
-def epoch_key(epoch: int) -> str:
-    return f"epoch_{epoch:04d}"
 
 
 def _open_zarr_store(url: str | Path, read_only: bool, storage_options: dict | None):
@@ -364,11 +355,17 @@ class SoftTargetStore:
                 "open it with read_only=False on a writable path"
             )
 
-    def staging_group(self, epoch: int) -> zarr.Group:
-        """The group where writers of an unsealed ``epoch`` put their rows."""
+    def staging(self, epoch: int) -> EpochStaging:
+        """Where the writers of an unsealed ``epoch`` put their rows, one part each."""
         self._require_writable(f"write epoch {epoch}")
         self.require_unsealed(epoch)
-        return self._group.require_group(f"staging/{epoch_key(epoch)}")
+        return EpochStaging(self._group, epoch)
+
+    def discard_staging(self, epoch: int, rank: int | None = None) -> None:
+        """Forget the staged rows of unsealed ``epoch`` (of one ``rank``, or all), so that
+        they can be written again: the deliberate reset after a writer that closed its part
+        (or died on another machine) left rows that must not be sealed."""
+        self.staging(epoch).discard(rank)
 
     def require_unsealed(self, epoch: int) -> None:
         if epoch < 1:
@@ -384,43 +381,45 @@ class SoftTargetStore:
 
     def writer(self, epoch: int, **kwargs: Any):
         """A :class:`~pskd_store.writer.PredictionWriter` for ``epoch`` (see its options)."""
+        # imported here: the writer imports torch, reading a store does not
         from .writer import PredictionWriter
 
         return PredictionWriter(self, epoch, **kwargs)
 
-    def seal(self, epoch: int) -> dict[str, Any]:
+    def seal(self, epoch: int, *, scratch_dir: str | Path | None = None) -> dict[str, Any]:
         """Merge every writer's rows of ``epoch`` and publish it atomically.
 
         Coverage rules: an id written more than once keeps the value written last by its
         writer (several writers: the one with the higher rank); an id never written carries
         forward its prediction from the latest sealed epoch, or its one-hot label if it has
         none. Returns the epoch's statistics.
+
+        Memory stays a few hundred MiB whatever the epoch's size; the merge needs up to one
+        uncompressed epoch of free disk in ``scratch_dir`` (default: the temporary directory,
+        ``$TMPDIR``), which should be a local disk, not a RAM-backed tmpfs.
         """
         self._require_writable(f"seal epoch {epoch}")
-        self.require_unsealed(epoch)
-        staging_path = f"staging/{epoch_key(epoch)}"
-        if staging_path not in self._group:
+        staging = self.staging(epoch)
+        parts = staging.parts()
+        if not parts:
             raise StoreError(f"nothing was written for epoch {epoch}: no writer staged rows in {self.url}")
-        ids, probs = self._gather_staging(self._group[staging_path], epoch)
-
-        dense = self._previous_predictions()
-        last_write = np.unique(ids[::-1], return_index=True)[1]
-        last_write = len(ids) - 1 - last_write  # position of each id's last write
-        unique_ids = ids[last_write]
-        dense[unique_ids] = probs[last_write]
-        carried_or_onehot = self.num_samples - len(unique_ids)
-
+        if not any(part.rows for part in parts):
+            raise StoreError(f"nothing was written for epoch {epoch}: every writer closed empty")
+        latest = self.latest_sealed
         teacher = self._group.create_array(
-            f"teacher/{epoch_key(epoch)}", data=dense, chunks=(self.chunk_rows, self.num_classes),
-            compressors=self.codec, overwrite=True,
+            f"teacher/{epoch_key(epoch)}", shape=(self.num_samples, self.num_classes), dtype=self.dtype,
+            chunks=(self.chunk_rows, self.num_classes), compressors=self.codec, overwrite=True,
         )
-        self._write_trajectory(epoch, dense)
+        merged = merge_epoch(
+            parts, teacher, None if latest is None else self.teacher_array(latest), self.labels, scratch_dir
+        )
+        self._write_trajectory(epoch, merged.trajectory)
         info = {
             "seal_token": f"{secrets.randbits(63):016x}",  # fits an int64 for workers
-            "rows_written": int(len(ids)),
-            "ids_written": int(len(unique_ids)),
-            "duplicates": int(len(ids) - len(unique_ids)),
-            "carried_forward": int(carried_or_onehot),
+            "rows_written": merged.rows_written,
+            "ids_written": merged.ids_written,
+            "duplicates": merged.rows_written - merged.ids_written,
+            "carried_forward": merged.carried_forward,
             "nbytes": int(teacher.nbytes),
             "nbytes_stored": int(teacher.nbytes_stored()),
         }
@@ -429,25 +428,30 @@ class SoftTargetStore:
         meta["epochs"] = {**meta["epochs"], str(epoch): info}
         self._group.attrs[ATTRS_KEY] = meta  # the seal: one atomic metadata write
         self._meta = meta
-        self._prune(staging_path)
+        staging.remove()
+        self._prune()
         return info
 
     def rollback(self, last_kept: int) -> list[int]:
-        """Unseal every epoch after ``last_kept`` (to resume from an earlier checkpoint).
+        """Unseal every epoch after ``last_kept`` (to resume from an earlier checkpoint),
+        and discard their staged rows, so that those epochs can be written again.
 
-        Returns the epochs dropped. Refused when it would drop the last kept teacher.
+        Returns the sealed epochs dropped. Refused when it would drop the last kept teacher.
         """
         self._require_writable("roll back")
         self.refresh()
         dropped = [e for e in self.sealed_epochs if e > last_kept]
-        if not dropped:
-            return []
         remaining = [e for e in self.sealed_epochs if e <= last_kept]
         if remaining and remaining[-1] not in self.teacher_epochs:
             raise StoreError(
                 f"cannot roll back to epoch {last_kept}: its predictions were pruned "
                 f"(kept: {self.teacher_epochs}); resume from a later checkpoint"
             )
+        for staging in EpochStaging.all_epochs(self._group):
+            if staging.epoch > last_kept:
+                staging.discard()
+        if not dropped:
+            return []
         meta = dict(self._meta)
         meta["sealed"] = remaining
         meta["epochs"] = {k: v for k, v in meta["epochs"].items() if int(k) <= last_kept}
@@ -466,53 +470,17 @@ class SoftTargetStore:
         """The compressor every array of this store uses."""
         return zarr.codecs.BloscCodec(**self._meta["blosc"])
 
-    def _previous_predictions(self) -> np.ndarray:
-        """The starting point of a new epoch: the latest sealed one, else one-hot labels."""
-        latest = self.latest_sealed
-        if latest is not None:
-            return self.read_epoch(latest)
-        dense = np.zeros((self.num_samples, self.num_classes), dtype=self.dtype)
-        dense[np.arange(self.num_samples), self.labels] = 1
-        return dense
-
-    def _gather_staging(self, staging: zarr.Group, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        ids_parts, prob_parts = [], []
-        for name in sorted(staging.group_keys()):
-            part = staging[name]
-            if not part.attrs.get("closed"):
-                raise StoreError(
-                    f"writer {name} of epoch {epoch} was never closed (it crashed or is still "
-                    "running): close every writer before sealing, or rerun the epoch"
-                )
-            rows = int(part.attrs["rows"])
-            ids_parts.append(part["ids"][:rows])
-            prob_parts.append(part["probs"][:rows])
-        ids = np.concatenate(ids_parts) if ids_parts else np.empty(0, np.int64)
-        if len(ids) == 0:
-            raise StoreError(f"nothing was written for epoch {epoch}: every writer closed empty")
-        if ids.min() < 0 or ids.max() >= self.num_samples:
-            raise StoreError(f"staged ids of epoch {epoch} fall outside [0, {self.num_samples})")
-        return ids, np.concatenate(prob_parts)
-
-    def _write_trajectory(self, epoch: int, dense: np.ndarray) -> None:
-        rows = np.arange(self.num_samples)
-        argmax = dense.argmax(axis=1)
-        values = {"true_prob": dense[rows, self.labels], "max_prob": dense[rows, argmax], "argmax": argmax}
+    def _write_trajectory(self, epoch: int, values: dict[str, np.ndarray]) -> None:
         for field, dtype in TRAJECTORY_FIELDS.items():
             self._group.create_array(
                 f"trajectory/{epoch_key(epoch)}/{field}", data=values[field].astype(dtype),
                 chunks=(self.num_samples,), compressors=self.codec, overwrite=True,
             )
 
-    def _prune(self, staging_path: str) -> None:
-        """Drop the staging rows of the sealed epoch and teachers beyond ``keep_epochs``."""
-        del self._group[staging_path]
+    def _prune(self) -> None:
+        """Drop the teacher that the newly sealed epoch pushed beyond ``keep_epochs``."""
         expired = self.sealed_epochs[:-self.keep_epochs]
         if expired:  # earlier seals pruned the ones before it
             path = f"teacher/{epoch_key(expired[-1])}"
             if path in self._group:
                 del self._group[path]
-
-
-TRAJECTORY_FIELDS = {"true_prob": np.float16, "max_prob": np.float16, "argmax": np.int32}
-

@@ -3,9 +3,10 @@
 The training thread only checks shapes and copies each batch into a chunk-sized host
 buffer: pinned memory and a non-blocking copy when the outputs live on an accelerator
 (turned into probabilities in the store's dtype there first), so the step never waits on
-the device. Each full buffer goes to a background thread that waits for the copy, applies
-the softmax (for CPU outputs), validates the values and writes the buffer as one whole
-chunk of this writer's own staging part. Each writer (one per DDP rank) owns its part, so
+the device. Each full buffer goes to a background thread that waits for the copies into
+it, applies the softmax (for CPU outputs), validates the values and appends the buffer as
+one whole chunk to this writer's own staging part (staging.py). Each writer (one per DDP
+rank) claims its part when it is made: a second writer of the same part is refused, so
 writers never read-modify-write a chunk that another one writes.
 
 Value errors (ids out of range, NaN/inf) are found by the background thread, so that no
@@ -17,11 +18,15 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from .store import SoftTargetStore, StoreError
+from .errors import StoreError
+
+if TYPE_CHECKING:
+    from .store import SoftTargetStore
 
 _CLOSE = object()
 
@@ -42,9 +47,11 @@ class PredictionWriter:
 
     ``from_logits=False`` takes probabilities instead of logits. ``rank`` names this
     writer's staging part; under DDP give each rank its own and seal once, on one rank,
-    after every writer has closed. ``buffers`` chunk-sized host buffers bound the memory
-    in flight; when all are waiting to be written, ``write`` waits. A context manager
-    closes on success and abandons the unsealed rows on an exception.
+    after every writer has closed. A part has one writer: making a second one for a part
+    that a live writer holds, or that was closed, raises :class:`StoreError`. ``buffers``
+    chunk-sized host buffers bound the memory in flight; when all are waiting to be
+    written, ``write`` waits. A context manager closes on success and abandons the
+    unsealed rows on an exception.
     """
 
     def __init__(
@@ -63,9 +70,8 @@ class PredictionWriter:
         self._num_samples = store.num_samples
         self._torch_dtype = getattr(torch, str(store.dtype))
         self._chunk_rows = store.chunk_rows
-        self._staging = store.staging_group(epoch)  # refuses a sealed epoch or a read-only store now
-        self._part_name = f"writer_{rank:04d}"
-        self._rows = 0  # rows written to the staging arrays (by the background thread)
+        # refuses a sealed epoch, a read-only store or a part that another writer holds, now
+        self._part = store.staging(epoch).claim(rank)
         self._buffers = buffers
         self._free: queue.Queue = queue.Queue()  # buffers the training thread may fill
         self._allocated = 0
@@ -118,19 +124,26 @@ class PredictionWriter:
                 self._submit()
 
     def close(self) -> None:
-        """Write every buffered row and mark this writer's part complete (idempotent)."""
+        """Write every buffered row and mark this writer's part complete (idempotent).
+
+        A writer that failed gives its part up instead, so that the rank can be rewritten.
+        """
         if not self._closed:
             if self._current is not None and self._error is None:
                 self._submit()
             self._stop()
+        if self._error is not None:
+            self._part.release()
         self._raise_if_failed()
-        if not self._part.attrs.get("closed"):
-            self._part.attrs.update({"closed": True, "rows": self._rows})
+        if not self._part.closed:
+            self._part.close()
 
     def abandon(self) -> None:
-        """Stop without closing: the epoch's rows stay unsealed and invisible to readers."""
+        """Stop without closing: the epoch's rows stay unsealed and invisible to readers,
+        and the part is given up, so that a new writer of the same rank may redo it."""
         if not self._closed:
             self._stop()
+            self._part.release()
 
     def __enter__(self) -> PredictionWriter:
         return self
@@ -176,24 +189,9 @@ class PredictionWriter:
         probs = outputs.float().softmax(dim=1) if self.from_logits else outputs
         return probs.to(self._torch_dtype)
 
-    def _open_part(self) -> None:
-        """Create this writer's staging part (in the background: a few metadata writes).
-
-        Staged rows live only until the seal, so they are stored uncompressed: the writer
-        spends no CPU on compression and the seal compresses the epoch once.
-        """
-        self._part = self._staging.create_group(self._part_name, overwrite=True)
-        self._ids = self._part.create_array(
-            "ids", shape=(self._num_samples,), chunks=(self._chunk_rows,), dtype=np.int64, compressors=None,
-        )
-        self._probs = self._part.create_array(
-            "probs", shape=(self._num_samples, self.num_classes),
-            chunks=(self._chunk_rows, self.num_classes), dtype=self.store.dtype, compressors=None,
-        )
-
     def _drain(self) -> None:
-        try:
-            self._open_part()
+        try:  # in the background: making the part's arrays is a few metadata writes
+            self._part.create(self._num_samples, self.num_classes, self._chunk_rows, self.store.dtype)
         except BaseException as err:  # reported to the training thread
             self._error = err
         while (buffer := self._queue.get()) is not _CLOSE:
@@ -223,11 +221,4 @@ class PredictionWriter:
                 "predictions contain NaN or inf: the model diverged (lower the learning rate or "
                 "check the loss); nothing of this epoch will be sealed"
             )
-        end = self._rows + len(ids)
-        if end > self._ids.shape[0]:  # more rows than samples: duplicates; grow the part
-            capacity = max(end, 2 * self._ids.shape[0])
-            self._ids.resize((capacity,))
-            self._probs.resize((capacity, self.num_classes))
-        self._ids[self._rows:end] = ids
-        self._probs[self._rows:end] = probs
-        self._rows = end
+        self._part.append(ids, probs)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from pskd_store.staging import PartWriter
 from pskd_store.store import EpochNotSealedError, SoftTargetStore, StoreError
 from store_helpers import epoch_probs, make_labels, write_epoch
 
@@ -143,6 +145,290 @@ def test_several_writer_processes_fill_one_epoch(store, labels):
     np.testing.assert_allclose(store.read_epoch(1), epoch_probs(1, N, K), atol=1e-3)
 
 
+# -- the streaming seal: coverage rules, exactly, over many chunks, buckets and parts ---------
+
+
+def _writes(epoch: int, rank: int, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float16 rows (what a float16 store keeps) that differ per epoch, rank and write."""
+    rng = np.random.default_rng(100 * epoch + rank)
+    probs = rng.dirichlet(np.ones(K), size=len(ids)).astype(np.float32)
+    return ids, torch.from_numpy(probs).to(torch.float16).numpy()
+
+
+def _write_ranks(store, epoch: int, shards: dict[int, np.ndarray]) -> None:
+    """Every rank's writer open at once; batches go round-robin from the highest rank down,
+    so a lower rank often writes an id after a higher one did: the rank decides, not time."""
+    writers = {rank: store.writer(epoch, rank=rank, from_logits=False) for rank in shards}
+    batches = {rank: [(ids[s:s + 5], probs[s:s + 5]) for s in range(0, len(ids), 5)]
+               for rank, (ids, probs) in shards.items()}
+    for step in range(max(len(b) for b in batches.values())):
+        for rank in sorted(batches, reverse=True):
+            if step < len(batches[rank]):
+                ids, probs = batches[rank][step]
+                writers[rank].write(torch.from_numpy(ids), torch.from_numpy(probs))
+    for writer in writers.values():
+        writer.close()
+
+
+def _by_hand(previous: np.ndarray, shards: dict[int, tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """README "Coverage": ranks in order, rows in write order, each write replacing the last."""
+    table = previous.copy()
+    for rank in sorted(shards):
+        for i, row in zip(*shards[rank]):
+            table[i] = row
+    return table
+
+
+@pytest.mark.parametrize("small_buckets", [False, True], ids=["one-bucket", "many-buckets"])
+def test_streaming_seal_follows_the_coverage_rules(tmp_path, labels, monkeypatch, small_buckets):
+    from pskd_store import merge
+
+    if small_buckets:  # 2 chunks a bucket, 1 chunk a slice: ~19 buckets, every part in many slices
+        monkeypatch.setattr(merge, "BUCKET_BYTES", 2 * 8 * K * 2)
+        monkeypatch.setattr(merge, "SLICE_BYTES", 8 * K * 2)
+    store = SoftTargetStore.create(tmp_path / "s", labels, K, chunk_rows=8)
+    rng = np.random.default_rng(7)
+    table = np.eye(K, dtype=np.float16)[labels]  # what an id never written holds: its one-hot label
+    ids_everywhere = np.arange(N)
+    for epoch in (1, 2, 3):
+        order = rng.permutation(N)
+        shards = {  # overlapping shards; each repeats some of its own ids; some ids in none
+            0: np.concatenate([order[:120], order[:10]]),
+            1: np.concatenate([order[100:200], order[150:160], order[5:15]]),
+            2: np.concatenate([order[190:260], order[0:3]]),
+        }
+        if epoch == 3:  # ids written in epochs 1 and 2 but not 3 carry epoch 2's rows
+            shards = {rank: ids[np.isin(ids, ids_everywhere[:40], invert=True)] for rank, ids in shards.items()}
+        shards = {rank: _writes(epoch, rank, ids) for rank, ids in shards.items()}
+        _write_ranks(store, epoch, shards)
+        info = store.seal(epoch)
+
+        table = _by_hand(table, shards)
+        np.testing.assert_array_equal(store.read_epoch(epoch), table)
+        rows = sum(len(ids) for ids, _ in shards.values())
+        unique = len(np.unique(np.concatenate([ids for ids, _ in shards.values()])))
+        assert (info["rows_written"], info["ids_written"], info["duplicates"], info["carried_forward"]) == (
+            rows, unique, rows - unique, N - unique)
+        trajectory = store.trajectory([epoch])
+        np.testing.assert_array_equal(trajectory["argmax"][0], table.argmax(1))
+        np.testing.assert_array_equal(trajectory["max_prob"][0], table.max(1))
+        np.testing.assert_array_equal(trajectory["true_prob"][0], table[np.arange(N), labels])
+    assert not (Path(store.url) / "staging" / "epoch_0003").exists()
+
+
+def test_argmax_takes_the_first_maximum_and_sees_signs():
+    from pskd_store.merge import _argmax
+
+    rows = np.array([[0.1, 0.7, 0.7, 0.0], [0.0, 0.0, 0.0, 0.0], [-0.5, -0.25, -0.0, -1.0]], np.float16)
+    assert _argmax(rows).tolist() == rows.astype(np.float32).argmax(1).tolist() == [1, 0, 2]
+
+
+def test_seal_leaves_no_scratch_file(store, tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    write_epoch(store, 1, seal=False)
+    store.seal(1, scratch_dir=scratch)
+    assert list(scratch.iterdir()) == []
+
+
+# -- one owner per staging part ------------------------------------------------------------------
+
+
+def test_a_second_writer_of_a_part_is_refused_in_process(store):
+    first = store.writer(1, from_logits=False)
+    first.write(torch.arange(N), torch.full((N, K), 1.0 / K))
+    with pytest.raises(StoreError, match=rf"rank 0 of epoch 1 already has a writer: process {os.getpid()} "
+                                         r"on .* \(this process\) is writing it now. Give this writer another rank"):
+        store.writer(1, from_logits=False)
+    store.writer(1, rank=1, from_logits=False).close()  # another rank is free
+    first.close()
+    with pytest.raises(StoreError, match=r"rank 0 of epoch 1 already closed its staging part \(300 rows.*"
+                                         r"store.discard_staging\(1, rank=0\)"):
+        store.writer(1, from_logits=False)
+    assert store.seal(1)["rows_written"] == N
+    np.testing.assert_allclose(store.read_epoch(1), 1.0 / K, atol=1e-3)  # the first writer's rows
+
+
+def test_a_closed_part_is_written_again_only_after_discard(store):
+    with store.writer(1, from_logits=False) as writer:
+        writer.write(torch.arange(N), torch.full((N, K), 1.0 / K))
+    store.discard_staging(1, rank=0)
+    p1 = write_epoch(store, 1, seal=False)
+    store.seal(1)
+    np.testing.assert_allclose(store.read_epoch(1), p1, atol=1e-3)
+
+
+def test_an_abandoned_or_failed_writer_gives_its_part_up(store):
+    with pytest.raises(RuntimeError, match="training diverged"), store.writer(1) as writer:
+        writer.write(torch.arange(4), torch.randn(4, K))
+        raise RuntimeError("training diverged")
+    failed = store.writer(1)
+    failed.write(torch.arange(4), torch.full((4, K), float("nan")))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        failed.close()
+    with pytest.raises(StoreError, match="never closed"):
+        store.seal(1)  # the given-up rows are never sealed
+    p1 = write_epoch(store, 1)  # and the same rank, in the same process, redoes the epoch
+    np.testing.assert_allclose(store.read_epoch(1), p1, atol=1e-3)
+
+
+def test_a_part_held_by_another_process_is_refused(store):
+    script = textwrap.dedent(f"""
+        import sys
+        from pskd_store.store import SoftTargetStore
+        writer = SoftTargetStore.open({store.url!r}).writer(1, rank=0)
+        print("holding", flush=True)
+        sys.stdin.readline()
+        writer.close()
+    """)
+    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        with pytest.raises(StoreError, match=rf"rank 0 of epoch 1 already has a writer: process {holder.pid} on "):
+            store.writer(1, rank=0)
+        with pytest.raises(StoreError, match=rf"cannot discard rank 0 of epoch 1: process {holder.pid}"):
+            store.discard_staging(1)
+    finally:
+        holder.communicate("\n", timeout=60)
+    assert holder.returncode == 0
+    with pytest.raises(StoreError, match="already closed its staging part"):
+        store.writer(1, rank=0)
+
+
+def test_processes_racing_for_one_part_leave_one_owner(store):
+    go = Path(store.url).parent / "go"
+    script = textwrap.dedent(f"""
+        import os, sys, time
+        from pskd_store.store import SoftTargetStore, StoreError
+        staging = SoftTargetStore.open({store.url!r}).staging(1)
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.001)
+        try:
+            part = staging.claim(0)
+            print("owner", flush=True)
+        except StoreError as err:
+            print("refused", err, flush=True)
+        sys.stdin.readline()  # the owner stays alive until every racer has answered
+    """)
+    racers = [subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True) for _ in range(4)]
+    time.sleep(1.0)
+    go.touch()
+    answers = [racer.stdout.readline() for racer in racers]
+    for racer in racers:
+        racer.communicate("\n", timeout=60)
+    assert sorted(a.split()[0] for a in answers) == ["owner", "refused", "refused", "refused"], answers
+
+
+def test_an_owner_on_another_machine_is_refused_until_discarded(store, monkeypatch):
+    from pskd_store import staging
+
+    real_machine = staging._machine
+    monkeypatch.setattr(staging, "_machine", lambda: "other-host|boot|pid:[1]")
+    store.staging(1).claim(0).create(N, K, store.chunk_rows, store.dtype)  # as a process elsewhere would
+    monkeypatch.setattr(staging, "_machine", real_machine)
+    with pytest.raises(StoreError, match=r"held by process \d+ on .*, which cannot be checked from .*"
+                                         r"store.discard_staging\(1, rank=0\)"):
+        store.writer(1)
+    store.discard_staging(1, rank=0)
+    p1 = write_epoch(store, 1)
+    np.testing.assert_allclose(store.read_epoch(1), p1, atol=1e-3)
+
+
+def test_a_reused_pid_is_not_taken_for_the_owner(store, monkeypatch):
+    from pskd_store import staging
+
+    real_start = staging._process_start
+    monkeypatch.setattr(staging, "_process_start", lambda pid: "1")  # this pid, another process's start
+    store.staging(1).claim(0).create(N, K, store.chunk_rows, store.dtype)
+    monkeypatch.setattr(staging, "_process_start", real_start)
+    p1 = write_epoch(store, 1)  # the claim names a process that no longer runs: taken over
+    np.testing.assert_allclose(store.read_epoch(1), p1, atol=1e-3)
+
+
+def test_rollback_discards_the_staged_rows_of_later_epochs(store):
+    write_epoch(store, 1)
+    write_epoch(store, 2, seal=False)  # closed, never sealed: a crash during the seal
+    with pytest.raises(StoreError, match="already closed"):
+        store.writer(2)
+    assert store.rollback(1) == []
+    p2 = write_epoch(store, 2)
+    np.testing.assert_allclose(store.read_epoch(2), p2, atol=1e-3)
+
+
+# -- the writer's device copies ------------------------------------------------------------------
+
+
+def test_each_chunk_waits_for_the_device_copies_into_it(store, monkeypatch):
+    """Logits on an accelerator: every copy into a chunk buffer records an event on the
+    current stream of the logits' device, and the background thread waits on exactly the
+    events of that chunk's copies before it reads the chunk. Driven on the CPU: the tensor
+    reports device cuda:1, events and streams are stand-ins that log what happens, and
+    pinning (which needs a driver) is skipped; the writer's code runs as it is."""
+    log = []
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device = torch.device(device)
+
+    class Event:
+        made = 0
+
+        def __init__(self):
+            Event.made += 1
+            self.number = Event.made
+
+        def record(self, stream):
+            log.append(("record", self.number, stream.device))
+
+        def synchronize(self):
+            log.append(("wait", self.number))
+
+    class OnDevice(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 1)
+
+    real_numpy, real_zeros = torch.Tensor.numpy, torch.zeros
+
+    def numpy(tensor, *args, **kwargs):
+        if threading.current_thread().name.startswith("pskd-writer"):
+            log.append(("read",))
+        return real_numpy(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch, "zeros", lambda *a, pin_memory=False, **k: real_zeros(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "numpy", numpy)
+    real_append = PartWriter.append
+    monkeypatch.setattr(PartWriter, "append", lambda part, *a: (log.append(("append",)), real_append(part, *a)))
+
+    logits = torch.randn(100, K)
+    writer = store.writer(1)  # chunks of 32 rows: batches 0-20, 20-50, 50-64, 64-100 straddle them
+    for lo, hi in ((0, 20), (20, 50), (50, 64), (64, 100)):
+        writer.write(torch.arange(lo, hi), logits[lo:hi].as_subclass(OnDevice))
+    writer.close()
+
+    records = [entry for entry in log if entry[0] == "record"]
+    assert records == [("record", n, torch.device("cuda", 1)) for n in range(1, 7)]  # one per copy
+    chunks, entries = [], []  # what the background thread did for each chunk, up to its append
+    for entry in log:
+        if entry[0] == "append":
+            chunks.append(entries)
+            entries = []
+        elif entry[0] != "record":
+            entries.append(entry)
+    # copies into chunk 0: batches 1 and 2; chunk 1: batches 2 and 3; chunks 2 and 3: batch 4
+    expected = [[1, 2], [3, 4], [5], [6]]
+    assert [[entry[1] for entry in chunk if entry[0] == "wait"] for chunk in chunks] == expected
+    for chunk, waits in zip(chunks, expected):  # the waits, then the reads of the rows
+        assert chunk == [("wait", n) for n in waits] + [("read",)] * (len(chunk) - len(waits))
+        assert len(chunk) > len(waits)
+    assert all(log.index(records[n - 1]) < log.index(("wait", n)) for n in range(1, 7))
+    store.seal(1)
+    np.testing.assert_allclose(store.read_epoch(1)[:100], logits.softmax(1).numpy(), atol=1e-3)
+
+
 def test_crash_before_seal_leaves_last_sealed_epoch_intact(store, labels):
     write_epoch(store, 1)
     write_epoch(store, 2)
@@ -173,8 +459,9 @@ def test_crash_before_seal_leaves_last_sealed_epoch_intact(store, labels):
         reopened.read_epoch(3)
     with pytest.raises(StoreError, match="never closed"):
         reopened.seal(3)  # the crashed writer's rows are not sealed by accident
-    p3 = write_epoch(reopened, 3)  # rerunning the epoch replaces the crashed rows
+    p3 = write_epoch(reopened, 3)  # the dead writer's part is taken over: the rerun replaces its rows
     np.testing.assert_allclose(reopened.read_epoch(3), p3, atol=1e-3)
+    assert reopened.epoch_info(3)["rows_written"] == N
 
 
 def test_rollback_unseals_later_epochs(store):
@@ -192,6 +479,69 @@ def test_fsspec_url_store(labels):
     store = SoftTargetStore.create(url, labels, K, chunk_rows=64)
     probs = write_epoch(store, 1)
     np.testing.assert_allclose(SoftTargetStore.open(url, labels=labels).read_epoch(1), probs, atol=1e-3)
+    writer = store.writer(2)
+    with pytest.raises(StoreError, match="rank 0 of epoch 2 already has a writer"):
+        SoftTargetStore.open(url).writer(2)
+    writer.abandon()
+    write_epoch(store, 2)
+
+
+# -- a large epoch in bounded memory ---------------------------------------------------------------
+
+_MEASURE = """
+import json, sys
+from pathlib import Path
+from pskd_store import merge
+from pskd_store.store import SoftTargetStore
+merge.BUCKET_BYTES, merge.SLICE_BYTES = 8 << 20, 4 << 20
+step, url, epoch = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if step == "prepare":  # torch comes with the service: imported before the baseline
+    from pskd_store import service
+    service.SLICE_BYTES = 4 << 20
+store = SoftTargetStore.open(url)
+def status(field):
+    return int(Path("/proc/self/status").read_text().split(field + ":")[1].split()[0]) * 1024
+Path("/proc/self/clear_refs").write_text("5")  # the peak RSS restarts from here: the baseline
+baseline = status("VmRSS")
+if step == "seal":
+    store.seal(epoch)
+else:
+    service.PredictionService(store).prepare(epoch)
+print(json.dumps(status("VmHWM") - baseline))
+"""
+
+
+def _peak_above_baseline(store, step: str, epoch: int) -> int:
+    out = subprocess.run([sys.executable, "-c", _MEASURE, step, store.url, str(epoch)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the peak RSS through /proc")
+def test_seal_and_prepare_of_a_large_epoch_stay_in_bounded_memory(tmp_path):
+    """A 375 MiB epoch (196,608 x 1000 float16), sealed twice (the second carries a quarter of
+    its rows forward) and decoded, each in a fresh process: the peak RSS above the process's
+    baseline is set by the merge's buckets (scaled down here to 8 MiB, as for a ~40 GB epoch
+    at the default 64 MiB), far below the dense epoch that the seal used to hold twice."""
+    n, k = 196_608, 1000
+    dense = n * k * 2
+    store = SoftTargetStore.create(tmp_path / "big", np.random.default_rng(0).integers(0, k, n), k)
+    pool = torch.from_numpy(np.random.default_rng(1).dirichlet(np.full(k, 0.05), 4096)).half()
+    written = {}
+    for epoch, count in ((1, n), (2, 3 * n // 4)):
+        ids = torch.from_numpy(np.random.default_rng(epoch).permutation(n)[:count])
+        rows = (ids * 7 + epoch) % len(pool)  # the row of an id depends on the id and the epoch
+        with store.writer(epoch, from_logits=False) as writer:
+            for lo in range(0, count, 1024):
+                writer.write(ids[lo:lo + 1024], pool[rows[lo:lo + 1024]])
+        written[epoch] = np.zeros(n, bool)
+        written[epoch][ids.numpy()] = True
+        assert _peak_above_baseline(store, "seal", epoch) < dense / 3
+    assert _peak_above_baseline(store, "prepare", 2) < dense / 6
+    served = np.load(next((tmp_path / "big.mmap").glob("epoch_0002-*.npy")), mmap_mode="r")
+    sample = np.sort(np.random.default_rng(3).choice(n, 2000, replace=False))
+    epoch_of = np.where(written[2][sample], 2, 1)  # an id missing in epoch 2 carries epoch 1's row
+    np.testing.assert_array_equal(served[sample], pool[(sample * 7 + epoch_of) % len(pool)].numpy())
 
 
 # -- bad input: a clear error naming the problem, and nothing sealed is lost -------------------

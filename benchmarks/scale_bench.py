@@ -1,0 +1,208 @@
+"""An ImageNet-sized epoch through the store, in bounded memory; prints JSON.
+
+N = 1,281,167 rows, K = 1000 classes, float16 (2.6 GB dense), written by 1 and by 2 writer
+processes (DDP ranks: each writes its DistributedSampler shard of the ids, in shuffled
+order, padding duplicate included), then sealed and decoded for serving, each step in a
+fresh process so that each peak RSS is its own. Reported per writer count:
+
+  * ``write``: rows/s of all writers together (rows over the slowest writer's time from
+    making its writer to closing it) and each writer's peak RSS; each writer process uses
+    cores/writers torch threads, as torchrun's OMP_NUM_THREADS does;
+  * ``seal`` and ``prepare`` (decode to the memory map): seconds, baseline RSS (after
+    imports and opening the store) and peak RSS above it (VmHWM, restarted at the baseline
+    through /proc/self/clear_refs: Linux only);
+  * ``lookup``: median time of a batch-256 gather from the served epoch;
+  * bytes on disk of the sealed epoch, against the authors' dense float32 table (N*K*4
+    bytes in every rank's memory; x8 for an 8-GPU node, where the memory map is shared).
+
+Rows are peaked softmax outputs (random logits, one class boosted), float16, drawn from a
+pool of distinct rows so that generating them costs the writers nothing; the row of id i
+depends on i only, so both writer counts seal the same epoch (a served batch is checked
+against the rows written).
+
+    python benchmarks/scale_bench.py                        # full size: ~9 GB free under --workdir
+    python benchmarks/scale_bench.py --rows 50000 --classes 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+POOL = 8192  # distinct rows; more than a chunk's rows, so a chunk never repeats one
+
+
+def rows_of(ids: np.ndarray, pool: np.ndarray) -> np.ndarray:
+    return pool[(ids * 7919) % len(pool)]
+
+
+def make_pool(num_classes: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 1.5, (POOL, num_classes))
+    logits[np.arange(POOL), rng.integers(0, num_classes, POOL)] += rng.uniform(0.0, 8.0, POOL)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    return (probs / probs.sum(1, keepdims=True)).astype(np.float16)
+
+
+def shard(num_samples: int, rank: int, world: int) -> np.ndarray:
+    """What DistributedSampler(shuffle=True) gives ``rank``: a permutation padded to a
+    multiple of ``world`` with its first ids, every ``world``-th id from ``rank``."""
+    order = np.random.default_rng(1).permutation(num_samples)
+    padded = np.concatenate([order, order[:(-num_samples) % world]])
+    return padded[rank::world]
+
+
+def status(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in bytes."""
+    return int(Path("/proc/self/status").read_text().split(field + ":")[1].split()[0]) * 1024
+
+
+def start_measuring() -> int:
+    """Restart the peak RSS from the current RSS (Linux's clear_refs); returns the baseline."""
+    Path("/proc/self/clear_refs").write_text("5")
+    return status("VmRSS")
+
+
+# -- the child processes: one step each -------------------------------------------------------
+
+
+def child_write(args) -> dict:
+    import torch
+
+    from pskd_store.store import SoftTargetStore
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // args.world))  # as torchrun's OMP_NUM_THREADS
+    store = SoftTargetStore.open(args.store)
+    pool = torch.from_numpy(make_pool(store.num_classes))
+    ids = torch.from_numpy(shard(store.num_samples, args.rank, args.world))
+    index = (ids * 7919) % len(pool)
+    start = time.perf_counter()
+    with store.writer(1, rank=args.rank, from_logits=False) as writer:
+        for lo in range(0, len(ids), args.batch):
+            writer.write(ids[lo:lo + args.batch], pool[index[lo:lo + args.batch]])
+    return {"rows": len(ids), "seconds": time.perf_counter() - start, "peak_rss": status("VmHWM")}
+
+
+def child_seal(args) -> dict:
+    from pskd_store.store import SoftTargetStore
+
+    store = SoftTargetStore.open(args.store)
+    baseline = start_measuring()
+    start = time.perf_counter()
+    info = store.seal(1, scratch_dir=args.scratch)
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "baseline_rss": baseline, "peak_rss_above_baseline": status("VmHWM") - baseline,
+            "nbytes_stored": info["nbytes_stored"], "nbytes": info["nbytes"],
+            "duplicates": info["duplicates"], "carried_forward": info["carried_forward"]}
+
+
+def child_prepare(args) -> dict:
+    import torch
+
+    from pskd_store.service import PredictionService
+    from pskd_store.store import SoftTargetStore
+
+    store = SoftTargetStore.open(args.store, read_only=True)
+    service = PredictionService(store, cache_dir=args.cache)
+    baseline = start_measuring()
+    start = time.perf_counter()
+    token = service.prepare(1)
+    seconds = time.perf_counter() - start
+    peak = status("VmHWM") - baseline
+    pool = make_pool(store.num_classes)
+    rng = np.random.default_rng(2)
+    batches = [rng.integers(0, store.num_samples, args.batch) for _ in range(300)]
+    service.lookup(1, token, batches[0])
+    times = []
+    for ids in batches:
+        t = time.perf_counter()
+        service.lookup(1, token, ids)
+        times.append(time.perf_counter() - t)
+    checked = batches[-1]
+    expected = torch.from_numpy(rows_of(checked, pool)).float()
+    return {"seconds": seconds, "baseline_rss": baseline, "peak_rss_above_baseline": peak,
+            "lookup_us_per_batch": statistics.median(times) * 1e6,
+            "rows_match": bool(torch.equal(service.lookup(1, token, checked), expected))}
+
+
+CHILDREN = {"write": child_write, "seal": child_seal, "prepare": child_prepare}
+
+
+# -- the parent: one scenario per writer count ---------------------------------------------------
+
+
+def run_child(role: str, *extra: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--role", role, *extra],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout)
+
+
+def scenario(args, workdir: Path, world: int) -> dict:
+    from pskd_store.store import SoftTargetStore
+
+    store_path = workdir / f"store-{world}"
+    labels = np.random.default_rng(3).integers(0, args.classes, args.rows)
+    SoftTargetStore.create(store_path, labels, args.classes, dtype="float16", overwrite=True)
+    common = ["--store", str(store_path), "--batch", str(args.batch)]
+    writers = [subprocess.Popen([sys.executable, __file__, "--role", "write", *common,
+                                 "--rank", str(rank), "--world", str(world)],
+                                stdout=subprocess.PIPE, text=True) for rank in range(world)]
+    results = []
+    for proc in writers:
+        stdout, _ = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"a writer failed with exit code {proc.returncode}")
+        results.append(json.loads(stdout))
+    rows = sum(r["rows"] for r in results)
+    write = {"rows": rows, "rows_per_s": rows / max(r["seconds"] for r in results),
+             "seconds_per_writer": [r["seconds"] for r in results],
+             "peak_rss_per_writer": [r["peak_rss"] for r in results]}
+    seal = run_child("seal", *common, "--scratch", str(workdir))
+    prepare = run_child("prepare", *common, "--cache", str(workdir / f"cache-{world}"))
+    shutil.rmtree(store_path)
+    shutil.rmtree(workdir / f"cache-{world}")
+    return {"writers": world, "write": write, "seal": seal, "prepare": prepare}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=1_281_167)
+    parser.add_argument("--classes", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--writers", default="1,2", help="writer counts to run, comma-separated")
+    parser.add_argument("--workdir", default=None, help="where stores, scratch and caches go (local disk)")
+    parser.add_argument("--role", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    for name, kind in (("store", str), ("rank", int), ("world", int), ("scratch", str), ("cache", str)):
+        parser.add_argument(f"--{name}", type=kind, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.role:
+        print(json.dumps(CHILDREN[args.role](args)))
+        return
+    dense = args.rows * args.classes * 4
+    with tempfile.TemporaryDirectory(prefix="pskd-scale-", dir=args.workdir) as workdir:
+        runs = [scenario(args, Path(workdir), int(w)) for w in args.writers.split(",")]
+    stored = runs[0]["seal"]["nbytes_stored"]
+    print(json.dumps({
+        "rows": args.rows, "classes": args.classes, "dtype": "float16", "batch": args.batch,
+        "cpus": os.cpu_count(), "runs": runs,
+        "bytes": {
+            "stored_per_epoch": stored,
+            "served_per_node": args.rows * args.classes * 2,  # one memory map, shared by the node's ranks
+            "dense_float32_per_rank": dense,
+            "dense_float32_per_8_rank_node": 8 * dense,
+        },
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

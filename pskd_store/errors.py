@@ -1,0 +1,15 @@
+"""The store's exceptions, in a module of their own so that every store module can raise
+them without importing another (store, staging and writer all do)."""
+
+from __future__ import annotations
+
+
+class StoreError(ValueError):
+    """Bad use of a store: the message names the problem and the fix."""
+
+
+class EpochNotSealedError(StoreError, KeyError):
+    """An epoch was asked for that was never sealed (or was pruned)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])

@@ -1,0 +1,368 @@
+"""The staging area: the rows of an epoch in progress, one part per writer, until the seal.
+
+Layout, under the store's root::
+
+    staging/epoch_0008/writer_0003/ids     (capacity,) int64   ┐ the rows in write order,
+    staging/epoch_0008/writer_0003/probs   (capacity, K)       ┘ uncompressed
+    staging/epoch_0008/writer_0003         attributes: owner, closed, rows (set by close)
+    staging/epoch_0008/owners/writer_0003.2   claim 2 on that part: its owner, as JSON
+
+Staged rows live only until the seal, so they are stored uncompressed: writers spend no
+CPU on compression and the seal compresses the epoch once.
+
+**Ownership.** A part (epoch, rank) has one owner: the writer holding its latest claim.
+A writer claims a part by creating claim n+1 (0 when there is none) with the store's
+create-if-absent and reading it back; whoever's record is there owns the part. A claim is
+refused while the part is closed (its rows wait for the seal: only
+:meth:`EpochStaging.discard` writes it again) or while the latest claim's owner lives.
+An owner is gone when it released its claim (a writer that was abandoned or failed) or
+when its process no longer runs on this machine: the record holds the pid, the process's
+start time (so a reused pid is not taken for the owner), the boot id and the pid
+namespace. An owner on another machine cannot be checked; it is refused, and the message
+names ``discard_staging`` as the fix once that process is known to be gone.
+
+What the claim guarantees depends on the backend. ``LocalStore`` (zarr 3.1) creates a
+claim with a hard link, atomic on POSIX file systems: two writers racing for one part
+never both win. ``FsspecStore`` (``s3://``, ``gs://``, ``memory://``) has no
+create-if-absent in zarr, only check-then-write, so two writers started within one round
+trip of each other could both believe they won; the read-back catches all but the
+closest races. A launcher that gives every process its own rank never races.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.abc.store import Store
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+
+from .errors import StoreError
+
+STAGING = "staging"
+_CLAIM = re.compile(r"writer_(\d+)\.(\d+)")  # a claim's name in owners/ (a store's temporary files are not)
+_LIVE_CLAIMS: set[str] = set()  # tokens of the claims this process's open writers hold
+
+
+def epoch_key(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def part_name(rank: int) -> str:
+    return f"writer_{rank:04d}"
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Who holds a claim: enough to tell, on the same machine, whether it still runs."""
+
+    pid: int
+    host: str
+    machine: str         # host name, boot id and pid namespace: where ``pid`` means something
+    started: str | None  # the process's start time in clock ticks since boot (Linux)
+    token: str           # this claim, among the claims of one process
+
+    @classmethod
+    def this_process(cls) -> Owner:
+        pid = os.getpid()
+        return cls(pid, socket.gethostname(), _machine(), _process_start(pid), secrets.token_hex(8))
+
+    def state(self) -> str:
+        """``alive``, ``gone``, or ``unknown`` (another machine: it cannot be checked)."""
+        if self.machine != _machine():
+            return "unknown"
+        if self.pid == os.getpid() and self.started == _process_start(self.pid):
+            return "alive" if self.token in _LIVE_CLAIMS else "gone"
+        return "alive" if _running(self.pid, self.started) else "gone"
+
+    def __str__(self) -> str:
+        here = self.pid == os.getpid() and self.machine == _machine()
+        return f"process {self.pid} on {self.host}{' (this process)' if here else ''}"
+
+
+def _machine() -> str:
+    boot = Path("/proc/sys/kernel/random/boot_id")
+    namespace = Path("/proc/self/ns/pid")
+    return "|".join((
+        socket.gethostname(),
+        boot.read_text().strip() if boot.exists() else "",
+        os.readlink(namespace) if namespace.exists() else "",
+    ))
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields 3.. of /proc/PID/stat (after the command name), or None without that process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def _process_start(pid: int) -> str | None:
+    fields = _proc_stat(pid)
+    return fields[19] if fields else None
+
+
+def _running(pid: int, started: str | None) -> bool:
+    if started is not None:  # Linux: the process must be the same one, and not a zombie
+        fields = _proc_stat(pid)
+        return fields is not None and fields[0] not in "ZX" and fields[19] == started
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class StagedPart:
+    """A closed part, as the seal reads it: ``rows`` rows of ``ids`` and ``probs``."""
+
+    rank: int
+    rows: int
+    ids: zarr.Array
+    probs: zarr.Array
+
+
+class EpochStaging:
+    """The staging of one unsealed epoch: claiming parts, listing them, discarding them."""
+
+    def __init__(self, root: zarr.Group, epoch: int):
+        self.root = root
+        self.epoch = epoch
+        self.path = f"{STAGING}/{epoch_key(epoch)}"
+
+    @classmethod
+    def all_epochs(cls, root: zarr.Group) -> list[EpochStaging]:
+        """Every epoch with staged rows in the store."""
+        if STAGING not in root:
+            return []
+        names = root[STAGING].group_keys()
+        return [cls(root, int(name.split("_")[1])) for name in sorted(names) if name.startswith("epoch_")]
+
+    # -- writers ---------------------------------------------------------------------------
+
+    def claim(self, rank: int) -> PartWriter:
+        """Take ownership of part ``rank``, or raise :class:`StoreError` naming the fix."""
+        if rank < 0:
+            raise StoreError(f"rank must be 0 or more (one per writer process), got {rank}")
+        self._refuse_closed(rank)
+        claims = self._claims(rank)
+        if claims:
+            self._refuse_live(rank, self._owner(rank, claims[-1]))
+        me = Owner.this_process()
+        number = claims[-1] + 1 if claims else 0
+        key = self._claim_key(rank, number)
+        _require_group(self.root, f"{self.path}/owners")
+        _store_set_if_absent(self.root.store, key, json.dumps(asdict(me)).encode())
+        winner = self._owner(rank, number)
+        if winner != me:
+            raise StoreError(
+                f"another writer{f' ({winner})' if winner else ''} claimed rank {rank} of epoch "
+                f"{self.epoch} at the same moment as this one: give each writer process its own rank"
+            )
+        for older in claims:  # the owners this claim replaces are gone
+            _store_delete(self.root.store, self._claim_key(rank, older))
+        try:
+            self._refuse_closed(rank)  # closed by its owner between the first check and the claim
+        except StoreError:
+            _store_delete(self.root.store, key)
+            raise
+        _LIVE_CLAIMS.add(me.token)
+        return PartWriter(self, rank, me, key)
+
+    def _refuse_closed(self, rank: int) -> None:
+        attrs = self._part_attrs(rank)
+        if attrs.get("closed"):
+            raise StoreError(
+                f"rank {rank} of epoch {self.epoch} already closed its staging part ({attrs['rows']} rows, "
+                f"written by {Owner(**attrs['owner'])}): seal the epoch, or discard those rows with "
+                f"store.discard_staging({self.epoch}, rank={rank}) to write the part again"
+            )
+
+    def _refuse_live(self, rank: int, owner: Owner | None) -> None:
+        state = "gone" if owner is None else owner.state()
+        if state == "alive":
+            raise StoreError(
+                f"rank {rank} of epoch {self.epoch} already has a writer: {owner} is writing it now. "
+                "Give this writer another rank (one per DDP process), or close that writer first"
+            )
+        if state == "unknown":
+            raise StoreError(
+                f"rank {rank} of epoch {self.epoch} is held by {owner}, which cannot be checked from "
+                f"{socket.gethostname()}: if it still runs, give this writer another rank; if it is gone, "
+                f"remove its stale part with store.discard_staging({self.epoch}, rank={rank})"
+            )
+
+    # -- the seal's side -------------------------------------------------------------------
+
+    def exists(self) -> bool:
+        return self.path in self.root
+
+    def parts(self) -> list[StagedPart]:
+        """Every part, by rank; refuses an epoch with a part that was never closed."""
+        parts = []
+        for rank in self._ranks():
+            group = self.root[f"{self.path}/{part_name(rank)}"]
+            if not group.attrs.get("closed"):
+                raise StoreError(
+                    f"writer {rank} of epoch {self.epoch} was never closed (it crashed or is still "
+                    "running): close every writer before sealing, or rerun the epoch"
+                )
+            parts.append(StagedPart(rank, int(group.attrs["rows"]), group["ids"], group["probs"]))
+        return parts
+
+    def remove(self) -> None:
+        """Delete every staged row of the epoch (after its seal)."""
+        del self.root[self.path]
+
+    def discard(self, rank: int | None = None) -> None:
+        """Forget part ``rank`` (every part when None) so that it can be written again.
+
+        Refused while an owner on this machine is still writing a part.
+        """
+        ranks = sorted(set(self._ranks()) | set(self._claimed_ranks())) if rank is None else [rank]
+        for r in ranks:
+            claims = self._claims(r)
+            if claims and not self._part_attrs(r).get("closed"):
+                owner = self._owner(r, claims[-1])
+                if owner is not None and owner.state() == "alive":
+                    raise StoreError(
+                        f"cannot discard rank {r} of epoch {self.epoch}: {owner} is writing it now; "
+                        "close or stop that writer first"
+                    )
+        if rank is None:
+            if self.exists():
+                self.remove()
+            return
+        part = f"{self.path}/{part_name(rank)}"
+        if part in self.root:
+            del self.root[part]
+        for number in self._claims(rank):
+            _store_delete(self.root.store, self._claim_key(rank, number))
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _ranks(self) -> list[int]:
+        """The ranks whose part has arrays (a claim alone has written no rows)."""
+        if not self.exists():
+            return []
+        names = self.root[self.path].group_keys()
+        return sorted(int(name.split("_")[1]) for name in names if name.startswith("writer_"))
+
+    def _claimed_ranks(self) -> list[int]:
+        return [rank for rank, _ in self._all_claims()]
+
+    def _part_attrs(self, rank: int) -> dict:
+        path = f"{self.path}/{part_name(rank)}"
+        return dict(self.root[path].attrs) if path in self.root else {}
+
+    def _claim_key(self, rank: int, number: int) -> str:
+        return f"{self.path}/owners/{part_name(rank)}.{number}"
+
+    def _claims(self, rank: int) -> list[int]:
+        """The numbers of the claims on part ``rank``, in order (the last one owns it)."""
+        return sorted(number for r, number in self._all_claims() if r == rank)
+
+    def _all_claims(self) -> list[tuple[int, int]]:
+        """(rank, claim number) of every claim of the epoch."""
+        matches = (_CLAIM.fullmatch(name) for name in _store_list(self.root.store, f"{self.path}/owners"))
+        return [(int(m[1]), int(m[2])) for m in matches if m]
+
+    def _owner(self, rank: int, number: int) -> Owner | None:
+        """The owner claim ``number`` names; None once it was released."""
+        data = _store_get(self.root.store, self._claim_key(rank, number))
+        return None if data is None else Owner(**json.loads(data))
+
+
+class PartWriter:
+    """The owner's handle on its part: make the arrays, append rows, then close or release."""
+
+    def __init__(self, staging: EpochStaging, rank: int, owner: Owner, claim_key: str):
+        self.rank = rank
+        self.rows = 0
+        self.closed = False
+        self._held = True  # the claim is ours until released (its number may then be reused)
+        self._staging = staging
+        self._owner = owner
+        self._claim_key = claim_key
+        self._path = f"{staging.path}/{part_name(rank)}"
+
+    def create(self, num_samples: int, num_classes: int, chunk_rows: int, dtype: np.dtype) -> None:
+        """Make the part's arrays (replacing what a gone owner left), room for N rows."""
+        epoch = _require_group(self._staging.root, self._staging.path)
+        group = epoch.create_group(part_name(self.rank), overwrite=True)
+        group.attrs.update({"owner": asdict(self._owner), "closed": False})
+        self._group = group
+        self._ids = group.create_array(
+            "ids", shape=(num_samples,), chunks=(chunk_rows,), dtype=np.int64, compressors=None,
+        )
+        self._probs = group.create_array(
+            "probs", shape=(num_samples, num_classes), chunks=(chunk_rows, num_classes),
+            dtype=dtype, compressors=None,
+        )
+
+    def append(self, ids: np.ndarray, probs: np.ndarray) -> None:
+        """Add rows after the ones already there (a whole chunk at a time, ideally)."""
+        end = self.rows + len(ids)
+        if end > self._ids.shape[0]:  # more rows than samples: duplicates; grow the part
+            capacity = max(end, 2 * self._ids.shape[0])
+            self._ids.resize((capacity,))
+            self._probs.resize((capacity, self._probs.shape[1]))
+        self._ids[self.rows:end] = ids
+        self._probs[self.rows:end] = probs
+        self.rows = end
+
+    def close(self) -> None:
+        """Mark the part complete: the seal takes it, and no writer may claim it again."""
+        self._group.attrs.update({"closed": True, "rows": self.rows})
+        self.closed = True
+        _LIVE_CLAIMS.discard(self._owner.token)
+
+    def release(self) -> None:
+        """Give the part up unclosed: its rows are never sealed, and a new writer may claim it."""
+        if self._held:
+            self._held = False
+            _LIVE_CLAIMS.discard(self._owner.token)
+            _store_delete(self._staging.root.store, self._claim_key)
+
+
+def _require_group(root: zarr.Group, path: str) -> zarr.Group:
+    """``root.require_group(path)``, also when another process creates it at the same moment."""
+    try:
+        return root.require_group(path)
+    except zarr.errors.ContainsGroupError:
+        return root[path]
+
+
+# -- the store's byte-level API (zarr's stores are asynchronous) --------------------------------
+
+
+def _store_set_if_absent(store: Store, key: str, data: bytes) -> None:
+    sync(store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(data)))
+
+
+def _store_get(store: Store, key: str) -> bytes | None:
+    buffer = sync(store.get(key, prototype=default_buffer_prototype()))
+    return None if buffer is None else buffer.to_bytes()
+
+
+def _store_delete(store: Store, key: str) -> None:
+    sync(store.delete(key))
+
+
+def _store_list(store: Store, prefix: str) -> list[str]:
+    async def names() -> list[str]:
+        return [name async for name in store.list_dir(prefix)]
+
+    return sync(names())
