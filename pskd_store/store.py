@@ -295,7 +295,7 @@ class SoftTargetStore:
         if epoch not in sealed:
             raise EpochNotSealedError(
                 f"epoch {epoch} was never sealed in {self.url} (sealed epochs: {sealed or 'none'}); "
-                "finish that epoch's PredictionWriter with seal() before reading it"
+                "close that epoch's writers and seal it with store.seal(epoch) before reading it"
             )
         if teacher and epoch not in self.teacher_epochs:
             raise EpochNotSealedError(
