@@ -61,6 +61,15 @@ class Distributed:
         return box[0]
 
 
+def select_device(name: str) -> torch.device:
+    """The device the user asked for ("auto": a GPU when one is visible), refusing a GPU
+    this process cannot see."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU is visible to this process; use --device cpu (or auto)")
+    return device
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -71,14 +80,12 @@ def setup(device: str) -> tuple[Distributed, torch.device]:
     ``device`` is the user's choice ("auto", "cpu", "cuda", "cuda:N"); under torchrun a
     CUDA choice becomes this process's own GPU, ``cuda:LOCAL_RANK``.
     """
-    use_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA GPU is visible to this process; use --device cpu (or auto)")
     if not launched_by_torchrun():
-        chosen = torch.device("cuda" if device == "auto" and use_cuda else ("cpu" if device == "auto" else device))
+        chosen = select_device(device)
         if chosen.type == "cuda":
             torch.cuda.set_device(chosen)  # so streams, events and pinned memory use this GPU
         return Distributed(), chosen
+    use_cuda = select_device(device).type == "cuda"
     env = Distributed(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
                       local_rank=int(os.environ.get("LOCAL_RANK", 0)))
     chosen = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")

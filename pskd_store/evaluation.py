@@ -11,7 +11,8 @@ from .data import build_datasets
 from .metrics import evaluate
 from .models import create_model
 from .recipe import TrainConfig
-from .training import eval_loader, predict, select_device
+from .distributed import select_device
+from .training import eval_loader, predict
 
 
 def evaluate_checkpoints(

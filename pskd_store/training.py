@@ -51,12 +51,6 @@ from .store import SoftTargetStore
 _logger = logging.getLogger("pskd_store.train")
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def configure_determinism(deterministic: bool) -> None:
     """cuDNN autotuning for fixed input shapes (the authors' ``cudnn.benchmark = True``),
     or, with ``deterministic``, PyTorch's deterministic algorithms and no autotuning, so a
