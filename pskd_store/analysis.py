@@ -92,16 +92,28 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def correct_epochs(traj: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
-    """(N,) number of epochs in which each sample's prediction was its label."""
-    return np.count_nonzero(traj["argmax"] == np.asarray(labels)[None, :], axis=0)
+    """(N,) number of epochs in which each sample was predicted (written, not carried
+    forward) and its prediction was its label."""
+    return np.count_nonzero(traj["written"] & (traj["argmax"] == np.asarray(labels)[None, :]), axis=0)
 
 
 def hard_mask(traj: dict[str, np.ndarray], labels: np.ndarray, max_correct_fraction: float = 0.5) -> np.ndarray:
-    """(N,) True for samples right in fewer than ``max_correct_fraction`` of the epochs.
+    """(N,) True for samples right in fewer than ``max_correct_fraction`` of the epochs in
+    which they were predicted (never for a sample that was never predicted).
 
     The definition of a hard sample in Figure 2 of the PS-KD paper.
     """
-    return correct_epochs(traj, labels) < max_correct_fraction * len(traj["epochs"])
+    seen = np.count_nonzero(traj["written"], axis=0)
+    return (seen > 0) & (correct_epochs(traj, labels) < max_correct_fraction * seen)
+
+
+def last_written(traj: dict[str, np.ndarray], field: str) -> np.ndarray:
+    """(N,) each sample's ``field`` in the last epoch that predicted it (NaN if none did)."""
+    written = traj["written"]
+    last = len(written) - 1 - np.argmax(written[::-1], axis=0)
+    values = traj[field][last, np.arange(written.shape[1])].astype(np.float64)
+    values[~written.any(axis=0)] = np.nan
+    return values
 
 
 def hard_samples(
@@ -113,7 +125,7 @@ def hard_samples(
     then the lower id, so the choice is deterministic.
     """
     ids = np.flatnonzero(hard_mask(traj, labels, max_correct_fraction))
-    final_true = traj["true_prob"][-1, ids].astype(np.float64)
+    final_true = last_written(traj, "true_prob")[ids]
     order = np.lexsort((ids, final_true, correct_epochs(traj, labels)[ids]))
     return ids[order][:top]
 
@@ -177,7 +189,7 @@ def summarize(run: RunData, plotted_ids: np.ndarray, max_correct_fraction: float
     """The numbers `inspect` prints for one run; ``plotted_ids`` are the samples plotted
     (the hard samples of the first run, or the ids chosen with --ids)."""
     plotted_ids = np.asarray(plotted_ids, dtype=np.int64)
-    final_true = run.trajectory["true_prob"][-1, plotted_ids].astype(np.float64)
+    final_true = last_written(run.trajectory, "true_prob")[plotted_ids]
     stored = [info["nbytes_stored"] for info in run.store_summary["epochs"].values()]
     return {
         "run": str(run.path),
@@ -188,7 +200,7 @@ def summarize(run: RunData, plotted_ids: np.ndarray, max_correct_fraction: float
         "max_correct_fraction": max_correct_fraction,
         "plotted": len(plotted_ids),
         "plotted_ids": plotted_ids.tolist(),
-        "mean_final_true_prob": float(final_true.mean()) if len(plotted_ids) else None,
+        "mean_final_true_prob": float(np.nanmean(final_true)) if np.isfinite(final_true).any() else None,
         "store_mib_per_epoch": float(np.mean(stored)) / MIB if stored else 0.0,
         "store_mib_total": float(np.sum(stored)) / MIB,
         "final_test": final_test_metrics(run),

@@ -45,6 +45,7 @@ class SoftTargetDataset(Dataset):
         self.num_classes = store.num_classes
         self.service = PredictionService(store, cache_dir)
         self._store = store
+        store.add_reader(self)  # the store's writers refuse an epoch this data set is not set to
         # [epoch, teacher epoch or 0, seal token as int]: written by set_epoch, read by workers
         self._state = torch.zeros(3, dtype=torch.int64).share_memory_()
 

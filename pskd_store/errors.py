@@ -13,3 +13,8 @@ class EpochNotSealedError(StoreError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
+
+
+class StoreDamagedError(StoreError):
+    """Stored bytes that are not what was written (a checksum, a missing chunk, edited
+    metadata): nothing of the damaged rows is ever returned as a value."""

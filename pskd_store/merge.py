@@ -31,11 +31,12 @@ import numpy as np
 import zarr
 
 from .errors import StoreError
+from .integrity import CheckedArray
 from .staging import StagedPart
 
 BUCKET_BYTES = 64 << 20  # rows gathered in memory at a time (two buckets are in flight)
 SLICE_BYTES = 32 << 20   # staged rows read at a time
-TRAJECTORY_FIELDS = {"true_prob": np.float16, "max_prob": np.float16, "argmax": np.int32}
+TRAJECTORY_FIELDS = {"true_prob": np.float16, "max_prob": np.float16, "argmax": np.int32, "written": np.bool_}
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Merged:
 def merge_epoch(
     parts: Sequence[StagedPart],
     out: zarr.Array,
-    previous: zarr.Array | None,
+    previous: CheckedArray | None,
     labels: np.ndarray,
     scratch_dir: str | Path | None = None,
 ) -> Merged:
@@ -162,7 +163,7 @@ def _write_runs(fd: int, rows: np.ndarray, runs: list[tuple[int, int, int]], row
 
 
 def _gather(
-    out: zarr.Array, buckets: _Buckets, fd: int, previous: zarr.Array | None, labels: np.ndarray
+    out: zarr.Array, buckets: _Buckets, fd: int, previous: CheckedArray | None, labels: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Write ``out`` bucket by bucket; returns the trajectory tier of the epoch.
 
@@ -189,6 +190,7 @@ def _gather(
             if len(missing):
                 _fill_missing(block, missing, lo, previous, labels, step)
             _record_trajectory(block, labels[lo:hi], {name: values[lo:hi] for name, values in trajectory.items()})
+            trajectory["written"][lo:hi] = buckets.written[lo:hi]
             if pending is not None:
                 pending.result()  # one block is written while the next is built
             pending = writer.submit(out.__setitem__, slice(lo, hi), block)
@@ -198,7 +200,7 @@ def _gather(
 
 
 def _fill_missing(
-    block: np.ndarray, missing: np.ndarray, lo: int, previous: zarr.Array | None, labels: np.ndarray, step: int
+    block: np.ndarray, missing: np.ndarray, lo: int, previous: CheckedArray | None, labels: np.ndarray, step: int
 ) -> None:
     """Rows never written: the previous epoch's (read a slice at a time, only the slices
     that hold such rows), or their one-hot labels."""

@@ -39,10 +39,13 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def _draw_samples(ax: Axes, epochs: np.ndarray, values: np.ndarray) -> None:
-    """One thin line per sample (columns of ``values``) and their mean in bold."""
+    """One thin line per sample (columns of ``values``) and their mean in bold. Epochs in
+    which a sample was not predicted (NaN: carried forward) are gaps, left out of the mean."""
     alpha = float(np.clip(8 / values.shape[1], 0.08, 0.6))
     ax.plot(epochs, values, color="tab:blue", linewidth=0.6, alpha=alpha)
-    ax.plot(epochs, values.mean(axis=1), color="black", linewidth=2.5, label="mean")
+    seen = np.isfinite(values).sum(axis=1)
+    mean = np.where(seen > 0, np.nansum(values, axis=1) / np.maximum(seen, 1), np.nan)
+    ax.plot(epochs, mean, color="black", linewidth=2.5, label="mean")
 
 
 def plot_trajectories(runs: list[RunData], ids: np.ndarray, path: Path, title: str) -> Path:

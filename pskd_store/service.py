@@ -9,23 +9,31 @@ file share the operating system's page cache: one copy of the table per machine.
 The file name carries the epoch's seal token, so a cached file can never be mistaken for
 a later re-seal of the same epoch number (after a rollback). The file is written in slices
 of whole chunks (an ImageNet epoch is 2.6 GB), so decoding it takes little memory.
+
+The file is a cache, and a cache can rot: its crc32c is written beside it (``.crc32c``)
+and checked every time :meth:`PredictionService.prepare` hands it out for an epoch; a file
+that does not match is decoded again from the store, with a warning.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
 
+import google_crc32c
 import numpy as np
 import torch
-import zarr
 
+from .errors import StoreError
+from .integrity import CheckedArray
 from .staging import epoch_key
 from .store import SoftTargetStore
 
 SLICE_BYTES = 32 << 20  # decoded rows held at a time while the file is written
+_logger = logging.getLogger(__name__)
 
 
 class PredictionService:
@@ -42,24 +50,47 @@ class PredictionService:
         self._maps: dict[tuple[int, str], np.ndarray] = {}
 
     def prepare(self, epoch: int) -> str:
-        """Materialise sealed ``epoch`` (once) and return its seal token for :meth:`lookup`."""
+        """Materialise sealed ``epoch`` (once; again when the cached file fails its
+        checksum) and return its seal token for :meth:`lookup`."""
         store = self._require_store()
         store.require_sealed(epoch)
         token = store.epoch_info(epoch)["seal_token"]
         path = self.path(epoch, token)
-        if not path.exists():
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            # Write beside the target, then rename: readers see the whole file or none.
-            fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
-            try:
-                with os.fdopen(fd, "wb") as file:
-                    _write_npy(file, store.teacher_array(epoch))
-                os.replace(tmp, path)
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
-        self._drop_stale(store)
+        try:
+            if not self._intact(path):
+                self._decode(store.teacher_array(epoch), path)
+            self._drop_stale(store)
+        except OSError as err:
+            raise StoreError(
+                f"cannot write the decoded teacher of epoch {epoch} to {err.filename or self.cache_dir} "
+                f"({err.strerror or err}): free space there or pass a writable cache_dir (--cache-dir)"
+            ) from err
         return token
+
+    def _intact(self, path: Path) -> bool:
+        """Whether the cached file exists and matches the checksum written with it."""
+        if not path.exists():
+            return False
+        recorded = _checksum_path(path).read_text().strip() if _checksum_path(path).exists() else None
+        if recorded == _file_crc32c(path):
+            return True
+        _logger.warning("the cached teacher %s does not match its checksum: decoding it again from the store", path)
+        return False
+
+    def _decode(self, teacher: CheckedArray, path: Path) -> None:
+        """Write the file beside its final name, then rename: readers see all of it or none."""
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w+b") as file:
+                _write_npy(file, teacher)
+                file.flush()
+                checksum = _file_crc32c(Path(tmp))
+            _checksum_path(path).write_text(checksum + "\n")
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
 
     def path(self, epoch: int, token: str) -> Path:
         return self.cache_dir / f"{epoch_key(epoch)}-{token}.npy"
@@ -94,13 +125,27 @@ class PredictionService:
         for cached in self.cache_dir.glob("epoch_*.npy"):
             if cached.name not in keep:
                 cached.unlink(missing_ok=True)
+                _checksum_path(cached).unlink(missing_ok=True)
 
     def __getstate__(self) -> dict:
         return {"cache_dir": self.cache_dir, "_store": None, "_maps": {}}
 
 
-def _write_npy(file: BinaryIO, array: zarr.Array) -> None:
-    """``array`` (a Zarr array) as a ``.npy`` file, decoded a slice of whole chunks at a time."""
+def _checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + ".crc32c")
+
+
+def _file_crc32c(path: Path) -> str:
+    """The crc32c of a file as hex, read in 8 MiB blocks (hardware crc32c: GB/s)."""
+    checksum = google_crc32c.Checksum()
+    with open(path, "rb") as file:
+        while block := file.read(8 << 20):
+            checksum.update(block)
+    return checksum.hexdigest().decode()
+
+
+def _write_npy(file: BinaryIO, array: CheckedArray) -> None:
+    """``array`` as a ``.npy`` file, decoded a slice of whole chunks at a time."""
     header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": array.shape}
     np.lib.format.write_array_header_1_0(file, header)
     chunk_rows = array.chunks[0]
@@ -110,9 +155,12 @@ def _write_npy(file: BinaryIO, array: zarr.Array) -> None:
 
 
 def default_cache_dir(store: SoftTargetStore) -> Path:
-    """Beside a local store (``run/store`` -> ``run/store.mmap``); else in the user cache."""
+    """Beside a local store (``run/store`` -> ``run/store.mmap``) when that can be written;
+    else (a remote or read-only store) in the user cache."""
     local = store.local_path
     if local is not None:
-        return local.with_name(local.name + ".mmap")
+        beside = local.with_name(local.name + ".mmap")
+        if os.access(beside if beside.exists() else local.parent, os.W_OK):
+            return beside
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "pskd-store" / store.store_id

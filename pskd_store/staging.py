@@ -7,8 +7,9 @@ Layout, under the store's root::
     staging/epoch_0008/writer_0003         attributes: owner, closed, rows (set by close)
     staging/epoch_0008/owners/writer_0003.2   claim 2 on that part: its owner, as JSON
 
-Staged rows live only until the seal, so they are stored uncompressed: writers spend no
-CPU on compression and the seal compresses the epoch once.
+Staged rows live only until the seal, so they are stored uncompressed (with a crc32c
+checksum, like every array of the store): writers spend no CPU on compression and the
+seal compresses the epoch once.
 
 **Ownership.** A part (epoch, rank) has one owner: the writer holding its latest claim.
 A writer claims a part by creating claim n+1 (0 when there is none) with the store's
@@ -46,6 +47,7 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .errors import StoreError
+from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum
 
 STAGING = "staging"
 _CLAIM = re.compile(r"writer_(\d+)\.(\d+)")  # a claim's name in owners/ (a store's temporary files are not)
@@ -130,16 +132,17 @@ class StagedPart:
 
     rank: int
     rows: int
-    ids: zarr.Array
-    probs: zarr.Array
+    ids: CheckedArray
+    probs: CheckedArray
 
 
 class EpochStaging:
     """The staging of one unsealed epoch: claiming parts, listing them, discarding them."""
 
-    def __init__(self, root: zarr.Group, epoch: int):
+    def __init__(self, root: zarr.Group, epoch: int, url: str = ""):
         self.root = root
         self.epoch = epoch
+        self.url = url
         self.path = f"{STAGING}/{epoch_key(epoch)}"
 
     @classmethod
@@ -219,7 +222,9 @@ class EpochStaging:
                     f"writer {rank} of epoch {self.epoch} was never closed (it crashed or is still "
                     "running): close every writer before sealing, or rerun the epoch"
                 )
-            parts.append(StagedPart(rank, int(group.attrs["rows"]), group["ids"], group["probs"]))
+            what = f"the staged rows of writer {rank}, epoch {self.epoch},"
+            parts.append(StagedPart(rank, int(group.attrs["rows"]), CheckedArray(group["ids"], what, self.url),
+                                    CheckedArray(group["probs"], what, self.url)))
         return parts
 
     def remove(self) -> None:
@@ -305,11 +310,12 @@ class PartWriter:
         group.attrs.update({"owner": asdict(self._owner), "closed": False})
         self._group = group
         self._ids = group.create_array(
-            "ids", shape=(num_samples,), chunks=(chunk_rows,), dtype=np.int64, compressors=None,
+            "ids", shape=(num_samples,), chunks=(chunk_rows,), dtype=np.int64,
+            compressors=codecs_with_checksum(None), config=ARRAY_CONFIG,
         )
         self._probs = group.create_array(
             "probs", shape=(num_samples, num_classes), chunks=(chunk_rows, num_classes),
-            dtype=dtype, compressors=None,
+            dtype=dtype, compressors=codecs_with_checksum(None), config=ARRAY_CONFIG,
         )
 
     def append(self, ids: np.ndarray, probs: np.ndarray) -> None:

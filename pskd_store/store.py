@@ -8,7 +8,9 @@ Layout (all under one group, a local path or any fsspec URL zarr accepts)::
     teacher/epoch_0007                (N, K) predictions of epoch 7, chunked along N
     trajectory/epoch_0007/true_prob   (N,) probability of the true class  ┐ compact, kept
     trajectory/epoch_0007/max_prob    (N,) max probability                ├ for every epoch
-    trajectory/epoch_0007/argmax      (N,) predicted class                ┘
+    trajectory/epoch_0007/argmax      (N,) predicted class                │
+    trajectory/epoch_0007/written     (N,) bool: written this epoch, or   ┘
+                                      carried forward (see ``seal``)
     staging/epoch_0008/               rows of an epoch in progress, one part per writer
                                       (the layout and its ownership: staging.py)
 
@@ -17,12 +19,17 @@ list. That list is written by :meth:`SoftTargetStore.seal` after every array of 
 is complete, in one atomic write of the root metadata, so a crash at any point leaves the
 previous sealed epoch as the teacher. The seal streams (merge.py): it never holds a whole
 epoch in memory.
+
+Every array carries a crc32c checksum and every chunk is written, so reading damaged bytes
+or a deleted chunk raises :class:`StoreDamagedError` (integrity.py); `pskd-store verify`
+(verify.py) checks a whole store.
 """
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +39,12 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
-from .errors import EpochNotSealedError, StoreError
+from .errors import EpochNotSealedError, StoreDamagedError, StoreError
+from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum
 from .merge import TRAJECTORY_FIELDS, merge_epoch
 from .staging import EpochStaging, epoch_key
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: crc32c on every array, every chunk written, trajectory "written"
 ATTRS_KEY = "pskd_store"
 DTYPES = ("float16", "float32")
 CHUNK_BYTES = 1 << 20  # ~1 MiB of uncompressed rows per chunk
@@ -106,6 +114,7 @@ class SoftTargetStore:
             )
         self._meta = meta
         self._labels: np.ndarray | None = None
+        self._readers: weakref.WeakSet = weakref.WeakSet()  # SoftTargetDatasets reading this store
 
     # -- creating and opening -------------------------------------------------------------
 
@@ -155,7 +164,8 @@ class SoftTargetStore:
         except (TypeError, ValueError) as err:
             raise StoreError(f"bad Blosc options {blosc}: {err}") from err
         group.create_array(
-            "labels", data=labels.astype(np.int64), chunks=(max(len(labels), 1),), compressors=codec
+            "labels", data=labels.astype(np.int64), chunks=(len(labels),),
+            compressors=codecs_with_checksum(codec), config=ARRAY_CONFIG,
         )
         fingerprint = Fingerprint.of(labels, num_classes)
         group.attrs[ATTRS_KEY] = {
@@ -254,8 +264,18 @@ class SoftTargetStore:
 
     @property
     def labels(self) -> np.ndarray:
+        """The (N,) labels the store was made for, checked against its fingerprint."""
         if self._labels is None:
-            self._labels = self._group["labels"][:]
+            labels = CheckedArray.open(
+                self._group, "labels", "the labels array", self.url, shape=(self.num_samples,), dtype=np.int64
+            )[:]
+            if Fingerprint.of(labels, self.num_classes) != self.fingerprint:
+                raise StoreDamagedError(
+                    f"the labels array in {self.url} is damaged: it no longer matches the store's "
+                    f"fingerprint. None of its values were used; `pskd-store verify {self.url}` "
+                    "lists everything that is damaged"
+                )
+            self._labels = labels
         return self._labels
 
     @property
@@ -305,10 +325,22 @@ class SoftTargetStore:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def teacher_array(self, epoch: int) -> zarr.Array:
-        """The Zarr array of a sealed epoch (compressed; read whole chunks, not single rows)."""
+    def teacher_array(self, epoch: int) -> CheckedArray:
+        """The predictions of a sealed epoch, read in row slices (whole chunks, not single
+        rows: each chunk is decompressed and its checksum checked)."""
         self.require_sealed(epoch)
-        return self._group[f"teacher/{epoch_key(epoch)}"]
+        return CheckedArray.open(
+            self._group, f"teacher/{epoch_key(epoch)}", f"the teacher of epoch {epoch}", self.url,
+            shape=(self.num_samples, self.num_classes), dtype=self.dtype, chunk_rows=self.chunk_rows,
+        )
+
+    def trajectory_array(self, epoch: int, field: str) -> CheckedArray:
+        """One field of the trajectory tier of a sealed epoch."""
+        self.require_sealed(epoch, teacher=False)
+        return CheckedArray.open(
+            self._group, f"trajectory/{epoch_key(epoch)}/{field}", f"the trajectory ({field}) of epoch {epoch}",
+            self.url, shape=(self.num_samples,), dtype=TRAJECTORY_FIELDS[field],
+        )
 
     def read_epoch(self, epoch: int) -> np.ndarray:
         """All (N, K) predictions of a sealed epoch, decoded into memory."""
@@ -317,15 +349,21 @@ class SoftTargetStore:
     def trajectory(self, epochs: list[int] | None = None) -> dict[str, np.ndarray]:
         """The trajectory tier as arrays of shape (E, N), plus ``epochs`` (E,).
 
-        Reads only the compact per-epoch records, never the teacher predictions.
+        Only rows written in an epoch are predictions of that epoch: in the others (carried
+        forward by the seal) ``true_prob`` and ``max_prob`` are NaN and ``argmax`` is -1;
+        ``written`` tells them apart. Reads only the compact per-epoch records.
         """
         epochs = self.sealed_epochs if epochs is None else list(epochs)
         for epoch in epochs:
             self.require_sealed(epoch, teacher=False)
         out: dict[str, np.ndarray] = {"epochs": np.asarray(epochs, dtype=np.int64)}
         for field, dtype in TRAJECTORY_FIELDS.items():
-            rows = [self._group[f"trajectory/{epoch_key(e)}/{field}"][:] for e in epochs]
+            rows = [self.trajectory_array(e, field)[:] for e in epochs]
             out[field] = np.stack(rows) if rows else np.empty((0, self.num_samples), dtype)
+        carried = ~out["written"]
+        out["true_prob"][carried] = np.nan
+        out["max_prob"][carried] = np.nan
+        out["argmax"][carried] = -1
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -356,10 +394,10 @@ class SoftTargetStore:
             )
 
     def staging(self, epoch: int) -> EpochStaging:
-        """Where the writers of an unsealed ``epoch`` put their rows, one part each."""
+        """Where the writers of the next ``epoch`` put their rows, one part each."""
         self._require_writable(f"write epoch {epoch}")
-        self.require_unsealed(epoch)
-        return EpochStaging(self._group, epoch)
+        self.require_next(epoch)
+        return EpochStaging(self._group, epoch, self.url)
 
     def discard_staging(self, epoch: int, rank: int | None = None) -> None:
         """Forget the staged rows of unsealed ``epoch`` (of one ``rank``, or all), so that
@@ -367,7 +405,9 @@ class SoftTargetStore:
         (or died on another machine) left rows that must not be sealed."""
         self.staging(epoch).discard(rank)
 
-    def require_unsealed(self, epoch: int) -> None:
+    def require_next(self, epoch: int) -> None:
+        """Refuse to write or seal any epoch but the one after the latest sealed: a sealed
+        epoch is never overwritten, and a skipped one would leave a gap in the teachers."""
         if epoch < 1:
             raise StoreError(f"epochs count from 1, got {epoch}")
         self.refresh()
@@ -378,13 +418,35 @@ class SoftTargetStore:
                 "sealed epochs are never overwritten — write epoch "
                 f"{latest + 1}, or call rollback({epoch - 1}) to redo it deliberately"
             )
+        expected = (latest or 0) + 1
+        if epoch != expected:
+            raise StoreError(
+                f"epoch {epoch} cannot follow {f'epoch {latest}' if latest else 'an empty store'} in "
+                f"{self.url}: epochs are sealed in order, so write and seal epoch {expected} next"
+            )
 
     def writer(self, epoch: int, **kwargs: Any):
-        """A :class:`~pskd_store.writer.PredictionWriter` for ``epoch`` (see its options)."""
+        """A :class:`~pskd_store.writer.PredictionWriter` for ``epoch`` (see its options).
+
+        Refused while a :class:`SoftTargetDataset` reading this store object is set to
+        another epoch: the predictions of epoch t must come from the steps that trained on
+        epoch t's targets (call ``dataset.set_epoch(epoch)`` first).
+        """
         # imported here: the writer imports torch, reading a store does not
         from .writer import PredictionWriter
 
+        for dataset in list(self._readers):
+            if dataset.epoch != epoch:
+                raise StoreError(
+                    f"cannot write epoch {epoch}: the SoftTargetDataset on this store is set to "
+                    f"{f'epoch {dataset.epoch}' if dataset.epoch else 'no epoch'}, so its targets are not "
+                    f"epoch {epoch}'s. Call dataset.set_epoch({epoch}) before training the epoch"
+                )
         return PredictionWriter(self, epoch, **kwargs)
+
+    def add_reader(self, dataset: Any) -> None:
+        """Register a data set whose epoch every new writer must match (see :meth:`writer`)."""
+        self._readers.add(dataset)
 
     def seal(self, epoch: int, *, scratch_dir: str | Path | None = None) -> dict[str, Any]:
         """Merge every writer's rows of ``epoch`` and publish it atomically.
@@ -399,6 +461,15 @@ class SoftTargetStore:
         ``$TMPDIR``), which should be a local disk, not a RAM-backed tmpfs.
         """
         self._require_writable(f"seal epoch {epoch}")
+        try:
+            return self._seal(epoch, scratch_dir)
+        except OSError as err:
+            raise StoreError(
+                f"cannot seal epoch {epoch}: {_os_problem(err, self.url)}; nothing of it was published "
+                "(the previous sealed epoch is still the teacher), seal again once that is fixed"
+            ) from err
+
+    def _seal(self, epoch: int, scratch_dir: str | Path | None) -> dict[str, Any]:
         staging = self.staging(epoch)
         parts = staging.parts()
         if not parts:
@@ -408,7 +479,8 @@ class SoftTargetStore:
         latest = self.latest_sealed
         teacher = self._group.create_array(
             f"teacher/{epoch_key(epoch)}", shape=(self.num_samples, self.num_classes), dtype=self.dtype,
-            chunks=(self.chunk_rows, self.num_classes), compressors=self.codec, overwrite=True,
+            chunks=(self.chunk_rows, self.num_classes), compressors=codecs_with_checksum(self.codec),
+            config=ARRAY_CONFIG, overwrite=True,
         )
         merged = merge_epoch(
             parts, teacher, None if latest is None else self.teacher_array(latest), self.labels, scratch_dir
@@ -474,7 +546,8 @@ class SoftTargetStore:
         for field, dtype in TRAJECTORY_FIELDS.items():
             self._group.create_array(
                 f"trajectory/{epoch_key(epoch)}/{field}", data=values[field].astype(dtype),
-                chunks=(self.num_samples,), compressors=self.codec, overwrite=True,
+                chunks=(self.num_samples,), compressors=codecs_with_checksum(self.codec),
+                config=ARRAY_CONFIG, overwrite=True,
             )
 
     def _prune(self) -> None:
@@ -484,3 +557,9 @@ class SoftTargetStore:
             path = f"teacher/{epoch_key(expired[-1])}"
             if path in self._group:
                 del self._group[path]
+
+
+def _os_problem(err: OSError, url: str) -> str:
+    """An operating-system error as a phrase naming the path (a write to an open file has none)."""
+    path = err.filename or url
+    return f"{err.strerror or err} ({path})"

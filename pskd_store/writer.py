@@ -9,14 +9,17 @@ one whole chunk to this writer's own staging part (staging.py). Each writer (one
 rank) claims its part when it is made: a second writer of the same part is refused, so
 writers never read-modify-write a chunk that another one writes.
 
-Value errors (ids out of range, NaN/inf) are found by the background thread, so that no
-device tensor is ever synchronised; they are raised by the next ``write`` or ``close``.
+Value errors (ids out of range, NaN/inf, with ``from_logits=False`` rows that are not
+probability vectors) are found by the background thread, so that no device tensor is ever
+synchronised; they are raised by the next ``write`` or ``close``. Logits that already look
+like probability rows (softmax applied twice would flatten them) get one warning.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,6 +43,8 @@ class _ChunkBuffer:
     raw: bool             # still needs the softmax / dtype conversion
     filled: int = 0
     copies: list = field(default_factory=list)  # one CUDA event per device copy into it
+    looks_like_probs: list = field(default_factory=list)  # device logits: a flag per write
+    tolerance: float = 0.0  # from_logits=False: how far from 1 a row sum may be
 
 
 class PredictionWriter:
@@ -77,6 +82,8 @@ class PredictionWriter:
         self._allocated = 0
         self._current: _ChunkBuffer | None = None
         self._error: BaseException | None = None
+        self._warned = False  # logits that look like probabilities: warned once
+        self._probabilities_seen = False  # set by the background thread, warned by this one
         self._closed = False
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._drain, name=f"pskd-writer-{epoch}", daemon=True)
@@ -93,6 +100,11 @@ class PredictionWriter:
         if self._closed:
             raise StoreError(f"this writer of epoch {self.epoch} is closed; make a new one for the next epoch")
         ids = torch.as_tensor(ids)
+        if not outputs.dtype.is_floating_point:
+            raise TypeError(
+                f"outputs must be floating-point {'logits' if self.from_logits else 'probabilities'}, "
+                f"got dtype {outputs.dtype}: pass the model's output tensor itself"
+            )
         if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
             raise TypeError(f"ids must be integer dataset indices, got dtype {ids.dtype}")
         if outputs.ndim != 2 or outputs.shape[1] != self.num_classes:
@@ -102,13 +114,21 @@ class PredictionWriter:
             )
         if ids.ndim != 1 or ids.shape[0] != outputs.shape[0]:
             raise ValueError(f"ids must have shape ({outputs.shape[0]},) to match outputs, got {tuple(ids.shape)}")
+        self._warn_if_probabilities()
         outputs = outputs.detach()
         on_host = outputs.device.type == "cpu"
+        tolerance = _sum_tolerance(outputs.dtype, self._torch_dtype)
+        looks_like_probs = None
         if not on_host:  # probabilities in the store's dtype on the device: half the copy
+            if self.from_logits:  # a flag computed on the device, read by the background thread
+                looks_like_probs = _probability_rows(outputs, tolerance).reshape(1).to("cpu", non_blocking=True)
             outputs = self._to_probs(outputs)
         done = 0
         while done < len(ids):
             buffer = self._current or self._take_buffer(like=outputs, raw=on_host)
+            buffer.tolerance = max(buffer.tolerance, tolerance)
+            if looks_like_probs is not None:
+                buffer.looks_like_probs.append(looks_like_probs)
             n = min(len(ids) - done, self._chunk_rows - buffer.filled)
             rows = slice(buffer.filled, buffer.filled + n)
             buffer.ids[rows].copy_(ids[done:done + n], non_blocking=True)
@@ -135,6 +155,7 @@ class PredictionWriter:
         if self._error is not None:
             self._part.release()
         self._raise_if_failed()
+        self._warn_if_probabilities()
         if not self._part.closed:
             self._part.close()
 
@@ -179,6 +200,15 @@ class PredictionWriter:
         self._queue.put(_CLOSE)
         self._thread.join()
 
+    def _warn_if_probabilities(self) -> None:
+        if self._probabilities_seen and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"the outputs written for epoch {self.epoch} look like probabilities (non-negative rows "
+                "summing to 1), but the writer applies a softmax to them: pass from_logits=False when "
+                "writing probabilities, or pass the logits", UserWarning, stacklevel=3,
+            )
+
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise StoreError(f"the prediction writer of epoch {self.epoch} failed: {self._error}") from self._error
@@ -202,12 +232,20 @@ class PredictionWriter:
                     self._error = err
             buffer.filled = 0
             buffer.copies.clear()
+            buffer.looks_like_probs.clear()
+            buffer.tolerance = 0.0
             self._free.put(buffer)  # also after an error, so write() never waits forever
 
     def _write_chunk(self, buffer: _ChunkBuffer) -> None:
         for copied in buffer.copies:  # every copy into this buffer has landed
             copied.synchronize()
         values = buffer.values[:buffer.filled]
+        if self.from_logits:
+            flags = [_probability_rows(values, buffer.tolerance)] if buffer.raw else buffer.looks_like_probs
+            if flags and all(bool(flag) for flag in flags):
+                self._probabilities_seen = True
+        else:
+            _require_probability_rows(values, buffer.tolerance, self.epoch)
         probs = (self._to_probs(values) if buffer.raw else values).numpy()
         ids = buffer.ids[:buffer.filled].numpy()
         if ids.min() < 0 or ids.max() >= self._num_samples:
@@ -222,3 +260,29 @@ class PredictionWriter:
                 "check the loss); nothing of this epoch will be sealed"
             )
         self._part.append(ids, probs)
+
+
+def _sum_tolerance(*dtypes: torch.dtype) -> float:
+    """How far from 1 a probability row's sum may be: rounding each value to the coarsest
+    of ``dtypes`` moves the sum by at most half an epsilon; twice that, at least 1e-5."""
+    return max(1e-5, *(2 * torch.finfo(dtype).eps for dtype in dtypes))
+
+
+def _probability_rows(values: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """A 0-d bool tensor: every row is non-negative and sums to 1 (on the values' device)."""
+    values = values.float()
+    return (values.min() >= 0) & ((values.sum(dim=1) - 1).abs().max() <= tolerance)
+
+
+def _require_probability_rows(values: torch.Tensor, tolerance: float, epoch: int) -> None:
+    """``from_logits=False``: refuse rows that are negative or do not sum to 1."""
+    values = values.float()
+    sums = values.sum(dim=1)
+    bad = torch.nonzero(((sums - 1).abs() > tolerance) | (values < 0).any(dim=1)).flatten()
+    if len(bad):
+        row = int(bad[0])
+        raise ValueError(
+            f"from_logits=False takes probability rows, but {len(bad)} of {len(values)} rows written for "
+            f"epoch {epoch} are not (one sums to {float(sums[row]):.4g}, its smallest value is "
+            f"{float(values[row].min()):.4g}): pass logits with from_logits=True, or softmax the outputs"
+        )

@@ -112,6 +112,7 @@ def test_service_never_serves_a_stale_epoch_after_rollback(store):
 
 def test_set_epoch_needs_the_previous_epoch_sealed(store, labels):
     data = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
+    data.set_epoch(1)
     write_epoch(store, 1, seal=False)
     with pytest.raises(EpochNotSealedError, match="epoch 1 was never sealed"):
         data.set_epoch(2)

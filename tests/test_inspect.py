@@ -220,3 +220,27 @@ def test_console_script_runs_inspect(runs, tmp_path):
     report = json.loads(done.stdout)
     assert [run["plotted_ids"] for run in report["runs"]] == [CE_HARD[:3]] * 2
     assert_pngs(report["files"], {"trajectories.png", "reliability_1_ce.png", "training_curves.png"})
+
+
+def test_carried_rows_are_not_predictions(tmp_path):
+    """Sample 12 is predicted wrong in epochs 1-2, right in 3, then never again (its row is
+    carried forward, right); sample 13 is never predicted (its one-hot label is carried).
+    Counting carried rows, 12 would be right in 4 of 6 epochs and 13 in all 6."""
+    run = tmp_path / "partial"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"method": "ce", "arch": "mlp", "epochs": EPOCHS}))
+    store = SoftTargetStore.create(run / "store", LABELS, K)
+    for epoch in range(1, EPOCHS + 1):
+        probs = design_probs(epoch, {12: (0, 0.2)} if epoch < 3 else {}, LABELS)
+        ids = [i for i in range(N) if i != 13 and not (i == 12 and epoch > 3)]
+        with store.writer(epoch, from_logits=False) as writer:
+            writer.write(torch.tensor(ids), torch.from_numpy(probs[ids]))
+        store.seal(epoch)
+    loaded = load_run(run)
+    assert loaded.trajectory["written"][:, 12].tolist() == [True] * 3 + [False] * 3
+    assert np.isnan(loaded.trajectory["true_prob"][3:, 12]).all() and (loaded.trajectory["argmax"][:, 13] == -1).all()
+    assert hard_samples(loaded.trajectory, LABELS).tolist() == [12]  # right in 1 of the 3 epochs that predicted it
+    report = inspect_json(run, "--ids", "12,13", "--out", tmp_path / "out")
+    assert report["runs"][0]["hard_found"] == 1
+    assert report["runs"][0]["mean_final_true_prob"] == pytest.approx(0.7, abs=F16_TOL)  # 12's epoch 3; 13 has none
+    assert_pngs(report["files"], {"trajectories.png"})  # NaN gaps plot

@@ -69,7 +69,11 @@ def test_layout_attributes_and_compression(store, labels):
     assert root["sealed"] == [1] and root["fingerprint"]["num_samples"] == N
     teacher = json.loads((Path(store.url) / "teacher/epoch_0001/zarr.json").read_text())
     assert teacher["shape"] == [N, K] and teacher["chunk_grid"]["configuration"]["chunk_shape"] == [32, K]
-    assert [c["name"] for c in teacher["codecs"]][-1] == "blosc"
+    assert [c["name"] for c in teacher["codecs"]][-2:] == ["blosc", "crc32c"]  # checksum of the compressed bytes
+    assert teacher["fill_value"] == 0.0 and root["schema_version"] == 2
+    for array in ("labels", "trajectory/epoch_0001/true_prob", "trajectory/epoch_0001/written"):
+        codecs = json.loads((Path(store.url) / array / "zarr.json").read_text())["codecs"]
+        assert codecs[-1]["name"] == "crc32c", array
     np.testing.assert_array_equal(store.labels, labels)
 
 
@@ -210,9 +214,12 @@ def test_streaming_seal_follows_the_coverage_rules(tmp_path, labels, monkeypatch
         assert (info["rows_written"], info["ids_written"], info["duplicates"], info["carried_forward"]) == (
             rows, unique, rows - unique, N - unique)
         trajectory = store.trajectory([epoch])
-        np.testing.assert_array_equal(trajectory["argmax"][0], table.argmax(1))
-        np.testing.assert_array_equal(trajectory["max_prob"][0], table.max(1))
-        np.testing.assert_array_equal(trajectory["true_prob"][0], table[np.arange(N), labels])
+        written = np.isin(np.arange(N), np.concatenate([ids for ids, _ in shards.values()]))
+        np.testing.assert_array_equal(trajectory["written"][0], written)
+        np.testing.assert_array_equal(trajectory["argmax"][0], np.where(written, table.argmax(1), -1))
+        np.testing.assert_array_equal(trajectory["max_prob"][0], np.where(written, table.max(1), np.nan))
+        np.testing.assert_array_equal(trajectory["true_prob"][0],
+                                      np.where(written, table[np.arange(N), labels], np.nan))
     assert not (Path(store.url) / "staging" / "epoch_0003").exists()
 
 

@@ -1,0 +1,165 @@
+"""Reading a store's arrays so that damage is an error, never a value.
+
+Every array carries zarr's crc32c codec after compression, so a flipped byte fails its
+chunk's checksum instead of decoding into other numbers. Every chunk is written, even one
+equal to the fill value (``write_empty_chunks``), so a missing chunk file is damage, and
+:class:`CheckedArray` reports it instead of letting zarr read it as the fill value. Errors
+name what was damaged, the rows, and `pskd-store verify`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+import zarr.codecs
+from zarr.core.sync import sync
+
+from .errors import StoreDamagedError
+
+ARRAY_CONFIG = {"write_empty_chunks": True}  # every chunk exists: a missing one is damage
+
+
+def codecs_with_checksum(compressor: zarr.codecs.BloscCodec | None) -> tuple:
+    """The bytes-to-bytes codecs of every array: the compressor, then a crc32c checksum."""
+    return (compressor, zarr.codecs.Crc32cCodec()) if compressor is not None else (zarr.codecs.Crc32cCodec(),)
+
+
+@dataclass(frozen=True)
+class DamagedChunk:
+    """One chunk (along the first axis) that cannot be read back as written."""
+
+    rows: tuple[int, int]  # [start, end)
+    problem: str
+
+
+class CheckedArray:
+    """Row slices of a stored array, returned whole and exactly as written, or an error.
+
+    ``what`` names the array in messages ("the teacher of epoch 7"); ``url`` is the store's,
+    for the `pskd-store verify` hint.
+    """
+
+    def __init__(self, array: zarr.Array, what: str, url: str):
+        self.array = array
+        self.what = what
+        self.url = url
+        self._present: set[int] | None = None
+
+    @classmethod
+    def open(cls, group: zarr.Group, path: str, what: str, url: str, *, shape: tuple[int, ...],
+             dtype: np.dtype, chunk_rows: int | None = None) -> CheckedArray:
+        """The array at ``path``, refused unless its metadata is what the store made."""
+        try:
+            array = group[path]
+        except Exception as err:  # a deleted or unreadable zarr.json
+            raise StoreDamagedError(_message(what, url, f"its array {path} cannot be opened ({_reason(err)})")) from err
+        problem = _metadata_problem(array, shape, np.dtype(dtype), chunk_rows)
+        if problem:
+            raise StoreDamagedError(_message(what, url, f"the metadata of {path} was changed: {problem}"))
+        return cls(array, what, url)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.array.dtype
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return self.array.chunks
+
+    def __len__(self) -> int:
+        return self.array.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        """Rows ``start:stop`` (a slice along the first axis)."""
+        start, stop, _ = rows.indices(len(self))
+        missing = [c for c in self._chunk_range(start, stop) if c not in self.present_chunks()]
+        if missing:
+            raise StoreDamagedError(_message(
+                self.what, self.url, f"rows {_ranges([self._rows(c) for c in missing])} are missing "
+                "(their chunk files were deleted)"))
+        try:
+            return self.array[start:stop]
+        except Exception as err:  # a checksum mismatch, a chunk that does not decode
+            damaged = list(self.damaged_chunks(start, stop)) or [DamagedChunk((start, stop), _reason(err))]
+            raise StoreDamagedError(_message(
+                self.what, self.url, f"rows {_ranges([d.rows for d in damaged])} "
+                f"{damaged[0].problem}")) from err
+
+    def damaged_chunks(self, start: int = 0, stop: int | None = None) -> Iterator[DamagedChunk]:
+        """Every chunk of rows ``start:stop`` that is missing or does not decode, read one
+        at a time (what `verify` and error messages report)."""
+        stop = len(self) if stop is None else stop
+        for chunk in self._chunk_range(start, stop):
+            lo, hi = self._rows(chunk)
+            if chunk not in self.present_chunks():
+                yield DamagedChunk((lo, hi), "are missing (their chunk file was deleted)")
+                continue
+            try:
+                self.array[lo:hi]
+            except Exception as err:
+                yield DamagedChunk((lo, hi), f"do not match their checksum or do not decode ({_reason(err)})")
+
+    def present_chunks(self) -> set[int]:
+        """Indices (along the first axis) of the chunks whose files exist, listed once."""
+        if self._present is None:
+            prefix = f"{self.array.path}/" if self.array.path else ""
+            keys = sync(_list(self.array.store, prefix))
+            index = {self.array.metadata.encode_chunk_key((c,) + (0,) * (self.array.ndim - 1)): c
+                     for c in range(self.array.cdata_shape[0])}
+            self._present = {index[key[len(prefix):]] for key in keys if key[len(prefix):] in index}
+        return self._present
+
+    def _chunk_range(self, start: int, stop: int) -> range:
+        rows = self.array.chunks[0]
+        return range(start // rows, -(-stop // rows)) if stop > start else range(0)
+
+    def _rows(self, chunk: int) -> tuple[int, int]:
+        rows = self.array.chunks[0]
+        return chunk * rows, min(len(self), (chunk + 1) * rows)
+
+
+async def _list(store, prefix: str) -> list[str]:
+    return [key async for key in store.list_prefix(prefix)]
+
+
+def _metadata_problem(array: zarr.Array, shape: tuple[int, ...], dtype: np.dtype,
+                      chunk_rows: int | None) -> str | None:
+    if array.shape != tuple(shape):
+        return f"shape {array.shape}, expected {tuple(shape)}"
+    if array.dtype != dtype:
+        return f"dtype {array.dtype}, expected {dtype}"
+    if chunk_rows is not None and array.chunks[0] != chunk_rows:
+        return f"{array.chunks[0]} rows per chunk, expected {chunk_rows}"
+    if tuple(array.chunks[1:]) != tuple(shape[1:]):
+        return f"chunks {array.chunks}, expected whole rows"
+    if not any(isinstance(codec, zarr.codecs.Crc32cCodec) for codec in array.metadata.codecs):
+        return "it has no crc32c checksum codec"
+    return None
+
+
+def _reason(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return text if len(text) < 160 else text[:157] + "..."
+
+
+def _ranges(ranges: list[tuple[int, int]]) -> str:
+    """[(0, 512), (512, 1024), (2048, 2560)] -> '0-1023, 2048-2559' (inclusive)."""
+    merged: list[list[int]] = []
+    for lo, hi in sorted(ranges):
+        if merged and merged[-1][1] == lo:
+            merged[-1][1] = hi
+        else:
+            merged.append([lo, hi])
+    return ", ".join(f"{lo}-{hi - 1}" for lo, hi in merged)
+
+
+def _message(what: str, url: str, problem: str) -> str:
+    return (f"{what} in {url} is damaged: {problem}. None of its values were used; "
+            f"`pskd-store verify {url}` lists everything that is damaged")
