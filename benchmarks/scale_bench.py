@@ -11,6 +11,10 @@ fresh process so that each peak RSS is its own. Reported per writer count:
   * ``seal`` and ``prepare`` (decode to the memory map): seconds, baseline RSS (after
     imports and opening the store) and peak RSS above it (VmHWM, restarted at the baseline
     through /proc/self/clear_refs: Linux only);
+  * ``prepare.cached_seconds``: the next epoch's ``prepare`` of the same file, which checks
+    the cached file's crc32c (what every epoch's ``set_epoch`` pays);
+  * ``verify``: seconds of `pskd-store verify` on the store (every chunk's checksum, every
+    row's values, the trajectory and the cached file), and its ratio to ``prepare``;
   * ``lookup``: median time of a batch-256 gather from the served epoch;
   * bytes on disk of the sealed epoch, against the authors' dense float32 table (N*K*4
     bytes in every rank's memory; x8 for an 8-GPU node, where the memory map is shared).
@@ -130,12 +134,25 @@ def child_prepare(args) -> dict:
         times.append(time.perf_counter() - t)
     checked = batches[-1]
     expected = torch.from_numpy(rows_of(checked, pool)).float()
-    return {"seconds": seconds, "baseline_rss": baseline, "peak_rss_above_baseline": peak,
+    start = time.perf_counter()  # the next epoch's set_epoch: the cached file's checksum is checked
+    PredictionService(store, cache_dir=args.cache).prepare(1)
+    cached = time.perf_counter() - start
+    return {"seconds": seconds, "cached_seconds": cached, "baseline_rss": baseline, "peak_rss_above_baseline": peak,
             "lookup_us_per_batch": statistics.median(times) * 1e6,
             "rows_match": bool(torch.equal(service.lookup(1, token, checked), expected))}
 
 
-CHILDREN = {"write": child_write, "seal": child_seal, "prepare": child_prepare}
+def child_verify(args) -> dict:
+    from pskd_store.store import SoftTargetStore
+    from pskd_store.verify import verify_store
+
+    store = SoftTargetStore.open(args.store, read_only=True)
+    start = time.perf_counter()
+    report = verify_store(store, cache_dir=args.cache)  # the epoch, its trajectory and its cached file
+    return {"seconds": time.perf_counter() - start, "ok": report.ok}
+
+
+CHILDREN = {"write": child_write, "seal": child_seal, "prepare": child_prepare, "verify": child_verify}
 
 
 # -- the parent: one scenario per writer count ---------------------------------------------------
@@ -169,9 +186,11 @@ def scenario(args, workdir: Path, world: int) -> dict:
              "peak_rss_per_writer": [r["peak_rss"] for r in results]}
     seal = run_child("seal", *common, "--scratch", str(workdir))
     prepare = run_child("prepare", *common, "--cache", str(workdir / f"cache-{world}"))
+    verify = run_child("verify", *common, "--cache", str(workdir / f"cache-{world}"))
+    verify["over_prepare"] = verify["seconds"] / prepare["seconds"]
     shutil.rmtree(store_path)
     shutil.rmtree(workdir / f"cache-{world}")
-    return {"writers": world, "write": write, "seal": seal, "prepare": prepare}
+    return {"writers": world, "write": write, "seal": seal, "prepare": prepare, "verify": verify}
 
 
 def main() -> None:

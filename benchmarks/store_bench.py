@@ -166,6 +166,23 @@ def bench_lookup(store: SoftTargetStore, args, root: Path) -> dict:
     }
 
 
+def bench_verify(store: SoftTargetStore) -> dict:
+    """`pskd-store verify` of the whole store (every checksum and value of the kept teacher
+    epochs, every trajectory), against decoding the same teacher epochs (read_epoch)."""
+    from pskd_store.verify import verify_store
+
+    start = time.perf_counter()
+    report = verify_store(store, cache_dir=Path(store.url).with_name("no-cache"))
+    verify_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for epoch in store.teacher_epochs:
+        store.read_epoch(epoch)
+    decode_s = time.perf_counter() - start
+    epochs = len(store.teacher_epochs)
+    return {"ok": report.ok, "teacher_epochs": epochs, "verify_s_per_epoch": verify_s / epochs,
+            "decode_s_per_epoch": decode_s / epochs, "verify_over_decode": verify_s / decode_s}
+
+
 def bench_disk(labels: np.ndarray, logits: torch.Tensor, num_classes: int, args, root: Path) -> list[dict]:
     rows = []
     for dtype in ("float16", "float32"):
@@ -211,6 +228,7 @@ def main() -> None:
                 "end_to_end_rows_per_s": args.num_samples / end_to_end,
                 "end_to_end_epoch_s": end_to_end,
             },
+            "verify": bench_verify(store),
             "disk": bench_disk(labels, logits, args.num_classes, args, root),
         }
     lookup, write = result["lookup"], result["write"]

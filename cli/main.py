@@ -1,4 +1,4 @@
-"""The ``pskd-store`` command line: train, eval, inspect and info."""
+"""The ``pskd-store`` command line: train, eval, inspect, info and verify."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ COMMANDS = {
     "eval": "pskd_store_cli.eval:eval_command",
     "inspect": "pskd_store_cli.inspect:inspect_command",
     "info": "pskd_store_cli.info:info_command",
+    "verify": "pskd_store_cli.verify:verify_command",
 }
 
 
@@ -41,4 +42,5 @@ def cli() -> None:
     pskd-store eval RUN_DIR               test metrics; writes test probabilities
     pskd-store inspect RUN_DIR [RUN_DIR]  trajectories, calibration, hard examples
     pskd-store info RUN_DIR/store         what a store holds
+    pskd-store verify RUN_DIR             every checksum and value; exit 1 if damaged
     """

@@ -38,7 +38,11 @@ def save_checkpoint(path: Path, **state: Any) -> None:
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
+    try:
+        torch.save(state, tmp)
+    except RuntimeError as err:  # torch's writer reports a failed write (a full disk) this way
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"torch.save could not write it, is the disk full? ({str(err).splitlines()[0]})") from err
     os.replace(tmp, path)
 
 

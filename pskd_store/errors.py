@@ -18,3 +18,9 @@ class EpochNotSealedError(StoreError, KeyError):
 class StoreDamagedError(StoreError):
     """Stored bytes that are not what was written (a checksum, a missing chunk, edited
     metadata): nothing of the damaged rows is ever returned as a value."""
+
+
+def os_problem(err: OSError, where: object) -> str:
+    """An operating-system error as '<what went wrong> (<path>)'. A write to an open file
+    (a full disk) carries no file name: ``where`` names the file or directory instead."""
+    return f"{err.strerror or err} ({err.filename or where})"

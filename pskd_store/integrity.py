@@ -87,7 +87,7 @@ class CheckedArray:
         try:
             return self.array[start:stop]
         except Exception as err:  # a checksum mismatch, a chunk that does not decode
-            damaged = list(self.damaged_chunks(start, stop)) or [DamagedChunk((start, stop), _reason(err))]
+            damaged = list(self.damaged_chunks(start, stop)) or [DamagedChunk((start, stop), _chunk_problem(err))]
             raise StoreDamagedError(_message(
                 self.what, self.url, f"rows {_ranges([d.rows for d in damaged])} "
                 f"{damaged[0].problem}")) from err
@@ -104,7 +104,7 @@ class CheckedArray:
             try:
                 self.array[lo:hi]
             except Exception as err:
-                yield DamagedChunk((lo, hi), f"do not match their checksum or do not decode ({_reason(err)})")
+                yield DamagedChunk((lo, hi), _chunk_problem(err))
 
     def present_chunks(self) -> set[int]:
         """Indices (along the first axis) of the chunks whose files exist, listed once."""
@@ -144,20 +144,30 @@ def _metadata_problem(array: zarr.Array, shape: tuple[int, ...], dtype: np.dtype
     return None
 
 
+def _chunk_problem(err: BaseException) -> str:
+    if "checksum" in str(err):
+        return "do not match their checksum (their bytes changed after they were written)"
+    return f"cannot be decoded ({_reason(err)})"
+
+
 def _reason(err: BaseException) -> str:
     text = str(err) or type(err).__name__
     return text if len(text) < 160 else text[:157] + "..."
 
 
-def _ranges(ranges: list[tuple[int, int]]) -> str:
-    """[(0, 512), (512, 1024), (2048, 2560)] -> '0-1023, 2048-2559' (inclusive)."""
+def row_ranges(ranges: list[tuple[int, int]]) -> list[str]:
+    """[(0, 512), (512, 1024), (2048, 2560)] -> ['0-1023', '2048-2559'] (inclusive)."""
     merged: list[list[int]] = []
     for lo, hi in sorted(ranges):
         if merged and merged[-1][1] == lo:
             merged[-1][1] = hi
         else:
             merged.append([lo, hi])
-    return ", ".join(f"{lo}-{hi - 1}" for lo, hi in merged)
+    return [f"{lo}-{hi - 1}" for lo, hi in merged]
+
+
+def _ranges(ranges: list[tuple[int, int]]) -> str:
+    return ", ".join(row_ranges(ranges))
 
 
 def _message(what: str, url: str, problem: str) -> str:

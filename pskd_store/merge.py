@@ -64,8 +64,13 @@ def merge_epoch(
     ids = [_read_ids(part, num_samples) for part in parts]
     last = _last_writes(ids, num_samples)
     buckets = _Buckets(last >= 0, _bucket_rows(out))
+    scratch_dir = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
     with tempfile.TemporaryFile(dir=scratch_dir, prefix="pskd-seal-") as scratch:
-        _scatter(parts, ids, last, buckets, scratch.fileno(), out.chunks[0])
+        try:
+            _scatter(parts, ids, last, buckets, scratch.fileno(), out.chunks[0])
+        except OSError as err:  # names the scratch file's directory: a write to a file carries no name
+            raise OSError(err.errno, f"{err.strerror}, writing the seal's scratch file (pass another "
+                                     "scratch_dir)", str(scratch_dir)) from err
         trajectory = _gather(out, buckets, scratch.fileno(), previous, labels)
     written = int(buckets.written.sum())
     return Merged(sum(len(i) for i in ids), written, num_samples - written, trajectory)

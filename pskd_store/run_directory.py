@@ -29,6 +29,17 @@ class RunError(ValueError):
     """A run directory that cannot be read: the message names the problem and the fix."""
 
 
+@contextlib.contextmanager
+def writing(path: Path) -> Iterator[None]:
+    """Turn a failed write (permission denied, read-only file system, full disk) into one
+    RunError naming ``path``, which a write to an open file does not carry."""
+    try:
+        yield
+    except OSError as err:
+        raise RunError(f"cannot write {path}: {err.strerror or err}; free space or make it writable, "
+                       "then --resume the run") from err
+
+
 @dataclass(frozen=True)
 class RunDirectory:
     path: Path
@@ -62,8 +73,13 @@ class RunDirectory:
         """Hold the run for this process: a second `train` or `--resume` of a live run is
         refused, naming the process. The operating system releases the lock when the
         process ends, however it ends (no stale lock after a SIGKILL)."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / ".lock", "a+") as file:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            file = open(self.path / ".lock", "a+")
+        except OSError as err:
+            raise RunError(f"cannot write to {self.path} ({err.strerror}): make it writable, or train "
+                           "into another --output") from err
+        with file:
             try:
                 fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -108,13 +124,18 @@ class RunDirectory:
         return rows
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        with open(self.metrics, "a") as file:
+        with writing(self.metrics), open(self.metrics, "a") as file:
             file.write(json.dumps(row) + "\n")
 
     def keep_metrics_through(self, epoch: int) -> None:
         """Drop the rows of epochs after ``epoch`` (what a resumed run redoes)."""
         rows = [row for row in self.metrics_rows() if row["epoch"] <= epoch]
-        self.metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        with writing(self.metrics):
+            self.metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        with writing(self.summary):
+            self.summary.write_text(json.dumps(summary, indent=2) + "\n")
 
     # -- per-sample probabilities ------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import google_crc32c
 import numpy as np
 import torch
 
-from .errors import StoreError
+from .errors import StoreError, os_problem
 from .integrity import CheckedArray
 from .staging import epoch_key
 from .store import SoftTargetStore
@@ -62,8 +62,8 @@ class PredictionService:
             self._drop_stale(store)
         except OSError as err:
             raise StoreError(
-                f"cannot write the decoded teacher of epoch {epoch} to {err.filename or self.cache_dir} "
-                f"({err.strerror or err}): free space there or pass a writable cache_dir (--cache-dir)"
+                f"cannot write the decoded teacher of epoch {epoch}: {os_problem(err, self.cache_dir)}; "
+                "free space there or pass a writable cache_dir (--cache-dir)"
             ) from err
         return token
 
@@ -71,8 +71,7 @@ class PredictionService:
         """Whether the cached file exists and matches the checksum written with it."""
         if not path.exists():
             return False
-        recorded = _checksum_path(path).read_text().strip() if _checksum_path(path).exists() else None
-        if recorded == _file_crc32c(path):
+        if cached_file_intact(path):
             return True
         _logger.warning("the cached teacher %s does not match its checksum: decoding it again from the store", path)
         return False
@@ -131,6 +130,12 @@ class PredictionService:
         return {"cache_dir": self.cache_dir, "_store": None, "_maps": {}}
 
 
+def cached_file_intact(path: Path) -> bool:
+    """Whether a cached ``.npy`` matches the crc32c written beside it when it was made."""
+    checksum = _checksum_path(path)
+    return checksum.exists() and checksum.read_text().strip() == _file_crc32c(path)
+
+
 def _checksum_path(path: Path) -> Path:
     return path.with_name(path.name + ".crc32c")
 
@@ -160,7 +165,7 @@ def default_cache_dir(store: SoftTargetStore) -> Path:
     local = store.local_path
     if local is not None:
         beside = local.with_name(local.name + ".mmap")
-        if os.access(beside if beside.exists() else local.parent, os.W_OK):
+        if os.access(beside if beside.exists() else local.parent, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
             return beside
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "pskd-store" / store.store_id

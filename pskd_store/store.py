@@ -39,7 +39,7 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
-from .errors import EpochNotSealedError, StoreDamagedError, StoreError
+from .errors import EpochNotSealedError, StoreDamagedError, StoreError, os_problem
 from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum
 from .merge import TRAJECTORY_FIELDS, merge_epoch
 from .staging import EpochStaging, epoch_key
@@ -465,7 +465,7 @@ class SoftTargetStore:
             return self._seal(epoch, scratch_dir)
         except OSError as err:
             raise StoreError(
-                f"cannot seal epoch {epoch}: {_os_problem(err, self.url)}; nothing of it was published "
+                f"cannot seal epoch {epoch}: {os_problem(err, self.url)}; nothing of it was published "
                 "(the previous sealed epoch is still the teacher), seal again once that is fixed"
             ) from err
 
@@ -557,9 +557,3 @@ class SoftTargetStore:
             path = f"teacher/{epoch_key(expired[-1])}"
             if path in self._group:
                 del self._group[path]
-
-
-def _os_problem(err: OSError, url: str) -> str:
-    """An operating-system error as a phrase naming the path (a write to an open file has none)."""
-    path = err.filename or url
-    return f"{err.strerror or err} ({path})"

@@ -21,7 +21,6 @@ writes logs, metrics and checkpoints.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -45,7 +44,7 @@ from .loss import alpha_t, method_loss
 from .metrics import evaluate
 from .models import create_model, input_kind
 from .recipe import TrainConfig
-from .run_directory import RunDirectory
+from .run_directory import RunDirectory, writing
 from .store import SoftTargetStore
 
 _logger = logging.getLogger("pskd_store.train")
@@ -150,7 +149,8 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
     if env.is_main:
         directory.remove_temporary_files()
         if not resume:
-            config.save(directory.config)
+            with writing(directory.config):
+                config.save(directory.config)
     configure_determinism(config.deterministic)
     run = build_run(config, directory, env, device, splits)
     start = _restore(run) + 1 if resume else 1
@@ -182,9 +182,10 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
             row["val"] = evaluate(*val_probs, n_bins=config.ece_bins)
         row["epoch_seconds"] = time.perf_counter() - started  # steps, seal and evaluation
         directory.append_metrics(row)
-        save_checkpoint(directory.checkpoint, model=run.network.state_dict(),
-                        optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
-                        epoch=epoch, config=config.__dict__, rng=rng)
+        with writing(directory.checkpoint):
+            save_checkpoint(directory.checkpoint, model=run.network.state_dict(),
+                            optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
+                            epoch=epoch, config=config.__dict__, rng=rng)
         _log_epoch(row, config.epochs)
     env.barrier()  # the last checkpoint is written before any rank leaves
     if not env.is_main:
@@ -194,7 +195,7 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
     summary = {"run": str(directory.path), "config": config.__dict__, "epochs": config.epochs,
                "world_size": env.world_size, **summarize_metrics(directory.metrics_rows()),
                "store": run.store.summary()}
-    directory.summary.write_text(json.dumps(summary, indent=2) + "\n")
+    directory.write_summary(summary)
     return summary
 
 

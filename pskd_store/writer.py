@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from .errors import StoreError
+from .errors import StoreError, os_problem
 
 if TYPE_CHECKING:
     from .store import SoftTargetStore
@@ -211,7 +211,9 @@ class PredictionWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
-            raise StoreError(f"the prediction writer of epoch {self.epoch} failed: {self._error}") from self._error
+            error = self._error
+            problem = os_problem(error, self.store.url) if isinstance(error, OSError) else str(error)
+            raise StoreError(f"the prediction writer of epoch {self.epoch} failed: {problem}") from error
 
     # -- the background thread's side ------------------------------------------------------
 

@@ -101,6 +101,8 @@ def test_service_never_serves_a_stale_epoch_after_rollback(store):
         write_epoch(store, epoch)
     service = PredictionService(store)
     old = service.prepare(2)
+    np.testing.assert_array_equal(service.lookup(2, old, np.arange(3)).numpy(),  # mapped in this process
+                                  store.read_epoch(2)[:3].astype(np.float32))
     store.rollback(1)
     with store.writer(2, from_logits=False) as writer:
         writer.write(torch.arange(N), torch.full((N, K), 1.0 / K))

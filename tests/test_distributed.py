@@ -113,8 +113,8 @@ def test_each_id_keeps_what_the_rank_that_trained_on_it_wrote(tmp_path):
         ids = torch.tensor(list(sampler))
         np.save({str(tmp_path)!r} + f"/ids{{rank}}.npy", ids.numpy())
         probs = torch.full((len(ids), k), 0.1)
-        probs[:, 0] = 0.3 + 0.1 * rank          # which rank wrote it
-        probs[:, 1] = 0.2 - 0.1 * rank
+        probs[:, 0] = 0.4 + 0.1 * rank          # which rank wrote it (rows sum to 1)
+        probs[:, 1] = 0.3 - 0.1 * rank
         with store.writer(1, rank=rank, from_logits=False) as writer:
             for batch in range(0, len(ids), 32):
                 writer.write(ids[batch:batch + 32], probs[batch:batch + 32])
@@ -131,7 +131,7 @@ def test_each_id_keeps_what_the_rank_that_trained_on_it_wrote(tmp_path):
     writer_of[ids[0]] = 0
     writer_of[ids[1]] = 1  # the padding duplicate: the higher rank's write wins
     assert (writer_of >= 0).all() and len(set(ids[0]) & set(ids[1])) == 1
-    np.testing.assert_array_equal(teacher[:, 0], (0.3 + 0.1 * writer_of).astype(np.float32))
+    np.testing.assert_array_equal(teacher[:, 0], (0.4 + 0.1 * writer_of).astype(np.float32))
 
 
 def test_a_killed_rank_fails_the_job_and_resume_finishes_it(tmp_path, two_rank_run, data_dir):

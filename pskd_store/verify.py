@@ -1,0 +1,300 @@
+"""`pskd-store verify`: everything a run or a store holds, read back and checked.
+
+Training, `inspect` and `info` stop at the first damaged byte they read; `verify` reads
+everything and reports every problem by what it is (epoch, array) and row range:
+
+- the sealed list: epochs 1..E in order, each with its statistics and seal token;
+- the labels, against the store's fingerprint;
+- every chunk of every kept teacher epoch and of the whole trajectory tier: present and
+  matching its crc32c checksum;
+- the values: every teacher row finite, non-negative and summing to 1 (within the
+  storage dtype's rounding), and the trajectory record equal to what the teacher row
+  says (true-class probability, max probability, argmax);
+- the memory-map cache: each file against its checksum and, for kept epochs, against the
+  decoded teacher;
+- in a run directory, also the checkpoint (readable, and its epoch sealed in the store),
+  ``config.json`` and ``metrics.jsonl``.
+
+It writes nothing. A damaged cache file is reported, but is no loss: training decodes it
+again.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from .errors import StoreDamagedError, StoreError
+from .integrity import DamagedChunk, row_ranges
+from .merge import TRAJECTORY_FIELDS
+from .run_directory import RunDirectory, RunError
+from .store import SoftTargetStore
+
+SLICE_BYTES = 32 << 20  # teacher rows checked at a time
+MAX_RANGES = 5          # row ranges named per problem; the rest are counted
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem: where (``part``) and what."""
+
+    part: str
+    problem: str
+
+    def __str__(self) -> str:
+        return f"{self.part}: {self.problem}"
+
+
+@dataclass
+class Report:
+    """What `verify` checked, what it found, and how long it took."""
+
+    target: str
+    checked: list[str] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+    def add(self, part: str, problem: str) -> None:
+        self.findings.append(Finding(part, problem))
+
+    def as_dict(self) -> dict:
+        return {"target": self.target, "ok": self.ok, "checked": self.checked, "seconds": self.seconds,
+                "findings": [{"part": f.part, "problem": f.problem} for f in self.findings]}
+
+
+def verify_path(path: str | Path, *, progress: bool = False) -> Report:
+    """Verify a run directory (its store, cache, checkpoint and files) or a store."""
+    run = RunDirectory(Path(path))
+    if (run.store / "zarr.json").is_file():
+        return verify_run(run, progress=progress)
+    store = SoftTargetStore.open(path, read_only=True)
+    return verify_store(store, progress=progress)
+
+
+def verify_run(run: RunDirectory, *, progress: bool = False) -> Report:
+    """Everything :func:`verify_store` checks, plus the run's checkpoint and files."""
+    started = time.perf_counter()
+    store = SoftTargetStore.open(run.store, read_only=True)
+    config = _run_config(run)
+    cache_dir = config.get("cache_dir") or None
+    report = verify_store(store, cache_dir=cache_dir, progress=progress, target=str(run.path))
+    _check_run_files(run, store, report)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def verify_store(store: SoftTargetStore, *, cache_dir: str | Path | None = None, progress: bool = False,
+                 target: str | None = None) -> Report:
+    """Check every part of ``store`` (and its memory-map cache); writes nothing."""
+    from .service import default_cache_dir  # imports torch; only the cache check needs it
+
+    started = time.perf_counter()
+    report = Report(target or store.url)
+    labels = _check_sealed_list_and_labels(store, report)
+    cache = _cache_files(Path(cache_dir) if cache_dir else default_cache_dir(store), store, report)
+    for epoch in tqdm(store.sealed_epochs, desc="verify", unit="epoch", disable=not progress, leave=False):
+        trajectory = _check_trajectory(store, epoch, report)
+        if epoch in store.teacher_epochs:
+            _check_teacher(store, epoch, labels, trajectory, cache.pop(epoch, None), report)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+# -- the store ---------------------------------------------------------------------------------
+
+
+def _check_sealed_list_and_labels(store: SoftTargetStore, report: Report) -> np.ndarray | None:
+    sealed = store.sealed_epochs
+    report.checked.append(f"sealed list ({len(sealed)} epochs)")
+    if sealed != list(range(1, len(sealed) + 1)):
+        report.add("sealed list", f"epochs {sealed} are not 1..{len(sealed)} in order: the root metadata was edited")
+    infos = store.summary()["epochs"]
+    for epoch in sealed:
+        info = infos.get(epoch)
+        if not info or not isinstance(info.get("seal_token"), str):
+            report.add(f"epoch {epoch}", "is sealed but has no statistics or seal token: the root metadata was edited")
+    if set(infos) - set(sealed):
+        report.add("sealed list", f"statistics for epochs {sorted(set(infos) - set(sealed))} that are not sealed")
+    report.checked.append("labels")
+    try:
+        return store.labels
+    except StoreError as err:
+        report.add("labels", _problem(err))
+        return None
+
+
+def _check_trajectory(store: SoftTargetStore, epoch: int, report: Report) -> dict[str, np.ndarray] | None:
+    """Every field of the epoch's trajectory record; returns them when all are readable."""
+    values = {}
+    for name in TRAJECTORY_FIELDS:
+        part = f"trajectory of epoch {epoch} ({name})"
+        try:
+            array = store.trajectory_array(epoch, name)
+        except StoreError as err:
+            report.add(part, _problem(err))
+            continue
+        damaged = list(array.damaged_chunks())
+        _report_chunks(report, part, damaged)
+        if not damaged:
+            values[name] = array[:]
+    report.checked.append(f"trajectory of epoch {epoch}")
+    return values if len(values) == len(TRAJECTORY_FIELDS) else None
+
+
+def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None,
+                   trajectory: dict[str, np.ndarray] | None, cached: np.ndarray | None, report: Report) -> None:
+    """Every chunk of the epoch's teacher: checksum, values, its trajectory record, its cache."""
+    part = f"teacher of epoch {epoch}"
+    try:
+        teacher = store.teacher_array(epoch)
+    except StoreError as err:
+        report.add(part, _problem(err))
+        return
+    report.checked.append(part)
+    bad_values: list[tuple[int, int]] = []
+    mismatched: list[tuple[int, int]] = []
+    cache_differs: list[tuple[int, int]] = []
+    row_bytes = store.num_classes * store.dtype.itemsize
+    step = max(1, SLICE_BYTES // (teacher.chunks[0] * row_bytes)) * teacher.chunks[0]
+    tolerance = max(1e-5, 2 * float(np.finfo(store.dtype).eps))
+    for lo in range(0, len(teacher), step):
+        hi = min(len(teacher), lo + step)
+        try:
+            block = teacher[lo:hi]
+        except StoreDamagedError:
+            _report_chunks(report, part, list(teacher.damaged_chunks(lo, hi)))
+            continue
+        bad_values += _rows(lo, ~_probability_rows(block, tolerance))
+        if labels is not None and trajectory is not None:
+            mismatched += _rows(lo, ~_matches_trajectory(block, labels[lo:hi],
+                                                         {k: v[lo:hi] for k, v in trajectory.items()}))
+        if cached is not None:
+            cache_differs += _rows(lo, (cached[lo:hi] != block).any(axis=1))
+    if bad_values:
+        report.add(part, f"rows {_limited(bad_values)} are not probability vectors (NaN, negative, or not "
+                         "summing to 1): their chunks were rewritten with valid checksums")
+    if mismatched:
+        report.add(f"trajectory of epoch {epoch}", f"rows {_limited(mismatched)} disagree with the teacher rows")
+    if cache_differs:
+        report.add(f"memory-map cache of epoch {epoch}", f"rows {_limited(cache_differs)} differ from the store "
+                                                         "(a cache: it is decoded again when deleted)")
+
+
+def _probability_rows(block: np.ndarray, tolerance: float) -> np.ndarray:
+    finite_and_non_negative = np.isfinite(block).all(axis=1) & (block >= 0).all(axis=1)
+    sums = block.sum(axis=1, dtype=np.float32)
+    return finite_and_non_negative & (np.abs(sums - 1) <= tolerance)
+
+
+def _matches_trajectory(block: np.ndarray, labels: np.ndarray, trajectory: dict[str, np.ndarray]) -> np.ndarray:
+    rows = np.arange(len(block))
+    argmax = block.argmax(axis=1)
+    return ((trajectory["argmax"] == argmax) & (trajectory["max_prob"] == block[rows, argmax])
+            & (trajectory["true_prob"] == block[rows, labels]))
+
+
+# -- the cache -----------------------------------------------------------------------------------
+
+
+def _cache_files(cache_dir: Path, store: SoftTargetStore, report: Report) -> dict[int, np.ndarray]:
+    """Memory maps of the cached files of kept epochs whose checksum is right, by epoch;
+    reports the files whose checksum is wrong."""
+    from .service import cached_file_intact
+
+    if not cache_dir.is_dir():
+        return {}
+    infos = store.summary()["epochs"]
+    tokens = {f"epoch_{epoch:04d}-{infos[epoch]['seal_token']}.npy": epoch
+              for epoch in store.teacher_epochs if epoch in infos}
+    maps = {}
+    for path in sorted(cache_dir.glob("epoch_*.npy")):
+        report.checked.append(f"cache file {path.name}")
+        if not cached_file_intact(path):
+            report.add(f"memory-map cache {path}", "does not match its checksum (a cache: it is decoded "
+                                                   "again on the next epoch; deleting it is safe)")
+        elif path.name in tokens:
+            view = np.load(path, mmap_mode="r")
+            if view.shape == (store.num_samples, store.num_classes) and view.dtype == store.dtype:
+                maps[tokens[path.name]] = view
+            else:
+                report.add(f"memory-map cache {path}", f"holds a {view.dtype} array of shape {view.shape}")
+    return maps
+
+
+# -- the run directory ---------------------------------------------------------------------------
+
+
+def _run_config(run: RunDirectory) -> dict:
+    try:
+        return json.loads(run.config.read_text()) if run.config.is_file() else {}
+    except json.JSONDecodeError:
+        return {}  # reported by _check_run_files
+
+
+def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) -> None:
+    from .checkpoint import load_checkpoint  # imports torch
+
+    report.checked.append("config.json")
+    if run.config.is_file():
+        try:
+            json.loads(run.config.read_text())
+        except json.JSONDecodeError as err:
+            report.add(str(run.config), f"is not valid JSON ({err})")
+    report.checked.append("metrics.jsonl")
+    try:
+        run.metrics_rows()
+    except RunError as err:
+        report.add(str(run.metrics), str(err))
+    if not run.checkpoint.is_file():
+        return
+    report.checked.append("checkpoint")
+    try:
+        epoch = int(load_checkpoint(run.checkpoint)["epoch"])
+    except (ValueError, KeyError) as err:
+        report.add(str(run.checkpoint), str(err))
+        return
+    if epoch not in store.sealed_epochs:
+        report.add(str(run.checkpoint), f"was written after epoch {epoch}, which the store has not sealed "
+                                        f"(sealed: {store.sealed_epochs}): the store lost epochs the model trained on")
+
+
+# -- reporting -----------------------------------------------------------------------------------
+
+
+def _report_chunks(report: Report, part: str, damaged: list[DamagedChunk]) -> None:
+    by_problem: dict[str, list[tuple[int, int]]] = {}
+    for chunk in damaged:
+        by_problem.setdefault(chunk.problem, []).append(chunk.rows)
+    for problem, rows in by_problem.items():
+        report.add(part, f"rows {_limited(rows)} {problem}")
+
+
+def _rows(offset: int, mask: np.ndarray) -> list[tuple[int, int]]:
+    """The runs of True in ``mask`` as [start, end) row ranges, shifted by ``offset``."""
+    rows = np.flatnonzero(mask)
+    if not len(rows):
+        return []
+    breaks = np.flatnonzero(np.diff(rows) > 1)
+    starts, ends = rows[np.r_[0, breaks + 1]], rows[np.r_[breaks, len(rows) - 1]] + 1
+    return [(offset + int(a), offset + int(b)) for a, b in zip(starts, ends)]
+
+
+def _limited(rows: list[tuple[int, int]]) -> str:
+    ranges = row_ranges(rows)
+    if len(ranges) <= MAX_RANGES:
+        return ", ".join(ranges)
+    return f"{', '.join(ranges[:MAX_RANGES])} and {len(ranges) - MAX_RANGES} more ranges"
+
+
+def _problem(err: Exception) -> str:
+    """A store error's message without the `verify` hint (verify is what is running)."""
+    return str(err).split(". None of its values were used")[0]

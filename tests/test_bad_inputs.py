@@ -1,0 +1,360 @@
+"""The catalogue of bad inputs: every misuse of the API and the CLI this project knows of,
+each refused with a message that names the problem (and the fix), and none of them
+changing anything sealed.
+
+API cases run against a real store with epoch 1 sealed; CLI cases run `pskd-store` in
+real subprocesses against a real run directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from pskd_store.dataset import SoftTargetDataset
+from pskd_store.errors import EpochNotSealedError, StoreError
+from pskd_store.run_directory import RunDirectory, RunError
+from pskd_store.store import SoftTargetStore
+from store_helpers import epoch_probs, make_labels, write_epoch
+
+N, K = 64, 5
+PSKD = shutil.which("pskd-store")
+
+
+def sealed_snapshot(store_dir: Path) -> str:
+    """A digest of everything sealed in a store: the root metadata, the labels and every
+    file of the sealed epochs (not the staging area, nor a seal in progress)."""
+    sealed = json.loads((store_dir / "zarr.json").read_text())["attributes"]["pskd_store"]["sealed"]
+    kept = ("zarr.json", "labels/", *(f"{tier}/epoch_{e:04d}/" for e in sealed for tier in ("teacher", "trajectory")))
+    digest = hashlib.sha256()
+    for path in sorted(store_dir.rglob("*")):
+        relative = path.relative_to(store_dir).as_posix()
+        if path.is_file() and (relative == "zarr.json" or relative.startswith(kept[1:])):
+            digest.update(relative.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture
+def labels() -> np.ndarray:
+    return make_labels(N, K)
+
+
+@pytest.fixture
+def store(tmp_path, labels) -> SoftTargetStore:
+    store = SoftTargetStore.create(tmp_path / "store", labels, K, chunk_rows=16)
+    write_epoch(store, 1)
+    return store
+
+
+def base(labels: np.ndarray) -> TensorDataset:
+    return TensorDataset(torch.zeros(len(labels), 1), torch.as_tensor(labels))
+
+
+def write_and_close(store: SoftTargetStore, outputs: torch.Tensor, *, from_logits: bool, epoch: int = 2,
+                    ids: torch.Tensor | None = None) -> None:
+    writer = store.writer(epoch, from_logits=from_logits)
+    try:
+        writer.write(torch.arange(len(outputs)) if ids is None else ids, outputs)
+        writer.close()
+    finally:
+        writer.abandon()
+
+
+def probs(n: int = N) -> torch.Tensor:
+    return torch.from_numpy(epoch_probs(2, N, K)[:n])
+
+
+def with_targets(data: TensorDataset, targets: np.ndarray) -> TensorDataset:
+    data.targets = targets.tolist()  # what torchvision's data sets have: checked without loading inputs
+    return data
+
+
+def first_item(data: TensorDataset, store: SoftTargetStore) -> None:
+    wrapped = SoftTargetDataset(data, store, 0.8, 10)
+    wrapped.set_epoch(1)
+    wrapped[0]
+
+
+def dataset_set_once(store: SoftTargetStore, labels: np.ndarray) -> None:
+    """PS-KD quietly becoming CE: set_epoch called for epoch 1 only, epoch 2 written."""
+    data = SoftTargetDataset(base(labels), store, 0.8, 10)
+    data.set_epoch(1)
+    store.writer(2)
+
+
+def second_writer(store: SoftTargetStore) -> None:
+    with store.writer(2):
+        store.writer(2)
+
+
+# (case, action(store, labels, tmp_path), exception, part of the message)
+API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
+    ("probabilities negative", lambda s, y, t: write_and_close(s, probs() - 0.1, from_logits=False),
+     StoreError, "from_logits=False takes probability rows, but 16 of 16 rows written for epoch 2 are not"),
+    ("probabilities summing to 70", lambda s, y, t: write_and_close(s, probs() * 70, from_logits=False),
+     StoreError, "one sums to 70"),
+    ("bool outputs", lambda s, y, t: write_and_close(s, torch.ones(N, K, dtype=torch.bool), from_logits=True),
+     TypeError, "outputs must be floating-point logits, got dtype torch.bool"),
+    ("int outputs", lambda s, y, t: write_and_close(s, torch.ones(N, K, dtype=torch.int64), from_logits=True),
+     TypeError, "got dtype torch.int64"),
+    ("complex outputs", lambda s, y, t: write_and_close(s, torch.ones(N, K, dtype=torch.complex64), from_logits=False),
+     TypeError, "floating-point probabilities, got dtype torch.complex64"),
+    ("NaN logits", lambda s, y, t: write_and_close(s, torch.full((N, K), float("nan")), from_logits=True),
+     StoreError, "the model diverged"),
+    ("ids out of range", lambda s, y, t: write_and_close(s, probs(2), from_logits=False, ids=torch.tensor([0, N])),
+     StoreError, f"ids out of range: [{N}] not in [0, N={N})"),
+    ("float ids", lambda s, y, t: write_and_close(s, probs(2), from_logits=False, ids=torch.tensor([0.0, 1.0])),
+     TypeError, "ids must be integer dataset indices"),
+    ("wrong K", lambda s, y, t: write_and_close(s, torch.zeros(N, K + 1), from_logits=True),
+     ValueError, f"outputs must have shape (batch, K={K})"),
+    ("writer of a sealed epoch", lambda s, y, t: s.writer(1), StoreError, "epoch 1 is already sealed"),
+    ("writer skipping epochs", lambda s, y, t: s.writer(7), StoreError,
+     "epoch 7 cannot follow epoch 1 in"),
+    ("seal skipping epochs", lambda s, y, t: s.seal(7), StoreError, "write and seal epoch 2 next"),
+    ("seal with nothing written", lambda s, y, t: s.seal(2), StoreError, "nothing was written for epoch 2"),
+    ("second writer of a part", lambda s, y, t: second_writer(s), StoreError, "rank 0 of epoch 2 already has a writer"),
+    ("dataset set_epoch only once", lambda s, y, t: dataset_set_once(s, y), StoreError,
+     "the SoftTargetDataset on this store is set to epoch 1"),
+    ("dataset with other labels (targets attribute)", lambda s, y, t: SoftTargetDataset(
+        with_targets(base((y + 1) % K), (y + 1) % K), s, 0.8, 10), StoreError, "sample 0 of the data set has label"),
+    ("dataset with other labels (seen per batch)", lambda s, y, t: first_item(base((y + 1) % K), s), StoreError,
+     "sample 0 of the data set has label"),
+    ("dataset of another length", lambda s, y, t: SoftTargetDataset(base(y[:-1]), s, 0.8, 10), StoreError,
+     f"the data set has {N - 1} samples but the store was made for {N}"),
+    ("set_epoch before the teacher is sealed",
+     lambda s, y, t: SoftTargetDataset(base(y), s, 0.8, 10).set_epoch(3), EpochNotSealedError,
+     "epoch 2 was never sealed"),
+    ("alpha_T above 1", lambda s, y, t: SoftTargetDataset(base(y), s, 1.5, 10), ValueError, "alpha_T must lie in [0, 1]"),
+    ("reading an unsealed epoch", lambda s, y, t: s.read_epoch(2), EpochNotSealedError, "epoch 2 was never sealed"),
+    ("open with other labels", lambda s, y, t: SoftTargetStore.open(s.url, labels=(y + 1) % K), StoreError,
+     "was made for another data set"),
+    ("create over an existing store", lambda s, y, t: SoftTargetStore.create(s.url, y, K), StoreError,
+     "a store already exists"),
+    ("writing a read-only store", lambda s, y, t: SoftTargetStore.open(s.url, read_only=True).writer(2), StoreError,
+     "was opened read-only"),
+    ("labels outside K", lambda s, y, t: SoftTargetStore.create(t / "other", y, 2), StoreError,
+     "labels must lie in [0, num_classes=2)"),
+    ("unknown dtype", lambda s, y, t: SoftTargetStore.create(t / "other", y, K, dtype="int8"), StoreError,
+     "dtype must be one of"),
+    ("no store there", lambda s, y, t: SoftTargetStore.open(t / "nowhere"), StoreError, "no pskd-store at"),
+]
+
+
+@pytest.mark.parametrize("action, error, message", [case[1:] for case in API_CASES],
+                         ids=[case[0] for case in API_CASES])
+def test_api_misuse_is_refused_and_nothing_sealed_changes(store, labels, tmp_path, action, error, message):
+    before = sealed_snapshot(Path(store.url))
+    with pytest.raises(error) as caught:
+        action(store, labels, tmp_path)
+    assert message in str(caught.value)
+    assert sealed_snapshot(Path(store.url)) == before
+    write_epoch(SoftTargetStore.open(store.url), 2)  # the store is still usable: epoch 2 seals
+
+
+def test_logits_that_look_like_probabilities_warn_once(store):
+    with pytest.warns(UserWarning, match="look like probabilities .* pass from_logits=False") as caught:
+        with store.writer(2) as writer:
+            writer.write(torch.arange(N), probs())
+            writer.write(torch.arange(N), probs())
+    assert len([w for w in caught if "look like probabilities" in str(w.message)]) == 1
+
+
+@pytest.mark.filterwarnings("error")
+def test_real_logits_and_probabilities_with_rounding_do_not_warn(store):
+    with store.writer(2) as writer:
+        writer.write(torch.arange(N), torch.randn(N, K))
+    store.seal(2)
+    rounded = probs().to(torch.bfloat16)  # sums off by up to a bf16 epsilon: still probabilities
+    with store.writer(3, from_logits=False) as writer:
+        writer.write(torch.arange(N), rounded)
+    store.seal(3)
+
+
+# -- the command line ------------------------------------------------------------------------
+
+
+def pskd(*args: str) -> subprocess.CompletedProcess:
+    assert PSKD, "pskd-store is not installed: pip install -e ."
+    return subprocess.run([PSKD, *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, data_dir) -> Path:
+    """A finished 2-epoch run, copied by each test that damages it."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    done = pskd("train", "--epochs", "2", "--steps-per-epoch", "4", "--workers", "0", "--data-dir", str(data_dir),
+                "-o", str(run), "-q")
+    assert done.returncode == 0, done.stderr
+    return run
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--arch", "densenet12"], "Unknown model 'densenet12'. Did you mean: densenet121"),
+    (["--alpha-T", "1.5"], "alpha_T must lie in [0, 1]"),
+    (["--dataset", "cifar100", "--no-download", "--data-dir", "{tmp}/nowhere"], "CIFAR100 data not found"),
+    (["--dataset", "mnist1d", "--arch", "densenet121"], "takes 32x32 inputs"),
+    (["--aug", "cutmix"], "needs image data"),
+    (["--dataset", "svhn"], "Invalid value for '--dataset'"),
+    (["--lr", "nan"], "--lr must be a positive number"),
+    (["--ece-bins", "0"], "--ece-bins must be at least 1"),
+    (["--steps-per-epoch", "0"], "--steps-per-epoch must be at least 1"),
+    (["--steps-per-epoch", "-3"], "--steps-per-epoch must be at least 1"),
+    (["--lr-gamma", "1.5"], "--lr-gamma must lie in (0, 1]"),
+    (["--lr-gamma", "0"], "--lr-gamma must lie in (0, 1]"),
+    (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    pytest.param(["--device", "cuda:1"], "no CUDA GPU is visible",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
+])
+def test_bad_train_arguments_are_refused_before_training(tmp_path, data_dir, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = pskd("train", *args, "--data-dir", str(data_dir), "-o", str(tmp_path / "run"))
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "store").exists()  # refused before any training
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: (run / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 cut short"),
+     "checkpoints/last.pt is not a readable checkpoint"),
+    (lambda run: (run / "checkpoints" / "last.pt").write_bytes(b""), "checkpoints/last.pt is not a readable checkpoint"),
+    (lambda run: (run / "config.json").write_text("{\"dataset\": "), "config.json is not a config"),
+    (lambda run: (run / "metrics.jsonl").write_text("{\"epoch\": 1}\n{oops\n"), "line 2 of"),
+])
+def test_damaged_or_unwritable_run_files_are_one_line(tmp_path, trained, damage, message):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run, symlinks=True)
+    before = sealed_snapshot(run / "store")
+    damage(run)
+    result = pskd("train", "--resume", str(run), "-q")
+    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    assert sealed_snapshot(run / "store") == before
+
+
+@contextlib.contextmanager
+def unprivileged():
+    """Act as an ordinary user: as root, drop the effective uid to nobody for the block
+    (permissions do not stop root)."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory outside pytest's private tmp (0700 for root), so that nobody can reach it."""
+    path = Path(tempfile.mkdtemp(prefix="pskd-perm-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_run_directory_without_write_permission_is_named(shared_dir):
+    run = RunDirectory(shared_dir / "run")
+    run.path.mkdir()
+    with unprivileged(), pytest.raises(RunError, match=f"cannot write to {run.path}.*Permission denied"):
+        with run.lock():
+            pass
+
+
+def test_a_read_only_store_still_serves_teachers_from_a_writable_cache(shared_dir, labels, monkeypatch):
+    store = SoftTargetStore.create(shared_dir / "store", labels, K, chunk_rows=16)
+    write_epoch(store, 1)
+    cache_home = shared_dir / "cache"
+    cache_home.mkdir(mode=0o777)
+    cache_home.chmod(0o777)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
+    before = sealed_snapshot(shared_dir / "store")
+    with unprivileged():
+        read_only = SoftTargetStore.open(shared_dir / "store", read_only=True)
+        data = SoftTargetDataset(base(labels), read_only, 0.8, 10)
+        data.set_epoch(2)
+        _, target, label, _ = data[3]
+    past = epoch_probs(1, N, K)[3].astype(np.float16).astype(np.float32)
+    expected = 0.8 * 2 / 10 * past
+    expected[label] += 1 - 0.8 * 2 / 10
+    np.testing.assert_allclose(target.numpy(), expected, rtol=1e-6)
+    assert list((cache_home / "pskd-store" / read_only.store_id).glob("epoch_0001-*.npy"))
+    assert not (shared_dir / "store.mmap").exists() or os.geteuid() != 0
+    assert sealed_snapshot(shared_dir / "store") == before
+
+
+def no_room(limit: int) -> Callable[[], None]:
+    """For a subprocess: no file may grow past ``limit`` bytes (RLIMIT_FSIZE), and a write
+    that would fails with an error instead of a signal: what a full disk looks like."""
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    return apply
+
+
+@pytest.mark.parametrize("limit, message", [
+    (64 << 10, "cannot write the decoded teacher of epoch 2: File too large ({run}/store.mmap)"),  # 160 KB
+    (600 << 10, "the prediction writer of epoch 3 failed: File too large ({run}/store)"),  # a 655 KB part chunk
+    (1500 << 10, "cannot write {run}/checkpoints/last.pt: torch.save could not write it, is the disk full?"),
+])
+def test_running_out_of_room_is_one_line_naming_the_path(tmp_path, trained, limit, message):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "epochs": 3}))  # one epoch left to train
+    before = sealed_snapshot(run / "store")
+    result = subprocess.run([PSKD, "train", "--resume", str(run), "-q"], capture_output=True, text=True,
+                            timeout=300, preexec_fn=no_room(limit))
+    assert result.returncode == 1 and message.format(run=run) in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert SoftTargetStore.open(run / "store").sealed_epochs[:2] == [1, 2]
+    if "checkpoint" not in message:  # epoch 3 was never sealed
+        assert sealed_snapshot(run / "store") == before
+
+
+def test_a_full_scratch_disk_during_the_seal_loses_nothing_sealed(tmp_path):
+    """The seal's scratch file (80 KB) cannot grow: a clear error naming where it was, the
+    previous teacher intact, and the epoch sealed once there is room."""
+    store = SoftTargetStore.create(tmp_path / "store", make_labels(4096, 10), 10)
+    write_epoch(store, 1)
+    write_epoch(store, 2, seal=False)
+    before = sealed_snapshot(Path(store.url))
+    script = (f"from pskd_store.store import SoftTargetStore\n"
+              f"SoftTargetStore.open({store.url!r}).seal(2, scratch_dir={str(tmp_path)!r})\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            preexec_fn=no_room(16 << 10))
+    assert result.returncode == 1
+    assert f"cannot seal epoch 2: File too large, writing the seal's scratch file (pass another scratch_dir) " \
+           f"({tmp_path}); nothing of it was published" in result.stderr
+    assert sealed_snapshot(Path(store.url)) == before
+    reopened = SoftTargetStore.open(store.url)
+    reopened.seal(2)
+    assert reopened.sealed_epochs == [1, 2]
+
+
+def test_verify_of_a_path_that_is_no_store_is_one_line(tmp_path):
+    result = pskd("verify", str(tmp_path / "nowhere"))
+    assert result.returncode == 1 and "no pskd-store at" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group"}))
+    result = pskd("verify", str(tmp_path / "run"))
+    assert result.returncode == 1 and "not a pskd-store" in result.stderr

@@ -1,0 +1,220 @@
+"""Damage on disk is an error naming what and which rows, never a value: checksums,
+missing chunks, edited metadata, the memory-map cache, and `pskd-store verify`.
+
+Every test damages a real store the way a disk or a person would (a flipped byte, a
+deleted file, an edited zarr.json) and reads it back through the public API or the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from pskd_store.errors import StoreDamagedError
+from pskd_store.service import PredictionService
+from pskd_store.store import SoftTargetStore
+from pskd_store.verify import verify_path
+from store_helpers import epoch_probs, make_labels, write_epoch
+
+N, K, CHUNK = 96, 7, 16
+
+
+@pytest.fixture
+def labels() -> np.ndarray:
+    return make_labels(N, K)
+
+
+@pytest.fixture
+def store(tmp_path, labels) -> SoftTargetStore:
+    """Three sealed epochs (teachers 2 and 3 kept), six chunks of 16 rows each."""
+    store = SoftTargetStore.create(tmp_path / "store", labels, K, chunk_rows=CHUNK)
+    for epoch in (1, 2, 3):
+        write_epoch(store, epoch)
+    return store
+
+
+def flip_byte(path: Path, at: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    data[int(len(data) * at)] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def chunk(store: SoftTargetStore, array: str, index: int = 0) -> Path:
+    root = Path(store.url) / array / "c"
+    return root / str(index) / "0" if (root / str(index) / "0").exists() else root / str(index)
+
+
+def reopen(store: SoftTargetStore) -> SoftTargetStore:
+    return SoftTargetStore.open(store.url)
+
+
+def test_chunks_equal_to_the_fill_value_are_written_too(tmp_path):
+    """Labels all 0 and predictions all of class 0: chunks full of zeros must still be
+    written, or they would read back as 'missing'."""
+    store = SoftTargetStore.create(tmp_path / "zeros", np.zeros(N, dtype=np.int64), 2, chunk_rows=CHUNK)
+    with store.writer(1, from_logits=False) as writer:
+        writer.write(torch.arange(N), torch.tensor([[1.0, 0.0]]).repeat(N, 1))
+    store.seal(1)
+    reopened = reopen(store)
+    assert reopened.labels.tolist() == [0] * N
+    assert reopened.trajectory()["argmax"].tolist() == [[0] * N]
+    assert verify_path(store.url).ok
+
+
+def test_a_flipped_byte_in_a_teacher_chunk_names_epoch_rows_and_verify(store):
+    flip_byte(chunk(store, "teacher/epoch_0003", 2))
+    with pytest.raises(StoreDamagedError) as caught:
+        reopen(store).read_epoch(3)
+    message = str(caught.value)
+    assert "the teacher of epoch 3" in message and "rows 32-47 do not match their checksum" in message
+    assert f"pskd-store verify {store.url}" in message
+    np.testing.assert_array_equal(reopen(store).teacher_array(3)[:32], epoch_probs(3, N, K)[:32].astype(np.float16))
+
+
+def test_a_missing_teacher_chunk_is_an_error_not_zeros(store):
+    chunk(store, "teacher/epoch_0003", 5).unlink()
+    with pytest.raises(StoreDamagedError, match=r"rows 80-95 are missing"):
+        reopen(store).read_epoch(3)
+    with pytest.raises(StoreDamagedError, match=r"teacher of epoch 3 .* rows 80-95 are missing"):
+        PredictionService(reopen(store)).prepare(3)
+
+
+def test_edited_or_deleted_array_metadata_is_refused(store):
+    meta_path = Path(store.url) / "teacher/epoch_0003/zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["codecs"] = meta["codecs"][:-1]  # the checksum codec removed: chunks would decode as garbage
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreDamagedError, match="metadata of teacher/epoch_0003 was changed: .*no crc32c"):
+        reopen(store).read_epoch(3)
+    meta_path.unlink()
+    with pytest.raises(StoreDamagedError, match="teacher of epoch 3 .* its array teacher/epoch_0003 cannot be opened"):
+        reopen(store).read_epoch(3)
+
+
+def test_damaged_labels_and_trajectory_are_refused(store):
+    flip_byte(chunk(store, "trajectory/epoch_0002/true_prob"))
+    with pytest.raises(StoreDamagedError, match=r"trajectory \(true_prob\) of epoch 2 .* rows 0-95"):
+        reopen(store).trajectory()
+    flip_byte(chunk(store, "labels"))
+    with pytest.raises(StoreDamagedError, match="the labels array .* is damaged"):
+        reopen(store).labels
+
+
+def test_labels_rewritten_with_a_valid_checksum_fail_the_fingerprint(store, labels):
+    array = zarr.open_array(Path(store.url) / "labels", mode="r+")
+    array[0] = (labels[0] + 1) % K  # zarr writes a valid checksum: only the fingerprint can tell
+    with pytest.raises(StoreDamagedError, match="no longer matches the store's fingerprint"):
+        reopen(store).labels
+
+
+def test_a_damaged_previous_epoch_stops_the_seal_that_carries_rows_forward(store):
+    flip_byte(chunk(store, "teacher/epoch_0003", 1))
+    reopened = reopen(store)
+    write_epoch(reopened, 4, ids=np.arange(20, N), seal=False)  # rows 0-19 are carried from epoch 3
+    with pytest.raises(StoreDamagedError, match="teacher of epoch 3 .* rows 16-31"):
+        reopened.seal(4)
+    assert reopen(store).sealed_epochs == [1, 2, 3]
+
+
+def test_damaged_staged_rows_stop_the_seal(store):
+    write_epoch(store, 4, seal=False)
+    flip_byte(chunk(store, "staging/epoch_0004/writer_0000/probs", 3))
+    with pytest.raises(StoreDamagedError, match="staged rows of writer 0, epoch 4, .* rows 48-63"):
+        reopen(store).seal(4)
+    assert reopen(store).sealed_epochs == [1, 2, 3]
+
+
+def test_a_damaged_cache_file_is_decoded_again(store, caplog):
+    service = PredictionService(store)
+    token = service.prepare(3)
+    cached = service.path(3, token)
+    flip_byte(cached, at=0.9)
+    fresh = PredictionService(reopen(store))  # another process: nothing mapped yet
+    with caplog.at_level(logging.WARNING, logger="pskd_store.service"):
+        assert fresh.prepare(3) == token
+    assert "does not match its checksum: decoding it again" in caplog.text
+    np.testing.assert_array_equal(fresh.lookup(3, token, np.arange(N)).numpy(),
+                                  epoch_probs(3, N, K).astype(np.float16).astype(np.float32))
+    cached.with_name(cached.name + ".crc32c").unlink()  # no checksum: not trusted either
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pskd_store.service"):
+        PredictionService(reopen(store)).prepare(3)
+    assert "decoding it again" in caplog.text and cached.with_name(cached.name + ".crc32c").exists()
+
+
+def test_verify_a_clean_store(store):
+    report = verify_path(store.url)
+    assert report.ok, report.findings
+    assert "teacher of epoch 3" in report.checked and "trajectory of epoch 1" in report.checked
+
+
+def test_verify_names_every_damage_by_epoch_and_rows(store, labels):
+    PredictionService(store).prepare(3)
+    flip_byte(chunk(store, "teacher/epoch_0003", 2))
+    chunk(store, "teacher/epoch_0002", 4).unlink()
+    flip_byte(chunk(store, "trajectory/epoch_0001/argmax"))
+    cached = next((Path(store.url).parent / "store.mmap").glob("*.npy"))
+    flip_byte(cached, at=0.95)
+    findings = {str(f) for f in verify_path(store.url).findings}
+    assert findings == {
+        "teacher of epoch 3: rows 32-47 do not match their checksum (their bytes changed after they were written)",
+        "teacher of epoch 2: rows 64-79 are missing (their chunk file was deleted)",
+        "trajectory of epoch 1 (argmax): rows 0-95 do not match their checksum (their bytes changed after they "
+        "were written)",
+        f"memory-map cache {cached}: does not match its checksum (a cache: it is decoded again on the next "
+        "epoch; deleting it is safe)",
+    }
+
+
+def test_verify_finds_values_rewritten_with_valid_checksums(store, labels):
+    teacher = zarr.open_array(Path(store.url) / "teacher/epoch_0003", mode="r+")
+    rows = teacher[40:43]
+    teacher[40] = np.full(K, 0.5, dtype=np.float16)  # not a probability vector
+    teacher[41:43] = rows[::-1]  # probability vectors, but not the ones the trajectory recorded
+    findings = [str(f) for f in verify_path(store.url).findings]
+    assert findings[0].startswith("teacher of epoch 3: rows 40-40 are not probability vectors")
+    assert findings[1] == "trajectory of epoch 3: rows 40-42 disagree with the teacher rows"
+    assert len(findings) == 2
+
+
+def test_verify_checks_the_sealed_list_and_the_checkpoint(tmp_path, store):
+    root = json.loads((Path(store.url) / "zarr.json").read_text())
+    root["attributes"]["pskd_store"]["sealed"] = [1, 3]
+    (Path(store.url) / "zarr.json").write_text(json.dumps(root))
+    findings = [str(f) for f in verify_path(store.url).findings]
+    assert "sealed list: epochs [1, 3] are not 1..2 in order: the root metadata was edited" in findings
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    script = shutil.which("pskd-store")
+    assert script, "pskd-store is not installed: pip install -e ."
+    return subprocess.run([script, *args], capture_output=True, text=True, timeout=300)
+
+
+def test_training_resumed_on_a_damaged_teacher_stops_with_one_line(tmp_path):
+    """A real run killed after epoch 2's checkpoint; its teacher of epoch 2 then loses a
+    byte: the resumed run must stop at set_epoch(3), naming the epoch, rows and verify."""
+    run = tmp_path / "run"
+    done = run_cli("train", "-o", str(run), "--epochs", "2", "--workers", "0", "--steps-per-epoch", "3", "-q",
+                   "--data-dir", str(tmp_path / "data"))
+    assert done.returncode == 0, done.stderr
+    config = json.loads((run / "config.json").read_text())
+    config["epochs"] = 4  # as if the run had been killed after epoch 2 of 4
+    (run / "config.json").write_text(json.dumps(config))
+    shutil.rmtree(run / "store.mmap")
+    flip_byte(run / "store/teacher/epoch_0002/c/0/0")
+    done = run_cli("train", "--resume", str(run), "--workers", "0", "-q")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert "the teacher of epoch 2" in done.stderr and "rows 0-" in done.stderr
+    assert f"pskd-store verify {run / 'store'}" in done.stderr
+    verify = run_cli("verify", str(run))
+    assert verify.returncode == 1 and "DAMAGED  teacher of epoch 2: rows 0-" in verify.stdout
+    assert json.loads(run_cli("verify", str(run), "--json").stdout)["ok"] is False
