@@ -17,7 +17,10 @@ fresh process so that each peak RSS is its own. Reported per writer count:
     row's values, the trajectory and the cached file), and its ratio to ``prepare``;
   * ``lookup``: median time of a batch-256 gather from the served epoch;
   * bytes on disk of the sealed epoch, against the authors' dense float32 table (N*K*4
-    bytes in every rank's memory; x8 for an 8-GPU node, where the memory map is shared).
+    bytes in every rank's memory; x8 for an 8-GPU node, where the memory map is shared);
+  * ``topk_runs`` (``--topk 5,10,20``, one writer each): the same steps for top-k stores,
+    their bytes and lookup time against the dense float16 run, and the mean and max L1
+    distance between rebuilt and true targets at alpha_t = 0.8.
 
 Rows are peaked softmax outputs (random logits, one class boosted), float16, drawn from a
 pool of distinct rows so that generating them costs the writers nothing; the row of id i
@@ -133,7 +136,8 @@ def child_prepare(args) -> dict:
         service.lookup(1, token, ids)
         times.append(time.perf_counter() - t)
     checked = batches[-1]
-    expected = torch.from_numpy(rows_of(checked, pool)).float()
+    layout = store.layout  # a top-k store serves its rows rebuilt
+    expected = torch.from_numpy(layout.expand(layout.encode(torch.from_numpy(rows_of(checked, pool))).numpy()))
     start = time.perf_counter()  # the next epoch's set_epoch: the cached file's checksum is checked
     PredictionService(store, cache_dir=args.cache).prepare(1)
     cached = time.perf_counter() - start
@@ -164,12 +168,12 @@ def run_child(role: str, *extra: str) -> dict:
     return json.loads(out.stdout)
 
 
-def scenario(args, workdir: Path, world: int) -> dict:
+def scenario(args, workdir: Path, world: int, topk: int | None = None) -> dict:
     from pskd_store.store import SoftTargetStore
 
     store_path = workdir / f"store-{world}"
     labels = np.random.default_rng(3).integers(0, args.classes, args.rows)
-    SoftTargetStore.create(store_path, labels, args.classes, dtype="float16", overwrite=True)
+    SoftTargetStore.create(store_path, labels, args.classes, dtype="float16", topk=topk, overwrite=True)
     common = ["--store", str(store_path), "--batch", str(args.batch)]
     writers = [subprocess.Popen([sys.executable, __file__, "--role", "write", *common,
                                  "--rank", str(rank), "--world", str(world)],
@@ -190,7 +194,21 @@ def scenario(args, workdir: Path, world: int) -> dict:
     verify["over_prepare"] = verify["seconds"] / prepare["seconds"]
     shutil.rmtree(store_path)
     shutil.rmtree(workdir / f"cache-{world}")
-    return {"writers": world, "write": write, "seal": seal, "prepare": prepare, "verify": verify}
+    return {"writers": world, "topk": topk, "write": write, "seal": seal, "prepare": prepare, "verify": verify}
+
+
+def target_distance(num_classes: int, topk: int, alpha: float = 0.8) -> dict:
+    """L1 distance between the target rebuilt from a top-k row and the true target
+    (1 - a)·onehot + a·p, over the pool's rows (every sample's row is one of them): a·|p' - p|_1."""
+    import torch
+
+    from pskd_store.layout import TopKRows
+
+    pool = make_pool(num_classes)
+    layout = TopKRows(num_classes, "float16", topk)
+    rebuilt = layout.expand(layout.encode(torch.from_numpy(pool)).numpy())
+    distance = alpha * np.abs(rebuilt - pool.astype(np.float32)).sum(axis=1)
+    return {"alpha_t": alpha, "mean_l1": float(distance.mean()), "max_l1": float(distance.max())}
 
 
 def main() -> None:
@@ -199,6 +217,7 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--writers", default="1,2", help="writer counts to run, comma-separated")
+    parser.add_argument("--topk", default="5,10,20", help="top-k stores to run (1 writer each), comma-separated")
     parser.add_argument("--workdir", default=None, help="where stores, scratch and caches go (local disk)")
     parser.add_argument("--role", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     for name, kind in (("store", str), ("rank", int), ("world", int), ("scratch", str), ("cache", str)):
@@ -210,10 +229,16 @@ def main() -> None:
     dense = args.rows * args.classes * 4
     with tempfile.TemporaryDirectory(prefix="pskd-scale-", dir=args.workdir) as workdir:
         runs = [scenario(args, Path(workdir), int(w)) for w in args.writers.split(",")]
+        topk_runs = [scenario(args, Path(workdir), 1, int(k)) for k in args.topk.split(",") if k]
     stored = runs[0]["seal"]["nbytes_stored"]
+    for run in topk_runs:
+        run["bytes_vs_dense_float16"] = run["seal"]["nbytes_stored"] / stored
+        run["bytes_vs_dense_float32_table"] = run["seal"]["nbytes_stored"] / dense
+        run["lookup_vs_dense"] = run["prepare"]["lookup_us_per_batch"] / runs[0]["prepare"]["lookup_us_per_batch"]
+        run["target_distance"] = target_distance(args.classes, run["topk"])
     print(json.dumps({
         "rows": args.rows, "classes": args.classes, "dtype": "float16", "batch": args.batch,
-        "cpus": os.cpu_count(), "runs": runs,
+        "cpus": os.cpu_count(), "runs": runs, "topk_runs": topk_runs,
         "bytes": {
             "stored_per_epoch": stored,
             "served_per_node": args.rows * args.classes * 2,  # one memory map, shared by the node's ranks

@@ -31,7 +31,7 @@ def info_command(store: str, as_json: bool) -> None:
         return
     click.echo(f"store        {summary['url']}")
     click.echo(f"samples      N={summary['num_samples']}  classes K={summary['num_classes']}")
-    click.echo(f"storage      {summary['dtype']}, {summary['chunk_rows']} rows per chunk, blosc {summary['blosc']}")
+    click.echo(f"storage      {summary['rows']} rows, {summary['chunk_rows']} per chunk, blosc {summary['blosc']}")
     click.echo(f"sealed       {summary['sealed_epochs'] or 'none'}  (teacher kept: {summary['teacher_epochs']})")
     for epoch, info in summary["epochs"].items():
         stored, raw = info["nbytes_stored"], info["nbytes"]

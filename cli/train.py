@@ -48,7 +48,7 @@ def _choices(options: dict[str, str]) -> str:
 # Options that define the run; --resume takes them from the run's config.json instead.
 RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "aug", "epochs",
                "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "lr_gamma",
-               "val_split", "seed", "deterministic", "steps_per_epoch", "store_dtype", "ece_bins", "output")
+               "val_split", "seed", "deterministic", "steps_per_epoch", "store_dtype", "store_topk", "ece_bins", "output")
 
 
 @click.command("train", epilog=_models_epilog())
@@ -94,6 +94,10 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
 @click.option("--steps-per-epoch", type=int, help="Stop each epoch after this many steps (smoke tests).")
 @click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
               help="How past predictions are stored.")
+@click.option("--store-topk", type=int, default=None, metavar="K",
+              help="Store only the K largest probabilities of each prediction and their classes "
+                   "(the rest of the mass spread evenly when a target is rebuilt): for large numbers "
+                   "of classes. Default: all of them.")
 @click.option("--ece-bins", type=int, default=10, show_default=True, help="Bins of the ECE metric.")
 @click.option("-o", "--output", type=click.Path(file_okay=False),
               help="Run directory; default runs/<dataset>-<arch>-<method>-<time>.")

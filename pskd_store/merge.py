@@ -32,6 +32,7 @@ import zarr
 
 from .errors import StoreError
 from .integrity import CheckedArray
+from .layout import DenseRows
 from .staging import StagedPart
 
 BUCKET_BYTES = 64 << 20  # rows gathered in memory at a time (two buckets are in flight)
@@ -54,11 +55,13 @@ def merge_epoch(
     out: zarr.Array,
     previous: CheckedArray | None,
     labels: np.ndarray,
+    layout: DenseRows,
     scratch_dir: str | Path | None = None,
 ) -> Merged:
     """Write the epoch of ``parts`` (in rank order) into the empty array ``out``.
 
-    ``previous`` is the latest sealed epoch (None: ids never written get one-hot labels).
+    ``previous`` is the latest sealed epoch (None: ids never written get one-hot labels);
+    ``layout`` says what a row holds (layout.py).
     """
     num_samples = out.shape[0]
     ids = [_read_ids(part, num_samples) for part in parts]
@@ -71,7 +74,7 @@ def merge_epoch(
         except OSError as err:  # names the scratch file's directory: a write to a file carries no name
             raise OSError(err.errno, f"{err.strerror}, writing the seal's scratch file (pass another "
                                      "scratch_dir)", str(scratch_dir)) from err
-        trajectory = _gather(out, buckets, scratch.fileno(), previous, labels)
+        trajectory = _gather(out, buckets, scratch.fileno(), previous, labels, layout)
     written = int(buckets.written.sum())
     return Merged(sum(len(i) for i in ids), written, num_samples - written, trajectory)
 
@@ -168,7 +171,8 @@ def _write_runs(fd: int, rows: np.ndarray, runs: list[tuple[int, int, int]], row
 
 
 def _gather(
-    out: zarr.Array, buckets: _Buckets, fd: int, previous: CheckedArray | None, labels: np.ndarray
+    out: zarr.Array, buckets: _Buckets, fd: int, previous: CheckedArray | None, labels: np.ndarray,
+    layout: DenseRows,
 ) -> dict[str, np.ndarray]:
     """Write ``out`` bucket by bucket; returns the trajectory tier of the epoch.
 
@@ -193,8 +197,9 @@ def _gather(
                 block[buckets.ids[at:at + len(piece)] - lo] = piece
             missing = np.flatnonzero(~buckets.written[lo:hi])
             if len(missing):
-                _fill_missing(block, missing, lo, previous, labels, step)
-            _record_trajectory(block, labels[lo:hi], {name: values[lo:hi] for name, values in trajectory.items()})
+                _fill_missing(block, missing, lo, previous, labels, layout, step)
+            for name, values in layout.trajectory(block, labels[lo:hi]).items():
+                trajectory[name][lo:hi] = values
             trajectory["written"][lo:hi] = buckets.written[lo:hi]
             if pending is not None:
                 pending.result()  # one block is written while the next is built
@@ -205,37 +210,19 @@ def _gather(
 
 
 def _fill_missing(
-    block: np.ndarray, missing: np.ndarray, lo: int, previous: CheckedArray | None, labels: np.ndarray, step: int
+    block: np.ndarray, missing: np.ndarray, lo: int, previous: CheckedArray | None, labels: np.ndarray,
+    layout: DenseRows, step: int,
 ) -> None:
     """Rows never written: the previous epoch's (read a slice at a time, only the slices
     that hold such rows), or their one-hot labels."""
     if previous is None:
-        block[missing] = 0
-        block[missing, labels[lo + missing]] = 1
+        block[missing] = layout.onehot(labels[lo + missing])
         return
     for start in range(missing[0] // step * step, missing[-1] + 1, step):
         here = missing[np.searchsorted(missing, start):np.searchsorted(missing, start + step)]
         if len(here):
             earlier = previous[lo + start:lo + min(start + step, len(block))]
             block[here] = earlier[here - start]
-
-
-def _record_trajectory(block: np.ndarray, labels: np.ndarray, into: dict[str, np.ndarray]) -> None:
-    rows = np.arange(len(block))
-    argmax = _argmax(block)
-    into["argmax"][:] = argmax
-    into["max_prob"][:] = block[rows, argmax]
-    into["true_prob"][:] = block[rows, labels]
-
-
-def _argmax(block: np.ndarray) -> np.ndarray:
-    """Row-wise argmax. Non-negative float16 values order as their bit patterns, and numpy's
-    integer argmax is ~10x faster than its float16 one (same result, first maximum wins)."""
-    if block.dtype == np.float16:
-        bits = block.view(np.uint16)
-        if bits.max() < 0x8000:  # no sign bit set (not even -0.0)
-            return bits.argmax(axis=1)
-    return block.argmax(axis=1)
 
 
 def _pwrite(fd: int, rows: np.ndarray, offset: int) -> None:

@@ -93,6 +93,7 @@ class TrainConfig:
     deterministic: bool = False  # False: cudnn.benchmark, as the authors' main.py sets
     steps_per_epoch: int | None = None
     store_dtype: str = "float16"
+    store_topk: int | None = None  # None: all K probabilities; k: the k largest and their classes
     ece_bins: int = 10  # the authors' metric_ece_aurc_eaurc(bin_size=0.1)
 
     def resolved(self) -> TrainConfig:
@@ -139,6 +140,8 @@ class TrainConfig:
             raise ValueError(f"--ece-bins must be at least 1 (the paper uses 10), got {self.ece_bins}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"--steps-per-epoch must be at least 1, got {self.steps_per_epoch}")
+        if self.store_topk is not None and self.store_topk < 1:
+            raise ValueError(f"--store-topk must be at least 1 (or left out for dense rows), got {self.store_topk}")
         if self.workers < 0:
             raise ValueError(f"--workers must be 0 or more, got {self.workers}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

@@ -46,6 +46,7 @@ class PredictionService:
 
     def __init__(self, store: SoftTargetStore, cache_dir: str | Path | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(store)
+        self.layout = store.layout  # what a stored row holds: lookup rebuilds top-k rows
         self._store: SoftTargetStore | None = store
         self._maps: dict[tuple[int, str], np.ndarray] = {}
 
@@ -104,8 +105,10 @@ class PredictionService:
         return view
 
     def lookup(self, epoch: int, token: str, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Predictions of ``ids`` at ``epoch`` as a float32 (B, K) tensor."""
+        """Predictions of ``ids`` at ``epoch`` as a float32 (B, K) tensor (top-k rows rebuilt)."""
         rows = np.take(self.view(epoch, token), np.asarray(ids), axis=0)  # faster than fancy indexing
+        if self.layout.topk is not None:
+            return torch.from_numpy(self.layout.expand(rows))
         return torch.from_numpy(rows).float()
 
     def _require_store(self) -> SoftTargetStore:
@@ -127,7 +130,7 @@ class PredictionService:
                 _checksum_path(cached).unlink(missing_ok=True)
 
     def __getstate__(self) -> dict:
-        return {"cache_dir": self.cache_dir, "_store": None, "_maps": {}}
+        return {"cache_dir": self.cache_dir, "layout": self.layout, "_store": None, "_maps": {}}
 
 
 def cached_file_intact(path: Path) -> bool:

@@ -303,8 +303,9 @@ class PartWriter:
         self._claim_key = claim_key
         self._path = f"{staging.path}/{part_name(rank)}"
 
-    def create(self, num_samples: int, num_classes: int, chunk_rows: int, dtype: np.dtype) -> None:
-        """Make the part's arrays (replacing what a gone owner left), room for N rows."""
+    def create(self, num_samples: int, width: int, chunk_rows: int, dtype: np.dtype) -> None:
+        """Make the part's arrays (replacing what a gone owner left), room for N stored rows
+        of ``width`` values each (layout.py)."""
         epoch = _require_group(self._staging.root, self._staging.path)
         group = epoch.create_group(part_name(self.rank), overwrite=True)
         group.attrs.update({"owner": asdict(self._owner), "closed": False})
@@ -314,7 +315,7 @@ class PartWriter:
             compressors=codecs_with_checksum(None), config=ARRAY_CONFIG,
         )
         self._probs = group.create_array(
-            "probs", shape=(num_samples, num_classes), chunks=(chunk_rows, num_classes),
+            "probs", shape=(num_samples, width), chunks=(chunk_rows, width),
             dtype=dtype, compressors=codecs_with_checksum(None), config=ARRAY_CONFIG,
         )
 

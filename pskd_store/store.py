@@ -11,6 +11,9 @@ Layout (all under one group, a local path or any fsspec URL zarr accepts)::
     trajectory/epoch_0007/argmax      (N,) predicted class                │
     trajectory/epoch_0007/written     (N,) bool: written this epoch, or   ┘
                                       carried forward (see ``seal``)
+
+With ``topk=k`` a teacher row holds the k largest probabilities and their class ids,
+packed into bytes (layout.py): the array is (N, k * (value bytes + id bytes)) uint8.
     staging/epoch_0008/               rows of an epoch in progress, one part per writer
                                       (the layout and its ownership: staging.py)
 
@@ -41,6 +44,7 @@ import zarr.storage
 
 from .errors import EpochNotSealedError, StoreDamagedError, StoreError, os_problem
 from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum
+from .layout import DenseRows, row_layout
 from .merge import TRAJECTORY_FIELDS, merge_epoch
 from .staging import EpochStaging, epoch_key
 
@@ -74,9 +78,9 @@ class Fingerprint:
         return None
 
 
-def default_chunk_rows(num_classes: int, dtype: str) -> int:
+def default_chunk_rows(row_bytes: int) -> int:
     """Rows per chunk so that one chunk is about 1 MiB uncompressed (a power of two)."""
-    rows = max(1, CHUNK_BYTES // (num_classes * np.dtype(dtype).itemsize))
+    rows = max(1, CHUNK_BYTES // row_bytes)
     return 1 << (rows.bit_length() - 1)
 
 
@@ -129,14 +133,17 @@ class SoftTargetStore:
         chunk_rows: int | None = None,
         blosc: dict[str, Any] | None = None,
         keep_epochs: int = 2,
+        topk: int | None = None,
         overwrite: bool = False,
         storage_options: dict | None = None,
     ) -> SoftTargetStore:
         """Make a new, empty store for a data set with these labels.
 
         ``blosc`` holds Blosc options (cname, clevel, shuffle; default zstd level 3 with
-        bit-shuffle); Blosc's type size follows each array's dtype. ``keep_epochs`` teacher epochs are kept (the trajectory tier keeps all): 2 lets a
-        run that crashed between sealing epoch t and checkpointing it redo epoch t.
+        bit-shuffle); Blosc's type size follows each array's dtype. ``keep_epochs`` teacher
+        epochs are kept (the trajectory tier keeps all): 2 lets a run that crashed between
+        sealing epoch t and checkpointing it redo epoch t. ``topk`` keeps only the k largest
+        probabilities of each row and their classes (layout.py); None keeps all K.
         """
         labels = np.asarray(labels)
         if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
@@ -149,7 +156,11 @@ class SoftTargetStore:
             raise StoreError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if keep_epochs < 1:
             raise StoreError("keep_epochs must be at least 1: training reads the previous epoch")
-        rows = chunk_rows or default_chunk_rows(num_classes, dtype)
+        try:
+            layout = row_layout(num_classes, dtype, topk)
+        except ValueError as err:
+            raise StoreError(str(err)) from err
+        rows = chunk_rows or default_chunk_rows(layout.width * layout.stored_dtype.itemsize)
         zstore = _open_zarr_store(url, read_only=False, storage_options=storage_options)
         try:
             group = zarr.open_group(zstore, mode="w" if overwrite else "w-")
@@ -177,6 +188,7 @@ class SoftTargetStore:
             "chunk_rows": rows,
             "blosc": blosc,
             "keep_epochs": keep_epochs,
+            "topk": topk,
             "fingerprint": fingerprint.__dict__,
             "sealed": [],
             "epochs": {},
@@ -249,6 +261,16 @@ class SoftTargetStore:
     @property
     def keep_epochs(self) -> int:
         return int(self._meta["keep_epochs"])
+
+    @property
+    def topk(self) -> int | None:
+        """k of a top-k store; None for a dense one."""
+        return self._meta["topk"]
+
+    @property
+    def layout(self) -> DenseRows:
+        """What a stored teacher row holds (layout.py)."""
+        return row_layout(self.num_classes, self.dtype, self.topk)
 
     @property
     def store_id(self) -> str:
@@ -331,7 +353,7 @@ class SoftTargetStore:
         self.require_sealed(epoch)
         return CheckedArray.open(
             self._group, f"teacher/{epoch_key(epoch)}", f"the teacher of epoch {epoch}", self.url,
-            shape=(self.num_samples, self.num_classes), dtype=self.dtype, chunk_rows=self.chunk_rows,
+            shape=(self.num_samples, self.layout.width), dtype=self.layout.stored_dtype, chunk_rows=self.chunk_rows,
         )
 
     def trajectory_array(self, epoch: int, field: str) -> CheckedArray:
@@ -343,8 +365,10 @@ class SoftTargetStore:
         )
 
     def read_epoch(self, epoch: int) -> np.ndarray:
-        """All (N, K) predictions of a sealed epoch, decoded into memory."""
-        return self.teacher_array(epoch)[:]
+        """All (N, K) predictions of a sealed epoch, decoded into memory (in the store's
+        dtype; a top-k store's rows rebuilt as float32)."""
+        rows = self.teacher_array(epoch)[:]
+        return rows if self.topk is None else self.layout.expand(rows)
 
     def trajectory(self, epochs: list[int] | None = None) -> dict[str, np.ndarray]:
         """The trajectory tier as arrays of shape (E, N), plus ``epochs`` (E,).
@@ -379,6 +403,8 @@ class SoftTargetStore:
             "blosc": self._meta["blosc"],
             "keep_epochs": self.keep_epochs,
             "fingerprint": self._meta["fingerprint"],
+            "rows": self.layout.describe(),
+            "topk": self.topk,
             "sealed_epochs": self.sealed_epochs,
             "teacher_epochs": self.teacher_epochs,
             "epochs": epochs,
@@ -478,12 +504,13 @@ class SoftTargetStore:
             raise StoreError(f"nothing was written for epoch {epoch}: every writer closed empty")
         latest = self.latest_sealed
         teacher = self._group.create_array(
-            f"teacher/{epoch_key(epoch)}", shape=(self.num_samples, self.num_classes), dtype=self.dtype,
-            chunks=(self.chunk_rows, self.num_classes), compressors=codecs_with_checksum(self.codec),
+            f"teacher/{epoch_key(epoch)}", shape=(self.num_samples, self.layout.width), dtype=self.layout.stored_dtype,
+            chunks=(self.chunk_rows, self.layout.width), compressors=codecs_with_checksum(self._teacher_codec()),
             config=ARRAY_CONFIG, overwrite=True,
         )
         merged = merge_epoch(
-            parts, teacher, None if latest is None else self.teacher_array(latest), self.labels, scratch_dir
+            parts, teacher, None if latest is None else self.teacher_array(latest), self.labels, self.layout,
+            scratch_dir
         )
         self._write_trajectory(epoch, merged.trajectory)
         info = {
@@ -539,8 +566,15 @@ class SoftTargetStore:
 
     @property
     def codec(self) -> zarr.codecs.BloscCodec:
-        """The compressor every array of this store uses."""
+        """The compressor every array of this store uses (Blosc's type size follows each
+        array's dtype)."""
         return zarr.codecs.BloscCodec(**self._meta["blosc"])
+
+    def _teacher_codec(self) -> zarr.codecs.BloscCodec:
+        if self.topk is None:
+            return self.codec
+        # packed top-k rows are bytes: shuffle by the value type's size, not byte by byte
+        return zarr.codecs.BloscCodec(**{**self._meta["blosc"], "typesize": self.dtype.itemsize})
 
     def _write_trajectory(self, epoch: int, values: dict[str, np.ndarray]) -> None:
         for field, dtype in TRAJECTORY_FIELDS.items():

@@ -118,7 +118,8 @@ def _open_store(config: TrainConfig, directory: RunDirectory, splits: DataSplits
     store = None
     if env.is_main:
         store = SoftTargetStore.open_or_create(
-            directory.store, splits.train_labels, splits.num_classes, dtype=config.store_dtype)
+            directory.store, splits.train_labels, splits.num_classes, dtype=config.store_dtype,
+            topk=config.store_topk)
     env.barrier()
     return store or SoftTargetStore.open(directory.store, labels=splits.train_labels,
                                          num_classes=splits.num_classes)

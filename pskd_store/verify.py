@@ -8,8 +8,9 @@ everything and reports every problem by what it is (epoch, array) and row range:
 - every chunk of every kept teacher epoch and of the whole trajectory tier: present and
   matching its crc32c checksum;
 - the values: every teacher row finite, non-negative and summing to 1 (within the
-  storage dtype's rounding), and the trajectory record equal to what the teacher row
-  says (true-class probability, max probability, argmax);
+  storage dtype's rounding; a top-k row: largest first, at most 1, distinct classes in
+  [0, K)), and the trajectory record equal to what the teacher row says (true-class
+  probability, max probability, argmax);
 - the memory-map cache: each file against its checksum and, for kept epochs, against the
   decoded teacher;
 - in a run directory, also the checkpoint (readable, and its epoch sealed in the store),
@@ -163,7 +164,8 @@ def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None
     bad_values: list[tuple[int, int]] = []
     mismatched: list[tuple[int, int]] = []
     cache_differs: list[tuple[int, int]] = []
-    row_bytes = store.num_classes * store.dtype.itemsize
+    layout = store.layout
+    row_bytes = layout.width * layout.stored_dtype.itemsize
     step = max(1, SLICE_BYTES // (teacher.chunks[0] * row_bytes)) * teacher.chunks[0]
     tolerance = max(1e-5, 2 * float(np.finfo(store.dtype).eps))
     for lo in range(0, len(teacher), step):
@@ -173,33 +175,21 @@ def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None
         except StoreDamagedError:
             _report_chunks(report, part, list(teacher.damaged_chunks(lo, hi)))
             continue
-        bad_values += _rows(lo, ~_probability_rows(block, tolerance))
+        bad_values += _rows(lo, ~layout.valid(block, tolerance))
         if labels is not None and trajectory is not None:
-            mismatched += _rows(lo, ~_matches_trajectory(block, labels[lo:hi],
-                                                         {k: v[lo:hi] for k, v in trajectory.items()}))
+            recorded = layout.trajectory(block, labels[lo:hi])
+            mismatched += _rows(lo, ~np.logical_and.reduce(
+                [recorded[name].astype(TRAJECTORY_FIELDS[name]) == trajectory[name][lo:hi] for name in recorded]))
         if cached is not None:
             cache_differs += _rows(lo, (cached[lo:hi] != block).any(axis=1))
     if bad_values:
-        report.add(part, f"rows {_limited(bad_values)} are not probability vectors (NaN, negative, or not "
-                         "summing to 1): their chunks were rewritten with valid checksums")
+        report.add(part, f"rows {_limited(bad_values)} are not probability vectors ({layout.describe()} rows: "
+                         "NaN, negative, or not summing to 1): their chunks were rewritten with valid checksums")
     if mismatched:
         report.add(f"trajectory of epoch {epoch}", f"rows {_limited(mismatched)} disagree with the teacher rows")
     if cache_differs:
         report.add(f"memory-map cache of epoch {epoch}", f"rows {_limited(cache_differs)} differ from the store "
                                                          "(a cache: it is decoded again when deleted)")
-
-
-def _probability_rows(block: np.ndarray, tolerance: float) -> np.ndarray:
-    finite_and_non_negative = np.isfinite(block).all(axis=1) & (block >= 0).all(axis=1)
-    sums = block.sum(axis=1, dtype=np.float32)
-    return finite_and_non_negative & (np.abs(sums - 1) <= tolerance)
-
-
-def _matches_trajectory(block: np.ndarray, labels: np.ndarray, trajectory: dict[str, np.ndarray]) -> np.ndarray:
-    rows = np.arange(len(block))
-    argmax = block.argmax(axis=1)
-    return ((trajectory["argmax"] == argmax) & (trajectory["max_prob"] == block[rows, argmax])
-            & (trajectory["true_prob"] == block[rows, labels]))
 
 
 # -- the cache -----------------------------------------------------------------------------------
@@ -223,7 +213,7 @@ def _cache_files(cache_dir: Path, store: SoftTargetStore, report: Report) -> dic
                                                    "again on the next epoch; deleting it is safe)")
         elif path.name in tokens:
             view = np.load(path, mmap_mode="r")
-            if view.shape == (store.num_samples, store.num_classes) and view.dtype == store.dtype:
+            if view.shape == (store.num_samples, store.layout.width) and view.dtype == store.layout.stored_dtype:
                 maps[tokens[path.name]] = view
             else:
                 report.add(f"memory-map cache {path}", f"holds a {view.dtype} array of shape {view.shape}")

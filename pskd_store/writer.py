@@ -2,8 +2,8 @@
 
 The training thread only checks shapes and copies each batch into a chunk-sized host
 buffer: pinned memory and a non-blocking copy when the outputs live on an accelerator
-(turned into probabilities in the store's dtype there first), so the step never waits on
-the device. Each full buffer goes to a background thread that waits for the copies into
+(turned into stored rows there first: probabilities in the store's dtype, or their top k
+and classes), so the step never waits on the device. Each full buffer goes to a background thread that waits for the copies into
 it, applies the softmax (for CPU outputs), validates the values and appends the buffer as
 one whole chunk to this writer's own staging part (staging.py). Each writer (one per DDP
 rank) claims its part when it is made: a second writer of the same part is refused, so
@@ -39,12 +39,12 @@ class _ChunkBuffer:
     """One chunk of rows on the host: filled by the training thread, written by the worker."""
 
     ids: torch.Tensor     # (R,) int64
-    values: torch.Tensor  # (R, K): raw outputs (CPU) or probabilities in the store dtype
-    raw: bool             # still needs the softmax / dtype conversion
+    values: torch.Tensor  # (R, K) raw outputs (CPU), or (R, width) stored rows (layout.py)
+    raw: bool             # still needs the softmax and the conversion to stored rows
     filled: int = 0
     copies: list = field(default_factory=list)  # one CUDA event per device copy into it
-    looks_like_probs: list = field(default_factory=list)  # device logits: a flag per write
-    tolerance: float = 0.0  # from_logits=False: how far from 1 a row sum may be
+    probability_rows: list = field(default_factory=list)  # device outputs: per write, all rows are probabilities
+    tolerance: float = 0.0  # how far from 1 a probability row's sum may be
 
 
 class PredictionWriter:
@@ -74,6 +74,7 @@ class PredictionWriter:
         self.num_classes = store.num_classes
         self._num_samples = store.num_samples
         self._torch_dtype = getattr(torch, str(store.dtype))
+        self._layout = store.layout
         self._chunk_rows = store.chunk_rows
         # refuses a sealed epoch, a read-only store or a part that another writer holds, now
         self._part = store.staging(epoch).claim(rank)
@@ -118,17 +119,17 @@ class PredictionWriter:
         outputs = outputs.detach()
         on_host = outputs.device.type == "cpu"
         tolerance = _sum_tolerance(outputs.dtype, self._torch_dtype)
-        looks_like_probs = None
-        if not on_host:  # probabilities in the store's dtype on the device: half the copy
-            if self.from_logits:  # a flag computed on the device, read by the background thread
-                looks_like_probs = _probability_rows(outputs, tolerance).reshape(1).to("cpu", non_blocking=True)
-            outputs = self._to_probs(outputs)
+        probability_rows = None
+        if not on_host:  # stored rows made on the device: half the copy, or far less for top-k
+            # the rows' check, made on the device and read by the background thread
+            probability_rows = _probability_rows(outputs, tolerance).reshape(1).to("cpu", non_blocking=True)
+            outputs = self._to_rows(outputs)
         done = 0
         while done < len(ids):
             buffer = self._current or self._take_buffer(like=outputs, raw=on_host)
             buffer.tolerance = max(buffer.tolerance, tolerance)
-            if looks_like_probs is not None:
-                buffer.looks_like_probs.append(looks_like_probs)
+            if probability_rows is not None:
+                buffer.probability_rows.append(probability_rows)
             n = min(len(ids) - done, self._chunk_rows - buffer.filled)
             rows = slice(buffer.filled, buffer.filled + n)
             buffer.ids[rows].copy_(ids[done:done + n], non_blocking=True)
@@ -180,7 +181,7 @@ class PredictionWriter:
         if self._allocated < self._buffers and self._free.empty():
             self._allocated += 1
             pinned = not raw  # pinned host memory makes device copies asynchronous
-            shape = (self._chunk_rows, self.num_classes)
+            shape = (self._chunk_rows, like.shape[1])
             # zeros, not empty: touching the pages now keeps page faults out of write()
             return _ChunkBuffer(
                 ids=torch.zeros(self._chunk_rows, dtype=torch.int64, pin_memory=pinned),
@@ -217,13 +218,13 @@ class PredictionWriter:
 
     # -- the background thread's side ------------------------------------------------------
 
-    def _to_probs(self, outputs: torch.Tensor) -> torch.Tensor:
-        probs = outputs.float().softmax(dim=1) if self.from_logits else outputs
-        return probs.to(self._torch_dtype)
+    def _to_rows(self, outputs: torch.Tensor) -> torch.Tensor:
+        """Outputs -> stored rows (layout.py): the softmax of fp32 logits, or the probabilities."""
+        return self._layout.encode(outputs.float().softmax(dim=1) if self.from_logits else outputs)
 
     def _drain(self) -> None:
         try:  # in the background: making the part's arrays is a few metadata writes
-            self._part.create(self._num_samples, self.num_classes, self._chunk_rows, self.store.dtype)
+            self._part.create(self._num_samples, self._layout.width, self._chunk_rows, self._layout.stored_dtype)
         except BaseException as err:  # reported to the training thread
             self._error = err
         while (buffer := self._queue.get()) is not _CLOSE:
@@ -234,7 +235,7 @@ class PredictionWriter:
                     self._error = err
             buffer.filled = 0
             buffer.copies.clear()
-            buffer.looks_like_probs.clear()
+            buffer.probability_rows.clear()
             buffer.tolerance = 0.0
             self._free.put(buffer)  # also after an error, so write() never waits forever
 
@@ -242,13 +243,13 @@ class PredictionWriter:
         for copied in buffer.copies:  # every copy into this buffer has landed
             copied.synchronize()
         values = buffer.values[:buffer.filled]
-        if self.from_logits:
-            flags = [_probability_rows(values, buffer.tolerance)] if buffer.raw else buffer.looks_like_probs
-            if flags and all(bool(flag) for flag in flags):
-                self._probabilities_seen = True
-        else:
-            _require_probability_rows(values, buffer.tolerance, self.epoch)
-        probs = (self._to_probs(values) if buffer.raw else values).numpy()
+        if buffer.raw and not self.from_logits:
+            _require_probability_rows(values, buffer.tolerance, self.epoch)  # says which rows, how far off
+        checks = [_probability_rows(values, buffer.tolerance)] if buffer.raw else buffer.probability_rows
+        all_probabilities = all(bool(check) for check in checks)
+        if self.from_logits and all_probabilities:
+            self._probabilities_seen = True
+        rows = (self._to_rows(values) if buffer.raw else values).numpy()
         ids = buffer.ids[:buffer.filled].numpy()
         if ids.min() < 0 or ids.max() >= self._num_samples:
             bad = ids[(ids < 0) | (ids >= self._num_samples)][:5]
@@ -256,12 +257,17 @@ class PredictionWriter:
                 f"ids out of range: {bad.tolist()} not in [0, N={self._num_samples}); pass dataset "
                 "indices (SoftTargetDataset returns them), not batch positions"
             )
-        if not np.isfinite(probs).all():
+        if not np.isfinite(self._layout.values(rows)).all():
             raise ValueError(
                 "predictions contain NaN or inf: the model diverged (lower the learning rate or "
                 "check the loss); nothing of this epoch will be sealed"
             )
-        self._part.append(ids, probs)
+        if not self.from_logits and not all_probabilities:
+            raise ValueError(
+                f"from_logits=False takes probability rows, but rows written for epoch {self.epoch} are not "
+                "(negative, or not summing to 1): pass logits with from_logits=True, or softmax the outputs"
+            )
+        self._part.append(ids, rows)
 
 
 def _sum_tolerance(*dtypes: torch.dtype) -> float:

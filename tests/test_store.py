@@ -224,7 +224,7 @@ def test_streaming_seal_follows_the_coverage_rules(tmp_path, labels, monkeypatch
 
 
 def test_argmax_takes_the_first_maximum_and_sees_signs():
-    from pskd_store.merge import _argmax
+    from pskd_store.layout import _argmax
 
     rows = np.array([[0.1, 0.7, 0.7, 0.0], [0.0, 0.0, 0.0, 0.0], [-0.5, -0.25, -0.0, -1.0]], np.float16)
     assert _argmax(rows).tolist() == rows.astype(np.float32).argmax(1).tolist() == [1, 0, 2]
