@@ -12,9 +12,9 @@ from pskd_store.store import SoftTargetStore, StoreError
 
 
 def resolve_store(path: str) -> str:
-    """A run directory stands for its ``store/``; anything else is the store itself."""
-    candidate = RunDirectory(Path(path)).store
-    return str(candidate) if (candidate / "zarr.json").is_file() else path
+    """A run directory stands for its store; anything else is the store itself."""
+    run = RunDirectory(Path(path))
+    return run.store_url() if "://" not in path and run.is_run() else path
 
 
 @click.command("info")

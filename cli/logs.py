@@ -7,9 +7,11 @@ from pathlib import Path
 
 
 def setup_logging(log_file: Path | None = None) -> None:
+    """pskd-store's own messages at INFO; other libraries' (botocore, fsspec) at WARNING."""
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         handlers=handlers, force=True)
+    logging.getLogger("pskd_store").setLevel(logging.INFO)

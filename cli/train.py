@@ -48,7 +48,7 @@ def _choices(options: dict[str, str]) -> str:
 # Options that define the run; --resume takes them from the run's config.json instead.
 RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "aug", "epochs",
                "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "lr_gamma",
-               "val_split", "seed", "deterministic", "steps_per_epoch", "store_dtype", "store_topk", "ece_bins", "output")
+               "val_split", "seed", "deterministic", "steps_per_epoch", "store_dtype", "store_topk", "store", "ece_bins", "output")
 
 
 @click.command("train", epilog=_models_epilog())
@@ -98,6 +98,11 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
               help="Store only the K largest probabilities of each prediction and their classes "
                    "(the rest of the mass spread evenly when a target is rebuilt): for large numbers "
                    "of classes. Default: all of them.")
+@click.option("--store", "store", default=None, metavar="URL",
+              help="Keep the store elsewhere than RUN/store: a path or an fsspec URL such as "
+                   "s3://bucket/run/store (pip install 's3fs'; credentials and endpoint from the usual "
+                   "AWS_* environment or config, never stored in the run). The decoded teacher goes "
+                   "to a node-local cache (--cache-dir, default ~/.cache/pskd-store).")
 @click.option("--ece-bins", type=int, default=10, show_default=True, help="Bins of the ECE metric.")
 @click.option("-o", "--output", type=click.Path(file_okay=False),
               help="Run directory; default runs/<dataset>-<arch>-<method>-<time>.")

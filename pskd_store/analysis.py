@@ -59,10 +59,10 @@ def load_run(path: str | Path) -> RunData:
             f"run directory {run.path} does not exist: pass a directory written by "
             "`pskd-store train` (it holds config.json and store/)"
         )
-    if not (run.store / "zarr.json").is_file():
+    if not run.is_run():
         raise RunError(f"no store in {run.path}: was it made by `pskd-store train`?")
     try:
-        store = SoftTargetStore.open(run.store, read_only=True)
+        store = SoftTargetStore.open(run.store_url(), read_only=True)
         trajectory = store.trajectory()
     except StoreError as err:
         raise RunError(f"cannot read the store of {run.path}: {err}") from err

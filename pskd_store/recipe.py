@@ -94,6 +94,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     store_dtype: str = "float16"
     store_topk: int | None = None  # None: all K probabilities; k: the k largest and their classes
+    store: str | None = None  # the store's URL (e.g. s3://bucket/run/store); None: RUN/store
     ece_bins: int = 10  # the authors' metric_ece_aurc_eaurc(bin_size=0.1)
 
     def resolved(self) -> TrainConfig:

@@ -1,7 +1,8 @@
 """The files of one training run: where `train` writes them, `eval` and `inspect` read them.
 
     RUN/config.json            the resolved training config
-    RUN/store/                 the SoftTargetStore (RUN/store.mmap/: its decoded teacher, a cache)
+    RUN/store/                 the SoftTargetStore (RUN/store.mmap/: its decoded teacher, a cache),
+                               unless config.json names another place (``--store s3://...``)
     RUN/checkpoints/last.pt    model, optimizer, scheduler, epoch, every rank's RNG states
     RUN/metrics.jsonl          one JSON object per epoch (train, test and val metrics)
     RUN/summary.json           the last and the best epoch's metrics, the store's summary
@@ -51,6 +52,21 @@ class RunDirectory:
     @property
     def store(self) -> Path:
         return self.path / "store"
+
+    def store_url(self) -> str:
+        """Where the run's store is: ``store`` in config.json (``--store``), else RUN/store."""
+        if self.config.is_file():
+            try:
+                location = json.loads(self.config.read_text()).get("store")
+            except (json.JSONDecodeError, AttributeError):
+                location = None  # a damaged config is reported by whoever reads it in full
+            if location:
+                return str(location)
+        return str(self.store)
+
+    def is_run(self) -> bool:
+        """A directory written by `pskd-store train`: a config.json, or a store inside."""
+        return self.config.is_file() or (self.store / "zarr.json").is_file()
 
     @property
     def checkpoint(self) -> Path:

@@ -114,15 +114,15 @@ def build_run(config: TrainConfig, directory: RunDirectory, env: Distributed, de
 
 def _open_store(config: TrainConfig, directory: RunDirectory, splits: DataSplits,
                 env: Distributed) -> SoftTargetStore:
-    """Rank 0 creates (or reopens) the store; the others open it once it exists."""
+    """Rank 0 creates (or reopens) the store (RUN/store, or ``--store``); the others open it
+    once it exists."""
+    url = config.store or str(directory.store)
     store = None
     if env.is_main:
         store = SoftTargetStore.open_or_create(
-            directory.store, splits.train_labels, splits.num_classes, dtype=config.store_dtype,
-            topk=config.store_topk)
+            url, splits.train_labels, splits.num_classes, dtype=config.store_dtype, topk=config.store_topk)
     env.barrier()
-    return store or SoftTargetStore.open(directory.store, labels=splits.train_labels,
-                                         num_classes=splits.num_classes)
+    return store or SoftTargetStore.open(url, labels=splits.train_labels, num_classes=splits.num_classes)
 
 
 def _shard(data: Dataset, env: Distributed) -> Dataset:

@@ -75,7 +75,7 @@ class Report:
 def verify_path(path: str | Path, *, progress: bool = False) -> Report:
     """Verify a run directory (its store, cache, checkpoint and files) or a store."""
     run = RunDirectory(Path(path))
-    if (run.store / "zarr.json").is_file():
+    if "://" not in str(path) and run.is_run():
         return verify_run(run, progress=progress)
     store = SoftTargetStore.open(path, read_only=True)
     return verify_store(store, progress=progress)
@@ -84,7 +84,7 @@ def verify_path(path: str | Path, *, progress: bool = False) -> Report:
 def verify_run(run: RunDirectory, *, progress: bool = False) -> Report:
     """Everything :func:`verify_store` checks, plus the run's checkpoint and files."""
     started = time.perf_counter()
-    store = SoftTargetStore.open(run.store, read_only=True)
+    store = SoftTargetStore.open(run.store_url(), read_only=True)
     config = _run_config(run)
     cache_dir = config.get("cache_dir") or None
     report = verify_store(store, cache_dir=cache_dir, progress=progress, target=str(run.path))

@@ -17,6 +17,7 @@ like probability rows (softmax applied twice would flatten them) get one warning
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import warnings
@@ -270,6 +271,7 @@ class PredictionWriter:
         self._part.append(ids, rows)
 
 
+@functools.lru_cache(maxsize=None)  # called on every write: the training thread's time
 def _sum_tolerance(*dtypes: torch.dtype) -> float:
     """How far from 1 a probability row's sum may be: rounding each value to the coarsest
     of ``dtypes`` moves the sum by at most half an epsilon; twice that, at least 1e-5."""

@@ -195,7 +195,7 @@ def test_missing_run_is_refused(tmp_path):
 def test_run_without_store_is_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     code, output = invoke(tmp_path)
-    assert code == 1 and f"no store in {tmp_path}: was it made by `pskd-store train`?" in output
+    assert code == 1 and f"no pskd-store at {tmp_path / 'store'}: check the path" in output
 
 
 def test_ids_out_of_range_name_the_id_and_n(runs, tmp_path):

@@ -125,7 +125,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir):
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (
-        (broken / "metrics.jsonl").exists() and len(metrics_rows(broken)) >= 2
+        (broken / "metrics.jsonl").exists() and len(metrics_rows(broken)) >= 3  # so epoch 2 is checkpointed
     ):
         time.sleep(0.02)
     os.killpg(proc.pid, signal.SIGKILL)

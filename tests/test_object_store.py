@@ -1,0 +1,121 @@
+"""A store on an object store: a real S3 API (moto's server on 127.0.0.1, started and
+stopped by the test), reached through zarr's fsspec support and s3fs, as a cluster
+without a shared file system would use it."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pskd_store.errors import StoreDamagedError
+from pskd_store.store import SoftTargetStore
+from pskd_store.verify import verify_path
+
+pytest.importorskip("s3fs", reason="pip install -e '.[test]' installs s3fs")
+moto_server = pytest.importorskip("moto.server", reason="pip install -e '.[test]' installs moto[server]")
+PSKD = shutil.which("pskd-store")
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory) -> dict[str, str]:
+    """An S3 endpoint on loopback with a bucket 'runs'; the environment that points s3fs at it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "pskd-test", "AWS_SECRET_ACCESS_KEY": "pskd-secret-key",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+           "XDG_CACHE_HOME": str(tmp_path_factory.mktemp("node-cache"))}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # this process's s3fs clients (the API checks) read it too
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    s3fs.S3FileSystem().mkdir("runs")
+    yield {**os.environ}
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def pskd(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([PSKD, *args], capture_output=True, text=True, timeout=300, env=env)
+    if check:
+        assert done.returncode == 0, done.stderr
+    return done
+
+
+def test_train_kill_resume_into_s3_matches_a_local_run(tmp_path, s3, data_dir):
+    args = ["train", "--epochs", "3", "--steps-per-epoch", "10", "--workers", "0", "--data-dir", str(data_dir), "-q",
+            "--seed", "5"]
+    pskd(*args, "-o", str(tmp_path / "local"), env=s3)
+
+    url = "s3://runs/remote/store"
+    run = tmp_path / "remote"
+    proc = subprocess.Popen([PSKD, *args, "-o", str(run), "--store", url], env=s3, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((run / "metrics.jsonl").is_file()
+                                          and (run / "metrics.jsonl").read_text().count("\n") >= 1):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+    assert SoftTargetStore.open(url).sealed_epochs in ([1], [1, 2]), "killed part-way through the run"
+    pskd("train", "--resume", str(run), "-q", env=s3)
+
+    remote, local = SoftTargetStore.open(url, read_only=True), SoftTargetStore.open(tmp_path / "local" / "store")
+    assert remote.sealed_epochs == local.sealed_epochs == [1, 2, 3]
+    for epoch in remote.teacher_epochs:
+        np.testing.assert_array_equal(remote.read_epoch(epoch), local.read_epoch(epoch))
+    for field, values in local.trajectory().items():
+        np.testing.assert_array_equal(remote.trajectory()[field], values)
+    assert not (run / "store").exists()  # the store lives in the bucket only
+    config = (run / "config.json").read_text()
+    assert json.loads(config)["store"] == url and "pskd-secret-key" not in config
+    assert "pskd-secret-key" not in (run / "train.log").read_text()
+
+    info = pskd("info", str(run), env=s3)
+    assert f"store        {url}" in info.stdout and "sealed       [1, 2, 3]" in info.stdout
+    assert pskd("verify", str(run), env=s3).returncode == 0
+    report = json.loads(pskd("inspect", str(run), "--json", "--out", str(tmp_path / "plots"), env=s3).stdout)
+    assert report["runs"][0]["epochs"] == 3
+
+
+def test_a_damaged_object_is_an_error_naming_the_rows(s3):
+    import s3fs
+
+    url = "s3://runs/damaged/store"
+    labels = np.arange(64) % 4
+    store = SoftTargetStore.create(url, labels, 4, chunk_rows=16)
+    with store.writer(1, from_logits=False) as writer:
+        writer.write(torch.arange(64), torch.full((64, 4), 0.25))
+    store.seal(1)
+    fs = s3fs.S3FileSystem()
+    key = "runs/damaged/store/teacher/epoch_0001/c/2/0"
+    data = bytearray(fs.cat_file(key))
+    data[len(data) // 2] ^= 0x40
+    fs.pipe_file(key, bytes(data))
+    with pytest.raises(StoreDamagedError, match=r"teacher of epoch 1 in s3://runs/damaged/store is damaged: rows 32-47"):
+        SoftTargetStore.open(url).read_epoch(1)
+    fs.rm_file("runs/damaged/store/teacher/epoch_0001/c/3/0")
+    findings = {str(f) for f in verify_path(url).findings}
+    assert any("rows 48-63 are missing" in f for f in findings) and any("rows 32-47 do not match" in f for f in findings)
