@@ -1,12 +1,14 @@
-"""The paper's Table 1 at a scale this machine runs: ce, ls, pskd, and ce and pskd with
-Cutout (like for like) on the offline default data set, several seeds each, plus an
-alpha_T sweep on a held-out split.
+"""The paper's comparison at a scale this machine runs: CE, LS, CS-KD, TF-KD, PS-KD, and
+CE and PS-KD with Cutout (and, on image data, CutMix) like for like, several seeds each,
+plus an alpha_T sweep on a held-out split. ``--dataset mnist1d`` (the offline default)
+or ``fashionmnist`` (real images; offline from Debian's dataset-fashion-mnist).
 
 Prints JSON (every run's final test metrics, and mean/std per method) followed by the
 Markdown tables that the README shows. Every run is a normal run directory under --out,
 so `pskd-store inspect` can look at any of them afterwards.
 
-    python benchmarks/method_table.py                      # 3 seeds, 40 epochs, ~16 min on 2 cores
+    python benchmarks/method_table.py                      # MNIST-1D, 3 seeds, 40 epochs
+    python benchmarks/method_table.py --dataset fashionmnist --alphas ""
     python benchmarks/method_table.py --seeds 0 --epochs 5 --alphas 0.8   # a quick look
 """
 
@@ -27,9 +29,15 @@ from pskd_store.training import train
 METHODS = {  # label -> TrainConfig overrides
     "CE": dict(method="ce"),
     "LS (0.1)": dict(method="ls"),
+    "CS-KD": dict(method="cskd"),
+    "TF-KD": dict(method="tfkd"),
     "PS-KD": dict(method="pskd"),
     "CE + Cutout": dict(method="ce", aug="cutout"),
     "PS-KD + Cutout": dict(method="pskd", aug="cutout"),
+}
+IMAGE_METHODS = {  # CutMix needs 2-D images
+    "CE + CutMix": dict(method="ce", aug="cutmix"),
+    "PS-KD + CutMix": dict(method="pskd", aug="cutmix"),
 }
 COLUMNS = {"top1_err": "Top-1 err (%)", "top5_err": "Top-5 err (%)", "nll": "NLL",
            "ece": "ECE (%)", "aurc": "AURC (x1e3)"}
@@ -74,17 +82,19 @@ def main() -> None:
     started = time.time()
 
     runs: dict[str, list[dict]] = {}
-    for label, overrides in METHODS.items():
+    methods = METHODS if args.dataset == "mnist1d" else {**METHODS, **IMAGE_METHODS}
+    for label, overrides in methods.items():
         slug = label.lower().replace(" ", "").replace("+", "-").replace("(0.1)", "")
-        runs[label] = [run_one(base, overrides, seed, out / f"{slug}-seed{seed}", "test") for seed in seeds]
+        runs[label] = [run_one(base, overrides, seed, out / args.dataset / f"{slug}-seed{seed}", "test")
+                       for seed in seeds]
     sweep: dict[str, list[dict]] = {}
     for alpha in alphas:
         sweep[f"alpha_T {alpha}"] = [
             run_one(base, dict(method="pskd", alpha_T=alpha, val_split=args.val_split), seed,
-                    out / f"sweep-alpha{alpha}-seed{seed}", "val") for seed in seeds]
+                    out / args.dataset / f"sweep-alpha{alpha}-seed{seed}", "val") for seed in seeds]
     if alphas:
         sweep = {"CE (alpha_T 0)": [run_one(base, dict(method="ce", val_split=args.val_split), seed,
-                                            out / f"sweep-ce-seed{seed}", "val") for seed in seeds], **sweep}
+                                            out / args.dataset / f"sweep-ce-seed{seed}", "val") for seed in seeds], **sweep}
 
     table = {label: mean_std(rows) for label, rows in runs.items()}
     sweep_table = {label: mean_std(rows) for label, rows in sweep.items()}

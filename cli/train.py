@@ -29,6 +29,7 @@ def _models_epilog() -> str:
         "Architectures (--arch):",
         f"  32x32 (CIFAR):    {', '.join(by_kind.get('32x32', []))}",
         f"  1-D (MNIST-1D):   {', '.join(by_kind.get('mnist1d', []))}",
+        f"  28x28 (Fashion-MNIST): {', '.join(by_kind.get('28x28', []))}",
         f"  224x224 (ImageNet, folder): torchvision's {len(tv)} classifiers as tv_<name>,",
         "                    e.g. tv_resnet152 (the paper's), tv_resnet50, tv_vit_b_16",
         "\b",
@@ -48,7 +49,8 @@ def _choices(options: dict[str, str]) -> str:
 # Options that define the run; --resume takes them from the run's config.json instead.
 RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "aug", "epochs",
                "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "lr_gamma",
-               "val_split", "seed", "deterministic", "steps_per_epoch", "store_dtype", "store_topk", "store", "ece_bins", "output")
+               "val_split", "seed", "deterministic", "steps_per_epoch", "store_dtype", "store_topk", "store", "ece_bins", "tfkd_alpha", "tfkd_temperature",
+               "tfkd_multiplier", "cskd_temperature", "cskd_weight", "output")
 
 
 @click.command("train", epilog=_models_epilog())
@@ -103,6 +105,16 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
                    "s3://bucket/run/store (pip install 's3fs'; credentials and endpoint from the usual "
                    "AWS_* environment or config, never stored in the run). The decoded teacher goes "
                    "to a node-local cache (--cache-dir, default ~/.cache/pskd-store).")
+@click.option("--tfkd-alpha", type=float, default=0.1, show_default=True,
+              help="--method tfkd: weight of the virtual teacher's KL term (authors' reg_alpha).")
+@click.option("--tfkd-temperature", type=float, default=20.0, show_default=True,
+              help="--method tfkd: temperature of the virtual teacher (authors' reg_temperature).")
+@click.option("--tfkd-multiplier", type=float, default=100.0, show_default=True,
+              help="--method tfkd: scale of the KL term (authors' multiplier, their ResNet-18 value).")
+@click.option("--cskd-temperature", type=float, default=4.0, show_default=True,
+              help="--method cskd: temperature of the class-wise KL term (authors' --temp).")
+@click.option("--cskd-weight", type=float, default=1.0, show_default=True,
+              help="--method cskd: weight of the class-wise KL term (authors' --lamda).")
 @click.option("--ece-bins", type=int, default=10, show_default=True, help="Bins of the ECE metric.")
 @click.option("-o", "--output", type=click.Path(file_okay=False),
               help="Run directory; default runs/<dataset>-<arch>-<method>-<time>.")

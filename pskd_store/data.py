@@ -22,11 +22,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
-from torchvision.datasets import CIFAR10, CIFAR100, ImageFolder
+from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
+from torchvision.datasets.utils import extract_archive
 from torchvision.datasets.vision import StandardTransform, VisionDataset
 
 DATASETS: dict[str, str] = {
     "mnist1d": "MNIST-1D (10 classes, 1x40 signals), generated locally and cached in --data-dir; offline default",
+    "fashionmnist": "Fashion-MNIST (10 classes, 28x28 grey images) in torchvision's format (--data-dir holds "
+                    "FashionMNIST/raw/); offline from Debian's dataset-fashion-mnist package when installed",
     "cifar10": "CIFAR-10 in torchvision's format (--data-dir holds cifar-10-batches-py/)",
     "cifar100": "CIFAR-100 in torchvision's format (--data-dir holds cifar-100-python/)",
     "imagenet": "ImageNet as ImageFolder trees --data-dir/train and --data-dir/val",
@@ -54,6 +57,10 @@ _CIFAR10_MEAN = tuple(x / 255.0 for x in (125.3, 123.0, 113.9))
 _CIFAR10_STD = tuple(x / 255.0 for x in (63.0, 62.1, 66.7))
 _CIFAR100_MEAN, _CIFAR100_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# Fashion-MNIST's training-set pixel mean and standard deviation (of values in [0, 1]).
+_FASHION_MEAN, _FASHION_STD = (0.2860,), (0.3530,)
+# Where Debian's dataset-fashion-mnist package installs the four gzipped idx files.
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 # Principal components of ImageNet RGB pixels (AlexNet, Krizhevsky et al. 2012).
 IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
 IMAGENET_EIGVEC = (
@@ -132,7 +139,12 @@ def build_datasets(
         eval_view = train  # no augmentation, so one instance serves both splits
         num_classes, input_kind = 10, "mnist1d"
     else:
-        if name in ("cifar10", "cifar100"):
+        if name == "fashionmnist":
+            train_tf, eval_tf = _fashion_mnist_transforms()
+            train = _load_fashion_mnist(root, train=True, transform=train_tf, download=download)
+            test = _load_fashion_mnist(root, train=False, transform=eval_tf, download=download)
+            input_kind = "28x28"
+        elif name in ("cifar10", "cifar100"):
             train_tf, eval_tf = _cifar_transforms(name)
             cls = CIFAR10 if name == "cifar10" else CIFAR100
             train = _load_cifar(cls, root, train=True, transform=train_tf, download=download)
@@ -196,6 +208,37 @@ def _cifar_transforms(name: str) -> tuple[Callable, Callable]:
     normalize = T.Normalize(mean, std)
     train_tf = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
     return train_tf, T.Compose([T.ToTensor(), normalize])
+
+
+def _fashion_mnist_transforms() -> tuple[Callable, Callable]:
+    """Random crop (padding 2) and horizontal flip, as for CIFAR at 28x28 (clothes are
+    left-right symmetric; digits would not be)."""
+    normalize = T.Normalize(_FASHION_MEAN, _FASHION_STD)
+    train_tf = T.Compose([T.RandomCrop(28, padding=2), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+    return train_tf, T.Compose([T.ToTensor(), normalize])
+
+
+def _load_fashion_mnist(root: Path, *, train: bool, transform: Callable, download: bool,
+                        system_copy: Path | None = None) -> FashionMNIST:
+    """torchvision's FashionMNIST; when its files are missing, first unpacked from the
+    Debian package's copy (``system_copy``, default DEBIAN_FASHION_MNIST), so that no
+    download is needed offline."""
+    system_copy = system_copy or DEBIAN_FASHION_MNIST
+    raw = root / "FashionMNIST" / "raw"
+    wanted = [Path(url).name for url, _ in FashionMNIST.resources]
+    if not all((raw / Path(name).stem).is_file() for name in wanted) and system_copy.is_dir():
+        raw.mkdir(parents=True, exist_ok=True)
+        for name in wanted:
+            if (system_copy / name).is_file():
+                extract_archive(str(system_copy / name), str(raw))
+    try:
+        return FashionMNIST(root, train=train, transform=transform, download=download)
+    except (RuntimeError, OSError, HTTPException) as err:  # files missing, or the download failed
+        raise FileNotFoundError(
+            f"Fashion-MNIST data not found in {raw}: install Debian's dataset-fashion-mnist package "
+            f"(apt-get install dataset-fashion-mnist), put the four idx files there, or allow the "
+            f"download ({err})"
+        ) from err
 
 
 def _imagenet_transforms() -> tuple[Callable, Callable]:

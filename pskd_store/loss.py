@@ -1,11 +1,48 @@
-"""PS-KD's schedule and loss (Kim et al., ICCV 2021, Eq. 6-7)."""
+"""PS-KD's schedule and loss (Kim et al., ICCV 2021, Eq. 6-7), and the losses of the
+baselines it is compared with: label smoothing, TF-KD's hand-designed teacher and CS-KD's
+class-wise regulariser."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 LABEL_SMOOTHING = 0.1  # the paper's label-smoothing baseline (Szegedy et al.'s epsilon)
+
+
+@dataclass(frozen=True)
+class TfKd:
+    """TF-KD's regulariser (Yuan et al., CVPR 2020, "Tf-KD_reg"): a virtual teacher that
+    gives the true class ``correct_prob`` and the others the rest evenly, softened by
+    ``temperature``. Defaults: yuanli2333/Teacher-free-Knowledge-Distillation,
+    ``my_loss_function.py`` (``correct_prob = 0.99``) and the ResNet-18 CIFAR-100 setting
+    ``experiments/base_experiments/base_resnet18/params.json`` (``reg_alpha`` 0.1,
+    ``reg_temperature`` 20, ``multiplier`` 100)."""
+
+    alpha: float = 0.1
+    temperature: float = 20.0
+    multiplier: float = 100.0
+    correct_prob: float = 0.99
+
+    def teacher(self, targets: torch.Tensor, num_classes: int) -> torch.Tensor:
+        """The virtual teacher's distribution, softmax(p^d / T), for class indices or
+        probability targets (CutMix's mixed labels mix p^d the same way, before the softmax)."""
+        if targets.ndim == 1:
+            targets = F.one_hot(targets, num_classes).float()
+        other = (1 - self.correct_prob) / (num_classes - 1)
+        designed = other + (self.correct_prob - other) * targets.float()  # p^d(k)
+        return F.softmax(designed / self.temperature, dim=1)
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(1 - alpha)·CE + alpha·multiplier·KL(teacher ‖ student), the KL averaged over
+        batch and classes (``nn.KLDivLoss()``'s default reduction, as the authors use it)."""
+        logits = logits.float()
+        # the mean over batch and classes, written out: torch warns that reduction="mean" will change
+        kl = F.kl_div(F.log_softmax(logits, dim=1), self.teacher(targets, logits.shape[1]), reduction="sum")
+        kl = kl / logits.numel()
+        return (1 - self.alpha) * F.cross_entropy(logits, targets) + self.alpha * self.multiplier * kl
 
 
 def alpha_t(epoch: int, total_epochs: int, alpha_T: float) -> float:
@@ -36,9 +73,32 @@ def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits, target)
 
 
-def method_loss(method: str, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The training loss of ``method`` ("ce", "ls" or "pskd") in fp32, against class
-    indices or probability targets (PS-KD's soft targets, CutMix's mixed labels):
-    ``F.cross_entropy`` takes both; LS adds epsilon 0.1."""
+@dataclass(frozen=True)
+class CsKd:
+    """CS-KD's class-wise regulariser (Yun et al., CVPR 2020): the KL divergence from the
+    temperature-softened prediction of another sample of the same class (no gradient
+    through it) to the sample's own, times T², summed over classes and averaged over the
+    batch. Defaults: alinlab/cs-kd ``train.py`` (``--temp 4.0``, ``--lamda 1.0``, the
+    value its README uses for CIFAR-100); its ``KDLoss`` is what :meth:`regulariser` computes."""
+
+    temperature: float = 4.0
+    weight: float = 1.0
+
+    def regulariser(self, logits: torch.Tensor, partner_logits: torch.Tensor) -> torch.Tensor:
+        """weight · KL(softmax(partner / T) ‖ softmax(logits / T)) · T² / B."""
+        t = self.temperature
+        log_p = F.log_softmax(logits.float() / t, dim=1)
+        q = F.softmax(partner_logits.detach().float() / t, dim=1)
+        return self.weight * F.kl_div(log_p, q, reduction="sum") * t ** 2 / logits.shape[0]
+
+
+def method_loss(method: str, logits: torch.Tensor, targets: torch.Tensor, tfkd: TfKd = TfKd()) -> torch.Tensor:
+    """The training loss of ``method`` ("ce", "ls", "pskd", "tfkd" or "cskd") in fp32, against
+    class indices or probability targets (PS-KD's soft targets, CutMix's mixed labels):
+    ``F.cross_entropy`` takes both; LS adds epsilon 0.1; TF-KD adds its virtual teacher;
+    CS-KD's regulariser needs the partners' predictions and is added by the caller
+    (:meth:`CsKd.regulariser`)."""
+    if method == "tfkd":
+        return tfkd.loss(logits, targets)
     smoothing = LABEL_SMOOTHING if method == "ls" else 0.0
     return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)

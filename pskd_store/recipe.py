@@ -17,6 +17,8 @@ METHODS = {
     "ce": "cross-entropy with one-hot targets (baseline)",
     "ls": "label smoothing, epsilon 0.1",
     "pskd": "progressive self-knowledge distillation: targets blend in last epoch's predictions",
+    "tfkd": "TF-KD's hand-designed teacher (Yuan et al. 2020): CE plus a KL term to a smoothed label",
+    "cskd": "CS-KD (Yun et al. 2020): CE plus a KL term to another same-class sample's prediction",
 }
 AUGMENTATIONS = {
     "none": "the data set's own augmentation only",
@@ -42,6 +44,10 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # MNIST-1D within minutes on a CPU; in-memory tensors, so no worker processes.
     "mnist1d": dict(arch="mnist1d_mlp", epochs=40, batch_size=128, lr=0.05, weight_decay=0.0,
                     milestones=[], workers=0),
+    # Fashion-MNIST (this project's real-image offline set): the CIFAR recipe's optimizer
+    # and schedule shape, shortened for a CPU.
+    "fashionmnist": dict(arch="fmnist_cnn", epochs=15, batch_size=128, lr=0.05, weight_decay=5e-4,
+                         milestones=[0.5, 0.75]),
     # CIFAR: paper and authors (--end_epoch 300, --batch_size 128, --lr 0.1,
     # --weight_decay 5e-4, --lr_decay_schedule 150 225, --lr_decay_rate 0.1).
     # Default arch: the authors' --classifier_type ResNet18 (PreAct ResNet-18).
@@ -95,6 +101,13 @@ class TrainConfig:
     store_dtype: str = "float16"
     store_topk: int | None = None  # None: all K probabilities; k: the k largest and their classes
     store: str | None = None  # the store's URL (e.g. s3://bucket/run/store); None: RUN/store
+    # TF-KD's Tf-KD_reg (loss.TfKd, where each default's source is cited)
+    tfkd_alpha: float = 0.1
+    tfkd_temperature: float = 20.0
+    tfkd_multiplier: float = 100.0
+    # CS-KD's regulariser (loss.CsKd, where each default's source is cited)
+    cskd_temperature: float = 4.0
+    cskd_weight: float = 1.0
     ece_bins: int = 10  # the authors' metric_ece_aurc_eaurc(bin_size=0.1)
 
     def resolved(self) -> TrainConfig:
@@ -141,6 +154,15 @@ class TrainConfig:
             raise ValueError(f"--ece-bins must be at least 1 (the paper uses 10), got {self.ece_bins}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"--steps-per-epoch must be at least 1, got {self.steps_per_epoch}")
+        if not 0.0 <= self.tfkd_alpha <= 1.0 or self.tfkd_temperature <= 0 or self.tfkd_multiplier < 0:
+            raise ValueError(
+                f"--tfkd-alpha must lie in [0, 1], --tfkd-temperature be positive and --tfkd-multiplier "
+                f"non-negative (defaults 0.1, 20, 100), got {self.tfkd_alpha}, {self.tfkd_temperature}, "
+                f"{self.tfkd_multiplier}"
+            )
+        if self.cskd_temperature <= 0 or self.cskd_weight < 0:
+            raise ValueError(f"--cskd-temperature must be positive and --cskd-weight non-negative (defaults 4 "
+                             f"and 1), got {self.cskd_temperature} and {self.cskd_weight}")
         if self.store_topk is not None and self.store_topk < 1:
             raise ValueError(f"--store-topk must be at least 1 (or left out for dense rows), got {self.store_topk}")
         if self.workers < 0:

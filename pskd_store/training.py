@@ -40,11 +40,12 @@ from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_sta
 from .data import DataSplits, build_datasets
 from .dataset import SoftTargetDataset
 from .distributed import Distributed, setup, teardown
-from .loss import alpha_t, method_loss
+from .loss import CsKd, TfKd, alpha_t, method_loss
 from .metrics import evaluate
 from .models import create_model, input_kind
 from .recipe import TrainConfig
 from .run_directory import RunDirectory, writing
+from .sampler import ClassPairBatchSampler
 from .store import SoftTargetStore
 
 _logger = logging.getLogger("pskd_store.train")
@@ -155,13 +156,14 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
     configure_determinism(config.deterministic)
     run = build_run(config, directory, env, device, splits)
     start = _restore(run) + 1 if resume else 1
-    loader = _train_loader(run)
+    loader, sampler = _train_loader(run)
     augment = None
     if config.aug != "none":
         augment = BatchAugment(config.aug, run.splits.num_classes, half_batch=config.method == "pskd")
     test_probs = None
     for epoch in range(start, config.epochs + 1):
         started = time.perf_counter()
+        sampler.set_epoch(epoch)
         train_stats = _train_epoch(run, loader, epoch, augment, quiet)
         row = {"epoch": epoch, "alpha_t": _alpha(config, epoch), "lr": run.scheduler.get_last_lr()[0],
                "train": train_stats}
@@ -215,15 +217,22 @@ def _alpha(config: TrainConfig, epoch: int) -> float:
     return alpha_t(epoch, config.epochs, config.alpha_T) if config.method == "pskd" else 0.0
 
 
-def _train_loader(run: Run) -> DataLoader:
-    """This rank's shard of each epoch, shuffled by epoch: the order depends only on the
-    seed and the epoch, so a resumed run sees the same batches. DistributedSampler pads
-    the last shard with repeated ids; the store keeps one write per id (the higher rank's)."""
-    workers = run.config.workers
-    sampler = DistributedSampler(run.train_data, num_replicas=run.env.world_size, rank=run.env.rank,
-                                 shuffle=True, seed=run.config.seed)
-    return DataLoader(run.train_data, batch_size=run.config.batch_size, sampler=sampler, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=run.device.type == "cuda")
+def _train_loader(run: Run) -> tuple[DataLoader, DistributedSampler | ClassPairBatchSampler]:
+    """This rank's shard of each epoch, shuffled by epoch, and the sampler to ``set_epoch``:
+    the order depends only on the seed and the epoch, so a resumed run sees the same
+    batches. DistributedSampler pads the last shard with repeated ids; the store keeps one
+    write per id (the higher rank's). CS-KD's batches also hold a same-class partner of
+    each sample (sampler.py)."""
+    config, env = run.config, run.env
+    common = dict(num_workers=config.workers, persistent_workers=config.workers > 0,
+                  pin_memory=run.device.type == "cuda")
+    if config.method == "cskd":
+        pairs = ClassPairBatchSampler(run.splits.train_labels, config.batch_size, num_replicas=env.world_size,
+                                      rank=env.rank, seed=config.seed)
+        return DataLoader(run.train_data, batch_sampler=pairs, **common), pairs
+    sampler = DistributedSampler(run.train_data, num_replicas=env.world_size, rank=env.rank,
+                                 shuffle=True, seed=config.seed)
+    return DataLoader(run.train_data, batch_size=config.batch_size, sampler=sampler, **common), sampler
 
 
 def _set_teacher(run: Run, epoch: int) -> None:
@@ -240,8 +249,9 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment
                  quiet: bool) -> dict:
     config, model, device = run.config, run.model, run.device
     _set_teacher(run, epoch)
-    loader.sampler.set_epoch(epoch)
     model.train()
+    tfkd = TfKd(config.tfkd_alpha, config.tfkd_temperature, config.tfkd_multiplier)
+    cskd = CsKd(config.cskd_temperature, config.cskd_weight)
     steps = len(loader) if config.steps_per_epoch is None else min(len(loader), config.steps_per_epoch)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, samples
     started = time.perf_counter()
@@ -252,6 +262,10 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment
                 break
             inputs = to_device(inputs, device, config.channels_last)
             labels = labels.to(device, non_blocking=True)
+            partners = None
+            if config.method == "cskd":  # the second half: a same-class partner of each sample
+                half = len(labels) // 2
+                inputs, partners, labels, ids = inputs[:half], inputs[half:], labels[:half], ids[:half]
             # PS-KD trains on the data set's soft targets; CE and LS on the labels.
             targets = targets.to(device, non_blocking=True) if config.method == "pskd" else labels
             recorded = len(inputs)
@@ -259,7 +273,11 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment
                 inputs, targets, recorded = augment(inputs, targets, labels)
             with autocast(device, config.amp):
                 logits = model(inputs)
-            loss = method_loss(config.method, logits, targets)
+            loss = method_loss(config.method, logits, targets, tfkd)
+            if partners is not None:  # after the trained half's forward, as the authors' loop
+                with torch.no_grad(), autocast(device, config.amp):
+                    partner_logits = model(partners)
+                loss = loss + cskd.regulariser(logits, partner_logits)
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()

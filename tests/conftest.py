@@ -6,7 +6,9 @@ same code path as users (torchvision's own parsers included).
 
 from __future__ import annotations
 
+import gzip
 import pickle
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +105,24 @@ def imagefolder_dir(tmp_path: Path) -> Path:
                 pixels = rng.integers(0, 256, size=(36, 48, 3), dtype=np.uint8)
                 Image.fromarray(pixels).save(folder / f"{i}.png")
     return tmp_path
+
+
+def write_idx_gz(path: Path, array: np.ndarray) -> None:
+    """A gzipped idx file, the format of MNIST and Fashion-MNIST: magic 0x0801 (labels) or
+    0x0803 (images) for unsigned bytes, then each dimension, big-endian."""
+    header = struct.pack(">I", 0x800 + array.ndim) + b"".join(struct.pack(">I", d) for d in array.shape)
+    with gzip.open(path, "wb") as file:
+        file.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+@pytest.fixture
+def fashion_mnist_gz(tmp_path: Path) -> Path:
+    """The four gzipped idx files as Debian's dataset-fashion-mnist installs them: 120 train
+    / 40 test random 28x28 images, every class present."""
+    rng = np.random.default_rng(3)
+    folder = tmp_path / "fashion-mnist-system-copy"
+    folder.mkdir()
+    for prefix, n in (("train", 120), ("t10k", 40)):
+        write_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz", rng.permutation(np.arange(n) % 10))
+    return folder

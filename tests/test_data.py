@@ -201,3 +201,34 @@ def test_val_split_out_of_range(tmp_path, val_split):
 def test_labels_of_falls_back_to_items():
     ds = TensorDataset(torch.zeros(4, 2), torch.tensor([3, 1, 0, 2]))
     np.testing.assert_array_equal(labels_of(ds), [3, 1, 0, 2])
+
+
+def test_fashion_mnist_is_unpacked_from_the_system_copy_and_read_by_torchvision(tmp_path, fashion_mnist_gz):
+    import gzip
+
+    from pskd_store.data import _load_fashion_mnist
+
+    root = tmp_path / "data"
+    train = _load_fashion_mnist(root, train=True, transform=None, download=False, system_copy=fashion_mnist_gz)
+    test = _load_fashion_mnist(root, train=False, transform=None, download=False, system_copy=fashion_mnist_gz)
+    assert len(train) == 120 and len(test) == 40
+    with gzip.open(fashion_mnist_gz / "train-labels-idx1-ubyte.gz") as file:
+        labels = np.frombuffer(file.read()[8:], dtype=np.uint8)
+    assert train.targets.tolist() == labels.tolist()
+    with gzip.open(fashion_mnist_gz / "t10k-images-idx3-ubyte.gz") as file:
+        first = np.frombuffer(file.read()[16:16 + 784], dtype=np.uint8).reshape(28, 28)
+    np.testing.assert_array_equal(np.asarray(test[0][0]), first)
+    assert sorted(p.name for p in (root / "FashionMNIST" / "raw").iterdir()) == [
+        "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+
+
+def test_fashion_mnist_splits_and_a_clear_error_when_missing(tmp_path, fashion_mnist_gz, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", fashion_mnist_gz)  # where the package would be
+    splits = data.build_datasets("fashionmnist", tmp_path / "data", val_split=0.25, download=False)
+    assert splits.input_kind == "28x28" and splits.num_classes == 10
+    assert len(splits.train) == 90 and len(splits.val) == 30 and len(splits.test) == 40
+    image, label = splits.train[0]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.build_datasets("fashionmnist", tmp_path / "empty", download=False)

@@ -173,3 +173,18 @@ def test_one_process_torchrun_equals_a_plain_run(tmp_path, data_dir):
 def test_torchrun_needs_an_output_directory(data_dir):
     result = torchrun(1, PSKD, "train", "--epochs", "1", "--data-dir", str(data_dir), check=False)
     assert result.returncode != 0 and "under torchrun pass --output" in result.stderr
+
+
+def test_cskd_under_torchrun_writes_every_id_of_its_shards(tmp_path, data_dir):
+    """CS-KD's pair batches sharded over 2 ranks: each rank trains (and writes) the first
+    half of its batches, so the sealed epoch holds every id, the padding one twice."""
+    run = tmp_path / "run"
+    torchrun(2, PSKD, "train", "--method", "cskd", "--epochs", "2", "--data-dir", str(data_dir), "-o", str(run),
+             "-q", *ODD_TRAIN_SET)
+    store = SoftTargetStore.open(run / "store", read_only=True)
+    for epoch in (1, 2):
+        info = store.epoch_info(epoch)
+        assert (info["rows_written"], info["ids_written"], info["duplicates"], info["carried_forward"]) == (
+            8000, 7999, 1, 0)
+    assert store.trajectory()["written"].all()
+    assert json.loads((run / "config.json").read_text())["method"] == "cskd"

@@ -48,3 +48,45 @@ def test_method_losses_by_hand():
     soft = torch.tensor([[0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])
     expected = -(soft * log_p).sum(1).mean().item()
     assert method_loss("pskd", logits, soft).item() == pytest.approx(expected, rel=1e-6)
+
+
+def tfkd_as_the_authors_wrote_it(outputs, labels, alpha=0.1, T=20.0, multiplier=100.0):
+    """yuanli2333/Teacher-free-Knowledge-Distillation, my_loss_function.loss_kd_regularization,
+    line by line (on the CPU, in float64)."""
+    correct_prob = 0.99
+    loss_CE = torch.nn.functional.cross_entropy(outputs, labels)
+    K = outputs.size(1)
+    teacher_soft = torch.ones_like(outputs)
+    teacher_soft = teacher_soft * (1 - correct_prob) / (K - 1)
+    for i in range(outputs.shape[0]):
+        teacher_soft[i, labels[i]] = correct_prob
+    loss_soft_regu = torch.nn.KLDivLoss()(torch.nn.functional.log_softmax(outputs, dim=1),
+                                          torch.nn.functional.softmax(teacher_soft / T, dim=1)) * multiplier
+    return (1. - alpha) * loss_CE + alpha * loss_soft_regu
+
+
+@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")  # the authors' nn.KLDivLoss()
+@pytest.mark.parametrize("alpha, T, multiplier", [(0.1, 20.0, 100.0), (0.95, 40.0, 1.0), (0.5, 10.0, 50.0)])
+def test_tfkd_matches_the_authors_formula(alpha, T, multiplier):
+    from pskd_store.loss import TfKd
+
+    logits = torch.randn(16, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 3
+    labels = torch.randint(0, 10, (16,), generator=torch.Generator().manual_seed(4))
+    expected = tfkd_as_the_authors_wrote_it(logits, labels, alpha, T, multiplier)
+    got = method_loss("tfkd", logits.float(), labels, TfKd(alpha, T, multiplier))
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert method_loss("tfkd", logits.float(), labels).item() == pytest.approx(
+        tfkd_as_the_authors_wrote_it(logits, labels).item(), rel=1e-6)  # the defaults are the authors'
+
+
+def test_tfkd_teacher_for_mixed_labels():
+    from pskd_store.loss import TfKd
+
+    tfkd = TfKd()
+    onehot = tfkd.teacher(torch.tensor([2]), 4)
+    other = 0.01 / 3
+    designed = torch.tensor([[other, other, 0.99, other]])
+    torch.testing.assert_close(onehot, torch.softmax(designed / 20.0, dim=1))
+    mixed = tfkd.teacher(torch.tensor([[0.0, 0.25, 0.75, 0.0]]), 4)  # CutMix: lam 0.75 on class 2, 0.25 on 1
+    mixed_designed = 0.75 * designed + 0.25 * torch.tensor([[other, 0.99, other, other]])
+    torch.testing.assert_close(mixed, torch.softmax(mixed_designed / 20.0, dim=1))

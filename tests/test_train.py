@@ -113,10 +113,12 @@ def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
     assert len(pngs) == 3 and all(p.read_bytes().startswith(b"\x89PNG") for p in pngs)
 
 
-def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir):
+@pytest.mark.parametrize("method, aug", [("pskd", "cutout"), ("tfkd", "cutout"), ("cskd", "cutout")])
+def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir, method, aug):
     # Cutout draws random holes every step: the resumed run matches only if every RNG
     # state was restored, not just the weights.
-    args = ["train", "--epochs", "4", "--aug", "cutout", "--data-dir", str(data_dir), "-q", "--seed", "3"]
+    args = ["train", "--epochs", "4", "--method", method, "--aug", aug, "--data-dir", str(data_dir), "-q",
+            "--seed", "3"]
     whole = tmp_path / "whole"
     pskd(*args, "-o", str(whole))
 
@@ -232,6 +234,18 @@ def test_methods_differ_only_in_their_targets(tmp_path, data_dir):
     # a soft target has entropy: PS-KD's loss is well above CE's once alpha_2 = 0.8 weighs in
     assert pskd[1]["train"]["loss"] > ce[1]["train"]["loss"] + 0.1
     assert ls[0]["train"]["loss"] > ce[0]["train"]["loss"] + 0.1  # label smoothing's uniform term
+    # TF-KD with its teacher weighted 0 is CE; with the default weight its KL term adds to the loss
+    for name, alpha in (("tfkd0", 0.0), ("tfkd", 0.1)):
+        train(TrainConfig(method="tfkd", tfkd_alpha=alpha, epochs=2, data_dir=str(data_dir)).resolved(),
+              tmp_path / name, quiet=True)
+    assert metrics_rows(tmp_path / "tfkd0")[1]["train"]["loss"] == pytest.approx(ce[1]["train"]["loss"], rel=1e-5)
+    assert metrics_rows(tmp_path / "tfkd")[0]["train"]["loss"] > ce[0]["train"]["loss"] + 0.01
+    # CS-KD: the same pair batches with and without the class-wise term (KL >= 0 adds to the loss)
+    for name, weight in (("cskd0", 0.0), ("cskd", 1.0)):
+        train(TrainConfig(method="cskd", cskd_weight=weight, epochs=1, data_dir=str(data_dir)).resolved(),
+              tmp_path / name, quiet=True)
+    cskd0, cskd = (metrics_rows(tmp_path / name)[0]["train"]["loss"] for name in ("cskd0", "cskd"))
+    assert cskd > cskd0 + 0.01, (cskd, cskd0)
 
 
 def test_each_epoch_sees_a_new_sample_order_that_a_rerun_repeats(tmp_path, data_dir, monkeypatch):
@@ -255,3 +269,19 @@ def test_each_epoch_sees_a_new_sample_order_that_a_rerun_repeats(tmp_path, data_
     assert len(orders[1]) == 2 * config.batch_size and len(set(orders[1])) == len(orders[1])
     assert orders[1] != orders[2] != orders[3] != orders[1]
     assert seen["again"] == orders
+
+
+def test_fashion_mnist_with_tfkd_and_cutmix_end_to_end(tmp_path, fashion_mnist_gz):
+    from pskd_store.data import _load_fashion_mnist
+
+    data = tmp_path / "data"  # the idx files unpacked where torchvision looks: FashionMNIST/raw/
+    _load_fashion_mnist(data, train=True, transform=None, download=False, system_copy=fashion_mnist_gz)
+    run = tmp_path / "run"
+    pskd("train", "--dataset", "fashionmnist", "--data-dir", str(data), "--no-download", "--method", "tfkd",
+         "--aug", "cutmix", "--epochs", "2", "-b", "32", "-j", "0", "-o", str(run), "-q")
+    rows = metrics_rows(run)
+    assert [row["epoch"] for row in rows] == [1, 2] and rows[-1]["test"]["n"] == 40
+    config = json.loads((run / "config.json").read_text())
+    assert config["arch"] == "fmnist_cnn" and config["tfkd_temperature"] == 20.0
+    store = SoftTargetStore.open(run / "store")
+    assert store.sealed_epochs == [1, 2] and store.num_samples == 120 and store.num_classes == 10

@@ -1,12 +1,13 @@
 """Model registry: one flat namespace of architectures, each tagged with the input it expects.
 
-Three families live here:
+Four families live here:
 
 * ``32x32`` — the PS-KD paper's CIFAR architectures (:mod:`.cifar`):
   ``preact_resnet18``, ``resnet101``, ``resnext29_8x64d``, ``densenet121``,
   ``pyramidnet200`` and ``pyramidnet200_shakedrop`` (the paper's "+ SD" rows).
 * ``mnist1d`` — small models for the offline default data set (:mod:`.small`):
   ``mnist1d_cnn``, ``mnist1d_mlp``.
+* ``28x28`` — a small CNN for Fashion-MNIST (:mod:`.small`): ``fmnist_cnn``.
 * ``224x224`` — every torchvision classification model (:mod:`.imagenet`),
   registered as ``tv_<torchvision name>``, e.g. ``tv_resnet152``.
 
@@ -29,17 +30,18 @@ from torch import nn
 
 from .cifar import CIFAR_MODELS
 from .imagenet import create_torchvision_model, torchvision_classifiers
-from .small import MNIST1D_MODELS
+from .small import IMAGE28_MODELS, MNIST1D_MODELS
 
 __all__ = ["INPUT_KINDS", "TORCHVISION_PREFIX", "available_models", "create_model", "input_kind"]
 
 TORCHVISION_PREFIX = "tv_"
 """Prefix under which torchvision's ImageNet models are registered."""
 
-INPUT_KINDS = ("32x32", "224x224", "mnist1d")
+INPUT_KINDS = ("32x32", "224x224", "28x28", "mnist1d")
 """Values returned by :func:`input_kind`."""
 
-_KIND_LABELS = {"32x32": "32x32", "224x224": "224x224 ImageNet", "mnist1d": "1-D (MNIST-1D)"}
+_KIND_LABELS = {"32x32": "32x32", "224x224": "224x224 ImageNet", "28x28": "28x28 grey (Fashion-MNIST)",
+                "mnist1d": "1-D (MNIST-1D)"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ def _registry() -> dict[str, _Entry]:
     # Grouped by family, in the order a listing should show them.
     entries = {name: _Entry(build, "32x32", summary) for name, (build, summary) in CIFAR_MODELS.items()}
     entries.update({name: _Entry(build, "mnist1d", summary) for name, (build, summary) in MNIST1D_MODELS.items()})
+    entries.update({name: _Entry(build, "28x28", summary) for name, (build, summary) in IMAGE28_MODELS.items()})
     for name in torchvision_classifiers():
         build = functools.partial(create_torchvision_model, name)
         entries[TORCHVISION_PREFIX + name] = _Entry(build, "224x224", f"torchvision {name}")
@@ -100,6 +103,6 @@ def available_models() -> dict[str, str]:
 
 
 def input_kind(name: str) -> str:
-    """"32x32", "224x224" or "mnist1d": the input `name` is built for, so callers can
+    """"32x32", "224x224", "28x28" or "mnist1d": the input `name` is built for, so callers can
     refuse a model that does not fit their data set."""
     return _lookup(name).kind

@@ -1,4 +1,5 @@
-"""Small models for MNIST-1D, the project's offline default data set.
+"""Small models for MNIST-1D, the project's offline default data set, and for
+Fashion-MNIST's 28x28 grey images.
 
 MNIST-1D samples are float tensors of shape (1, 40) with 10 classes and only a
 few thousand training examples.  These models are deliberately unregularised
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["MNIST1D_LENGTH", "MNIST1D_MODELS", "mnist1d_cnn", "mnist1d_mlp"]
+__all__ = ["IMAGE28_MODELS", "MNIST1D_LENGTH", "MNIST1D_MODELS", "fmnist_cnn", "mnist1d_cnn", "mnist1d_mlp"]
 
 MNIST1D_LENGTH = 40
 """Length of one MNIST-1D sequence (the `mnist1d` package's default)."""
@@ -50,8 +51,32 @@ def mnist1d_mlp(num_classes: int = 10, hidden: int = 512) -> nn.Module:
     )
 
 
+def fmnist_cnn(num_classes: int = 10) -> nn.Module:
+    """Two 3x3 convolution blocks (32, 64 channels; batch norm, ReLU, 2x2 max pooling) and a
+    128-unit hidden layer: the small 2-D CNN for 28x28 grey images (~420k params)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 32, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(64 * 7 * 7, 128),
+        nn.ReLU(inplace=True),
+        nn.Linear(128, num_classes),
+    )
+
+
 MNIST1D_MODELS = {
     "mnist1d_cnn": (mnist1d_cnn, "3-layer 1-D conv net, 32-64 channels (~25k params)"),
     "mnist1d_mlp": (mnist1d_mlp, "MLP, two hidden layers of 512 units (~290k params)"),
 }
 """Name -> (builder taking num_classes, one-line description) for the MNIST-1D models."""
+
+IMAGE28_MODELS = {
+    "fmnist_cnn": (fmnist_cnn, "2-D CNN, 32-64 channels and a 128-unit layer (~420k params)"),
+}
+"""The same, for 28x28 grey images (Fashion-MNIST)."""
