@@ -18,6 +18,12 @@ from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import calculate_md5
 
 
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """One MNIST-1D cache for the whole session: generated once, like a user's --data-dir."""
+    return tmp_path_factory.mktemp("data")
+
+
 def _dump(path: Path, obj: dict) -> None:
     with open(path, "wb") as f:
         pickle.dump(obj, f)

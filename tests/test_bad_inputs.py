@@ -194,11 +194,6 @@ def pskd(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir) -> Path:
     """A finished 2-epoch run, copied by each test that damages it."""
     run = tmp_path_factory.mktemp("trained") / "run"

@@ -54,11 +54,6 @@ def without_timings(row: dict) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
 def two_rank_run(tmp_path_factory, data_dir) -> Path:
     """One uninterrupted 2-process run of the offline default, 3 epochs."""
     run = tmp_path_factory.mktemp("ddp") / "run"

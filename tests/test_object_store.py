@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -50,11 +49,6 @@ def s3(tmp_path_factory) -> dict[str, str]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data")
 
 
 def pskd(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:

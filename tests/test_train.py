@@ -27,12 +27,6 @@ from store_helpers import write_epoch
 PSKD = shutil.which("pskd-store")
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    """One MNIST-1D cache for the module: generated once, like a user's --data-dir."""
-    return tmp_path_factory.mktemp("data")
-
-
 def pskd(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
     result = subprocess.run([PSKD, *args], capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
