@@ -17,6 +17,7 @@ that does not match is decoded again from the store, with a warning.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import tempfile
@@ -82,10 +83,8 @@ class PredictionService:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
         try:
-            with os.fdopen(fd, "w+b") as file:
-                _write_npy(file, teacher)
-                file.flush()
-                checksum = _file_crc32c(Path(tmp))
+            with os.fdopen(fd, "wb") as file:
+                checksum = _write_npy(file, teacher)
             _checksum_path(path).write_text(checksum + "\n")
             os.replace(tmp, path)
         finally:
@@ -152,14 +151,23 @@ def _file_crc32c(path: Path) -> str:
     return checksum.hexdigest().decode()
 
 
-def _write_npy(file: BinaryIO, array: CheckedArray) -> None:
-    """``array`` as a ``.npy`` file, decoded a slice of whole chunks at a time."""
-    header = {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": array.shape}
-    np.lib.format.write_array_header_1_0(file, header)
+def _write_npy(file: BinaryIO, array: CheckedArray) -> str:
+    """``array`` as a ``.npy`` file, decoded a slice of whole chunks at a time; returns the
+    crc32c of the bytes written (computed as they are written: the file is not read back)."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": array.shape})
+    checksum = google_crc32c.Checksum(header.getvalue())
+    file.write(header.getvalue())
     chunk_rows = array.chunks[0]
     row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
     step = max(1, SLICE_BYTES // (chunk_rows * row_bytes)) * chunk_rows
-    file.writelines(np.ascontiguousarray(array[start:start + step]).data for start in range(0, array.shape[0], step))
+    for start in range(0, array.shape[0], step):
+        rows = np.ascontiguousarray(array[start:start + step])
+        rows.setflags(write=False)  # google_crc32c reads read-only buffers only
+        checksum.update(rows)
+        file.write(rows.data)
+    return checksum.hexdigest().decode()
 
 
 def default_cache_dir(store: SoftTargetStore) -> Path:
