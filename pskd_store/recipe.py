@@ -95,7 +95,7 @@ class TrainConfig:
     device: str = "auto"
     cache_dir: str | None = None  # the decoded teacher's node-local cache; None: beside a local store
     amp: bool = False  # the paper trains in fp32; bfloat16 autocast is opt-in (--amp)
-    channels_last: bool = True  # memory layout on a GPU only: the same arithmetic
+    channels_last: bool = True  # memory layout of image batches: the same arithmetic, faster convolutions
     deterministic: bool = False  # False: cudnn.benchmark, as the authors' main.py sets
     steps_per_epoch: int | None = None
     store_dtype: str = "float16"

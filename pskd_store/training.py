@@ -96,7 +96,7 @@ def build_run(config: TrainConfig, directory: RunDirectory, env: Distributed, de
         )
     torch.manual_seed(config.seed)
     network = create_model(config.arch, splits.num_classes).to(device)
-    if config.channels_last and device.type == "cuda":
+    if config.channels_last:
         network = network.to(memory_format=torch.channels_last)
     model = network
     if env.enabled:
@@ -302,7 +302,7 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment
 
 def to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     inputs = inputs.to(device, non_blocking=True)
-    if channels_last and device.type == "cuda" and inputs.ndim == 4:
+    if channels_last and inputs.ndim == 4:
         inputs = inputs.contiguous(memory_format=torch.channels_last)
     return inputs
 
