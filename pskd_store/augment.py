@@ -9,6 +9,11 @@ The paper's Table 2 and Table 4 use them two ways, and so does ``--aug``:
 * with ``--method pskd``, the paper's split (Sec. 4.1): within each shuffled batch the
   first half trains on PS-KD targets, the second half on Cutout or CutMix.
 
+CS-KD's same-class partners (``--method cskd``) are augmented with their samples: Cutout
+cuts them too (as a transform of CS-KD's data pipeline would), and a mixed batch pastes
+the same box from the same neighbours into each partner, so a partner carries exactly its
+sample's mixed label and the KL term compares two images of the same class mixture.
+
 Nothing here waits on the device: holes are drawn with the batch's own generator, and
 the only host-side draw (CutMix's coin and its Beta sample) uses the CPU generator.
 """
@@ -43,9 +48,10 @@ def cutout(batch: Tensor, hole: int = CUTOUT_HOLE) -> Tensor:
 class BatchAugment:
     """Cutout or CutMix for one training step; see the module doc for the two modes.
 
-    ``__call__`` returns ``(inputs, targets, recorded)``: the (possibly) augmented batch,
-    its targets (class indices, or probabilities where CutMix mixed labels) and how many
-    leading rows the store records. Mixed rows are never recorded (their input is not
+    ``__call__`` returns ``(inputs, targets, recorded, partners)``: the (possibly)
+    augmented batch, its targets (class indices, or probabilities where CutMix mixed
+    labels), how many leading rows the store records and CS-KD's partners augmented the
+    same way (None without partners). Mixed rows are never recorded (their input is not
     the sample), and under PS-KD only the PS-KD half is, so the teacher is made of the
     same kind of predictions as the targets it feeds.
     """
@@ -58,15 +64,23 @@ class BatchAugment:
         self.half_batch = half_batch
         self._cutmix = v2.CutMix(num_classes=num_classes, alpha=CUTMIX_BETA)
 
-    def __call__(self, inputs: Tensor, targets: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, int]:
+    def __call__(self, inputs: Tensor, targets: Tensor, labels: Tensor,
+                 partners: Tensor | None = None) -> tuple[Tensor, Tensor, int, Tensor | None]:
         if self.half_batch:
-            return self._half_batch(inputs, targets, labels)
+            if partners is not None:
+                raise ValueError("PS-KD's half-batch augmentation takes no CS-KD partners")
+            return *self._half_batch(inputs, targets, labels), None
         if self.kind == "cutout":
-            return cutout(inputs), targets, len(inputs)
+            return cutout(inputs), targets, len(inputs), None if partners is None else cutout(partners)
         if torch.rand(()) >= CUTMIX_PROB:
-            return inputs, targets, len(inputs)
-        mixed, mixed_targets = self._cutmix(inputs, labels)
-        return mixed, mixed_targets, 0
+            return inputs, targets, len(inputs), partners
+        if partners is None:
+            mixed, mixed_targets = self._cutmix(inputs, labels)
+            return mixed, mixed_targets, 0, None
+        # Stacked along channels, a sample and its partner get one box from one neighbour pair.
+        channels = inputs.shape[1]
+        mixed, mixed_targets = self._cutmix(torch.cat([inputs, partners], dim=1), labels)
+        return mixed[:, :channels], mixed_targets, 0, mixed[:, channels:]
 
     def _half_batch(self, inputs: Tensor, targets: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, int]:
         """PS-KD targets on the first half (recorded), Cutout/CutMix on the second."""

@@ -270,7 +270,7 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment
             targets = targets.to(device, non_blocking=True) if config.method == "pskd" else labels
             recorded = len(inputs)
             if augment is not None:
-                inputs, targets, recorded = augment(inputs, targets, labels)
+                inputs, targets, recorded, partners = augment(inputs, targets, labels, partners)
             with autocast(device, config.amp):
                 logits = model(inputs)
             loss = method_loss(config.method, logits, targets, tfkd)

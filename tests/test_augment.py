@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pskd_store.augment import CUTMIX_PROB, CUTOUT_HOLE, BatchAugment, cutout
 
@@ -70,9 +71,9 @@ def _batch(n: int = 16, k: int = 10):
 
 def test_ce_cutout_cuts_every_image_keeps_labels_and_records_every_row():
     inputs, _, labels = _batch()
-    out, targets, recorded = BatchAugment("cutout", 10, half_batch=False)(inputs, labels, labels)
+    out, targets, recorded, partners = BatchAugment("cutout", 10, half_batch=False)(inputs, labels, labels)
     assert ((out == 0).flatten(1).any(1)).all()
-    assert targets is labels and recorded == len(inputs)
+    assert targets is labels and recorded == len(inputs) and partners is None
 
 
 def test_ce_cutmix_mixes_a_whole_batch_half_of_the_time():
@@ -81,7 +82,7 @@ def test_ce_cutmix_mixes_a_whole_batch_half_of_the_time():
     torch.manual_seed(5)
     mixed = 0
     for _ in range(400):
-        out, targets, recorded = augment(inputs, labels, labels)
+        out, targets, recorded, _ = augment(inputs, labels, labels)
         if recorded == 0:
             mixed += 1
             assert targets.shape == (16, 10) and torch.allclose(targets.sum(1), torch.ones(16))
@@ -97,7 +98,7 @@ def test_ce_cutmix_mixes_a_whole_batch_half_of_the_time():
 @pytest.mark.parametrize("kind", ["cutout", "cutmix"])
 def test_pskd_splits_each_batch_in_half(kind):
     inputs, soft, labels = _batch()
-    out, targets, recorded = BatchAugment(kind, 10, half_batch=True)(inputs, soft, labels)
+    out, targets, recorded, _ = BatchAugment(kind, 10, half_batch=True)(inputs, soft, labels)
     assert recorded == 8
     assert torch.equal(out[:8], inputs[:8]) and torch.equal(targets[:8], soft[:8])  # PS-KD half untouched
     assert (out[8:] != inputs[8:]).flatten(1).any(1).any()
@@ -110,5 +111,46 @@ def test_pskd_splits_each_batch_in_half(kind):
 
 def test_odd_batches_give_the_extra_row_to_pskd():
     inputs, soft, labels = _batch(n=5)
-    _, _, recorded = BatchAugment("cutout", 10, half_batch=True)(inputs, soft, labels)
+    _, _, recorded, _ = BatchAugment("cutout", 10, half_batch=True)(inputs, soft, labels)
     assert recorded == 3
+
+
+def test_cskd_partners_get_their_samples_box_and_neighbours():
+    """A mixed CS-KD batch: each partner gets the box its sample got, filled from the
+    partner of the sample's neighbour, so it carries exactly the sample's mixed label."""
+    inputs, _, labels = _batch()
+    partners = torch.randn_like(inputs) - 10  # other images of the same classes
+    augment = BatchAugment("cutmix", 10, half_batch=False)
+    torch.manual_seed(6)
+    outcomes = set()
+    for _ in range(40):
+        out, targets, recorded, out_partners = augment(inputs, labels, labels, partners)
+        if recorded:
+            assert targets is labels and torch.equal(out, inputs) and out_partners is partners
+            outcomes.add("kept")
+            continue
+        outcomes.add("mixed")
+        box = out != inputs
+        assert box.any() and torch.equal(box, out_partners != partners)  # the same box everywhere
+        assert torch.equal(out[box], inputs.roll(1, 0)[box])  # pasted from the neighbour ...
+        assert torch.equal(out_partners[box], partners.roll(1, 0)[box])  # ... and its partner
+        lam = 1 - box[0].float().mean()
+        expected = lam * F.one_hot(labels, 10) + (1 - lam) * F.one_hot(labels.roll(1, 0), 10)
+        assert torch.allclose(targets, expected)
+    assert outcomes == {"kept", "mixed"}
+
+
+def test_cskd_cutout_cuts_samples_and_partners_independently():
+    inputs, _, labels = _batch()
+    torch.manual_seed(7)
+    out, targets, recorded, partners = BatchAugment("cutout", 10, half_batch=False)(
+        inputs, labels, labels, inputs.clone())
+    assert targets is labels and recorded == 16
+    assert (out == 0).flatten(1).any(1).all() and (partners == 0).flatten(1).any(1).all()
+    assert not torch.equal(out == 0, partners == 0)
+
+
+def test_pskd_half_batch_refuses_partners():
+    inputs, soft, labels = _batch()
+    with pytest.raises(ValueError, match="partners"):
+        BatchAugment("cutmix", 10, half_batch=True)(inputs, soft, labels, inputs)

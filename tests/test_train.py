@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from pskd_store.augment import CUTOUT_HOLE
 from pskd_store.metrics import evaluate
 from pskd_store.recipe import TrainConfig
 from pskd_store.service import PredictionService
@@ -240,6 +241,46 @@ def test_methods_differ_only_in_their_targets(tmp_path, data_dir):
               tmp_path / name, quiet=True)
     cskd0, cskd = (metrics_rows(tmp_path / name)[0]["train"]["loss"] for name in ("cskd0", "cskd"))
     assert cskd > cskd0 + 0.01, (cskd, cskd0)
+
+
+def test_cskd_pairs_the_training_subset_and_augments_partners_too(tmp_path, data_dir, monkeypatch):
+    """CS-KD with --val-split and Cutout in the real loop: each batch's second half holds
+    same-class partners of its first half, by the labels of the training subset read from
+    the data set itself, and both forwards of a step (the trained half's, the partners')
+    see Cutout's holes."""
+    import pskd_store.training as training
+    from pskd_store.data import build_datasets
+
+    batches: list[list[int]] = []
+
+    class RecordingPairs(training.ClassPairBatchSampler):
+        def __iter__(self):
+            for batch in super().__iter__():
+                batches.append(list(batch))
+                yield batch
+
+    forwards: list[torch.Tensor] = []
+    create_model = training.create_model
+
+    def recording_model(name: str, num_classes: int) -> torch.nn.Module:
+        model = create_model(name, num_classes)
+        model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].clone()) if m.training else None)
+        return model
+
+    monkeypatch.setattr(training, "ClassPairBatchSampler", RecordingPairs)
+    monkeypatch.setattr(training, "create_model", recording_model)
+    config = TrainConfig(method="cskd", aug="cutout", val_split=0.25, epochs=1, steps_per_epoch=4,
+                         batch_size=32, data_dir=str(data_dir)).resolved()
+    train(config, tmp_path / "run", quiet=True)
+
+    subset = build_datasets("mnist1d", data_dir, val_split=0.25, seed=0).train
+    assert len(batches) >= 4 and all(len(b) == 64 for b in batches[:4])
+    for batch in batches[:4]:
+        labels = [subset[i][1] for i in batch]
+        assert labels[:32] == labels[32:]
+    assert len(forwards) == 8  # per step: the trained half, then its partners
+    for inputs in forwards:
+        assert ((inputs == 0).flatten(1).sum(1) >= CUTOUT_HOLE // 2).all()
 
 
 def test_each_epoch_sees_a_new_sample_order_that_a_rerun_repeats(tmp_path, data_dir, monkeypatch):
