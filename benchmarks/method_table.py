@@ -1,6 +1,7 @@
 """The paper's comparison at a scale this machine runs: CE, LS, CS-KD, TF-KD, PS-KD, and
 CE and PS-KD with Cutout (and, on image data, CutMix) like for like, several seeds each,
-plus an alpha_T sweep on a held-out split. ``--dataset mnist1d`` (the offline default)
+plus sweeps on a held-out split (PS-KD's alpha_T; TF-KD's multiplier and CS-KD's weight,
+which their authors tuned on CIFAR-100). ``--dataset mnist1d`` (the offline default)
 or ``fashionmnist`` (real images; offline from Debian's dataset-fashion-mnist).
 
 Prints JSON (every run's final test metrics, and mean/std per method) followed by the
@@ -10,6 +11,7 @@ so `pskd-store inspect` can look at any of them afterwards.
     python benchmarks/method_table.py                      # MNIST-1D, 3 seeds, 40 epochs
     python benchmarks/method_table.py --dataset fashionmnist --alphas ""
     python benchmarks/method_table.py --seeds 0 --epochs 5 --alphas 0.8   # a quick look
+    python benchmarks/method_table.py --sweeps-only --alphas "" --tfkd-multipliers 1,10,100 --cskd-weights 0.5,1,2
 """
 
 from __future__ import annotations
@@ -70,12 +72,21 @@ def main() -> None:
     parser.add_argument("--arch")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--alphas", default="0.2,0.4,0.6,0.8", help="alpha_T sweep; empty to skip")
+    parser.add_argument("--alphas", default="0.2,0.4,0.6,0.8", help="PS-KD's alpha_T sweep; empty to skip")
+    parser.add_argument("--tfkd-multipliers", default="", help="TF-KD's multiplier sweep (default: none)")
+    parser.add_argument("--cskd-weights", default="", help="CS-KD's weight (lambda) sweep (default: none)")
+    parser.add_argument("--sweeps-only", action="store_true", help="skip the method table, run only the sweeps")
     parser.add_argument("--val-split", type=float, default=0.1)
     parser.add_argument("--out", default="runs/method_table")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    alphas = [float(a) for a in args.alphas.split(",") if a]
+    sweeps = {  # row label -> TrainConfig overrides, each run on the held-out split
+        f"{label} {value:g}": {**fixed, field: value}
+        for label, fixed, field, values in (
+            ("alpha_T", dict(method="pskd"), "alpha_T", args.alphas),
+            ("TF-KD multiplier", dict(method="tfkd"), "tfkd_multiplier", args.tfkd_multipliers),
+            ("CS-KD weight", dict(method="cskd"), "cskd_weight", args.cskd_weights))
+        for value in (float(v) for v in values.split(",") if v)}
     base = {k: v for k, v in dict(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
                                    epochs=args.epochs, workers=0).items() if v is not None}
     out = Path(args.out)
@@ -83,18 +94,17 @@ def main() -> None:
 
     runs: dict[str, list[dict]] = {}
     methods = METHODS if args.dataset == "mnist1d" else {**METHODS, **IMAGE_METHODS}
-    for label, overrides in methods.items():
+    for label, overrides in ({} if args.sweeps_only else methods).items():
         slug = label.lower().replace(" ", "").replace("+", "-").replace("(0.1)", "")
         runs[label] = [run_one(base, overrides, seed, out / args.dataset / f"{slug}-seed{seed}", "test")
                        for seed in seeds]
     sweep: dict[str, list[dict]] = {}
-    for alpha in alphas:
-        sweep[f"alpha_T {alpha}"] = [
-            run_one(base, dict(method="pskd", alpha_T=alpha, val_split=args.val_split), seed,
-                    out / args.dataset / f"sweep-alpha{alpha}-seed{seed}", "val") for seed in seeds]
-    if alphas:
-        sweep = {"CE (alpha_T 0)": [run_one(base, dict(method="ce", val_split=args.val_split), seed,
-                                            out / args.dataset / f"sweep-ce-seed{seed}", "val") for seed in seeds], **sweep}
+    if sweeps:
+        sweeps = {"CE": dict(method="ce"), **sweeps}
+    for label, overrides in sweeps.items():
+        slug = "sweep-" + label.lower().replace(" ", "").replace("-", "").replace("_", "")
+        sweep[label] = [run_one(base, {**overrides, "val_split": args.val_split}, seed,
+                                out / args.dataset / f"{slug}-seed{seed}", "val") for seed in seeds]
 
     table = {label: mean_std(rows) for label, rows in runs.items()}
     sweep_table = {label: mean_std(rows) for label, rows in sweep.items()}
@@ -104,16 +114,17 @@ def main() -> None:
         "config": {**vars(args), "resolved": TrainConfig(**base).resolved().__dict__},
         "seeds": seeds,
         "test": table,
-        "alpha_sweep_val": sweep_table,
+        "sweeps_val": sweep_table,
         "runs": {"test": runs, "val": sweep},
         "minutes": (time.time() - started) / 60,
     }
     print(json.dumps(result, indent=2))
     print()
-    print(markdown("Method (test split)", table))
+    if table:
+        print(markdown("Method (test split)", table))
     if sweep_table:
         print()
-        print(markdown(f"PS-KD alpha_T (held-out {args.val_split:.0%} of train)", sweep_table))
+        print(markdown(f"Setting (held-out {args.val_split:.0%} of train)", sweep_table))
 
 
 if __name__ == "__main__":

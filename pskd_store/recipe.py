@@ -101,11 +101,15 @@ class TrainConfig:
     store_dtype: str = "float16"
     store_topk: int | None = None  # None: all K probabilities; k: the k largest and their classes
     store: str | None = None  # the store's URL (e.g. s3://bucket/run/store); None: RUN/store
-    # TF-KD's Tf-KD_reg (loss.TfKd, where each default's source is cited)
+    # TF-KD's Tf-KD_reg (Yuan et al., CVPR 2020; loss.TfKd), the authors' ResNet-18 CIFAR-100
+    # setting: yuanli2333/Teacher-free-Knowledge-Distillation, experiments/base_experiments/
+    # base_resnet18/params.json ("reg_alpha": 0.1, "reg_temperature": 20, "multiplier": 100);
+    # the teacher's 0.99 on the true class is my_loss_function.py's correct_prob.
     tfkd_alpha: float = 0.1
     tfkd_temperature: float = 20.0
     tfkd_multiplier: float = 100.0
-    # CS-KD's regulariser (loss.CsKd, where each default's source is cited)
+    # CS-KD (Yun et al., CVPR 2020; loss.CsKd, sampler.ClassPairBatchSampler): alinlab/cs-kd,
+    # train.py's --temp 4.0 and --lamda 1.0 (the lamda its README runs CIFAR-100 with).
     cskd_temperature: float = 4.0
     cskd_weight: float = 1.0
     ece_bins: int = 10  # the authors' metric_ece_aurc_eaurc(bin_size=0.1)

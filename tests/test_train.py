@@ -306,17 +306,18 @@ def test_each_epoch_sees_a_new_sample_order_that_a_rerun_repeats(tmp_path, data_
     assert seen["again"] == orders
 
 
-def test_fashion_mnist_with_tfkd_and_cutmix_end_to_end(tmp_path, fashion_mnist_gz):
+@pytest.mark.parametrize("method", ["tfkd", "cskd"])
+def test_fashion_mnist_with_self_distillation_and_cutmix_end_to_end(tmp_path, fashion_mnist_gz, method):
     from pskd_store.data import _load_fashion_mnist
 
     data = tmp_path / "data"  # the idx files unpacked where torchvision looks: FashionMNIST/raw/
     _load_fashion_mnist(data, train=True, transform=None, download=False, system_copy=fashion_mnist_gz)
     run = tmp_path / "run"
-    pskd("train", "--dataset", "fashionmnist", "--data-dir", str(data), "--no-download", "--method", "tfkd",
+    pskd("train", "--dataset", "fashionmnist", "--data-dir", str(data), "--no-download", "--method", method,
          "--aug", "cutmix", "--epochs", "2", "-b", "32", "-j", "0", "-o", str(run), "-q")
     rows = metrics_rows(run)
     assert [row["epoch"] for row in rows] == [1, 2] and rows[-1]["test"]["n"] == 40
     config = json.loads((run / "config.json").read_text())
-    assert config["arch"] == "fmnist_cnn" and config["tfkd_temperature"] == 20.0
+    assert config["arch"] == "fmnist_cnn" and config["method"] == method and config["aug"] == "cutmix"
     store = SoftTargetStore.open(run / "store")
     assert store.sealed_epochs == [1, 2] and store.num_samples == 120 and store.num_classes == 10
