@@ -48,7 +48,7 @@ def train_arm(arm: str, splits, args, workdir: Path) -> dict[str, float]:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = create_model(args.arch, splits.num_classes).to(device)
-    if args.channels_last and device.type == "cuda":
+    if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
     data = splits.train
@@ -125,7 +125,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch compute threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (on a GPU)")
-    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format (on a GPU)")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last memory format for image batches")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

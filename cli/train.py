@@ -89,8 +89,8 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
               help="bfloat16 mixed precision on a GPU (opt-in: the paper trains in fp32). The store still "
                    "records the softmax of fp32 logits.")
 @click.option("--channels-last/--no-channels-last", default=True, show_default=True,
-              help="channels_last memory format for image batches: faster convolutions on GPUs and on CPUs "
-                   "(Fashion-MNIST's CNN: 1.6x per step on a 2-core CPU).")
+              help="channels_last memory format for image batches: faster convolutions on GPUs and on "
+                   "CPUs (oneDNN); the same arithmetic.")
 @click.option("--deterministic", is_flag=True,
               help="PyTorch's deterministic algorithms, no cuDNN autotuning (on by default otherwise): "
                    "a resumed run then repeats an uninterrupted one bit for bit on the same GPU.")
