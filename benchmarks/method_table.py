@@ -9,7 +9,7 @@ Markdown tables that the README shows. Every run is a normal run directory under
 so `pskd-store inspect` can look at any of them afterwards.
 
     python benchmarks/method_table.py                      # MNIST-1D, 3 seeds, 40 epochs
-    python benchmarks/method_table.py --dataset fashionmnist --alphas ""
+    python benchmarks/method_table.py --dataset fashionmnist --alphas "" --epochs 5   # README: 91 min
     python benchmarks/method_table.py --seeds 0 --epochs 5 --alphas 0.8   # a quick look
     python benchmarks/method_table.py --sweeps-only --alphas "" --tfkd-multipliers 1,10,100 --cskd-weights 0.5,1,2
 """
