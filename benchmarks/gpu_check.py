@@ -1,21 +1,29 @@
 """What only a CUDA GPU can show; prints one JSON object per check, then a summary.
 
-1. ``writer``: PredictionWriter fed CUDA logits stores exactly the rows it stores when
+1. ``matrix``: every ``--method`` x ``--aug`` (15 runs) trains two epochs of a few steps
+   on the device through the real ``train()``, on CIFAR-shaped images with CIFAR's crop
+   and flip in two DataLoader workers: a crash on a device path (a zero-row write on a
+   mixed batch, say) shows up as an error naming the combination.
+2. ``writer``: PredictionWriter fed CUDA logits stores exactly the rows it stores when
    fed the same logits on the CPU — on the default stream, and with the model and
    ``write()`` on a side stream while ``close()`` runs outside it. Each batch's logits
    are made right behind a long kernel, so a writer that read its pinned buffers before
    the copies landed would store stale rows.
-2. ``syncs``: host-device synchronisations per training step of the real training loop
-   (``torch.cuda.set_sync_debug_mode("warn")``), PS-KD epoch 2, for ``--aug none``,
+3. ``syncs``: host-device synchronisations per training step of the real training loop
+   (``torch.cuda.set_sync_debug_mode("warn")``), PS-KD epochs 2 and 3, for ``--aug none``,
    ``cutout`` and ``cutmix``, with and without the progress bar.
-3. ``throughput`` and 4. peak memory: samples/s and ``torch.cuda.max_memory_allocated``
-   of plain CE, PS-KD with the store, and PS-KD with a frozen copy of last epoch's model,
-   on preact_resnet18 and densenet121, CIFAR-shaped random data, fp32 and ``--amp``
+4. ``rank_draws`` (two GPUs or more): a 2-rank torchrun on NCCL (benchmarks/rank_draws.py)
+   whose ranks must draw other crops and Cutout holes from identical initial weights.
+5. ``throughput`` and peak memory: samples/s and ``torch.cuda.max_memory_allocated`` of
+   plain CE, PS-KD with the store, and PS-KD with a frozen copy of last epoch's model, on
+   preact_resnet18 and densenet121, CIFAR-shaped random data, fp32 and ``--amp``
    (bfloat16), channels_last (``benchmarks/train_overhead.py``'s arms).
-5. ``train``: a 3-epoch ``train()`` of the CIFAR recipe (preact_resnet18, fp32) on
+6. ``train``: a 3-epoch ``train()`` of the CIFAR recipe (preact_resnet18, fp32) on
    CIFAR-shaped random data, and its fixed cost per epoch (seal and evaluation).
 
-On a machine without a CUDA GPU it says so and exits 0. About 3-5 minutes on an H100.
+On a machine without a CUDA GPU it says so and exits 0; ``--device cpu`` runs the checks
+that do not need CUDA (1 and 4, on gloo) there, to try the script itself. Under 10
+minutes on an H100.
 
     python benchmarks/gpu_check.py [--samples 12800] [--out gpu_check.json]
 """
@@ -27,16 +35,20 @@ import collections
 import contextlib
 import json
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import torch
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
+from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_overhead import ARMS, train_arm  # noqa: E402
@@ -44,27 +56,37 @@ from train_overhead import ARMS, train_arm  # noqa: E402
 from pskd_store.augment import BatchAugment  # noqa: E402
 from pskd_store.data import DataSplits  # noqa: E402
 from pskd_store.distributed import setup  # noqa: E402
-from pskd_store.recipe import TrainConfig  # noqa: E402
+from pskd_store.recipe import AUGMENTATIONS, METHODS, TrainConfig  # noqa: E402
 from pskd_store.run_directory import RunDirectory  # noqa: E402
 from pskd_store.store import SoftTargetStore  # noqa: E402
 from pskd_store.training import _train_epoch, _train_loader, build_run, configure_determinism, train  # noqa: E402
 
 K = 100
-DEVICE = "cuda"
+RANK_DRAWS = Path(__file__).resolve().parent / "rank_draws.py"
 
 
-def cifar_like(n: int, seed: int) -> TensorDataset:
-    """Normalised-looking random 3x32x32 images with labels 0..99 (every class present)."""
-    generator = torch.Generator().manual_seed(seed)
-    images = torch.randn(n, 3, 32, 32, generator=generator)
-    labels = torch.arange(n) % K
-    return TensorDataset(images, labels[torch.randperm(n, generator=generator)])
+class CifarLike(Dataset):
+    """Random 3x32x32 images with labels 0..99 (every class present), optionally through
+    CIFAR's random crop and flip, so that DataLoader workers draw as on CIFAR."""
+
+    def __init__(self, n: int, seed: int, augment: bool):
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.randn(n, 3, 32, 32, generator=generator)
+        self.targets = (torch.arange(n) % K)[torch.randperm(n, generator=generator)].numpy()
+        self.transform = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]) if augment else None
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        return (image if self.transform is None else self.transform(image)), int(self.targets[index])
 
 
-def cifar_splits(n_train: int, n_test: int) -> DataSplits:
-    train_set, test_set = cifar_like(n_train, 0), cifar_like(n_test, 1)
-    return DataSplits(train=train_set, val=None, test=test_set, num_classes=K,
-                      train_labels=train_set.tensors[1].numpy(), input_kind="32x32")
+def cifar_splits(n_train: int, n_test: int, augment: bool = False) -> DataSplits:
+    train_set = CifarLike(n_train, 0, augment)
+    return DataSplits(train=train_set, val=None, test=CifarLike(n_test, 1, False), num_classes=K,
+                      train_labels=train_set.targets, input_kind="32x32", random_transforms=augment)
 
 
 def emit(name: str, result: dict, results: dict) -> None:
@@ -72,7 +94,29 @@ def emit(name: str, result: dict, results: dict) -> None:
     print(json.dumps({name: result}), flush=True)
 
 
-# -- 1. the writer on a GPU ---------------------------------------------------------------
+# -- 1. every method with every augmentation ------------------------------------------------
+
+def check_matrix(tmp: Path, device: str, steps: int, batch_size: int, workers: int) -> dict:
+    result = {}
+    splits = cifar_splits(2 * steps * batch_size, 4 * batch_size, augment=True)
+    for method in METHODS:
+        for aug in AUGMENTATIONS:
+            name = f"{method}+{aug}"
+            config = TrainConfig(dataset="cifar100", arch="preact_resnet18", method=method, aug=aug, epochs=2,
+                                 batch_size=batch_size, steps_per_epoch=steps, workers=workers,
+                                 device=device).resolved()
+            try:
+                train(config, tmp / name, quiet=True, splits=splits)
+                store = SoftTargetStore.open(tmp / name / "store", read_only=True)
+                result[name] = {"ok": store.sealed_epochs == [1, 2],
+                                "ids_written": [store.epoch_info(e)["ids_written"] for e in (1, 2)]}
+            except Exception as err:  # the point of the check: which combination fails, and how
+                result[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+    result["ok"] = all(r["ok"] for r in result.values())
+    return result
+
+
+# -- 2. the writer on a GPU ---------------------------------------------------------------
 
 def _write_epoch(store: SoftTargetStore, batches: list[torch.Tensor], logits: torch.Tensor,
                  stream: torch.cuda.Stream | None) -> np.ndarray:
@@ -111,18 +155,20 @@ def check_writer(tmp: Path) -> dict:
     return result
 
 
-# -- 2. synchronisations per step ----------------------------------------------------------
+# -- 3. synchronisations per step ----------------------------------------------------------
 
 def check_syncs(tmp: Path, steps: int) -> dict:
     splits = cifar_splits(128 * steps, 512)
     result = {}
     for aug in ("none", "cutout", "cutmix"):
-        config = TrainConfig(dataset="cifar100", arch="preact_resnet18", aug=aug, epochs=3, device=DEVICE,
+        config = TrainConfig(dataset="cifar100", arch="preact_resnet18", aug=aug, epochs=3, device="cuda",
                              steps_per_epoch=steps).resolved()
-        env, device = setup(config.device)
+        env, device = setup(config.device, timedelta(seconds=config.dist_timeout))
         run = build_run(config, RunDirectory(tmp / f"syncs-{aug}"), env, device, splits)
-        loader = _train_loader(run)
-        augment = BatchAugment(aug, K, half_batch=True) if aug != "none" else None
+        loader, _ = _train_loader(run)
+        augment = None
+        if aug != "none":
+            augment = BatchAugment(aug, K, half_batch=True, cutmix_prob=config.cutmix_prob, seed=config.seed)
         _train_epoch(run, loader, 1, augment, quiet=True)  # warm-up: workers, cuDNN autotuning
         run.store.seal(1)
         for epoch, bar in ((2, False), (3, True)):  # epochs with a teacher
@@ -144,14 +190,33 @@ def check_syncs(tmp: Path, steps: int) -> dict:
     return result
 
 
-# -- 3, 4. throughput and memory -------------------------------------------------------------
+# -- 4. two ranks draw apart -------------------------------------------------------------------
+
+def check_rank_draws(tmp: Path, device: str) -> dict:
+    if device == "cuda" and torch.cuda.device_count() < 2:
+        return {"skipped": f"needs two GPUs, this machine has {torch.cuda.device_count()}"}
+    torchrun = shutil.which("torchrun")
+    launched = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", str(RANK_DRAWS),
+                               str(tmp), "--device", device], capture_output=True, text=True, timeout=300)
+    if launched.returncode != 0:
+        return {"ok": False, "error": launched.stderr[-2000:]}
+    compared = json.loads(subprocess.run([sys.executable, str(RANK_DRAWS), str(tmp), "--compare"],
+                                         capture_output=True, text=True, check=True, timeout=120).stdout)
+    compared["ok"] = (compared["initial_weights_equal"] and compared["own_streams_differ"]
+                      and compared["rows_whose_holes_differ"] > compared["rows"] // 2
+                      and compared["rows_whose_crop_or_flip_differ"] > compared["rows"] // 2)
+    return compared
+
+
+# -- 5. throughput and memory -------------------------------------------------------------
 
 def check_throughput(tmp: Path, samples: int) -> dict:
     splits = cifar_splits(samples, 256)
+    splits.train = TensorDataset(splits.train.images, torch.as_tensor(splits.train.targets))
     result = {}
     for arch in ("preact_resnet18", "densenet121"):
         for amp in (False, True):
-            args = SimpleNamespace(arch=arch, epochs=3, batch_size=128, alpha_T=0.8, workers=4, device=DEVICE,
+            args = SimpleNamespace(arch=arch, epochs=3, batch_size=128, alpha_T=0.8, workers=4, device="cuda",
                                    amp=amp, channels_last=True)
             arms = {arm: train_arm(arm, splits, args, tmp) for arm in ARMS}
             key = f"{arch}_{'amp_bf16' if amp else 'fp32'}"
@@ -166,12 +231,12 @@ def check_throughput(tmp: Path, samples: int) -> dict:
     return result
 
 
-# -- 5. a short real training run --------------------------------------------------------------
+# -- 6. a short real training run --------------------------------------------------------------
 
 def check_train(tmp: Path, samples: int) -> dict:
-    config = TrainConfig(dataset="cifar100", epochs=3, device=DEVICE).resolved()
+    config = TrainConfig(dataset="cifar100", epochs=3, device="cuda").resolved()
     started = time.perf_counter()
-    train(config, tmp / "train", quiet=True, splits=cifar_splits(samples, 2_000))
+    train(config, tmp / "train", quiet=True, splits=cifar_splits(samples, 2_000, augment=True))
     wall = time.perf_counter() - started
     rows = [json.loads(line) for line in (tmp / "train" / "metrics.jsonl").read_text().splitlines()]
     return {
@@ -185,24 +250,36 @@ def check_train(tmp: Path, samples: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=12_800, help="training samples per epoch (checks 3 and 5)")
+    parser.add_argument("--samples", type=int, default=12_800, help="training samples per epoch (checks 5 and 6)")
     parser.add_argument("--sync-steps", type=int, default=30)
+    parser.add_argument("--matrix-steps", type=int, default=3, help="steps per epoch of each method x aug run")
+    parser.add_argument("--matrix-batch", type=int, default=64)
+    parser.add_argument("--matrix-workers", type=int, default=2, help="DataLoader workers of each matrix run")
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"],
+                        help="cpu: only the checks that need no CUDA (matrix, rank_draws), to try the script")
+    parser.add_argument("--checks", help="comma-separated names of the checks to run (default: all)")
     parser.add_argument("--out", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"gpu_check": "skipped: no CUDA GPU on this machine; run it where one is"}))
         return
-    results: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                     "cuda": torch.version.cuda, "platform": platform.platform()}
+    results: dict = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                     "torch": torch.__version__, "cuda": torch.version.cuda, "platform": platform.platform()}
     print(json.dumps(results), flush=True)
     configure_determinism(False)
-    checks = (("writer", lambda tmp: check_writer(tmp)),
-              ("syncs", lambda tmp: check_syncs(tmp, args.sync_steps)),
-              ("throughput", lambda tmp: check_throughput(tmp, args.samples)),
-              ("train", lambda tmp: check_train(tmp, args.samples)))
+    checks = [("matrix", lambda tmp: check_matrix(tmp, args.device, args.matrix_steps, args.matrix_batch,
+                                                  args.matrix_workers)),
+              ("rank_draws", lambda tmp: check_rank_draws(tmp, args.device))]
+    if args.device == "cuda":
+        checks[1:1] = [("writer", check_writer), ("syncs", lambda tmp: check_syncs(tmp, args.sync_steps))]
+        checks += [("throughput", lambda tmp: check_throughput(tmp, args.samples)),
+                   ("train", lambda tmp: check_train(tmp, args.samples))]
+    if args.checks:
+        checks = [(name, check) for name, check in checks if name in args.checks.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         for name, check in checks:
             started = time.perf_counter()
+            (Path(tmp) / name).mkdir()
             try:
                 result = check(Path(tmp) / name)
             except Exception as err:  # report and go on: the other checks still tell something

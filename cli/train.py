@@ -12,7 +12,9 @@ from click.core import ParameterSource
 
 from pskd_store.data import DATASETS
 from pskd_store.models import available_models, input_kind
-from pskd_store.recipe import AUGMENTATIONS, DATASET_DEFAULTS, METHODS, TrainConfig
+from pskd_store.recipe import (
+    ARCH_DEFAULTS, AUGMENTATIONS, DATASET_DEFAULTS, DIST_TIMEOUT_S, METHODS, TFKD_DEFAULTS, TrainConfig,
+)
 from pskd_store.run_directory import RunDirectory
 from pskd_store.store import StoreError
 
@@ -42,6 +44,15 @@ def _models_epilog() -> str:
     ])
 
 
+def _per_dataset(field: str) -> str:
+    return ", ".join(f"{name} {defaults[field]:g}" for name, defaults in DATASET_DEFAULTS.items())
+
+
+def _per_arch(field: str) -> str:
+    special = [f"{arch} {defaults[field]:g}" for arch, defaults in ARCH_DEFAULTS.items() if field in defaults]
+    return ", ".join(special + [f"else {TFKD_DEFAULTS[field]:g}"])
+
+
 def _choices(options: dict[str, str]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in options.items())
 
@@ -49,8 +60,11 @@ def _choices(options: dict[str, str]) -> str:
 # Options that define the run; --resume takes them from the run's config.json instead.
 RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "aug", "epochs",
                "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "lr_gamma",
-               "val_split", "seed", "deterministic", "steps_per_epoch", "store_dtype", "store_topk", "store", "ece_bins", "tfkd_alpha", "tfkd_temperature",
-               "tfkd_multiplier", "cskd_temperature", "cskd_weight", "output")
+               "val_split", "seed", "deterministic", "steps_per_epoch", "store_dtype", "store_topk", "store",
+               "ece_bins", "cutmix_prob", "tfkd_alpha", "tfkd_temperature", "tfkd_multiplier", "cskd_temperature",
+               "cskd_weight", "output")
+# Options that say where and how fast a run computes, not what: --resume may change them.
+PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "dist_timeout")
 
 
 @click.command("train", epilog=_models_epilog())
@@ -106,17 +120,26 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
                    "s3://bucket/run/store (pip install 's3fs'; credentials and endpoint from the usual "
                    "AWS_* environment or config, never stored in the run). The decoded teacher goes "
                    "to a node-local cache (--cache-dir, default ~/.cache/pskd-store).")
-@click.option("--tfkd-alpha", type=float, default=0.1, show_default=True,
-              help="--method tfkd: weight of the virtual teacher's KL term (authors' reg_alpha).")
-@click.option("--tfkd-temperature", type=float, default=20.0, show_default=True,
-              help="--method tfkd: temperature of the virtual teacher (authors' reg_temperature).")
-@click.option("--tfkd-multiplier", type=float, default=100.0, show_default=True,
-              help="--method tfkd: scale of the KL term (authors' multiplier, their ResNet-18 value).")
+@click.option("--cutmix-prob", type=float,
+              help="--aug cutmix with ce/ls/tfkd/cskd: chance that a batch is mixed; CutMix's authors' value "
+                   f"per data set by default ({_per_dataset('cutmix_prob')}).")
+@click.option("--tfkd-alpha", type=float,
+              help="--method tfkd: weight of the virtual teacher's KL term (authors' reg_alpha); their value "
+                   f"per architecture by default ({_per_arch('tfkd_alpha')}).")
+@click.option("--tfkd-temperature", type=float,
+              help="--method tfkd: temperature of the virtual teacher (authors' reg_temperature); "
+                   f"{_per_arch('tfkd_temperature')}.")
+@click.option("--tfkd-multiplier", type=float,
+              help=f"--method tfkd: scale of the KL term (authors' multiplier); {_per_arch('tfkd_multiplier')}.")
 @click.option("--cskd-temperature", type=float, default=4.0, show_default=True,
               help="--method cskd: temperature of the class-wise KL term (authors' --temp).")
 @click.option("--cskd-weight", type=float, default=1.0, show_default=True,
               help="--method cskd: weight of the class-wise KL term (authors' --lamda).")
 @click.option("--ece-bins", type=int, default=10, show_default=True, help="Bins of the ECE metric.")
+@click.option("--dist-timeout", type=float, default=DIST_TIMEOUT_S, show_default=True, metavar="SECONDS",
+              help="Under torchrun: how long a rank waits at a collective, e.g. for rank 0 to seal an epoch "
+                   "(and the node's first rank to decode it) before the run is declared dead. An hour covers a "
+                   "dense ImageNet epoch on a slow object store or network file system.")
 @click.option("-o", "--output", type=click.Path(file_okay=False),
               help="Run directory; default runs/<dataset>-<arch>-<method>-<time>.")
 @click.option("--resume", type=click.Path(file_okay=False, exists=True),
@@ -151,7 +174,7 @@ def train_command(ctx: click.Context, resume: str | None, quiet: bool, **options
             if not config_path.is_file():
                 raise click.UsageError(f"{resume} has no config.json: is it a run directory made by train?")
             config = TrainConfig.load(config_path)
-            for name in ("workers", "device", "cache_dir", "amp", "channels_last"):
+            for name in PLACEMENT_OPTIONS:
                 if ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
                     setattr(config, name, options[name])  # where it runs, not what it computes
         else:

@@ -12,23 +12,28 @@ from typing import Any
 import numpy as np
 import torch
 
+from .accelerator import accelerator_for
 
-def rng_state() -> dict[str, Any]:
-    """This process's generators: Python, NumPy, torch's CPU one and, on a GPU, the
-    generator of the current device only (a checkpoint must resume on a node with fewer
-    GPUs, or on another GPU index)."""
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's generators: Python, NumPy, torch's CPU one and, on an accelerator,
+    the generator of the current device only (a checkpoint must resume on a node with
+    fewer GPUs, or on another GPU index), under the device type's name."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
+    accelerator = accelerator_for(device)
+    device_state = accelerator.rng_state() if accelerator is not None else None
+    if device_state is not None:
+        state[device.type] = device_state
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])  # onto the current device, whichever it is now
+    accelerator = accelerator_for(device)
+    if accelerator is not None and device.type in state:
+        accelerator.set_rng_state(state[device.type])
 
 
 def save_checkpoint(path: Path, **state: Any) -> None:

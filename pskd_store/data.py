@@ -75,7 +75,9 @@ class DataSplits:
     """What training needs from a data set.
 
     ``train_labels`` are read without loading inputs, so the prediction store can be
-    fingerprinted cheaply; ``input_kind`` ("32x32", "224x224" or "mnist1d") says which models fit.
+    fingerprinted cheaply; ``input_kind`` ("32x32", "224x224" or "mnist1d") says which models fit;
+    ``random_transforms`` whether loading a training item draws random numbers (crops, flips):
+    only then is each item's draw seeded by where it is drawn (seeding.py).
     """
 
     train: Dataset
@@ -84,6 +86,7 @@ class DataSplits:
     num_classes: int
     train_labels: np.ndarray
     input_kind: str
+    random_transforms: bool = True
 
 
 class Lighting(nn.Module):
@@ -162,7 +165,8 @@ def build_datasets(
     if val_split > 0:
         train_idx, val_idx = _split_indices(len(train), val_split, seed)
         train, val = Subset(train, train_idx.tolist()), Subset(eval_view, val_idx.tolist())
-    return DataSplits(train, val, test, num_classes, labels_of(train), input_kind)
+    return DataSplits(train, val, test, num_classes, labels_of(train), input_kind,
+                      random_transforms=name != "mnist1d")  # MNIST-1D: fixed signals, nothing drawn
 
 
 def known_labels(dataset: Dataset) -> np.ndarray | None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
 from .data import known_labels
 from .loss import alpha_t, soft_target
+from .seeding import SAMPLE, draw_seed, host_generators_kept, seed_host_generators
 from .service import PredictionService
 from .store import SoftTargetStore, StoreError
 
@@ -20,6 +21,12 @@ class SoftTargetDataset(Dataset):
     (as with ``DistributedSampler.set_epoch``). The epoch lives in a shared-memory tensor,
     so workers started earlier (``persistent_workers=True``, fork or spawn) see it too and
     switch to the new teacher on their next item. Epoch 1 has no teacher: one-hot targets.
+
+    With ``seed``, each item is loaded with the host generators (torch's, Python's,
+    NumPy's) seeded by (seed, rank, epoch, id, repeat) (seeding.py): its random transforms
+    then depend on where it is drawn, not on which worker or process loads it, so the
+    number of workers does not change a run and a resumed run repeats an uninterrupted
+    one. Under DDP pass each process its ``rank``: ranks draw differently.
     """
 
     def __init__(
@@ -30,6 +37,8 @@ class SoftTargetDataset(Dataset):
         total_epochs: int,
         *,
         cache_dir: str | None = None,
+        seed: int | None = None,
+        rank: int = 0,
     ):
         if len(base) != store.num_samples:
             raise StoreError(
@@ -43,6 +52,8 @@ class SoftTargetDataset(Dataset):
         self.alpha_T = alpha_T
         self.total_epochs = total_epochs
         self.num_classes = store.num_classes
+        self.seed = seed
+        self.rank = rank
         self.service = PredictionService(store, cache_dir)
         self._store = store
         store.add_reader(self)  # the store's writers refuse an epoch this data set is not set to
@@ -78,7 +89,8 @@ class SoftTargetDataset(Dataset):
         epoch, teacher, token = self._state.tolist()
         if epoch == 0:
             raise RuntimeError("call set_epoch(epoch) before iterating a SoftTargetDataset")
-        items = [self.base[i] for i in indices]
+        items = self._load(indices, epoch)
+        indices = [int(i) for i in indices]  # the ids, without their draws' repeats
         labels = torch.as_tensor([int(label) for _, label in items], dtype=torch.int64)
         self._check_labels(labels.numpy(), np.asarray(indices))
         if teacher == 0:
@@ -88,6 +100,19 @@ class SoftTargetDataset(Dataset):
             targets = soft_target(labels, past, alpha_t(epoch, self.total_epochs, self.alpha_T))
         return [(input, target, label, index)
                 for (input, _), target, label, index in zip(items, targets, labels.tolist(), indices)]
+
+    def _load(self, indices: list[int], epoch: int) -> list[tuple]:
+        """The base data set's items; with a seed, each drawn from generators seeded by
+        where it is drawn. In the main process (``num_workers=0``) the process's own
+        streams are put back afterwards, as if a worker had loaded the batch."""
+        if self.seed is None:
+            return [self.base[int(i)] for i in indices]
+        items = []
+        with host_generators_kept(get_worker_info() is None):
+            for i in indices:
+                seed_host_generators(draw_seed(SAMPLE, self.seed, self.rank, epoch, i, getattr(i, "repeat", 0)))
+                items.append(self.base[int(i)])
+        return items
 
     def _check_labels(self, labels: np.ndarray | None, indices: np.ndarray) -> None:
         """A base data set with other labels than the store's would blend each sample's

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from .accelerator import accelerator_for
 
 
 @dataclass(frozen=True)
@@ -25,6 +28,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
     @property
     def enabled(self) -> bool:
@@ -34,6 +38,11 @@ class Distributed:
     def is_main(self) -> bool:
         """Global rank 0: the one process that writes logs, metrics and checkpoints."""
         return self.rank == 0
+
+    @property
+    def spans_nodes(self) -> bool:
+        """Whether the processes run on more than one machine (node-local caches differ)."""
+        return self.local_world_size < self.world_size
 
     @property
     def is_local_main(self) -> bool:
@@ -74,26 +83,39 @@ def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def setup(device: str) -> tuple[Distributed, torch.device]:
+def torchrun_environment() -> Distributed | None:
+    """This process's place as torchrun's environment variables give it; None without torchrun."""
+    if not launched_by_torchrun():
+        return None
+    world_size = int(os.environ["WORLD_SIZE"])
+    return Distributed(rank=int(os.environ["RANK"]), world_size=world_size,
+                       local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+
+
+def setup(device: str, timeout: timedelta) -> tuple[Distributed, torch.device]:
     """Join torchrun's process group (if launched by it) and choose this process's device.
 
-    ``device`` is the user's choice ("auto", "cpu", "cuda", "cuda:N"); under torchrun a
-    CUDA choice becomes this process's own GPU, ``cuda:LOCAL_RANK``.
+    ``device`` is the user's choice ("auto", "cpu", "cuda", "cuda:N"); under torchrun an
+    accelerator choice becomes this process's own device, ``cuda:LOCAL_RANK``. ``timeout``
+    bounds every collective, the barriers at which ranks wait for rank 0's seal included
+    (``--dist-timeout``; recipe.DIST_TIMEOUT_S says why an hour).
     """
-    if not launched_by_torchrun():
-        chosen = select_device(device)
-        if chosen.type == "cuda":
-            torch.cuda.set_device(chosen)  # so streams, events and pinned memory use this GPU
+    chosen = select_device(device)
+    accelerator = accelerator_for(chosen)
+    env = torchrun_environment()
+    if env is None:
+        if accelerator is not None:
+            accelerator.set_device(chosen)  # so streams, events and pinned memory use this device
         return Distributed(), chosen
-    use_cuda = select_device(device).type == "cuda"
-    env = Distributed(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                      local_rank=int(os.environ.get("LOCAL_RANK", 0)))
-    chosen = torch.device("cuda", env.local_rank) if use_cuda else torch.device("cpu")
-    if chosen.type == "cuda":
-        torch.cuda.set_device(chosen)
+    if accelerator is not None:
+        chosen = torch.device(chosen.type, env.local_rank)
+        accelerator.set_device(chosen)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if chosen.type == "cuda" else "gloo",
-                                device_id=chosen if chosen.type == "cuda" else None)
+        if accelerator is None:
+            dist.init_process_group("gloo", timeout=timeout)
+        else:
+            accelerator.init_process_group(chosen, timeout)
     return env, chosen
 
 

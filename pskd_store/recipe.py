@@ -39,35 +39,58 @@ def default_workers() -> int:
 # Sec. 4 (implementation details); "authors" is their code (lgcnsai/PS-KD-Pytorch,
 # main.py's argument defaults). Milestones are fractions of the epochs (CIFAR: 150 and 225
 # of 300; ImageNet: 30 and 60 of 90), so a shorter run keeps the schedule's shape.
+#
+# CutMix's chance of mixing a batch (CE/LS/TF-KD/CS-KD): clovaai/CutMix-PyTorch's README
+# commands, --cutmix_prob 0.5 for CIFAR and 1.0 for ImageNet (both --beta 1.0). The
+# offline sets take CIFAR's value, ImageFolder trees ImageNet's.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # Offline default (this project's, not the paper's): a small MLP that over-fits
     # MNIST-1D within minutes on a CPU; in-memory tensors, so no worker processes.
     "mnist1d": dict(arch="mnist1d_mlp", epochs=40, batch_size=128, lr=0.05, weight_decay=0.0,
-                    milestones=[], workers=0),
+                    milestones=[], workers=0, cutmix_prob=0.5),
     # Fashion-MNIST (this project's real-image offline set): the CIFAR recipe's optimizer
     # and schedule shape, shortened for a CPU.
     "fashionmnist": dict(arch="fmnist_cnn", epochs=15, batch_size=128, lr=0.05, weight_decay=5e-4,
-                         milestones=[0.5, 0.75]),
+                         milestones=[0.5, 0.75], cutmix_prob=0.5),
     # CIFAR: paper and authors (--end_epoch 300, --batch_size 128, --lr 0.1,
     # --weight_decay 5e-4, --lr_decay_schedule 150 225, --lr_decay_rate 0.1).
     # Default arch: the authors' --classifier_type ResNet18 (PreAct ResNet-18).
     "cifar10": dict(arch="preact_resnet18", epochs=300, batch_size=128, lr=0.1, weight_decay=5e-4,
-                    milestones=[0.5, 0.75]),
+                    milestones=[0.5, 0.75], cutmix_prob=0.5),
     "cifar100": dict(arch="preact_resnet18", epochs=300, batch_size=128, lr=0.1, weight_decay=5e-4,
-                     milestones=[0.5, 0.75]),
+                     milestones=[0.5, 0.75], cutmix_prob=0.5),
     # ImageNet: paper (ResNet-152, 90 epochs, batch 256, lr 0.1 x0.1 at 30 and 60, weight
     # decay 1e-4: the standard torchvision ResNet recipe it follows).
     "imagenet": dict(arch="tv_resnet152", epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4,
-                     milestones=[1 / 3, 2 / 3]),
+                     milestones=[1 / 3, 2 / 3], cutmix_prob=1.0),
     # Any ImageFolder tree: the ImageNet recipe with a smaller default model (this project's).
     "folder": dict(arch="tv_resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4,
-                   milestones=[1 / 3, 2 / 3]),
+                   milestones=[1 / 3, 2 / 3], cutmix_prob=1.0),
 }
-# PyramidNet on CIFAR: paper (after Han et al. 2017 and Yun et al. 2019's CutMix setting):
-# batch 64, lr 0.25, weight decay 1e-4.
+# TF-KD's Tf-KD_reg (Yuan et al., CVPR 2020; loss.TfKd) per architecture, from the authors'
+# yuanli2333/Teacher-free-Knowledge-Distillation, experiments/base_experiments/<name>/params.json
+# ("reg_alpha", "reg_temperature", "multiplier"). Their ResNet-18 setting (base_resnet18:
+# 0.1, 20, 100) serves every architecture they published none for (ResNet-101, PyramidNet,
+# the offline sets' models, ImageNet: their ImageNet code does not ship its loss). The
+# teacher's 0.99 on the true class is my_loss_function.py's correct_prob.
+TFKD_DEFAULTS: dict[str, Any] = dict(tfkd_alpha=0.1, tfkd_temperature=20.0, tfkd_multiplier=100.0)
+# base_densenet121 and base_resnext29 give no "multiplier" (the authors' loss reads
+# params.multiplier, so their own --regularization run of these files stops with an
+# AttributeError): 1, the neutral value, which their loss_kd_self calls "1.0 in most cases".
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    name: dict(batch_size=64, lr=0.25, weight_decay=1e-4) for name in ("pyramidnet200", "pyramidnet200_shakedrop")
+    "densenet121": dict(tfkd_alpha=0.1, tfkd_temperature=40.0, tfkd_multiplier=1.0),  # base_densenet121
+    "resnext29_8x64d": dict(tfkd_alpha=0.5, tfkd_temperature=40.0, tfkd_multiplier=1.0),  # base_resnext29
+    # PyramidNet on CIFAR: paper (after Han et al. 2017 and Yun et al. 2019's CutMix
+    # setting): batch 64, lr 0.25, weight decay 1e-4.
+    **{name: dict(batch_size=64, lr=0.25, weight_decay=1e-4) for name in ("pyramidnet200", "pyramidnet200_shakedrop")},
 }
+# How long a rank waits at a collective (seconds) before the run is declared dead. The
+# longest wait is at an epoch's end, while rank 0 seals the epoch and each node's local
+# rank 0 decodes it: a dense ImageNet epoch (1.28M x 1000 float16, 2.6 GB) seals in about
+# half a minute and decodes in about ten seconds on a local disk, and an object store or a
+# busy network file system can be ten to a hundred times slower. NCCL's default (10 min)
+# would kill such a healthy run; an hour does not, and still ends one whose rank 0 died.
+DIST_TIMEOUT_S = 3600.0
 
 
 @dataclass
@@ -101,13 +124,12 @@ class TrainConfig:
     store_dtype: str = "float16"
     store_topk: int | None = None  # None: all K probabilities; k: the k largest and their classes
     store: str | None = None  # the store's URL (e.g. s3://bucket/run/store); None: RUN/store
-    # TF-KD's Tf-KD_reg (Yuan et al., CVPR 2020; loss.TfKd), the authors' ResNet-18 CIFAR-100
-    # setting: yuanli2333/Teacher-free-Knowledge-Distillation, experiments/base_experiments/
-    # base_resnet18/params.json ("reg_alpha": 0.1, "reg_temperature": 20, "multiplier": 100);
-    # the teacher's 0.99 on the true class is my_loss_function.py's correct_prob.
-    tfkd_alpha: float = 0.1
-    tfkd_temperature: float = 20.0
-    tfkd_multiplier: float = 100.0
+    cutmix_prob: float | None = None  # None: per data set (DATASET_DEFAULTS)
+    dist_timeout: float = DIST_TIMEOUT_S
+    # TF-KD (loss.TfKd); None: per architecture (TFKD_DEFAULTS, ARCH_DEFAULTS)
+    tfkd_alpha: float | None = None
+    tfkd_temperature: float | None = None
+    tfkd_multiplier: float | None = None
     # CS-KD (Yun et al., CVPR 2020; loss.CsKd, sampler.ClassPairBatchSampler): alinlab/cs-kd,
     # train.py's --temp 4.0 and --lamda 1.0 (the lamda its README runs CIFAR-100 with).
     cskd_temperature: float = 4.0
@@ -118,7 +140,7 @@ class TrainConfig:
         """Fill every unset value from the data set's and the architecture's defaults."""
         if self.dataset not in DATASET_DEFAULTS:
             raise ValueError(f"unknown data set {self.dataset!r}; choose one of {', '.join(DATASET_DEFAULTS)}")
-        defaults = dict(DATASET_DEFAULTS[self.dataset])
+        defaults = {**TFKD_DEFAULTS, **DATASET_DEFAULTS[self.dataset]}
         arch = self.arch or defaults["arch"]
         defaults.update(ARCH_DEFAULTS.get(arch, {}))
         values = {k: (defaults[k] if getattr(self, k) is None and k in defaults else getattr(self, k))
@@ -167,6 +189,11 @@ class TrainConfig:
         if self.cskd_temperature <= 0 or self.cskd_weight < 0:
             raise ValueError(f"--cskd-temperature must be positive and --cskd-weight non-negative (defaults 4 "
                              f"and 1), got {self.cskd_temperature} and {self.cskd_weight}")
+        if not 0.0 <= self.cutmix_prob <= 1.0:
+            raise ValueError(f"--cutmix-prob must lie in [0, 1] (CIFAR 0.5, ImageNet 1.0), got {self.cutmix_prob}")
+        if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
+            raise ValueError(f"--dist-timeout must be a positive number of seconds (default "
+                             f"{DIST_TIMEOUT_S:.0f}), got {self.dist_timeout}")
         if self.store_topk is not None and self.store_topk < 1:
             raise ValueError(f"--store-topk must be at least 1 (or left out for dense rows), got {self.store_topk}")
         if self.workers < 0:

@@ -6,7 +6,9 @@ prediction of another sample of the same class. Its authors' ``PairBatchSampler`
 partners, partner i drawn uniformly among the samples of class(i) (the sample itself
 included). This one does the same from a generator seeded by (seed, epoch), so a resumed
 run draws the same batches, and shards the shuffled ids over DDP ranks as
-``DistributedSampler`` does (padding with the first ids).
+``DistributedSampler`` does (padding with the first ids). Partners are yielded as
+:class:`~pskd_store.seeding.Draw`: a partner is augmented independently of the same
+sample's other draws in the epoch, as the authors' per-item transforms do.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+from .seeding import Draw
 
 
 class ClassPairBatchSampler(Sampler[list[int]]):
@@ -56,4 +60,7 @@ class ClassPairBatchSampler(Sampler[list[int]]):
         offsets = np.minimum((uniform * self._class_count[classes]).astype(np.int64), self._class_count[classes] - 1)
         partners = self._by_class[self._class_start[classes] + offsets]
         for start in range(0, len(ids), self.batch_size):
-            yield ids[start:start + self.batch_size].tolist() + partners[start:start + self.batch_size].tolist()
+            # a partner is another draw of a sample this epoch: repeat = its place in the epoch + 1
+            yield ids[start:start + self.batch_size].tolist() + [
+                Draw(partner, start + offset + 1)
+                for offset, partner in enumerate(partners[start:start + self.batch_size].tolist())]

@@ -28,6 +28,7 @@ import google_crc32c
 import numpy as np
 import torch
 
+from .distributed import torchrun_environment
 from .errors import StoreError, os_problem
 from .integrity import CheckedArray
 from .staging import epoch_key
@@ -171,10 +172,13 @@ def _write_npy(file: BinaryIO, array: CheckedArray) -> str:
 
 
 def default_cache_dir(store: SoftTargetStore) -> Path:
-    """Beside a local store (``run/store`` -> ``run/store.mmap``) when that can be written;
-    else (a remote or read-only store) in the user cache."""
+    """Beside a local store (``run/store`` -> ``run/store.mmap``) when that can be written
+    and every process runs on this machine; else (a remote or read-only store, or a
+    torchrun launch spanning several nodes, whose shared run directory would have every
+    node decode into one network folder) in the user cache, on each node's own disk."""
     local = store.local_path
-    if local is not None:
+    env = torchrun_environment()
+    if local is not None and not (env is not None and env.spans_nodes):
         beside = local.with_name(local.name + ".mmap")
         if os.access(beside if beside.exists() else local.parent, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
             return beside

@@ -474,13 +474,15 @@ class SoftTargetStore:
         """Register a data set whose epoch every new writer must match (see :meth:`writer`)."""
         self._readers.add(dataset)
 
-    def seal(self, epoch: int, *, scratch_dir: str | Path | None = None) -> dict[str, Any]:
+    def seal(self, epoch: int, *, scratch_dir: str | Path | None = None, allow_empty: bool = False) -> dict[str, Any]:
         """Merge every writer's rows of ``epoch`` and publish it atomically.
 
         Coverage rules: an id written more than once keeps the value written last by its
         writer (several writers: the one with the higher rank); an id never written carries
         forward its prediction from the latest sealed epoch, or its one-hot label if it has
-        none. Returns the epoch's statistics.
+        none. Writers that all closed without a row are refused (a loop that forgot to
+        write), unless ``allow_empty``: a method that recorded nothing this epoch (every
+        batch CutMix-mixed) then carries every id forward. Returns the epoch's statistics.
 
         Memory stays a few hundred MiB whatever the epoch's size; the merge needs up to one
         uncompressed epoch of free disk in ``scratch_dir`` (default: the temporary directory,
@@ -488,19 +490,19 @@ class SoftTargetStore:
         """
         self._require_writable(f"seal epoch {epoch}")
         try:
-            return self._seal(epoch, scratch_dir)
+            return self._seal(epoch, scratch_dir, allow_empty)
         except OSError as err:
             raise StoreError(
                 f"cannot seal epoch {epoch}: {os_problem(err, self.url)}; nothing of it was published "
                 "(the previous sealed epoch is still the teacher), seal again once that is fixed"
             ) from err
 
-    def _seal(self, epoch: int, scratch_dir: str | Path | None) -> dict[str, Any]:
+    def _seal(self, epoch: int, scratch_dir: str | Path | None, allow_empty: bool) -> dict[str, Any]:
         staging = self.staging(epoch)
         parts = staging.parts()
         if not parts:
             raise StoreError(f"nothing was written for epoch {epoch}: no writer staged rows in {self.url}")
-        if not any(part.rows for part in parts):
+        if not allow_empty and not any(part.rows for part in parts):
             raise StoreError(f"nothing was written for epoch {epoch}: every writer closed empty")
         latest = self.latest_sealed
         teacher = self._group.create_array(

@@ -9,8 +9,8 @@ its test probabilities go to ``eval/test_probs.npz`` (what ``inspect`` draws the
 reliability diagram from). A resumed run rolls the store and the metrics back to its
 checkpoint and continues with the same alpha_t and the same teacher epoch.
 
-fp32 by default, as the paper trains; ``amp`` is opt-in (bfloat16 autocast on a GPU).
-The store always records the softmax of fp32 logits: the writer upcasts before softmax.
+fp32 by default, as the paper trains; ``amp`` is opt-in (bfloat16 autocast). Under it the
+logits are bfloat16 and the store records the softmax of those logits upcast to fp32.
 
 Under torchrun every rank trains a DistributedDataParallel replica on its shard of each
 epoch and writes the predictions of the ids it trained on into its own staging part; at
@@ -27,6 +27,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from tqdm import tqdm
 
+from .accelerator import accelerator_for
 from .augment import BatchAugment
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import DataSplits, build_datasets
@@ -46,6 +48,7 @@ from .models import create_model, input_kind
 from .recipe import TrainConfig
 from .run_directory import RunDirectory, writing
 from .sampler import ClassPairBatchSampler
+from .seeding import seed_process
 from .store import SoftTargetStore
 
 _logger = logging.getLogger("pskd_store.train")
@@ -94,15 +97,19 @@ def build_run(config: TrainConfig, directory: RunDirectory, env: Distributed, de
             f"--arch {config.arch} takes {input_kind(config.arch)} inputs but {config.dataset} "
             f"has {splits.input_kind} inputs; see `pskd-store train --help` for the models of each"
         )
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights on every rank
     network = create_model(config.arch, splits.num_classes).to(device)
+    seed_process(config.seed, env.rank)  # then every rank's own streams (dropout, ShakeDrop)
     if config.channels_last:
         network = network.to(memory_format=torch.channels_last)
     model = network
     if env.enabled:
-        model = DistributedDataParallel(network, device_ids=[device] if device.type == "cuda" else None)
+        model = DistributedDataParallel(network, device_ids=[device] if accelerator_for(device) else None)
     store = _open_store(config, directory, splits, env)
-    train_data = SoftTargetDataset(splits.train, store, config.alpha_T, config.epochs, cache_dir=config.cache_dir)
+    # each sample's transforms drawn by where it is drawn (seeding.py); data without random
+    # transforms (MNIST-1D) skips the seeding
+    train_data = SoftTargetDataset(splits.train, store, config.alpha_T, config.epochs, cache_dir=config.cache_dir,
+                                   seed=config.seed if splits.random_transforms else None, rank=env.rank)
     optimizer = torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.milestones, config.lr_gamma)
@@ -136,7 +143,7 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, quiet: 
     """Train (or resume) the run in ``directory``; returns the final summary on rank 0
     (None on the other ranks of a torchrun launch). ``splits`` replaces the data set
     ``config`` names (benchmarks on synthetic data)."""
-    env, device = setup(config.device)
+    env, device = setup(config.device, timedelta(seconds=config.dist_timeout))
     run_directory = RunDirectory(Path(directory))
     try:
         with run_directory.lock() if env.is_main else nullcontext():
@@ -159,7 +166,8 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
     loader, sampler = _train_loader(run)
     augment = None
     if config.aug != "none":
-        augment = BatchAugment(config.aug, run.splits.num_classes, half_batch=config.method == "pskd")
+        augment = BatchAugment(config.aug, run.splits.num_classes, half_batch=config.method == "pskd",
+                               cutmix_prob=config.cutmix_prob, seed=config.seed, rank=env.rank)
     test_probs = None
     for epoch in range(start, config.epochs + 1):
         started = time.perf_counter()
@@ -170,14 +178,15 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
         run.scheduler.step()
         env.barrier()  # every rank's writer has closed its part
         with ThreadPoolExecutor(1) as background:  # the seal's I/O overlaps the evaluation
-            sealing = background.submit(run.store.seal, epoch) if env.is_main else None
+            # a baseline whose every batch CutMix mixed recorded nothing: its ids carry forward
+            sealing = background.submit(run.store.seal, epoch, allow_empty=True) if env.is_main else None
             test_probs = predict_all(run, run.test_loader)
             if run.val_loader is not None:
                 val_probs = predict_all(run, run.val_loader)
             if sealing is not None:
                 sealing.result()
         env.barrier()  # the epoch is sealed before any rank reads it as the next teacher
-        rng = env.gather_to_main(rng_state())
+        rng = env.gather_to_main(rng_state(device))
         if not env.is_main:
             continue
         row["test"] = evaluate(*test_probs, n_bins=config.ece_bins)
@@ -224,8 +233,11 @@ def _train_loader(run: Run) -> tuple[DataLoader, DistributedSampler | ClassPairB
     write per id (the higher rank's). CS-KD's batches also hold a same-class partner of
     each sample (sampler.py)."""
     config, env = run.config, run.env
+    # a generator of its own: the workers' base seed (unused: items are seeded by where
+    # they are drawn) is not taken from the process's stream, which a resume restores
     common = dict(num_workers=config.workers, persistent_workers=config.workers > 0,
-                  pin_memory=run.device.type == "cuda")
+                  pin_memory=accelerator_for(run.device) is not None,
+                  generator=torch.Generator().manual_seed(config.seed))
     if config.method == "cskd":
         pairs = ClassPairBatchSampler(run.splits.train_labels, config.batch_size, num_replicas=env.world_size,
                                       rank=env.rank, seed=config.seed)
@@ -270,7 +282,8 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment
             targets = targets.to(device, non_blocking=True) if config.method == "pskd" else labels
             recorded = len(inputs)
             if augment is not None:
-                inputs, targets, recorded, partners = augment(inputs, targets, labels, partners)
+                inputs, targets, recorded, partners = augment(inputs, targets, labels, partners,
+                                                              epoch=epoch, step=step)
             with autocast(device, config.amp):
                 logits = model(inputs)
             loss = method_loss(config.method, logits, targets, tfkd)
@@ -281,7 +294,8 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment
             run.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.optimizer.step()
-            writer.write(ids[:recorded], logits[:recorded])
+            if recorded:  # a CutMix-mixed batch records nothing
+                writer.write(ids[:recorded], logits[:recorded])
             totals[0] += loss.detach() * len(labels)
             totals[1] += (logits.argmax(1) == labels).sum()
             totals[2] += len(labels)
@@ -308,16 +322,15 @@ def to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool) -
 
 
 def autocast(device: torch.device, amp: bool):
-    """bfloat16 mixed precision on a GPU (no loss scaling needed); full precision on CPU."""
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """bfloat16 mixed precision (no loss scaling needed) on the training device, GPU or
+    CPU, with ``amp``; full precision without."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
 
 def eval_loader(data: Dataset, config: TrainConfig, device: torch.device) -> DataLoader:
     """An in-order loader for evaluation, its workers kept alive between epochs."""
     return DataLoader(data, batch_size=2 * config.batch_size, shuffle=False, num_workers=config.workers,
-                      persistent_workers=config.workers > 0, pin_memory=device.type == "cuda")
+                      persistent_workers=config.workers > 0, pin_memory=accelerator_for(device) is not None)
 
 
 @torch.no_grad()
@@ -372,7 +385,7 @@ def _restore(run: Run) -> int:
             f"(torchrun --nproc-per-node ...), not {run.env.world_size}, so that every rank's "
             "random state and data shard carry on"
         )
-    set_rng_state(rng[run.env.rank])
+    set_rng_state(rng[run.env.rank], run.device)
     return _roll_back(run, state["epoch"])
 
 

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from .accelerator import Accelerator, accelerator_for
 from .errors import StoreError, os_problem
 
 if TYPE_CHECKING:
@@ -41,10 +42,11 @@ class _ChunkBuffer:
 
     ids: torch.Tensor     # (R,) int64
     values: torch.Tensor  # (R, K) raw outputs (CPU), or (R, width) stored rows (layout.py)
+    checks: torch.Tensor  # (R,) bool, device outputs: per write into it, all its rows are probabilities
     raw: bool             # still needs the softmax and the conversion to stored rows
     filled: int = 0
-    copies: list = field(default_factory=list)  # one CUDA event per device copy into it
-    probability_rows: list = field(default_factory=list)  # device outputs: per write, all rows are probabilities
+    writes: int = 0       # writes that put rows into this buffer (the first ``writes`` checks)
+    copies: list = field(default_factory=list)  # one accelerator event per device write into it
     tolerance: float = 0.0  # how far from 1 a probability row's sum may be
 
 
@@ -116,29 +118,31 @@ class PredictionWriter:
             )
         if ids.ndim != 1 or ids.shape[0] != outputs.shape[0]:
             raise ValueError(f"ids must have shape ({outputs.shape[0]},) to match outputs, got {tuple(ids.shape)}")
+        if not len(ids):  # nothing to record (a batch whose rows were all mixed): no device work
+            return
         self._warn_if_probabilities()
         outputs = outputs.detach()
-        on_host = outputs.device.type == "cpu"
+        accelerator = accelerator_for(outputs.device)
         tolerance = _sum_tolerance(outputs.dtype, self._torch_dtype)
-        probability_rows = None
-        if not on_host:  # stored rows made on the device: half the copy, or far less for top-k
-            # the rows' check, made on the device and read by the background thread
-            probability_rows = _probability_rows(outputs, tolerance).reshape(1).to("cpu", non_blocking=True)
+        check = None
+        if accelerator is not None:  # stored rows made on the device: half the copy, or far less for top-k
+            check = _probability_rows(outputs, tolerance).reshape(1)  # read by the background thread
             outputs = self._to_rows(outputs)
         done = 0
         while done < len(ids):
-            buffer = self._current or self._take_buffer(like=outputs, raw=on_host)
+            buffer = self._current or self._take_buffer(like=outputs, accelerator=accelerator)
             buffer.tolerance = max(buffer.tolerance, tolerance)
-            if probability_rows is not None:
-                buffer.probability_rows.append(probability_rows)
             n = min(len(ids) - done, self._chunk_rows - buffer.filled)
             rows = slice(buffer.filled, buffer.filled + n)
-            buffer.ids[rows].copy_(ids[done:done + n], non_blocking=True)
-            buffer.values[rows].copy_(outputs[done:done + n], non_blocking=True)
-            if not on_host:  # marks the copy on the stream that made it, whichever device and stream
-                event = torch.cuda.Event()
-                event.record(torch.cuda.current_stream(outputs.device))
-                buffer.copies.append(event)
+            if accelerator is None:
+                buffer.ids[rows].copy_(ids[done:done + n])
+                buffer.values[rows].copy_(outputs[done:done + n])
+            else:  # queued on the stream that made the outputs; an event marks when they land
+                accelerator.copy_to_host(buffer.checks[buffer.writes:buffer.writes + 1], check)
+                accelerator.copy_to_host(buffer.ids[rows], ids[done:done + n])
+                accelerator.copy_to_host(buffer.values[rows], outputs[done:done + n])
+                buffer.copies.append(accelerator.record(outputs.device))
+            buffer.writes += 1
             buffer.filled += n
             done += n
             self._current = buffer
@@ -177,17 +181,18 @@ class PredictionWriter:
         else:
             self.abandon()
 
-    def _take_buffer(self, like: torch.Tensor, raw: bool) -> _ChunkBuffer:
-        """A free buffer; allocates up to ``buffers`` of them, then waits for one."""
+    def _take_buffer(self, like: torch.Tensor, accelerator: Accelerator | None) -> _ChunkBuffer:
+        """A free buffer; allocates up to ``buffers`` of them, then waits for one. Device
+        outputs get host memory their copies land in without blocking (pinned on a GPU)."""
         if self._allocated < self._buffers and self._free.empty():
             self._allocated += 1
-            pinned = not raw  # pinned host memory makes device copies asynchronous
-            shape = (self._chunk_rows, like.shape[1])
             # zeros, not empty: touching the pages now keeps page faults out of write()
+            allocate = torch.zeros if accelerator is None else accelerator.host_buffer
             return _ChunkBuffer(
-                ids=torch.zeros(self._chunk_rows, dtype=torch.int64, pin_memory=pinned),
-                values=torch.zeros(shape, dtype=like.dtype, pin_memory=pinned),
-                raw=raw,
+                ids=allocate((self._chunk_rows,), dtype=torch.int64),
+                values=allocate((self._chunk_rows, like.shape[1]), dtype=like.dtype),
+                checks=allocate((self._chunk_rows,), dtype=torch.bool),
+                raw=accelerator is None,
             )
         buffer = self._free.get()
         self._raise_if_failed()
@@ -234,9 +239,8 @@ class PredictionWriter:
                     self._write_chunk(buffer)
                 except BaseException as err:  # reported to the training thread
                     self._error = err
-            buffer.filled = 0
+            buffer.filled = buffer.writes = 0
             buffer.copies.clear()
-            buffer.probability_rows.clear()
             buffer.tolerance = 0.0
             self._free.put(buffer)  # also after an error, so write() never waits forever
 
@@ -246,8 +250,10 @@ class PredictionWriter:
         values = buffer.values[:buffer.filled]
         if buffer.raw and not self.from_logits:
             _require_probability_rows(values, buffer.tolerance, self.epoch)  # says which rows, how far off
-        checks = [_probability_rows(values, buffer.tolerance)] if buffer.raw else buffer.probability_rows
-        all_probabilities = all(bool(check) for check in checks)
+        if buffer.raw:
+            all_probabilities = bool(_probability_rows(values, buffer.tolerance))
+        else:
+            all_probabilities = bool(buffer.checks[:buffer.writes].all())
         if self.from_logits and all_probabilities:
             self._probabilities_seen = True
         rows = (self._to_rows(values) if buffer.raw else values).numpy()

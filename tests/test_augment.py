@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pskd_store.augment import CUTMIX_PROB, CUTOUT_HOLE, BatchAugment, cutout
+from pskd_store.augment import CUTOUT_HOLE, BatchAugment, cutout
 
 
 def _hole_bounds(centre: int, size: int) -> tuple[int, int]:
@@ -71,18 +71,19 @@ def _batch(n: int = 16, k: int = 10):
 
 def test_ce_cutout_cuts_every_image_keeps_labels_and_records_every_row():
     inputs, _, labels = _batch()
-    out, targets, recorded, partners = BatchAugment("cutout", 10, half_batch=False)(inputs, labels, labels)
+    out, targets, recorded, partners = BatchAugment("cutout", 10, half_batch=False)(
+        inputs, labels, labels, epoch=1, step=0)
     assert ((out == 0).flatten(1).any(1)).all()
     assert targets is labels and recorded == len(inputs) and partners is None
 
 
-def test_ce_cutmix_mixes_a_whole_batch_half_of_the_time():
+@pytest.mark.parametrize("probability", [0.5, 1.0])  # CutMix's authors: CIFAR, ImageNet
+def test_ce_cutmix_mixes_a_whole_batch_with_the_recipes_probability(probability):
     inputs, _, labels = _batch()
-    augment = BatchAugment("cutmix", 10, half_batch=False)
-    torch.manual_seed(5)
+    augment = BatchAugment("cutmix", 10, half_batch=False, cutmix_prob=probability)
     mixed = 0
-    for _ in range(400):
-        out, targets, recorded, _ = augment(inputs, labels, labels)
+    for step in range(400):
+        out, targets, recorded, _ = augment(inputs, labels, labels, epoch=1, step=step)
         if recorded == 0:
             mixed += 1
             assert targets.shape == (16, 10) and torch.allclose(targets.sum(1), torch.ones(16))
@@ -92,13 +93,14 @@ def test_ce_cutmix_mixes_a_whole_batch_half_of_the_time():
             assert (out != inputs).any()
         else:
             assert recorded == 16 and targets is labels and torch.equal(out, inputs)
-    assert abs(mixed / 400 - CUTMIX_PROB) < 0.08  # binomial sd 0.025
+    assert abs(mixed / 400 - probability) < 0.08  # binomial sd 0.025 at 0.5; exactly 400 at 1.0
+    assert probability < 1 or mixed == 400
 
 
 @pytest.mark.parametrize("kind", ["cutout", "cutmix"])
 def test_pskd_splits_each_batch_in_half(kind):
     inputs, soft, labels = _batch()
-    out, targets, recorded, _ = BatchAugment(kind, 10, half_batch=True)(inputs, soft, labels)
+    out, targets, recorded, _ = BatchAugment(kind, 10, half_batch=True)(inputs, soft, labels, epoch=1, step=0)
     assert recorded == 8
     assert torch.equal(out[:8], inputs[:8]) and torch.equal(targets[:8], soft[:8])  # PS-KD half untouched
     assert (out[8:] != inputs[8:]).flatten(1).any(1).any()
@@ -111,7 +113,7 @@ def test_pskd_splits_each_batch_in_half(kind):
 
 def test_odd_batches_give_the_extra_row_to_pskd():
     inputs, soft, labels = _batch(n=5)
-    _, _, recorded, _ = BatchAugment("cutout", 10, half_batch=True)(inputs, soft, labels)
+    _, _, recorded, _ = BatchAugment("cutout", 10, half_batch=True)(inputs, soft, labels, epoch=1, step=0)
     assert recorded == 3
 
 
@@ -121,10 +123,9 @@ def test_cskd_partners_get_their_samples_box_and_neighbours():
     inputs, _, labels = _batch()
     partners = torch.randn_like(inputs) - 10  # other images of the same classes
     augment = BatchAugment("cutmix", 10, half_batch=False)
-    torch.manual_seed(6)
     outcomes = set()
-    for _ in range(40):
-        out, targets, recorded, out_partners = augment(inputs, labels, labels, partners)
+    for step in range(40):
+        out, targets, recorded, out_partners = augment(inputs, labels, labels, partners, epoch=1, step=step)
         if recorded:
             assert targets is labels and torch.equal(out, inputs) and out_partners is partners
             outcomes.add("kept")
@@ -142,9 +143,8 @@ def test_cskd_partners_get_their_samples_box_and_neighbours():
 
 def test_cskd_cutout_cuts_samples_and_partners_independently():
     inputs, _, labels = _batch()
-    torch.manual_seed(7)
     out, targets, recorded, partners = BatchAugment("cutout", 10, half_batch=False)(
-        inputs, labels, labels, inputs.clone())
+        inputs, labels, labels, inputs.clone(), epoch=1, step=0)
     assert targets is labels and recorded == 16
     assert (out == 0).flatten(1).any(1).all() and (partners == 0).flatten(1).any(1).all()
     assert not torch.equal(out == 0, partners == 0)
@@ -153,4 +153,27 @@ def test_cskd_cutout_cuts_samples_and_partners_independently():
 def test_pskd_half_batch_refuses_partners():
     inputs, soft, labels = _batch()
     with pytest.raises(ValueError, match="partners"):
-        BatchAugment("cutmix", 10, half_batch=True)(inputs, soft, labels, inputs)
+        BatchAugment("cutmix", 10, half_batch=True)(inputs, soft, labels, inputs, epoch=1, step=0)
+
+
+@pytest.mark.parametrize("kind", ["cutout", "cutmix"])
+def test_a_steps_draws_depend_on_seed_rank_epoch_and_step_alone(kind):
+    """Holes and boxes are a function of (seed, rank, epoch, step): the same key draws the
+    same whatever the process's generators hold, another rank or step draws otherwise,
+    and the process's own stream is left as it was (a resumed run repeats them all)."""
+    inputs, soft, labels = _batch()
+
+    def draw(seed=0, rank=0, epoch=1, step=0):
+        out, *_ = BatchAugment(kind, 10, half_batch=True, seed=seed, rank=rank)(
+            inputs, soft, labels, epoch=epoch, step=step)
+        return out
+
+    torch.manual_seed(123)
+    first = draw()
+    after = torch.rand(4)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(4), after)  # the process's stream did not move
+    torch.manual_seed(999)
+    assert torch.equal(draw(), first)  # whatever the global generator holds
+    for other in (dict(rank=1), dict(seed=1), dict(epoch=2), dict(step=1)):
+        assert not torch.equal(draw(**other), first), other

@@ -217,6 +217,8 @@ def trained(tmp_path_factory, data_dir) -> Path:
     (["--lr-gamma", "1.5"], "--lr-gamma must lie in (0, 1]"),
     (["--lr-gamma", "0"], "--lr-gamma must lie in (0, 1]"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
+    (["--dataset", "fashionmnist", "--cutmix-prob", "1.5"], "--cutmix-prob must lie in [0, 1]"),
+    (["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds"),
     pytest.param(["--device", "cuda:1"], "no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])

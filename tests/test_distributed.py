@@ -183,3 +183,55 @@ def test_cskd_under_torchrun_writes_every_id_of_its_shards(tmp_path, data_dir):
             8000, 7999, 1, 0)
     assert store.trajectory()["written"].all()
     assert json.loads((run / "config.json").read_text())["method"] == "cskd"
+
+
+TIMEOUT_SCRIPT = """
+    import sys, time
+    from datetime import timedelta
+    import torch.distributed as dist
+    from pskd_store.distributed import setup, teardown
+
+    env, _ = setup("cpu", timedelta(seconds=float(sys.argv[1])))
+    if env.rank == 0:
+        time.sleep(float(sys.argv[2]))  # rank 0 busy (sealing, say) while rank 1 waits
+    dist.barrier()
+    print(f"rank {env.rank} through")
+    teardown()
+"""
+
+
+def test_the_timeout_bounds_how_long_a_rank_waits_for_rank_0(tmp_path):
+    script = tmp_path / "wait.py"
+    script.write_text(textwrap.dedent(TIMEOUT_SCRIPT))
+    patient = torchrun(2, sys.executable, str(script), "30", "3", timeout=60)
+    assert "rank 1 through" in patient.stdout and "rank 0 through" in patient.stdout
+    started = time.time()
+    impatient = torchrun(2, sys.executable, str(script), "1", "8", check=False, timeout=60)
+    assert impatient.returncode != 0 and "rank 1 through" not in impatient.stdout
+    assert "Timed out" in impatient.stderr or "timeout" in impatient.stderr.lower()
+    assert time.time() - started < 30
+
+
+def test_two_nodes_decode_into_their_own_caches_and_train_as_one_node_does(tmp_path, two_rank_run, data_dir):
+    """Two "nodes" on one machine (two torchrun launches, one rank each, rendezvous on
+    127.0.0.1), the run directory shared, each node with its own cache: each decodes every
+    teacher into its own disk, none into the shared run directory, and the run equals a
+    one-node 2-process run."""
+    run, port = tmp_path / "run", str(_free_port())
+    nodes = []
+    for node in (0, 1):
+        command = [TORCHRUN, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+                   "--master-addr", "127.0.0.1", "--master-port", port, "--no-python", PSKD, "train",
+                   "--epochs", "3", "--data-dir", str(data_dir), "-o", str(run), "-q", *ODD_TRAIN_SET]
+        # one compute thread per rank, as torchrun gives each of several ranks on one node
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / f"node{node}"), "OMP_NUM_THREADS": "1"}
+        nodes.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for node in nodes:
+        _, stderr = node.communicate(timeout=120)
+        assert node.returncode == 0, stderr[-3000:]
+    assert [without_timings(r) for r in rows(run)] == [without_timings(r) for r in rows(two_rank_run)]
+    assert not (run / "store.mmap").exists()  # nothing decoded into the shared directory
+    decoded = [sorted((tmp_path / f"node{node}" / "pskd-store").glob("*/epoch_*.npy")) for node in (0, 1)]
+    assert [[path.name for path in files] for files in decoded] == [[f.name for f in decoded[0]]] * 2
+    assert decoded[0] and decoded[0][-1].name.startswith("epoch_0002-")  # the last teacher: epoch 2
+    np.testing.assert_array_equal(np.load(decoded[0][-1]), np.load(decoded[1][-1]))

@@ -80,3 +80,28 @@ def test_cudnn_autotuning_by_default_deterministic_on_request():
         assert os.environ["CUBLAS_WORKSPACE_CONFIG"] in (":4096:8", ":16:8")
     finally:
         configure_determinism(False)
+
+
+@pytest.mark.parametrize("dataset, probability", [
+    ("cifar100", 0.5), ("cifar10", 0.5), ("fashionmnist", 0.5),  # clovaai/CutMix-PyTorch: CIFAR command
+    ("imagenet", 1.0), ("folder", 1.0),                          # ... and its ImageNet command
+])
+def test_cutmix_probability_is_the_cutmix_authors_per_setting(dataset, probability):
+    assert TrainConfig(dataset=dataset).resolved().cutmix_prob == probability
+    assert TrainConfig(dataset=dataset, cutmix_prob=0.3).resolved().cutmix_prob == 0.3
+
+
+@pytest.mark.parametrize("arch, alpha, temperature, multiplier", [
+    ("preact_resnet18", 0.1, 20.0, 100.0),  # base_resnet18/params.json
+    ("densenet121", 0.1, 40.0, 1.0),        # base_densenet121/params.json (no multiplier given)
+    ("resnext29_8x64d", 0.5, 40.0, 1.0),    # base_resnext29/params.json (no multiplier given)
+    ("resnet101", 0.1, 20.0, 100.0),        # no config of theirs: their ResNet-18 one
+])
+def test_tfkd_settings_are_the_tfkd_authors_per_architecture(arch, alpha, temperature, multiplier):
+    config = TrainConfig(dataset="cifar100", arch=arch, method="tfkd").resolved()
+    assert (config.tfkd_alpha, config.tfkd_temperature, config.tfkd_multiplier) == (alpha, temperature, multiplier)
+    assert TrainConfig(dataset="cifar100", arch=arch, tfkd_temperature=3.0).resolved().tfkd_temperature == 3.0
+
+
+def test_the_distributed_timeout_defaults_to_an_hour():
+    assert TrainConfig().resolved().dist_timeout == 3600.0

@@ -196,6 +196,26 @@ def test_cifar100_format_run_for_a_few_steps(tmp_path, cifar100_dir, arch, metho
     assert info["carried_forward"] == 200 - info["ids_written"]
 
 
+def test_mixed_batches_make_no_empty_writes(tmp_path, cifar100_dir, monkeypatch):
+    """CE with CutMix on every batch (ImageNet's probability) records no row: the loop
+    hands the writer nothing at all, never a zero-row batch (whose device-side check
+    would raise on a GPU)."""
+    from pskd_store.writer import PredictionWriter
+
+    sizes = []
+    write = PredictionWriter.write
+    monkeypatch.setattr(PredictionWriter, "write", lambda self, ids, out: (sizes.append(len(ids)), write(self, ids, out)))
+    run = tmp_path / "run"
+    result = CliRunner().invoke(cli, [
+        "train", "--dataset", "cifar100", "--arch", "preact_resnet18", "--method", "ce", "--aug", "cutmix",
+        "--cutmix-prob", "1", "--data-dir", str(cifar100_dir), "--no-download", "--epochs", "1",
+        "--steps-per-epoch", "3", "-b", "16", "-j", "0", "-o", str(run), "-q",
+    ])
+    assert result.exit_code == 0, result.output
+    assert sizes == []
+    assert SoftTargetStore.open(run / "store", read_only=True).epoch_info(1)["ids_written"] == 0
+
+
 def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, [

@@ -1,0 +1,27 @@
+"""benchmarks/gpu_check.py is what a lent GPU runs, once: it must not fail for a reason a
+CPU could have shown. Its device-independent check runs here on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+GPU_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def test_every_method_and_augmentation_trains_through_the_gpu_checks_matrix(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    subprocess.run([sys.executable, str(GPU_CHECK), "--device", "cpu", "--checks", "matrix", "--matrix-steps", "1",
+                    "--matrix-batch", "8", "--matrix-workers", "0", "--out", str(out)],
+                   check=True, capture_output=True, timeout=300)
+    matrix = json.loads(out.read_text())["matrix"]
+    runs = {name: result for name, result in matrix.items() if "+" in name}
+    assert len(runs) == 15 and matrix["ok"], {name: r for name, r in runs.items() if not r["ok"]}
+    # PS-KD records the half of each batch that trained on its targets; the others every row
+    # (CutMix mixes a batch half of the time: a mixed one records nothing)
+    assert runs["pskd+cutout"]["ids_written"] == runs["pskd+cutmix"]["ids_written"] == [4, 4]
+    assert runs["ce+none"]["ids_written"] == runs["cskd+cutout"]["ids_written"] == [8, 8]
+    assert all(written in ([0, 0], [0, 8], [8, 0], [8, 8]) for written in
+               (runs[f"{method}+cutmix"]["ids_written"] for method in ("ce", "ls", "tfkd", "cskd")))
