@@ -61,14 +61,6 @@ class Distributed:
         dist.gather_object(obj, gathered, dst=0)
         return gathered
 
-    def broadcast_from_main(self, obj: Any) -> Any:
-        """The main process's ``obj`` on every rank."""
-        if not self.enabled:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
 
 def select_device(name: str) -> torch.device:
     """The device the user asked for ("auto": a GPU when one is visible), refusing a GPU

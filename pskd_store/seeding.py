@@ -43,9 +43,6 @@ class Draw(int):
     def __reduce__(self):  # to DataLoader workers with its repeat
         return Draw, (int(self), self.repeat)
 
-    def __repr__(self) -> str:
-        return f"Draw({int(self)}, repeat={self.repeat})"
-
 
 def draw_seed(domain: bytes, *key: int) -> int:
     """A 64-bit seed that is a function of ``domain`` and the integers of ``key`` alone."""

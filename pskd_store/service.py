@@ -107,9 +107,7 @@ class PredictionService:
     def lookup(self, epoch: int, token: str, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Predictions of ``ids`` at ``epoch`` as a float32 (B, K) tensor (top-k rows rebuilt)."""
         rows = np.take(self.view(epoch, token), np.asarray(ids), axis=0)  # faster than fancy indexing
-        if self.layout.topk is not None:
-            return torch.from_numpy(self.layout.expand(rows))
-        return torch.from_numpy(rows).float()
+        return torch.from_numpy(self.layout.expand(rows))
 
     def _require_store(self) -> SoftTargetStore:
         if self._store is None:

@@ -115,6 +115,10 @@ def test_odd_batches_give_the_extra_row_to_pskd():
     inputs, soft, labels = _batch(n=5)
     _, _, recorded, _ = BatchAugment("cutout", 10, half_batch=True)(inputs, soft, labels, epoch=1, step=0)
     assert recorded == 3
+    out, targets, recorded, _ = BatchAugment("cutmix", 10, half_batch=True)(
+        inputs[:1], soft[:1], labels[:1], epoch=1, step=0)
+    assert recorded == 1 and torch.equal(out, inputs[:1])  # a batch of one is all PS-KD's
+    assert torch.equal(targets, soft[:1])
 
 
 def test_cskd_partners_get_their_samples_box_and_neighbours():

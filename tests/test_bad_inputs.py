@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import resource
 import shutil
 import signal
@@ -24,11 +25,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from torch.utils.data import TensorDataset
 
+from pskd_store.augment import BatchAugment
+from pskd_store.checkpoint import load_checkpoint
+from pskd_store.data import _split_indices
 from pskd_store.dataset import SoftTargetDataset
 from pskd_store.errors import EpochNotSealedError, StoreError
+from pskd_store.metrics import evaluate
+from pskd_store.models import create_model
+from pskd_store.recipe import TrainConfig
 from pskd_store.run_directory import RunDirectory, RunError
+from pskd_store.sampler import ClassPairBatchSampler
+from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from store_helpers import epoch_probs, make_labels, write_epoch
 
@@ -97,6 +107,32 @@ def dataset_set_once(store: SoftTargetStore, labels: np.ndarray) -> None:
     store.writer(2)
 
 
+def write_after_close(store: SoftTargetStore) -> None:
+    writer = store.writer(2, from_logits=False)
+    writer.write(torch.arange(N), probs())
+    writer.close()
+    try:
+        writer.write(torch.arange(N), probs())
+    finally:
+        store.discard_staging(2, 0)
+
+
+def seal_empty(store: SoftTargetStore) -> None:
+    store.writer(2).close()
+    try:
+        store.seal(2)
+    finally:
+        store.discard_staging(2)
+
+
+def seal_with_scratch(store: SoftTargetStore, scratch: Path) -> None:
+    write_epoch(store, 2, seal=False)
+    try:
+        store.seal(2, scratch_dir=scratch)
+    finally:
+        store.discard_staging(2, 0)
+
+
 def second_writer(store: SoftTargetStore) -> None:
     with store.writer(2):
         store.writer(2)
@@ -127,6 +163,8 @@ API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
      "epoch 7 cannot follow epoch 1 in"),
     ("seal skipping epochs", lambda s, y, t: s.seal(7), StoreError, "write and seal epoch 2 next"),
     ("seal with nothing written", lambda s, y, t: s.seal(2), StoreError, "nothing was written for epoch 2"),
+    ("seal of writers that wrote nothing", lambda s, y, t: seal_empty(s), StoreError,
+     "nothing was written for epoch 2: every writer closed empty"),
     ("second writer of a part", lambda s, y, t: second_writer(s), StoreError, "rank 0 of epoch 2 already has a writer"),
     ("dataset set_epoch only once", lambda s, y, t: dataset_set_once(s, y), StoreError,
      "the SoftTargetDataset on this store is set to epoch 1"),
@@ -152,6 +190,21 @@ API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("unknown dtype", lambda s, y, t: SoftTargetStore.create(t / "other", y, K, dtype="int8"), StoreError,
      "dtype must be one of"),
     ("no store there", lambda s, y, t: SoftTargetStore.open(t / "nowhere"), StoreError, "no pskd-store at"),
+    ("a Zarr group that is no store", lambda s, y, t: SoftTargetStore.open(zarr.open_group(t / "plain").store.root),
+     StoreError, "is a Zarr group but not a pskd-store"),
+    ("open_or_create with other labels", lambda s, y, t: SoftTargetStore.open_or_create(s.url, (y + 1) % K, K),
+     StoreError, "was made for another data set"),
+    ("labels that are not integers", lambda s, y, t: SoftTargetStore.create(t / "other", y.astype(float), K),
+     StoreError, "labels must be a non-empty 1-D array of integer class indices"),
+    ("no epoch kept", lambda s, y, t: SoftTargetStore.create(t / "other", y, K, keep_epochs=0), StoreError,
+     "keep_epochs must be at least 1"),
+    ("unknown compressor", lambda s, y, t: SoftTargetStore.create(t / "other", y, K, blosc={"cname": "nope"}),
+     StoreError, "bad Blosc options {'cname': 'nope'}"),
+    ("epoch 0", lambda s, y, t: s.writer(0), StoreError, "epochs count from 1, got 0"),
+    ("negative rank", lambda s, y, t: s.writer(2, rank=-1), StoreError, "rank must be 0 or more"),
+    ("writing after close", lambda s, y, t: write_after_close(s), StoreError, "this writer of epoch 2 is closed"),
+    ("a scratch directory that is not there", lambda s, y, t: seal_with_scratch(s, t / "nowhere"), StoreError,
+     "cannot seal epoch 2: No such file or directory"),
 ]
 
 
@@ -328,6 +381,20 @@ def test_running_out_of_room_is_one_line_naming_the_path(tmp_path, trained, limi
         assert sealed_snapshot(run / "store") == before
 
 
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """In this process: no file may grow past ``limit`` bytes, and a write that would fails
+    with an error instead of a signal (a full disk), until the block ends."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 def test_a_full_scratch_disk_during_the_seal_loses_nothing_sealed(tmp_path):
     """The seal's scratch file (80 KB) cannot grow: a clear error naming where it was, the
     previous teacher intact, and the epoch sealed once there is room."""
@@ -335,13 +402,10 @@ def test_a_full_scratch_disk_during_the_seal_loses_nothing_sealed(tmp_path):
     write_epoch(store, 1)
     write_epoch(store, 2, seal=False)
     before = sealed_snapshot(Path(store.url))
-    script = (f"from pskd_store.store import SoftTargetStore\n"
-              f"SoftTargetStore.open({store.url!r}).seal(2, scratch_dir={str(tmp_path)!r})\n")
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                            preexec_fn=no_room(16 << 10))
-    assert result.returncode == 1
+    with pytest.raises(StoreError) as caught, file_size_limit(16 << 10):
+        SoftTargetStore.open(store.url).seal(2, scratch_dir=tmp_path)
     assert f"cannot seal epoch 2: File too large, writing the seal's scratch file (pass another scratch_dir) " \
-           f"({tmp_path}); nothing of it was published" in result.stderr
+           f"({tmp_path}); nothing of it was published" in str(caught.value)
     assert sealed_snapshot(Path(store.url)) == before
     reopened = SoftTargetStore.open(store.url)
     reopened.seal(2)
@@ -355,3 +419,90 @@ def test_verify_of_a_path_that_is_no_store_is_one_line(tmp_path):
     (tmp_path / "run" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group"}))
     result = pskd("verify", str(tmp_path / "run"))
     assert result.returncode == 1 and "not a pskd-store" in result.stderr
+
+
+# -- refusals of the library's other pieces (in process) --------------------------------------
+
+
+def _worker_copy(obj):
+    """What a DataLoader worker holds: the object after a pickle round trip."""
+    return pickle.loads(pickle.dumps(obj))
+
+
+def _set_epoch_in_a_worker(store: SoftTargetStore, labels: np.ndarray) -> None:
+    _worker_copy(SoftTargetDataset(base(labels), store, 0.8, 10)).set_epoch(2)
+
+
+def _prepare_in_a_worker(store: SoftTargetStore) -> None:
+    _worker_copy(PredictionService(store)).prepare(1)
+
+
+def _resolved(**options) -> None:
+    TrainConfig(**options).resolved()
+
+
+# (case, action(store, labels, tmp_path), exception, part of the message)
+LIBRARY_CASES: list[tuple[str, Callable, type[Exception], str]] = [
+    ("unknown data set in a config", lambda s, y, t: _resolved(dataset="svhn"), ValueError,
+     "unknown data set 'svhn'; choose one of mnist1d"),
+    ("unknown method in a config", lambda s, y, t: _resolved(method="kd"), ValueError, "unknown method 'kd'"),
+    ("unknown augmentation in a config", lambda s, y, t: _resolved(aug="mixup"), ValueError,
+     "unknown augmentation 'mixup'"),
+    ("no epochs", lambda s, y, t: _resolved(epochs=0), ValueError, "--epochs and --batch-size must be positive"),
+    ("momentum of 1", lambda s, y, t: _resolved(momentum=1.0), ValueError, "--momentum must lie in [0, 1)"),
+    ("negative weight decay", lambda s, y, t: _resolved(weight_decay=-1e-4), ValueError,
+     "--wd must be a non-negative number"),
+    ("a milestone after the last epoch", lambda s, y, t: _resolved(epochs=10, milestones=[11]), ValueError,
+     "lr milestones [11] must lie within 1..10"),
+    ("TF-KD weight above 1", lambda s, y, t: _resolved(tfkd_alpha=1.5), ValueError, "--tfkd-alpha must lie in [0, 1]"),
+    ("CS-KD temperature 0", lambda s, y, t: _resolved(cskd_temperature=0), ValueError,
+     "--cskd-temperature must be positive"),
+    ("negative workers", lambda s, y, t: _resolved(workers=-1), ValueError, "--workers must be 0 or more"),
+    ("unknown augmentation in the step", lambda s, y, t: BatchAugment("mixup", K, half_batch=False), ValueError, "unknown augmentation 'mixup'; choose cutout or cutmix"),
+    ("a model for no classes", lambda s, y, t: create_model("mnist1d_mlp", 0), ValueError, "num_classes must be positive, got 0"),
+    ("integer probabilities to the metrics", lambda s, y, t: evaluate(
+        np.ones((4, K), dtype=np.int64), np.zeros(4, dtype=np.int64)), ValueError, "probs must be a float array"),
+    ("pair batches of no samples", lambda s, y, t: ClassPairBatchSampler(y, 0), ValueError, "batch_size must be at least 1, got 0"),
+    ("a validation split leaving nothing", lambda s, y, t: _split_indices(1, 0.5, 0), ValueError, "val_split=0.5 leaves no training samples out of 1"),
+    ("no checkpoint there", lambda s, y, t: load_checkpoint(t / "last.pt"), FileNotFoundError, "no checkpoint at"),
+    ("set_epoch in a DataLoader worker", lambda s, y, t: _set_epoch_in_a_worker(s, y), RuntimeError,
+     "set_epoch() belongs in the main process"),
+    ("prepare in a DataLoader worker", lambda s, y, t: _prepare_in_a_worker(s), RuntimeError,
+     "prepare() runs in the main process"),
+]
+
+
+@pytest.mark.parametrize("action, error, message", [case[1:] for case in LIBRARY_CASES],
+                         ids=[case[0] for case in LIBRARY_CASES])
+def test_library_misuse_is_refused_naming_the_fix(store, labels, tmp_path, action, error, message):
+    before = sealed_snapshot(Path(store.url))
+    with pytest.raises(error) as caught:
+        action(store, labels, tmp_path)
+    assert message in str(caught.value)
+    assert sealed_snapshot(Path(store.url)) == before
+
+
+def test_a_checkpoint_of_another_world_size_is_refused(tmp_path, trained, data_dir):
+    from pskd_store.training import train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    state["rng"] = state["rng"] * 2  # as two processes would have written it
+    torch.save(state, run / "checkpoints" / "last.pt")
+    config = TrainConfig.load(run / "config.json")
+    with pytest.raises(ValueError, match=r"was checkpointed by 2 process\(es\); resume it with as many"):
+        train(config, run, resume=True, quiet=True)
+
+
+def test_an_ensemble_of_other_data_or_a_split_never_held_out_is_refused(tmp_path, trained):
+    from pskd_store.evaluation import evaluate_checkpoints
+
+    state = torch.load(trained / "checkpoints" / "last.pt", weights_only=False)
+    state["config"] = {**state["config"], "val_split": 0.1}
+    other = tmp_path / "other.pt"
+    torch.save(state, other)
+    with pytest.raises(ValueError, match="an ensemble needs checkpoints trained on the same data set and split"):
+        evaluate_checkpoints([trained / "checkpoints" / "last.pt", other])
+    with pytest.raises(ValueError, match="these runs held out no validation split"):
+        evaluate_checkpoints([trained / "checkpoints" / "last.pt"], split="val")

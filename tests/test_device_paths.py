@@ -209,3 +209,10 @@ def test_amp_runs_the_model_in_bfloat16_and_the_writer_upcasts(tmp_path):
 
 def test_only_the_cuda_device_type_is_an_accelerator_by_default():
     assert accelerator_for("cpu") is None and accelerator_for(torch.device("cuda", 1)) is ACCELERATORS["cuda"]
+
+
+def test_the_cuda_accelerator_has_no_generator_state_while_cuda_is_unused():
+    """Checkpointing on a machine where CUDA was never initialised must not initialise it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("CUDA is in use in this process")
+    assert ACCELERATORS["cuda"].rng_state() is None

@@ -244,3 +244,41 @@ def test_carried_rows_are_not_predictions(tmp_path):
     assert report["runs"][0]["hard_found"] == 1
     assert report["runs"][0]["mean_final_true_prob"] == pytest.approx(0.7, abs=F16_TOL)  # 12's epoch 3; 13 has none
     assert_pngs(report["files"], {"trajectories.png"})  # NaN gaps plot
+
+
+def test_a_directory_that_is_no_run_is_refused(tmp_path):
+    code, output = invoke(tmp_path)
+    assert code == 1 and f"no store in {tmp_path}: was it made by `pskd-store train`?" in output
+
+
+def test_a_run_with_no_sealed_epoch_is_refused(tmp_path):
+    SoftTargetStore.create(tmp_path / "store", LABELS, K)
+    code, output = invoke(tmp_path)
+    assert code == 1 and "has no sealed epoch yet: train at least one epoch first" in output
+
+
+def test_a_run_without_config_is_read_and_a_damaged_config_is_named(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["ce"], run)
+    (run / "config.json").unlink()
+    assert load_run(run).config == {}  # a run made by hand may have none
+    (run / "config.json").write_text("{\"method\": ")
+    code, output = invoke(run, "--out", tmp_path / "out")
+    assert code == 1 and f"{run / 'config.json'} is not valid JSON" in output
+
+
+def test_blank_lines_in_metrics_are_skipped_and_a_partial_eval_file_is_named(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs["ce"], run)
+    with open(run / "metrics.jsonl", "a") as metrics:
+        metrics.write("\n\n")
+    assert len(load_run(run).metrics) == EPOCHS
+    np.savez(run / "eval" / "test_probs.npz", probs=np.ones((2, K), np.float32))
+    code, output = invoke(run, "--out", tmp_path / "out")
+    assert code == 1 and "test_probs.npz lacks ['labels']: rerun `pskd-store eval" in output
+
+
+def test_runs_with_other_labels_are_refused(runs, tmp_path):
+    other = make_run(tmp_path, "shifted", {}, "ce", labels=(LABELS + 1) % K)
+    code, output = invoke(runs["ce"], other, "--out", tmp_path / "out")
+    assert code == 1 and "with different labels" in output and "same data set and split" in output

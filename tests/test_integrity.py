@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,7 +19,8 @@ import pytest
 import torch
 import zarr
 
-from pskd_store.errors import StoreDamagedError
+from pskd_store.errors import StoreDamagedError, StoreError
+from pskd_store.integrity import row_ranges
 from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from pskd_store.verify import verify_path
@@ -218,3 +220,130 @@ def test_training_resumed_on_a_damaged_teacher_stops_with_one_line(tmp_path):
     verify = run_cli("verify", str(run))
     assert verify.returncode == 1 and "DAMAGED  teacher of epoch 2: rows 0-" in verify.stdout
     assert json.loads(run_cli("verify", str(run), "--json").stdout)["ok"] is False
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda meta: meta.update(shape=[N + 1, K]), f"shape ({N + 1}, {K}), expected ({N}, {K})"),
+    (lambda meta: meta.update(data_type="float32"), "dtype float32, expected float16"),
+    (lambda meta: meta["chunk_grid"]["configuration"].update(chunk_shape=[CHUNK // 2, K]),
+     f"{CHUNK // 2} rows per chunk, expected {CHUNK}"),
+    (lambda meta: meta["chunk_grid"]["configuration"].update(chunk_shape=[CHUNK, K - 1]),
+     f"chunks ({CHUNK}, {K - 1}), expected whole rows"),
+])
+def test_each_edit_of_an_arrays_metadata_is_named(store, edit, problem):
+    meta_path = Path(store.url) / "teacher/epoch_0003/zarr.json"
+    meta = json.loads(meta_path.read_text())
+    edit(meta)
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreDamagedError, match="the metadata of teacher/epoch_0003 was changed: " + re.escape(problem)):
+        reopen(store).read_epoch(3)
+
+
+def test_a_chunk_that_does_not_decode_is_named_apart_from_a_checksum(store):
+    """A chunk file whose checksum matches but whose bytes do not decompress: an array
+    written without the checksum codec's protection would read as garbage otherwise."""
+    import google_crc32c
+
+    path = chunk(store, "teacher/epoch_0003", 1)
+    payload = b"not blosc at all" * 4
+    path.write_bytes(payload + google_crc32c.Checksum(payload).digest()[::-1])  # zarr's crc32c: little-endian
+    with pytest.raises(StoreDamagedError, match=r"teacher of epoch 3 .* rows 16-31 cannot be decoded"):
+        reopen(store).read_epoch(3)
+
+
+def test_row_ranges_merge_adjacent_chunks():
+    assert row_ranges([(32, 48), (0, 16), (16, 32), (64, 80)]) == ["0-47", "64-79"]
+
+
+def test_a_store_of_another_schema_is_refused(store):
+    root_path = Path(store.url) / "zarr.json"
+    root = json.loads(root_path.read_text())
+    root["attributes"]["pskd_store"]["schema_version"] = 1
+    root_path.write_text(json.dumps(root))
+    with pytest.raises(StoreError, match="has store schema 1, this pskd-store reads schema 2"):
+        reopen(store)
+
+
+def test_rolling_back_past_the_kept_teachers_is_refused(store):
+    with pytest.raises(StoreError, match=r"cannot roll back to epoch 1: its predictions were pruned \(kept: \[2, 3\]\)"):
+        store.rollback(1)
+    assert reopen(store).sealed_epochs == [1, 2, 3]
+
+
+def _edit_root(store: SoftTargetStore, edit) -> None:
+    root_path = Path(store.url) / "zarr.json"
+    root = json.loads(root_path.read_text())
+    edit(root["attributes"]["pskd_store"])
+    root_path.write_text(json.dumps(root))
+
+
+def test_verify_reports_edited_statistics_damaged_labels_and_a_lost_trajectory_array(store):
+    _edit_root(store, lambda meta: meta["epochs"].pop("2"))
+    flip_byte(chunk(store, "labels"))
+    (Path(store.url) / "trajectory/epoch_0001/argmax/zarr.json").unlink()
+    findings = {str(f) for f in verify_path(store.url).findings}
+    assert "epoch 2: is sealed but has no statistics or seal token: the root metadata was edited" in findings
+    assert any(f.startswith("labels: the labels array") for f in findings)
+    assert any(f.startswith("trajectory of epoch 1 (argmax): ") and "cannot be opened" in f for f in findings)
+
+
+def _rewrite_cache(path: Path, array: np.ndarray) -> None:
+    """Replace a cached teacher file, with a matching checksum beside it (a cache that
+    passes its own check but no longer holds what the store holds)."""
+    from pskd_store.service import _file_crc32c
+
+    np.save(path, array)
+    path.with_name(path.name + ".crc32c").write_text(_file_crc32c(path) + "\n")
+
+
+def test_verify_compares_a_cache_with_a_valid_checksum_against_the_store(store):
+    service = PredictionService(store)
+    cached = service.path(3, service.prepare(3))
+    rows = np.load(cached)
+    rows[::2] = rows[::2][:, ::-1]  # every other row changed: more row ranges than a line lists
+    _rewrite_cache(cached, rows)
+    findings = [str(f) for f in verify_path(store.url).findings]
+    assert findings == [f"memory-map cache of epoch 3: rows 0-0, 2-2, 4-4, 6-6, 8-8 and {N // 2 - 5} more ranges "
+                        "differ from the store (a cache: it is decoded again when deleted)"]
+    _rewrite_cache(cached, rows[:10])
+    findings = [str(f) for f in verify_path(store.url).findings]
+    assert findings == [f"memory-map cache {cached}: holds a float16 array of shape (10, {K})"]
+
+
+def test_verify_checks_a_run_directorys_files(tmp_path, labels):
+    from pskd_store.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    store = SoftTargetStore.create(run / "store", labels, K, chunk_rows=CHUNK)
+    write_epoch(store, 1)
+    (run / "config.json").write_text("{\"dataset\": ")
+    (run / "metrics.jsonl").write_text("{\"epoch\": 1}\n{oops\n")
+    save_checkpoint(run / "checkpoints" / "last.pt", model={}, epoch=2, rng=[])
+    findings = {str(f) for f in verify_path(run).findings}
+    assert any(f.startswith(f"{run / 'config.json'}: is not valid JSON") for f in findings)
+    assert any(f.startswith(f"{run / 'metrics.jsonl'}: ") and "line 2" in f for f in findings)
+    assert f"{run / 'checkpoints' / 'last.pt'}: was written after epoch 2, which the store has not sealed " \
+           "(sealed: [1]): the store lost epochs the model trained on" in findings
+    (run / "checkpoints" / "last.pt").write_bytes(b"cut short")
+    findings = {str(f) for f in verify_path(run).findings}
+    assert any(f.startswith(f"{run / 'checkpoints' / 'last.pt'}: ") and "not a readable checkpoint" in f
+               for f in findings)
+
+
+def test_staged_ids_rewritten_out_of_range_stop_the_seal(store):
+    write_epoch(store, 4, seal=False)
+    ids = zarr.open_array(Path(store.url) / "staging/epoch_0004/writer_0000/ids", mode="r+")
+    ids[5] = N + 3  # with a valid checksum
+    with pytest.raises(StoreError, match=f"staged ids of writer 0 fall outside \\[0, {N}\\)"):
+        reopen(store).seal(4)
+    assert reopen(store).sealed_epochs == [1, 2, 3]
+
+
+def test_a_scratch_file_shorter_than_written_stops_the_seal(store, monkeypatch):
+    from pskd_store import merge
+
+    write_epoch(store, 4, seal=False)
+    monkeypatch.setattr(merge, "_pwrite", lambda fd, rows, offset: None)  # writes that never reached the disk
+    with pytest.raises(StoreError, match="the seal's scratch file ended early: is its disk full?"):
+        reopen(store).seal(4)
+    assert reopen(store).sealed_epochs == [1, 2, 3]

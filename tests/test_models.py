@@ -328,3 +328,20 @@ def test_unknown_name_suggests_close_matches() -> None:
 def test_bare_torchvision_name_suggests_prefixed_one() -> None:
     with pytest.raises(ValueError, match="tv_resnet152"):
         input_kind("resnet152")
+
+
+def test_googlenet_and_inception_train_without_auxiliary_heads() -> None:
+    """Built with aux_logits=False: in train mode they return the logits tensor the loss
+    and the writer take, not torchvision's (logits, aux1, aux2) named tuple."""
+    model = create_model("tv_googlenet", 10).train()
+    out = model(torch.randn(2, 3, 64, 64))
+    assert isinstance(out, torch.Tensor) and out.shape == (2, 10)
+    assert model.aux1 is None and model.aux2 is None
+
+
+def test_module_reprs_name_their_settings() -> None:
+    from pskd_store.data import Lighting
+    from pskd_store.models.cifar import ShakeDrop
+
+    assert repr(ShakeDrop(0.25)) == "ShakeDrop(p_drop=0.2500)"
+    assert repr(Lighting(0.1)) == "Lighting(alphastd=0.1)"

@@ -23,6 +23,9 @@ def test_top_level_names_are_the_custom_loop_api():
 
     assert SoftTargetStore is defined_store and SoftTargetDataset is defined_dataset
     assert issubclass(StoreError, ValueError) and alpha_t(2, 4, 0.8) == pytest.approx(0.4)
+    import pskd_store
+
+    assert {"SoftTargetStore", "SoftTargetDataset", "alpha_t"} <= set(dir(pskd_store))  # for completion
     assert {PredictionService.__name__, PredictionWriter.__name__, soft_target.__name__} == {
         "PredictionService", "PredictionWriter", "soft_target"}
     with pytest.raises(AttributeError, match="no attribute 'SoftTargetStor'"):

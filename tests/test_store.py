@@ -652,3 +652,93 @@ def test_create_over_existing_store_is_refused(store, labels):
 def test_bad_labels_at_create(tmp_path):
     with pytest.raises(StoreError, match=r"labels must lie in \[0, num_classes=3\)"):
         SoftTargetStore.create(tmp_path / "s", np.array([0, 1, 5]), 3)
+
+
+# -- claims racing with other processes (the moments a real race would hit, made to happen) ----
+
+
+def test_a_claim_taken_at_the_same_moment_by_another_writer_is_refused(store, monkeypatch):
+    from dataclasses import asdict
+
+    from pskd_store import staging
+
+    other = staging.Owner(pid=1, host="elsewhere", machine="another machine", started=None, token="0" * 16)
+    real = staging._store_set_if_absent
+
+    def raced(zstore, key, data):  # the other writer's claim lands first
+        real(zstore, key, json.dumps(asdict(other)).encode())
+        real(zstore, key, data)
+
+    monkeypatch.setattr(staging, "_store_set_if_absent", raced)
+    with pytest.raises(StoreError, match="another writer .*process 1 on elsewhere.* claimed rank 0 of epoch 1 "
+                                         "at the same moment"):
+        store.writer(1)
+
+
+def test_a_part_closed_by_its_owner_while_claiming_is_refused_and_the_claim_withdrawn(store, monkeypatch):
+    from dataclasses import asdict
+
+    from pskd_store import staging
+
+    real = staging._store_set_if_absent
+
+    def closed_meanwhile(zstore, key, data):
+        real(zstore, key, data)
+        if "/owners/" in key:  # the previous owner closes its part right after our check
+            part = store._group.require_group("staging/epoch_0001/writer_0000")
+            part.attrs.update(closed=True, rows=3, owner=asdict(staging.Owner.this_process()))
+
+    monkeypatch.setattr(staging, "_store_set_if_absent", closed_meanwhile)
+    with pytest.raises(StoreError, match="rank 0 of epoch 1 already closed its staging part"):
+        store.writer(1)
+    assert store.staging(1)._claims(0) == []  # our claim was withdrawn
+
+
+def test_a_group_made_by_another_process_at_the_same_moment_is_used(store, monkeypatch):
+    import zarr
+
+    real = zarr.Group.require_group
+
+    def made_meanwhile(group, path, **kwargs):
+        real(group, path, **kwargs)  # the other process wins the race to create it
+        raise zarr.errors.ContainsGroupError(path)
+
+    monkeypatch.setattr(zarr.Group, "require_group", made_meanwhile)
+    write_epoch(store, 1)
+    assert store.sealed_epochs == [1]
+
+
+def test_owners_are_checked_with_signals_where_proc_is_missing(monkeypatch):
+    from pskd_store import staging
+
+    monkeypatch.setattr(staging, "_proc_stat", lambda pid: None)  # not Linux: no start times
+    assert staging._running(os.getpid(), None)
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not staging._running(child.pid, None)
+
+    def not_permitted(pid, sig):
+        raise PermissionError(pid)
+
+    monkeypatch.setattr(os, "kill", not_permitted)  # another user's live process
+    assert staging._running(1, None)
+
+
+def test_a_store_never_written_rolls_back_to_nothing(tmp_path):
+    store = SoftTargetStore.create(tmp_path / "store", make_labels(N, K), K)
+    assert store.rollback(0) == []
+
+
+def test_a_part_that_cannot_be_made_fails_the_writer_naming_the_store(store, monkeypatch):
+    import errno
+
+    def no_room(part, *args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(PartWriter, "create", no_room)
+    with pytest.raises(StoreError, match="the prediction writer of epoch 1 failed: No space left on device"):
+        with store.writer(1) as writer:
+            writer.write(torch.arange(N), torch.randn(N, K))
+    monkeypatch.undo()
+    write_epoch(store, 1)  # the failed writer gave its part up
+    assert store.sealed_epochs == [1]

@@ -61,6 +61,18 @@ def test_a_store_says_what_its_rows_hold(store):
         assert str(made.layout.class_dtype) == dtype
 
 
+def test_class_ids_beyond_65536_round_trip_through_uint32(tmp_path):
+    """A vocabulary-sized K: class ids above uint16's range keep their values."""
+    classes = 70_000
+    layout = SoftTargetStore.create(tmp_path / "store", np.arange(3), classes, topk=3).layout
+    probs = torch.zeros(2, classes)
+    probs[0, [69_999, 65_536, 3]] = torch.tensor([0.5, 0.3, 0.2])
+    probs[1, [1, 66_000, 2]] = torch.tensor([0.6, 0.3, 0.1])
+    values, ids = layout.unpack(layout.encode(probs).numpy())
+    assert ids.dtype == np.uint32 and ids.tolist() == [[69_999, 65_536, 3], [1, 66_000, 2]]
+    np.testing.assert_allclose(values, [[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]], atol=1e-3)
+
+
 def test_rows_rebuild_exactly_as_defined(store, logits, labels):
     with store.writer(1) as writer:
         writer.write(torch.arange(90), logits[:90])  # ids 90.. are never written: one-hot

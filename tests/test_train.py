@@ -341,3 +341,11 @@ def test_fashion_mnist_with_self_distillation_and_cutmix_end_to_end(tmp_path, fa
     assert config["arch"] == "fmnist_cnn" and config["method"] == method and config["aug"] == "cutmix"
     store = SoftTargetStore.open(run / "store")
     assert store.sealed_epochs == [1, 2] and store.num_samples == 120 and store.num_classes == 10
+
+
+def test_the_progress_bar_shows_loss_error_alpha_and_speed(tmp_path, data_dir, capsys):
+    config = TrainConfig(epochs=2, steps_per_epoch=11, data_dir=str(data_dir)).resolved()
+    train(config, tmp_path / "run", quiet=False)
+    bars = capsys.readouterr().err
+    assert "epoch 2/2" in bars and "alpha_t=0.800" in bars and "loss=" in bars and "samples_s=" in bars
+    assert "11/11" in bars  # updated on the last step too, not only every 10th
