@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pskd_store.run_directory import RunDirectory
+from pskd_store.run_directory import RunDirectory, RunError, writing
 from pskd_store.store import StoreError
 
 
@@ -46,6 +46,10 @@ def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str,
         raise click.ClickException(str(err)) from err
     run = RunDirectory(paths[0].parent.parent)
     output = Path(output) if output is not None else run.eval_probs(split, ensemble=len(paths) > 1)
-    run.write_eval_probs(probs, labels, sources=[str(p) for p in paths], path=output)
+    try:
+        with writing(output, then="evaluate again (or pass --output elsewhere)"):
+            run.write_eval_probs(probs, labels, sources=[str(p) for p in paths], path=output)
+    except RunError as err:
+        raise click.ClickException(str(err)) from err
     click.echo(json.dumps({"checkpoints": [str(p) for p in paths], "split": split, **metrics,
                            "probs": str(output)}, indent=2))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from pskd_store.errors import os_problem
 from pskd_store.run_directory import RunDirectory
 from pskd_store.store import SoftTargetStore, StoreError
 
@@ -21,18 +22,23 @@ def resolve_store(path: str) -> str:
 @click.argument("store")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 def info_command(store: str, as_json: bool) -> None:
-    """Print the summary of STORE (a store path, fsspec URL or run directory)."""
+    """Print the summary of STORE (a store path, fsspec URL or run directory): what its
+    metadata says. It reads no chunk: `pskd-store verify` checks the data itself."""
     try:
         summary = SoftTargetStore.open(resolve_store(store), read_only=True).summary()
     except StoreError as err:
         raise click.ClickException(str(err)) from err
+    except OSError as err:  # permission denied, say
+        raise click.ClickException(f"cannot read {store}: {os_problem(err, store)}") from err
     if as_json:
-        click.echo(json.dumps(summary, indent=2))
+        click.echo(json.dumps({**summary, "checked": "metadata only: no chunk read (pskd-store verify reads them)"},
+                              indent=2))
         return
     click.echo(f"store        {summary['url']}")
     click.echo(f"samples      N={summary['num_samples']}  classes K={summary['num_classes']}")
     click.echo(f"storage      {summary['rows']} rows, {summary['chunk_rows']} per chunk, blosc {summary['blosc']}")
     click.echo(f"sealed       {summary['sealed_epochs'] or 'none'}  (teacher kept: {summary['teacher_epochs']})")
+    click.echo("checked      metadata only, no chunk read: `pskd-store verify` checks every chunk and row")
     for epoch, info in summary["epochs"].items():
         stored, raw = info["nbytes_stored"], info["nbytes"]
         kept = "" if epoch in summary["teacher_epochs"] else "  (pruned; trajectory kept)"

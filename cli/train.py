@@ -144,9 +144,12 @@ PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "
               help="Run directory; default runs/<dataset>-<arch>-<method>-<time>.")
 @click.option("--resume", type=click.Path(file_okay=False, exists=True),
               help="Continue this run directory from its last checkpoint, with its saved config.")
+@click.option("--from-epoch", type=int, metavar="E",
+              help="With --resume: continue after epoch E from the checkpoint kept for it (the previous one), "
+                   "rolling the store back to E: when the last checkpoint or the newest teacher is damaged.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars: one log line per epoch.")
 @click.pass_context
-def train_command(ctx: click.Context, resume: str | None, quiet: bool, **options) -> None:
+def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None, quiet: bool, **options) -> None:
     """Train a classifier with PS-KD (or a baseline), keeping every epoch's predictions
     in the run's Zarr store and reporting test error, NLL, ECE and AURC every epoch.
 
@@ -161,6 +164,8 @@ def train_command(ctx: click.Context, resume: str | None, quiet: bool, **options
     from pskd_store.training import train  # torch/torchvision import only when training
 
     is_main = int(os.environ.get("RANK", "0")) == 0
+    if from_epoch is not None and not resume:
+        raise click.UsageError("--from-epoch goes with --resume RUN: it picks the checkpoint to continue from")
     try:
         if resume:
             given = [name for name in RUN_OPTIONS if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
@@ -192,7 +197,7 @@ def train_command(ctx: click.Context, resume: str | None, quiet: bool, **options
         if is_main:  # one log, one progress bar: rank 0's
             setup_logging(RunDirectory(directory).log)
             logging.getLogger("pskd_store.train").info("run directory %s", directory)
-        summary = train(config, directory, resume=bool(resume), quiet=quiet)
+        summary = train(config, directory, resume=bool(resume), from_epoch=from_epoch, quiet=quiet)
     except (ValueError, OSError, StoreError) as err:  # each names its file and the fix
         raise click.ClickException(str(err)) from err
     if summary is None:  # another rank than 0 of a torchrun launch

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from .errors import os_problem
 from .metrics import reliability_bins
 from .run_directory import RunDirectory, RunError
 from .store import SoftTargetStore, StoreError
@@ -59,6 +60,13 @@ def load_run(path: str | Path) -> RunData:
             f"run directory {run.path} does not exist: pass a directory written by "
             "`pskd-store train` (it holds config.json and store/)"
         )
+    try:
+        return _read_run(run)
+    except OSError as err:  # permission denied, say
+        raise RunError(f"cannot read {run.path}: {os_problem(err, run.path)}") from err
+
+
+def _read_run(run: RunDirectory) -> RunData:
     if not run.is_run():
         raise RunError(f"no store in {run.path}: was it made by `pskd-store train`?")
     try:

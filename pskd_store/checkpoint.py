@@ -4,8 +4,8 @@ never the prediction table, which lives in the store."""
 from __future__ import annotations
 
 import os
-import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +36,13 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         accelerator.set_rng_state(state[device.type])
 
 
-def save_checkpoint(path: Path, **state: Any) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any], *, previous: Path | None = None) -> None:
     """Write to a temporary file beside ``path``, then rename: a crash never leaves half a file.
 
-    ``state`` must include ``rng``: one :func:`rng_state` per rank, in rank order.
+    ``state`` must include ``epoch`` and ``rng`` (one :func:`rng_state` per rank, in rank
+    order). With ``previous``, the checkpoint ``path`` held is kept there (a hard link,
+    renamed into place before the new one is), so a crash at any point leaves ``path``
+    whole and ``previous`` one epoch older or the same.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -48,16 +51,47 @@ def save_checkpoint(path: Path, **state: Any) -> None:
     except RuntimeError as err:  # torch's writer reports a failed write (a full disk) this way
         tmp.unlink(missing_ok=True)
         raise OSError(f"torch.save could not write it, is the disk full? ({str(err).splitlines()[0]})") from err
+    if previous is not None and path.exists():
+        link_into_place(path, previous)
     os.replace(tmp, path)
 
 
+def link_into_place(source: Path, target: Path) -> None:
+    """Make ``target`` the same file as ``source`` (a hard link, no copy), atomically."""
+    link = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    link.unlink(missing_ok=True)
+    os.link(source, link)
+    os.replace(link, target)
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint whose bytes are not what torch.save wrote, or that cannot be read."""
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
+    """The checkpoint at ``path``, after every record of it matched the CRC-32 that
+    torch.save wrote beside it in the file (torch.load itself checks none)."""
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}: pass a run directory or a .pt file written by train")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointDamagedError(f"{path} {problem}")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with the checkpoint file at ``path``, or None when it is whole: torch.save
+    writes a zip archive whose every record carries a CRC-32, checked here record by record."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (EOFError, RuntimeError, pickle.UnpicklingError) as err:
-        raise ValueError(
-            f"{path} is not a readable checkpoint ({err}): it was cut short or damaged; "
-            "delete it to resume the run from epoch 1, or restore it from a backup"
-        ) from err
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        return f"is not a readable checkpoint ({err}): it was cut short or damaged"
+    if damaged is not None:
+        return f"is damaged: its record {damaged} does not match the CRC-32 torch.save wrote for it (flipped bits)"
+    return None
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The epoch a checkpoint was written after, read without loading its tensors."""
+    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])

@@ -65,7 +65,10 @@ class Distributed:
 def select_device(name: str) -> torch.device:
     """The device the user asked for ("auto": a GPU when one is visible), refusing a GPU
     this process cannot see."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    try:
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    except RuntimeError as err:
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name}: no CUDA GPU is visible to this process; use --device cpu (or auto)")
     return device

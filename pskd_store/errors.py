@@ -8,6 +8,10 @@ class StoreError(ValueError):
     """Bad use of a store: the message names the problem and the fix."""
 
 
+class StoreNotFoundError(StoreError):
+    """No store where one was asked for (a new run creates it there)."""
+
+
 class EpochNotSealedError(StoreError, KeyError):
     """An epoch was asked for that was never sealed (or was pruned)."""
 

@@ -9,17 +9,23 @@ name what was damaged, the rows, and `pskd-store verify`.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import google_crc32c
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from .errors import StoreDamagedError
 
 ARRAY_CONFIG = {"write_empty_chunks": True}  # every chunk exists: a missing one is damage
+READ_BACK_BATCH = 32  # chunks fetched at once by stored_digest: tens of MiB, parallel requests to an object store
 
 
 def codecs_with_checksum(compressor: zarr.codecs.BloscCodec | None) -> tuple:
@@ -92,6 +98,14 @@ class CheckedArray:
                 self.what, self.url, f"rows {_ranges([d.rows for d in damaged])} "
                 f"{damaged[0].problem}")) from err
 
+    def reject(self, bad: np.ndarray, start: int, problem: str) -> None:
+        """Raise :class:`StoreDamagedError` naming the rows ``start + i`` where ``bad[i]``:
+        rows whose checksums hold but whose values cannot be what the store wrote."""
+        rows = np.flatnonzero(bad)
+        if len(rows):
+            ranges = [(start + int(r), start + int(r) + 1) for r in rows]
+            raise StoreDamagedError(_message(self.what, self.url, f"rows {_ranges(ranges)} {problem}"))
+
     def damaged_chunks(self, start: int = 0, stop: int | None = None) -> Iterator[DamagedChunk]:
         """Every chunk of rows ``start:stop`` that is missing or does not decode, read one
         at a time (what `verify` and error messages report)."""
@@ -123,6 +137,35 @@ class CheckedArray:
     def _rows(self, chunk: int) -> tuple[int, int]:
         rows = self.array.chunks[0]
         return chunk * rows, min(len(self), (chunk + 1) * rows)
+
+
+def stored_digest(arrays: list[CheckedArray]) -> str:
+    """Read every chunk of ``arrays`` back as stored: each must be present and match the
+    crc32c that follows its bytes. Returns a SHA-256 over the chunks' keys and checksums:
+    a digest of exactly these stored bytes, computed from what the checksums already hold.
+    A chunk rewritten later — even with a valid checksum of its own — changes it."""
+    digest = hashlib.sha256()
+    for checked in arrays:
+        array = checked.array
+        coords = list(itertools.product(*(range(n) for n in array.cdata_shape)))
+        keys = [f"{array.path}/{array.metadata.encode_chunk_key(c)}" for c in coords]
+        for lo in range(0, len(keys), READ_BACK_BATCH):
+            batch = keys[lo:lo + READ_BACK_BATCH]
+            for coord, key, data in zip(coords[lo:lo + READ_BACK_BATCH], batch, sync(_get_many(array.store, batch))):
+                rows = checked._rows(coord[0])
+                if data is None:
+                    raise StoreDamagedError(_message(checked.what, checked.url, f"rows {_ranges([rows])} are "
+                                                     "missing (their chunk was lost while it was written)"))
+                if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+                    raise StoreDamagedError(_message(checked.what, checked.url, f"rows {_ranges([rows])} do not "
+                                                     "match their checksum (their bytes changed after they were written)"))
+                digest.update(key.encode() + b"\0" + data[-4:])
+    return digest.hexdigest()
+
+
+async def _get_many(store, keys: list[str]) -> list[bytes | None]:
+    buffers = await asyncio.gather(*(store.get(key, prototype=default_buffer_prototype()) for key in keys))
+    return [None if buffer is None else buffer.to_bytes() for buffer in buffers]
 
 
 async def _list(store, prefix: str) -> list[str]:

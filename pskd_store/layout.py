@@ -29,6 +29,9 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return getattr(torch, dtype.name)
 
 
+# why rows that layout.unreadable() flags are refused (a StoreDamagedError's problem)
+UNREADABLE_ROWS = "name class ids outside [0, K): their chunks were rewritten with valid checksums"
+
 class DenseRows:
     """All K probabilities of a row."""
 
@@ -71,6 +74,10 @@ class DenseRows:
         index = np.arange(len(rows))
         argmax = _argmax(rows)
         return {"argmax": argmax, "max_prob": rows[index, argmax], "true_prob": rows[index, labels]}
+
+    def unreadable(self, rows: np.ndarray) -> np.ndarray:
+        """(B,) rows that cannot be turned into a target at all (none, for dense rows)."""
+        return np.zeros(len(rows), dtype=bool)
 
     def valid(self, rows: np.ndarray, tolerance: float) -> np.ndarray:
         """(B,) rows that are probability vectors: finite, non-negative, summing to 1."""
@@ -134,6 +141,10 @@ class TopKRows(DenseRows):
         np.put_along_axis(out, classes.astype(np.int64), values, axis=1)
         return out
 
+    def unreadable(self, rows: np.ndarray) -> np.ndarray:
+        """(B,) rows naming a class id outside [0, K): no target can put a value there."""
+        return (self.unpack(rows)[1] >= self.num_classes).any(axis=1)
+
     def onehot(self, labels: np.ndarray) -> np.ndarray:
         values = np.zeros((len(labels), self.topk), dtype=self.value_dtype)
         values[:, 0] = 1
@@ -155,7 +166,7 @@ class TopKRows(DenseRows):
         ok = np.isfinite(values32).all(axis=1) & (values32 >= 0).all(axis=1)
         ok &= (np.diff(values32, axis=1) <= 0).all(axis=1) & (values32.sum(axis=1) <= 1 + tolerance)
         ordered = np.sort(classes, axis=1)
-        return ok & (classes < self.num_classes).all(axis=1) & (np.diff(ordered.astype(np.int64), axis=1) > 0).all(axis=1)
+        return ok & ~self.unreadable(rows) & (np.diff(ordered.astype(np.int64), axis=1) > 0).all(axis=1)
 
 
 def row_layout(num_classes: int, dtype: str | np.dtype, topk: int | None) -> DenseRows:

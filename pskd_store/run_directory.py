@@ -31,14 +31,15 @@ class RunError(ValueError):
 
 
 @contextlib.contextmanager
-def writing(path: Path) -> Iterator[None]:
+def writing(path: Path, then: str = "--resume the run") -> Iterator[None]:
     """Turn a failed write (permission denied, read-only file system, full disk) into one
-    RunError naming ``path``, which a write to an open file does not carry."""
+    RunError naming ``path``, which a write to an open file does not carry, and what to
+    do ``then``."""
     try:
         yield
     except OSError as err:
         raise RunError(f"cannot write {path}: {err.strerror or err}; free space or make it writable, "
-                       "then --resume the run") from err
+                       f"then {then}") from err
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,12 @@ class RunDirectory:
     @property
     def checkpoint(self) -> Path:
         return self.path / "checkpoints" / "last.pt"
+
+    @property
+    def previous_checkpoint(self) -> Path:
+        """The checkpoint ``last.pt`` replaced: one epoch older, to resume from when the
+        last one or the newest teacher is damaged."""
+        return self.path / "checkpoints" / "previous.pt"
 
     @property
     def metrics(self) -> Path:
@@ -111,9 +118,10 @@ class RunDirectory:
             yield
 
     def remove_temporary_files(self) -> list[Path]:
-        """Half-written files a killed process left behind (checkpoints and decoded
-        teachers are written to a temporary name, then renamed)."""
-        leftovers = [*self.checkpoint.parent.glob(".*.tmp"), *self.path.glob("store.mmap/*.tmp")]
+        """Half-written files a killed process left behind (checkpoints, decoded teachers
+        and zarr's chunks in the run's store are written to a temporary name, then renamed)."""
+        leftovers = [*self.checkpoint.parent.glob(".*.tmp"), *self.path.glob("store.mmap/*.tmp"),
+                     *self.store.rglob("*.partial")]
         for path in leftovers:
             path.unlink(missing_ok=True)
         return leftovers

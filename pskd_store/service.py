@@ -31,6 +31,7 @@ import torch
 from .distributed import torchrun_environment
 from .errors import StoreError, os_problem
 from .integrity import CheckedArray
+from .layout import UNREADABLE_ROWS, DenseRows
 from .staging import epoch_key
 from .store import SoftTargetStore
 
@@ -85,7 +86,7 @@ class PredictionService:
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as file:
-                checksum = _write_npy(file, teacher)
+                checksum = _write_npy(file, teacher, self.layout)
             _checksum_path(path).write_text(checksum + "\n")
             os.replace(tmp, path)
         finally:
@@ -100,7 +101,13 @@ class PredictionService:
         key = (epoch, token)
         view = self._maps.get(key)
         if view is None:
-            view = np.load(self.path(epoch, token), mmap_mode="r")
+            try:
+                view = np.load(self.path(epoch, token), mmap_mode="r")
+            except FileNotFoundError as err:
+                raise StoreError(
+                    f"epoch {epoch} was not prepared under seal token {token} in {self.cache_dir}: call "
+                    "prepare(epoch) in the main process and look up with the token it returns "
+                    "(SoftTargetDataset.set_epoch does both)") from err
             self._maps = {key: view}  # one epoch mapped at a time per process
         return view
 
@@ -150,9 +157,11 @@ def _file_crc32c(path: Path) -> str:
     return checksum.hexdigest().decode()
 
 
-def _write_npy(file: BinaryIO, array: CheckedArray) -> str:
+def _write_npy(file: BinaryIO, array: CheckedArray, layout: DenseRows) -> str:
     """``array`` as a ``.npy`` file, decoded a slice of whole chunks at a time; returns the
-    crc32c of the bytes written (computed as they are written: the file is not read back)."""
+    crc32c of the bytes written (computed as they are written: the file is not read back).
+    Rows no target can be made of (``layout.unreadable``) are refused here, once an epoch,
+    so that lookups never meet them."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         header, {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": array.shape})
@@ -163,6 +172,7 @@ def _write_npy(file: BinaryIO, array: CheckedArray) -> str:
     step = max(1, SLICE_BYTES // (chunk_rows * row_bytes)) * chunk_rows
     for start in range(0, array.shape[0], step):
         rows = np.ascontiguousarray(array[start:start + step])
+        array.reject(layout.unreadable(rows), start, UNREADABLE_ROWS)
         rows.setflags(write=False)  # google_crc32c reads read-only buffers only
         checksum.update(rows)
         file.write(rows.data)

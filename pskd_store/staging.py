@@ -23,11 +23,14 @@ namespace. An owner on another machine cannot be checked; it is refused, and the
 names ``discard_staging`` as the fix once that process is known to be gone.
 
 What the claim guarantees depends on the backend. ``LocalStore`` (zarr 3.1) creates a
-claim with a hard link, atomic on POSIX file systems: two writers racing for one part
-never both win. ``FsspecStore`` (``s3://``, ``gs://``, ``memory://``) has no
-create-if-absent in zarr, only check-then-write, so two writers started within one round
-trip of each other could both believe they won; the read-back catches all but the
-closest races. A launcher that gives every process its own rank never races.
+claim with a hard link, atomic on POSIX file systems. On S3 (s3fs) a claim is one PUT
+with ``If-None-Match: *``, which the server refuses when the object exists: atomic on AWS
+S3 and on servers that honour conditional writes (MinIO, moto; a server that ignores the
+header falls back to the guarantee below). In both cases two writers racing for one part
+never both win. Other fsspec backends (``gs://``, ``az://``, ``memory://``) get zarr's
+check-then-write, so two writers started within one round trip of each other could both
+believe they won; the read-back catches all but the closest races. A launcher that gives
+every process its own rank never races.
 """
 
 from __future__ import annotations
@@ -356,6 +359,15 @@ def _require_group(root: zarr.Group, path: str) -> zarr.Group:
 
 
 def _store_set_if_absent(store: Store, key: str, data: bytes) -> None:
+    """Write ``key`` unless it exists: atomically on a local store (a hard link) and on S3
+    (a conditional PUT); elsewhere zarr's check-then-write (module doc)."""
+    fs = getattr(store, "fs", None)
+    if fs is not None and "s3" in fs.protocol:
+        try:
+            sync(fs._pipe_file(f"{store.path}/{key}", data, mode="create"))
+        except FileExistsError:  # the server refused: another claim is there
+            pass
+        return
     sync(store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(data)))
 
 

@@ -31,20 +31,23 @@ or a deleted chunk raises :class:`StoreDamagedError` (integrity.py); `pskd-store
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import google_crc32c
 import numpy as np
 import zarr
 import zarr.codecs
 import zarr.storage
+from zarr.core.sync import sync
 
-from .errors import EpochNotSealedError, StoreDamagedError, StoreError, os_problem
-from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum
-from .layout import DenseRows, row_layout
+from .errors import EpochNotSealedError, StoreDamagedError, StoreError, StoreNotFoundError, os_problem
+from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum, stored_digest
+from .layout import UNREADABLE_ROWS, DenseRows, row_layout
 from .merge import TRAJECTORY_FIELDS, merge_epoch
 from .staging import EpochStaging, epoch_key
 
@@ -52,6 +55,8 @@ SCHEMA_VERSION = 2  # 2: crc32c on every array, every chunk written, trajectory 
 ATTRS_KEY = "pskd_store"
 DTYPES = ("float16", "float32")
 CHUNK_BYTES = 1 << 20  # ~1 MiB of uncompressed rows per chunk
+DIGESTED_TIERS = ("teacher", "trajectory")  # each sealed epoch records a digest of each
+META_CHECKSUM = "crc32c"  # the attributes' own checksum, of all the others
 
 
 @dataclass(frozen=True)
@@ -88,12 +93,48 @@ def default_chunk_rows(row_bytes: int) -> int:
 DEFAULT_BLOSC = {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
 
 
-def _open_zarr_store(url: str | Path, read_only: bool, storage_options: dict | None):
+def _open_root(zstore, url: str, read_only: bool) -> zarr.Group:
+    """The store's root group; a missing or unreadable root metadata file is named."""
+    try:
+        return zarr.open_group(zstore, mode="r" if read_only else "r+")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as err:
+        if not sync(zstore.is_empty("")):
+            raise StoreDamagedError(
+                f"{url} holds arrays but no root metadata (zarr.json, which lists the sealed epochs): "
+                "restore it from a backup; without it no teacher there can be trusted"
+            ) from err
+        raise StoreNotFoundError(
+            f"no pskd-store at {url}: check the path, or create one with "
+            "SoftTargetStore.create (the train command does so)"
+        ) from err
+    except (ValueError, TypeError, KeyError) as err:  # a zarr.json that is not JSON, or not zarr's
+        raise StoreDamagedError(_root_damaged(url, f"{type(err).__name__}: {str(err)[:120]}")) from err
+
+
+def _root_damaged(url: str, problem: str) -> str:
+    return (f"the root metadata of the store at {url} (zarr.json) is damaged ({problem}): restore it from a "
+            "backup; it lists the sealed epochs, and without it no teacher there can be trusted")
+
+
+def _with_checksum(meta: dict[str, Any]) -> dict[str, Any]:
+    """``meta`` with the crc32c of everything else in it, so that an edit of the root
+    metadata that stays valid JSON (a digit of N, an epoch of the sealed list) is caught."""
+    rest = {key: value for key, value in meta.items() if key != META_CHECKSUM}
+    canonical = json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()
+    return {**rest, META_CHECKSUM: google_crc32c.Checksum(canonical).hexdigest().decode()}
+
+
+def _open_zarr_store(url: str | Path, read_only: bool, storage_options: dict | None, *, must_exist: bool = False):
     text = str(url)
     if "://" in text:
         return zarr.storage.FsspecStore.from_url(
             text, storage_options=storage_options, read_only=read_only
         )
+    if Path(text).exists() and not Path(text).is_dir():
+        raise StoreError(f"{text} is a file, not a store (a directory): pass the store's directory")
+    if must_exist and not Path(text).exists():  # a writable LocalStore would create the directory
+        raise StoreNotFoundError(f"no pskd-store at {text}: check the path, or create one with "
+                                 "SoftTargetStore.create (the train command does so)")
     return zarr.storage.LocalStore(Path(text), read_only=read_only)
 
 
@@ -111,6 +152,7 @@ class SoftTargetStore:
         meta = group.attrs.get(ATTRS_KEY)
         if meta is None:
             raise StoreError(f"{url} is a Zarr group but not a pskd-store (no '{ATTRS_KEY}' attributes)")
+        meta = self._checked(meta)
         if meta.get("schema_version") != SCHEMA_VERSION:
             raise StoreError(
                 f"{url} has store schema {meta.get('schema_version')}, this pskd-store reads "
@@ -148,6 +190,11 @@ class SoftTargetStore:
         labels = np.asarray(labels)
         if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
             raise StoreError("labels must be a non-empty 1-D array of integer class indices")
+        for name, value in (("num_classes", num_classes), ("chunk_rows", chunk_rows), ("keep_epochs", keep_epochs)):
+            if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
+                raise StoreError(f"{name} must be an integer, got {value!r}")
+        if chunk_rows is not None and chunk_rows < 1:
+            raise StoreError(f"chunk_rows must be at least 1 (or None for ~1 MiB chunks), got {chunk_rows}")
         if num_classes < 1 or labels.min() < 0 or labels.max() >= num_classes:
             raise StoreError(
                 f"labels must lie in [0, num_classes={num_classes}); got [{labels.min()}, {labels.max()}]"
@@ -179,7 +226,7 @@ class SoftTargetStore:
             compressors=codecs_with_checksum(codec), config=ARRAY_CONFIG,
         )
         fingerprint = Fingerprint.of(labels, num_classes)
-        group.attrs[ATTRS_KEY] = {
+        group.attrs[ATTRS_KEY] = _with_checksum({
             "schema_version": SCHEMA_VERSION,
             "store_id": secrets.token_hex(8),
             "num_samples": fingerprint.num_samples,
@@ -192,7 +239,7 @@ class SoftTargetStore:
             "fingerprint": fingerprint.__dict__,
             "sealed": [],
             "epochs": {},
-        }
+        })
         return cls(group, str(url), storage_options)
 
     @classmethod
@@ -206,15 +253,8 @@ class SoftTargetStore:
         storage_options: dict | None = None,
     ) -> SoftTargetStore:
         """Open an existing store; with ``labels`` (and ``num_classes``), refuse other data."""
-        zstore = _open_zarr_store(url, read_only=read_only, storage_options=storage_options)
-        try:
-            group = zarr.open_group(zstore, mode="r" if read_only else "r+")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as err:
-            raise StoreError(
-                f"no pskd-store at {url}: check the path, or create one with "
-                "SoftTargetStore.create (the train command does so)"
-            ) from err
-        store = cls(group, str(url), storage_options)
+        zstore = _open_zarr_store(url, read_only=read_only, storage_options=storage_options, must_exist=True)
+        store = cls(_open_root(zstore, str(url), read_only), str(url), storage_options)
         if labels is not None:
             expected = Fingerprint.of(labels, num_classes if num_classes is not None else store.num_classes)
             problem = store.fingerprint.mismatch(expected)
@@ -235,10 +275,8 @@ class SoftTargetStore:
                 url, labels=labels, num_classes=num_classes,
                 storage_options=create_kwargs.get("storage_options"),
             )
-        except StoreError as err:
-            if not isinstance(err.__cause__, (FileNotFoundError, zarr.errors.GroupNotFoundError)):
-                raise
-        return cls.create(url, labels, num_classes, **create_kwargs)
+        except StoreNotFoundError:
+            return cls.create(url, labels, num_classes, **create_kwargs)
 
     # -- what the store is ----------------------------------------------------------------
 
@@ -307,8 +345,15 @@ class SoftTargetStore:
 
     def refresh(self) -> None:
         """Re-read the attributes, to see epochs sealed by another process."""
-        self._group = zarr.open_group(self._group.store, mode="r" if self.read_only else "r+")
-        self._meta = self._group.attrs[ATTRS_KEY]
+        self._group = _open_root(self._group.store, self.url, self.read_only)
+        self._meta = self._checked(self._group.attrs.get(ATTRS_KEY) or {})
+
+    def _checked(self, meta: dict[str, Any]) -> dict[str, Any]:
+        """The store's attributes, refused when they fail their checksum (stores made
+        before the checksum have none)."""
+        if META_CHECKSUM in meta and _with_checksum(meta)[META_CHECKSUM] != meta[META_CHECKSUM]:
+            raise StoreDamagedError(_root_damaged(self.url, "its pskd_store attributes do not match their checksum"))
+        return meta
 
     @property
     def sealed_epochs(self) -> list[int]:
@@ -351,14 +396,28 @@ class SoftTargetStore:
         """The predictions of a sealed epoch, read in row slices (whole chunks, not single
         rows: each chunk is decompressed and its checksum checked)."""
         self.require_sealed(epoch)
+        return self._teacher(epoch)
+
+    def trajectory_array(self, epoch: int, field: str) -> CheckedArray:
+        """One field of the trajectory tier of a sealed epoch."""
+        self.require_sealed(epoch, teacher=False)
+        return self._trajectory(epoch, field)
+
+    def stored_digest(self, epoch: int, tier: str) -> str:
+        """The digest of the stored chunks of an epoch's ``tier`` ("teacher" or "trajectory"),
+        each chunk read back and checked against its crc32c (integrity.stored_digest): what
+        the seal records in the epoch's statistics and `verify` compares."""
+        if tier == "teacher":
+            return stored_digest([self._teacher(epoch)])
+        return stored_digest([self._trajectory(epoch, field) for field in TRAJECTORY_FIELDS])
+
+    def _teacher(self, epoch: int) -> CheckedArray:
         return CheckedArray.open(
             self._group, f"teacher/{epoch_key(epoch)}", f"the teacher of epoch {epoch}", self.url,
             shape=(self.num_samples, self.layout.width), dtype=self.layout.stored_dtype, chunk_rows=self.chunk_rows,
         )
 
-    def trajectory_array(self, epoch: int, field: str) -> CheckedArray:
-        """One field of the trajectory tier of a sealed epoch."""
-        self.require_sealed(epoch, teacher=False)
+    def _trajectory(self, epoch: int, field: str) -> CheckedArray:
         return CheckedArray.open(
             self._group, f"trajectory/{epoch_key(epoch)}/{field}", f"the trajectory ({field}) of epoch {epoch}",
             self.url, shape=(self.num_samples,), dtype=TRAJECTORY_FIELDS[field],
@@ -367,7 +426,9 @@ class SoftTargetStore:
     def read_epoch(self, epoch: int) -> np.ndarray:
         """All (N, K) predictions of a sealed epoch, decoded into memory (in the store's
         dtype; a top-k store's rows rebuilt as float32)."""
-        rows = self.teacher_array(epoch)[:]
+        teacher = self.teacher_array(epoch)
+        rows = teacher[:]
+        teacher.reject(self.layout.unreadable(rows), 0, UNREADABLE_ROWS)
         return rows if self.topk is None else self.layout.expand(rows)
 
     def trajectory(self, epochs: list[int] | None = None) -> dict[str, np.ndarray]:
@@ -468,7 +529,11 @@ class SoftTargetStore:
                     f"{f'epoch {dataset.epoch}' if dataset.epoch else 'no epoch'}, so its targets are not "
                     f"epoch {epoch}'s. Call dataset.set_epoch({epoch}) before training the epoch"
                 )
-        return PredictionWriter(self, epoch, **kwargs)
+        try:
+            return PredictionWriter(self, epoch, **kwargs)
+        except OSError as err:  # claiming the part writes to the store: a read-only file system, say
+            raise StoreError(f"cannot write epoch {epoch} into the store: {os_problem(err, self.url)}; make it "
+                             "writable, or keep the store elsewhere (--store)") from err
 
     def add_reader(self, dataset: Any) -> None:
         """Register a data set whose epoch every new writer must match (see :meth:`writer`)."""
@@ -515,6 +580,9 @@ class SoftTargetStore:
             scratch_dir
         )
         self._write_trajectory(epoch, merged.trajectory)
+        # every chunk read back as stored before the epoch is published: a chunk lost or
+        # damaged while sealing (an object store's, say) stops the seal, not the next epoch
+        digests = {tier: self.stored_digest(epoch, tier) for tier in DIGESTED_TIERS}
         info = {
             "seal_token": f"{secrets.randbits(63):016x}",  # fits an int64 for workers
             "rows_written": merged.rows_written,
@@ -523,10 +591,12 @@ class SoftTargetStore:
             "carried_forward": merged.carried_forward,
             "nbytes": int(teacher.nbytes),
             "nbytes_stored": int(teacher.nbytes_stored()),
+            "digests": digests,
         }
         meta = dict(self._meta)
         meta["sealed"] = meta["sealed"] + [epoch]
         meta["epochs"] = {**meta["epochs"], str(epoch): info}
+        meta = _with_checksum(meta)
         self._group.attrs[ATTRS_KEY] = meta  # the seal: one atomic metadata write
         self._meta = meta
         staging.remove()
@@ -556,6 +626,7 @@ class SoftTargetStore:
         meta = dict(self._meta)
         meta["sealed"] = remaining
         meta["epochs"] = {k: v for k, v in meta["epochs"].items() if int(k) <= last_kept}
+        meta = _with_checksum(meta)
         self._group.attrs[ATTRS_KEY] = meta
         self._meta = meta
         for epoch in dropped:

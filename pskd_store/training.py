@@ -38,10 +38,14 @@ from tqdm import tqdm
 
 from .accelerator import accelerator_for
 from .augment import BatchAugment
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    CheckpointDamagedError, checkpoint_epoch, checkpoint_problem, link_into_place, load_checkpoint, rng_state,
+    save_checkpoint, set_rng_state,
+)
 from .data import DataSplits, build_datasets
 from .dataset import SoftTargetDataset
 from .distributed import Distributed, setup, teardown
+from .errors import StoreDamagedError, StoreError, StoreNotFoundError
 from .loss import CsKd, TfKd, alpha_t, method_loss
 from .metrics import evaluate
 from .models import create_model, input_kind
@@ -123,10 +127,18 @@ def build_run(config: TrainConfig, directory: RunDirectory, env: Distributed, de
 def _open_store(config: TrainConfig, directory: RunDirectory, splits: DataSplits,
                 env: Distributed) -> SoftTargetStore:
     """Rank 0 creates (or reopens) the store (RUN/store, or ``--store``); the others open it
-    once it exists."""
+    once it exists. A run with a checkpoint continues from the store's teachers: it must
+    find its store, never a new empty one."""
     url = config.store or str(directory.store)
     store = None
-    if env.is_main:
+    if env.is_main and directory.checkpoint.is_file():
+        try:
+            store = SoftTargetStore.open(url, labels=splits.train_labels, num_classes=splits.num_classes)
+        except StoreNotFoundError as err:
+            raise StoreError(f"{directory.path} is checkpointed and continues from the teachers of its store, "
+                             f"which is gone from {url}: restore the store there, or train the run anew into "
+                             "another --output") from err
+    elif env.is_main:
         store = SoftTargetStore.open_or_create(
             url, splits.train_labels, splits.num_classes, dtype=config.store_dtype, topk=config.store_topk)
     env.barrier()
@@ -138,23 +150,25 @@ def _shard(data: Dataset, env: Distributed) -> Dataset:
     return data if not env.enabled else Subset(data, range(env.rank, len(data), env.world_size))
 
 
-def train(config: TrainConfig, directory: Path, *, resume: bool = False, quiet: bool = False,
-          splits: DataSplits | None = None) -> dict | None:
+def train(config: TrainConfig, directory: Path, *, resume: bool = False, from_epoch: int | None = None,
+          quiet: bool = False, splits: DataSplits | None = None) -> dict | None:
     """Train (or resume) the run in ``directory``; returns the final summary on rank 0
-    (None on the other ranks of a torchrun launch). ``splits`` replaces the data set
-    ``config`` names (benchmarks on synthetic data)."""
+    (None on the other ranks of a torchrun launch). A resumed run continues after its last
+    checkpoint, or with ``from_epoch`` after the kept checkpoint of that epoch (the
+    previous one: when the last checkpoint or the newest teacher is damaged). ``splits``
+    replaces the data set ``config`` names (benchmarks on synthetic data)."""
     env, device = setup(config.device, timedelta(seconds=config.dist_timeout))
     run_directory = RunDirectory(Path(directory))
     try:
         with run_directory.lock() if env.is_main else nullcontext():
-            return _train(config, run_directory, env, device, resume=resume,
-                          quiet=quiet or not env.is_main, splits=splits)
+            return _train(config, run_directory, env, device, resume=resume or from_epoch is not None,
+                          from_epoch=from_epoch, quiet=quiet or not env.is_main, splits=splits)
     finally:
         teardown()
 
 
 def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, device: torch.device, *,
-           resume: bool, quiet: bool, splits: DataSplits | None) -> dict | None:
+           resume: bool, from_epoch: int | None, quiet: bool, splits: DataSplits | None) -> dict | None:
     if env.is_main:
         directory.remove_temporary_files()
         if not resume:
@@ -162,7 +176,7 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
                 config.save(directory.config)
     configure_determinism(config.deterministic)
     run = build_run(config, directory, env, device, splits)
-    start = _restore(run) + 1 if resume else 1
+    start = _restore(run, from_epoch) + 1 if resume else 1
     loader, sampler = _train_loader(run)
     augment = None
     if config.aug != "none":
@@ -195,9 +209,9 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
         row["epoch_seconds"] = time.perf_counter() - started  # steps, seal and evaluation
         directory.append_metrics(row)
         with writing(directory.checkpoint):
-            save_checkpoint(directory.checkpoint, model=run.network.state_dict(),
-                            optimizer=run.optimizer.state_dict(), scheduler=run.scheduler.state_dict(),
-                            epoch=epoch, config=config.__dict__, rng=rng)
+            state = dict(model=run.network.state_dict(), optimizer=run.optimizer.state_dict(),
+                         scheduler=run.scheduler.state_dict(), epoch=epoch, config=config.__dict__, rng=rng)
+            save_checkpoint(directory.checkpoint, state, previous=directory.previous_checkpoint)
         _log_epoch(row, config.epochs)
     env.barrier()  # the last checkpoint is written before any rank leaves
     if not env.is_main:
@@ -249,12 +263,25 @@ def _train_loader(run: Run) -> tuple[DataLoader, DistributedSampler | ClassPairB
 
 def _set_teacher(run: Run, epoch: int) -> None:
     """Point the data set at sealed epoch ``epoch - 1``: the node's local rank 0 decodes it
-    into the node's cache first, then the node's other ranks map that same file."""
-    if run.env.is_local_main:
-        run.train_data.set_epoch(epoch)
-    run.env.barrier()
-    if not run.env.is_local_main:
-        run.train_data.set_epoch(epoch)
+    into the node's cache first, then the node's other ranks map that same file. A damaged
+    teacher stops the run with the one command that resumes it before that epoch."""
+    try:
+        if run.env.is_local_main:
+            run.train_data.set_epoch(epoch)
+        run.env.barrier()
+        if not run.env.is_local_main:
+            run.train_data.set_epoch(epoch)
+    except StoreDamagedError as err:
+        raise StoreDamagedError(f"{err}. {_teacher_advice(run.directory, epoch - 1)}") from err
+
+
+def _teacher_advice(directory: RunDirectory, damaged: int) -> str:
+    """How to go on when the teacher of epoch ``damaged`` cannot be read."""
+    previous = directory.previous_checkpoint
+    if previous.is_file() and checkpoint_problem(previous) is None and checkpoint_epoch(previous) == damaged - 1:
+        return (f"Train epoch {damaged} again from the checkpoint before it (the store keeps epoch "
+                f"{damaged - 1}'s teacher): pskd-store train --resume {directory.path} --from-epoch {damaged - 1}")
+    return "No checkpoint of the epoch before it is kept: restore the store from a backup, or train the run anew"
 
 
 def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment | None,
@@ -310,7 +337,7 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment
     if run.env.enabled:
         torch.distributed.all_reduce(totals)  # the whole epoch, every rank's shard
     loss_sum, correct, seen = totals.tolist()
-    return {"loss": loss_sum / seen, "top1_err": 100.0 * (1 - correct / seen),
+    return {"loss": loss_sum / seen, "top1_err": 100.0 * (1 - correct / seen), "samples": int(seen),
             "samples_per_s": seen / seconds, "seconds": seconds}
 
 
@@ -368,32 +395,65 @@ def predict_all(run: Run, loader: DataLoader) -> tuple[np.ndarray, np.ndarray] |
     return all_probs, all_labels
 
 
-def _restore(run: Run) -> int:
-    """Load the last checkpoint (every rank); rank 0 rolls the store and the metrics back
-    to it. Returns its epoch: 0 for a run killed before its first checkpoint, which then
-    starts over with an empty store."""
-    if not run.directory.checkpoint.is_file():
+def _restore(run: Run, from_epoch: int | None) -> int:
+    """Load the checkpoint to resume from (every rank); rank 0 rolls the store, the metrics
+    and, with ``from_epoch``, the later checkpoint back to it. Returns its epoch: 0 for a
+    run killed before its first checkpoint, which then starts over with an empty store."""
+    directory = run.directory
+    path = _checkpoint_of(directory, from_epoch)
+    if path is None:
         return _roll_back(run, 0)
-    state = load_checkpoint(run.directory.checkpoint)
+    try:
+        state = load_checkpoint(path)
+    except CheckpointDamagedError as err:
+        raise CheckpointDamagedError(f"{err}; {_resume_advice(directory, path)}") from err
     run.network.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     if len(rng) != run.env.world_size:
         raise ValueError(
-            f"{run.directory.path} was checkpointed by {len(rng)} process(es); resume it with as many "
+            f"{directory.path} was checkpointed by {len(rng)} process(es); resume it with as many "
             f"(torchrun --nproc-per-node ...), not {run.env.world_size}, so that every rank's "
             "random state and data shard carry on"
         )
     set_rng_state(rng[run.env.rank], run.device)
-    return _roll_back(run, state["epoch"])
+    return _roll_back(run, state["epoch"], checkpoint=path)
 
 
-def _roll_back(run: Run, epoch: int) -> int:
-    """Rank 0 forgets what came after ``epoch`` (sealed epochs, metrics rows); all wait."""
+def _checkpoint_of(directory: RunDirectory, from_epoch: int | None) -> Path | None:
+    """The last checkpoint (None when there is none), or the kept one of ``from_epoch``."""
+    if from_epoch is None:
+        return directory.checkpoint if directory.checkpoint.is_file() else None
+    kept = {}
+    for path in (directory.checkpoint, directory.previous_checkpoint):
+        if path.is_file() and checkpoint_problem(path) is None:
+            kept[checkpoint_epoch(path)] = path
+    if from_epoch not in kept:
+        raise ValueError(f"--from-epoch {from_epoch}: {directory.path} keeps intact checkpoints of epochs "
+                         f"{sorted(kept) or 'none'}; resume from one of those")
+    return kept[from_epoch]
+
+
+def _resume_advice(directory: RunDirectory, damaged: Path) -> str:
+    """The one command that resumes past a damaged checkpoint, or what else to do."""
+    previous = directory.previous_checkpoint
+    if damaged != previous and previous.is_file() and checkpoint_problem(previous) is None:
+        epoch = checkpoint_epoch(previous)
+        return (f"resume from epoch {epoch}, whose checkpoint is intact: "
+                f"pskd-store train --resume {directory.path} --from-epoch {epoch}")
+    return "restore it from a backup, or delete it to train the run again from epoch 1"
+
+
+def _roll_back(run: Run, epoch: int, checkpoint: Path | None = None) -> int:
+    """Rank 0 forgets what came after ``epoch`` (sealed epochs, metrics rows, a later last
+    checkpoint than ``checkpoint``, the one resumed from); all wait."""
     if run.env.is_main:
         dropped = run.store.rollback(epoch)
         run.directory.keep_metrics_through(epoch)
+        if checkpoint is not None and checkpoint != run.directory.checkpoint:
+            with writing(run.directory.checkpoint):
+                link_into_place(checkpoint, run.directory.checkpoint)
         _logger.info("resuming %s after epoch %d%s", run.directory.path, epoch,
                      f" (dropped unfinished epochs {dropped} from the store)" if dropped else "")
     run.env.barrier()

@@ -102,12 +102,32 @@ def verify_store(store: SoftTargetStore, *, cache_dir: str | Path | None = None,
     report = Report(target or store.url)
     labels = _check_sealed_list_and_labels(store, report)
     cache = _cache_files(Path(cache_dir) if cache_dir else default_cache_dir(store), store, report)
+    infos = store.summary()["epochs"]
     for epoch in tqdm(store.sealed_epochs, desc="verify", unit="epoch", disable=not progress, leave=False):
         trajectory = _check_trajectory(store, epoch, report)
+        _check_digest(store, epoch, "trajectory", infos.get(epoch), report)
         if epoch in store.teacher_epochs:
             _check_teacher(store, epoch, labels, trajectory, cache.pop(epoch, None), report)
+            _check_digest(store, epoch, "teacher", infos.get(epoch), report)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_digest(store: SoftTargetStore, epoch: int, tier: str, info: dict | None, report: Report) -> None:
+    """The tier's stored chunks against the digest the seal recorded: any chunk rewritten
+    after the seal, with a valid checksum or not, changes it."""
+    recorded = ((info or {}).get("digests") or {}).get(tier)
+    if recorded is None:
+        report.checked.append(f"{tier} of epoch {epoch}: no digest recorded (sealed by an earlier pskd-store)")
+        return
+    try:
+        stored = store.stored_digest(epoch, tier)
+    except StoreError:
+        return  # the damaged chunks are reported by the tier's own check
+    report.checked.append(f"{tier} digest of epoch {epoch}")
+    if stored != recorded:
+        report.add(f"{tier} of epoch {epoch}", "its stored chunks are not the ones sealed (their digest differs "
+                                               "from the one recorded at the seal): they were rewritten after it")
 
 
 # -- the store ---------------------------------------------------------------------------------
@@ -231,7 +251,7 @@ def _run_config(run: RunDirectory) -> dict:
 
 
 def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) -> None:
-    from .checkpoint import load_checkpoint  # imports torch
+    from .checkpoint import checkpoint_epoch, checkpoint_problem  # imports torch
 
     report.checked.append("config.json")
     if run.config.is_file():
@@ -244,16 +264,17 @@ def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) 
         run.metrics_rows()
     except RunError as err:
         report.add(str(run.metrics), str(err))
-    if not run.checkpoint.is_file():
-        return
-    report.checked.append("checkpoint")
-    try:
-        epoch = int(load_checkpoint(run.checkpoint)["epoch"])
-    except (ValueError, KeyError) as err:
-        report.add(str(run.checkpoint), str(err))
-        return
-    if epoch not in store.sealed_epochs:
-        report.add(str(run.checkpoint), f"was written after epoch {epoch}, which the store has not sealed "
+    for checkpoint in (run.checkpoint, run.previous_checkpoint):
+        if not checkpoint.is_file():
+            continue
+        report.checked.append(checkpoint.name)
+        problem = checkpoint_problem(checkpoint)
+        if problem:
+            report.add(str(checkpoint), problem)
+            continue
+        epoch = checkpoint_epoch(checkpoint)
+        if checkpoint == run.checkpoint and epoch not in store.sealed_epochs:
+            report.add(str(checkpoint), f"was written after epoch {epoch}, which the store has not sealed "
                                         f"(sealed: {store.sealed_epochs}): the store lost epochs the model trained on")
 
 

@@ -95,7 +95,7 @@ class PredictionWriter:
 
     # -- the training thread's side ------------------------------------------------------
 
-    def write(self, ids: torch.Tensor | np.ndarray, outputs: torch.Tensor) -> None:
+    def write(self, ids: torch.Tensor | np.ndarray, outputs: torch.Tensor | np.ndarray) -> None:
         """Record one batch: ``ids`` (B,) dataset indices, ``outputs`` (B, K) logits.
 
         Never synchronises an accelerator: device tensors are copied without blocking.
@@ -104,6 +104,7 @@ class PredictionWriter:
         if self._closed:
             raise StoreError(f"this writer of epoch {self.epoch} is closed; make a new one for the next epoch")
         ids = torch.as_tensor(ids)
+        outputs = torch.as_tensor(outputs)  # a NumPy array too
         if not outputs.dtype.is_floating_point:
             raise TypeError(
                 f"outputs must be floating-point {'logits' if self.from_logits else 'probabilities'}, "

@@ -17,8 +17,8 @@ import resource
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from click.testing import CliRunner
 from torch.utils.data import TensorDataset
 
 from pskd_store.augment import BatchAugment
@@ -40,6 +41,7 @@ from pskd_store.run_directory import RunDirectory, RunError
 from pskd_store.sampler import ClassPairBatchSampler
 from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
+from pskd_store_cli.main import cli
 from store_helpers import epoch_probs, make_labels, write_epoch
 
 N, K = 64, 5
@@ -105,6 +107,11 @@ def dataset_set_once(store: SoftTargetStore, labels: np.ndarray) -> None:
     data = SoftTargetDataset(base(labels), store, 0.8, 10)
     data.set_epoch(1)
     store.writer(2)
+
+
+def file_at(path: Path) -> Path:
+    path.write_text("not a store")
+    return path
 
 
 def write_after_close(store: SoftTargetStore) -> None:
@@ -190,6 +197,14 @@ API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("unknown dtype", lambda s, y, t: SoftTargetStore.create(t / "other", y, K, dtype="int8"), StoreError,
      "dtype must be one of"),
     ("no store there", lambda s, y, t: SoftTargetStore.open(t / "nowhere"), StoreError, "no pskd-store at"),
+    ("a file for a store", lambda s, y, t: SoftTargetStore.open(file_at(t / "afile")), StoreError,
+     "is a file, not a store (a directory)"),
+    ("a fractional number of classes", lambda s, y, t: SoftTargetStore.create(t / "other", y, 10.0), StoreError,
+     "num_classes must be an integer, got 10.0"),
+    ("negative chunk rows", lambda s, y, t: SoftTargetStore.create(t / "other", y, K, chunk_rows=-5), StoreError,
+     "chunk_rows must be at least 1"),
+    ("a lookup under an unknown seal token", lambda s, y, t: PredictionService(s).lookup(1, "deadbeef" * 2, [0]),
+     StoreError, "epoch 1 was not prepared under seal token deadbeefdeadbeef"),
     ("a Zarr group that is no store", lambda s, y, t: SoftTargetStore.open(zarr.open_group(t / "plain").store.root),
      StoreError, "is a Zarr group but not a pskd-store"),
     ("open_or_create with other labels", lambda s, y, t: SoftTargetStore.open_or_create(s.url, (y + 1) % K, K),
@@ -506,3 +521,184 @@ def test_an_ensemble_of_other_data_or_a_split_never_held_out_is_refused(tmp_path
         evaluate_checkpoints([trained / "checkpoints" / "last.pt", other])
     with pytest.raises(ValueError, match="these runs held out no validation split"):
         evaluate_checkpoints([trained / "checkpoints" / "last.pt"], split="val")
+
+
+# -- damaged or missing store metadata, checkpoints, permissions ---------------------------------
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x80  # not UTF-8 any more
+    path.write_bytes(bytes(data))
+
+
+def _set_a_digit(path: Path) -> None:
+    """An edit that keeps valid JSON: the first sealed epoch becomes another number."""
+    root = json.loads(path.read_text())
+    root["attributes"]["pskd_store"]["sealed"][0] = 7
+    path.write_text(json.dumps(root))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (_flip_a_byte, "the root metadata of the store at {store} (zarr.json) is damaged"),
+    (lambda path: path.write_bytes(b""), "the root metadata of the store at {store} (zarr.json) is damaged"),
+    (_set_a_digit, "is damaged (its pskd_store attributes do not match their checksum)"),
+    (lambda path: path.unlink(), "{store} holds arrays but no root metadata (zarr.json"),
+])
+@pytest.mark.parametrize("command", ["info", "inspect", "verify", "resume"])
+def test_damaged_root_metadata_is_one_line_for_every_command(tmp_path, trained, damage, message, command):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    damage(run / "store" / "zarr.json")
+    args = ["train", "--resume", str(run), "-q"] if command == "resume" else [command, str(run)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and message.format(store=run / "store") in errors[0], result.output
+
+
+def test_a_run_whose_store_is_gone_does_not_resume_with_an_empty_one(tmp_path, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "store")
+    result = pskd("train", "--resume", str(run), "-q")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{run} is checkpointed and continues from the teachers of its store, which is gone from " \
+           f"{run / 'store'}" in result.stderr
+    assert not (run / "store").exists()  # no empty store left behind
+
+
+def test_a_flipped_bit_in_the_checkpoints_weights_is_one_line_naming_the_command_that_resumes(
+        tmp_path, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    checkpoint = run / "checkpoints" / "last.pt"
+    with zipfile.ZipFile(checkpoint) as archive:  # a byte inside a weight tensor's record
+        record = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size > 1000)
+    data = bytearray(checkpoint.read_bytes())
+    data[record.header_offset + 200] ^= 0x01
+    checkpoint.write_bytes(bytes(data))
+    before = sealed_snapshot(run / "store")
+    result = pskd("train", "--resume", str(run), "-q")
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"{checkpoint} is damaged: its record {record.filename} does not match the CRC-32" in result.stderr
+    assert f"pskd-store train --resume {run} --from-epoch 1" in result.stderr
+    assert sealed_snapshot(run / "store") == before
+    findings = json.loads(pskd("verify", str(run), "--json").stdout)["findings"]
+    assert {"part": str(checkpoint), "problem": f"is damaged: its record {record.filename} does not match the "
+            "CRC-32 torch.save wrote for it (flipped bits)"} in findings
+
+
+def test_eval_refuses_an_unknown_device_in_one_line(trained):
+    result = pskd("eval", str(trained), "--device", "bogus")
+    assert result.returncode != 0 and "--device must be auto, cpu, cuda or cuda:N, got 'bogus'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@contextlib.contextmanager
+def read_only_mount(path: Path):
+    """``path`` as a read-only file system (tmpfs, remounted read-only): needs root."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a read-only file system needs root")
+    try:
+        yield lambda: subprocess.run(["mount", "-o", "remount,ro", str(path)], check=True)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_read_only_file_system_is_one_line_for_eval_and_for_a_writer(tmp_path, trained, labels):
+    with read_only_mount(tmp_path / "ro") as make_read_only:
+        run = tmp_path / "ro" / "run"
+        shutil.copytree(trained, run)
+        store = SoftTargetStore.create(tmp_path / "ro" / "store", labels, K)
+        write_epoch(store, 1)
+        make_read_only()
+        result = pskd("eval", str(run))
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert f"cannot write {run / 'eval' / 'test_probs.npz'}: Read-only file system" in result.stderr
+        with pytest.raises(StoreError, match="cannot write epoch 2 into the store: Read-only file system"):
+            SoftTargetStore.open(store.url).writer(2)
+
+
+@pytest.mark.parametrize("command", ["info", "inspect"])
+def test_a_run_that_cannot_be_read_is_one_line(shared_dir, trained, command):
+    import importlib
+
+    importlib.import_module(f"pskd_store_cli.{command}")  # its imports read files nobody may not
+    run = shared_dir / "run"
+    shutil.copytree(trained, run)
+    (run / "store").chmod(0o700)
+    with unprivileged():
+        result = CliRunner().invoke(cli, [command, str(run)])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    assert "Permission denied" in result.output and result.output.strip().count("\n") == 0
+
+
+def test_info_says_it_read_metadata_only(trained):
+    result = pskd("info", str(trained))
+    assert "metadata only, no chunk read: `pskd-store verify` checks every chunk and row" in result.stdout
+    assert json.loads(pskd("info", str(trained), "--json").stdout)["checked"].startswith("metadata only")
+
+
+def test_numpy_logits_are_written_like_tensors(store):
+    logits = np.random.default_rng(0).standard_normal((N, K)).astype(np.float32)
+    with store.writer(2) as writer:
+        writer.write(np.arange(N), logits)
+    store.seal(2)
+    np.testing.assert_allclose(store.read_epoch(2), torch.from_numpy(logits).softmax(1).numpy(), atol=1e-3)
+
+
+def test_files_a_kill_left_in_the_store_are_removed_on_resume(tmp_path, trained):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    partial = run / "store" / "teacher" / "epoch_0002" / "c" / "0" / "0.3f2a9c.partial"
+    partial.write_bytes(b"half a chunk")
+    assert pskd("train", "--resume", str(run), "-q").returncode == 0
+    assert not partial.exists()
+
+
+def _without_timings(rows: list[dict]) -> list[dict]:
+    return [{**{k: v for k, v in row.items() if k != "epoch_seconds"},
+             "train": {k: v for k, v in row["train"].items() if k not in ("samples_per_s", "seconds")}}
+            for row in rows]
+
+
+@pytest.mark.parametrize("damaged", ["checkpoint", "teacher"])
+def test_from_epoch_resumes_past_a_damaged_checkpoint_or_teacher_as_if_nothing_happened(
+        tmp_path, trained, damaged):
+    """The last checkpoint (epoch 2) or the newest teacher (epoch 2) damaged: the message
+    names `--from-epoch 1`, which trains epoch 2 again from the kept checkpoint of epoch 1
+    and ends where the undamaged run ended."""
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "epochs": 3}))  # one epoch left to train
+    whole = tmp_path / "whole"
+    shutil.copytree(run, whole)
+    assert pskd("train", "--resume", str(whole), "-q").returncode == 0
+    if damaged == "checkpoint":
+        data = bytearray((run / "checkpoints" / "last.pt").read_bytes())
+        data[len(data) // 2] ^= 0x01
+        (run / "checkpoints" / "last.pt").write_bytes(bytes(data))
+    else:
+        chunk = next(p for p in (run / "store" / "teacher" / "epoch_0002" / "c").rglob("*") if p.is_file())
+        data = bytearray(chunk.read_bytes())
+        data[len(data) // 2] ^= 0x01
+        chunk.write_bytes(bytes(data))
+        shutil.rmtree(run / "store.mmap", ignore_errors=True)  # a fresh node: the teacher is decoded again
+    refused = pskd("train", "--resume", str(run), "-q")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert f"pskd-store train --resume {run} --from-epoch 1" in refused.stderr, refused.stderr
+    assert pskd("train", "--resume", str(run), "--from-epoch", "1", "-q").returncode == 0
+    assert _without_timings(RunDirectory(run).metrics_rows()) == _without_timings(RunDirectory(whole).metrics_rows())
+    np.testing.assert_array_equal(SoftTargetStore.open(run / "store").read_epoch(3),
+                                  SoftTargetStore.open(whole / "store").read_epoch(3))
+
+
+def test_from_epoch_names_the_epochs_it_can_resume_from(tmp_path, trained):
+    result = pskd("train", "--resume", str(trained), "--from-epoch", "7", "-q")
+    assert result.returncode != 0 and "--from-epoch 7: " in result.stderr
+    assert "keeps intact checkpoints of epochs [1, 2]" in result.stderr
+    assert "--from-epoch goes with --resume" in pskd("train", "--from-epoch", "1").stderr

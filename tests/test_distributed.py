@@ -64,7 +64,9 @@ def two_rank_run(tmp_path_factory, data_dir) -> Path:
 def test_two_ranks_train_one_run(two_rank_run, data_dir):
     run = two_rank_run
     assert [r["epoch"] for r in rows(run)] == [1, 2, 3]  # one metrics.jsonl, one row per epoch
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]
+    # the train loss and error are of every rank's samples (7,999 and the padding one), not rank 0's
+    assert all(r["train"]["samples"] == 8000 for r in rows(run))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "previous.pt"]
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
     store = SoftTargetStore.open(run / "store", read_only=True)
     assert store.num_samples == 7999 and store.sealed_epochs == [1, 2, 3]

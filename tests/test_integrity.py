@@ -22,6 +22,7 @@ import zarr
 from pskd_store.errors import StoreDamagedError, StoreError
 from pskd_store.integrity import row_ranges
 from pskd_store.service import PredictionService
+from pskd_store.staging import epoch_key
 from pskd_store.store import SoftTargetStore
 from pskd_store.verify import verify_path
 from store_helpers import epoch_probs, make_labels, write_epoch
@@ -41,6 +42,19 @@ def store(tmp_path, labels) -> SoftTargetStore:
     for epoch in (1, 2, 3):
         write_epoch(store, epoch)
     return store
+
+
+def _edit_root(store: SoftTargetStore, edit, checksum: bool = True) -> None:
+    """Edit the store's attributes in its root zarr.json, rewriting their checksum too
+    (an editor who knows the format) or not."""
+    from pskd_store.store import _with_checksum
+
+    root_path = Path(store.url) / "zarr.json"
+    root = json.loads(root_path.read_text())
+    edit(root["attributes"]["pskd_store"])
+    if checksum:
+        root["attributes"]["pskd_store"] = _with_checksum(root["attributes"]["pskd_store"])
+    root_path.write_text(json.dumps(root))
 
 
 def flip_byte(path: Path, at: float = 0.5) -> None:
@@ -184,13 +198,18 @@ def test_verify_finds_values_rewritten_with_valid_checksums(store, labels):
     findings = [str(f) for f in verify_path(store.url).findings]
     assert findings[0].startswith("teacher of epoch 3: rows 40-40 are not probability vectors")
     assert findings[1] == "trajectory of epoch 3: rows 40-42 disagree with the teacher rows"
-    assert len(findings) == 2
+    assert findings[2].startswith("teacher of epoch 3: its stored chunks are not the ones sealed")
+    assert len(findings) == 3
 
 
-def test_verify_checks_the_sealed_list_and_the_checkpoint(tmp_path, store):
-    root = json.loads((Path(store.url) / "zarr.json").read_text())
-    root["attributes"]["pskd_store"]["sealed"] = [1, 3]
-    (Path(store.url) / "zarr.json").write_text(json.dumps(root))
+def test_verify_checks_the_sealed_list(tmp_path, store):
+    def drop_epoch_2(meta):
+        meta["sealed"] = [1, 3]
+
+    _edit_root(store, drop_epoch_2, checksum=False)  # an edit: the attributes' checksum catches it
+    with pytest.raises(StoreDamagedError, match="pskd_store attributes do not match their checksum"):
+        reopen(store)
+    _edit_root(store, drop_epoch_2)  # an editor that also rewrote the checksum: verify reads on
     findings = [str(f) for f in verify_path(store.url).findings]
     assert "sealed list: epochs [1, 3] are not 1..2 in order: the root metadata was edited" in findings
 
@@ -256,10 +275,7 @@ def test_row_ranges_merge_adjacent_chunks():
 
 
 def test_a_store_of_another_schema_is_refused(store):
-    root_path = Path(store.url) / "zarr.json"
-    root = json.loads(root_path.read_text())
-    root["attributes"]["pskd_store"]["schema_version"] = 1
-    root_path.write_text(json.dumps(root))
+    _edit_root(store, lambda meta: meta.update(schema_version=1))
     with pytest.raises(StoreError, match="has store schema 1, this pskd-store reads schema 2"):
         reopen(store)
 
@@ -270,11 +286,6 @@ def test_rolling_back_past_the_kept_teachers_is_refused(store):
     assert reopen(store).sealed_epochs == [1, 2, 3]
 
 
-def _edit_root(store: SoftTargetStore, edit) -> None:
-    root_path = Path(store.url) / "zarr.json"
-    root = json.loads(root_path.read_text())
-    edit(root["attributes"]["pskd_store"])
-    root_path.write_text(json.dumps(root))
 
 
 def test_verify_reports_edited_statistics_damaged_labels_and_a_lost_trajectory_array(store):
@@ -318,7 +329,7 @@ def test_verify_checks_a_run_directorys_files(tmp_path, labels):
     write_epoch(store, 1)
     (run / "config.json").write_text("{\"dataset\": ")
     (run / "metrics.jsonl").write_text("{\"epoch\": 1}\n{oops\n")
-    save_checkpoint(run / "checkpoints" / "last.pt", model={}, epoch=2, rng=[])
+    save_checkpoint(run / "checkpoints" / "last.pt", {"model": {}, "epoch": 2, "rng": []})
     findings = {str(f) for f in verify_path(run).findings}
     assert any(f.startswith(f"{run / 'config.json'}: is not valid JSON") for f in findings)
     assert any(f.startswith(f"{run / 'metrics.jsonl'}: ") and "line 2" in f for f in findings)
@@ -347,3 +358,103 @@ def test_a_scratch_file_shorter_than_written_stops_the_seal(store, monkeypatch):
     with pytest.raises(StoreError, match="the seal's scratch file ended early: is its disk full?"):
         reopen(store).seal(4)
     assert reopen(store).sealed_epochs == [1, 2, 3]
+
+
+def test_verify_finds_a_row_summing_to_a_few_epsilons_over_1(store, labels):
+    """float16 rows sum to 1 within two epsilons (~2e-3): a row rewritten to sum to 1.006,
+    its checksum valid and its largest and true-class values untouched, is found."""
+    teacher = zarr.open_array(Path(store.url) / "teacher/epoch_0003", mode="r+")
+    row = teacher[50].astype(np.float32)
+    k = next(k for k in np.argsort(row) if k != labels[50])  # the smallest other value stays small
+    row[k] += 0.006
+    teacher[50] = row.astype(np.float16)
+    findings = [str(f) for f in verify_path(store.url).findings]
+    assert any(f.startswith("teacher of epoch 3: rows 50-50 are not probability vectors") for f in findings)
+    assert not any("disagree with the teacher rows" in f for f in findings)
+
+
+def _rewrite_rows(store: SoftTargetStore, epoch: int, edit) -> None:
+    """Rewrite teacher rows through zarr (valid checksums), as an editor with the right tools would."""
+    teacher = zarr.open_array(Path(store.url) / f"teacher/{epoch_key(epoch)}", mode="r+")
+    rows = teacher[:]
+    edit(rows)
+    teacher[:] = rows
+
+
+def _sealed_store(path: Path, labels: np.ndarray, topk: int | None = None) -> SoftTargetStore:
+    store = SoftTargetStore.create(path, labels, K, topk=topk, chunk_rows=CHUNK)
+    with store.writer(1, from_logits=False) as writer:
+        writer.write(torch.arange(N), torch.from_numpy(epoch_probs(1, N, K)))
+    store.seal(1)
+    return store
+
+
+def _edit_top_k(store: SoftTargetStore, change):
+    def edit(rows):
+        values, classes = store.layout.unpack(rows)
+        values, classes = values.copy(), classes.copy()
+        change(values, classes)
+        rows[:] = store.layout.pack(values, classes)
+    return edit
+
+
+def _move_mass_between_minor_classes(labels):
+    def edit(rows):
+        row = rows[7].astype(np.float32)
+        minor = [k for k in np.argsort(row) if k != labels[7]][:2]
+        row[minor[0]], row[minor[1]] = row[minor[1]], row[minor[0]]  # same sum, max and true class
+        rows[7] = row.astype(np.float16)
+    return edit
+
+
+def _halve_a_minor_value(labels):
+    def change(values, classes):  # in a row whose true class is kept above it: its record stays
+        row = next(i for i in range(N) if labels[i] in classes[i, :2])
+        values[row, 2] = values[row, 2] / 2
+    return change
+
+
+def _swap_two_minor_classes(labels):
+    def change(values, classes):  # neither is the true class: its record stays
+        row = next(i for i in range(N) if labels[i] not in classes[i, 1:])
+        classes[row, [1, 2]] = classes[row, [2, 1]]
+    return change
+
+
+def _replace_an_absent_class(labels):
+    def change(values, classes):
+        row = next(i for i in range(N) if labels[i] != classes[i, 2])
+        classes[row, 2] = next(k for k in range(K) if k not in classes[row] and k != labels[row])
+    return change
+
+
+@pytest.mark.parametrize("topk, edit", [
+    (None, lambda store, labels: _move_mass_between_minor_classes(labels)),
+    (3, lambda store, labels: _edit_top_k(store, _halve_a_minor_value(labels))),
+    (3, lambda store, labels: _edit_top_k(store, _swap_two_minor_classes(labels))),
+    (3, lambda store, labels: _edit_top_k(store, _replace_an_absent_class(labels))),
+], ids=["dense: mass moved between minor classes", "top-k: a minor value halved", "top-k: two classes swapped",
+        "top-k: a class replaced by an absent one"])
+def test_verify_finds_plausible_rows_rewritten_after_the_seal_by_the_seals_digest(tmp_path, labels, topk, edit):
+    """Edits that keep a row a valid probability vector with the same trajectory record,
+    and every checksum valid: only the digest recorded at the seal can tell."""
+    store = _sealed_store(tmp_path / "store", labels, topk)
+    _rewrite_rows(store, 1, lambda rows: None)  # the same rows written again: the same bytes
+    assert verify_path(store.url).ok
+    _rewrite_rows(store, 1, edit(store, labels))
+    findings = [str(f) for f in verify_path(store.url).findings]
+    assert findings == ["teacher of epoch 1: its stored chunks are not the ones sealed (their digest differs from "
+                        "the one recorded at the seal): they were rewritten after it"]
+
+
+def test_a_top_k_class_id_beyond_k_is_damage_not_an_index_error(tmp_path, labels):
+    store = _sealed_store(tmp_path / "topk", labels, topk=3)
+
+    def beyond_k(values, classes):
+        classes[40, 1] = K + 3
+
+    _rewrite_rows(store, 1, _edit_top_k(store, beyond_k))
+    with pytest.raises(StoreDamagedError, match=r"teacher of epoch 1 .* rows 40-40 name class ids outside \[0, K\)"):
+        reopen(store).read_epoch(1)
+    with pytest.raises(StoreDamagedError, match=r"rows 40-40 name class ids outside \[0, K\)"):
+        PredictionService(reopen(store)).prepare(1)

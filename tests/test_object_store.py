@@ -113,3 +113,78 @@ def test_a_damaged_object_is_an_error_naming_the_rows(s3):
     fs.rm_file("runs/damaged/store/teacher/epoch_0001/c/3/0")
     findings = {str(f) for f in verify_path(url).findings}
     assert any("rows 48-63 are missing" in f for f in findings) and any("rows 32-47 do not match" in f for f in findings)
+
+
+def test_a_claim_on_s3_is_a_conditional_put_that_a_second_writer_cannot_overwrite(s3, monkeypatch):
+    """If-None-Match: * on the PUT: the server keeps the first record of a key even when the
+    second writer looked before the first one's PUT landed (zarr's own check-then-write
+    would then overwrite it: the race in which both writers won)."""
+    from pskd_store import staging
+
+    store = SoftTargetStore.create("s3://runs/claims/store", np.arange(20) % 4, 4)
+    zstore = store._group.store
+    key = "staging/epoch_0001/owners/writer_0000.0"
+    staging._store_set_if_absent(zstore, key, b"first")
+
+    async def looked_too_early(key: str) -> bool:
+        return False
+
+    monkeypatch.setattr(zstore, "exists", looked_too_early)
+    staging._store_set_if_absent(zstore, key, b"second")
+    assert staging._store_get(zstore, key) == b"first"
+
+
+def test_two_writers_racing_for_one_part_on_s3_never_both_win(s3):
+    import threading
+
+    from pskd_store.errors import StoreError
+
+    outcomes = []
+    for trial in range(10):
+        store = SoftTargetStore.create(f"s3://runs/race-{trial}/store", np.arange(20) % 4, 4)
+        start, done = threading.Barrier(2), threading.Barrier(2)
+        results: list[str] = []
+
+        def claim() -> None:
+            start.wait()
+            writer = None
+            try:
+                writer = store.writer(1)
+                results.append("won")
+            except StoreError as err:
+                results.append("refused" if "rank 0 of epoch 1" in str(err) else str(err))
+            done.wait()  # the winner holds its claim until both have tried
+            if writer is not None:
+                writer.abandon()
+
+        threads = [threading.Thread(target=claim) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        outcomes.append(sorted(results))
+    assert outcomes == [["refused", "won"]] * 10
+
+
+def test_a_teacher_object_lost_during_the_seal_stops_the_seal_not_the_next_epoch(s3, monkeypatch):
+    """The seal reads every object of the epoch back before it publishes: a chunk deleted
+    between its write and the root metadata's PUT leaves the previous teacher in place."""
+    import s3fs
+
+    from pskd_store import store as store_module
+    from store_helpers import write_epoch
+
+    store = SoftTargetStore.create("s3://runs/lost/store", np.arange(200) % 4, 4, chunk_rows=32)
+    write_epoch(store, 1)
+    write_epoch(store, 2, seal=False)
+    merge_epoch = store_module.merge_epoch
+
+    def then_lose_a_chunk(*args, **kwargs):
+        merged = merge_epoch(*args, **kwargs)
+        s3fs.S3FileSystem().rm_file("runs/lost/store/teacher/epoch_0002/c/3/0")  # lost on the way
+        return merged
+
+    monkeypatch.setattr(store_module, "merge_epoch", then_lose_a_chunk)
+    with pytest.raises(StoreDamagedError, match=r"the teacher of epoch 2 .* rows 96-127 are missing"):
+        store.seal(2)
+    assert SoftTargetStore.open("s3://runs/lost/store").sealed_epochs == [1]

@@ -348,4 +348,30 @@ def test_the_progress_bar_shows_loss_error_alpha_and_speed(tmp_path, data_dir, c
     train(config, tmp_path / "run", quiet=False)
     bars = capsys.readouterr().err
     assert "epoch 2/2" in bars and "alpha_t=0.800" in bars and "loss=" in bars and "samples_s=" in bars
-    assert "11/11" in bars  # updated on the last step too, not only every 10th
+
+
+def test_the_learning_rate_decays_after_each_milestone_and_a_resume_across_one_keeps_it(
+        tmp_path, data_dir, monkeypatch):
+    """lr x0.1 from the epoch after each milestone, as the authors' adjust_learning_rate
+    (lr x gamma for each milestone <= their 0-based epoch); a run stopped after epoch 2 and
+    resumed crosses milestone 2 with the scheduler it checkpointed."""
+    import pskd_store.training as training
+
+    config = TrainConfig(epochs=4, steps_per_epoch=3, lr=0.1, milestones=[2, 3], data_dir=str(data_dir)).resolved()
+    train(config, tmp_path / "whole", quiet=True)
+    whole = metrics_rows(tmp_path / "whole")
+    authors = [0.1 * 0.1 ** sum(epoch >= m for m in (2, 3)) for epoch in range(4)]  # their 0-based epochs
+    assert [row["lr"] for row in whole] == pytest.approx(authors, rel=1e-12)
+
+    log_epoch = training._log_epoch
+
+    def stop_after_epoch_2(row, epochs):
+        log_epoch(row, epochs)
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt  # the checkpoint of epoch 2 is written
+    monkeypatch.setattr(training, "_log_epoch", stop_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "broken", quiet=True)
+    monkeypatch.undo()
+    train(config, tmp_path / "broken", resume=True, quiet=True)
+    assert [without_timings(r) for r in metrics_rows(tmp_path / "broken")] == [without_timings(r) for r in whole]
