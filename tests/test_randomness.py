@@ -188,3 +188,22 @@ def test_ranks_draw_their_own_crops_holes_and_streams_from_identical_weights(tmp
     assert compared["steps"] == [3, 3] and compared["rows"] == 24
     assert compared["rows_whose_holes_differ"] >= 20 and compared["rows_whose_crop_or_flip_differ"] >= 20
     assert compared["initial_weights_equal"] and compared["own_streams_differ"]
+
+
+def test_starting_the_training_loader_draws_nothing_from_the_process_stream(tmp_path, data_dir):
+    """The DataLoader seeds its workers from a generator of its own: a run resumed at epoch 3
+    (which starts its loader there) and an uninterrupted one (which started it at epoch 1)
+    then leave the same stream to the model's own draws (dropout, ShakeDrop)."""
+    from pskd_store.distributed import Distributed
+    from pskd_store.recipe import TrainConfig
+    from pskd_store.run_directory import RunDirectory
+    from pskd_store.training import _train_loader, build_run
+
+    config = TrainConfig(epochs=2, workers=0, data_dir=str(data_dir)).resolved()
+    run = build_run(config, RunDirectory(tmp_path / "run"), Distributed(), torch.device("cpu"))
+    loader, sampler = _train_loader(run)
+    run.train_data.set_epoch(1)
+    sampler.set_epoch(1)
+    before = torch.get_rng_state()
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), before)
