@@ -199,6 +199,8 @@ API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("no store there", lambda s, y, t: SoftTargetStore.open(t / "nowhere"), StoreError, "no pskd-store at"),
     ("a file for a store", lambda s, y, t: SoftTargetStore.open(file_at(t / "afile")), StoreError,
      "is a file, not a store (a directory)"),
+    ("an empty directory for a store", lambda s, y, t: SoftTargetStore.open(Path(tempfile.mkdtemp(dir=t))),
+     StoreError, "no pskd-store at"),
     ("a fractional number of classes", lambda s, y, t: SoftTargetStore.create(t / "other", y, 10.0), StoreError,
      "num_classes must be an integer, got 10.0"),
     ("negative chunk rows", lambda s, y, t: SoftTargetStore.create(t / "other", y, K, chunk_rows=-5), StoreError,
@@ -667,34 +669,43 @@ def _without_timings(rows: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("damaged", ["checkpoint", "teacher"])
 def test_from_epoch_resumes_past_a_damaged_checkpoint_or_teacher_as_if_nothing_happened(
-        tmp_path, trained, damaged):
-    """The last checkpoint (epoch 2) or the newest teacher (epoch 2) damaged: the message
-    names `--from-epoch 1`, which trains epoch 2 again from the kept checkpoint of epoch 1
-    and ends where the undamaged run ended."""
+        tmp_path, data_dir, monkeypatch, damaged):
+    """A 3-epoch run stopped after epoch 2, then its last checkpoint (epoch 2) or its newest
+    teacher (epoch 2) damaged: resume names `--from-epoch 1`, which trains epoch 2 again
+    from the kept checkpoint of epoch 1 and ends where an uninterrupted run ends."""
+    import pskd_store.training as training
+
+    config = TrainConfig(epochs=3, steps_per_epoch=4, workers=0, data_dir=str(data_dir)).resolved()
+    training.train(config, tmp_path / "whole", quiet=True)
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
-    config = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**config, "epochs": 3}))  # one epoch left to train
-    whole = tmp_path / "whole"
-    shutil.copytree(run, whole)
-    assert pskd("train", "--resume", str(whole), "-q").returncode == 0
+    log_epoch = training._log_epoch
+
+    def stop_after_epoch_2(row, epochs):
+        log_epoch(row, epochs)
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(training, "_log_epoch", stop_after_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, run, quiet=True)
+    monkeypatch.undo()
     if damaged == "checkpoint":
-        data = bytearray((run / "checkpoints" / "last.pt").read_bytes())
-        data[len(data) // 2] ^= 0x01
-        (run / "checkpoints" / "last.pt").write_bytes(bytes(data))
+        path = run / "checkpoints" / "last.pt"
     else:
-        chunk = next(p for p in (run / "store" / "teacher" / "epoch_0002" / "c").rglob("*") if p.is_file())
-        data = bytearray(chunk.read_bytes())
-        data[len(data) // 2] ^= 0x01
-        chunk.write_bytes(bytes(data))
-        shutil.rmtree(run / "store.mmap", ignore_errors=True)  # a fresh node: the teacher is decoded again
-    refused = pskd("train", "--resume", str(run), "-q")
-    assert refused.returncode != 0 and "Traceback" not in refused.stderr
-    assert f"pskd-store train --resume {run} --from-epoch 1" in refused.stderr, refused.stderr
-    assert pskd("train", "--resume", str(run), "--from-epoch", "1", "-q").returncode == 0
-    assert _without_timings(RunDirectory(run).metrics_rows()) == _without_timings(RunDirectory(whole).metrics_rows())
+        path = next(p for p in (run / "store" / "teacher" / "epoch_0002" / "c").rglob("*") if p.is_file())
+        shutil.rmtree(run / "store.mmap")  # a fresh node: the teacher is decoded again
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+    refused = CliRunner().invoke(cli, ["train", "--resume", str(run), "-q"])
+    assert refused.exit_code == 1 and isinstance(refused.exception, SystemExit), refused.output
+    assert f"pskd-store train --resume {run} --from-epoch 1" in refused.output, refused.output
+    resumed = CliRunner().invoke(cli, ["train", "--resume", str(run), "--from-epoch", "1", "-q"])
+    assert resumed.exit_code == 0, resumed.output
+    assert _without_timings(RunDirectory(run).metrics_rows()) == _without_timings(
+        RunDirectory(tmp_path / "whole").metrics_rows())
     np.testing.assert_array_equal(SoftTargetStore.open(run / "store").read_epoch(3),
-                                  SoftTargetStore.open(whole / "store").read_epoch(3))
+                                  SoftTargetStore.open(tmp_path / "whole" / "store").read_epoch(3))
 
 
 def test_from_epoch_names_the_epochs_it_can_resume_from(tmp_path, trained):
@@ -702,3 +713,33 @@ def test_from_epoch_names_the_epochs_it_can_resume_from(tmp_path, trained):
     assert result.returncode != 0 and "--from-epoch 7: " in result.stderr
     assert "keeps intact checkpoints of epochs [1, 2]" in result.stderr
     assert "--from-epoch goes with --resume" in pskd("train", "--from-epoch", "1").stderr
+
+
+@pytest.mark.parametrize("damaged, advice", [
+    ("checkpoint", "restore it from a backup, or delete it to train the run again from epoch 1"),
+    ("teacher", "No checkpoint of the epoch before it is kept: restore the store from a backup, or train the run anew"),
+])
+def test_damage_with_no_earlier_checkpoint_says_what_else_to_do(tmp_path, data_dir, monkeypatch, damaged, advice):
+    import pskd_store.training as training
+
+    config = TrainConfig(epochs=2, steps_per_epoch=2, workers=0, data_dir=str(data_dir)).resolved()
+    run = tmp_path / "run"
+    log_epoch = training._log_epoch
+
+    def stop_after_epoch_1(row, epochs):
+        log_epoch(row, epochs)
+        raise KeyboardInterrupt
+    monkeypatch.setattr(training, "_log_epoch", stop_after_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, run, quiet=True)
+    monkeypatch.undo()
+    if damaged == "checkpoint":
+        path = run / "checkpoints" / "last.pt"
+    else:
+        path = next(p for p in (run / "store" / "teacher" / "epoch_0001" / "c").rglob("*") if p.is_file())
+        shutil.rmtree(run / "store.mmap", ignore_errors=True)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    refused = CliRunner().invoke(cli, ["train", "--resume", str(run), "-q"])
+    assert refused.exit_code == 1 and advice in refused.output, refused.output
