@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from pskd_store.data import build_datasets
-from pskd_store.dataset import SoftTargetDataset
+from pskd_store.dataset import SoftTargetDataset, collate_soft_targets
 from pskd_store.loss import alpha_t, soft_target
 from pskd_store.models import create_model
 from pskd_store.store import SoftTargetStore
@@ -57,7 +57,8 @@ def train_arm(arm: str, splits, args, workdir: Path) -> dict[str, float]:
         store = SoftTargetStore.create(workdir / f"store-{time.time_ns()}", splits.train_labels, splits.num_classes)
         data = SoftTargetDataset(splits.train, store, args.alpha_T, args.epochs)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        persistent_workers=args.workers > 0, pin_memory=device.type == "cuda")
+                        persistent_workers=args.workers > 0, pin_memory=device.type == "cuda",
+                        collate_fn=collate_soft_targets if store is not None else None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     teacher = None

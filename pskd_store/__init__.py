@@ -22,6 +22,7 @@ _EXPORTS = {
     "PredictionWriter": ".writer",
     "PredictionService": ".service",
     "SoftTargetDataset": ".dataset",
+    "collate_soft_targets": ".dataset",
     "alpha_t": ".loss",
     "soft_target": ".loss",
     "soft_cross_entropy": ".loss",

@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
-from torch.utils.data import Dataset, get_worker_info
+from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from .data import known_labels
 from .loss import alpha_t, soft_target
 from .seeding import SAMPLE, draw_seed, host_generators_kept, seed_host_generators
 from .service import PredictionService
 from .store import SoftTargetStore, StoreError
+
+
+class SoftTargetBatch(Sequence):
+    """The items of one batch, ``(input, target, label, id)`` each, as any ``collate_fn``
+    takes them; built from batched tensors, which :func:`collate_soft_targets` hands on as
+    they are instead of splitting and stacking them again."""
+
+    def __init__(self, inputs: list, targets: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor):
+        self.inputs, self.targets, self.labels, self.ids = inputs, targets, labels, ids
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def __getitem__(self, i: int) -> tuple:
+        return self.inputs[i], self.targets[i], int(self.labels[i]), int(self.ids[i])
+
+
+def collate_soft_targets(batch: SoftTargetBatch | list) -> tuple | list:
+    """``collate_fn`` for a DataLoader of a :class:`SoftTargetDataset`: the batch's inputs
+    collated as usual, its targets, labels and ids as the data set made them. Any other
+    batch goes to ``default_collate``."""
+    if isinstance(batch, SoftTargetBatch):
+        return default_collate(batch.inputs), batch.targets, batch.labels, batch.ids
+    return default_collate(batch)
 
 
 class SoftTargetDataset(Dataset):
@@ -80,26 +106,25 @@ class SoftTargetDataset(Dataset):
         self._state[2] = token
         self._state[0] = epoch
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> tuple:
         return self.__getitems__([index])[0]
 
-    def __getitems__(self, indices: list[int]) -> list[tuple]:
+    def __getitems__(self, indices: list[int]) -> SoftTargetBatch:
         """A whole batch at once (the DataLoader calls this): one gather from the memory
         map and one blend for all rows, instead of per-item tensor work."""
         epoch, teacher, token = self._state.tolist()
         if epoch == 0:
             raise RuntimeError("call set_epoch(epoch) before iterating a SoftTargetDataset")
         items = self._load(indices, epoch)
-        indices = [int(i) for i in indices]  # the ids, without their draws' repeats
+        ids = torch.as_tensor([int(i) for i in indices], dtype=torch.int64)  # without the draws' repeats
         labels = torch.as_tensor([int(label) for _, label in items], dtype=torch.int64)
-        self._check_labels(labels.numpy(), np.asarray(indices))
+        self._check_labels(labels.numpy(), ids.numpy())
         if teacher == 0:
             targets = torch.nn.functional.one_hot(labels, self.num_classes).float()
         else:
-            past = self.service.lookup(teacher, f"{token:016x}", indices)
+            past = self.service.lookup(teacher, f"{token:016x}", ids.numpy())
             targets = soft_target(labels, past, alpha_t(epoch, self.total_epochs, self.alpha_T))
-        return [(input, target, label, index)
-                for (input, _), target, label, index in zip(items, targets, labels.tolist(), indices)]
+        return SoftTargetBatch([input for input, _ in items], targets, labels, ids)
 
     def _load(self, indices: list[int], epoch: int) -> list[tuple]:
         """The base data set's items; with a seed, each drawn from generators seeded by

@@ -43,7 +43,7 @@ from .checkpoint import (
     save_checkpoint, set_rng_state,
 )
 from .data import DataSplits, build_datasets
-from .dataset import SoftTargetDataset
+from .dataset import SoftTargetDataset, collate_soft_targets
 from .distributed import Distributed, setup, teardown
 from .errors import StoreDamagedError, StoreError, StoreNotFoundError
 from .loss import CsKd, TfKd, alpha_t, method_loss
@@ -250,7 +250,7 @@ def _train_loader(run: Run) -> tuple[DataLoader, DistributedSampler | ClassPairB
     # a generator of its own: the workers' base seed (unused: items are seeded by where
     # they are drawn) is not taken from the process's stream, which a resume restores
     common = dict(num_workers=config.workers, persistent_workers=config.workers > 0,
-                  pin_memory=accelerator_for(run.device) is not None,
+                  pin_memory=accelerator_for(run.device) is not None, collate_fn=collate_soft_targets,
                   generator=torch.Generator().manual_seed(config.seed))
     if config.method == "cskd":
         pairs = ClassPairBatchSampler(run.splits.train_labels, config.batch_size, num_replicas=env.world_size,

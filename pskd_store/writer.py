@@ -42,10 +42,10 @@ class _ChunkBuffer:
 
     ids: torch.Tensor     # (R,) int64
     values: torch.Tensor  # (R, K) raw outputs (CPU), or (R, width) stored rows (layout.py)
-    checks: torch.Tensor  # (R,) bool, device outputs: per write into it, all its rows are probabilities
+    checks: torch.Tensor  # (R,) bool, device outputs: per checked write into it, all its rows are probabilities
     raw: bool             # still needs the softmax and the conversion to stored rows
     filled: int = 0
-    writes: int = 0       # writes that put rows into this buffer (the first ``writes`` checks)
+    checked: int = 0      # writes into this buffer that carried a check (the first ``checked`` checks)
     copies: list = field(default_factory=list)  # one accelerator event per device write into it
     tolerance: float = 0.0  # how far from 1 a probability row's sum may be
 
@@ -88,6 +88,8 @@ class PredictionWriter:
         self._error: BaseException | None = None
         self._warned = False  # logits that look like probabilities: warned once
         self._probabilities_seen = False  # set by the background thread, warned by this one
+        self._first_chunk = True  # the background thread's: logits are checked for looking like probabilities
+        self._first_write = True  # the training thread's: on a device, the first write's logits are
         self._closed = False
         self._queue: queue.Queue = queue.Queue()
         self._thread = threading.Thread(target=self._drain, name=f"pskd-writer-{epoch}", daemon=True)
@@ -127,8 +129,10 @@ class PredictionWriter:
         tolerance = _sum_tolerance(outputs.dtype, self._torch_dtype)
         check = None
         if accelerator is not None:  # stored rows made on the device: half the copy, or far less for top-k
-            check = _probability_rows(outputs, tolerance).reshape(1)  # read by the background thread
+            if not self.from_logits or self._first_write:  # probabilities always; logits in the first write
+                check = _probability_rows(outputs, tolerance).reshape(1)  # read by the background thread
             outputs = self._to_rows(outputs)
+        self._first_write = False
         done = 0
         while done < len(ids):
             buffer = self._current or self._take_buffer(like=outputs, accelerator=accelerator)
@@ -139,11 +143,12 @@ class PredictionWriter:
                 buffer.ids[rows].copy_(ids[done:done + n])
                 buffer.values[rows].copy_(outputs[done:done + n])
             else:  # queued on the stream that made the outputs; an event marks when they land
-                accelerator.copy_to_host(buffer.checks[buffer.writes:buffer.writes + 1], check)
+                if check is not None:
+                    accelerator.copy_to_host(buffer.checks[buffer.checked:buffer.checked + 1], check)
+                    buffer.checked += 1
                 accelerator.copy_to_host(buffer.ids[rows], ids[done:done + n])
                 accelerator.copy_to_host(buffer.values[rows], outputs[done:done + n])
                 buffer.copies.append(accelerator.record(outputs.device))
-            buffer.writes += 1
             buffer.filled += n
             done += n
             self._current = buffer
@@ -240,7 +245,7 @@ class PredictionWriter:
                     self._write_chunk(buffer)
                 except BaseException as err:  # reported to the training thread
                     self._error = err
-            buffer.filled = buffer.writes = 0
+            buffer.filled = buffer.checked = 0
             buffer.copies.clear()
             buffer.tolerance = 0.0
             self._free.put(buffer)  # also after an error, so write() never waits forever
@@ -249,12 +254,14 @@ class PredictionWriter:
         for copied in buffer.copies:  # every copy into this buffer has landed
             copied.synchronize()
         values = buffer.values[:buffer.filled]
-        if buffer.raw and not self.from_logits:
+        if not buffer.raw:  # the checks made on the device: every write's for probabilities
+            all_probabilities = buffer.checked > 0 and bool(buffer.checks[:buffer.checked].all())
+        elif not self.from_logits:
             _require_probability_rows(values, buffer.tolerance, self.epoch)  # says which rows, how far off
-        if buffer.raw:
-            all_probabilities = bool(_probability_rows(values, buffer.tolerance))
-        else:
-            all_probabilities = bool(buffer.checks[:buffer.writes].all())
+            all_probabilities = True
+        else:  # logits that look like probabilities: misuse of a whole run, seen in its first chunk
+            all_probabilities = self._first_chunk and bool(_probability_rows(values, buffer.tolerance))
+        self._first_chunk = False
         if self.from_logits and all_probabilities:
             self._probabilities_seen = True
         rows = (self._to_rows(values) if buffer.raw else values).numpy()
