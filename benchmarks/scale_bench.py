@@ -18,6 +18,11 @@ fresh process so that each peak RSS is its own. Reported per writer count:
   * ``lookup``: median time of a batch-256 gather from the served epoch;
   * bytes on disk of the sealed epoch, against the authors' dense float32 table (N*K*4
     bytes in every rank's memory; x8 for an 8-GPU node, where the memory map is shared);
+  * ``machine``: what this machine's disk and codec do with the same bytes, measured in the
+    same run: a plain sequential write of the epoch's rows to a file (no fsync, as the
+    store's writes), and Blosc-zstd compression and decompression of the same rows in
+    memory with the store's codec; each step's MB/s (of uncompressed rows) is set against
+    them and its ``bound`` named: the baseline it comes closest to;
   * ``topk_runs`` (``--topk 5,10,20``, one writer each): the same steps for top-k stores,
     their bytes and lookup time against the dense float16 run, and the mean and max L1
     distance between rebuilt and true targets at alpha_t = 0.8.
@@ -200,6 +205,56 @@ def scenario(args, workdir: Path, world: int, topk: int | None = None) -> dict:
     return {"writers": world, "topk": topk, "write": write, "seal": seal, "prepare": prepare, "verify": verify}
 
 
+def machine_baselines(args, workdir: Path) -> dict:
+    """MB/s of uncompressed rows: a plain sequential write of the epoch's bytes, chunk by
+    chunk as the writer hands them over, and the store's Blosc-zstd on the same chunks."""
+    import zarr.codecs
+    from zarr.core.array_spec import ArrayConfig, ArraySpec
+    from zarr.core.buffer import default_buffer_prototype
+    from zarr.core.dtype import parse_dtype
+    from zarr.core.sync import sync
+
+    from pskd_store.store import DEFAULT_BLOSC, default_chunk_rows
+
+    pool = make_pool(args.classes)
+    rows = default_chunk_rows(args.classes * 2)
+    chunks = [rows_of(np.arange(lo, min(lo + rows, args.rows)), pool) for lo in range(0, args.rows, rows)]
+    nbytes = sum(chunk.nbytes for chunk in chunks)
+    start = time.perf_counter()
+    with open(workdir / "plain.bin", "wb") as file:
+        for chunk in chunks:
+            file.write(chunk)
+    write_s = time.perf_counter() - start
+    (workdir / "plain.bin").unlink()
+    dtype = parse_dtype(np.float16, zarr_format=3)
+    spec = ArraySpec(shape=(rows, args.classes), dtype=dtype, fill_value=dtype.default_scalar(),
+                     config=ArrayConfig.from_dict({}), prototype=default_buffer_prototype())
+    codec = zarr.codecs.BloscCodec(**DEFAULT_BLOSC).evolve_from_array_spec(spec)
+    buffers = [default_buffer_prototype().buffer.from_bytes(chunk.tobytes()) for chunk in chunks]
+    start = time.perf_counter()
+    compressed = [sync(codec._encode_single(buffer, spec)) for buffer in buffers]
+    compress_s = time.perf_counter() - start
+    start = time.perf_counter()
+    for buffer in compressed:
+        sync(codec._decode_single(buffer, spec))
+    decompress_s = time.perf_counter() - start
+    return {"bytes": nbytes, "plain_write_mb_s": nbytes / write_s / 1e6,
+            "zstd_compress_mb_s": nbytes / compress_s / 1e6, "zstd_decompress_mb_s": nbytes / decompress_s / 1e6,
+            "zstd_ratio": nbytes / sum(len(buffer) for buffer in compressed)}
+
+
+def against_machine(run: dict, machine: dict) -> None:
+    """Each step's MB/s of uncompressed rows, its ratio to the baselines, and its bound."""
+    nbytes = run["seal"]["nbytes"]
+    steps = {"write": nbytes / max(run["write"]["seconds_per_writer"]), "seal": nbytes / run["seal"]["seconds"],
+             "prepare": nbytes / run["prepare"]["seconds"]}
+    baselines = {"write": ("plain_write_mb_s",), "seal": ("plain_write_mb_s", "zstd_compress_mb_s"),
+                 "prepare": ("plain_write_mb_s", "zstd_decompress_mb_s")}
+    for step, rate in steps.items():
+        ratios = {name: rate / 1e6 / machine[name] for name in baselines[step]}
+        run[step].update(mb_s=rate / 1e6, vs_machine=ratios, bound=max(ratios, key=ratios.get))
+
+
 def pool_statistics(num_classes: int) -> dict:
     """How peaked the written rows are: the mean mass of their top 1, 5, 10 and 20 classes."""
     top = -np.sort(-make_pool(num_classes).astype(np.float32), axis=1)
@@ -237,8 +292,11 @@ def main() -> None:
         return
     dense = args.rows * args.classes * 4
     with tempfile.TemporaryDirectory(prefix="pskd-scale-", dir=args.workdir) as workdir:
+        machine = machine_baselines(args, Path(workdir))
         runs = [scenario(args, Path(workdir), int(w)) for w in args.writers.split(",")]
         topk_runs = [scenario(args, Path(workdir), 1, int(k)) for k in args.topk.split(",") if k]
+    for run in runs:
+        against_machine(run, machine)
     stored = runs[0]["seal"]["nbytes_stored"]
     for run in topk_runs:
         run["bytes_vs_dense_float16"] = run["seal"]["nbytes_stored"] / stored
@@ -247,7 +305,7 @@ def main() -> None:
         run["target_distance"] = target_distance(args.classes, run["topk"])
     print(json.dumps({
         "rows": args.rows, "classes": args.classes, "dtype": "float16", "batch": args.batch,
-        "cpus": os.cpu_count(), "pool": pool_statistics(args.classes), "runs": runs, "topk_runs": topk_runs,
+        "cpus": os.cpu_count(), "pool": pool_statistics(args.classes), "machine": machine, "runs": runs, "topk_runs": topk_runs,
         "bytes": {
             "stored_per_epoch": stored,
             "served_per_node": args.rows * args.classes * 2,  # one memory map, shared by the node's ranks

@@ -323,6 +323,7 @@ class PartWriter:
             "probs", shape=(num_samples, width), chunks=(chunk_rows, width),
             dtype=dtype, compressors=codecs_with_checksum(None), config=ARRAY_CONFIG,
         )
+        self._chunk_files = [_ChunkFiles(self._ids), _ChunkFiles(self._probs)]
 
     def append(self, ids: np.ndarray, probs: np.ndarray) -> None:
         """Add rows after the ones already there. From a chunk's start (what the writer's
@@ -341,8 +342,8 @@ class PartWriter:
         else:
             for start in range(0, len(ids), rows_per_chunk):
                 chunk = (self.rows + start) // rows_per_chunk
-                for array, values in ((self._ids, ids), (self._probs, probs)):
-                    _write_chunk(array, chunk, values[start:start + rows_per_chunk])
+                for files, values in zip(self._chunk_files, (ids, probs)):
+                    files.write(chunk, values[start:start + rows_per_chunk])
         self.rows = end
 
     def close(self) -> None:
@@ -370,24 +371,37 @@ def _require_group(root: zarr.Group, path: str) -> zarr.Group:
 # -- the store's byte-level API (zarr's stores are asynchronous) --------------------------------
 
 
-def _write_chunk(array: zarr.Array, chunk: int, values: np.ndarray) -> None:
-    """Store rows ``values`` as chunk ``chunk`` (along the first axis) of an uncompressed
-    array whose only other codec is crc32c: the chunk's bytes (zero rows after ``values``
+class _ChunkFiles:
+    """Writes whole chunks (along the first axis) of an uncompressed array whose only other
+    codec is crc32c, as zarr stores them: the chunk's bytes (zero rows after the values
     when they do not fill it), then the crc32c of those bytes, little-endian — exactly what
-    zarr writes and reads back."""
-    shape = (array.chunks[0], *array.shape[1:])
-    if len(values) < shape[0]:
-        padded = np.zeros(shape, dtype=array.dtype)
-        padded[:len(values)] = values
-        values = padded
-    data = np.ascontiguousarray(values, dtype=array.dtype).reshape(-1).view(np.uint8)
-    checksum = google_crc32c.value(data).to_bytes(4, "little")
-    key = f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
-    store = array.store
-    if isinstance(store, zarr.storage.LocalStore):  # one system call for the bytes
-        path = Path(store.root) / key
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    zarr reads back. The array's constants are looked up once, not per chunk."""
+
+    def __init__(self, array: zarr.Array):
+        self._store = array.store
+        self._shape = (array.chunks[0], *array.shape[1:])
+        self._dtype = np.dtype(array.dtype)
+        self._prefix = f"{array.path}/"
+        self._encode_key = array.metadata.encode_chunk_key
+        self._root = Path(self._store.root) if isinstance(self._store, zarr.storage.LocalStore) else None
+
+    def write(self, chunk: int, values: np.ndarray) -> None:
+        if len(values) < self._shape[0]:
+            padded = np.zeros(self._shape, dtype=self._dtype)
+            padded[:len(values)] = values
+            values = padded
+        data = np.ascontiguousarray(values, dtype=self._dtype).reshape(-1).view(np.uint8)
+        checksum = google_crc32c.value(data).to_bytes(4, "little")
+        key = self._prefix + self._encode_key((chunk,) + (0,) * (len(self._shape) - 1))
+        if self._root is None:
+            sync(self._store.set(key, default_buffer_prototype().buffer.from_bytes(data.tobytes() + checksum)))
+            return
+        path = self._root / key  # a local disk: one system call for the bytes
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except FileNotFoundError:  # the array's first chunk
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             written = os.writev(fd, [data, checksum])
             if written < len(data) + len(checksum):  # a short write (a disk filling up): the rest, or its error
@@ -396,8 +410,6 @@ def _write_chunk(array: zarr.Array, chunk: int, values: np.ndarray) -> None:
                     rest = rest[os.write(fd, rest):]
         finally:
             os.close(fd)
-    else:
-        sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data.tobytes() + checksum)))
 
 
 def _store_set_if_absent(store: Store, key: str, data: bytes) -> None:

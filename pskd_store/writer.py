@@ -272,7 +272,7 @@ class PredictionWriter:
                 f"ids out of range: {bad.tolist()} not in [0, N={self._num_samples}); pass dataset "
                 "indices (SoftTargetDataset returns them), not batch positions"
             )
-        if not np.isfinite(self._layout.values(rows)).all():
+        if not _all_finite(self._layout.values(rows)):
             raise ValueError(
                 "predictions contain NaN or inf: the model diverged (lower the learning rate or "
                 "check the loss); nothing of this epoch will be sealed"
@@ -293,16 +293,25 @@ def _sum_tolerance(*dtypes: torch.dtype) -> float:
 
 
 def _probability_rows(values: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """A 0-d bool tensor: every row is non-negative and sums to 1 (on the values' device)."""
-    values = values.float()
-    return (values.min() >= 0) & ((values.sum(dim=1) - 1).abs().max() <= tolerance)
+    """A 0-d bool tensor: every row is non-negative and sums to 1 (on the values' device;
+    False for a NaN). Reductions only: elementwise comparisons of float16 are slow on a CPU."""
+    sums = values.sum(dim=1, dtype=torch.float32)
+    return (values.min() >= 0) & ((sums - 1).abs().max() <= tolerance)
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """``isfinite(values).all()``, in the common case by one float32 sum (a NaN or an
+    infinity makes it non-finite), which is far faster than an elementwise test of float16.
+    (A top-k row's values are a strided view of its bytes: copied, they are few.)"""
+    values = torch.from_numpy(np.ascontiguousarray(values))
+    return bool(values.sum(dtype=torch.float32).isfinite()) or bool(values.isfinite().all())
 
 
 def _require_probability_rows(values: torch.Tensor, tolerance: float, epoch: int) -> None:
-    """``from_logits=False``: refuse rows that are negative or do not sum to 1."""
-    values = values.float()
-    sums = values.sum(dim=1)
-    bad = torch.nonzero(((sums - 1).abs() > tolerance) | (values < 0).any(dim=1)).flatten()
+    """``from_logits=False``: refuse rows that are negative or do not sum to 1 (NaN rows are
+    left to the finiteness check, which names them)."""
+    sums = values.sum(dim=1, dtype=torch.float32)
+    bad = torch.nonzero(((sums - 1).abs() > tolerance) | (values.amin(dim=1) < 0)).flatten()
     if len(bad):
         row = int(bad[0])
         raise ValueError(
