@@ -82,4 +82,4 @@ ACCELERATORS: dict[str, Accelerator] = {"cuda": Cuda()}
 
 def accelerator_for(device: torch.device | str) -> Accelerator | None:
     """The accelerator of ``device``'s type, or None for host memory (the CPU)."""
-    return ACCELERATORS.get(torch.device(device).type)
+    return ACCELERATORS.get(device.type if isinstance(device, torch.device) else torch.device(device).type)

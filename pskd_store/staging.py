@@ -326,24 +326,21 @@ class PartWriter:
         self._chunk_files = [_ChunkFiles(self._ids), _ChunkFiles(self._probs)]
 
     def append(self, ids: np.ndarray, probs: np.ndarray) -> None:
-        """Add rows after the ones already there. From a chunk's start (what the writer's
-        chunk-sized buffers give), each chunk is stored as zarr stores it — its bytes, then
-        their crc32c — with one write and none of zarr's per-chunk machinery; other
-        appends go through zarr."""
+        """Add rows after the ones already there. Up to one chunk from a chunk's start is
+        stored as zarr stores it — its bytes, then their crc32c — with one write and none of
+        zarr's per-chunk machinery; other appends go through zarr."""
         end = self.rows + len(ids)
         if end > self._ids.shape[0]:  # more rows than samples: duplicates; grow the part
             capacity = max(end, 2 * self._ids.shape[0])
             self._ids.resize((capacity,))
             self._probs.resize((capacity, self._probs.shape[1]))
-        rows_per_chunk = self._ids.chunks[0]
-        if self.rows % rows_per_chunk:
+        chunk, offset = divmod(self.rows, self._ids.chunks[0])
+        if offset or len(ids) > self._ids.chunks[0]:
             self._ids[self.rows:end] = ids
             self._probs[self.rows:end] = probs
-        else:
-            for start in range(0, len(ids), rows_per_chunk):
-                chunk = (self.rows + start) // rows_per_chunk
-                for files, values in zip(self._chunk_files, (ids, probs)):
-                    files.write(chunk, values[start:start + rows_per_chunk])
+        else:  # one chunk from its start: what the writer's chunk-sized buffers hand over
+            for files, values in zip(self._chunk_files, (ids, probs)):
+                files.write(chunk, values)
         self.rows = end
 
     def close(self) -> None:

@@ -91,6 +91,14 @@ def probs(n: int = N) -> torch.Tensor:
     return torch.from_numpy(epoch_probs(2, N, K)[:n])
 
 
+def one_negative_row(rows: torch.Tensor, row: int = 5) -> torch.Tensor:
+    """A row that still sums to 1 but holds a negative value."""
+    rows = rows.clone()
+    rows[row] = 0.0
+    rows[row, 0], rows[row, 1] = 1.25, -0.25
+    return rows
+
+
 def with_targets(data: TensorDataset, targets: np.ndarray) -> TensorDataset:
     data.targets = targets.tolist()  # what torchvision's data sets have: checked without loading inputs
     return data
@@ -149,6 +157,9 @@ def second_writer(store: SoftTargetStore) -> None:
 API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("probabilities negative", lambda s, y, t: write_and_close(s, probs() - 0.1, from_logits=False),
      StoreError, "from_logits=False takes probability rows, but 16 of 16 rows written for epoch 2 are not"),
+    ("one negative probability in rows summing to 1",
+     lambda s, y, t: write_and_close(s, one_negative_row(probs()), from_logits=False),
+     StoreError, "but 1 of 16 rows written for epoch 2 are not (one sums to 1, its smallest value is -0.25)"),
     ("probabilities summing to 70", lambda s, y, t: write_and_close(s, probs() * 70, from_logits=False),
      StoreError, "one sums to 70"),
     ("bool outputs", lambda s, y, t: write_and_close(s, torch.ones(N, K, dtype=torch.bool), from_logits=True),

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from pskd_store.dataset import SoftTargetDataset
+from pskd_store.dataset import SoftTargetDataset, collate_soft_targets
 from pskd_store.service import PredictionService
 from pskd_store.store import EpochNotSealedError, SoftTargetStore, StoreError
 from store_helpers import epoch_probs, make_labels, write_epoch
@@ -73,6 +73,27 @@ def test_persistent_workers_follow_the_teacher_epoch(store, labels, start_method
             seen += len(index)
         assert seen == N
         write_epoch(store, epoch)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_collate_hands_on_the_batch_the_items_make(store, labels, workers):
+    """collate_soft_targets passes the targets, labels and ids __getitems__ made as they are:
+    the batch equals default collation of the items one by one, in the loader's order."""
+    data = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
+    data.set_epoch(1)
+    write_epoch(store, 1)
+    data.set_epoch(2)
+    loader = DataLoader(data, batch_size=8, sampler=torch.randperm(N, generator=torch.Generator().manual_seed(0)),
+                        num_workers=workers, collate_fn=collate_soft_targets)
+    seen = 0
+    for inputs, targets, batch_labels, ids in loader:
+        expected = torch.utils.data.default_collate([data[int(i)] for i in ids])
+        for got, want in zip((inputs, targets, batch_labels, ids), expected):
+            assert torch.equal(got, want)
+        assert torch.equal(inputs[:, 0].long(), ids)  # each input is its own id: rows stay with their ids
+        seen += len(ids)
+    assert seen == N
+    assert collate_soft_targets([(torch.zeros(2), 1), (torch.ones(2), 0)])[1].tolist() == [1, 0]  # any other batch
 
 
 def _mapped_in_child(service: PredictionService, token: str, ids: list[int]) -> tuple[list, bool, bool]:

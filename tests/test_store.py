@@ -742,3 +742,29 @@ def test_a_part_that_cannot_be_made_fails_the_writer_naming_the_store(store, mon
     monkeypatch.undo()
     write_epoch(store, 1)  # the failed writer gave its part up
     assert store.sealed_epochs == [1]
+
+
+def chunk_files(store: SoftTargetStore, part: PartWriter, array: str) -> dict[str, bytes]:
+    """A staging array's chunk files: name -> bytes."""
+    chunks = Path(store.url) / part._path / array / "c"
+    return {str(path.relative_to(chunks)): path.read_bytes() for path in chunks.rglob("*") if path.is_file()}
+
+
+def test_staging_chunks_written_directly_are_the_bytes_zarr_writes(store, tmp_path):
+    """A part's whole chunks skip zarr (one writev of the bytes and their crc32c); a part
+    appended at other offsets goes through zarr: both leave the same chunk files, which zarr
+    reads back as the rows appended."""
+    rows = epoch_probs(1, N, K).astype(np.float16)
+    ids = np.arange(N, dtype=np.int64)
+    direct, through_zarr = (store.staging(1).claim(rank) for rank in (0, 1))
+    for part in (direct, through_zarr):
+        part.create(N, K, store.chunk_rows, np.dtype(np.float16))
+    for start in range(0, N, store.chunk_rows):  # whole chunks from their starts: the writer's way
+        direct.append(ids[start:start + store.chunk_rows], rows[start:start + store.chunk_rows])
+    for start, stop in ((0, 5), (5, 30), (30, 100), (100, N)):  # other offsets and spans: zarr's way
+        through_zarr.append(ids[start:stop], rows[start:stop])
+    for array in ("ids", "probs"):
+        written = [chunk_files(store, part, array) for part in (direct, through_zarr)]
+        assert written[0] == written[1] and len(written[0]) == -(-N // store.chunk_rows)
+    np.testing.assert_array_equal(direct._probs[:N], rows)
+    np.testing.assert_array_equal(direct._ids[:N], ids)
