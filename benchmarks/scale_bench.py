@@ -305,7 +305,8 @@ def main() -> None:
         run["target_distance"] = target_distance(args.classes, run["topk"])
     print(json.dumps({
         "rows": args.rows, "classes": args.classes, "dtype": "float16", "batch": args.batch,
-        "cpus": os.cpu_count(), "pool": pool_statistics(args.classes), "machine": machine, "runs": runs, "topk_runs": topk_runs,
+        "cpus": os.cpu_count(), "pool": pool_statistics(args.classes), "machine": machine,
+        "runs": runs, "topk_runs": topk_runs,
         "bytes": {
             "stored_per_epoch": stored,
             "served_per_node": args.rows * args.classes * 2,  # one memory map, shared by the node's ranks

@@ -6,7 +6,8 @@ Lookups: a batch of past predictions by dataset id, three ways —
   * ``zarr_per_sample``: one read per sample straight from the compressed Zarr array.
 Writes: the training thread's cost of ``PredictionWriter.write`` per batch, between
 simulated training steps, against the authors' in-memory table update in the same loop;
-and end-to-end rows/s written back to back (the writer's own speed limit), with the seal. Disk: stored bytes of one epoch per dtype and codec.
+and end-to-end rows/s written back to back (the writer's own speed limit), with the seal.
+Disk: stored bytes of one epoch per dtype and codec.
 
 Predictions are synthetic but shaped like a trained model's: softmax of Gaussian logits
 with the true class boosted, so most rows are peaked (what compresses, and what does not).

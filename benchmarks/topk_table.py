@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from method_table import markdown, mean_std, run_one
+
 from pskd_store.recipe import TrainConfig
 
 STORES = {"dense float16": None, "top-5": 5, "top-3": 3, "top-1": 1}

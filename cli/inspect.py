@@ -11,7 +11,7 @@ import click
 import numpy as np
 
 from pskd_store.analysis import RunData, RunError, check_ids, check_same_samples, hard_samples, load_run, summarize
-from pskd_store.plots import plot_reliability, plot_trajectories, plot_training_curves
+from pskd_store.plots import plot_reliability, plot_training_curves, plot_trajectories
 
 # (key in the test metrics, label, format) for the text summary, in the paper's units.
 TEST_METRICS = (

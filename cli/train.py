@@ -13,7 +13,13 @@ from click.core import ParameterSource
 from pskd_store.data import DATASETS
 from pskd_store.models import available_models, input_kind
 from pskd_store.recipe import (
-    ARCH_DEFAULTS, AUGMENTATIONS, DATASET_DEFAULTS, DIST_TIMEOUT_S, METHODS, TFKD_DEFAULTS, TrainConfig,
+    ARCH_DEFAULTS,
+    AUGMENTATIONS,
+    DATASET_DEFAULTS,
+    DIST_TIMEOUT_S,
+    METHODS,
+    TFKD_DEFAULTS,
+    TrainConfig,
 )
 from pskd_store.run_directory import RunDirectory
 from pskd_store.store import StoreError
@@ -61,8 +67,8 @@ def _choices(options: dict[str, str]) -> str:
 RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "aug", "epochs",
                "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "lr_gamma",
                "val_split", "seed", "deterministic", "steps_per_epoch", "store_dtype", "store_topk", "store",
-               "ece_bins", "cutmix_prob", "tfkd_alpha", "tfkd_temperature", "tfkd_multiplier", "cskd_temperature",
-               "cskd_weight", "output")
+               "ece_bins", "cutmix_prob", "img_size", "tfkd_alpha", "tfkd_temperature", "tfkd_multiplier",
+               "cskd_temperature", "cskd_weight", "output")
 # Options that say where and how fast a run computes, not what: --resume may change them.
 PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "dist_timeout")
 
@@ -120,6 +126,10 @@ PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "
                    "s3://bucket/run/store (pip install 's3fs'; credentials and endpoint from the usual "
                    "AWS_* environment or config, never stored in the run). The decoded teacher goes "
                    "to a node-local cache (--cache-dir, default ~/.cache/pskd-store).")
+@click.option("--img-size", type=int,
+              help="imagenet/folder: side of the training crop and the evaluation centre crop (evaluation "
+                   "resizes to img-size/0.875 first); 224 by default. Set it to a folder's image size "
+                   "(e.g. 32 or 64) so small images are not upsampled.")
 @click.option("--cutmix-prob", type=float,
               help="--aug cutmix with ce/ls/tfkd/cskd: chance that a batch is mixed; CutMix's authors' value "
                    f"per data set by default ({_per_dataset('cutmix_prob')}).")
@@ -188,7 +198,8 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
                 raise click.UsageError("under torchrun pass --output RUN_DIR: every process must write the same run")
             options["milestones"] = _parse_milestones(options["milestones"])
             config = TrainConfig(**options).resolved()
-            directory = Path(output or f"runs/{config.dataset}-{config.arch}-{config.method}-{time.strftime('%Y%m%d-%H%M%S')}")
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            directory = Path(output or f"runs/{config.dataset}-{config.arch}-{config.method}-{stamp}")
             if is_main and RunDirectory(directory).config.exists():
                 raise click.UsageError(
                     f"{directory} already holds a run: continue it with --resume {directory}, "

@@ -125,11 +125,13 @@ def build_datasets(
     val_split: float = 0.0,
     seed: int = 0,
     download: bool = True,
+    img_size: int | None = None,
 ) -> DataSplits:
     """Build train/val/test data sets of ``name`` from ``data_dir``.
 
     ``val_split`` holds out that fraction of the training set (a permutation drawn
-    from ``seed``) as ``val``, seen through the eval transform.
+    from ``seed``) as ``val``, seen through the eval transform. ``img_size``: the side of
+    ImageNet's and a folder's crops (default 224).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
@@ -154,7 +156,7 @@ def build_datasets(
             test = _load_cifar(cls, root, train=False, transform=eval_tf, download=download)
             input_kind = "32x32"
         else:
-            train_tf, eval_tf = _imagenet_transforms()
+            train_tf, eval_tf = _imagenet_transforms(img_size or 224)
             test_dirs = ("val",) if name == "imagenet" else ("val", "test")
             train, test = _load_image_folders(root, test_dirs, train_tf, eval_tf)
             input_kind = "224x224"
@@ -245,17 +247,19 @@ def _load_fashion_mnist(root: Path, *, train: bool, transform: Callable, downloa
         ) from err
 
 
-def _imagenet_transforms() -> tuple[Callable, Callable]:
+def _imagenet_transforms(size: int) -> tuple[Callable, Callable]:
+    """torchvision's ImageNet recipe at crop side ``size``: evaluation resizes to size/0.875
+    (256 for 224) and crops the centre, so small images are not upsampled to 224."""
     normalize = T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
     train_tf = T.Compose([
-        T.RandomResizedCrop(224),
+        T.RandomResizedCrop(size),
         T.RandomHorizontalFlip(),
         T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
         T.ToTensor(),
         Lighting(0.1),
         normalize,
     ])
-    eval_tf = T.Compose([T.Resize(256), T.CenterCrop(224), T.ToTensor(), normalize])
+    eval_tf = T.Compose([T.Resize(round(size / 0.875)), T.CenterCrop(size), T.ToTensor(), normalize])
     return train_tf, eval_tf
 
 

@@ -8,10 +8,10 @@ import numpy as np
 
 from .checkpoint import load_checkpoint
 from .data import build_datasets
+from .distributed import select_device
 from .metrics import evaluate
 from .models import create_model
 from .recipe import TrainConfig
-from .distributed import select_device
 from .training import eval_loader, predict
 
 
@@ -22,11 +22,11 @@ def evaluate_checkpoints(
     """Metrics, averaged probabilities (N, K) and labels (N,) of ``paths`` on ``split``."""
     states = [load_checkpoint(path) for path in paths]
     configs = [TrainConfig(**state["config"]) for state in states]
-    if len({(c.dataset, c.val_split, c.seed if c.val_split else 0) for c in configs}) > 1:
+    if len({(c.dataset, c.val_split, c.seed if c.val_split else 0, c.img_size) for c in configs}) > 1:
         raise ValueError("an ensemble needs checkpoints trained on the same data set and split")
     first = configs[0]
     splits = build_datasets(first.dataset, data_dir or first.data_dir, val_split=first.val_split,
-                            seed=first.seed, download=False)
+                            seed=first.seed, download=False, img_size=first.img_size)
     data = splits.test if split == "test" else splits.val
     if data is None:
         raise ValueError("these runs held out no validation split (train with --val-split)")

@@ -157,8 +157,10 @@ def stored_digest(arrays: list[CheckedArray]) -> str:
                     raise StoreDamagedError(_message(checked.what, checked.url, f"rows {_ranges([rows])} are "
                                                      "missing (their chunk was lost while it was written)"))
                 if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
-                    raise StoreDamagedError(_message(checked.what, checked.url, f"rows {_ranges([rows])} do not "
-                                                     "match their checksum (their bytes changed after they were written)"))
+                    raise StoreDamagedError(_message(
+                        checked.what, checked.url,
+                        f"rows {_ranges([rows])} do not match their checksum "
+                        "(their bytes changed after they were written)"))
                 digest.update(key.encode() + b"\0" + data[-4:])
     return digest.hexdigest()
 

@@ -93,7 +93,8 @@ class TopKRows(DenseRows):
         if not 1 <= topk < num_classes:
             raise ValueError(f"topk must lie in [1, K={num_classes}) (K itself is a dense store), got {topk}")
         self.topk = topk
-        self.class_dtype = next(np.dtype(t) for t in ("uint8", "uint16", "uint32") if num_classes <= np.iinfo(t).max + 1)
+        self.class_dtype = next(np.dtype(t) for t in ("uint8", "uint16", "uint32")
+                                if num_classes <= np.iinfo(t).max + 1)
         self._value_bytes = topk * self.value_dtype.itemsize
 
     @property

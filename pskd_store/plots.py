@@ -6,6 +6,7 @@ nothing touches pyplot's global state and no display is needed.
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,12 @@ CURVE_PANELS = (
     ("test NLL", ("test", "nll")),
     ("test ECE (%)", ("test", "ece")),
 )
+
+
+def fit_title(text: str, inches: float) -> str:
+    """``text`` wrapped to lines that fit ``inches`` of a title (about 9 characters of the
+    default 12-point title font per inch): run directory names are long by default."""
+    return "\n".join(textwrap.fill(line, width=max(12, int(9 * inches))) for line in text.splitlines())
 
 
 def _save(fig: Figure, path: Path) -> Path:
@@ -59,13 +66,13 @@ def plot_trajectories(runs: list[RunData], ids: np.ndarray, path: Path, title: s
         epochs = run.trajectory["epochs"]
         for row, (field, _) in enumerate(TRAJECTORY_PANELS):
             _draw_samples(axes[row, column], epochs, run.trajectory[field][:, ids].astype(np.float32))
-        axes[0, column].set_title(run.name)
+        axes[0, column].set_title(fit_title(run.name, 3.6))
         axes[-1, column].set_xlabel("epoch")
     for row, (_, ylabel) in enumerate(TRAJECTORY_PANELS):
         axes[row, 0].set_ylabel(ylabel)
     axes[0, 0].set_ylim(0, 1.02)
     axes[0, 0].legend(loc="upper left")
-    fig.suptitle(title)
+    fig.suptitle(fit_title(title, fig.get_figwidth()))
     return _save(fig, path)
 
 
@@ -88,7 +95,7 @@ def plot_reliability(run: RunData, path: Path) -> Path:
             width=width[filled], align="edge", color="tab:red", alpha=0.3, hatch="//", label="gap")
     top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="accuracy")
-    top.set_title(f"{run.name}\nECE = {100 * bins.ece:.2f}%")
+    top.set_title(fit_title(f"{run.name}\nECE = {100 * bins.ece:.2f}%", 4.2))
     top.legend(loc="upper left")
     bottom.bar(left, bins.count, width=width, align="edge", color="gray", edgecolor="black")
     bottom.set(xlabel="confidence (max probability)", ylabel="samples")

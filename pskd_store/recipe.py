@@ -62,10 +62,10 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # ImageNet: paper (ResNet-152, 90 epochs, batch 256, lr 0.1 x0.1 at 30 and 60, weight
     # decay 1e-4: the standard torchvision ResNet recipe it follows).
     "imagenet": dict(arch="tv_resnet152", epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4,
-                     milestones=[1 / 3, 2 / 3], cutmix_prob=1.0),
+                     milestones=[1 / 3, 2 / 3], cutmix_prob=1.0, img_size=224),
     # Any ImageFolder tree: the ImageNet recipe with a smaller default model (this project's).
     "folder": dict(arch="tv_resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4,
-                   milestones=[1 / 3, 2 / 3], cutmix_prob=1.0),
+                   milestones=[1 / 3, 2 / 3], cutmix_prob=1.0, img_size=224),
 }
 # TF-KD's Tf-KD_reg (Yuan et al., CVPR 2020; loss.TfKd) per architecture, from the authors'
 # yuanli2333/Teacher-free-Knowledge-Distillation, experiments/base_experiments/<name>/params.json
@@ -125,6 +125,7 @@ class TrainConfig:
     store_topk: int | None = None  # None: all K probabilities; k: the k largest and their classes
     store: str | None = None  # the store's URL (e.g. s3://bucket/run/store); None: RUN/store
     cutmix_prob: float | None = None  # None: per data set (DATASET_DEFAULTS)
+    img_size: int | None = None  # imagenet/folder: the crop's side (timm's --img-size); None: 224
     dist_timeout: float = DIST_TIMEOUT_S
     # TF-KD (loss.TfKd); None: per architecture (TFKD_DEFAULTS, ARCH_DEFAULTS)
     tfkd_alpha: float | None = None
@@ -156,6 +157,11 @@ class TrainConfig:
 
     def validate(self) -> None:
         input_kind(self.arch)  # an unknown architecture fails here, naming close matches
+        if self.img_size is not None and "img_size" not in DATASET_DEFAULTS[self.dataset]:
+            raise ValueError(f"--img-size sets the crop of imagenet and folder images; {self.dataset}'s inputs "
+                             "have a fixed size: leave it out")
+        if self.img_size is not None and self.img_size < 8:
+            raise ValueError(f"--img-size must be at least 8 pixels (224 for ImageNet), got {self.img_size}")
         if self.method not in METHODS:
             raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.aug not in AUGMENTATIONS:

@@ -55,7 +55,8 @@ class ClassPairBatchSampler(Sampler[list[int]]):
         padded = np.concatenate([order, order[:self._per_replica * self.num_replicas - len(order)]])
         ids = padded[self.rank::self.num_replicas]
         # every rank draws the same numbers, so a partner depends only on (seed, epoch, position)
-        uniform = torch.rand(len(padded), generator=generator, dtype=torch.float64).numpy()[self.rank::self.num_replicas]
+        uniform = torch.rand(len(padded), generator=generator, dtype=torch.float64).numpy()
+        uniform = uniform[self.rank::self.num_replicas]
         classes = self._labels[ids]
         offsets = np.minimum((uniform * self._class_count[classes]).astype(np.int64), self._class_count[classes] - 1)
         partners = self._by_class[self._class_start[classes] + offsets]

@@ -188,7 +188,8 @@ def default_cache_dir(store: SoftTargetStore) -> Path:
     env = torchrun_environment()
     if local is not None and not (env is not None and env.spans_nodes):
         beside = local.with_name(local.name + ".mmap")
-        if os.access(beside if beside.exists() else local.parent, os.W_OK, effective_ids=os.access in os.supports_effective_ids):
+        effective = os.access in os.supports_effective_ids
+        if os.access(beside if beside.exists() else local.parent, os.W_OK, effective_ids=effective):
             return beside
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     return base / "pskd-store" / store.store_id

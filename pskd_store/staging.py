@@ -40,6 +40,7 @@ import os
 import re
 import secrets
 import socket
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -155,7 +156,7 @@ class EpochStaging:
         """Every epoch with staged rows in the store."""
         if STAGING not in root:
             return []
-        names = root[STAGING].group_keys()
+        names = _group_names(root[STAGING])
         return [cls(root, int(name.split("_")[1])) for name in sorted(names) if name.startswith("epoch_")]
 
     # -- writers ---------------------------------------------------------------------------
@@ -267,7 +268,7 @@ class EpochStaging:
         """The ranks whose part has arrays (a claim alone has written no rows)."""
         if not self.exists():
             return []
-        names = self.root[self.path].group_keys()
+        names = _group_names(self.root[self.path])
         return sorted(int(name.split("_")[1]) for name in names if name.startswith("writer_"))
 
     def _claimed_ranks(self) -> list[int]:
@@ -355,6 +356,14 @@ class PartWriter:
             self._held = False
             _LIVE_CLAIMS.discard(self._owner.token)
             _store_delete(self._staging.root.store, self._claim_key)
+
+
+def _group_names(group: zarr.Group) -> list[str]:
+    """``group.group_keys()`` without zarr's warning about objects that are no nodes (a
+    `.partial` file a kill left, a claim): expected here, and no concern of the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Object at .* is not recognized as a component", zarr.errors.ZarrUserWarning)
+        return list(group.group_keys())
 
 
 def _require_group(root: zarr.Group, path: str) -> zarr.Group:

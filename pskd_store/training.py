@@ -39,8 +39,14 @@ from tqdm import tqdm
 from .accelerator import accelerator_for
 from .augment import BatchAugment
 from .checkpoint import (
-    CheckpointDamagedError, checkpoint_epoch, checkpoint_problem, link_into_place, load_checkpoint, rng_state,
-    save_checkpoint, set_rng_state,
+    CheckpointDamagedError,
+    checkpoint_epoch,
+    checkpoint_problem,
+    link_into_place,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
 from .data import DataSplits, build_datasets
 from .dataset import SoftTargetDataset, collate_soft_targets
@@ -95,7 +101,7 @@ def build_run(config: TrainConfig, directory: RunDirectory, env: Distributed, de
     on synthetic data)."""
     if splits is None:
         splits = build_datasets(config.dataset, config.data_dir, val_split=config.val_split,
-                                seed=config.seed, download=config.download)
+                                seed=config.seed, download=config.download, img_size=config.img_size)
     if input_kind(config.arch) != splits.input_kind:
         raise ValueError(
             f"--arch {config.arch} takes {input_kind(config.arch)} inputs but {config.dataset} "
@@ -294,7 +300,9 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment
     steps = len(loader) if config.steps_per_epoch is None else min(len(loader), config.steps_per_epoch)
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, samples
     started = time.perf_counter()
-    bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", disable=quiet, leave=False, dynamic_ncols=True)
+    # a bar on a terminal only (disable=None): a redirected log keeps the per-epoch lines, not \r frames
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", disable=True if quiet else None, leave=False,
+               dynamic_ncols=True)
     with run.store.writer(epoch, rank=run.env.rank) as writer:
         for step, (inputs, targets, labels, ids) in enumerate(loader):
             if step == steps:
@@ -326,7 +334,7 @@ def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment
             totals[0] += loss.detach() * len(labels)
             totals[1] += (logits.argmax(1) == labels).sum()
             totals[2] += len(labels)
-            if not quiet and (step % 10 == 0 or step == steps - 1):
+            if not bar.disable and (step % 10 == 0 or step == steps - 1):  # loss.item() waits for the step
                 loss_sum, correct, seen = totals.tolist()
                 bar.set_postfix(loss=f"{loss.item():.3f}", err=f"{100 * (1 - correct / seen):.1f}%",
                                 alpha_t=f"{_alpha(config, epoch):.3f}",

@@ -103,7 +103,8 @@ def verify_store(store: SoftTargetStore, *, cache_dir: str | Path | None = None,
     labels = _check_sealed_list_and_labels(store, report)
     cache = _cache_files(Path(cache_dir) if cache_dir else default_cache_dir(store), store, report)
     infos = store.summary()["epochs"]
-    for epoch in tqdm(store.sealed_epochs, desc="verify", unit="epoch", disable=not progress, leave=False):
+    bar = tqdm(store.sealed_epochs, desc="verify", unit="epoch", disable=None if progress else True, leave=False)
+    for epoch in bar:  # a bar on a terminal only (disable=None)
         trajectory = _check_trajectory(store, epoch, report)
         _check_digest(store, epoch, "trajectory", infos.get(epoch), report)
         if epoch in store.teacher_epochs:

@@ -3,9 +3,10 @@
 The training thread only checks shapes and copies each batch into a chunk-sized host
 buffer: pinned memory and a non-blocking copy when the outputs live on an accelerator
 (turned into stored rows there first: probabilities in the store's dtype, or their top k
-and classes), so the step never waits on the device. Each full buffer goes to a background thread that waits for the copies into
-it, applies the softmax (for CPU outputs), validates the values and appends the buffer as
-one whole chunk to this writer's own staging part (staging.py). Each writer (one per DDP
+and classes), so the step never waits on the device. Each full buffer goes to a
+background thread that waits for the copies into it, applies the softmax (for CPU
+outputs), validates the values and appends the buffer as one whole chunk to this
+writer's own staging part (staging.py). Each writer (one per DDP
 rank) claims its part when it is made: a second writer of the same part is refused, so
 writers never read-modify-write a chunk that another one writes.
 

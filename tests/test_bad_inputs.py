@@ -27,6 +27,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from store_helpers import epoch_probs, make_labels, write_epoch
 from torch.utils.data import TensorDataset
 
 from pskd_store.augment import BatchAugment
@@ -42,7 +43,6 @@ from pskd_store.sampler import ClassPairBatchSampler
 from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from pskd_store_cli.main import cli
-from store_helpers import epoch_probs, make_labels, write_epoch
 
 N, K = 64, 5
 PSKD = shutil.which("pskd-store")
@@ -195,7 +195,8 @@ API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("set_epoch before the teacher is sealed",
      lambda s, y, t: SoftTargetDataset(base(y), s, 0.8, 10).set_epoch(3), EpochNotSealedError,
      "epoch 2 was never sealed"),
-    ("alpha_T above 1", lambda s, y, t: SoftTargetDataset(base(y), s, 1.5, 10), ValueError, "alpha_T must lie in [0, 1]"),
+    ("alpha_T above 1", lambda s, y, t: SoftTargetDataset(base(y), s, 1.5, 10), ValueError,
+     "alpha_T must lie in [0, 1]"),
     ("reading an unsealed epoch", lambda s, y, t: s.read_epoch(2), EpochNotSealedError, "epoch 2 was never sealed"),
     ("open with other labels", lambda s, y, t: SoftTargetStore.open(s.url, labels=(y + 1) % K), StoreError,
      "was made for another data set"),
@@ -313,7 +314,8 @@ def test_bad_train_arguments_are_refused_before_training(tmp_path, data_dir, arg
 @pytest.mark.parametrize("damage, message", [
     (lambda run: (run / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 cut short"),
      "checkpoints/last.pt is not a readable checkpoint"),
-    (lambda run: (run / "checkpoints" / "last.pt").write_bytes(b""), "checkpoints/last.pt is not a readable checkpoint"),
+    (lambda run: (run / "checkpoints" / "last.pt").write_bytes(b""),
+     "checkpoints/last.pt is not a readable checkpoint"),
     (lambda run: (run / "config.json").write_text("{\"dataset\": "), "config.json is not a config"),
     (lambda run: (run / "metrics.jsonl").write_text("{\"epoch\": 1}\n{oops\n"), "line 2 of"),
 ])
@@ -486,12 +488,16 @@ LIBRARY_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("CS-KD temperature 0", lambda s, y, t: _resolved(cskd_temperature=0), ValueError,
      "--cskd-temperature must be positive"),
     ("negative workers", lambda s, y, t: _resolved(workers=-1), ValueError, "--workers must be 0 or more"),
-    ("unknown augmentation in the step", lambda s, y, t: BatchAugment("mixup", K, half_batch=False), ValueError, "unknown augmentation 'mixup'; choose cutout or cutmix"),
-    ("a model for no classes", lambda s, y, t: create_model("mnist1d_mlp", 0), ValueError, "num_classes must be positive, got 0"),
+    ("unknown augmentation in the step", lambda s, y, t: BatchAugment("mixup", K, half_batch=False), ValueError,
+     "unknown augmentation 'mixup'; choose cutout or cutmix"),
+    ("a model for no classes", lambda s, y, t: create_model("mnist1d_mlp", 0), ValueError,
+     "num_classes must be positive, got 0"),
     ("integer probabilities to the metrics", lambda s, y, t: evaluate(
         np.ones((4, K), dtype=np.int64), np.zeros(4, dtype=np.int64)), ValueError, "probs must be a float array"),
-    ("pair batches of no samples", lambda s, y, t: ClassPairBatchSampler(y, 0), ValueError, "batch_size must be at least 1, got 0"),
-    ("a validation split leaving nothing", lambda s, y, t: _split_indices(1, 0.5, 0), ValueError, "val_split=0.5 leaves no training samples out of 1"),
+    ("pair batches of no samples", lambda s, y, t: ClassPairBatchSampler(y, 0), ValueError,
+     "batch_size must be at least 1, got 0"),
+    ("a validation split leaving nothing", lambda s, y, t: _split_indices(1, 0.5, 0), ValueError,
+     "val_split=0.5 leaves no training samples out of 1"),
     ("no checkpoint there", lambda s, y, t: load_checkpoint(t / "last.pt"), FileNotFoundError, "no checkpoint at"),
     ("set_epoch in a DataLoader worker", lambda s, y, t: _set_epoch_in_a_worker(s, y), RuntimeError,
      "set_epoch() belongs in the main process"),

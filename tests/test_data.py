@@ -6,10 +6,12 @@ import urllib.error
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms as T
 from torch.utils.data import TensorDataset
 
 import pskd_store.data as data
 from pskd_store.data import DATASETS, Lighting, build_datasets, labels_of
+from pskd_store.recipe import TrainConfig
 
 
 def _items(dataset, n=None):
@@ -120,6 +122,21 @@ def test_imagefolder_sets(imagefolder_dir, name):
     _check_items(splits.val, (3, 224, 224), 3, n=2)
     _check_items(splits.test, (3, 224, 224), 3, n=2)
     np.testing.assert_array_equal(splits.train_labels, _item_labels(splits.train))
+
+
+def test_img_size_sets_a_folders_crops(imagefolder_dir):
+    """--img-size: small images are cropped at their own scale, not upsampled to 224; the
+    evaluation resize follows it (size / 0.875, as 256 for 224)."""
+    splits = build_datasets("folder", imagefolder_dir, val_split=0.25, img_size=32)
+    for split in (splits.train, splits.val, splits.test):
+        _check_items(split, (3, 32, 32), 3, n=2)
+    resize = next(t for t in splits.test.transform.transforms if isinstance(t, T.Resize))
+    assert resize.size == 37
+    assert TrainConfig(dataset="folder").resolved().img_size == 224
+    with pytest.raises(ValueError, match="--img-size sets the crop of imagenet and folder images; cifar100"):
+        TrainConfig(dataset="cifar100", img_size=64).resolved()
+    with pytest.raises(ValueError, match="at least 8 pixels"):
+        TrainConfig(dataset="folder", img_size=4).resolved()
 
 
 def test_folder_accepts_test_subfolder_imagenet_does_not(imagefolder_dir):

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from store_helpers import epoch_probs, make_labels, write_epoch
 from torch.utils.data import DataLoader, TensorDataset
 
 from pskd_store.dataset import SoftTargetDataset, collate_soft_targets
 from pskd_store.service import PredictionService
 from pskd_store.store import EpochNotSealedError, SoftTargetStore, StoreError
-from store_helpers import epoch_probs, make_labels, write_epoch
 
 N, K, T, ALPHA_T = 96, 5, 3, 0.8
 

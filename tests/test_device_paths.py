@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from stand_in_accelerator import StandInAccelerator
+from store_helpers import make_labels
 
 from pskd_store.accelerator import ACCELERATORS, accelerator_for
 from pskd_store.checkpoint import rng_state, set_rng_state
@@ -24,8 +26,6 @@ from pskd_store.distributed import setup, teardown
 from pskd_store.recipe import TrainConfig
 from pskd_store.store import SoftTargetStore, StoreError
 from pskd_store.training import autocast, train
-from stand_in_accelerator import StandInAccelerator
-from store_helpers import make_labels
 
 N, K = 300, 7
 

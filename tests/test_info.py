@@ -7,9 +7,9 @@ import shutil
 import subprocess
 
 import numpy as np
+from store_helpers import make_labels, write_epoch
 
 from pskd_store.store import SoftTargetStore
-from store_helpers import make_labels, write_epoch
 
 
 def test_info_prints_the_store_summary(tmp_path):

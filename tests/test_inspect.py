@@ -15,9 +15,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from pskd_store.analysis import hard_samples, load_run
 from pskd_store.metrics import evaluate
+from pskd_store.plots import fit_title
 from pskd_store.store import SoftTargetStore
 from pskd_store_cli.inspect import inspect_command
 
@@ -282,3 +285,19 @@ def test_runs_with_other_labels_are_refused(runs, tmp_path):
     other = make_run(tmp_path, "shifted", {}, "ce", labels=(LABELS + 1) % K)
     code, output = invoke(runs["ce"], other, "--out", tmp_path / "out")
     assert code == 1 and "with different labels" in output and "same data set and split" in output
+
+
+@pytest.mark.parametrize("inches", [3.6, 4.2, 9.0])
+def test_long_run_names_fit_their_titles(inches):
+    """A default run directory name (method, arch, data set, date, time) is wrapped so that the
+    rendered title lies inside the figure's width."""
+    name = "pskd-densenet121-cifar100-alpha0.8-cutmix-20261202-051500-seed3-rank-run-directory"
+    title = fit_title(f"{name}\nECE = 3.14%", inches)
+    assert title.endswith("\nECE = 3.14%") and title.replace("\n", "") == f"{name}ECE = 3.14%"  # nothing lost
+    figure = Figure(figsize=(inches + 0.4, 4))
+    text = figure.subplots().set_title(title)
+    figure.canvas = FigureCanvasAgg(figure)
+    renderer = figure.canvas.get_renderer()
+    extent = text.get_window_extent(renderer)
+    assert 0 <= extent.x0 and extent.x1 <= figure.bbox.width
+    assert len(title.splitlines()) > 2  # a single line would not have fitted

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from store_helpers import epoch_probs, make_labels, write_epoch
 
 from pskd_store.errors import StoreDamagedError, StoreError
 from pskd_store.integrity import row_ranges
@@ -25,7 +26,6 @@ from pskd_store.service import PredictionService
 from pskd_store.staging import epoch_key
 from pskd_store.store import SoftTargetStore
 from pskd_store.verify import verify_path
-from store_helpers import epoch_probs, make_labels, write_epoch
 
 N, K, CHUNK = 96, 7, 16
 
@@ -254,7 +254,8 @@ def test_each_edit_of_an_arrays_metadata_is_named(store, edit, problem):
     meta = json.loads(meta_path.read_text())
     edit(meta)
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(StoreDamagedError, match="the metadata of teacher/epoch_0003 was changed: " + re.escape(problem)):
+    changed = "the metadata of teacher/epoch_0003 was changed: " + re.escape(problem)
+    with pytest.raises(StoreDamagedError, match=changed):
         reopen(store).read_epoch(3)
 
 
@@ -281,7 +282,8 @@ def test_a_store_of_another_schema_is_refused(store):
 
 
 def test_rolling_back_past_the_kept_teachers_is_refused(store):
-    with pytest.raises(StoreError, match=r"cannot roll back to epoch 1: its predictions were pruned \(kept: \[2, 3\]\)"):
+    pruned = r"cannot roll back to epoch 1: its predictions were pruned \(kept: \[2, 3\]\)"
+    with pytest.raises(StoreError, match=pruned):
         store.rollback(1)
     assert reopen(store).sealed_epochs == [1, 2, 3]
 

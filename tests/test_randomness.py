@@ -17,6 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from store_helpers import write_epoch
+from test_distributed import torchrun
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
@@ -25,8 +27,6 @@ from pskd_store.dataset import SoftTargetDataset
 from pskd_store.sampler import ClassPairBatchSampler
 from pskd_store.seeding import Draw
 from pskd_store.store import SoftTargetStore
-from store_helpers import write_epoch
-from test_distributed import torchrun
 
 PSKD = shutil.which("pskd-store")
 RANK_DRAWS = Path(__file__).resolve().parents[1] / "benchmarks" / "rank_draws.py"

@@ -16,8 +16,15 @@ from pskd_store.training import configure_determinism
 
 
 def test_top_level_names_are_the_custom_loop_api():
-    from pskd_store import (PredictionService, PredictionWriter, SoftTargetDataset, SoftTargetStore, StoreError,
-                            alpha_t, soft_target)
+    from pskd_store import (
+        PredictionService,
+        PredictionWriter,
+        SoftTargetDataset,
+        SoftTargetStore,
+        StoreError,
+        alpha_t,
+        soft_target,
+    )
     from pskd_store.dataset import SoftTargetDataset as defined_dataset
     from pskd_store.store import SoftTargetStore as defined_store
 

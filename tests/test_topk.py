@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from store_helpers import make_labels
 from torch.utils.data import DataLoader, TensorDataset
 
 from pskd_store.dataset import SoftTargetDataset
@@ -19,7 +20,6 @@ from pskd_store.errors import StoreError
 from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from pskd_store.verify import verify_path
-from store_helpers import make_labels
 
 N, K, TOPK = 120, 300, 5
 

@@ -3,11 +3,14 @@ in-process (click's runner) where torchvision's CIFAR checksums must be swapped.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
+import termios
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from store_helpers import write_epoch
 
 from pskd_store.augment import CUTOUT_HOLE
 from pskd_store.metrics import evaluate
@@ -23,7 +27,6 @@ from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from pskd_store.training import train
 from pskd_store_cli.main import cli
-from store_helpers import write_epoch
 
 PSKD = shutil.which("pskd-store")
 
@@ -52,6 +55,35 @@ def tensors_in(obj) -> list[torch.Tensor]:
 def without_timings(row: dict) -> dict:
     train = {k: v for k, v in row["train"].items() if k not in ("samples_per_s", "seconds")}
     return {**{k: v for k, v in row.items() if k != "epoch_seconds"}, "train": train}
+
+
+def test_a_redirected_log_has_epoch_lines_and_no_progress_frames(tmp_path, data_dir):
+    """Progress bars are drawn on a terminal only: `pskd-store train > log` stays readable."""
+    result = subprocess.run([PSKD, "train", "--epochs", "1", "--steps-per-epoch", "4", "--data-dir", str(data_dir),
+                             "-o", str(tmp_path / "run")], capture_output=True, timeout=300, check=True)
+    log = result.stdout + result.stderr  # bytes: a text pipe would turn tqdm's \r into \n
+    assert b"train loss" in log and b"\r" not in log and b"it/s" not in log
+
+
+def test_a_terminal_gets_progress_bars(tmp_path, data_dir):
+    """On a terminal (a pseudo-terminal here) each epoch draws its bar, with its running figures."""
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # a bar needs columns
+    proc = subprocess.Popen([PSKD, "train", "--epochs", "1", "--steps-per-epoch", "4", "--data-dir", str(data_dir),
+                             "-o", str(tmp_path / "run")], stdout=follower, stderr=follower, stdin=subprocess.DEVNULL)
+    os.close(follower)
+    screen = b""
+    while True:  # read until the process closes its end
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: no writer left
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    assert proc.wait(timeout=300) == 0
+    assert b"it/s" in screen and b"samples_s=" in screen and b"train loss" in screen
 
 
 def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
@@ -204,7 +236,8 @@ def test_mixed_batches_make_no_empty_writes(tmp_path, cifar100_dir, monkeypatch)
 
     sizes = []
     write = PredictionWriter.write
-    monkeypatch.setattr(PredictionWriter, "write", lambda self, ids, out: (sizes.append(len(ids)), write(self, ids, out)))
+    monkeypatch.setattr(PredictionWriter, "write",
+                        lambda self, ids, out: (sizes.append(len(ids)), write(self, ids, out)))
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, [
         "train", "--dataset", "cifar100", "--arch", "preact_resnet18", "--method", "ce", "--aug", "cutmix",
