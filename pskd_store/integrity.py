@@ -19,10 +19,10 @@ import google_crc32c
 import numpy as np
 import zarr
 import zarr.codecs
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
+from zarr.buffer import default_buffer_prototype
 
 from .errors import StoreDamagedError
+from .zarr_sync import sync
 
 ARRAY_CONFIG = {"write_empty_chunks": True}  # every chunk exists: a missing one is damage
 READ_BACK_BATCH = 32  # chunks fetched at once by stored_digest: tens of MiB, parallel requests to an object store

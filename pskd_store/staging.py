@@ -49,11 +49,11 @@ import numpy as np
 import zarr
 import zarr.storage
 from zarr.abc.store import Store
-from zarr.core.buffer import default_buffer_prototype
-from zarr.core.sync import sync
+from zarr.buffer import default_buffer_prototype
 
 from .errors import StoreError
 from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum
+from .zarr_sync import sync
 
 STAGING = "staging"
 _CLAIM = re.compile(r"writer_(\d+)\.(\d+)")  # a claim's name in owners/ (a store's temporary files are not)

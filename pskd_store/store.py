@@ -45,13 +45,13 @@ import zarr
 import zarr.api.asynchronous
 import zarr.codecs
 import zarr.storage
-from zarr.core.sync import sync
 
 from .errors import EpochNotSealedError, StoreDamagedError, StoreError, StoreNotFoundError, os_problem
 from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum, stored_digest
 from .layout import UNREADABLE_ROWS, DenseRows, row_layout
 from .merge import TRAJECTORY_FIELDS, merge_epoch
 from .staging import EpochStaging, epoch_key
+from .zarr_sync import sync
 
 SCHEMA_VERSION = 2  # 2: crc32c on every array, every chunk written, trajectory "written"
 ATTRS_KEY = "pskd_store"
