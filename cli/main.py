@@ -37,7 +37,7 @@ def cli() -> None:
     chunked, compressed Zarr store instead of a teacher model or an in-memory table.
 
     \b
-    pskd-store train                      offline default: MNIST-1D, under a minute on a CPU
+    pskd-store train                      offline default: MNIST-1D, about a minute on 2 CPU cores
     pskd-store train --dataset cifar100 --arch densenet121
     pskd-store eval RUN_DIR               test metrics; writes test probabilities
     pskd-store inspect RUN_DIR [RUN_DIR]  trajectories, calibration, hard examples
