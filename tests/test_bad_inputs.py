@@ -684,6 +684,31 @@ def _without_timings(rows: list[dict]) -> list[dict]:
             for row in rows]
 
 
+def _train_until_then_damage(config: TrainConfig, run: Path, epoch: int, damaged: str, monkeypatch) -> None:
+    """Train ``run`` and stop it after ``epoch``; then flip one bit of its last checkpoint
+    (``damaged="checkpoint"``) or of a chunk of that epoch's teacher (``"teacher"``)."""
+    import pskd_store.training as training
+
+    log_epoch = training._log_epoch
+
+    def stop_after(row, epochs):
+        log_epoch(row, epochs)
+        if row["epoch"] == epoch:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(training, "_log_epoch", stop_after)
+    with pytest.raises(KeyboardInterrupt):
+        training.train(config, run, quiet=True)
+    monkeypatch.undo()
+    if damaged == "checkpoint":
+        path = run / "checkpoints" / "last.pt"
+    else:
+        path = next(p for p in (run / "store" / "teacher" / f"epoch_{epoch:04d}" / "c").rglob("*") if p.is_file())
+        shutil.rmtree(run / "store.mmap", ignore_errors=True)  # a fresh node: the teacher is decoded again
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize("damaged", ["checkpoint", "teacher"])
 def test_from_epoch_resumes_past_a_damaged_checkpoint_or_teacher_as_if_nothing_happened(
         tmp_path, data_dir, monkeypatch, damaged):
@@ -695,24 +720,7 @@ def test_from_epoch_resumes_past_a_damaged_checkpoint_or_teacher_as_if_nothing_h
     config = TrainConfig(epochs=3, steps_per_epoch=4, workers=0, data_dir=str(data_dir)).resolved()
     training.train(config, tmp_path / "whole", quiet=True)
     run = tmp_path / "run"
-    log_epoch = training._log_epoch
-
-    def stop_after_epoch_2(row, epochs):
-        log_epoch(row, epochs)
-        if row["epoch"] == 2:
-            raise KeyboardInterrupt
-    monkeypatch.setattr(training, "_log_epoch", stop_after_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        training.train(config, run, quiet=True)
-    monkeypatch.undo()
-    if damaged == "checkpoint":
-        path = run / "checkpoints" / "last.pt"
-    else:
-        path = next(p for p in (run / "store" / "teacher" / "epoch_0002" / "c").rglob("*") if p.is_file())
-        shutil.rmtree(run / "store.mmap")  # a fresh node: the teacher is decoded again
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
+    _train_until_then_damage(config, run, 2, damaged, monkeypatch)
 
     refused = CliRunner().invoke(cli, ["train", "--resume", str(run), "-q"])
     assert refused.exit_code == 1 and isinstance(refused.exception, SystemExit), refused.output
@@ -737,26 +745,9 @@ def test_from_epoch_names_the_epochs_it_can_resume_from(tmp_path, trained):
     ("teacher", "No checkpoint of the epoch before it is kept: restore the store from a backup, or train the run anew"),
 ])
 def test_damage_with_no_earlier_checkpoint_says_what_else_to_do(tmp_path, data_dir, monkeypatch, damaged, advice):
-    import pskd_store.training as training
 
     config = TrainConfig(epochs=2, steps_per_epoch=2, workers=0, data_dir=str(data_dir)).resolved()
     run = tmp_path / "run"
-    log_epoch = training._log_epoch
-
-    def stop_after_epoch_1(row, epochs):
-        log_epoch(row, epochs)
-        raise KeyboardInterrupt
-    monkeypatch.setattr(training, "_log_epoch", stop_after_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        training.train(config, run, quiet=True)
-    monkeypatch.undo()
-    if damaged == "checkpoint":
-        path = run / "checkpoints" / "last.pt"
-    else:
-        path = next(p for p in (run / "store" / "teacher" / "epoch_0001" / "c").rglob("*") if p.is_file())
-        shutil.rmtree(run / "store.mmap", ignore_errors=True)
-    data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01
-    path.write_bytes(bytes(data))
+    _train_until_then_damage(config, run, 1, damaged, monkeypatch)
     refused = CliRunner().invoke(cli, ["train", "--resume", str(run), "-q"])
     assert refused.exit_code == 1 and advice in refused.output, refused.output

@@ -249,3 +249,17 @@ def test_fashion_mnist_splits_and_a_clear_error_when_missing(tmp_path, fashion_m
     monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         data.build_datasets("fashionmnist", tmp_path / "empty", download=False)
+
+
+def test_a_runs_data_follow_its_img_size(imagefolder_dir, tmp_path):
+    """`train --dataset folder --img-size 32` crops the training and test images to 32 pixels."""
+    from pskd_store.distributed import Distributed
+    from pskd_store.run_directory import RunDirectory
+    from pskd_store.training import build_run
+
+    config = TrainConfig(dataset="folder", data_dir=str(imagefolder_dir), arch="tv_resnet18", img_size=32,
+                         workers=0, batch_size=4).resolved()
+    run = build_run(config, RunDirectory(tmp_path / "run"), Distributed(), torch.device("cpu"))
+    run.train_data.set_epoch(1)
+    assert run.train_data[0][0].shape == (3, 32, 32)
+    assert next(iter(run.test_loader))[0].shape[1:] == (3, 32, 32)
