@@ -56,10 +56,18 @@ from train_overhead import ARMS, train_arm  # noqa: E402
 from pskd_store.augment import BatchAugment  # noqa: E402
 from pskd_store.data import DataSplits  # noqa: E402
 from pskd_store.distributed import setup  # noqa: E402
-from pskd_store.recipe import AUGMENTATIONS, METHODS, TrainConfig  # noqa: E402
+from pskd_store.methods import METHODS  # noqa: E402
+from pskd_store.recipe import AUGMENTATIONS, TrainConfig  # noqa: E402
 from pskd_store.run_directory import RunDirectory  # noqa: E402
 from pskd_store.store import SoftTargetStore  # noqa: E402
-from pskd_store.training import _train_epoch, _train_loader, build_run, configure_determinism, train  # noqa: E402
+from pskd_store.training import (  # noqa: E402
+    _set_teacher,
+    _train_epoch,
+    build_run,
+    configure_determinism,
+    train,
+    train_loader,
+)
 
 K = 100
 RANK_DRAWS = Path(__file__).resolve().parent / "rank_draws.py"
@@ -164,12 +172,14 @@ def check_syncs(tmp: Path, steps: int) -> dict:
         config = TrainConfig(dataset="cifar100", arch="preact_resnet18", aug=aug, epochs=3, device="cuda",
                              steps_per_epoch=steps).resolved()
         env, device = setup(config.device, timedelta(seconds=config.dist_timeout))
-        run = build_run(config, RunDirectory(tmp / f"syncs-{aug}"), env, device, splits)
-        loader, _ = _train_loader(run)
+        directory = RunDirectory(tmp / f"syncs-{aug}")
+        run = build_run(config, directory, env, device, splits)
+        loader, _ = train_loader(run.method, run.train_data, splits, config, env, device)
         augment = None
         if aug != "none":
-            augment = BatchAugment(aug, K, half_batch=True, cutmix_prob=config.cutmix_prob, seed=config.seed)
-        _train_epoch(run, loader, 1, augment, quiet=True)  # warm-up: workers, cuDNN autotuning
+            augment = BatchAugment(aug, K, cutmix_prob=config.cutmix_prob, seed=config.seed)
+        _set_teacher(run.train_data, env, directory, 1)
+        _train_epoch(run, loader, env, device, 1, augment, quiet=True)  # warm-up: workers, cuDNN autotuning
         run.store.seal(1)
         for epoch, bar in ((2, False), (3, True)):  # epochs with a teacher
             torch.cuda.synchronize()
@@ -177,7 +187,8 @@ def check_syncs(tmp: Path, steps: int) -> dict:
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    _train_epoch(run, loader, epoch, augment, quiet=not bar)
+                    _set_teacher(run.train_data, env, directory, epoch)
+                    _train_epoch(run, loader, env, device, epoch, augment, quiet=not bar)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             run.store.seal(epoch)

@@ -33,10 +33,10 @@ from torch.utils.data import DataLoader
 
 from pskd_store.data import build_datasets
 from pskd_store.dataset import SoftTargetDataset, collate_soft_targets
+from pskd_store.engine import autocast, to_device
 from pskd_store.loss import alpha_t, soft_target
 from pskd_store.models import create_model
 from pskd_store.store import SoftTargetStore
-from pskd_store.training import autocast, to_device
 
 ARMS = ("ce", "store", "teacher")
 

@@ -11,13 +11,13 @@ import click
 from click.core import ParameterSource
 
 from pskd_store.data import DATASETS
+from pskd_store.methods import METHODS
 from pskd_store.models import available_models, input_kind
 from pskd_store.recipe import (
     ARCH_DEFAULTS,
     AUGMENTATIONS,
     DATASET_DEFAULTS,
     DIST_TIMEOUT_S,
-    METHODS,
     TFKD_DEFAULTS,
     TrainConfig,
 )
@@ -82,7 +82,7 @@ PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "
               help="Let torchvision download CIFAR when it is missing.")
 @click.option("--arch", help="Model (see below); default: per data set.")
 @click.option("--method", type=click.Choice(list(METHODS)), default="pskd", show_default=True,
-              help=_choices(METHODS))
+              help=_choices({name: method.description for name, method in METHODS.items()}))
 @click.option("--alpha-T", "alpha_T", type=float, default=0.8, show_default=True,
               help="PS-KD's alpha_T: weight of past predictions at the last epoch (a_t = alpha_T·t/T).")
 @click.option("--aug", type=click.Choice(list(AUGMENTATIONS)), default="none", show_default=True,

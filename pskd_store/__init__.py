@@ -25,7 +25,8 @@ _EXPORTS = {
     "collate_soft_targets": ".dataset",
     "alpha_t": ".loss",
     "soft_target": ".loss",
-    "soft_cross_entropy": ".loss",
+    "Method": ".methods",
+    "register_method": ".methods",
 }
 
 __all__ = sorted(_EXPORTS)

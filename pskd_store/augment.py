@@ -1,18 +1,17 @@
 """Cutout and CutMix inside the training step, on the batch's own device.
 
-The paper's Table 2 and Table 4 use them two ways, and so does ``--aug``:
+An augmentation returns what it makes, as timm's ``Mixup`` does: the batch's inputs, their
+targets and CS-KD's partners, and whether the inputs are now mixtures of samples. Which
+rows a method trains on its own targets and records in the store is the method's decision
+(methods.py): with ``--method ce``, ``ls``, ``tfkd`` or ``cskd`` Cutout cuts every image
+(DeVries & Taylor 2017) and CutMix mixes a whole batch with probability 0.5 (Yun et al.
+2019, the CIFAR setting of their published code: ``--beta 1.0 --cutmix_prob 0.5``); PS-KD
+augments the second half of each batch only, always (the paper's split, Sec. 4.1).
 
-* with ``--method ce`` or ``ls``, as those methods are normally used: Cutout on every
-  image (DeVries & Taylor 2017), CutMix on a whole batch with probability 0.5
-  (Yun et al. 2019, the CIFAR setting of their published code: ``--beta 1.0
-  --cutmix_prob 0.5``);
-* with ``--method pskd``, the paper's split (Sec. 4.1): within each shuffled batch the
-  first half trains on PS-KD targets, the second half on Cutout or CutMix.
-
-CS-KD's same-class partners (``--method cskd``) are augmented with their samples: Cutout
-cuts them too (as a transform of CS-KD's data pipeline would), and a mixed batch pastes
-the same box from the same neighbours into each partner, so a partner carries exactly its
-sample's mixed label and the KL term compares two images of the same class mixture.
+CS-KD's same-class partners are augmented with their samples: Cutout cuts them too (as a
+transform of CS-KD's data pipeline would), and a mixed batch pastes the same box from the
+same neighbours into each partner, so a partner carries exactly its sample's mixed label
+and the KL term compares two images of the same class mixture.
 
 Every draw of a step comes from generators seeded by (seed, rank, epoch, step)
 (seeding.py): a resumed run repeats an uninterrupted one and every rank draws its own
@@ -21,6 +20,8 @@ batch's device, and CutMix's coin, Beta sample and box on the CPU.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -48,25 +49,26 @@ def cutout(batch: Tensor, hole: int = CUTOUT_HOLE, generator: torch.Generator | 
     return batch.masked_fill(inside.unsqueeze(1), 0)
 
 
+class Augmented(NamedTuple):
+    """What an augmentation made of a batch. ``targets`` are class indices, or
+    probabilities where CutMix mixed labels; ``mixed``: the inputs are mixtures of samples,
+    no longer the samples themselves."""
+
+    inputs: Tensor
+    targets: Tensor
+    partners: Tensor | None
+    mixed: bool
+
+
 class BatchAugment:
-    """Cutout or CutMix for one training step; see the module doc for the two modes.
+    """Cutout or CutMix for one training step. ``cutmix_prob`` is the chance that a batch
+    is mixed, unless the call says ``always`` (PS-KD's augmented half)."""
 
-    ``__call__`` returns ``(inputs, targets, recorded, partners)``: the (possibly)
-    augmented batch, its targets (class indices, or probabilities where CutMix mixed
-    labels), how many leading rows the store records and CS-KD's partners augmented the
-    same way (None without partners). Mixed rows are never recorded (their input is not
-    the sample), and under PS-KD only the PS-KD half is, so the teacher is made of the
-    same kind of predictions as the targets it feeds. ``cutmix_prob`` is the chance that a
-    whole batch is mixed (CE/LS/TF-KD/CS-KD; PS-KD's half is always mixed).
-    """
-
-    def __init__(self, kind: str, num_classes: int, *, half_batch: bool, cutmix_prob: float = 0.5,
-                 seed: int = 0, rank: int = 0):
+    def __init__(self, kind: str, num_classes: int, *, cutmix_prob: float = 0.5, seed: int = 0, rank: int = 0):
         if kind not in ("cutout", "cutmix"):
             raise ValueError(f"unknown augmentation {kind!r}; choose cutout or cutmix")
         self.kind = kind
         self.num_classes = num_classes
-        self.half_batch = half_batch
         self.cutmix_prob = cutmix_prob
         self.seed = seed
         self.rank = rank
@@ -74,12 +76,12 @@ class BatchAugment:
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, inputs: Tensor, targets: Tensor, labels: Tensor, partners: Tensor | None = None, *,
-                 epoch: int, step: int) -> tuple[Tensor, Tensor, int, Tensor | None]:
+                 epoch: int, step: int, always: bool = False) -> Augmented:
         seed = draw_seed(STEP, self.seed, self.rank, epoch, step)
         # torchvision's CutMix draws from torch's CPU generator: seeded here, put back after
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)
-            return self._augment(inputs, targets, labels, partners, self._generator(inputs.device, seed))
+            return self._augment(inputs, targets, labels, partners, self._generator(inputs.device, seed), always)
 
     def _generator(self, device: torch.device, seed: int) -> torch.Generator:
         """A generator on the batch's device (Cutout's holes never leave it), seeded per step."""
@@ -88,34 +90,15 @@ class BatchAugment:
         return self._generators[device].manual_seed(seed)
 
     def _augment(self, inputs: Tensor, targets: Tensor, labels: Tensor, partners: Tensor | None,
-                 holes: torch.Generator) -> tuple[Tensor, Tensor, int, Tensor | None]:
-        if self.half_batch:
-            if partners is not None:
-                raise ValueError("PS-KD's half-batch augmentation takes no CS-KD partners")
-            return *self._half_batch(inputs, targets, labels, holes), None
+                 holes: torch.Generator, always: bool) -> Augmented:
         if self.kind == "cutout":
             cut_partners = None if partners is None else cutout(partners, generator=holes)
-            return cutout(inputs, generator=holes), targets, len(inputs), cut_partners
-        if torch.rand(()) >= self.cutmix_prob:
-            return inputs, targets, len(inputs), partners
+            return Augmented(cutout(inputs, generator=holes), targets, cut_partners, mixed=False)
+        if not always and torch.rand(()) >= self.cutmix_prob:
+            return Augmented(inputs, targets, partners, mixed=False)
         if partners is None:
-            mixed, mixed_targets = self._cutmix(inputs, labels)
-            return mixed, mixed_targets, 0, None
+            return Augmented(*self._cutmix(inputs, labels), None, mixed=True)
         # Stacked along channels, a sample and its partner get one box from one neighbour pair.
         channels = inputs.shape[1]
         mixed, mixed_targets = self._cutmix(torch.cat([inputs, partners], dim=1), labels)
-        return mixed[:, :channels], mixed_targets, 0, mixed[:, channels:]
-
-    def _half_batch(self, inputs: Tensor, targets: Tensor, labels: Tensor,
-                    holes: torch.Generator) -> tuple[Tensor, Tensor, int]:
-        """PS-KD targets on the first half (recorded), Cutout/CutMix on the second."""
-        head = len(inputs) - len(inputs) // 2
-        if head == len(inputs):
-            return inputs, targets, head
-        tail = slice(head, None)
-        if self.kind == "cutmix":
-            tail_x, tail_t = self._cutmix(inputs[tail], labels[tail])
-        else:
-            tail_x = cutout(inputs[tail], generator=holes)
-            tail_t = torch.nn.functional.one_hot(labels[tail], self.num_classes)
-        return torch.cat([inputs[:head], tail_x]), torch.cat([targets[:head], tail_t.to(targets)]), head
+        return Augmented(mixed[:, :channels], mixed_targets, mixed[:, channels:], mixed=True)

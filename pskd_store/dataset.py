@@ -47,6 +47,8 @@ class SoftTargetDataset(Dataset):
     (as with ``DistributedSampler.set_epoch``). The epoch lives in a shared-memory tensor,
     so workers started earlier (``persistent_workers=True``, fork or spawn) see it too and
     switch to the new teacher on their next item. Epoch 1 has no teacher: one-hot targets.
+    With ``alpha_T`` 0 no teacher is ever read (the targets are one-hot): what a method
+    that trains on its labels wraps its data with, so that its items still carry their ids.
 
     With ``seed``, each item is loaded with the host generators (torch's, Python's,
     NumPy's) seeded by (seed, rank, epoch, id, repeat) (seeding.py): its random transforms
@@ -97,7 +99,7 @@ class SoftTargetDataset(Dataset):
         """Use the predictions of sealed epoch ``epoch - 1`` (none for epoch 1)."""
         alpha_t(epoch, self.total_epochs, self.alpha_T)
         teacher, token = 0, 0
-        if epoch > 1:
+        if epoch > 1 and self.alpha_T > 0:
             if self._store is None:
                 raise RuntimeError("set_epoch() belongs in the main process, not in a DataLoader worker")
             teacher = epoch - 1

@@ -9,10 +9,10 @@ import numpy as np
 from .checkpoint import load_checkpoint
 from .data import build_datasets
 from .distributed import select_device
+from .engine import eval_loader, predict
 from .metrics import evaluate
 from .models import create_model
 from .recipe import TrainConfig
-from .training import eval_loader, predict
 
 
 def evaluate_checkpoints(
@@ -31,12 +31,12 @@ def evaluate_checkpoints(
     if data is None:
         raise ValueError("these runs held out no validation split (train with --val-split)")
     torch_device = select_device(device)
-    loader = eval_loader(data, first, torch_device)
+    loader = eval_loader(data, 2 * first.batch_size, first.workers, torch_device)
     probs_sum, labels = None, None
     for state, config in zip(states, configs):
         model = create_model(config.arch, splits.num_classes).to(torch_device)
         model.load_state_dict(state["model"])
-        probs, labels = predict(model, loader, config, torch_device)
+        probs, labels = predict(model, loader, torch_device, amp=config.amp, channels_last=config.channels_last)
         probs_sum = probs if probs_sum is None else probs_sum + probs
     probs = probs_sum / len(states)
     return evaluate(probs, labels, n_bins=ece_bins), probs, labels

@@ -65,14 +65,6 @@ def soft_target(labels: torch.Tensor, past: torch.Tensor, alpha: float) -> torch
     return target
 
 
-def soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-sum_k target_k · log_softmax(logits)_k, averaged over the batch.
-
-    ``F.cross_entropy`` takes probability targets and computes exactly this.
-    """
-    return F.cross_entropy(logits, target)
-
-
 @dataclass(frozen=True)
 class CsKd:
     """CS-KD's class-wise regulariser (Yun et al., CVPR 2020): the KL divergence from the
@@ -90,15 +82,3 @@ class CsKd:
         log_p = F.log_softmax(logits.float() / t, dim=1)
         q = F.softmax(partner_logits.detach().float() / t, dim=1)
         return self.weight * F.kl_div(log_p, q, reduction="sum") * t ** 2 / logits.shape[0]
-
-
-def method_loss(method: str, logits: torch.Tensor, targets: torch.Tensor, tfkd: TfKd = TfKd()) -> torch.Tensor:
-    """The training loss of ``method`` ("ce", "ls", "pskd", "tfkd" or "cskd") in fp32, against
-    class indices or probability targets (PS-KD's soft targets, CutMix's mixed labels):
-    ``F.cross_entropy`` takes both; LS adds epsilon 0.1; TF-KD adds its virtual teacher;
-    CS-KD's regulariser needs the partners' predictions and is added by the caller
-    (:meth:`CsKd.regulariser`)."""
-    if method == "tfkd":
-        return tfkd.loss(logits, targets)
-    smoothing = LABEL_SMOOTHING if method == "ls" else 0.0
-    return F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)

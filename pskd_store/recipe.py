@@ -11,15 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .methods import METHODS
 from .models import input_kind
 
-METHODS = {
-    "ce": "cross-entropy with one-hot targets (baseline)",
-    "ls": "label smoothing, epsilon 0.1",
-    "pskd": "progressive self-knowledge distillation: targets blend in last epoch's predictions",
-    "tfkd": "TF-KD's hand-designed teacher (Yuan et al. 2020): CE plus a KL term to a smoothed label",
-    "cskd": "CS-KD (Yun et al. 2020): CE plus a KL term to another same-class sample's prediction",
-}
 AUGMENTATIONS = {
     "none": "the data set's own augmentation only",
     "cutout": "Cutout, one 8x8 hole (8 samples of a 1-D signal): on every image with ce/ls/tfkd "

@@ -30,11 +30,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from tqdm import tqdm
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .accelerator import accelerator_for
 from .augment import BatchAugment
@@ -51,13 +49,13 @@ from .checkpoint import (
 from .data import DataSplits, build_datasets
 from .dataset import SoftTargetDataset, collate_soft_targets
 from .distributed import Distributed, setup, teardown
+from .engine import eval_loader, predict_sharded, train_one_epoch
 from .errors import StoreDamagedError, StoreError, StoreNotFoundError
-from .loss import CsKd, TfKd, alpha_t, method_loss
+from .methods import Method, create_method
 from .metrics import evaluate
 from .models import create_model, input_kind
 from .recipe import TrainConfig
 from .run_directory import RunDirectory, writing
-from .sampler import ClassPairBatchSampler
 from .seeding import seed_process
 from .store import SoftTargetStore
 
@@ -76,13 +74,11 @@ def configure_determinism(deterministic: bool) -> None:
 
 
 @dataclass
-class Run:
+class RunParts:
     """What one training run is made of, built from its config, on one rank."""
 
     config: TrainConfig
-    directory: RunDirectory
-    env: Distributed
-    device: torch.device
+    method: Method
     splits: DataSplits
     network: torch.nn.Module  # the model itself: evaluated and checkpointed
     model: torch.nn.Module    # what the steps train: the network, or its DDP wrapper
@@ -95,7 +91,7 @@ class Run:
 
 
 def build_run(config: TrainConfig, directory: RunDirectory, env: Distributed, device: torch.device,
-              splits: DataSplits | None = None) -> Run:
+              splits: DataSplits | None = None) -> RunParts:
     """Data, model, store and optimizer of a run on this rank (the store is created on
     first use, by rank 0). ``splits`` replaces the data set ``config`` names (benchmarks
     on synthetic data)."""
@@ -116,18 +112,20 @@ def build_run(config: TrainConfig, directory: RunDirectory, env: Distributed, de
     if env.enabled:
         model = DistributedDataParallel(network, device_ids=[device] if accelerator_for(device) else None)
     store = _open_store(config, directory, splits, env)
+    method = create_method(config)
     # each sample's transforms drawn by where it is drawn (seeding.py); data without random
-    # transforms (MNIST-1D) skips the seeding
-    train_data = SoftTargetDataset(splits.train, store, config.alpha_T, config.epochs, cache_dir=config.cache_dir,
+    # transforms (MNIST-1D) skips the seeding. A method that reads no teacher has alpha_T 0.
+    train_data = SoftTargetDataset(splits.train, store, method.alpha_T, config.epochs, cache_dir=config.cache_dir,
                                    seed=config.seed if splits.random_transforms else None, rank=env.rank)
     optimizer = torch.optim.SGD(network.parameters(), lr=config.lr, momentum=config.momentum,
                                 nesterov=config.nesterov, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, config.milestones, config.lr_gamma)
     # Built once: persistent workers instead of new processes for every epoch's evaluation.
-    test_loader = eval_loader(_shard(splits.test, env), config, device)
-    val_loader = eval_loader(_shard(splits.val, env), config, device) if splits.val is not None else None
-    return Run(config, directory, env, device, splits, network, model, store, train_data, optimizer,
-               scheduler, test_loader, val_loader)
+    def evaluation(data: Dataset) -> DataLoader:
+        return eval_loader(_shard(data, env), 2 * config.batch_size, config.workers, device)
+
+    return RunParts(config, method, splits, network, model, store, train_data, optimizer, scheduler,
+                    evaluation(splits.test), evaluation(splits.val) if splits.val is not None else None)
 
 
 def _open_store(config: TrainConfig, directory: RunDirectory, splits: DataSplits,
@@ -182,27 +180,29 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
                 config.save(directory.config)
     configure_determinism(config.deterministic)
     run = build_run(config, directory, env, device, splits)
-    start = _restore(run, from_epoch) + 1 if resume else 1
-    loader, sampler = _train_loader(run)
+    start = _restore(run, directory, env, device, from_epoch) + 1 if resume else 1
+    loader, sampler = train_loader(run.method, run.train_data, run.splits, config, env, device)
     augment = None
     if config.aug != "none":
-        augment = BatchAugment(config.aug, run.splits.num_classes, half_batch=config.method == "pskd",
-                               cutmix_prob=config.cutmix_prob, seed=config.seed, rank=env.rank)
+        augment = BatchAugment(config.aug, run.splits.num_classes, cutmix_prob=config.cutmix_prob,
+                               seed=config.seed, rank=env.rank)
     test_probs = None
     for epoch in range(start, config.epochs + 1):
         started = time.perf_counter()
         sampler.set_epoch(epoch)
-        train_stats = _train_epoch(run, loader, epoch, augment, quiet)
-        row = {"epoch": epoch, "alpha_t": _alpha(config, epoch), "lr": run.scheduler.get_last_lr()[0],
-               "train": train_stats}
+        _set_teacher(run.train_data, env, directory, epoch)
+        train_stats = _train_epoch(run, loader, env, device, epoch, augment, quiet)
+        row = {"epoch": epoch, "alpha_t": run.method.alpha(epoch, config.epochs),
+               "lr": run.scheduler.get_last_lr()[0], "train": train_stats}
         run.scheduler.step()
         env.barrier()  # every rank's writer has closed its part
+        evaluate_on = dict(env=env, device=device, amp=config.amp, channels_last=config.channels_last)
         with ThreadPoolExecutor(1) as background:  # the seal's I/O overlaps the evaluation
             # a baseline whose every batch CutMix mixed recorded nothing: its ids carry forward
             sealing = background.submit(run.store.seal, epoch, allow_empty=True) if env.is_main else None
-            test_probs = predict_all(run, run.test_loader)
+            test_probs = predict_sharded(run.network, run.test_loader, **evaluate_on)
             if run.val_loader is not None:
-                val_probs = predict_all(run, run.val_loader)
+                val_probs = predict_sharded(run.network, run.val_loader, **evaluate_on)
             if sealing is not None:
                 sealing.result()
         env.barrier()  # the epoch is sealed before any rank reads it as the next teacher
@@ -241,44 +241,33 @@ def summarize_metrics(rows: list[dict]) -> dict:
             "best": {"epoch": best["epoch"], **{k: v for k, v in best.items() if k in splits}}}
 
 
-def _alpha(config: TrainConfig, epoch: int) -> float:
-    """The weight of past predictions this epoch: alpha_t for PS-KD, 0 for the others."""
-    return alpha_t(epoch, config.epochs, config.alpha_T) if config.method == "pskd" else 0.0
-
-
-def _train_loader(run: Run) -> tuple[DataLoader, DistributedSampler | ClassPairBatchSampler]:
-    """This rank's shard of each epoch, shuffled by epoch, and the sampler to ``set_epoch``:
-    the order depends only on the seed and the epoch, so a resumed run sees the same
-    batches. DistributedSampler pads the last shard with repeated ids; the store keeps one
-    write per id (the higher rank's). CS-KD's batches also hold a same-class partner of
-    each sample (sampler.py)."""
-    config, env = run.config, run.env
+def train_loader(method: Method, data: SoftTargetDataset, splits: DataSplits, config: TrainConfig,
+                 env: Distributed, device: torch.device) -> tuple[DataLoader, Sampler]:
+    """This rank's shard of each epoch, batched as ``method`` draws them, and the sampler to
+    ``set_epoch``: the order depends only on the seed and the epoch, so a resumed run sees
+    the same batches."""
     # a generator of its own: the workers' base seed (unused: items are seeded by where
     # they are drawn) is not taken from the process's stream, which a resume restores
     common = dict(num_workers=config.workers, persistent_workers=config.workers > 0,
-                  pin_memory=accelerator_for(run.device) is not None, collate_fn=collate_soft_targets,
+                  pin_memory=accelerator_for(device) is not None, collate_fn=collate_soft_targets,
                   generator=torch.Generator().manual_seed(config.seed))
-    if config.method == "cskd":
-        pairs = ClassPairBatchSampler(run.splits.train_labels, config.batch_size, num_replicas=env.world_size,
-                                      rank=env.rank, seed=config.seed)
-        return DataLoader(run.train_data, batch_sampler=pairs, **common), pairs
-    sampler = DistributedSampler(run.train_data, num_replicas=env.world_size, rank=env.rank,
-                                 shuffle=True, seed=config.seed)
-    return DataLoader(run.train_data, batch_size=config.batch_size, sampler=sampler, **common), sampler
+    batching, sampler = method.sampling(data, splits.train_labels, config.batch_size, num_replicas=env.world_size,
+                                        rank=env.rank, seed=config.seed)
+    return DataLoader(data, **batching, **common), sampler
 
 
-def _set_teacher(run: Run, epoch: int) -> None:
+def _set_teacher(data: SoftTargetDataset, env: Distributed, directory: RunDirectory, epoch: int) -> None:
     """Point the data set at sealed epoch ``epoch - 1``: the node's local rank 0 decodes it
     into the node's cache first, then the node's other ranks map that same file. A damaged
     teacher stops the run with the one command that resumes it before that epoch."""
     try:
-        if run.env.is_local_main:
-            run.train_data.set_epoch(epoch)
-        run.env.barrier()
-        if not run.env.is_local_main:
-            run.train_data.set_epoch(epoch)
+        if env.is_local_main:
+            data.set_epoch(epoch)
+        env.barrier()
+        if not env.is_local_main:
+            data.set_epoch(epoch)
     except StoreDamagedError as err:
-        raise StoreDamagedError(f"{err}. {_teacher_advice(run.directory, epoch - 1)}") from err
+        raise StoreDamagedError(f"{err}. {_teacher_advice(directory, epoch - 1)}") from err
 
 
 def _teacher_advice(directory: RunDirectory, damaged: int) -> str:
@@ -290,127 +279,33 @@ def _teacher_advice(directory: RunDirectory, damaged: int) -> str:
     return "No checkpoint of the epoch before it is kept: restore the store from a backup, or train the run anew"
 
 
-def _train_epoch(run: Run, loader: DataLoader, epoch: int, augment: BatchAugment | None,
-                 quiet: bool) -> dict:
-    config, model, device = run.config, run.model, run.device
-    _set_teacher(run, epoch)
-    model.train()
-    tfkd = TfKd(config.tfkd_alpha, config.tfkd_temperature, config.tfkd_multiplier)
-    cskd = CsKd(config.cskd_temperature, config.cskd_weight)
+def _train_epoch(run: RunParts, loader: DataLoader, env: Distributed, device: torch.device, epoch: int,
+                 augment: BatchAugment | None, quiet: bool) -> dict:
+    """One epoch's steps on this rank, its predictions written to the store; the statistics
+    of every rank's shard."""
+    config = run.config
     steps = len(loader) if config.steps_per_epoch is None else min(len(loader), config.steps_per_epoch)
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, correct, samples
     started = time.perf_counter()
-    # a bar on a terminal only (disable=None): a redirected log keeps the per-epoch lines, not \r frames
-    bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", disable=True if quiet else None, leave=False,
-               dynamic_ncols=True)
-    with run.store.writer(epoch, rank=run.env.rank) as writer:
-        for step, (inputs, targets, labels, ids) in enumerate(loader):
-            if step == steps:
-                break
-            inputs = to_device(inputs, device, config.channels_last)
-            labels = labels.to(device, non_blocking=True)
-            partners = None
-            if config.method == "cskd":  # the second half: a same-class partner of each sample
-                half = len(labels) // 2
-                inputs, partners, labels, ids = inputs[:half], inputs[half:], labels[:half], ids[:half]
-            # PS-KD trains on the data set's soft targets; CE and LS on the labels.
-            targets = targets.to(device, non_blocking=True) if config.method == "pskd" else labels
-            recorded = len(inputs)
-            if augment is not None:
-                inputs, targets, recorded, partners = augment(inputs, targets, labels, partners,
-                                                              epoch=epoch, step=step)
-            with autocast(device, config.amp):
-                logits = model(inputs)
-            loss = method_loss(config.method, logits, targets, tfkd)
-            if partners is not None:  # after the trained half's forward, as the authors' loop
-                with torch.no_grad(), autocast(device, config.amp):
-                    partner_logits = model(partners)
-                loss = loss + cskd.regulariser(logits, partner_logits)
-            run.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            run.optimizer.step()
-            if recorded:  # a CutMix-mixed batch records nothing
-                writer.write(ids[:recorded], logits[:recorded])
-            totals[0] += loss.detach() * len(labels)
-            totals[1] += (logits.argmax(1) == labels).sum()
-            totals[2] += len(labels)
-            if not bar.disable and (step % 10 == 0 or step == steps - 1):  # loss.item() waits for the step
-                loss_sum, correct, seen = totals.tolist()
-                bar.set_postfix(loss=f"{loss.item():.3f}", err=f"{100 * (1 - correct / seen):.1f}%",
-                                alpha_t=f"{_alpha(config, epoch):.3f}",
-                                samples_s=f"{seen / (time.perf_counter() - started):.0f}")
-            bar.update()
-    bar.close()
+    with run.store.writer(epoch, rank=env.rank) as writer:
+        totals = train_one_epoch(run.model, run.method, loader, run.optimizer, writer, device, epoch=epoch,
+                                 epochs=config.epochs, steps=steps, augment=augment, amp=config.amp,
+                                 channels_last=config.channels_last, quiet=quiet)
     seconds = time.perf_counter() - started
-    if run.env.enabled:
+    if env.enabled:
         torch.distributed.all_reduce(totals)  # the whole epoch, every rank's shard
     loss_sum, correct, seen = totals.tolist()
     return {"loss": loss_sum / seen, "top1_err": 100.0 * (1 - correct / seen), "samples": int(seen),
             "samples_per_s": seen / seconds, "seconds": seconds}
 
 
-def to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
-    inputs = inputs.to(device, non_blocking=True)
-    if channels_last and inputs.ndim == 4:
-        inputs = inputs.contiguous(memory_format=torch.channels_last)
-    return inputs
-
-
-def autocast(device: torch.device, amp: bool):
-    """bfloat16 mixed precision (no loss scaling needed) on the training device, GPU or
-    CPU, with ``amp``; full precision without."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
-
-
-def eval_loader(data: Dataset, config: TrainConfig, device: torch.device) -> DataLoader:
-    """An in-order loader for evaluation, its workers kept alive between epochs."""
-    return DataLoader(data, batch_size=2 * config.batch_size, shuffle=False, num_workers=config.workers,
-                      persistent_workers=config.workers > 0, pin_memory=accelerator_for(device) is not None)
-
-
-@torch.no_grad()
-def predict(model: torch.nn.Module, loader: DataLoader, config: TrainConfig,
-            device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (N, K) of fp32 logits and labels (N,) of ``loader``'s data, in order."""
-    model.eval()
-    probs, labels = [], []
-    for inputs, target in loader:
-        with autocast(device, config.amp):
-            logits = model(to_device(inputs, device, config.channels_last))
-        probs.append(logits.float().softmax(1).cpu())
-        labels.append(torch.as_tensor(target))
-    if not probs:  # an empty shard of a set smaller than the world
-        return np.empty((0, 0), np.float32), np.empty(0, np.int64)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
-
-
-def predict_all(run: Run, loader: DataLoader) -> tuple[np.ndarray, np.ndarray] | None:
-    """Predictions of the whole evaluation set, in index order, on rank 0 (None elsewhere):
-    each rank predicts its shard (``_shard``: every world_size-th sample) and rank 0
-    interleaves them back."""
-    probs, labels = predict(run.network, loader, run.config, run.device)
-    shards = run.env.gather_to_main((probs, labels))
-    if shards is None:
-        return None
-    size = sum(len(shard_labels) for _, shard_labels in shards)
-    all_probs = np.empty((size, shards[0][0].shape[1]), dtype=np.float32)
-    all_labels = np.empty(size, dtype=np.int64)
-    for rank, (shard_probs, shard_labels) in enumerate(shards):
-        if not len(shard_labels):
-            continue
-        all_probs[rank::len(shards)] = shard_probs
-        all_labels[rank::len(shards)] = shard_labels
-    return all_probs, all_labels
-
-
-def _restore(run: Run, from_epoch: int | None) -> int:
+def _restore(run: RunParts, directory: RunDirectory, env: Distributed, device: torch.device,
+             from_epoch: int | None) -> int:
     """Load the checkpoint to resume from (every rank); rank 0 rolls the store, the metrics
     and, with ``from_epoch``, the later checkpoint back to it. Returns its epoch: 0 for a
     run killed before its first checkpoint, which then starts over with an empty store."""
-    directory = run.directory
     path = _checkpoint_of(directory, from_epoch)
     if path is None:
-        return _roll_back(run, 0)
+        return _roll_back(run.store, directory, env, 0)
     try:
         state = load_checkpoint(path)
     except CheckpointDamagedError as err:
@@ -419,14 +314,14 @@ def _restore(run: Run, from_epoch: int | None) -> int:
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-    if len(rng) != run.env.world_size:
+    if len(rng) != env.world_size:
         raise ValueError(
             f"{directory.path} was checkpointed by {len(rng)} process(es); resume it with as many "
-            f"(torchrun --nproc-per-node ...), not {run.env.world_size}, so that every rank's "
+            f"(torchrun --nproc-per-node ...), not {env.world_size}, so that every rank's "
             "random state and data shard carry on"
         )
-    set_rng_state(rng[run.env.rank], run.device)
-    return _roll_back(run, state["epoch"], checkpoint=path)
+    set_rng_state(rng[env.rank], device)
+    return _roll_back(run.store, directory, env, state["epoch"], checkpoint=path)
 
 
 def _checkpoint_of(directory: RunDirectory, from_epoch: int | None) -> Path | None:
@@ -453,19 +348,20 @@ def _resume_advice(directory: RunDirectory, damaged: Path) -> str:
     return "restore it from a backup, or delete it to train the run again from epoch 1"
 
 
-def _roll_back(run: Run, epoch: int, checkpoint: Path | None = None) -> int:
+def _roll_back(store: SoftTargetStore, directory: RunDirectory, env: Distributed, epoch: int,
+               checkpoint: Path | None = None) -> int:
     """Rank 0 forgets what came after ``epoch`` (sealed epochs, metrics rows, a later last
     checkpoint than ``checkpoint``, the one resumed from); all wait."""
-    if run.env.is_main:
-        dropped = run.store.rollback(epoch)
-        run.directory.keep_metrics_through(epoch)
-        if checkpoint is not None and checkpoint != run.directory.checkpoint:
-            with writing(run.directory.checkpoint):
-                link_into_place(checkpoint, run.directory.checkpoint)
-        _logger.info("resuming %s after epoch %d%s", run.directory.path, epoch,
+    if env.is_main:
+        dropped = store.rollback(epoch)
+        directory.keep_metrics_through(epoch)
+        if checkpoint is not None and checkpoint != directory.checkpoint:
+            with writing(directory.checkpoint):
+                link_into_place(checkpoint, directory.checkpoint)
+        _logger.info("resuming %s after epoch %d%s", directory.path, epoch,
                      f" (dropped unfinished epochs {dropped} from the store)" if dropped else "")
-    run.env.barrier()
-    run.store.refresh()
+    env.barrier()
+    store.refresh()
     return epoch
 
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from pskd_store.augment import CUTOUT_HOLE, BatchAugment, cutout
+from pskd_store.methods import ClassWiseKd, CrossEntropy, ProgressiveSelfKd
 
 
 def _hole_bounds(centre: int, size: int) -> tuple[int, int]:
@@ -69,95 +70,97 @@ def _batch(n: int = 16, k: int = 10):
     return inputs, soft, labels
 
 
+def _augmented(method, augment, inputs, soft, labels, *, step=0, **kwargs):
+    """``method``'s batch of the loader's (inputs, soft targets, labels), augmented."""
+    batch = method.batch(inputs, soft, labels, torch.arange(len(labels)))
+    return method.augment(augment, batch, epoch=1, step=step, **kwargs)
+
+
 def test_ce_cutout_cuts_every_image_keeps_labels_and_records_every_row():
-    inputs, _, labels = _batch()
-    out, targets, recorded, partners = BatchAugment("cutout", 10, half_batch=False)(
-        inputs, labels, labels, epoch=1, step=0)
-    assert ((out == 0).flatten(1).any(1)).all()
-    assert targets is labels and recorded == len(inputs) and partners is None
+    inputs, soft, labels = _batch()
+    batch = _augmented(CrossEntropy(), BatchAugment("cutout", 10), inputs, soft, labels)
+    assert ((batch.inputs == 0).flatten(1).any(1)).all()
+    assert batch.targets is labels and batch.recorded == len(inputs) and batch.partners is None
 
 
 @pytest.mark.parametrize("probability", [0.5, 1.0])  # CutMix's authors: CIFAR, ImageNet
 def test_ce_cutmix_mixes_a_whole_batch_with_the_recipes_probability(probability):
-    inputs, _, labels = _batch()
-    augment = BatchAugment("cutmix", 10, half_batch=False, cutmix_prob=probability)
+    inputs, soft, labels = _batch()
+    augment = BatchAugment("cutmix", 10, cutmix_prob=probability)
     mixed = 0
     for step in range(400):
-        out, targets, recorded, _ = augment(inputs, labels, labels, epoch=1, step=step)
-        if recorded == 0:
+        batch = _augmented(CrossEntropy(), augment, inputs, soft, labels, step=step)
+        if batch.recorded == 0:
             mixed += 1
-            assert targets.shape == (16, 10) and torch.allclose(targets.sum(1), torch.ones(16))
+            assert batch.targets.shape == (16, 10) and torch.allclose(batch.targets.sum(1), torch.ones(16))
             # each row keeps lam of its label and gets 1 - lam of its neighbour's: one lam per batch
-            lam = targets[torch.arange(16), labels]
+            lam = batch.targets[torch.arange(16), labels]
             assert torch.allclose(lam, lam[0].expand(16)) and 0 <= lam[0] <= 1
-            assert (out != inputs).any()
+            assert (batch.inputs != inputs).any()
         else:
-            assert recorded == 16 and targets is labels and torch.equal(out, inputs)
+            assert batch.recorded == 16 and batch.targets is labels and torch.equal(batch.inputs, inputs)
     assert abs(mixed / 400 - probability) < 0.08  # binomial sd 0.025 at 0.5; exactly 400 at 1.0
     assert probability < 1 or mixed == 400
 
 
 @pytest.mark.parametrize("kind", ["cutout", "cutmix"])
-def test_pskd_splits_each_batch_in_half(kind):
+def test_pskd_splits_each_batch_in_half_and_always_augments_the_second(kind):
     inputs, soft, labels = _batch()
-    out, targets, recorded, _ = BatchAugment(kind, 10, half_batch=True)(inputs, soft, labels, epoch=1, step=0)
-    assert recorded == 8
-    assert torch.equal(out[:8], inputs[:8]) and torch.equal(targets[:8], soft[:8])  # PS-KD half untouched
-    assert (out[8:] != inputs[8:]).flatten(1).any(1).any()
-    if kind == "cutout":
-        assert torch.equal(targets[8:], torch.nn.functional.one_hot(labels[8:], 10).float())
-        assert ((out[8:] == 0).flatten(1).any(1)).all()
-    else:
-        assert torch.allclose(targets[8:].sum(1), torch.ones(8))
+    for step in range(20):  # a batch-mixing chance of 0 does not spare PS-KD's augmented half
+        batch = _augmented(ProgressiveSelfKd(), BatchAugment(kind, 10, cutmix_prob=0.0), inputs, soft, labels,
+                           step=step)
+        assert batch.recorded == 8
+        assert torch.equal(batch.inputs[:8], inputs[:8]) and torch.equal(batch.targets[:8], soft[:8])  # untouched
+        assert (batch.inputs[8:] != inputs[8:]).flatten(1).any(1).any()
+        if kind == "cutout":
+            assert torch.equal(batch.targets[8:], F.one_hot(labels[8:], 10).float())
+            assert ((batch.inputs[8:] == 0).flatten(1).any(1)).all()
+        else:
+            assert torch.allclose(batch.targets[8:].sum(1), torch.ones(8))
+            assert not torch.equal(batch.targets[8:], F.one_hot(labels[8:], 10).float())
 
 
 def test_odd_batches_give_the_extra_row_to_pskd():
     inputs, soft, labels = _batch(n=5)
-    _, _, recorded, _ = BatchAugment("cutout", 10, half_batch=True)(inputs, soft, labels, epoch=1, step=0)
-    assert recorded == 3
-    out, targets, recorded, _ = BatchAugment("cutmix", 10, half_batch=True)(
-        inputs[:1], soft[:1], labels[:1], epoch=1, step=0)
-    assert recorded == 1 and torch.equal(out, inputs[:1])  # a batch of one is all PS-KD's
-    assert torch.equal(targets, soft[:1])
+    assert _augmented(ProgressiveSelfKd(), BatchAugment("cutout", 10), inputs, soft, labels).recorded == 3
+    batch = _augmented(ProgressiveSelfKd(), BatchAugment("cutmix", 10), inputs[:1], soft[:1], labels[:1])
+    assert batch.recorded == 1 and torch.equal(batch.inputs, inputs[:1])  # a batch of one is all PS-KD's
+    assert torch.equal(batch.targets, soft[:1])
 
 
 def test_cskd_partners_get_their_samples_box_and_neighbours():
     """A mixed CS-KD batch: each partner gets the box its sample got, filled from the
     partner of the sample's neighbour, so it carries exactly the sample's mixed label."""
-    inputs, _, labels = _batch()
+    inputs, soft, labels = _batch()
     partners = torch.randn_like(inputs) - 10  # other images of the same classes
-    augment = BatchAugment("cutmix", 10, half_batch=False)
+    augment = BatchAugment("cutmix", 10)
     outcomes = set()
     for step in range(40):
-        out, targets, recorded, out_partners = augment(inputs, labels, labels, partners, epoch=1, step=step)
-        if recorded:
-            assert targets is labels and torch.equal(out, inputs) and out_partners is partners
+        # the loader's batch: the samples, then a same-class partner of each
+        batch = _augmented(ClassWiseKd(), augment, torch.cat([inputs, partners]), torch.cat([soft, soft]),
+                           torch.cat([labels, labels]), step=step)
+        if batch.recorded:
+            assert batch.recorded == 16 and torch.equal(batch.targets, labels)
+            assert torch.equal(batch.inputs, inputs) and torch.equal(batch.partners, partners)
             outcomes.add("kept")
             continue
         outcomes.add("mixed")
-        box = out != inputs
-        assert box.any() and torch.equal(box, out_partners != partners)  # the same box everywhere
-        assert torch.equal(out[box], inputs.roll(1, 0)[box])  # pasted from the neighbour ...
-        assert torch.equal(out_partners[box], partners.roll(1, 0)[box])  # ... and its partner
+        box = batch.inputs != inputs
+        assert box.any() and torch.equal(box, batch.partners != partners)  # the same box everywhere
+        assert torch.equal(batch.inputs[box], inputs.roll(1, 0)[box])  # pasted from the neighbour ...
+        assert torch.equal(batch.partners[box], partners.roll(1, 0)[box])  # ... and its partner
         lam = 1 - box[0].float().mean()
         expected = lam * F.one_hot(labels, 10) + (1 - lam) * F.one_hot(labels.roll(1, 0), 10)
-        assert torch.allclose(targets, expected)
+        assert torch.allclose(batch.targets, expected)
     assert outcomes == {"kept", "mixed"}
 
 
 def test_cskd_cutout_cuts_samples_and_partners_independently():
-    inputs, _, labels = _batch()
-    out, targets, recorded, partners = BatchAugment("cutout", 10, half_batch=False)(
-        inputs, labels, labels, inputs.clone(), epoch=1, step=0)
-    assert targets is labels and recorded == 16
-    assert (out == 0).flatten(1).any(1).all() and (partners == 0).flatten(1).any(1).all()
-    assert not torch.equal(out == 0, partners == 0)
-
-
-def test_pskd_half_batch_refuses_partners():
     inputs, soft, labels = _batch()
-    with pytest.raises(ValueError, match="partners"):
-        BatchAugment("cutmix", 10, half_batch=True)(inputs, soft, labels, inputs, epoch=1, step=0)
+    made = BatchAugment("cutout", 10)(inputs, labels, labels, inputs.clone(), epoch=1, step=0)
+    assert made.targets is labels and not made.mixed
+    assert (made.inputs == 0).flatten(1).any(1).all() and (made.partners == 0).flatten(1).any(1).all()
+    assert not torch.equal(made.inputs == 0, made.partners == 0)
 
 
 @pytest.mark.parametrize("kind", ["cutout", "cutmix"])
@@ -168,9 +171,9 @@ def test_a_steps_draws_depend_on_seed_rank_epoch_and_step_alone(kind):
     inputs, soft, labels = _batch()
 
     def draw(seed=0, rank=0, epoch=1, step=0):
-        out, *_ = BatchAugment(kind, 10, half_batch=True, seed=seed, rank=rank)(
-            inputs, soft, labels, epoch=epoch, step=step)
-        return out
+        batch = ProgressiveSelfKd().batch(inputs, soft, labels, torch.arange(len(labels)))
+        return ProgressiveSelfKd().augment(BatchAugment(kind, 10, seed=seed, rank=rank), batch, epoch=epoch,
+                                           step=step).inputs
 
     torch.manual_seed(123)
     first = draw()

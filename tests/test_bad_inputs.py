@@ -488,7 +488,7 @@ LIBRARY_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("CS-KD temperature 0", lambda s, y, t: _resolved(cskd_temperature=0), ValueError,
      "--cskd-temperature must be positive"),
     ("negative workers", lambda s, y, t: _resolved(workers=-1), ValueError, "--workers must be 0 or more"),
-    ("unknown augmentation in the step", lambda s, y, t: BatchAugment("mixup", K, half_batch=False), ValueError,
+    ("unknown augmentation in the step", lambda s, y, t: BatchAugment("mixup", K), ValueError,
      "unknown augmentation 'mixup'; choose cutout or cutmix"),
     ("a model for no classes", lambda s, y, t: create_model("mnist1d_mlp", 0), ValueError,
      "num_classes must be positive, got 0"),

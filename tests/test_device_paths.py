@@ -23,9 +23,10 @@ from store_helpers import make_labels
 from pskd_store.accelerator import ACCELERATORS, accelerator_for
 from pskd_store.checkpoint import rng_state, set_rng_state
 from pskd_store.distributed import setup, teardown
+from pskd_store.engine import autocast
 from pskd_store.recipe import TrainConfig
 from pskd_store.store import SoftTargetStore, StoreError
-from pskd_store.training import autocast, train
+from pskd_store.training import train
 
 N, K = 300, 7
 

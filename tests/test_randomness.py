@@ -197,11 +197,11 @@ def test_starting_the_training_loader_draws_nothing_from_the_process_stream(tmp_
     from pskd_store.distributed import Distributed
     from pskd_store.recipe import TrainConfig
     from pskd_store.run_directory import RunDirectory
-    from pskd_store.training import _train_loader, build_run
+    from pskd_store.training import build_run, train_loader
 
     config = TrainConfig(epochs=2, workers=0, data_dir=str(data_dir)).resolved()
     run = build_run(config, RunDirectory(tmp_path / "run"), Distributed(), torch.device("cpu"))
-    loader, sampler = _train_loader(run)
+    loader, sampler = train_loader(run.method, run.train_data, run.splits, config, Distributed(), torch.device("cpu"))
     run.train_data.set_epoch(1)
     sampler.set_epoch(1)
     before = torch.get_rng_state()

@@ -303,12 +303,13 @@ def test_cskd_pairs_the_training_subset_and_augments_partners_too(tmp_path, data
     same-class partners of its first half, by the labels of the training subset read from
     the data set itself, and both forwards of a step (the trained half's, the partners')
     see Cutout's holes."""
+    import pskd_store.methods as methods
     import pskd_store.training as training
     from pskd_store.data import build_datasets
 
     batches: list[list[int]] = []
 
-    class RecordingPairs(training.ClassPairBatchSampler):
+    class RecordingPairs(methods.ClassPairBatchSampler):
         def __iter__(self):
             for batch in super().__iter__():
                 batches.append(list(batch))
@@ -322,7 +323,7 @@ def test_cskd_pairs_the_training_subset_and_augments_partners_too(tmp_path, data
         model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].clone()) if m.training else None)
         return model
 
-    monkeypatch.setattr(training, "ClassPairBatchSampler", RecordingPairs)
+    monkeypatch.setattr(methods, "ClassPairBatchSampler", RecordingPairs)
     monkeypatch.setattr(training, "create_model", recording_model)
     config = TrainConfig(method="cskd", aug="cutout", val_split=0.25, epochs=1, steps_per_epoch=4,
                          batch_size=32, data_dir=str(data_dir)).resolved()

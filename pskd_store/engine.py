@@ -1,0 +1,116 @@
+"""The steps of training and evaluation, apart from the recipe around them: device moves,
+autocast, one epoch of training steps, and predictions of an evaluation set. Everything
+arrives as an explicit argument, as in torchvision's ``references/classification``."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .accelerator import accelerator_for
+from .augment import BatchAugment
+from .distributed import Distributed
+from .methods import Method
+from .writer import PredictionWriter
+
+
+def to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    inputs = inputs.to(device, non_blocking=True)
+    if channels_last and inputs.ndim == 4:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
+def autocast(device: torch.device, amp: bool):
+    """bfloat16 mixed precision (no loss scaling needed) on the training device, GPU or
+    CPU, with ``amp``; full precision without."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+def train_one_epoch(model: torch.nn.Module, method: Method, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                    writer: PredictionWriter, device: torch.device, *, epoch: int, epochs: int, steps: int,
+                    augment: BatchAugment | None, amp: bool, channels_last: bool, quiet: bool) -> torch.Tensor:
+    """``steps`` steps of ``method`` on ``loader``'s batches, each step's recorded rows
+    handed to ``writer``. Returns (loss sum, correct, samples) on ``device``: nothing
+    waits for the device during the epoch, but the progress bar's loss every 10 steps."""
+    model.train()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    started = time.perf_counter()
+    # a bar on a terminal only (disable=None): a redirected log keeps the per-epoch lines, not \r frames
+    bar = tqdm(total=steps, desc=f"epoch {epoch}/{epochs}", disable=True if quiet else None, leave=False,
+               dynamic_ncols=True)
+    for step, (inputs, targets, labels, ids) in enumerate(loader):
+        if step == steps:
+            break
+        batch = method.batch(to_device(inputs, device, channels_last), targets,
+                             labels.to(device, non_blocking=True), ids)
+        if augment is not None:
+            batch = method.augment(augment, batch, epoch=epoch, step=step)
+        with autocast(device, amp):
+            logits = model(batch.inputs)
+        partner_logits = None
+        if batch.partners is not None:  # after the trained batch's forward, as CS-KD's authors' loop
+            with torch.no_grad(), autocast(device, amp):
+                partner_logits = model(batch.partners)
+        loss = method.loss(logits, batch.targets, partner_logits)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if batch.recorded:  # a CutMix-mixed batch records nothing
+            writer.write(batch.ids[:batch.recorded], logits[:batch.recorded])
+        totals[0] += loss.detach() * len(batch.labels)
+        totals[1] += (logits.argmax(1) == batch.labels).sum()
+        totals[2] += len(batch.labels)
+        if not bar.disable and (step % 10 == 0 or step == steps - 1):  # loss.item() waits for the step
+            loss_sum, correct, seen = totals.tolist()
+            bar.set_postfix(loss=f"{loss.item():.3f}", err=f"{100 * (1 - correct / seen):.1f}%",
+                            alpha_t=f"{method.alpha(epoch, epochs):.3f}",
+                            samples_s=f"{seen / (time.perf_counter() - started):.0f}")
+        bar.update()
+    bar.close()
+    return totals
+
+
+def eval_loader(data: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
+    """An in-order loader for evaluation, its workers kept alive between epochs."""
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
+                      persistent_workers=workers > 0, pin_memory=accelerator_for(device) is not None)
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, *, amp: bool,
+            channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (N, K) of fp32 logits and labels (N,) of ``loader``'s data, in order."""
+    model.eval()
+    probs, labels = [], []
+    for inputs, target in loader:
+        with autocast(device, amp):
+            logits = model(to_device(inputs, device, channels_last))
+        probs.append(logits.float().softmax(1).cpu())
+        labels.append(torch.as_tensor(target))
+    if not probs:  # an empty shard of a set smaller than the world
+        return np.empty((0, 0), np.float32), np.empty(0, np.int64)
+    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+
+
+def predict_sharded(model: torch.nn.Module, loader: DataLoader, env: Distributed, device: torch.device, *,
+                    amp: bool, channels_last: bool) -> tuple[np.ndarray, np.ndarray] | None:
+    """Predictions of a whole evaluation set, in index order, on rank 0 (None elsewhere):
+    each rank predicts its shard (every world_size-th sample, from its rank on) and rank 0
+    interleaves them back."""
+    shards = env.gather_to_main(predict(model, loader, device, amp=amp, channels_last=channels_last))
+    if shards is None:
+        return None
+    size = sum(len(shard_labels) for _, shard_labels in shards)
+    all_probs = np.empty((size, shards[0][0].shape[1]), dtype=np.float32)
+    all_labels = np.empty(size, dtype=np.int64)
+    for rank, (shard_probs, shard_labels) in enumerate(shards):
+        if not len(shard_labels):
+            continue
+        all_probs[rank::len(shards)] = shard_probs
+        all_labels[rank::len(shards)] = shard_labels
+    return all_probs, all_labels
