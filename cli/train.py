@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -17,7 +18,6 @@ from pskd_store.recipe import (
     ARCH_DEFAULTS,
     AUGMENTATIONS,
     DATASET_DEFAULTS,
-    DIST_TIMEOUT_S,
     TFKD_DEFAULTS,
     TrainConfig,
 )
@@ -59,6 +59,10 @@ def _per_arch(field: str) -> str:
     return ", ".join(special + [f"else {TFKD_DEFAULTS[field]:g}"])
 
 
+# Every default is TrainConfig's: the options below only point at it.
+DEFAULTS = {field.name: field.default for field in dataclasses.fields(TrainConfig)}
+
+
 def _choices(options: dict[str, str]) -> str:
     return "; ".join(f"{k}: {v}" for k, v in options.items())
 
@@ -74,48 +78,49 @@ PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "
 
 
 @click.command("train", epilog=_models_epilog())
-@click.option("--dataset", type=click.Choice(list(DATASETS)), default="mnist1d", show_default=True,
+@click.option("--dataset", type=click.Choice(list(DATASETS)), default=DEFAULTS["dataset"], show_default=True,
               help=_choices(DATASETS))
-@click.option("--data-dir", default="data", show_default=True, type=click.Path(file_okay=False),
+@click.option("--data-dir", default=DEFAULTS["data_dir"], show_default=True, type=click.Path(file_okay=False),
               help="Where the data set is (or is downloaded / generated to).")
-@click.option("--download/--no-download", default=True, show_default=True,
+@click.option("--download/--no-download", default=DEFAULTS["download"], show_default=True,
               help="Let torchvision download CIFAR when it is missing.")
 @click.option("--arch", help="Model (see below); default: per data set.")
-@click.option("--method", type=click.Choice(list(METHODS)), default="pskd", show_default=True,
+@click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULTS["method"], show_default=True,
               help=_choices({name: method.description for name, method in METHODS.items()}))
-@click.option("--alpha-T", "alpha_T", type=float, default=0.8, show_default=True,
+@click.option("--alpha-T", "alpha_T", type=float, default=DEFAULTS["alpha_T"], show_default=True,
               help="PS-KD's alpha_T: weight of past predictions at the last epoch (a_t = alpha_T·t/T).")
-@click.option("--aug", type=click.Choice(list(AUGMENTATIONS)), default="none", show_default=True,
+@click.option("--aug", type=click.Choice(list(AUGMENTATIONS)), default=DEFAULTS["aug"], show_default=True,
               help=_choices(AUGMENTATIONS))
 @click.option("--epochs", type=int, help="Epochs T.")
 @click.option("-b", "--batch-size", type=int, help="Batch size.")
 @click.option("--lr", type=float, help="Initial learning rate (SGD).")
-@click.option("--momentum", type=float, default=0.9, show_default=True)
-@click.option("--nesterov/--no-nesterov", default=True, show_default=True)
+@click.option("--momentum", type=float, default=DEFAULTS["momentum"], show_default=True)
+@click.option("--nesterov/--no-nesterov", default=DEFAULTS["nesterov"], show_default=True)
 @click.option("--wd", "--weight-decay", "weight_decay", type=float, help="Weight decay.")
 @click.option("--milestones", help="Epochs at which lr is multiplied by --lr-gamma, e.g. 150,225.")
-@click.option("--lr-gamma", type=float, default=0.1, show_default=True)
-@click.option("--val-split", type=float, default=0.0, show_default=True,
+@click.option("--lr-gamma", type=float, default=DEFAULTS["lr_gamma"], show_default=True)
+@click.option("--val-split", type=float, default=DEFAULTS["val_split"], show_default=True,
               help="Hold out this fraction of the training set (e.g. 0.1) to tune alpha_T.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True)
 @click.option("-j", "--workers", type=int,
               help="DataLoader worker processes; default min(4, usable CPUs), 0 for MNIST-1D (in memory).")
-@click.option("--device", default="auto", show_default=True,
+@click.option("--device", default=DEFAULTS["device"], show_default=True,
               help="auto, cpu, cuda or cuda:N. Under torchrun each process takes cuda:LOCAL_RANK.")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
               help="Node-local folder for the decoded teacher (one per node, shared by its ranks); "
                    "default: beside the store when it is a local path.")
-@click.option("--amp/--no-amp", default=False, show_default=True,
+@click.option("--amp/--no-amp", default=DEFAULTS["amp"], show_default=True,
               help="bfloat16 mixed precision on a GPU (opt-in: the paper trains in fp32). The store still "
                    "records the softmax of fp32 logits.")
-@click.option("--channels-last/--no-channels-last", default=True, show_default=True,
+@click.option("--channels-last/--no-channels-last", default=DEFAULTS["channels_last"], show_default=True,
               help="channels_last memory format for image batches: faster convolutions on GPUs and on "
                    "CPUs (oneDNN); the same arithmetic.")
 @click.option("--deterministic", is_flag=True,
               help="PyTorch's deterministic algorithms, no cuDNN autotuning (on by default otherwise): "
                    "a resumed run then repeats an uninterrupted one bit for bit on the same GPU.")
 @click.option("--steps-per-epoch", type=int, help="Stop each epoch after this many steps (smoke tests).")
-@click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+@click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default=DEFAULTS["store_dtype"],
+              show_default=True,
               help="How past predictions are stored.")
 @click.option("--store-topk", type=int, default=None, metavar="K",
               help="Store only the K largest probabilities of each prediction and their classes "
@@ -141,12 +146,12 @@ PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "
                    f"{_per_arch('tfkd_temperature')}.")
 @click.option("--tfkd-multiplier", type=float,
               help=f"--method tfkd: scale of the KL term (authors' multiplier); {_per_arch('tfkd_multiplier')}.")
-@click.option("--cskd-temperature", type=float, default=4.0, show_default=True,
+@click.option("--cskd-temperature", type=float, default=DEFAULTS["cskd_temperature"], show_default=True,
               help="--method cskd: temperature of the class-wise KL term (authors' --temp).")
-@click.option("--cskd-weight", type=float, default=1.0, show_default=True,
+@click.option("--cskd-weight", type=float, default=DEFAULTS["cskd_weight"], show_default=True,
               help="--method cskd: weight of the class-wise KL term (authors' --lamda).")
-@click.option("--ece-bins", type=int, default=10, show_default=True, help="Bins of the ECE metric.")
-@click.option("--dist-timeout", type=float, default=DIST_TIMEOUT_S, show_default=True, metavar="SECONDS",
+@click.option("--ece-bins", type=int, default=DEFAULTS["ece_bins"], show_default=True, help="Bins of the ECE metric.")
+@click.option("--dist-timeout", type=float, default=DEFAULTS["dist_timeout"], show_default=True, metavar="SECONDS",
               help="Under torchrun: how long a rank waits at a collective, e.g. for rank 0 to seal an epoch "
                    "(and the node's first rank to decode it) before the run is declared dead. An hour covers a "
                    "dense ImageNet epoch on a slow object store or network file system.")

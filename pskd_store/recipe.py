@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .loss import CsKd, TfKd
 from .methods import METHODS
 from .models import input_kind
 
@@ -61,13 +62,13 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "folder": dict(arch="tv_resnet50", epochs=90, batch_size=256, lr=0.1, weight_decay=1e-4,
                    milestones=[1 / 3, 2 / 3], cutmix_prob=1.0, img_size=224),
 }
-# TF-KD's Tf-KD_reg (Yuan et al., CVPR 2020; loss.TfKd) per architecture, from the authors'
+# TF-KD's Tf-KD_reg (Yuan et al., CVPR 2020) per architecture, from the authors'
 # yuanli2333/Teacher-free-Knowledge-Distillation, experiments/base_experiments/<name>/params.json
-# ("reg_alpha", "reg_temperature", "multiplier"). Their ResNet-18 setting (base_resnet18:
-# 0.1, 20, 100) serves every architecture they published none for (ResNet-101, PyramidNet,
-# the offline sets' models, ImageNet: their ImageNet code does not ship its loss). The
-# teacher's 0.99 on the true class is my_loss_function.py's correct_prob.
-TFKD_DEFAULTS: dict[str, Any] = dict(tfkd_alpha=0.1, tfkd_temperature=20.0, tfkd_multiplier=100.0)
+# ("reg_alpha", "reg_temperature", "multiplier"). Their ResNet-18 setting (base_resnet18,
+# loss.TfKd's defaults) serves every architecture they published none for (ResNet-101,
+# PyramidNet, the offline sets' models, ImageNet: their ImageNet code does not ship its loss).
+TFKD_DEFAULTS: dict[str, Any] = dict(tfkd_alpha=TfKd.alpha, tfkd_temperature=TfKd.temperature,
+                                     tfkd_multiplier=TfKd.multiplier)
 # base_densenet121 and base_resnext29 give no "multiplier" (the authors' loss reads
 # params.multiplier, so their own --regularization run of these files stops with an
 # AttributeError): 1, the neutral value, which their loss_kd_self calls "1.0 in most cases".
@@ -125,10 +126,9 @@ class TrainConfig:
     tfkd_alpha: float | None = None
     tfkd_temperature: float | None = None
     tfkd_multiplier: float | None = None
-    # CS-KD (Yun et al., CVPR 2020; loss.CsKd, sampler.ClassPairBatchSampler): alinlab/cs-kd,
-    # train.py's --temp 4.0 and --lamda 1.0 (the lamda its README runs CIFAR-100 with).
-    cskd_temperature: float = 4.0
-    cskd_weight: float = 1.0
+    # CS-KD (Yun et al., CVPR 2020): the authors' values, with their source, in loss.CsKd
+    cskd_temperature: float = CsKd.temperature
+    cskd_weight: float = CsKd.weight
     ece_bins: int = 10  # the authors' metric_ece_aurc_eaurc(bin_size=0.1)
 
     def resolved(self) -> TrainConfig:
@@ -183,12 +183,13 @@ class TrainConfig:
         if not 0.0 <= self.tfkd_alpha <= 1.0 or self.tfkd_temperature <= 0 or self.tfkd_multiplier < 0:
             raise ValueError(
                 f"--tfkd-alpha must lie in [0, 1], --tfkd-temperature be positive and --tfkd-multiplier "
-                f"non-negative (defaults 0.1, 20, 100), got {self.tfkd_alpha}, {self.tfkd_temperature}, "
-                f"{self.tfkd_multiplier}"
+                f"non-negative (defaults {TfKd.alpha:g}, {TfKd.temperature:g}, {TfKd.multiplier:g}), got "
+                f"{self.tfkd_alpha}, {self.tfkd_temperature}, {self.tfkd_multiplier}"
             )
         if self.cskd_temperature <= 0 or self.cskd_weight < 0:
-            raise ValueError(f"--cskd-temperature must be positive and --cskd-weight non-negative (defaults 4 "
-                             f"and 1), got {self.cskd_temperature} and {self.cskd_weight}")
+            raise ValueError(f"--cskd-temperature must be positive and --cskd-weight non-negative (defaults "
+                             f"{CsKd.temperature:g} and {CsKd.weight:g}), got {self.cskd_temperature} and "
+                             f"{self.cskd_weight}")
         if not 0.0 <= self.cutmix_prob <= 1.0:
             raise ValueError(f"--cutmix-prob must lie in [0, 1] (CIFAR 0.5, ImageNet 1.0), got {self.cutmix_prob}")
         if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):

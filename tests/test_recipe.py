@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -115,3 +116,45 @@ def test_tfkd_settings_are_the_tfkd_authors_per_architecture(arch, alpha, temper
 
 def test_the_distributed_timeout_defaults_to_an_hour():
     assert TrainConfig().resolved().dist_timeout == 3600.0
+
+
+def _readme_recipe() -> dict[str, str]:
+    """README's recipe table: setting -> default, as a reader sees them."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("| setting | default | source |\n|---|---|---|\n", 1)[1].split("\n\n", 1)[0]
+    return {row.split(" | ")[0].strip("| "): row.split(" | ")[1] for row in table.splitlines()}
+
+
+def _short(value: float) -> str:
+    """A number as README writes it: 0.1, 300, 5e-4."""
+    return f"{value:g}" if value >= 0.001 else f"{value:.0e}".replace("e-0", "e-")
+
+
+def test_readmes_recipe_table_is_recipe_py():
+    rows = _readme_recipe()
+    for dataset in ("cifar10", "cifar100"):
+        c = TrainConfig(dataset=dataset).resolved()
+        assert rows["CIFAR-10/100"] == (
+            f"{c.epochs} epochs, batch {c.batch_size}, lr {_short(c.lr)}, weight decay {_short(c.weight_decay)}, "
+            f"lr x{_short(c.lr_gamma)} at epochs {c.milestones[0]} and {c.milestones[1]}")
+        assert rows["CIFAR architecture"] == f"`{c.arch}`"
+    c = TrainConfig(dataset="imagenet").resolved()
+    assert rows["ImageNet"] == (
+        f"`{c.arch}`, {c.epochs} epochs, batch {c.batch_size}, lr {_short(c.lr)}, weight decay "
+        f"{_short(c.weight_decay)}, lr x{_short(c.lr_gamma)} at {c.milestones[0]} and {c.milestones[1]}")
+    for arch in ("pyramidnet200", "pyramidnet200_shakedrop"):
+        c = TrainConfig(dataset="cifar100", arch=arch).resolved()
+        assert rows["PyramidNet-200 (`pyramidnet200`, `pyramidnet200_shakedrop`)"] == (
+            f"batch {c.batch_size}, lr {_short(c.lr)}, weight decay {_short(c.weight_decay)}")
+    c = TrainConfig().resolved()
+    assert rows["alpha_T"] == _short(c.alpha_T)
+    assert rows["optimizer"] == f"SGD, momentum {_short(c.momentum)}, {'Nesterov' if c.nesterov else 'no Nesterov'}"
+    assert rows["ECE bins"] == str(c.ece_bins)
+    assert rows["`--dist-timeout`"].startswith(f"{c.dist_timeout:.0f} s:")
+    assert not c.amp and rows["precision"].startswith("fp32;")
+    cutmix = {name: TrainConfig(dataset=name).resolved().cutmix_prob
+              for name in ("cifar10", "cifar100", "mnist1d", "fashionmnist", "imagenet", "folder")}
+    assert rows["CutMix probability (`--cutmix-prob`, CE/LS/TF-KD/CS-KD)"].startswith(
+        f"{cutmix['cifar100']} on CIFAR and the offline sets, {cutmix['imagenet']} on ImageNet and ImageFolder trees")
+    assert len({cutmix[name] for name in ("cifar10", "cifar100", "mnist1d", "fashionmnist")}) == 1
+    assert cutmix["imagenet"] == cutmix["folder"]
