@@ -144,8 +144,8 @@ def child_prepare(args) -> dict:
         service.lookup(1, token, ids)
         times.append(time.perf_counter() - t)
     checked = batches[-1]
-    layout = store.layout  # a top-k store serves its rows rebuilt
-    expected = torch.from_numpy(layout.expand(layout.encode(torch.from_numpy(rows_of(checked, pool))).numpy()))
+    encoding = store.encoding  # a top-k store serves its rows rebuilt
+    expected = torch.from_numpy(encoding.expand(encoding.encode(torch.from_numpy(rows_of(checked, pool))).numpy()))
     start = time.perf_counter()  # the next epoch's set_epoch: the cached file's checksum is checked
     PredictionService(store, cache_dir=args.cache).prepare(1)
     cached = time.perf_counter() - start
@@ -260,11 +260,11 @@ def target_distance(num_classes: int, topk: int, alpha: float = 0.8) -> dict:
     (1 - a)·onehot + a·p, over the pool's rows (every sample's row is one of them): a·|p' - p|_1."""
     import torch
 
-    from pskd_store.layout import TopKRows
+    from pskd_store.row_encoding import TopKRows
 
     pool = make_pool(num_classes)
-    layout = TopKRows(num_classes, "float16", topk)
-    rebuilt = layout.expand(layout.encode(torch.from_numpy(pool)).numpy())
+    encoding = TopKRows(num_classes, "float16", topk)
+    rebuilt = encoding.expand(encoding.encode(torch.from_numpy(pool)).numpy())
     distance = alpha * np.abs(rebuilt - pool.astype(np.float32)).sum(axis=1)
     return {"alpha_t": alpha, "mean_l1": float(distance.mean()), "max_l1": float(distance.max())}
 

@@ -10,7 +10,7 @@ from typing import Any
 import click
 import numpy as np
 
-from pskd_store.analysis import RunData, RunError, check_ids, check_same_samples, hard_samples, load_run, summarize
+from pskd_store.analysis import RunError, RunRecord, check_ids, check_same_samples, hard_samples, load_run, summarize
 from pskd_store.plots import plot_reliability, plot_training_curves, plot_trajectories
 
 # (key in the test metrics, label, format) for the text summary, in the paper's units.
@@ -38,7 +38,7 @@ def _parse_ids(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 
 def _choose_ids(
-    first: RunData, ids: list[int] | None, top: int, max_correct_fraction: float
+    first: RunRecord, ids: list[int] | None, top: int, max_correct_fraction: float
 ) -> tuple[np.ndarray, str]:
     """The samples to plot in every run, and a title saying how they were chosen."""
     if ids is not None:
@@ -51,7 +51,7 @@ def _choose_ids(
     )
 
 
-def _write_plots(runs: list[RunData], ids: np.ndarray, title: str, out: Path) -> list[Path]:
+def _write_plots(runs: list[RunRecord], ids: np.ndarray, title: str, out: Path) -> list[Path]:
     """Every figure the runs have data for; returns the PNG paths."""
     out.mkdir(parents=True, exist_ok=True)
     files = []

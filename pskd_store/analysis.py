@@ -20,7 +20,7 @@ MIB = 2**20
 
 
 @dataclass(frozen=True)
-class RunData:
+class RunRecord:
     """Everything `inspect` needs of one run, read once and read-only."""
 
     path: Path
@@ -52,7 +52,7 @@ class RunData:
         return int(self.config.get("ece_bins", DEFAULT_ECE_BINS))
 
 
-def load_run(path: str | Path) -> RunData:
+def load_run(path: str | Path) -> RunRecord:
     """Read a run directory without writing to it: config, trajectory tier, metrics, eval."""
     run = RunDirectory(Path(path))
     if not run.path.is_dir():
@@ -66,7 +66,7 @@ def load_run(path: str | Path) -> RunData:
         raise RunError(f"cannot read {run.path}: {os_problem(err, run.path)}") from err
 
 
-def _read_run(run: RunDirectory) -> RunData:
+def _read_run(run: RunDirectory) -> RunRecord:
     if not run.is_run():
         raise RunError(f"no store in {run.path}: was it made by `pskd-store train`?")
     try:
@@ -77,7 +77,7 @@ def _read_run(run: RunDirectory) -> RunData:
     if len(trajectory["epochs"]) == 0:
         raise RunError(f"the store in {run.path} has no sealed epoch yet: train at least one epoch first")
     probs, labels = run.read_eval_probs()
-    return RunData(
+    return RunRecord(
         path=run.path,
         config=_read_json(run.config),
         labels=store.labels,
@@ -150,7 +150,7 @@ def check_ids(ids: list[int] | np.ndarray, num_samples: int, run: Path) -> np.nd
     return ids
 
 
-def check_same_samples(first: RunData, other: RunData) -> None:
+def check_same_samples(first: RunRecord, other: RunRecord) -> None:
     """Refuse to compare runs whose sample ids do not name the same training samples."""
     if other.num_samples != first.num_samples:
         raise RunError(
@@ -178,14 +178,14 @@ def metric_series(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[np
     return np.array([row.get("epoch", np.nan) for row in rows], dtype=float), np.array(values, dtype=float)
 
 
-def eval_ece(run: RunData) -> float | None:
+def eval_ece(run: RunRecord) -> float | None:
     """ECE (percent) of the eval probabilities, or None when `pskd-store eval` was not run."""
     if run.eval_probs is None:
         return None
     return 100.0 * reliability_bins(run.eval_probs, run.eval_labels, n_bins=run.ece_bins).ece
 
 
-def final_test_metrics(run: RunData) -> dict[str, Any] | None:
+def final_test_metrics(run: RunRecord) -> dict[str, Any] | None:
     """The test metrics of the last epoch that has them, with its epoch number."""
     for row in reversed(run.metrics):
         if isinstance(row.get("test"), dict):
@@ -193,7 +193,7 @@ def final_test_metrics(run: RunData) -> dict[str, Any] | None:
     return None
 
 
-def summarize(run: RunData, plotted_ids: np.ndarray, max_correct_fraction: float = 0.5) -> dict[str, Any]:
+def summarize(run: RunRecord, plotted_ids: np.ndarray, max_correct_fraction: float = 0.5) -> dict[str, Any]:
     """The numbers `inspect` prints for one run; ``plotted_ids`` are the samples plotted
     (the hard samples of the first run, or the ids chosen with --ids)."""
     plotted_ids = np.asarray(plotted_ids, dtype=np.int64)

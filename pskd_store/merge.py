@@ -32,7 +32,7 @@ import zarr
 
 from .errors import StoreError
 from .integrity import CheckedArray
-from .layout import DenseRows
+from .row_encoding import RowEncoding
 from .staging import StagedPart
 
 BUCKET_BYTES = 64 << 20  # rows gathered in memory at a time (two buckets are in flight)
@@ -55,13 +55,13 @@ def merge_epoch(
     out: zarr.Array,
     previous: CheckedArray | None,
     labels: np.ndarray,
-    layout: DenseRows,
+    encoding: RowEncoding,
     scratch_dir: str | Path | None = None,
 ) -> Merged:
     """Write the epoch of ``parts`` (in rank order) into the empty array ``out``.
 
     ``previous`` is the latest sealed epoch (None: ids never written get one-hot labels);
-    ``layout`` says what a row holds (layout.py).
+    ``encoding`` says what a row holds (row_encoding.py).
     """
     num_samples = out.shape[0]
     ids = [_read_ids(part, num_samples) for part in parts]
@@ -74,7 +74,7 @@ def merge_epoch(
         except OSError as err:  # names the scratch file's directory: a write to a file carries no name
             raise OSError(err.errno, f"{err.strerror}, writing the seal's scratch file (pass another "
                                      "scratch_dir)", str(scratch_dir)) from err
-        trajectory = _gather(out, buckets, scratch.fileno(), previous, labels, layout)
+        trajectory = _gather(out, buckets, scratch.fileno(), previous, labels, encoding)
     written = int(buckets.written.sum())
     return Merged(sum(len(i) for i in ids), written, num_samples - written, trajectory)
 
@@ -172,7 +172,7 @@ def _write_runs(fd: int, rows: np.ndarray, runs: list[tuple[int, int, int]], row
 
 def _gather(
     out: zarr.Array, buckets: _Buckets, fd: int, previous: CheckedArray | None, labels: np.ndarray,
-    layout: DenseRows,
+    encoding: RowEncoding,
 ) -> dict[str, np.ndarray]:
     """Write ``out`` bucket by bucket; returns the trajectory tier of the epoch.
 
@@ -197,8 +197,8 @@ def _gather(
                 block[buckets.ids[at:at + len(piece)] - lo] = piece
             missing = np.flatnonzero(~buckets.written[lo:hi])
             if len(missing):
-                _fill_missing(block, missing, lo, previous, labels, layout, step)
-            for name, values in layout.trajectory(block, labels[lo:hi]).items():
+                _fill_missing(block, missing, lo, previous, labels, encoding, step)
+            for name, values in encoding.trajectory(block, labels[lo:hi]).items():
                 trajectory[name][lo:hi] = values
             trajectory["written"][lo:hi] = buckets.written[lo:hi]
             if pending is not None:
@@ -211,12 +211,12 @@ def _gather(
 
 def _fill_missing(
     block: np.ndarray, missing: np.ndarray, lo: int, previous: CheckedArray | None, labels: np.ndarray,
-    layout: DenseRows, step: int,
+    encoding: RowEncoding, step: int,
 ) -> None:
     """Rows never written: the previous epoch's (read a slice at a time, only the slices
     that hold such rows), or their one-hot labels."""
     if previous is None:
-        block[missing] = layout.onehot(labels[lo + missing])
+        block[missing] = encoding.onehot(labels[lo + missing])
         return
     for start in range(missing[0] // step * step, missing[-1] + 1, step):
         here = missing[np.searchsorted(missing, start):np.searchsorted(missing, start + step)]

@@ -13,7 +13,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from .analysis import RunData, metric_series
+from .analysis import RunRecord, metric_series
 from .metrics import reliability_bins
 
 DPI = 110
@@ -55,7 +55,7 @@ def _draw_samples(ax: Axes, epochs: np.ndarray, values: np.ndarray) -> None:
     ax.plot(epochs, mean, color="black", linewidth=2.5, label="mean")
 
 
-def plot_trajectories(runs: list[RunData], ids: np.ndarray, path: Path, title: str) -> Path:
+def plot_trajectories(runs: list[RunRecord], ids: np.ndarray, path: Path, title: str) -> Path:
     """Per run a column: true-class and max probability of samples ``ids`` over epochs.
 
     The y axis is shared, so the same samples can be compared across runs at a glance.
@@ -76,7 +76,7 @@ def plot_trajectories(runs: list[RunData], ids: np.ndarray, path: Path, title: s
     return _save(fig, path)
 
 
-def plot_reliability(run: RunData, path: Path) -> Path:
+def plot_reliability(run: RunRecord, path: Path) -> Path:
     """Reliability diagram of the run's eval probabilities, with bin counts below.
 
     Bars are the accuracy per confidence bin; the shaded part of each bin is its gap to
@@ -102,13 +102,13 @@ def plot_reliability(run: RunData, path: Path) -> Path:
     return _save(fig, path)
 
 
-def _draw_curve(ax: Axes, run: RunData, keys: tuple[str, ...]) -> None:
+def _draw_curve(ax: Axes, run: RunRecord, keys: tuple[str, ...]) -> None:
     """One run's metric over epochs (gaps where a row lacks it)."""
     epochs, values = metric_series(run.metrics, keys)
     ax.plot(epochs, values, marker="." if len(epochs) <= 30 else None, label=run.name)
 
 
-def plot_training_curves(runs: list[RunData], path: Path) -> Path:
+def plot_training_curves(runs: list[RunRecord], path: Path) -> Path:
     """alpha_t, train loss and test error, NLL and ECE over epochs, the runs overlaid."""
     fig = Figure(figsize=(3.4 * len(CURVE_PANELS), 3.8), layout="constrained")
     axes = fig.subplots(1, len(CURVE_PANELS))

@@ -31,7 +31,7 @@ import torch
 from .distributed import torchrun_environment
 from .errors import StoreError, os_problem
 from .integrity import CheckedArray
-from .layout import UNREADABLE_ROWS, DenseRows
+from .row_encoding import UNREADABLE_ROWS, RowEncoding
 from .staging import epoch_key
 from .store import SoftTargetStore
 
@@ -49,7 +49,7 @@ class PredictionService:
 
     def __init__(self, store: SoftTargetStore, cache_dir: str | Path | None = None):
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(store)
-        self.layout = store.layout  # what a stored row holds: lookup rebuilds top-k rows
+        self.encoding = store.encoding  # what a stored row holds: lookup rebuilds top-k rows
         self._store: SoftTargetStore | None = store
         self._maps: dict[tuple[int, str], np.ndarray] = {}
 
@@ -86,7 +86,7 @@ class PredictionService:
         fd, tmp = tempfile.mkstemp(dir=self.cache_dir, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as file:
-                checksum = _write_npy(file, teacher, self.layout)
+                checksum = _write_npy(file, teacher, self.encoding)
             _checksum_path(path).write_text(checksum + "\n")
             os.replace(tmp, path)
         finally:
@@ -114,7 +114,7 @@ class PredictionService:
     def lookup(self, epoch: int, token: str, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Predictions of ``ids`` at ``epoch`` as a float32 (B, K) tensor (top-k rows rebuilt)."""
         rows = np.take(self.view(epoch, token), np.asarray(ids), axis=0)  # faster than fancy indexing
-        return torch.from_numpy(self.layout.expand(rows))
+        return torch.from_numpy(self.encoding.expand(rows))
 
     def _require_store(self) -> SoftTargetStore:
         if self._store is None:
@@ -135,7 +135,7 @@ class PredictionService:
                 _checksum_path(cached).unlink(missing_ok=True)
 
     def __getstate__(self) -> dict:
-        return {"cache_dir": self.cache_dir, "layout": self.layout, "_store": None, "_maps": {}}
+        return {"cache_dir": self.cache_dir, "encoding": self.encoding, "_store": None, "_maps": {}}
 
 
 def cached_file_intact(path: Path) -> bool:
@@ -157,10 +157,10 @@ def _file_crc32c(path: Path) -> str:
     return checksum.hexdigest().decode()
 
 
-def _write_npy(file: BinaryIO, array: CheckedArray, layout: DenseRows) -> str:
+def _write_npy(file: BinaryIO, array: CheckedArray, encoding: RowEncoding) -> str:
     """``array`` as a ``.npy`` file, decoded a slice of whole chunks at a time; returns the
     crc32c of the bytes written (computed as they are written: the file is not read back).
-    Rows no target can be made of (``layout.unreadable``) are refused here, once an epoch,
+    Rows no target can be made of (``encoding.unreadable``) are refused here, once an epoch,
     so that lookups never meet them."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
@@ -172,7 +172,7 @@ def _write_npy(file: BinaryIO, array: CheckedArray, layout: DenseRows) -> str:
     step = max(1, SLICE_BYTES // (chunk_rows * row_bytes)) * chunk_rows
     for start in range(0, array.shape[0], step):
         rows = np.ascontiguousarray(array[start:start + step])
-        array.reject(layout.unreadable(rows), start, UNREADABLE_ROWS)
+        array.reject(encoding.unreadable(rows), start, UNREADABLE_ROWS)
         rows.setflags(write=False)  # google_crc32c reads read-only buffers only
         checksum.update(rows)
         file.write(rows.data)

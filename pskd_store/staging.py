@@ -311,7 +311,7 @@ class PartWriter:
 
     def create(self, num_samples: int, width: int, chunk_rows: int, dtype: np.dtype) -> None:
         """Make the part's arrays (replacing what a gone owner left), room for N stored rows
-        of ``width`` values each (layout.py)."""
+        of ``width`` values each (row_encoding.py)."""
         epoch = _require_group(self._staging.root, self._staging.path)
         group = epoch.create_group(part_name(self.rank), overwrite=True)
         group.attrs.update({"owner": asdict(self._owner), "closed": False})

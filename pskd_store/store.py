@@ -13,7 +13,7 @@ Layout (all under one group, a local path or any fsspec URL zarr accepts)::
                                       carried forward (see ``seal``)
 
 With ``topk=k`` a teacher row holds the k largest probabilities and their class ids,
-packed into bytes (layout.py): the array is (N, k * (value bytes + id bytes)) uint8.
+packed into bytes (row_encoding.py): the array is (N, k * (value bytes + id bytes)) uint8.
     staging/epoch_0008/               rows of an epoch in progress, one part per writer
                                       (the layout and its ownership: staging.py)
 
@@ -48,8 +48,8 @@ import zarr.storage
 
 from .errors import EpochNotSealedError, StoreDamagedError, StoreError, StoreNotFoundError, os_problem
 from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum, stored_digest
-from .layout import UNREADABLE_ROWS, DenseRows, row_layout
 from .merge import TRAJECTORY_FIELDS, merge_epoch
+from .row_encoding import UNREADABLE_ROWS, RowEncoding, row_encoding
 from .staging import EpochStaging, epoch_key
 from .zarr_sync import sync
 
@@ -187,7 +187,7 @@ class SoftTargetStore:
         bit-shuffle); Blosc's type size follows each array's dtype. ``keep_epochs`` teacher
         epochs are kept (the trajectory tier keeps all): 2 lets a run that crashed between
         sealing epoch t and checkpointing it redo epoch t. ``topk`` keeps only the k largest
-        probabilities of each row and their classes (layout.py); None keeps all K.
+        probabilities of each row and their classes (row_encoding.py); None keeps all K.
         """
         labels = np.asarray(labels)
         if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
@@ -206,10 +206,10 @@ class SoftTargetStore:
         if keep_epochs < 1:
             raise StoreError("keep_epochs must be at least 1: training reads the previous epoch")
         try:
-            layout = row_layout(num_classes, dtype, topk)
+            encoding = row_encoding(num_classes, dtype, topk)
         except ValueError as err:
             raise StoreError(str(err)) from err
-        rows = chunk_rows or default_chunk_rows(layout.width * layout.stored_dtype.itemsize)
+        rows = chunk_rows or default_chunk_rows(encoding.width * encoding.stored_dtype.itemsize)
         zstore = _open_zarr_store(url, read_only=False, storage_options=storage_options)
         try:
             group = zarr.open_group(zstore, mode="w" if overwrite else "w-")
@@ -308,9 +308,9 @@ class SoftTargetStore:
         return self._meta["topk"]
 
     @property
-    def layout(self) -> DenseRows:
-        """What a stored teacher row holds (layout.py)."""
-        return row_layout(self.num_classes, self.dtype, self.topk)
+    def encoding(self) -> RowEncoding:
+        """What a stored teacher row holds (row_encoding.py)."""
+        return row_encoding(self.num_classes, self.dtype, self.topk)
 
     @property
     def store_id(self) -> str:
@@ -416,7 +416,7 @@ class SoftTargetStore:
     def _teacher(self, epoch: int) -> CheckedArray:
         return CheckedArray.open(
             self._group, f"teacher/{epoch_key(epoch)}", f"the teacher of epoch {epoch}", self.url,
-            shape=(self.num_samples, self.layout.width), dtype=self.layout.stored_dtype, chunk_rows=self.chunk_rows,
+            shape=(self.num_samples, self.encoding.width), dtype=self.encoding.stored_dtype, chunk_rows=self.chunk_rows,
         )
 
     def _trajectory(self, epoch: int, field: str) -> CheckedArray:
@@ -430,8 +430,8 @@ class SoftTargetStore:
         dtype; a top-k store's rows rebuilt as float32)."""
         teacher = self.teacher_array(epoch)
         rows = teacher[:]
-        teacher.reject(self.layout.unreadable(rows), 0, UNREADABLE_ROWS)
-        return rows if self.topk is None else self.layout.expand(rows)
+        teacher.reject(self.encoding.unreadable(rows), 0, UNREADABLE_ROWS)
+        return rows if self.topk is None else self.encoding.expand(rows)
 
     def trajectory(self, epochs: list[int] | None = None) -> dict[str, np.ndarray]:
         """The trajectory tier as arrays of shape (E, N), plus ``epochs`` (E,).
@@ -466,7 +466,7 @@ class SoftTargetStore:
             "blosc": self._meta["blosc"],
             "keep_epochs": self.keep_epochs,
             "fingerprint": self._meta["fingerprint"],
-            "rows": self.layout.describe(),
+            "rows": self.encoding.describe(),
             "topk": self.topk,
             "sealed_epochs": self.sealed_epochs,
             "teacher_epochs": self.teacher_epochs,
@@ -573,12 +573,12 @@ class SoftTargetStore:
             raise StoreError(f"nothing was written for epoch {epoch}: every writer closed empty")
         latest = self.latest_sealed
         teacher = self._group.create_array(
-            f"teacher/{epoch_key(epoch)}", shape=(self.num_samples, self.layout.width), dtype=self.layout.stored_dtype,
-            chunks=(self.chunk_rows, self.layout.width), compressors=codecs_with_checksum(self._teacher_codec()),
-            config=ARRAY_CONFIG, overwrite=True,
+            f"teacher/{epoch_key(epoch)}", shape=(self.num_samples, self.encoding.width),
+            dtype=self.encoding.stored_dtype, chunks=(self.chunk_rows, self.encoding.width),
+            compressors=codecs_with_checksum(self._teacher_codec()), config=ARRAY_CONFIG, overwrite=True,
         )
         merged = merge_epoch(
-            parts, teacher, None if latest is None else self.teacher_array(latest), self.labels, self.layout,
+            parts, teacher, None if latest is None else self.teacher_array(latest), self.labels, self.encoding,
             scratch_dir
         )
         self._write_trajectory(epoch, merged.trajectory)

@@ -185,8 +185,8 @@ def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None
     bad_values: list[tuple[int, int]] = []
     mismatched: list[tuple[int, int]] = []
     cache_differs: list[tuple[int, int]] = []
-    layout = store.layout
-    row_bytes = layout.width * layout.stored_dtype.itemsize
+    encoding = store.encoding
+    row_bytes = encoding.width * encoding.stored_dtype.itemsize
     step = max(1, SLICE_BYTES // (teacher.chunks[0] * row_bytes)) * teacher.chunks[0]
     tolerance = max(1e-5, 2 * float(np.finfo(store.dtype).eps))
     for lo in range(0, len(teacher), step):
@@ -196,15 +196,15 @@ def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None
         except StoreDamagedError:
             _report_chunks(report, part, list(teacher.damaged_chunks(lo, hi)))
             continue
-        bad_values += _rows(lo, ~layout.valid(block, tolerance))
+        bad_values += _rows(lo, ~encoding.valid(block, tolerance))
         if labels is not None and trajectory is not None:
-            recorded = layout.trajectory(block, labels[lo:hi])
+            recorded = encoding.trajectory(block, labels[lo:hi])
             mismatched += _rows(lo, ~np.logical_and.reduce(
                 [recorded[name].astype(TRAJECTORY_FIELDS[name]) == trajectory[name][lo:hi] for name in recorded]))
         if cached is not None:
             cache_differs += _rows(lo, (cached[lo:hi] != block).any(axis=1))
     if bad_values:
-        report.add(part, f"rows {_limited(bad_values)} are not probability vectors ({layout.describe()} rows: "
+        report.add(part, f"rows {_limited(bad_values)} are not probability vectors ({encoding.describe()} rows: "
                          "NaN, negative, or not summing to 1): their chunks were rewritten with valid checksums")
     if mismatched:
         report.add(f"trajectory of epoch {epoch}", f"rows {_limited(mismatched)} disagree with the teacher rows")
@@ -234,7 +234,7 @@ def _cache_files(cache_dir: Path, store: SoftTargetStore, report: Report) -> dic
                                                    "again on the next epoch; deleting it is safe)")
         elif path.name in tokens:
             view = np.load(path, mmap_mode="r")
-            if view.shape == (store.num_samples, store.layout.width) and view.dtype == store.layout.stored_dtype:
+            if view.shape == (store.num_samples, store.encoding.width) and view.dtype == store.encoding.stored_dtype:
                 maps[tokens[path.name]] = view
             else:
                 report.add(f"memory-map cache {path}", f"holds a {view.dtype} array of shape {view.shape}")

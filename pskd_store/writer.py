@@ -43,7 +43,7 @@ class _ChunkBuffer:
     """One chunk of rows on the host: filled by the training thread, written by the worker."""
 
     ids: torch.Tensor     # (R,) int64
-    values: torch.Tensor  # (R, K) raw outputs (CPU), or (R, width) stored rows (layout.py)
+    values: torch.Tensor  # (R, K) raw outputs (CPU), or (R, width) stored rows (row_encoding.py)
     checks: torch.Tensor  # (R,) bool, device outputs: per checked write into it, all its rows are probabilities
     raw: bool             # still needs the softmax and the conversion to stored rows
     filled: int = 0
@@ -79,7 +79,7 @@ class PredictionWriter:
         self.num_classes = store.num_classes
         self._num_samples = store.num_samples
         self._torch_dtype = getattr(torch, str(store.dtype))
-        self._layout = store.layout
+        self._encoding = store.encoding
         self._chunk_rows = store.chunk_rows
         # refuses a sealed epoch, a read-only store or a part that another writer holds, now
         self._part = store.staging(epoch).claim(rank)
@@ -240,12 +240,12 @@ class PredictionWriter:
     # -- the background thread's side ------------------------------------------------------
 
     def _to_rows(self, outputs: torch.Tensor) -> torch.Tensor:
-        """Outputs -> stored rows (layout.py): the softmax of fp32 logits, or the probabilities."""
-        return self._layout.encode(outputs.float().softmax(dim=1) if self.from_logits else outputs)
+        """Outputs -> stored rows (row_encoding.py): the softmax of fp32 logits, or the probabilities."""
+        return self._encoding.encode(outputs.float().softmax(dim=1) if self.from_logits else outputs)
 
     def _drain(self) -> None:
         try:  # in the background: making the part's arrays is a few metadata writes
-            self._part.create(self._num_samples, self._layout.width, self._chunk_rows, self._layout.stored_dtype)
+            self._part.create(self._num_samples, self._encoding.width, self._chunk_rows, self._encoding.stored_dtype)
         except BaseException as err:  # reported to the training thread
             self._error = err
         while (buffer := self._queue.get()) is not _CLOSE:
@@ -281,7 +281,7 @@ class PredictionWriter:
                 f"ids out of range: {bad.tolist()} not in [0, N={self._num_samples}); pass dataset "
                 "indices (SoftTargetDataset returns them), not batch positions"
             )
-        if not _all_finite(self._layout.values(rows)):
+        if not _all_finite(self._encoding.values(rows)):
             raise ValueError(
                 "predictions contain NaN or inf: the model diverged (lower the learning rate or "
                 "check the loss); nothing of this epoch will be sealed"

@@ -8,19 +8,53 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import shutil
 import struct
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from store_helpers import make_labels
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import calculate_md5
+
+from pskd_store.store import SoftTargetStore
+
+PSKD = shutil.which("pskd-store")
+
+
+def pskd(*args: str, check: bool = True, timeout: float = 600,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``pskd-store ARGS`` in a subprocess, as a user runs it; with ``check`` a failure
+    raises with the command's output."""
+    assert PSKD, "pskd-store is not installed: pip install -e ."
+    done = subprocess.run([PSKD, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    if check and done.returncode != 0:
+        raise AssertionError(f"pskd-store {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    return done
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked runs_last (the coverage check) after every other test."""
     items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
+
+
+@pytest.fixture
+def labels(request: pytest.FixtureRequest) -> np.ndarray:
+    """Labels of the test module's ``N`` samples and ``K`` classes (seed ``LABEL_SEED``, or 0)."""
+    module = request.module
+    return make_labels(module.N, module.K, seed=getattr(module, "LABEL_SEED", 0))
+
+
+@pytest.fixture
+def store(tmp_path: Path, labels: np.ndarray, request: pytest.FixtureRequest) -> SoftTargetStore:
+    """An empty store of those labels, in chunks of the module's ``CHUNK_ROWS`` rows (and
+    top-k rows when it sets ``TOPK``); a module that needs epochs in it overrides this."""
+    module = request.module
+    return SoftTargetStore.create(tmp_path / "store", labels, module.K, chunk_rows=module.CHUNK_ROWS,
+                                  topk=getattr(module, "TOPK", None))
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import subprocess
 import tempfile
 import zipfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from conftest import PSKD, pskd
 from store_helpers import epoch_probs, make_labels, write_epoch
 from torch.utils.data import TensorDataset
 
@@ -44,8 +46,7 @@ from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from pskd_store_cli.main import cli
 
-N, K = 64, 5
-PSKD = shutil.which("pskd-store")
+N, K, CHUNK_ROWS = 64, 5, 16
 
 
 def sealed_snapshot(store_dir: Path) -> str:
@@ -62,13 +63,8 @@ def sealed_snapshot(store_dir: Path) -> str:
 
 
 @pytest.fixture
-def labels() -> np.ndarray:
-    return make_labels(N, K)
-
-
-@pytest.fixture
-def store(tmp_path, labels) -> SoftTargetStore:
-    store = SoftTargetStore.create(tmp_path / "store", labels, K, chunk_rows=16)
+def store(store) -> SoftTargetStore:
+    """conftest's store, epoch 1 sealed."""
     write_epoch(store, 1)
     return store
 
@@ -270,9 +266,7 @@ def test_real_logits_and_probabilities_with_rounding_do_not_warn(store):
 # -- the command line ------------------------------------------------------------------------
 
 
-def pskd(*args: str) -> subprocess.CompletedProcess:
-    assert PSKD, "pskd-store is not installed: pip install -e ."
-    return subprocess.run([PSKD, *args], capture_output=True, text=True, timeout=300)
+pskd = partial(pskd, check=False)  # these commands are meant to fail
 
 
 @pytest.fixture(scope="module")

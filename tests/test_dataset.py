@@ -8,24 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from store_helpers import epoch_probs, make_labels, write_epoch
+from store_helpers import epoch_probs, write_epoch
 from torch.utils.data import DataLoader, TensorDataset
 
 from pskd_store.dataset import SoftTargetDataset, collate_soft_targets
 from pskd_store.service import PredictionService
-from pskd_store.store import EpochNotSealedError, SoftTargetStore, StoreError
+from pskd_store.store import EpochNotSealedError, StoreError
 
 N, K, T, ALPHA_T = 96, 5, 3, 0.8
-
-
-@pytest.fixture
-def labels() -> np.ndarray:
-    return make_labels(N, K, seed=3)
-
-
-@pytest.fixture
-def store(tmp_path, labels) -> SoftTargetStore:
-    return SoftTargetStore.create(tmp_path / "store", labels, K, chunk_rows=16)
+LABEL_SEED, CHUNK_ROWS = 3, 16
 
 
 def base_dataset(labels: np.ndarray) -> TensorDataset:

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PSKD
 
 from pskd_store.metrics import evaluate
 from pskd_store.store import SoftTargetStore
 
 TORCHRUN = shutil.which("torchrun")
-PSKD = shutil.which("pskd-store")
 # 8,000 MNIST-1D training signals less one held out: 7,999 does not divide by 2 ranks.
 ODD_TRAIN_SET = ["--val-split", "0.0001"]
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 
 import numpy as np
+from conftest import pskd
 from store_helpers import make_labels, write_epoch
 
 from pskd_store.store import SoftTargetStore
@@ -16,15 +15,12 @@ def test_info_prints_the_store_summary(tmp_path):
     store = SoftTargetStore.create(tmp_path / "run" / "store", make_labels(120, 6), 6, keep_epochs=1, chunk_rows=32)
     for epoch in (1, 2):
         write_epoch(store, epoch, ids=np.arange(100))
-    pskd = shutil.which("pskd-store")
-
-    text = subprocess.run([pskd, "info", str(tmp_path / "run")], capture_output=True, text=True, check=True).stdout
+    text = pskd("info", str(tmp_path / "run")).stdout
     assert "N=120  classes K=6" in text and "sealed       [1, 2]  (teacher kept: [2])" in text
     assert "carried 20" in text and "(pruned; trajectory kept)" in text
 
-    summary = json.loads(subprocess.run([pskd, "info", "--json", store.url], capture_output=True, text=True,
-                                        check=True).stdout)
+    summary = json.loads(pskd("info", "--json", store.url).stdout)
     assert summary["sealed_epochs"] == [1, 2] and summary["epochs"]["2"]["ids_written"] == 100
 
-    missing = subprocess.run([pskd, "info", str(tmp_path / "nowhere")], capture_output=True, text=True)
+    missing = pskd("info", str(tmp_path / "nowhere"), check=False)
     assert missing.returncode == 1 and "no pskd-store at" in missing.stderr and "Traceback" not in missing.stderr

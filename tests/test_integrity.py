@@ -11,14 +11,15 @@ import json
 import logging
 import re
 import shutil
-import subprocess
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from store_helpers import epoch_probs, make_labels, write_epoch
+from conftest import pskd
+from store_helpers import epoch_probs, write_epoch
 
 from pskd_store.errors import StoreDamagedError, StoreError
 from pskd_store.integrity import row_ranges
@@ -27,18 +28,12 @@ from pskd_store.staging import epoch_key
 from pskd_store.store import SoftTargetStore
 from pskd_store.verify import verify_path
 
-N, K, CHUNK = 96, 7, 16
+N, K, CHUNK_ROWS = 96, 7, 16
 
 
 @pytest.fixture
-def labels() -> np.ndarray:
-    return make_labels(N, K)
-
-
-@pytest.fixture
-def store(tmp_path, labels) -> SoftTargetStore:
+def store(store) -> SoftTargetStore:
     """Three sealed epochs (teachers 2 and 3 kept), six chunks of 16 rows each."""
-    store = SoftTargetStore.create(tmp_path / "store", labels, K, chunk_rows=CHUNK)
     for epoch in (1, 2, 3):
         write_epoch(store, epoch)
     return store
@@ -75,7 +70,7 @@ def reopen(store: SoftTargetStore) -> SoftTargetStore:
 def test_chunks_equal_to_the_fill_value_are_written_too(tmp_path):
     """Labels all 0 and predictions all of class 0: chunks full of zeros must still be
     written, or they would read back as 'missing'."""
-    store = SoftTargetStore.create(tmp_path / "zeros", np.zeros(N, dtype=np.int64), 2, chunk_rows=CHUNK)
+    store = SoftTargetStore.create(tmp_path / "zeros", np.zeros(N, dtype=np.int64), 2, chunk_rows=CHUNK_ROWS)
     with store.writer(1, from_logits=False) as writer:
         writer.write(torch.arange(N), torch.tensor([[1.0, 0.0]]).repeat(N, 1))
     store.seal(1)
@@ -214,10 +209,7 @@ def test_verify_checks_the_sealed_list(tmp_path, store):
     assert "sealed list: epochs [1, 3] are not 1..2 in order: the root metadata was edited" in findings
 
 
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    script = shutil.which("pskd-store")
-    assert script, "pskd-store is not installed: pip install -e ."
-    return subprocess.run([script, *args], capture_output=True, text=True, timeout=300)
+run_cli = partial(pskd, check=False)
 
 
 def test_training_resumed_on_a_damaged_teacher_stops_with_one_line(tmp_path):
@@ -244,10 +236,10 @@ def test_training_resumed_on_a_damaged_teacher_stops_with_one_line(tmp_path):
 @pytest.mark.parametrize("edit, problem", [
     (lambda meta: meta.update(shape=[N + 1, K]), f"shape ({N + 1}, {K}), expected ({N}, {K})"),
     (lambda meta: meta.update(data_type="float32"), "dtype float32, expected float16"),
-    (lambda meta: meta["chunk_grid"]["configuration"].update(chunk_shape=[CHUNK // 2, K]),
-     f"{CHUNK // 2} rows per chunk, expected {CHUNK}"),
-    (lambda meta: meta["chunk_grid"]["configuration"].update(chunk_shape=[CHUNK, K - 1]),
-     f"chunks ({CHUNK}, {K - 1}), expected whole rows"),
+    (lambda meta: meta["chunk_grid"]["configuration"].update(chunk_shape=[CHUNK_ROWS // 2, K]),
+     f"{CHUNK_ROWS // 2} rows per chunk, expected {CHUNK_ROWS}"),
+    (lambda meta: meta["chunk_grid"]["configuration"].update(chunk_shape=[CHUNK_ROWS, K - 1]),
+     f"chunks ({CHUNK_ROWS}, {K - 1}), expected whole rows"),
 ])
 def test_each_edit_of_an_arrays_metadata_is_named(store, edit, problem):
     meta_path = Path(store.url) / "teacher/epoch_0003/zarr.json"
@@ -327,7 +319,7 @@ def test_verify_checks_a_run_directorys_files(tmp_path, labels):
     from pskd_store.checkpoint import save_checkpoint
 
     run = tmp_path / "run"
-    store = SoftTargetStore.create(run / "store", labels, K, chunk_rows=CHUNK)
+    store = SoftTargetStore.create(run / "store", labels, K, chunk_rows=CHUNK_ROWS)
     write_epoch(store, 1)
     (run / "config.json").write_text("{\"dataset\": ")
     (run / "metrics.jsonl").write_text("{\"epoch\": 1}\n{oops\n")
@@ -384,7 +376,7 @@ def _rewrite_rows(store: SoftTargetStore, epoch: int, edit) -> None:
 
 
 def _sealed_store(path: Path, labels: np.ndarray, topk: int | None = None) -> SoftTargetStore:
-    store = SoftTargetStore.create(path, labels, K, topk=topk, chunk_rows=CHUNK)
+    store = SoftTargetStore.create(path, labels, K, topk=topk, chunk_rows=CHUNK_ROWS)
     with store.writer(1, from_logits=False) as writer:
         writer.write(torch.arange(N), torch.from_numpy(epoch_probs(1, N, K)))
     store.seal(1)
@@ -393,10 +385,10 @@ def _sealed_store(path: Path, labels: np.ndarray, topk: int | None = None) -> So
 
 def _edit_top_k(store: SoftTargetStore, change):
     def edit(rows):
-        values, classes = store.layout.unpack(rows)
+        values, classes = store.encoding.unpack(rows)
         values, classes = values.copy(), classes.copy()
         change(values, classes)
-        rows[:] = store.layout.pack(values, classes)
+        rows[:] = store.encoding.pack(values, classes)
     return edit
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -15,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import PSKD, pskd
 
 from pskd_store.errors import StoreDamagedError
 from pskd_store.store import SoftTargetStore
@@ -22,7 +22,6 @@ from pskd_store.verify import verify_path
 
 pytest.importorskip("s3fs", reason="pip install -e '.[test]' installs s3fs")
 moto_server = pytest.importorskip("moto.server", reason="pip install -e '.[test]' installs moto[server]")
-PSKD = shutil.which("pskd-store")
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +48,6 @@ def s3(tmp_path_factory) -> dict[str, str]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-def pskd(*args: str, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([PSKD, *args], capture_output=True, text=True, timeout=300, env=env)
-    if check:
-        assert done.returncode == 0, done.stderr
-    return done
 
 
 def test_train_kill_resume_into_s3_matches_a_local_run(tmp_path, s3, data_dir):

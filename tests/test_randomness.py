@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import PSKD
 from store_helpers import write_epoch
 from test_distributed import torchrun
 from torch.utils.data import DataLoader, Dataset
@@ -28,7 +28,6 @@ from pskd_store.sampler import ClassPairBatchSampler
 from pskd_store.seeding import Draw
 from pskd_store.store import SoftTargetStore
 
-PSKD = shutil.which("pskd-store")
 RANK_DRAWS = Path(__file__).resolve().parents[1] / "benchmarks" / "rank_draws.py"
 N, K = 64, 4
 

@@ -21,17 +21,7 @@ from store_helpers import epoch_probs, make_labels, write_epoch
 from pskd_store.staging import PartWriter
 from pskd_store.store import EpochNotSealedError, SoftTargetStore, StoreError
 
-N, K = 300, 7
-
-
-@pytest.fixture
-def labels() -> np.ndarray:
-    return make_labels(N, K)
-
-
-@pytest.fixture
-def store(tmp_path, labels) -> SoftTargetStore:
-    return SoftTargetStore.create(tmp_path / "store", labels, K, chunk_rows=32)
+N, K, CHUNK_ROWS = 300, 7, 32
 
 
 def test_round_trip_float16_and_float32(tmp_path, labels):
@@ -225,7 +215,7 @@ def test_streaming_seal_follows_the_coverage_rules(tmp_path, labels, monkeypatch
 
 
 def test_argmax_takes_the_first_maximum_and_sees_signs():
-    from pskd_store.layout import _argmax
+    from pskd_store.row_encoding import _argmax
 
     rows = np.array([[0.1, 0.7, 0.7, 0.0], [0.0, 0.0, 0.0, 0.0], [-0.5, -0.25, -0.0, -1.0]], np.float16)
     assert _argmax(rows).tolist() == rows.astype(np.float32).argmax(1).tolist() == [1, 0, 2]

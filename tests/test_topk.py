@@ -4,15 +4,13 @@ reader rebuilds the same (B, K) targets, written out here by hand."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import zarr
-from store_helpers import make_labels
+from conftest import pskd
 from torch.utils.data import DataLoader, TensorDataset
 
 from pskd_store.dataset import SoftTargetDataset
@@ -21,7 +19,7 @@ from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from pskd_store.verify import verify_path
 
-N, K, TOPK = 120, 300, 5
+N, K, TOPK, CHUNK_ROWS = 120, 300, 5, 32
 
 
 def by_hand(probs: np.ndarray, k: int, value_dtype=np.float16) -> np.ndarray:
@@ -37,38 +35,28 @@ def by_hand(probs: np.ndarray, k: int, value_dtype=np.float16) -> np.ndarray:
 
 
 @pytest.fixture
-def labels() -> np.ndarray:
-    return make_labels(N, K)
-
-
-@pytest.fixture
 def logits() -> torch.Tensor:
     return torch.randn(N, K, generator=torch.Generator().manual_seed(0)) * 4
-
-
-@pytest.fixture
-def store(tmp_path, labels) -> SoftTargetStore:
-    return SoftTargetStore.create(tmp_path / "store", labels, K, topk=TOPK, chunk_rows=32)
 
 
 def test_a_store_says_what_its_rows_hold(store):
     summary = store.summary()
     assert summary["topk"] == TOPK and summary["rows"] == "top-5 float16 with uint16 class ids"
     teacher_bytes = TOPK * (2 + 2)
-    assert store.layout.width == teacher_bytes
+    assert store.encoding.width == teacher_bytes
     for classes, dtype in ((256, "uint8"), (257, "uint16"), (65536, "uint16"), (65537, "uint32")):
         made = SoftTargetStore.create(Path(store.url).with_name(f"k{classes}"), np.arange(3), classes, topk=2)
-        assert str(made.layout.class_dtype) == dtype
+        assert str(made.encoding.class_dtype) == dtype
 
 
 def test_class_ids_beyond_65536_round_trip_through_uint32(tmp_path):
     """A vocabulary-sized K: class ids above uint16's range keep their values."""
     classes = 70_000
-    layout = SoftTargetStore.create(tmp_path / "store", np.arange(3), classes, topk=3).layout
+    encoding = SoftTargetStore.create(tmp_path / "store", np.arange(3), classes, topk=3).encoding
     probs = torch.zeros(2, classes)
     probs[0, [69_999, 65_536, 3]] = torch.tensor([0.5, 0.3, 0.2])
     probs[1, [1, 66_000, 2]] = torch.tensor([0.6, 0.3, 0.1])
-    values, ids = layout.unpack(layout.encode(probs).numpy())
+    values, ids = encoding.unpack(encoding.encode(probs).numpy())
     assert ids.dtype == np.uint32 and ids.tolist() == [[69_999, 65_536, 3], [1, 66_000, 2]]
     np.testing.assert_allclose(values, [[0.5, 0.3, 0.2], [0.6, 0.3, 0.1]], atol=1e-3)
 
@@ -126,12 +114,12 @@ def test_verify_finds_invalid_top_k_rows(store, logits):
         writer.write(torch.arange(N), logits)
     store.seal(1)
     array = zarr.open_array(Path(store.url) / "teacher/epoch_0001", mode="r+")
-    values, classes = store.layout.unpack(array[7:9])
+    values, classes = store.encoding.unpack(array[7:9])
     classes = classes.copy()
     classes[0, 1] = classes[0, 0]  # a class twice
     values = values.copy()
     values[1] = values[1][::-1]    # not largest first
-    array[7:9] = store.layout.pack(values, classes)  # valid checksums: only verify's value check sees it
+    array[7:9] = store.encoding.pack(values, classes)  # valid checksums: only verify's value check sees it
     findings = [str(f) for f in verify_path(store.url).findings]
     assert findings[0].startswith("teacher of epoch 1: rows 7-8 are not probability vectors (top-5 float16")
 
@@ -143,20 +131,14 @@ def test_bad_topk_is_refused(tmp_path, labels):
 
 
 def test_train_with_store_topk_end_to_end(tmp_path):
-    script = shutil.which("pskd-store")
-    assert script, "pskd-store is not installed: pip install -e ."
     run = tmp_path / "run"
-    done = subprocess.run([script, "train", "--store-topk", "3", "--epochs", "2", "--steps-per-epoch", "4",
-                           "--workers", "0", "--data-dir", str(tmp_path / "data"), "-o", str(run), "-q"],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    pskd("train", "--store-topk", "3", "--epochs", "2", "--steps-per-epoch", "4", "--workers", "0", "--data-dir",
+         str(tmp_path / "data"), "-o", str(run), "-q")
     assert json.loads((run / "config.json").read_text())["store_topk"] == 3
     store = SoftTargetStore.open(run / "store")
     assert store.topk == 3 and store.sealed_epochs == [1, 2]
-    info = subprocess.run([script, "info", str(run)], capture_output=True, text=True, timeout=60)
+    info = pskd("info", str(run))
     assert "top-3 float16 with uint8 class ids rows" in info.stdout
-    verify = subprocess.run([script, "verify", str(run)], capture_output=True, text=True, timeout=120)
-    assert verify.returncode == 0, verify.stdout
-    bad = subprocess.run([script, "train", "--store-topk", "0", "-o", str(tmp_path / "bad")],
-                         capture_output=True, text=True, timeout=60)
+    pskd("verify", str(run))
+    bad = pskd("train", "--store-topk", "0", "-o", str(tmp_path / "bad"), check=False)
     assert bad.returncode != 0 and "--store-topk must be at least 1" in bad.stderr

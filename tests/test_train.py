@@ -6,7 +6,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import PSKD, pskd
 from store_helpers import write_epoch
 
 from pskd_store.augment import CUTOUT_HOLE
@@ -27,15 +27,6 @@ from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from pskd_store.training import train
 from pskd_store_cli.main import cli
-
-PSKD = shutil.which("pskd-store")
-
-
-def pskd(*args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess:
-    result = subprocess.run([PSKD, *args], capture_output=True, text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"pskd-store {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
-    return result
 
 
 def metrics_rows(run: Path) -> list[dict]:

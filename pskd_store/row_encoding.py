@@ -15,6 +15,7 @@ A top-k epoch of ImageNet (K = 1000) with k = 5 takes 20 bytes a row instead of 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -29,17 +30,64 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
     return getattr(torch, dtype.name)
 
 
-# why rows that layout.unreadable() flags are refused (a StoreDamagedError's problem)
+# why rows that encoding.unreadable() flags are refused (a StoreDamagedError's problem)
 UNREADABLE_ROWS = "name class ids outside [0, K): their chunks were rewritten with valid checksums"
 
-class DenseRows:
-    """All K probabilities of a row."""
+
+class RowEncoding(ABC):
+    """What a stored row holds, and the operations every other module needs on it."""
 
     topk: int | None = None
 
     def __init__(self, num_classes: int, dtype: str | np.dtype):
         self.num_classes = num_classes
         self.value_dtype = np.dtype(dtype)
+
+    @property
+    @abstractmethod
+    def width(self) -> int:
+        """Values of ``stored_dtype`` per stored row."""
+
+    @property
+    @abstractmethod
+    def stored_dtype(self) -> np.dtype:
+        """The dtype of the store's teacher array."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """A few words for ``info`` and error messages."""
+
+    @abstractmethod
+    def encode(self, probs: torch.Tensor) -> torch.Tensor:
+        """(B, K) probabilities (any float dtype, any device) -> stored rows, same device."""
+
+    @abstractmethod
+    def values(self, rows: np.ndarray) -> np.ndarray:
+        """The probabilities a stored row holds (to check that they are finite)."""
+
+    @abstractmethod
+    def expand(self, rows: np.ndarray) -> np.ndarray:
+        """Stored rows -> (B, K) probabilities (float32)."""
+
+    @abstractmethod
+    def onehot(self, labels: np.ndarray) -> np.ndarray:
+        """The stored rows of one-hot predictions of ``labels``."""
+
+    @abstractmethod
+    def trajectory(self, rows: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+        """True-class probability, max probability and argmax of each row (first max wins)."""
+
+    @abstractmethod
+    def unreadable(self, rows: np.ndarray) -> np.ndarray:
+        """(B,) rows that cannot be turned into a target at all."""
+
+    @abstractmethod
+    def valid(self, rows: np.ndarray, tolerance: float) -> np.ndarray:
+        """(B,) rows that are probability vectors: finite, non-negative, summing to 1."""
+
+
+class DenseRows(RowEncoding):
+    """All K probabilities of a row."""
 
     @property
     def width(self) -> int:
@@ -53,15 +101,12 @@ class DenseRows:
         return f"dense {self.value_dtype}"
 
     def encode(self, probs: torch.Tensor) -> torch.Tensor:
-        """(B, K) probabilities (any float dtype, any device) -> stored rows, same device."""
         return probs.to(_torch_dtype(self.value_dtype))
 
     def values(self, rows: np.ndarray) -> np.ndarray:
-        """The probabilities a stored row holds (to check that they are finite)."""
         return rows
 
     def expand(self, rows: np.ndarray) -> np.ndarray:
-        """Stored rows -> (B, K) probabilities (float32)."""
         return rows.astype(np.float32)
 
     def onehot(self, labels: np.ndarray) -> np.ndarray:
@@ -70,22 +115,20 @@ class DenseRows:
         return rows
 
     def trajectory(self, rows: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-        """True-class probability, max probability and argmax of each row (first max wins)."""
         index = np.arange(len(rows))
         argmax = _argmax(rows)
         return {"argmax": argmax, "max_prob": rows[index, argmax], "true_prob": rows[index, labels]}
 
     def unreadable(self, rows: np.ndarray) -> np.ndarray:
-        """(B,) rows that cannot be turned into a target at all (none, for dense rows)."""
+        """None: any K values can be a target."""
         return np.zeros(len(rows), dtype=bool)
 
     def valid(self, rows: np.ndarray, tolerance: float) -> np.ndarray:
-        """(B,) rows that are probability vectors: finite, non-negative, summing to 1."""
         finite = np.isfinite(rows).all(axis=1) & (rows >= 0).all(axis=1)
         return finite & (np.abs(rows.sum(axis=1, dtype=np.float32) - 1) <= tolerance)
 
 
-class TopKRows(DenseRows):
+class TopKRows(RowEncoding):
     """The k largest probabilities of a row and their class ids, packed into bytes."""
 
     def __init__(self, num_classes: int, dtype: str | np.dtype, topk: int):
@@ -170,8 +213,8 @@ class TopKRows(DenseRows):
         return ok & ~self.unreadable(rows) & (np.diff(ordered.astype(np.int64), axis=1) > 0).all(axis=1)
 
 
-def row_layout(num_classes: int, dtype: str | np.dtype, topk: int | None) -> DenseRows:
-    """The layout of a store's rows."""
+def row_encoding(num_classes: int, dtype: str | np.dtype, topk: int | None) -> RowEncoding:
+    """The encoding of a store's rows."""
     return DenseRows(num_classes, dtype) if topk is None else TopKRows(num_classes, dtype, topk)
 
 
