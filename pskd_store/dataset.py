@@ -13,6 +13,7 @@ from .loss import alpha_t, soft_target
 from .seeding import SAMPLE, draw_seed, host_generators_kept, seed_host_generators
 from .service import PredictionService
 from .store import SoftTargetStore, StoreError
+from .store_keys import token_from_int, token_to_int
 
 
 class SoftTargetBatch(Sequence):
@@ -103,7 +104,7 @@ class SoftTargetDataset(Dataset):
             if self._store is None:
                 raise RuntimeError("set_epoch() belongs in the main process, not in a DataLoader worker")
             teacher = epoch - 1
-            token = int(self.service.prepare(teacher), 16)
+            token = token_to_int(self.service.prepare(teacher))
         self._state[1] = teacher
         self._state[2] = token
         self._state[0] = epoch
@@ -124,7 +125,7 @@ class SoftTargetDataset(Dataset):
         if teacher == 0:
             targets = torch.nn.functional.one_hot(labels, self.num_classes).float()
         else:
-            past = self.service.lookup(teacher, f"{token:016x}", ids.numpy())
+            past = self.service.lookup(teacher, token_from_int(token), ids.numpy())
             targets = soft_target(labels, past, alpha_t(epoch, self.total_epochs, self.alpha_T))
         return SoftTargetBatch([input for input, _ in items], targets, labels, ids)
 

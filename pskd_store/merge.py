@@ -34,10 +34,9 @@ from .errors import StoreError
 from .integrity import CheckedArray
 from .row_encoding import RowEncoding
 from .staging import StagedPart
+from .store_keys import TRAJECTORY_FIELDS, slice_rows
 
 BUCKET_BYTES = 64 << 20  # rows gathered in memory at a time (two buckets are in flight)
-SLICE_BYTES = 32 << 20   # staged rows read at a time
-TRAJECTORY_FIELDS = {"true_prob": np.float16, "max_prob": np.float16, "argmax": np.int32, "written": np.bool_}
 
 
 @dataclass
@@ -102,11 +101,6 @@ def _bucket_rows(out: zarr.Array) -> int:
     return max(1, BUCKET_BYTES // (chunk_rows * row_bytes)) * chunk_rows
 
 
-def _slice_rows(chunk_rows: int, row_bytes: int) -> int:
-    """Rows read at a time: whole chunks, about ``SLICE_BYTES``."""
-    return max(1, SLICE_BYTES // (chunk_rows * row_bytes)) * chunk_rows
-
-
 class _Buckets:
     """Runs of ``rows`` output rows, and where each one's winning rows go in the scratch file."""
 
@@ -137,8 +131,8 @@ def _scatter(
     pending: Future | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="pskd-seal") as writer:
         for part, part_ids in zip(parts, ids):
-            row_bytes = part.probs.shape[1] * part.probs.dtype.itemsize
-            step = _slice_rows(chunk_rows, row_bytes)
+            row_bytes = part.encoded.shape[1] * part.encoded.dtype.itemsize
+            step = slice_rows(chunk_rows, row_bytes)
             for lo in range(0, part.rows, step):
                 hi = min(part.rows, lo + step)
                 slice_ids = part_ids[lo:hi]
@@ -146,7 +140,7 @@ def _scatter(
                 if not len(winners):
                     continue
                 winners = winners[np.argsort(slice_ids[winners], kind="stable")]
-                rows = part.probs[lo:hi].take(winners, axis=0)
+                rows = part.encoded[lo:hi].take(winners, axis=0)
                 row_ids = slice_ids[winners]
                 bucket_of = row_ids // buckets.rows
                 edges = np.flatnonzero(np.diff(bucket_of)) + 1
@@ -182,7 +176,7 @@ def _gather(
     num_samples, num_classes = out.shape
     trajectory = {name: np.empty(num_samples, dtype) for name, dtype in TRAJECTORY_FIELDS.items()}
     row_bytes = num_classes * out.dtype.itemsize
-    step = _slice_rows(out.chunks[0], row_bytes)
+    step = slice_rows(out.chunks[0], row_bytes)
     blocks = [np.empty((buckets.rows, num_classes), dtype=out.dtype) for _ in range(min(2, len(buckets)))]
     rows = np.empty((step, num_classes), dtype=out.dtype)
     pending: Future | None = None

@@ -32,10 +32,9 @@ from .distributed import torchrun_environment
 from .errors import StoreError, os_problem
 from .integrity import CheckedArray
 from .row_encoding import UNREADABLE_ROWS, RowEncoding
-from .staging import epoch_key
 from .store import SoftTargetStore
+from .store_keys import cache_file_name, slice_rows
 
-SLICE_BYTES = 32 << 20  # decoded rows held at a time while the file is written
 _logger = logging.getLogger(__name__)
 
 
@@ -94,7 +93,7 @@ class PredictionService:
                 os.unlink(tmp)
 
     def path(self, epoch: int, token: str) -> Path:
-        return self.cache_dir / f"{epoch_key(epoch)}-{token}.npy"
+        return self.cache_dir / cache_file_name(epoch, token)
 
     def view(self, epoch: int, token: str) -> np.ndarray:
         """The read-only (N, K) memory map of a prepared epoch, opened once per process."""
@@ -169,7 +168,7 @@ def _write_npy(file: BinaryIO, array: CheckedArray, encoding: RowEncoding) -> st
     file.write(header.getvalue())
     chunk_rows = array.chunks[0]
     row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
-    step = max(1, SLICE_BYTES // (chunk_rows * row_bytes)) * chunk_rows
+    step = slice_rows(chunk_rows, row_bytes)
     for start in range(0, array.shape[0], step):
         rows = np.ascontiguousarray(array[start:start + step])
         array.reject(encoding.unreadable(rows), start, UNREADABLE_ROWS)

@@ -2,8 +2,9 @@
 
 Layout, under the store's root::
 
-    staging/epoch_0008/writer_0003/ids     (capacity,) int64   ┐ the rows in write order,
-    staging/epoch_0008/writer_0003/probs   (capacity, K)       ┘ uncompressed
+    staging/epoch_0008/writer_0003/ids       (capacity,) int64     ┐ the rows in write order,
+    staging/epoch_0008/writer_0003/encoded   (capacity, width)     ┘ uncompressed, encoded as
+                                                                    the store's rows (row_encoding.py)
     staging/epoch_0008/writer_0003         attributes: owner, closed, rows (set by close)
     staging/epoch_0008/owners/writer_0003.2   claim 2 on that part: its owner, as JSON
 
@@ -53,15 +54,12 @@ from zarr.buffer import default_buffer_prototype
 
 from .errors import StoreError
 from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum
+from .store_keys import epoch_key
 from .zarr_sync import sync
 
 STAGING = "staging"
 _CLAIM = re.compile(r"writer_(\d+)\.(\d+)")  # a claim's name in owners/ (a store's temporary files are not)
 _LIVE_CLAIMS: set[str] = set()  # tokens of the claims this process's open writers hold
-
-
-def epoch_key(epoch: int) -> str:
-    return f"epoch_{epoch:04d}"
 
 
 def part_name(rank: int) -> str:
@@ -134,12 +132,12 @@ def _running(pid: int, started: str | None) -> bool:
 
 @dataclass(frozen=True)
 class StagedPart:
-    """A closed part, as the seal reads it: ``rows`` rows of ``ids`` and ``probs``."""
+    """A closed part, as the seal reads it: ``rows`` rows of ``ids`` and ``encoded`` rows."""
 
     rank: int
     rows: int
     ids: CheckedArray
-    probs: CheckedArray
+    encoded: CheckedArray
 
 
 class EpochStaging:
@@ -230,7 +228,7 @@ class EpochStaging:
                 )
             what = f"the staged rows of writer {rank}, epoch {self.epoch},"
             parts.append(StagedPart(rank, int(group.attrs["rows"]), CheckedArray(group["ids"], what, self.url),
-                                    CheckedArray(group["probs"], what, self.url)))
+                                    CheckedArray(group["encoded"], what, self.url)))
         return parts
 
     def remove(self) -> None:
@@ -320,13 +318,13 @@ class PartWriter:
             "ids", shape=(num_samples,), chunks=(chunk_rows,), dtype=np.int64,
             compressors=codecs_with_checksum(None), config=ARRAY_CONFIG,
         )
-        self._probs = group.create_array(
-            "probs", shape=(num_samples, width), chunks=(chunk_rows, width),
+        self._encoded = group.create_array(
+            "encoded", shape=(num_samples, width), chunks=(chunk_rows, width),
             dtype=dtype, compressors=codecs_with_checksum(None), config=ARRAY_CONFIG,
         )
-        self._chunk_files = [_ChunkFiles(self._ids), _ChunkFiles(self._probs)]
+        self._chunk_files = [_ChunkFiles(self._ids), _ChunkFiles(self._encoded)]
 
-    def append(self, ids: np.ndarray, probs: np.ndarray) -> None:
+    def append(self, ids: np.ndarray, encoded: np.ndarray) -> None:
         """Add rows after the ones already there. Up to one chunk from a chunk's start is
         stored as zarr stores it — its bytes, then their crc32c — with one write and none of
         zarr's per-chunk machinery; other appends go through zarr."""
@@ -334,13 +332,13 @@ class PartWriter:
         if end > self._ids.shape[0]:  # more rows than samples: duplicates; grow the part
             capacity = max(end, 2 * self._ids.shape[0])
             self._ids.resize((capacity,))
-            self._probs.resize((capacity, self._probs.shape[1]))
+            self._encoded.resize((capacity, self._encoded.shape[1]))
         chunk, offset = divmod(self.rows, self._ids.chunks[0])
         if offset or len(ids) > self._ids.chunks[0]:
             self._ids[self.rows:end] = ids
-            self._probs[self.rows:end] = probs
+            self._encoded[self.rows:end] = encoded
         else:  # one chunk from its start: what the writer's chunk-sized buffers hand over
-            for files, values in zip(self._chunk_files, (ids, probs)):
+            for files, values in zip(self._chunk_files, (ids, encoded)):
                 files.write(chunk, values)
         self.rows = end
 

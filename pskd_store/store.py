@@ -48,9 +48,10 @@ import zarr.storage
 
 from .errors import EpochNotSealedError, StoreDamagedError, StoreError, StoreNotFoundError, os_problem
 from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum, stored_digest
-from .merge import TRAJECTORY_FIELDS, merge_epoch
+from .merge import merge_epoch
 from .row_encoding import UNREADABLE_ROWS, RowEncoding, row_encoding
-from .staging import EpochStaging, epoch_key
+from .staging import EpochStaging
+from .store_keys import TRAJECTORY_FIELDS, epoch_key, new_seal_token
 from .zarr_sync import sync
 
 SCHEMA_VERSION = 2  # 2: crc32c on every array, every chunk written, trajectory "written"
@@ -586,7 +587,7 @@ class SoftTargetStore:
         # damaged while sealing (an object store's, say) stops the seal, not the next epoch
         digests = {tier: self.stored_digest(epoch, tier) for tier in DIGESTED_TIERS}
         info = {
-            "seal_token": f"{secrets.randbits(63):016x}",  # fits an int64 for workers
+            "seal_token": new_seal_token(),
             "rows_written": merged.rows_written,
             "ids_written": merged.ids_written,
             "duplicates": merged.rows_written - merged.ids_written,

@@ -32,11 +32,10 @@ from tqdm import tqdm
 
 from .errors import StoreDamagedError, StoreError
 from .integrity import DamagedChunk, row_ranges
-from .merge import TRAJECTORY_FIELDS
 from .run_directory import RunDirectory, RunError
 from .store import SoftTargetStore
+from .store_keys import TRAJECTORY_FIELDS, cache_file_name, slice_rows
 
-SLICE_BYTES = 32 << 20  # teacher rows checked at a time
 MAX_RANGES = 5          # row ranges named per problem; the rest are counted
 
 
@@ -187,7 +186,7 @@ def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None
     cache_differs: list[tuple[int, int]] = []
     encoding = store.encoding
     row_bytes = encoding.width * encoding.stored_dtype.itemsize
-    step = max(1, SLICE_BYTES // (teacher.chunks[0] * row_bytes)) * teacher.chunks[0]
+    step = slice_rows(teacher.chunks[0], row_bytes)
     tolerance = max(1e-5, 2 * float(np.finfo(store.dtype).eps))
     for lo in range(0, len(teacher), step):
         hi = min(len(teacher), lo + step)
@@ -224,7 +223,7 @@ def _cache_files(cache_dir: Path, store: SoftTargetStore, report: Report) -> dic
     if not cache_dir.is_dir():
         return {}
     infos = store.summary()["epochs"]
-    tokens = {f"epoch_{epoch:04d}-{infos[epoch]['seal_token']}.npy": epoch
+    tokens = {cache_file_name(epoch, infos[epoch]["seal_token"]): epoch
               for epoch in store.teacher_epochs if epoch in infos}
     maps = {}
     for path in sorted(cache_dir.glob("epoch_*.npy")):

@@ -24,8 +24,8 @@ from store_helpers import epoch_probs, write_epoch
 from pskd_store.errors import StoreDamagedError, StoreError
 from pskd_store.integrity import row_ranges
 from pskd_store.service import PredictionService
-from pskd_store.staging import epoch_key
 from pskd_store.store import SoftTargetStore
+from pskd_store.store_keys import epoch_key
 from pskd_store.verify import verify_path
 
 N, K, CHUNK_ROWS = 96, 7, 16
@@ -137,7 +137,7 @@ def test_a_damaged_previous_epoch_stops_the_seal_that_carries_rows_forward(store
 
 def test_damaged_staged_rows_stop_the_seal(store):
     write_epoch(store, 4, seal=False)
-    flip_byte(chunk(store, "staging/epoch_0004/writer_0000/probs", 3))
+    flip_byte(chunk(store, "staging/epoch_0004/writer_0000/encoded", 3))
     with pytest.raises(StoreDamagedError, match="staged rows of writer 0, epoch 4, .* rows 48-63"):
         reopen(store).seal(4)
     assert reopen(store).sealed_epochs == [1, 2, 3]

@@ -176,11 +176,11 @@ def _by_hand(previous: np.ndarray, shards: dict[int, tuple[np.ndarray, np.ndarra
 
 @pytest.mark.parametrize("small_buckets", [False, True], ids=["one-bucket", "many-buckets"])
 def test_streaming_seal_follows_the_coverage_rules(tmp_path, labels, monkeypatch, small_buckets):
-    from pskd_store import merge
+    from pskd_store import merge, store_keys
 
     if small_buckets:  # 2 chunks a bucket, 1 chunk a slice: ~19 buckets, every part in many slices
         monkeypatch.setattr(merge, "BUCKET_BYTES", 2 * 8 * K * 2)
-        monkeypatch.setattr(merge, "SLICE_BYTES", 8 * K * 2)
+        monkeypatch.setattr(store_keys, "SLICE_BYTES", 8 * K * 2)
     store = SoftTargetStore.create(tmp_path / "s", labels, K, chunk_rows=8)
     rng = np.random.default_rng(7)
     table = np.eye(K, dtype=np.float16)[labels]  # what an id never written holds: its one-hot label
@@ -489,13 +489,12 @@ def test_fsspec_url_store(labels):
 _MEASURE = """
 import json, sys
 from pathlib import Path
-from pskd_store import merge
+from pskd_store import merge, store_keys
 from pskd_store.store import SoftTargetStore
-merge.BUCKET_BYTES, merge.SLICE_BYTES = 8 << 20, 4 << 20
+merge.BUCKET_BYTES, store_keys.SLICE_BYTES = 8 << 20, 4 << 20
 step, url, epoch = sys.argv[1], sys.argv[2], int(sys.argv[3])
 if step == "prepare":  # torch comes with the service: imported before the baseline
     from pskd_store import service
-    service.SLICE_BYTES = 4 << 20
 store = SoftTargetStore.open(url)
 def status(field):
     return int(Path("/proc/self/status").read_text().split(field + ":")[1].split()[0]) * 1024
@@ -754,10 +753,10 @@ def test_staging_chunks_written_directly_are_the_bytes_zarr_writes(store, tmp_pa
         direct.append(ids[start:start + store.chunk_rows], rows[start:start + store.chunk_rows])
     for start, stop in ((0, 5), (5, 30), (30, 100), (100, N)):  # other offsets and spans: zarr's way
         through_zarr.append(ids[start:stop], rows[start:stop])
-    for array in ("ids", "probs"):
+    for array in ("ids", "encoded"):
         written = [chunk_files(store, part, array) for part in (direct, through_zarr)]
         assert written[0] == written[1] and len(written[0]) == -(-N // store.chunk_rows)
-    np.testing.assert_array_equal(direct._probs[:N], rows)
+    np.testing.assert_array_equal(direct._encoded[:N], rows)
     np.testing.assert_array_equal(direct._ids[:N], ids)
 
 
