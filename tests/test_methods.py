@@ -18,14 +18,14 @@ from pskd_store.training import train
 
 class FirstHalfOnly(Method):
     """A method of this test alone: CE on the first half of each batch, twice weighted,
-    and only that half's predictions recorded."""
+    and only the first half of that half's predictions recorded."""
 
     name = "first_half"
     description = "a test's toy method"
 
     def batch(self, inputs, targets, labels, ids) -> Batch:
         half = len(labels) - len(labels) // 2
-        return Batch(inputs[:half], labels[:half], labels[:half], ids[:half], recorded=half)
+        return Batch(inputs[:half], labels[:half], labels[:half], ids[:half], recorded=half // 2)
 
     def loss(self, logits, targets, partner_logits=None):
         return 2 * F.cross_entropy(logits.float(), targets)
@@ -41,10 +41,10 @@ def test_a_method_defined_in_a_test_trains_through_the_loop(tmp_path, data_dir, 
     train(TrainConfig(method="first_half", **common).resolved(), tmp_path / "toy", quiet=True)
     train(TrainConfig(method="ce", **common).resolved(), tmp_path / "ce", quiet=True)
     toy, ce = first_rows(tmp_path / "toy"), first_rows(tmp_path / "ce")
-    # the toy's batches are the first half of the loader's, and only they are recorded
+    # the toy trains on the first half of the loader's batches and records half of that
     assert toy[0]["train"]["samples"] == 32 and ce[0]["train"]["samples"] == 64
     store = SoftTargetStore.open(tmp_path / "toy" / "store", read_only=True)
-    assert [store.epoch_info(epoch)["ids_written"] for epoch in (1, 2)] == [32, 32]
+    assert [store.epoch_info(epoch)["ids_written"] for epoch in (1, 2)] == [16, 16]
     assert toy[0]["alpha_t"] == 0.0 and toy[1]["alpha_t"] == 0.0
 
 
@@ -57,6 +57,8 @@ def test_the_toy_methods_loss_is_its_own():
 def test_an_unregistered_method_is_refused_naming_the_registered_ones():
     with pytest.raises(ValueError, match="unknown method 'first_half'; choose one of ce, ls, pskd, tfkd, cskd"):
         TrainConfig(method="first_half").resolved()
+    with pytest.raises(ValueError, match="unknown method 'first_half'; choose one of ce, ls, pskd, tfkd, cskd"):
+        create_method(TrainConfig(method="first_half"))  # a configuration never resolved
 
 
 @pytest.mark.parametrize("method, decodes", [("ce", False), ("ls", False), ("tfkd", False), ("cskd", False),
