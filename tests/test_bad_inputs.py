@@ -235,6 +235,7 @@ API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
 
 @pytest.mark.parametrize("action, error, message", [case[1:] for case in API_CASES],
                          ids=[case[0] for case in API_CASES])
+@pytest.mark.slow
 def test_api_misuse_is_refused_and_nothing_sealed_changes(store, labels, tmp_path, action, error, message):
     before = sealed_snapshot(Path(store.url))
     with pytest.raises(error) as caught:
@@ -271,11 +272,12 @@ pskd = partial(pskd, check=False)  # these commands are meant to fail
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, data_dir) -> Path:
-    """A finished 2-epoch run, copied by each test that damages it."""
+    """A finished 2-epoch run, copied by each test that damages it (trained in this process:
+    the commands under test run in their own)."""
+    from pskd_store.training import train
+
     run = tmp_path_factory.mktemp("trained") / "run"
-    done = pskd("train", "--epochs", "2", "--steps-per-epoch", "4", "--workers", "0", "--data-dir", str(data_dir),
-                "-o", str(run), "-q")
-    assert done.returncode == 0, done.stderr
+    train(TrainConfig(epochs=2, steps_per_epoch=4, workers=0, data_dir=str(data_dir)).resolved(), run, quiet=True)
     return run
 
 
@@ -298,6 +300,7 @@ def trained(tmp_path_factory, data_dir) -> Path:
     pytest.param(["--device", "cuda:1"], "no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
+@pytest.mark.slow
 def test_bad_train_arguments_are_refused_before_training(tmp_path, data_dir, args, message):
     args = [a.format(tmp=tmp_path) for a in args]
     result = pskd("train", *args, "--data-dir", str(data_dir), "-o", str(tmp_path / "run"))
@@ -313,6 +316,7 @@ def test_bad_train_arguments_are_refused_before_training(tmp_path, data_dir, arg
     (lambda run: (run / "config.json").write_text("{\"dataset\": "), "config.json is not a config"),
     (lambda run: (run / "metrics.jsonl").write_text("{\"epoch\": 1}\n{oops\n"), "line 2 of"),
 ])
+@pytest.mark.slow
 def test_damaged_or_unwritable_run_files_are_one_line(tmp_path, trained, damage, message):
     run = tmp_path / "run"
     shutil.copytree(trained, run, symlinks=True)
@@ -390,6 +394,7 @@ def no_room(limit: int) -> Callable[[], None]:
     (600 << 10, "the prediction writer of epoch 3 failed: File too large ({run}/store)"),  # a 655 KB part chunk
     (1500 << 10, "cannot write {run}/checkpoints/last.pt: torch.save could not write it, is the disk full?"),
 ])
+@pytest.mark.slow
 def test_running_out_of_room_is_one_line_naming_the_path(tmp_path, trained, limit, message):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -510,6 +515,7 @@ def test_library_misuse_is_refused_naming_the_fix(store, labels, tmp_path, actio
     assert sealed_snapshot(Path(store.url)) == before
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_world_size_is_refused(tmp_path, trained, data_dir):
     from pskd_store.training import train
 
@@ -523,6 +529,7 @@ def test_a_checkpoint_of_another_world_size_is_refused(tmp_path, trained, data_d
         train(config, run, resume=True, quiet=True)
 
 
+@pytest.mark.slow
 def test_an_ensemble_of_other_data_or_a_split_never_held_out_is_refused(tmp_path, trained):
     from pskd_store.evaluation import evaluate_checkpoints
 
@@ -559,6 +566,7 @@ def _set_a_digit(path: Path) -> None:
     (lambda path: path.unlink(), "{store} holds arrays but no root metadata (zarr.json"),
 ])
 @pytest.mark.parametrize("command", ["info", "inspect", "verify", "resume"])
+@pytest.mark.slow
 def test_damaged_root_metadata_is_one_line_for_every_command(tmp_path, trained, damage, message, command):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -570,6 +578,7 @@ def test_damaged_root_metadata_is_one_line_for_every_command(tmp_path, trained, 
     assert len(errors) == 1 and message.format(store=run / "store") in errors[0], result.output
 
 
+@pytest.mark.slow
 def test_a_run_whose_store_is_gone_does_not_resume_with_an_empty_one(tmp_path, trained):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -581,6 +590,7 @@ def test_a_run_whose_store_is_gone_does_not_resume_with_an_empty_one(tmp_path, t
     assert not (run / "store").exists()  # no empty store left behind
 
 
+@pytest.mark.slow
 def test_a_flipped_bit_in_the_checkpoints_weights_is_one_line_naming_the_command_that_resumes(
         tmp_path, trained):
     run = tmp_path / "run"
@@ -602,6 +612,7 @@ def test_a_flipped_bit_in_the_checkpoints_weights_is_one_line_naming_the_command
             "CRC-32 torch.save wrote for it (flipped bits)"} in findings
 
 
+@pytest.mark.slow
 def test_eval_refuses_an_unknown_device_in_one_line(trained):
     result = pskd("eval", str(trained), "--device", "bogus")
     assert result.returncode != 0 and "--device must be auto, cpu, cuda or cuda:N, got 'bogus'" in result.stderr
@@ -621,6 +632,7 @@ def read_only_mount(path: Path):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+@pytest.mark.slow
 def test_a_read_only_file_system_is_one_line_for_eval_and_for_a_writer(tmp_path, trained, labels):
     with read_only_mount(tmp_path / "ro") as make_read_only:
         run = tmp_path / "ro" / "run"
@@ -663,6 +675,7 @@ def test_numpy_logits_are_written_like_tensors(store):
     np.testing.assert_allclose(store.read_epoch(2), torch.from_numpy(logits).softmax(1).numpy(), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_files_a_kill_left_in_the_store_are_removed_on_resume(tmp_path, trained):
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -704,6 +717,7 @@ def _train_until_then_damage(config: TrainConfig, run: Path, epoch: int, damaged
 
 
 @pytest.mark.parametrize("damaged", ["checkpoint", "teacher"])
+@pytest.mark.slow
 def test_from_epoch_resumes_past_a_damaged_checkpoint_or_teacher_as_if_nothing_happened(
         tmp_path, data_dir, monkeypatch, damaged):
     """A 3-epoch run stopped after epoch 2, then its last checkpoint (epoch 2) or its newest
@@ -727,6 +741,7 @@ def test_from_epoch_resumes_past_a_damaged_checkpoint_or_teacher_as_if_nothing_h
                                   SoftTargetStore.open(tmp_path / "whole" / "store").read_epoch(3))
 
 
+@pytest.mark.slow
 def test_from_epoch_names_the_epochs_it_can_resume_from(tmp_path, trained):
     result = pskd("train", "--resume", str(trained), "--from-epoch", "7", "-q")
     assert result.returncode != 0 and "--from-epoch 7: " in result.stderr

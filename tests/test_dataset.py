@@ -48,6 +48,7 @@ def test_blended_target_matches_eq6(store, labels):
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
+@pytest.mark.slow
 def test_persistent_workers_follow_the_teacher_epoch(store, labels, start_method):
     """2 persistent workers, started in epoch 1, must use epoch t-1's predictions in epoch t."""
     data = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
@@ -94,6 +95,7 @@ def _mapped_in_child(service: PredictionService, token: str, ids: list[int]) -> 
     return rows, isinstance(view, np.memmap), str(service.path(2, token)) in maps
 
 
+@pytest.mark.slow
 def test_service_lookup_is_a_shared_memory_map(store):
     for epoch in (1, 2):
         write_epoch(store, epoch)

@@ -67,6 +67,7 @@ def _batches(outputs: torch.Tensor, sizes: list[int]) -> list[tuple[torch.Tensor
 
 
 @pytest.mark.parametrize("dtype, topk", [("float16", None), ("float32", None), ("float16", 3)])
+@pytest.mark.slow
 def test_rows_made_on_the_device_are_the_rows_made_on_the_host(tmp_path, device, dtype, topk):
     """The same logits through both paths, in batches that straddle chunks of 32 rows:
     the sealed epochs are equal, bit for bit. Copies land late, so a writer that read a

@@ -22,6 +22,8 @@ from conftest import PSKD
 from pskd_store.metrics import evaluate
 from pskd_store.store import SoftTargetStore
 
+pytestmark = pytest.mark.slow  # torchrun, object-store servers, kills: the full suite only
+
 TORCHRUN = shutil.which("torchrun")
 # 8,000 MNIST-1D training signals less one held out: 7,999 does not divide by 2 ranks.
 ODD_TRAIN_SET = ["--val-split", "0.0001"]

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from conftest import pskd
 from store_helpers import make_labels, write_epoch
 
 from pskd_store.store import SoftTargetStore
 
 
+@pytest.mark.slow
 def test_info_prints_the_store_summary(tmp_path):
     store = SoftTargetStore.create(tmp_path / "run" / "store", make_labels(120, 6), 6, keep_epochs=1, chunk_rows=32)
     for epoch in (1, 2):

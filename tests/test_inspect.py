@@ -169,6 +169,7 @@ def test_ids_plots_the_chosen_samples(runs, tmp_path):
     assert_pngs(report["files"], {"trajectories.png", "training_curves.png"})
 
 
+@pytest.mark.slow
 def test_two_runs_side_by_side_use_the_first_runs_hard_samples(runs, tmp_path):
     report = inspect_json(runs["ce"], runs["pskd"], "--out", tmp_path / "two")
     ce, pskd = report["runs"]
@@ -214,6 +215,7 @@ def test_runs_with_other_samples_are_refused(runs, tmp_path):
     assert code == 1 and "N=30" in output and f"N={N}" in output and "same data set" in output
 
 
+@pytest.mark.slow
 def test_console_script_runs_inspect(runs, tmp_path):
     script = shutil.which("pskd-store")
     assert script, "pskd-store is not installed: pip install -e ."

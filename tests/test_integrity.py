@@ -212,6 +212,7 @@ def test_verify_checks_the_sealed_list(tmp_path, store):
 run_cli = partial(pskd, check=False)
 
 
+@pytest.mark.slow
 def test_training_resumed_on_a_damaged_teacher_stops_with_one_line(tmp_path):
     """A real run killed after epoch 2's checkpoint; its teacher of epoch 2 then loses a
     byte: the resumed run must stop at set_epoch(3), naming the epoch, rows and verify."""

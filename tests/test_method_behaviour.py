@@ -51,6 +51,7 @@ def fashion_mnist_dir(tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", RECORDED)
+@pytest.mark.slow
 def test_every_method_trains_as_recorded(tmp_path, fashion_mnist_dir, case):
     method, aug = case.split("-")
     config = TrainConfig(dataset="fashionmnist", data_dir=str(fashion_mnist_dir), download=False, method=method,

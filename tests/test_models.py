@@ -72,6 +72,7 @@ def test_torchvision_resnet152_param_count() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(LAYER_COUNTS))
+@pytest.mark.slow
 def test_layer_counts_match_authors(name: str) -> None:
     model = _built(name, 1000 if name.startswith("tv_") else 100)
     counts = (_count(model, nn.Conv2d), _count(model, nn.BatchNorm2d), _count(model, nn.Linear))
@@ -84,6 +85,7 @@ def test_only_the_shakedrop_pyramidnet_has_shakedrop() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(CIFAR_PARAMS))
+@pytest.mark.slow
 def test_cifar_forward(name: str) -> None:
     torch.manual_seed(0)
     model = create_model(name, 100).eval()
@@ -91,6 +93,7 @@ def test_cifar_forward(name: str) -> None:
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 100)
 
 
+@pytest.mark.slow
 def test_pyramidnet_shakedrop_trains() -> None:
     torch.manual_seed(0)
     model = create_model("pyramidnet200_shakedrop", 10).train()

@@ -20,6 +20,8 @@ from pskd_store.errors import StoreDamagedError
 from pskd_store.store import SoftTargetStore
 from pskd_store.verify import verify_path
 
+pytestmark = pytest.mark.slow  # torchrun, object-store servers, kills: the full suite only
+
 pytest.importorskip("s3fs", reason="pip install -e '.[test]' installs s3fs")
 moto_server = pytest.importorskip("moto.server", reason="pip install -e '.[test]' installs moto[server]")
 

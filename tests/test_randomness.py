@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import PSKD
 from store_helpers import write_epoch
@@ -146,6 +147,7 @@ def _pskd(*args: str) -> None:
     subprocess.run([PSKD, *args], check=True, capture_output=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_run_resumed_with_new_workers_repeats_an_uninterrupted_one(tmp_path, fashion_mnist_gz):
     """Fashion-MNIST files, random crop and flip in two DataLoader workers, Cutout in the
     step: killed after epoch 2 and resumed (new worker processes), the run equals an
@@ -176,6 +178,7 @@ def test_a_run_resumed_with_new_workers_repeats_an_uninterrupted_one(tmp_path, f
     np.testing.assert_array_equal(final[2], final[1])
 
 
+@pytest.mark.slow
 def test_ranks_draw_their_own_crops_holes_and_streams_from_identical_weights(tmp_path):
     """Two gloo ranks on a data set of one image repeated (benchmarks/rank_draws.py, what
     gpu_check.py runs on two GPUs): at every step nearly every row of the two ranks'

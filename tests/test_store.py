@@ -118,6 +118,7 @@ def test_unwritten_ids_carry_forward_or_get_one_hot(store, labels):
     np.testing.assert_allclose(e2[15:], p2[15:], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_several_writer_processes_fill_one_epoch(store, labels):
     """Two real processes write interleaved (disjoint) ids of one epoch at the same time."""
     script = textwrap.dedent(f"""
@@ -270,6 +271,7 @@ def test_an_abandoned_or_failed_writer_gives_its_part_up(store):
     np.testing.assert_allclose(store.read_epoch(1), p1, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_a_part_held_by_another_process_is_refused(store):
     script = textwrap.dedent(f"""
         import sys
@@ -427,6 +429,7 @@ def test_each_chunk_waits_for_the_device_copies_into_it(store, monkeypatch):
     np.testing.assert_allclose(store.read_epoch(1)[:100], logits.softmax(1).numpy(), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_crash_before_seal_leaves_last_sealed_epoch_intact(store, labels):
     write_epoch(store, 1)
     write_epoch(store, 2)
@@ -515,6 +518,7 @@ def _peak_above_baseline(store, step: str, epoch: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="measures the peak RSS through /proc")
+@pytest.mark.slow
 def test_seal_and_prepare_of_a_large_epoch_stay_in_bounded_memory(tmp_path):
     """A 375 MiB epoch (196,608 x 1000 float16), sealed twice (the second carries a quarter of
     its rows forward) and decoded, each in a fresh process: the peak RSS above the process's

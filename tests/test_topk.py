@@ -130,6 +130,7 @@ def test_bad_topk_is_refused(tmp_path, labels):
             SoftTargetStore.create(tmp_path / f"bad{topk}", labels, K, topk=topk)
 
 
+@pytest.mark.slow
 def test_train_with_store_topk_end_to_end(tmp_path):
     run = tmp_path / "run"
     pskd("train", "--store-topk", "3", "--epochs", "2", "--steps-per-epoch", "4", "--workers", "0", "--data-dir",

@@ -48,6 +48,7 @@ def without_timings(row: dict) -> dict:
     return {**{k: v for k, v in row.items() if k != "epoch_seconds"}, "train": train}
 
 
+@pytest.mark.slow
 def test_a_redirected_log_has_epoch_lines_and_no_progress_frames(tmp_path, data_dir):
     """Progress bars are drawn on a terminal only: `pskd-store train > log` stays readable."""
     result = subprocess.run([PSKD, "train", "--epochs", "1", "--steps-per-epoch", "4", "--data-dir", str(data_dir),
@@ -56,6 +57,7 @@ def test_a_redirected_log_has_epoch_lines_and_no_progress_frames(tmp_path, data_
     assert b"train loss" in log and b"\r" not in log and b"it/s" not in log
 
 
+@pytest.mark.slow
 def test_a_terminal_gets_progress_bars(tmp_path, data_dir):
     """On a terminal (a pseudo-terminal here) each epoch draws its bar, with its running loss,
     error, alpha_t and speed."""
@@ -79,6 +81,7 @@ def test_a_terminal_gets_progress_bars(tmp_path, data_dir):
     assert all(figure in screen for figure in (b"epoch 2/2:", b"alpha_t=0.800", b"loss=", b"err=", b"samples_s="))
 
 
+@pytest.mark.slow
 def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
     run = tmp_path / "run"
     result = pskd("train", "--epochs", "3", "--data-dir", str(data_dir), "-o", str(run), "-q")
@@ -134,6 +137,7 @@ def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("method, aug", [("pskd", "cutout"), ("tfkd", "cutout"), ("cskd", "cutout")])
+@pytest.mark.slow
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir, method, aug):
     # Cutout draws random holes every step: the resumed run matches only if every RNG
     # state was restored, not just the weights.
@@ -167,6 +171,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir, me
     )
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, data_dir):
     args = ["train", "--epochs", "2", "--data-dir", str(data_dir), "-q"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
@@ -183,6 +188,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, data_dir
     assert [without_timings(r) for r in metrics_rows(broken)] == [without_timings(r) for r in metrics_rows(whole)]
 
 
+@pytest.mark.slow
 def test_a_live_run_is_locked_and_a_killed_one_is_not(tmp_path, data_dir):
     run = tmp_path / "run"
     proc = subprocess.Popen([PSKD, "train", "--epochs", "40", "--data-dir", str(data_dir), "-o", str(run), "-q"],
@@ -206,6 +212,7 @@ def test_a_live_run_is_locked_and_a_killed_one_is_not(tmp_path, data_dir):
     ("preact_resnet18", "ce", "cutout", {16}),    # Cutout on every image: every row is its sample
     ("preact_resnet18", "ce", "cutmix", {0, 16}),  # a mixed batch records nothing
 ])
+@pytest.mark.slow
 def test_cifar100_format_run_for_a_few_steps(tmp_path, cifar100_dir, arch, method, aug, recorded_per_step):
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, [
@@ -221,6 +228,7 @@ def test_cifar100_format_run_for_a_few_steps(tmp_path, cifar100_dir, arch, metho
     assert info["carried_forward"] == 200 - info["ids_written"]
 
 
+@pytest.mark.slow
 def test_mixed_batches_make_no_empty_writes(tmp_path, cifar100_dir, monkeypatch):
     """CE with CutMix on every batch (ImageNet's probability) records no row: the loop
     hands the writer nothing at all, never a zero-row batch (whose device-side check
@@ -242,6 +250,7 @@ def test_mixed_batches_make_no_empty_writes(tmp_path, cifar100_dir, monkeypatch)
     assert SoftTargetStore.open(run / "store", read_only=True).epoch_info(1)["ids_written"] == 0
 
 
+@pytest.mark.slow
 def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, [
@@ -252,6 +261,7 @@ def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):
     assert metrics_rows(run)[0]["test"]["n"] == 6
 
 
+@pytest.mark.slow
 def test_resume_refuses_new_run_options_and_existing_output_needs_resume(tmp_path, data_dir):
     run = tmp_path / "run"
     pskd("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(run), "-q")
@@ -261,6 +271,7 @@ def test_resume_refuses_new_run_options_and_existing_output_needs_resume(tmp_pat
     assert resumed.returncode != 0 and "drop --lr" in resumed.stderr
 
 
+@pytest.mark.slow
 def test_methods_differ_only_in_their_targets(tmp_path, data_dir):
     # Same seed and data: in epoch 1 PS-KD has no teacher (one-hot targets), so it trains
     # like CE; from epoch 2 it trains on its soft targets while CE keeps the labels.
@@ -354,6 +365,7 @@ def test_each_epoch_sees_a_new_sample_order_that_a_rerun_repeats(tmp_path, data_
 
 
 @pytest.mark.parametrize("method", ["tfkd", "cskd"])
+@pytest.mark.slow
 def test_fashion_mnist_with_self_distillation_and_cutmix_end_to_end(tmp_path, fashion_mnist_gz, method):
     from pskd_store.data import _load_fashion_mnist
 
