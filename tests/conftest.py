@@ -99,6 +99,18 @@ def _trust_written_files(monkeypatch: pytest.MonkeyPatch, cls: type[CIFAR10], ro
     monkeypatch.setattr(cls, "meta", {**cls.meta, "md5": md5(cls.meta["filename"])})
 
 
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Path:
+    """A finished 2-epoch PS-KD run on the offline default, for tests that read it or copy
+    it before damaging it (trained in this process: the commands under test run in their own)."""
+    from pskd_store.recipe import TrainConfig
+    from pskd_store.training import train
+
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(TrainConfig(epochs=2, steps_per_epoch=4, workers=0, data_dir=str(data_dir)).resolved(), run, quiet=True)
+    return run
+
+
 @pytest.fixture
 def cifar100_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``cifar-100-python/{train,test,meta}``: 200 train / 100 test random images, all 100 classes."""

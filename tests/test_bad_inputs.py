@@ -270,17 +270,6 @@ def test_real_logits_and_probabilities_with_rounding_do_not_warn(store):
 pskd = partial(pskd, check=False)  # these commands are meant to fail
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, data_dir) -> Path:
-    """A finished 2-epoch run, copied by each test that damages it (trained in this process:
-    the commands under test run in their own)."""
-    from pskd_store.training import train
-
-    run = tmp_path_factory.mktemp("trained") / "run"
-    train(TrainConfig(epochs=2, steps_per_epoch=4, workers=0, data_dir=str(data_dir)).resolved(), run, quiet=True)
-    return run
-
-
 @pytest.mark.parametrize("args, message", [
     (["--arch", "densenet12"], "Unknown model 'densenet12'. Did you mean: densenet121"),
     (["--alpha-T", "1.5"], "alpha_T must lie in [0, 1]"),
@@ -317,9 +306,9 @@ def test_bad_train_arguments_are_refused_before_training(tmp_path, data_dir, arg
     (lambda run: (run / "metrics.jsonl").write_text("{\"epoch\": 1}\n{oops\n"), "line 2 of"),
 ])
 @pytest.mark.slow
-def test_damaged_or_unwritable_run_files_are_one_line(tmp_path, trained, damage, message):
+def test_damaged_or_unwritable_run_files_are_one_line(tmp_path, trained_run, damage, message):
     run = tmp_path / "run"
-    shutil.copytree(trained, run, symlinks=True)
+    shutil.copytree(trained_run, run, symlinks=True)
     before = sealed_snapshot(run / "store")
     damage(run)
     result = pskd("train", "--resume", str(run), "-q")
@@ -395,9 +384,9 @@ def no_room(limit: int) -> Callable[[], None]:
     (1500 << 10, "cannot write {run}/checkpoints/last.pt: torch.save could not write it, is the disk full?"),
 ])
 @pytest.mark.slow
-def test_running_out_of_room_is_one_line_naming_the_path(tmp_path, trained, limit, message):
+def test_running_out_of_room_is_one_line_naming_the_path(tmp_path, trained_run, limit, message):
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    shutil.copytree(trained_run, run)
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "epochs": 3}))  # one epoch left to train
     before = sealed_snapshot(run / "store")
@@ -516,11 +505,11 @@ def test_library_misuse_is_refused_naming_the_fix(store, labels, tmp_path, actio
 
 
 @pytest.mark.slow
-def test_a_checkpoint_of_another_world_size_is_refused(tmp_path, trained, data_dir):
+def test_a_checkpoint_of_another_world_size_is_refused(tmp_path, trained_run, data_dir):
     from pskd_store.training import train
 
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    shutil.copytree(trained_run, run)
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
     state["rng"] = state["rng"] * 2  # as two processes would have written it
     torch.save(state, run / "checkpoints" / "last.pt")
@@ -530,17 +519,17 @@ def test_a_checkpoint_of_another_world_size_is_refused(tmp_path, trained, data_d
 
 
 @pytest.mark.slow
-def test_an_ensemble_of_other_data_or_a_split_never_held_out_is_refused(tmp_path, trained):
+def test_an_ensemble_of_other_data_or_a_split_never_held_out_is_refused(tmp_path, trained_run):
     from pskd_store.evaluation import evaluate_checkpoints
 
-    state = torch.load(trained / "checkpoints" / "last.pt", weights_only=False)
+    state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=False)
     state["config"] = {**state["config"], "val_split": 0.1}
     other = tmp_path / "other.pt"
     torch.save(state, other)
     with pytest.raises(ValueError, match="an ensemble needs checkpoints trained on the same data set and split"):
-        evaluate_checkpoints([trained / "checkpoints" / "last.pt", other])
+        evaluate_checkpoints([trained_run / "checkpoints" / "last.pt", other])
     with pytest.raises(ValueError, match="these runs held out no validation split"):
-        evaluate_checkpoints([trained / "checkpoints" / "last.pt"], split="val")
+        evaluate_checkpoints([trained_run / "checkpoints" / "last.pt"], split="val")
 
 
 # -- damaged or missing store metadata, checkpoints, permissions ---------------------------------
@@ -567,9 +556,9 @@ def _set_a_digit(path: Path) -> None:
 ])
 @pytest.mark.parametrize("command", ["info", "inspect", "verify", "resume"])
 @pytest.mark.slow
-def test_damaged_root_metadata_is_one_line_for_every_command(tmp_path, trained, damage, message, command):
+def test_damaged_root_metadata_is_one_line_for_every_command(tmp_path, trained_run, damage, message, command):
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    shutil.copytree(trained_run, run)
     damage(run / "store" / "zarr.json")
     args = ["train", "--resume", str(run), "-q"] if command == "resume" else [command, str(run)]
     result = CliRunner().invoke(cli, args)
@@ -579,9 +568,9 @@ def test_damaged_root_metadata_is_one_line_for_every_command(tmp_path, trained, 
 
 
 @pytest.mark.slow
-def test_a_run_whose_store_is_gone_does_not_resume_with_an_empty_one(tmp_path, trained):
+def test_a_run_whose_store_is_gone_does_not_resume_with_an_empty_one(tmp_path, trained_run):
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    shutil.copytree(trained_run, run)
     shutil.rmtree(run / "store")
     result = pskd("train", "--resume", str(run), "-q")
     assert result.returncode != 0 and "Traceback" not in result.stderr
@@ -592,9 +581,9 @@ def test_a_run_whose_store_is_gone_does_not_resume_with_an_empty_one(tmp_path, t
 
 @pytest.mark.slow
 def test_a_flipped_bit_in_the_checkpoints_weights_is_one_line_naming_the_command_that_resumes(
-        tmp_path, trained):
+        tmp_path, trained_run):
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    shutil.copytree(trained_run, run)
     checkpoint = run / "checkpoints" / "last.pt"
     with zipfile.ZipFile(checkpoint) as archive:  # a byte inside a weight tensor's record
         record = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size > 1000)
@@ -613,8 +602,8 @@ def test_a_flipped_bit_in_the_checkpoints_weights_is_one_line_naming_the_command
 
 
 @pytest.mark.slow
-def test_eval_refuses_an_unknown_device_in_one_line(trained):
-    result = pskd("eval", str(trained), "--device", "bogus")
+def test_eval_refuses_an_unknown_device_in_one_line(trained_run):
+    result = pskd("eval", str(trained_run), "--device", "bogus")
     assert result.returncode != 0 and "--device must be auto, cpu, cuda or cuda:N, got 'bogus'" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -633,10 +622,10 @@ def read_only_mount(path: Path):
 
 
 @pytest.mark.slow
-def test_a_read_only_file_system_is_one_line_for_eval_and_for_a_writer(tmp_path, trained, labels):
+def test_a_read_only_file_system_is_one_line_for_eval_and_for_a_writer(tmp_path, trained_run, labels):
     with read_only_mount(tmp_path / "ro") as make_read_only:
         run = tmp_path / "ro" / "run"
-        shutil.copytree(trained, run)
+        shutil.copytree(trained_run, run)
         store = SoftTargetStore.create(tmp_path / "ro" / "store", labels, K)
         write_epoch(store, 1)
         make_read_only()
@@ -648,12 +637,12 @@ def test_a_read_only_file_system_is_one_line_for_eval_and_for_a_writer(tmp_path,
 
 
 @pytest.mark.parametrize("command", ["info", "inspect"])
-def test_a_run_that_cannot_be_read_is_one_line(shared_dir, trained, command):
+def test_a_run_that_cannot_be_read_is_one_line(shared_dir, trained_run, command):
     import importlib
 
     importlib.import_module(f"pskd_store_cli.{command}")  # its imports read files nobody may not
     run = shared_dir / "run"
-    shutil.copytree(trained, run)
+    shutil.copytree(trained_run, run)
     (run / "store").chmod(0o700)
     with unprivileged():
         result = CliRunner().invoke(cli, [command, str(run)])
@@ -661,10 +650,10 @@ def test_a_run_that_cannot_be_read_is_one_line(shared_dir, trained, command):
     assert "Permission denied" in result.output and result.output.strip().count("\n") == 0
 
 
-def test_info_says_it_read_metadata_only(trained):
-    result = pskd("info", str(trained))
+def test_info_says_it_read_metadata_only(trained_run):
+    result = pskd("info", str(trained_run))
     assert "metadata only, no chunk read: `pskd-store verify` checks every chunk and row" in result.stdout
-    assert json.loads(pskd("info", str(trained), "--json").stdout)["checked"].startswith("metadata only")
+    assert json.loads(pskd("info", str(trained_run), "--json").stdout)["checked"].startswith("metadata only")
 
 
 def test_numpy_logits_are_written_like_tensors(store):
@@ -676,9 +665,9 @@ def test_numpy_logits_are_written_like_tensors(store):
 
 
 @pytest.mark.slow
-def test_files_a_kill_left_in_the_store_are_removed_on_resume(tmp_path, trained):
+def test_files_a_kill_left_in_the_store_are_removed_on_resume(tmp_path, trained_run):
     run = tmp_path / "run"
-    shutil.copytree(trained, run)
+    shutil.copytree(trained_run, run)
     partial = run / "store" / "teacher" / "epoch_0002" / "c" / "0" / "0.3f2a9c.partial"
     partial.write_bytes(b"half a chunk")
     assert pskd("train", "--resume", str(run), "-q").returncode == 0
@@ -742,8 +731,8 @@ def test_from_epoch_resumes_past_a_damaged_checkpoint_or_teacher_as_if_nothing_h
 
 
 @pytest.mark.slow
-def test_from_epoch_names_the_epochs_it_can_resume_from(tmp_path, trained):
-    result = pskd("train", "--resume", str(trained), "--from-epoch", "7", "-q")
+def test_from_epoch_names_the_epochs_it_can_resume_from(tmp_path, trained_run):
+    result = pskd("train", "--resume", str(trained_run), "--from-epoch", "7", "-q")
     assert result.returncode != 0 and "--from-epoch 7: " in result.stderr
     assert "keeps intact checkpoints of epochs [1, 2]" in result.stderr
     assert "--from-epoch goes with --resume" in pskd("train", "--from-epoch", "1").stderr

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import struct
 import subprocess
@@ -407,3 +408,14 @@ def test_the_learning_rate_decays_after_each_milestone_and_a_resume_across_one_k
     monkeypatch.undo()
     train(config, tmp_path / "broken", resume=True, quiet=True)
     assert [without_timings(r) for r in metrics_rows(tmp_path / "broken")] == [without_timings(r) for r in whole]
+
+
+def test_eval_of_a_trained_run_repeats_its_final_test_metrics(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)  # eval rewrites the run's eval/test_probs.npz
+    result = CliRunner().invoke(cli, ["eval", str(run), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    evaluated = json.loads(result.output)
+    test = metrics_rows(run)[-1]["test"]
+    assert {k: evaluated[k] for k in test} == pytest.approx(test, abs=1e-9)
+    assert evaluated["probs"] == str(run / "eval" / "test_probs.npz")
