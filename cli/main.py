@@ -9,11 +9,11 @@ import click
 # name -> "module:attribute" of each subcommand, imported only when it runs: torch and
 # torchvision take seconds to import, and `info` needs neither.
 COMMANDS = {
-    "train": "pskd_store_cli.train:train_command",
-    "eval": "pskd_store_cli.eval:eval_command",
-    "inspect": "pskd_store_cli.inspect:inspect_command",
-    "info": "pskd_store_cli.info:info_command",
-    "verify": "pskd_store_cli.verify:verify_command",
+    "train": "pskd_store.cli.train:train_command",
+    "eval": "pskd_store.cli.eval:eval_command",
+    "inspect": "pskd_store.cli.inspect:inspect_command",
+    "info": "pskd_store.cli.info:info_command",
+    "verify": "pskd_store.cli.verify:verify_command",
 }
 
 

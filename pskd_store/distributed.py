@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -60,6 +60,16 @@ class Distributed:
         gathered = [None] * self.world_size if self.is_main else None
         dist.gather_object(obj, gathered, dst=0)
         return gathered
+
+
+def local_main_first(env: Distributed, action: Callable[[], Any]) -> None:
+    """Run ``action`` on each node's local rank 0, then, once it is done, on the node's other
+    ranks: the first decodes the teacher into the node's cache, the others map that file."""
+    if env.is_local_main:
+        action()
+    env.barrier()
+    if not env.is_local_main:
+        action()
 
 
 def select_device(name: str) -> torch.device:

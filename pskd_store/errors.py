@@ -12,6 +12,10 @@ class StoreNotFoundError(StoreError):
     """No store where one was asked for (a new run creates it there)."""
 
 
+class StoreExistsError(StoreError):
+    """A new store was asked for where one already is (``overwrite=True`` replaces it)."""
+
+
 class EpochNotSealedError(StoreError, KeyError):
     """An epoch was asked for that was never sealed (or was pruned)."""
 

@@ -46,7 +46,7 @@ import zarr.api.asynchronous
 import zarr.codecs
 import zarr.storage
 
-from .errors import EpochNotSealedError, StoreDamagedError, StoreError, StoreNotFoundError, os_problem
+from .errors import EpochNotSealedError, StoreDamagedError, StoreError, StoreExistsError, StoreNotFoundError, os_problem
 from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum, stored_digest
 from .merge import merge_epoch
 from .row_encoding import UNREADABLE_ROWS, RowEncoding, row_encoding
@@ -215,7 +215,7 @@ class SoftTargetStore:
         try:
             group = zarr.open_group(zstore, mode="w" if overwrite else "w-")
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as err:
-            raise StoreError(
+            raise StoreExistsError(
                 f"a store already exists at {url}: open it with SoftTargetStore.open, "
                 "or pass overwrite=True to start over"
             ) from err

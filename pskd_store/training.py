@@ -48,7 +48,7 @@ from .checkpoint import (
 )
 from .data import DataSplits, build_datasets
 from .dataset import SoftTargetDataset, collate_soft_targets
-from .distributed import Distributed, setup, teardown
+from .distributed import Distributed, local_main_first, setup, teardown
 from .engine import eval_loader, predict_sharded, train_one_epoch
 from .errors import StoreDamagedError, StoreError, StoreNotFoundError
 from .methods import Method, create_method
@@ -261,11 +261,7 @@ def _set_teacher(data: SoftTargetDataset, env: Distributed, directory: RunDirect
     into the node's cache first, then the node's other ranks map that same file. A damaged
     teacher stops the run with the one command that resumes it before that epoch."""
     try:
-        if env.is_local_main:
-            data.set_epoch(epoch)
-        env.barrier()
-        if not env.is_local_main:
-            data.set_epoch(epoch)
+        local_main_first(env, lambda: data.set_epoch(epoch))
     except StoreDamagedError as err:
         raise StoreDamagedError(f"{err}. {_teacher_advice(directory, epoch - 1)}") from err
 

@@ -36,6 +36,20 @@ def pskd(*args: str, check: bool = True, timeout: float = 600,
     return done
 
 
+def pskd_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``pskd-store ARGS`` run by click's ``CliRunner`` in this process: the same command
+    without a Python start and a torch import, for the many refusals that never train. An
+    exception other than click's exit is raised: a traceback where one line was due."""
+    from click.testing import CliRunner
+
+    from pskd_store.cli.main import cli
+
+    result = CliRunner().invoke(cli, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return subprocess.CompletedProcess(["pskd-store", *args], result.exit_code, result.stdout, result.stderr)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests marked runs_last (the coverage check) after every other test."""
     items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)

@@ -28,12 +28,13 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from conftest import PSKD, pskd
+from conftest import PSKD, pskd, pskd_in_process
 from store_helpers import epoch_probs, make_labels, write_epoch
 from torch.utils.data import TensorDataset
 
 from pskd_store.augment import BatchAugment
 from pskd_store.checkpoint import load_checkpoint
+from pskd_store.cli.main import cli
 from pskd_store.data import _split_indices
 from pskd_store.dataset import SoftTargetDataset
 from pskd_store.errors import EpochNotSealedError, StoreError
@@ -44,7 +45,6 @@ from pskd_store.run_directory import RunDirectory, RunError
 from pskd_store.sampler import ClassPairBatchSampler
 from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
-from pskd_store_cli.main import cli
 
 N, K, CHUNK_ROWS = 64, 5, 16
 
@@ -289,12 +289,18 @@ pskd = partial(pskd, check=False)  # these commands are meant to fail
     pytest.param(["--device", "cuda:1"], "no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
-@pytest.mark.slow
 def test_bad_train_arguments_are_refused_before_training(tmp_path, data_dir, args, message):
     args = [a.format(tmp=tmp_path) for a in args]
-    result = pskd("train", *args, "--data-dir", str(data_dir), "-o", str(tmp_path / "run"))
-    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    result = pskd_in_process("train", *args, "--data-dir", str(data_dir), "-o", str(tmp_path / "run"))
+    assert result.returncode != 0 and message in result.stderr
     assert not (tmp_path / "run" / "store").exists()  # refused before any training
+
+
+@pytest.mark.slow
+def test_the_console_script_refuses_in_one_line(tmp_path, data_dir):
+    result = pskd("train", "--arch", "densenet12", "--data-dir", str(data_dir), "-o", str(tmp_path / "run"))
+    assert result.returncode == 1 and "Did you mean: densenet121" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("damage, message", [
@@ -311,8 +317,8 @@ def test_damaged_or_unwritable_run_files_are_one_line(tmp_path, trained_run, dam
     shutil.copytree(trained_run, run, symlinks=True)
     before = sealed_snapshot(run / "store")
     damage(run)
-    result = pskd("train", "--resume", str(run), "-q")
-    assert result.returncode != 0 and message in result.stderr and "Traceback" not in result.stderr
+    result = pskd_in_process("train", "--resume", str(run), "-q")
+    assert result.returncode != 0 and message in result.stderr
     assert sealed_snapshot(run / "store") == before
 
 
@@ -431,11 +437,11 @@ def test_a_full_scratch_disk_during_the_seal_loses_nothing_sealed(tmp_path):
 
 
 def test_verify_of_a_path_that_is_no_store_is_one_line(tmp_path):
-    result = pskd("verify", str(tmp_path / "nowhere"))
-    assert result.returncode == 1 and "no pskd-store at" in result.stderr and "Traceback" not in result.stderr
+    result = pskd_in_process("verify", str(tmp_path / "nowhere"))
+    assert result.returncode == 1 and "no pskd-store at" in result.stderr
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group"}))
-    result = pskd("verify", str(tmp_path / "run"))
+    result = pskd_in_process("verify", str(tmp_path / "run"))
     assert result.returncode == 1 and "not a pskd-store" in result.stderr
 
 
@@ -603,9 +609,8 @@ def test_a_flipped_bit_in_the_checkpoints_weights_is_one_line_naming_the_command
 
 @pytest.mark.slow
 def test_eval_refuses_an_unknown_device_in_one_line(trained_run):
-    result = pskd("eval", str(trained_run), "--device", "bogus")
+    result = pskd_in_process("eval", str(trained_run), "--device", "bogus")
     assert result.returncode != 0 and "--device must be auto, cpu, cuda or cuda:N, got 'bogus'" in result.stderr
-    assert "Traceback" not in result.stderr
 
 
 @contextlib.contextmanager
@@ -640,7 +645,7 @@ def test_a_read_only_file_system_is_one_line_for_eval_and_for_a_writer(tmp_path,
 def test_a_run_that_cannot_be_read_is_one_line(shared_dir, trained_run, command):
     import importlib
 
-    importlib.import_module(f"pskd_store_cli.{command}")  # its imports read files nobody may not
+    importlib.import_module(f"pskd_store.cli.{command}")  # its imports read files nobody may not
     run = shared_dir / "run"
     shutil.copytree(trained_run, run)
     (run / "store").chmod(0o700)
@@ -651,9 +656,10 @@ def test_a_run_that_cannot_be_read_is_one_line(shared_dir, trained_run, command)
 
 
 def test_info_says_it_read_metadata_only(trained_run):
-    result = pskd("info", str(trained_run))
+    result = pskd_in_process("info", str(trained_run))
     assert "metadata only, no chunk read: `pskd-store verify` checks every chunk and row" in result.stdout
-    assert json.loads(pskd("info", str(trained_run), "--json").stdout)["checked"].startswith("metadata only")
+    assert json.loads(pskd_in_process("info", str(trained_run), "--json").stdout)["checked"].startswith(
+        "metadata only")
 
 
 def test_numpy_logits_are_written_like_tensors(store):
@@ -732,10 +738,10 @@ def test_from_epoch_resumes_past_a_damaged_checkpoint_or_teacher_as_if_nothing_h
 
 @pytest.mark.slow
 def test_from_epoch_names_the_epochs_it_can_resume_from(tmp_path, trained_run):
-    result = pskd("train", "--resume", str(trained_run), "--from-epoch", "7", "-q")
+    result = pskd_in_process("train", "--resume", str(trained_run), "--from-epoch", "7", "-q")
     assert result.returncode != 0 and "--from-epoch 7: " in result.stderr
     assert "keeps intact checkpoints of epochs [1, 2]" in result.stderr
-    assert "--from-epoch goes with --resume" in pskd("train", "--from-epoch", "1").stderr
+    assert "--from-epoch goes with --resume" in pskd_in_process("train", "--from-epoch", "1").stderr
 
 
 @pytest.mark.parametrize("damaged, advice", [

@@ -19,10 +19,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from pskd_store.analysis import hard_samples, load_run
+from pskd_store.cli.inspect import inspect_command
 from pskd_store.metrics import evaluate
 from pskd_store.plots import fit_title
 from pskd_store.store import SoftTargetStore
-from pskd_store_cli.inspect import inspect_command
 
 N, K, EPOCHS = 40, 4, 6
 LABELS = np.arange(N) % K

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import pskd
+from conftest import pskd, pskd_in_process
 from torch.utils.data import DataLoader, TensorDataset
 
 from pskd_store.dataset import SoftTargetDataset
@@ -141,5 +141,5 @@ def test_train_with_store_topk_end_to_end(tmp_path):
     info = pskd("info", str(run))
     assert "top-3 float16 with uint8 class ids rows" in info.stdout
     pskd("verify", str(run))
-    bad = pskd("train", "--store-topk", "0", "-o", str(tmp_path / "bad"), check=False)
+    bad = pskd_in_process("train", "--store-topk", "0", "-o", str(tmp_path / "bad"))
     assert bad.returncode != 0 and "--store-topk must be at least 1" in bad.stderr

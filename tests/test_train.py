@@ -18,16 +18,16 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import PSKD, pskd
+from conftest import PSKD, pskd, pskd_in_process
 from store_helpers import write_epoch
 
 from pskd_store.augment import CUTOUT_HOLE
+from pskd_store.cli.main import cli
 from pskd_store.metrics import evaluate
 from pskd_store.recipe import TrainConfig
 from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from pskd_store.training import train
-from pskd_store_cli.main import cli
 
 
 def metrics_rows(run: Path) -> list[dict]:
@@ -266,9 +266,9 @@ def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):
 def test_resume_refuses_new_run_options_and_existing_output_needs_resume(tmp_path, data_dir):
     run = tmp_path / "run"
     pskd("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(run), "-q")
-    again = pskd("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(run), check=False)
+    again = pskd_in_process("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(run))
     assert again.returncode != 0 and f"continue it with --resume {run}" in again.stderr
-    resumed = pskd("train", "--resume", str(run), "--lr", "0.3", check=False)
+    resumed = pskd_in_process("train", "--resume", str(run), "--lr", "0.3")
     assert resumed.returncode != 0 and "drop --lr" in resumed.stderr
 
 

@@ -1,0 +1,102 @@
+"""The store's side of a training loop that another library drives, one epoch at a time.
+
+Both integrations do what ``training.py``'s own loop does around the steps: open (or, on a
+resume, roll back) the store on rank 0 while the other ranks wait; at each epoch's start
+serve sealed epoch t-1 (each node's local rank 0 decodes it first) and open this rank's
+writer; record each step's logits; at the epoch's end close every writer, seal on rank 0
+between barriers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ..dataset import SoftTargetDataset
+from ..distributed import Distributed, local_main_first
+from ..errors import StoreError, StoreExistsError
+from ..store import SoftTargetStore
+from ..writer import PredictionWriter
+
+
+class StoreSession:
+    """A store, the training data set that serves its targets, and this rank's writer."""
+
+    def __init__(self, store: SoftTargetStore, data: SoftTargetDataset, env: Distributed, sealed: int):
+        self.store, self.data, self.env = store, data, env
+        self.sealed = sealed  # the last epoch sealed, 0 before the first: what a checkpoint records
+        self.writer: PredictionWriter | None = None
+
+    @classmethod
+    def open(cls, url: str | Path, base: Dataset, labels: Sequence[int] | np.ndarray, *, num_classes: int,
+             alpha_T: float, total_epochs: int, env: Distributed, resuming: bool, overwrite: bool = False,
+             cache_dir: str | None = None, seed: int | None = None, **create_kwargs: Any) -> StoreSession:
+        """Every rank's view of the run's store: rank 0 creates it first for a fresh run; a
+        resumed run opens the one there and rolls it back with :meth:`resume_after`."""
+        labels = np.asarray(labels, dtype=np.int64)
+        if env.is_main and not resuming:
+            _create(url, labels, num_classes, overwrite, create_kwargs)
+        env.barrier()
+        store = SoftTargetStore.open(url, labels=labels, num_classes=num_classes)
+        data = SoftTargetDataset(base, store, alpha_T, total_epochs, cache_dir=cache_dir, seed=seed, rank=env.rank)
+        return cls(store, data, env, sealed=0)
+
+    def resume_after(self, epoch: int) -> None:
+        """Forget what the store holds after ``epoch``, the last epoch sealed before the
+        checkpoint being resumed (rank 0 rolls back while the other ranks wait)."""
+        if self.env.is_main:
+            self.store.rollback(epoch)
+        self.env.barrier()
+        self.store.refresh()
+        if (self.store.latest_sealed or 0) != epoch:
+            raise StoreError(f"the store at {self.store.url} has sealed epochs {self.store.sealed_epochs} but the "
+                             f"checkpoint being resumed was taken after epoch {epoch}: resume with the run's own store")
+        self.sealed = epoch
+
+    @property
+    def epoch(self) -> int:
+        return self.data.epoch
+
+    def serve(self, epoch: int) -> None:
+        """Serve sealed epoch ``epoch - 1`` to the data set (each node's local rank 0 decodes it first)."""
+        local_main_first(self.env, lambda: self.data.set_epoch(epoch))
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Open this rank's writer for ``epoch``, serving its teacher first unless it already is."""
+        if self.data.epoch != epoch:
+            self.serve(epoch)
+        self.writer = self.store.writer(epoch, rank=self.env.rank)
+
+    def record(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
+        """This step's predictions of samples ``ids`` (no device sync: see the writer)."""
+        self.writer.write(ids, logits.detach())
+
+    def end_epoch(self) -> None:
+        """Close every rank's writer and seal the epoch on rank 0: it is the next teacher."""
+        self.writer.close()
+        self.writer = None
+        self.env.barrier()
+        if self.env.is_main:
+            # a loop whose every batch recorded nothing (CutMix in the module) carries ids forward
+            self.store.seal(self.epoch, allow_empty=True)
+        self.env.barrier()
+        self.sealed = self.epoch
+
+    def abandon(self) -> None:
+        """After a failed step: give this rank's part up, unsealed, so a resume can redo it."""
+        if self.writer is not None:
+            self.writer.abandon()
+            self.writer = None
+
+
+def _create(url: str | Path, labels: np.ndarray, num_classes: int, overwrite: bool, options: dict) -> None:
+    try:
+        SoftTargetStore.create(url, labels, num_classes, overwrite=overwrite, **options)
+    except StoreExistsError as err:
+        raise StoreExistsError(f"a store already exists at {url}: to continue its run, resume from the run's "
+                               "checkpoint; to train anew, give a new store URL or pass overwrite=True") from err

@@ -1,0 +1,138 @@
+"""PS-KD in Hugging Face's ``Trainer`` for sequence classification: a ``Trainer`` whose
+``compute_loss`` trains on PS-KD's targets, as Hugging Face's docs advise for a custom loss.
+
+::
+
+    trainer = PSKDTrainer(model=model, args=TrainingArguments(..., num_train_epochs=T, save_strategy="epoch"),
+                          train_dataset=train_set, eval_dataset=test_set, data_collator=collator,
+                          pskd_store="run/store", alpha_T=0.8)
+    trainer.train()                                  # or train(resume_from_checkpoint=True)
+
+Each training item gets its row index as its store id (``pskd_id``); each batch's targets
+are blended in the main process from the memory-mapped teacher, its logits recorded, and
+each epoch sealed at its end, before the Trainer saves that epoch's checkpoint. Evaluation
+batches (no ``pskd_id``) keep the model's own loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback
+
+from ..distributed import Distributed, torchrun_environment
+from ..errors import StoreError
+from .session import StoreSession
+
+SAMPLE_ID = "pskd_id"
+
+
+class WithSampleIds(Dataset):
+    """A data set of dict records, each with its index added under ``pskd_id``."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict:
+        return {**self.base[index], SAMPLE_ID: index}
+
+
+class PSKDTrainer(Trainer):
+    """``transformers.Trainer`` training on (1 - a_t)·onehot(y) + a_t·p_{t-1}(x) from a store at
+    ``pskd_store``. ``labels`` (index order) spare reading every record's ``labels``/``label``;
+    ``num_classes`` defaults to ``model.config.num_labels``; ``overwrite`` replaces a store left
+    by an earlier run; ``store_options`` go to :meth:`SoftTargetStore.create`."""
+
+    loss_is_scaled_for_ga = False  # compute_loss returns each micro-batch's mean
+
+    def __init__(self, *args: Any, pskd_store: str | Path, alpha_T: float = 0.8,
+                 labels: Sequence[int] | np.ndarray | None = None, num_classes: int | None = None,
+                 overwrite: bool = False, cache_dir: str | None = None, store_options: dict | None = None,
+                 **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        if self.train_dataset is None:
+            raise ValueError("PSKDTrainer needs a train_dataset: its row indices are the store's sample ids")
+        if self.args.label_smoothing_factor or self.compute_loss_func is not None:
+            raise ValueError("PSKDTrainer's training loss is PS-KD's: drop label_smoothing_factor and "
+                             "compute_loss_func, or subclass PSKDTrainer to combine them deliberately")
+        self.pskd_url = str(pskd_store)
+        self.pskd_options = dict(alpha_T=alpha_T, overwrite=overwrite, cache_dir=cache_dir, **(store_options or {}))
+        self.pskd_labels = _labels_of(self.train_dataset) if labels is None else np.asarray(labels, dtype=np.int64)
+        self.pskd_classes = num_classes or self.model.config.num_labels
+        self.pskd_base = self.train_dataset
+        self.train_dataset = WithSampleIds(self.train_dataset)
+        self.session: StoreSession | None = None
+        self.add_callback(_StoreEpochs(self))
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        if SAMPLE_ID not in self._signature_columns:  # the collator would drop it as no forward() argument
+            self._signature_columns.append(SAMPLE_ID)
+
+    def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        if SAMPLE_ID not in inputs:  # an evaluation batch
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        ids, labels = inputs.pop(SAMPLE_ID), inputs.pop("labels")
+        outputs = model(**inputs)
+        logits = outputs["logits"]
+        targets = self.session.data.targets(labels, ids).to(logits.device, non_blocking=True)
+        loss = F.cross_entropy(logits.float(), targets)
+        self.session.record(ids, logits)
+        return (loss, outputs) if return_outputs else loss
+
+    def open_store(self, epochs_done: int) -> None:
+        """Open the store (rolled back to ``epochs_done`` on a resume) and serve the next epoch."""
+        options = dict(self.pskd_options)
+        self.session = StoreSession.open(
+            self.pskd_url, self.pskd_base, self.pskd_labels, num_classes=self.pskd_classes,
+            alpha_T=options.pop("alpha_T"), total_epochs=_whole(self.args.num_train_epochs, "num_train_epochs"),
+            env=torchrun_environment() or Distributed(), resuming=epochs_done > 0, **options,
+        )
+        if epochs_done > 0:
+            self.session.resume_after(epochs_done)
+
+
+class _StoreEpochs(TrainerCallback):
+    """Serve each epoch's teacher at its start; seal the epoch at its end, which the Trainer
+    calls before it saves the epoch's checkpoint."""
+
+    def __init__(self, trainer: PSKDTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        if args.max_steps > 0:
+            raise ValueError("PS-KD's alpha_t = alpha_T·t/T counts whole epochs: set num_train_epochs, not max_steps")
+        epochs_done = _whole(state.epoch or 0, "the resumed checkpoint's epoch",
+                             "PS-KD resumes from a checkpoint taken at an epoch's end: save_strategy='epoch'")
+        self.trainer.open_store(epochs_done)
+
+    def on_epoch_begin(self, args, state, control, **kwargs) -> None:
+        session = self.trainer.session
+        session.begin_epoch(session.sealed + 1)
+
+    def on_epoch_end(self, args, state, control, **kwargs) -> None:
+        self.trainer.session.end_epoch()
+
+
+def _whole(value: float, what: str, advice: str = "PS-KD's alpha_t counts whole epochs") -> int:
+    if value != math.floor(value):
+        raise StoreError(f"{what} is {value}, not a whole number of epochs: {advice}")
+    return int(value)
+
+
+def _labels_of(records: Dataset) -> np.ndarray:
+    """Each record's ``labels`` (or ``label``), in index order: pass ``labels=`` to spare the
+    read (``labels=train_set["label"]`` for a ``datasets.Dataset``)."""
+    return np.asarray([int(record["labels"] if "labels" in record else record["label"]) for record in records],
+                      dtype=np.int64)

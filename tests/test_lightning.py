@@ -1,0 +1,205 @@
+"""PS-KD in a real Lightning Trainer (tests/lightning_run.py): served targets are Eq. 6 of
+the logits the steps produced, under one process, DDP with two gloo processes, and a run
+killed mid-epoch and resumed from its checkpoint."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("lightning", reason="the Lightning integration needs pip install -e '.[lightning]'")
+
+import lightning.pytorch as pl  # noqa: E402
+import lightning_run  # noqa: E402  (tests/ is on the path)
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning_run import K, fit  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from pskd_store import SoftTargetStore, StoreError  # noqa: E402
+from pskd_store.integrations.lightning import PSKD  # noqa: E402
+
+SCRIPT = Path(__file__).with_name("lightning_run.py")
+ALPHA_T, EPOCHS = 0.8, 4
+
+
+def run_script(root: Path, *args: str, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), str(root), *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def last_predictions(seen: list[tuple], epoch: int) -> dict[int, torch.Tensor]:
+    """Each id's softmax as its last step of ``epoch`` produced it, float16 as stored."""
+    rows = {}
+    for step_epoch, ids, logits, _ in seen:
+        if step_epoch == epoch:
+            for i, row in zip(ids.tolist(), logits.float().softmax(dim=1).half().float()):
+                rows[i] = row
+    return rows
+
+
+def assert_targets_are_eq6(seen: list[tuple], written: list[tuple] | None = None) -> int:
+    """Every target served in epoch t >= 2 is (1 - a_t)·onehot + a_t·p_{t-1}, p_{t-1} from
+    the logits ``written`` (every rank's steps) in epoch t - 1; epoch 1's are one-hot."""
+    written = seen if written is None else written
+    checked = 0
+    for epoch, ids, _, targets in seen:
+        labels = torch.as_tensor([i % K for i in ids.tolist()])  # blobs(): label = id mod K
+        onehot = torch.nn.functional.one_hot(labels, K).float()
+        if epoch == 1:
+            torch.testing.assert_close(targets, onehot, rtol=0, atol=0)
+            continue
+        alpha = ALPHA_T * epoch / EPOCHS
+        past = last_predictions(written, epoch - 1)
+        expected = (1 - alpha) * onehot + alpha * torch.stack([past[i] for i in ids.tolist()])
+        torch.testing.assert_close(targets, expected, rtol=0, atol=1e-6)
+        checked += len(ids)
+    return checked
+
+
+def test_one_process_with_workers_serves_eq6_and_checkpoints_the_store(tmp_path):
+    module = fit(tmp_path, epochs=EPOCHS, workers=2)
+    assert assert_targets_are_eq6(module.seen) == 3 * lightning_run.N  # every sample of epochs 2-4
+    store = SoftTargetStore.open(tmp_path / "store")
+    assert store.sealed_epochs == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.from_numpy(store.read_epoch(4)).float(),
+                               torch.stack([v for _, v in sorted(last_predictions(module.seen, 4).items())]),
+                               rtol=0, atol=0)
+    for epoch in range(EPOCHS):  # Lightning's checkpoint of each epoch carries the callback's state
+        state = torch.load(tmp_path / "checkpoints" / f"epoch={epoch}.ckpt", weights_only=False)["callbacks"]
+        assert state["PSKD"] == {"store": str(tmp_path / "store"), "sealed": epoch + 1, "writing": False}
+
+
+@pytest.mark.slow
+def test_ddp_with_two_gloo_processes_writes_each_ranks_shard(tmp_path):
+    result = run_script(tmp_path, "--devices", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [torch.load(tmp_path / f"seen_rank{rank}.pt") for rank in (0, 1)]
+    assert {len(ids) for s in seen for _, ids, _, _ in s} == {16}
+    shards = [{i for epoch, ids, _, _ in s if epoch == 1 for i in ids.tolist()} for s in seen]
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == lightning_run.N
+    both = seen[0] + seen[1]
+    assert sum(assert_targets_are_eq6(s, both) for s in seen) == 3 * lightning_run.N
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at, sealed", [("mid-epoch", [1, 2]), ("after-seal", [1, 2, 3])])
+def test_a_killed_run_resumes_into_an_uninterrupted_run(tmp_path, kill_at, sealed):
+    """Killed while epoch 3 was being written, or after its seal and before its checkpoint:
+    the resume from epoch 2's checkpoint rolls the store back and repeats epoch 3 exactly."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    fit(whole, epochs=EPOCHS)
+    result = run_script(killed, "--kill-in-epoch", "3", "--kill-at", kill_at)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert SoftTargetStore.open(killed / "store").sealed_epochs == sealed
+    resumed = fit(killed, epochs=EPOCHS, resume=True)
+    assert [epoch for epoch, *_ in resumed.seen][0] == 3
+    assert_targets_are_eq6(resumed.seen, torch.load(whole / "seen_rank0.pt"))
+    for name, value in torch.load(whole / "final.pt").items():
+        torch.testing.assert_close(torch.load(killed / "final.pt")[name], value, rtol=0, atol=0)
+    stores = [SoftTargetStore.open(root / "store") for root in (whole, killed)]
+    for epoch in (3, 4):
+        assert (stores[0].read_epoch(epoch) == stores[1].read_epoch(epoch)).all()
+    for field, values in stores[0].trajectory().items():
+        assert (stores[1].trajectory()[field] == values).all(), field
+
+
+def test_misuse_is_refused_naming_the_fix(tmp_path):
+    fit(tmp_path, epochs=1)
+    with pytest.raises(StoreError, match="already exists.*resume from the run's checkpoint.*overwrite=True"):
+        fit(tmp_path, epochs=1)
+    fit(tmp_path, epochs=1, overwrite=True)  # what the message offers
+    with pytest.raises(ValueError, match="must return a dict with the batch's logits under 'probs'"):
+        fit(tmp_path / "other", epochs=1, logits_key="probs")
+    data = PSKD(tmp_path / "s", num_classes=K).wrap(lightning_run.blobs())
+    with pytest.raises(RuntimeError, match="pass that callback to the Trainer"):
+        data[0]
+
+
+def quiet_trainer(root: Path, callbacks: list, **options) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      default_root_dir=root, callbacks=callbacks, **options)
+
+
+def wrapped(root: Path, **options) -> tuple[PSKD, DataLoader]:
+    pskd = PSKD(root / "store", num_classes=K, chunk_rows=16, **options)
+    return pskd, DataLoader(pskd.wrap(lightning_run.blobs()), batch_size=16)
+
+
+class StopsIn(lightning_run.Classifier):
+    """Fails (``fail``) or asks the Trainer to stop (``stop``) at the third step of epoch 2."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == 1 and batch_idx == 2:
+            if self.how == "fail":
+                raise RuntimeError("a failing step")
+            self.trainer.should_stop = True
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_failed_step_gives_its_part_up_unsealed(tmp_path):
+    pskd, loader = wrapped(tmp_path)
+    with pytest.raises(RuntimeError, match="a failing step"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=3).fit(StopsIn("fail"), loader)
+    store = SoftTargetStore.open(tmp_path / "store")
+    assert store.sealed_epochs == [1]
+    store.writer(2).close()  # the failed writer's part is free: epoch 2 can be written again
+    assert store.seal(2, allow_empty=True)["ids_written"] == 0  # none of the failed writer's rows
+
+
+def test_an_epoch_stopped_early_is_sealed_with_the_rows_it_trained(tmp_path):
+    pskd, loader = wrapped(tmp_path)
+    quiet_trainer(tmp_path, [pskd], max_epochs=3).fit(StopsIn("stop"), loader)
+    store = SoftTargetStore.open(tmp_path / "store")
+    assert store.sealed_epochs == [1, 2]
+    assert store.epoch_info(2)["ids_written"] == 3 * 16  # the rest carried forward
+
+
+def test_resuming_what_cannot_be_resumed_is_refused(tmp_path):
+    pskd, loader = wrapped(tmp_path)
+    steps = ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=2, save_top_k=-1, filename="{step}")
+    quiet_trainer(tmp_path, [pskd, steps], max_epochs=1).fit(lightning_run.Classifier(), loader)
+    mid_epoch = tmp_path / "steps" / "step=2.ckpt"
+    pskd, loader = wrapped(tmp_path)
+    with pytest.raises(StoreError, match="taken during epoch 1: PS-KD resumes from a checkpoint taken at an epoch"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(lightning_run.Classifier(), loader, ckpt_path=mid_epoch)
+    pskd, loader = wrapped(tmp_path / "elsewhere")
+    with pytest.raises(StoreError, match="kept its predictions in .*: resume with PSKD"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(lightning_run.Classifier(), loader, ckpt_path=mid_epoch)
+    state = torch.load(mid_epoch, weights_only=False)
+    del state["callbacks"]["PSKD"]
+    torch.save(state, tmp_path / "without.ckpt")
+    pskd, loader = wrapped(tmp_path)
+    with pytest.raises(StoreError, match="holds no PSKD state"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(lightning_run.Classifier(), loader,
+                                                          ckpt_path=tmp_path / "without.ckpt")
+
+
+def test_a_store_behind_its_checkpoint_is_refused(tmp_path):
+    fit(tmp_path, epochs=2)
+    SoftTargetStore.open(tmp_path / "store").rollback(1)
+    pskd, loader = wrapped(tmp_path)
+    with pytest.raises(StoreError, match="has sealed epochs \\[1\\] but the checkpoint being resumed was taken "
+                                         "after epoch 2"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=3).fit(lightning_run.Classifier(), loader,
+                                                          ckpt_path=tmp_path / "checkpoints" / "epoch=1.ckpt")
+
+
+def test_a_callback_without_its_data_set_or_epochs_is_refused(tmp_path):
+    pskd, loader = wrapped(tmp_path)
+    with pytest.raises(RuntimeError, match="one callback per data set"):
+        pskd.wrap(lightning_run.blobs())
+    with pytest.raises(ValueError, match="set L.Trainer\\(max_epochs=T\\)"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=-1, max_steps=4).fit(lightning_run.Classifier(), loader)
+    bare = PSKD(tmp_path / "bare", num_classes=K)
+    with pytest.raises(RuntimeError, match="wrap the training data set"):
+        quiet_trainer(tmp_path, [bare], max_epochs=1).fit(lightning_run.Classifier(), loader)

@@ -1,0 +1,108 @@
+"""PS-KD in a real Hugging Face Trainer (tests/transformers_run.py): each step's loss is the
+cross-entropy against Eq. 6 of the logits the previous epoch produced, with DataLoader
+workers; a run killed mid-epoch resumes from its checkpoint into an uninterrupted run."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("transformers", reason="the Hugging Face integration needs pip install -e '.[transformers]'")
+pytest.importorskip("accelerate", reason="the Hugging Face integration needs pip install -e '.[transformers]'")
+
+from transformers_run import K, N, fine_tune  # noqa: E402  (tests/ is on the path)
+
+from pskd_store import SoftTargetStore, StoreError  # noqa: E402
+from pskd_store.integrations.transformers import PSKDTrainer  # noqa: E402
+
+SCRIPT = Path(__file__).with_name("transformers_run.py")
+ALPHA_T, EPOCHS = 0.8, 3
+
+
+def assert_losses_are_pskds(seen: list[tuple], written: list[tuple] | None = None) -> int:
+    """Every step's loss is CE against (1 - a_t)·onehot + a_t·p_{t-1}, p_{t-1} the float16
+    softmax of the last logits ``written`` for each id in epoch t - 1 (one-hot in epoch 1)."""
+    written = seen if written is None else written
+    checked = 0
+    for epoch, ids, logits, loss in seen:
+        labels = ids % K  # sentences(): label = index mod K
+        target = F.one_hot(labels, K).float()
+        if epoch > 1:
+            past = {}
+            for step_epoch, step_ids, step_logits, _ in written:
+                if step_epoch == epoch - 1:
+                    past.update(zip(step_ids.tolist(), step_logits.float().softmax(dim=1).half().float()))
+            alpha = ALPHA_T * epoch / EPOCHS
+            target = (1 - alpha) * target + alpha * torch.stack([past[i] for i in ids.tolist()])
+            checked += len(ids)
+        torch.testing.assert_close(loss, F.cross_entropy(logits.float(), target), rtol=0, atol=1e-6)
+    return checked
+
+
+def test_fine_tuning_with_workers_trains_on_eq6_and_seals_each_epoch(tmp_path):
+    trainer = fine_tune(tmp_path, epochs=EPOCHS, workers=2, arguments={"eval_strategy": "epoch"})
+    assert trainer.state.log_history[-2]["eval_loss"] > 0  # evaluation batches keep the model's own loss
+    assert sorted(i for epoch, ids, *_ in trainer.seen if epoch == 2 for i in ids.tolist()) == list(range(N))
+    assert assert_losses_are_pskds(trainer.seen) == (EPOCHS - 1) * N
+    store = SoftTargetStore.open(tmp_path / "store")
+    assert store.sealed_epochs == [1, 2, 3]
+    last = {}
+    for epoch, ids, logits, _ in trainer.seen:
+        if epoch == 3:
+            last.update(zip(ids.tolist(), logits.float().softmax(dim=1).half().float()))
+    assert (torch.from_numpy(store.read_epoch(3)).float() == torch.stack([last[i] for i in range(N)])).all()
+
+
+@pytest.mark.slow
+def test_a_run_killed_after_a_seal_resumes_from_its_checkpoint_into_an_uninterrupted_run(tmp_path):
+    """Killed after epoch 3 was sealed and before its checkpoint: the resume from epoch 2's
+    checkpoint rolls the store back and repeats epoch 3 exactly, with DataLoader workers."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    fine_tune(whole, epochs=EPOCHS)
+    result = subprocess.run([sys.executable, str(SCRIPT), str(killed), "--kill-in-epoch", "3"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert SoftTargetStore.open(killed / "store").sealed_epochs == [1, 2, 3]
+    resumed = fine_tune(killed, epochs=EPOCHS, resume=True)
+    assert {epoch for epoch, *_ in resumed.seen} == {3}
+    assert assert_losses_are_pskds(resumed.seen, torch.load(whole / "seen.pt")) == N
+    for name, value in torch.load(whole / "final.pt").items():
+        torch.testing.assert_close(torch.load(killed / "final.pt")[name], value, rtol=0, atol=0)
+    stores = [SoftTargetStore.open(root / "store") for root in (whole, killed)]
+    assert (stores[0].read_epoch(3) == stores[1].read_epoch(3)).all()
+
+
+def test_a_store_left_by_another_run_is_refused_naming_the_fix(tmp_path):
+    fine_tune(tmp_path, epochs=1, workers=0)
+    with pytest.raises(StoreError, match="already exists.*overwrite=True"):
+        fine_tune(tmp_path, epochs=1, workers=0)
+    fine_tune(tmp_path, epochs=1, workers=0, overwrite=True)
+
+
+def test_what_pskd_cannot_count_in_epochs_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="set num_train_epochs, not max_steps"):
+        fine_tune(tmp_path / "steps", workers=0, arguments={"max_steps": 4})
+    mid_epoch = tmp_path / "mid"
+    fine_tune(mid_epoch, epochs=1, workers=0, arguments={"save_strategy": "steps", "save_steps": 3})
+    with pytest.raises(StoreError, match="epoch is 0.5, not a whole number of epochs.*save_strategy='epoch'"):
+        fine_tune(mid_epoch, epochs=1, workers=0, resume=str(mid_epoch / "checkpoints" / "checkpoint-3"))
+    with pytest.raises(ValueError, match="PSKDTrainer needs a train_dataset"):
+        PSKDTrainer(model=fine_tune(tmp_path / "model", train=False).model, pskd_store=tmp_path / "none")
+    with pytest.raises(ValueError, match="training loss is PS-KD's: drop label_smoothing_factor"):
+        fine_tune(tmp_path / "smoothed", train=False, arguments={"label_smoothing_factor": 0.1})
+
+
+def test_gradient_accumulation_averages_its_micro_batches(tmp_path):
+    """Two accumulated micro-batches of 16 step as one batch of 32 does (plain SGD, one epoch)."""
+    sgd = {"optim": "sgd", "learning_rate": 0.5}
+    fine_tune(tmp_path / "one", epochs=1, workers=0, arguments=sgd | {"per_device_train_batch_size": 32})
+    fine_tune(tmp_path / "two", epochs=1, workers=0, arguments=sgd | {"gradient_accumulation_steps": 2})
+    one, two = (torch.load(tmp_path / run / "final.pt") for run in ("one", "two"))
+    for name, value in one.items():
+        torch.testing.assert_close(two[name], value, rtol=0, atol=1e-5)
