@@ -180,7 +180,9 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
                 config.save(directory.config)
     configure_determinism(config.deterministic)
     run = build_run(config, directory, env, device, splits)
-    start = _restore(run, directory, env, device, from_epoch) + 1 if resume else 1
+    start = 1
+    if resume:
+        start = _restore(run.network, run.optimizer, run.scheduler, run.store, directory, env, device, from_epoch) + 1
     loader, sampler = train_loader(run.method, run.train_data, run.splits, config, env, device)
     augment = None
     if config.aug != "none":
@@ -191,7 +193,8 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
         started = time.perf_counter()
         sampler.set_epoch(epoch)
         _set_teacher(run.train_data, env, directory, epoch)
-        train_stats = _train_epoch(run, loader, env, device, epoch, augment, quiet)
+        train_stats = _train_epoch(run.model, run.method, loader, run.optimizer, run.store, config, env, device,
+                                   epoch, augment, quiet)
         row = {"epoch": epoch, "alpha_t": run.method.alpha(epoch, config.epochs),
                "lr": run.scheduler.get_last_lr()[0], "train": train_stats}
         run.scheduler.step()
@@ -275,15 +278,15 @@ def _teacher_advice(directory: RunDirectory, damaged: int) -> str:
     return "No checkpoint of the epoch before it is kept: restore the store from a backup, or train the run anew"
 
 
-def _train_epoch(run: RunParts, loader: DataLoader, env: Distributed, device: torch.device, epoch: int,
+def _train_epoch(model: torch.nn.Module, method: Method, loader: DataLoader, optimizer: torch.optim.Optimizer,
+                 store: SoftTargetStore, config: TrainConfig, env: Distributed, device: torch.device, epoch: int,
                  augment: BatchAugment | None, quiet: bool) -> dict:
     """One epoch's steps on this rank, its predictions written to the store; the statistics
     of every rank's shard."""
-    config = run.config
     steps = len(loader) if config.steps_per_epoch is None else min(len(loader), config.steps_per_epoch)
     started = time.perf_counter()
-    with run.store.writer(epoch, rank=env.rank) as writer:
-        totals = train_one_epoch(run.model, run.method, loader, run.optimizer, writer, device, epoch=epoch,
+    with store.writer(epoch, rank=env.rank) as writer:
+        totals = train_one_epoch(model, method, loader, optimizer, writer, device, epoch=epoch,
                                  epochs=config.epochs, steps=steps, augment=augment, amp=config.amp,
                                  channels_last=config.channels_last, quiet=quiet)
     seconds = time.perf_counter() - started
@@ -294,21 +297,22 @@ def _train_epoch(run: RunParts, loader: DataLoader, env: Distributed, device: to
             "samples_per_s": seen / seconds, "seconds": seconds}
 
 
-def _restore(run: RunParts, directory: RunDirectory, env: Distributed, device: torch.device,
-             from_epoch: int | None) -> int:
+def _restore(network: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: torch.optim.lr_scheduler.LRScheduler, store: SoftTargetStore, directory: RunDirectory,
+             env: Distributed, device: torch.device, from_epoch: int | None) -> int:
     """Load the checkpoint to resume from (every rank); rank 0 rolls the store, the metrics
     and, with ``from_epoch``, the later checkpoint back to it. Returns its epoch: 0 for a
     run killed before its first checkpoint, which then starts over with an empty store."""
     path = _checkpoint_of(directory, from_epoch)
     if path is None:
-        return _roll_back(run.store, directory, env, 0)
+        return _roll_back(store, directory, env, 0)
     try:
         state = load_checkpoint(path)
     except CheckpointDamagedError as err:
         raise CheckpointDamagedError(f"{err}; {_resume_advice(directory, path)}") from err
-    run.network.load_state_dict(state["model"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
+    network.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     if len(rng) != env.world_size:
         raise ValueError(
@@ -317,7 +321,7 @@ def _restore(run: RunParts, directory: RunDirectory, env: Distributed, device: t
             "random state and data shard carry on"
         )
     set_rng_state(rng[env.rank], device)
-    return _roll_back(run.store, directory, env, state["epoch"], checkpoint=path)
+    return _roll_back(store, directory, env, state["epoch"], checkpoint=path)
 
 
 def _checkpoint_of(directory: RunDirectory, from_epoch: int | None) -> Path | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import pickle
+import random
 import shutil
 import struct
 import subprocess
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from store_helpers import make_labels
 from torchvision.datasets import CIFAR10, CIFAR100
@@ -48,6 +50,21 @@ def pskd_in_process(*args: str) -> subprocess.CompletedProcess:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return subprocess.CompletedProcess(["pskd-store", *args], result.exit_code, result.stdout, result.stderr)
+
+
+@pytest.fixture
+def torch_state_kept():
+    """Put back what an in-process Lightning or Hugging Face fit changes for the whole
+    process (thread count, deterministic algorithms, the global generators that
+    ``transformers.set_seed`` seeds): the tests after it compare results to recorded values."""
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    generators = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_rng_state(generators[0])
+    np.random.set_state(generators[1])
+    random.setstate(generators[2])
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from pskd_store import SoftTargetStore, StoreError  # noqa: E402
 from pskd_store.integrations.lightning import PSKD  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("torch_state_kept")
 SCRIPT = Path(__file__).with_name("lightning_run.py")
 ALPHA_T, EPOCHS = 0.8, 4
 

@@ -21,6 +21,7 @@ from transformers_run import K, N, fine_tune  # noqa: E402  (tests/ is on the pa
 from pskd_store import SoftTargetStore, StoreError  # noqa: E402
 from pskd_store.integrations.transformers import PSKDTrainer  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("torch_state_kept")
 SCRIPT = Path(__file__).with_name("transformers_run.py")
 ALPHA_T, EPOCHS = 0.8, 3
 
