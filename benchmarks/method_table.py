@@ -77,6 +77,8 @@ def main() -> None:
     parser.add_argument("--cskd-weights", default="", help="CS-KD's weight (lambda) sweep (default: none)")
     parser.add_argument("--sweeps-only", action="store_true", help="skip the method table, run only the sweeps")
     parser.add_argument("--val-split", type=float, default=0.1)
+    parser.add_argument("--train-subset", type=int,
+                        help="train on this many samples, as many of each class (the memorising regime)")
     parser.add_argument("--out", default="runs/method_table")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -88,7 +90,8 @@ def main() -> None:
             ("CS-KD weight", dict(method="cskd"), "cskd_weight", args.cskd_weights))
         for value in (float(v) for v in values.split(",") if v)}
     base = {k: v for k, v in dict(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
-                                   epochs=args.epochs, workers=0).items() if v is not None}
+                                   epochs=args.epochs, workers=0, train_subset=args.train_subset).items()
+            if v is not None}
     out = Path(args.out)
     started = time.time()
 

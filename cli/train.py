@@ -70,9 +70,9 @@ def _choices(options: dict[str, str]) -> str:
 # Options that define the run; --resume takes them from the run's config.json instead.
 RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "aug", "epochs",
                "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "lr_gamma",
-               "val_split", "seed", "deterministic", "steps_per_epoch", "store_dtype", "store_topk", "store",
-               "ece_bins", "cutmix_prob", "img_size", "tfkd_alpha", "tfkd_temperature", "tfkd_multiplier",
-               "cskd_temperature", "cskd_weight", "output")
+               "val_split", "train_subset", "seed", "deterministic", "steps_per_epoch", "store_dtype",
+               "store_topk", "store", "ece_bins", "cutmix_prob", "img_size", "tfkd_alpha", "tfkd_temperature",
+               "tfkd_multiplier", "cskd_temperature", "cskd_weight", "output")
 # Options that say where and how fast a run computes, not what: --resume may change them.
 PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "dist_timeout")
 
@@ -101,6 +101,9 @@ PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "
 @click.option("--lr-gamma", type=float, default=DEFAULTS["lr_gamma"], show_default=True)
 @click.option("--val-split", type=float, default=DEFAULTS["val_split"], show_default=True,
               help="Hold out this fraction of the training set (e.g. 0.1) to tune alpha_T.")
+@click.option("--train-subset", type=int,
+              help="Train on this many samples, as many of each class, the same for every seed: the small-data "
+                   "regime where a network memorises its labels. Default: the whole training set.")
 @click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True)
 @click.option("-j", "--workers", type=int,
               help="DataLoader worker processes; default min(4, usable CPUs), 0 for MNIST-1D (in memory).")

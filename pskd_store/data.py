@@ -126,12 +126,15 @@ def build_datasets(
     seed: int = 0,
     download: bool = True,
     img_size: int | None = None,
+    train_subset: int | None = None,
 ) -> DataSplits:
     """Build train/val/test data sets of ``name`` from ``data_dir``.
 
-    ``val_split`` holds out that fraction of the training set (a permutation drawn
-    from ``seed``) as ``val``, seen through the eval transform. ``img_size``: the side of
-    ImageNet's and a folder's crops (default 224).
+    ``train_subset`` keeps that many training samples, as many of each class
+    (:func:`balanced_subset`): the small-data regime where a network memorises its labels.
+    ``val_split`` then holds out that fraction of the (kept) training set (a permutation
+    drawn from ``seed``) as ``val``, seen through the eval transform. ``img_size``: the
+    side of ImageNet's and a folder's crops (default 224).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
@@ -163,12 +166,32 @@ def build_datasets(
         num_classes = len(train.classes)
         eval_view = _with_transform(train, eval_tf)
 
+    if train_subset is not None:
+        kept = balanced_subset(labels_of(train), train_subset, num_classes).tolist()
+        train, eval_view = Subset(train, kept), Subset(eval_view, kept)
     val: Dataset | None = None
     if val_split > 0:
         train_idx, val_idx = _split_indices(len(train), val_split, seed)
         train, val = Subset(train, train_idx.tolist()), Subset(eval_view, val_idx.tolist())
     return DataSplits(train, val, test, num_classes, labels_of(train), input_kind,
                       random_transforms=name != "mnist1d")  # MNIST-1D: fixed signals, nothing drawn
+
+
+def balanced_subset(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
+    """Sorted indices of ``size / num_classes`` samples of each class, the first of each in
+    one fixed permutation (seed 0): every run and seed trains on the same subset."""
+    if size < num_classes or size % num_classes:
+        raise ValueError(f"--train-subset must be a multiple of the {num_classes} classes "
+                         f"(as many samples of each), got {size}")
+    per_class = size // num_classes
+    order = np.random.default_rng(0).permutation(len(labels))
+    kept = [order[labels[order] == c][:per_class] for c in range(num_classes)]
+    short = [c for c, indices in enumerate(kept) if len(indices) < per_class]
+    if short:
+        raise ValueError(f"--train-subset {size} needs {per_class} samples of each class, but class {short[0]} "
+                         f"has {len(kept[short[0]])}: ask for at most "
+                         f"{num_classes * min(len(indices) for indices in kept)}")
+    return np.sort(np.concatenate(kept))
 
 
 def known_labels(dataset: Dataset) -> np.ndarray | None:

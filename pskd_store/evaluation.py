@@ -22,11 +22,13 @@ def evaluate_checkpoints(
     """Metrics, averaged probabilities (N, K) and labels (N,) of ``paths`` on ``split``."""
     states = [load_checkpoint(path) for path in paths]
     configs = [TrainConfig(**state["config"]) for state in states]
-    if len({(c.dataset, c.val_split, c.seed if c.val_split else 0, c.img_size) for c in configs}) > 1:
+    if len({(c.dataset, c.train_subset, c.val_split, c.seed if c.val_split else 0, c.img_size)
+            for c in configs}) > 1:
         raise ValueError("an ensemble needs checkpoints trained on the same data set and split")
     first = configs[0]
     splits = build_datasets(first.dataset, data_dir or first.data_dir, val_split=first.val_split,
-                            seed=first.seed, download=False, img_size=first.img_size)
+                            seed=first.seed, download=False, img_size=first.img_size,
+                            train_subset=first.train_subset)
     data = splits.test if split == "test" else splits.val
     if data is None:
         raise ValueError("these runs held out no validation split (train with --val-split)")

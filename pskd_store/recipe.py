@@ -108,6 +108,7 @@ class TrainConfig:
     milestones: list[int] | None = None
     lr_gamma: float = 0.1  # authors' --lr_decay_rate
     val_split: float = 0.0
+    train_subset: int | None = None  # None: the whole training set; n: n samples, n/K of each class
     seed: int = 0
     workers: int | None = None  # None: default_workers(), or the data set's own default
     device: str = "auto"

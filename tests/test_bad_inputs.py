@@ -286,6 +286,7 @@ pskd = partial(pskd, check=False)  # these commands are meant to fail
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
     (["--dataset", "fashionmnist", "--cutmix-prob", "1.5"], "--cutmix-prob must lie in [0, 1]"),
     (["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds"),
+    (["--train-subset", "65"], "--train-subset must be a multiple of the 10 classes"),
     pytest.param(["--device", "cuda:1"], "no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])

@@ -251,6 +251,27 @@ def test_fashion_mnist_splits_and_a_clear_error_when_missing(tmp_path, fashion_m
         data.build_datasets("fashionmnist", tmp_path / "empty", download=False)
 
 
+def test_a_train_subset_is_balanced_the_same_for_every_seed_and_split_after(tmp_path, fashion_mnist_gz,
+                                                                           monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", fashion_mnist_gz)  # 120 train images, 12 per class
+    whole = data.build_datasets("fashionmnist", tmp_path / "data", download=False)
+    subset = data.build_datasets("fashionmnist", tmp_path / "data", download=False, train_subset=60)
+    assert np.bincount(subset.train_labels).tolist() == [6] * 10
+    np.testing.assert_array_equal(subset.train_labels, whole.train_labels[subset.train.indices])
+    for seed in (0, 1):  # a fixed subset: seeds differ in the validation split and in training only
+        split = data.build_datasets("fashionmnist", tmp_path / "data", download=False, train_subset=60,
+                                    val_split=0.5, seed=seed)
+        assert len(split.train) == len(split.val) == 30
+        kept = [split.train.dataset.indices[i] for i in split.train.indices]
+        held_out = [split.val.dataset.indices[i] for i in split.val.indices]
+        assert sorted(kept + held_out) == subset.train.indices
+        assert split.val[0][0].shape == (1, 28, 28)  # the held-out images through the eval transform
+    with pytest.raises(ValueError, match="must be a multiple of the 10 classes"):
+        data.build_datasets("fashionmnist", tmp_path / "data", download=False, train_subset=65)
+    with pytest.raises(ValueError, match="needs 13 samples of each class, but class 0 has 12: ask for at most 120"):
+        data.build_datasets("fashionmnist", tmp_path / "data", download=False, train_subset=130)
+
+
 def test_a_runs_data_follow_its_img_size(imagefolder_dir, tmp_path):
     """`train --dataset folder --img-size 32` crops the training and test images to 32 pixels."""
     from pskd_store.distributed import Distributed

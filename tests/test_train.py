@@ -410,6 +410,18 @@ def test_the_learning_rate_decays_after_each_milestone_and_a_resume_across_one_k
     assert [without_timings(r) for r in metrics_rows(tmp_path / "broken")] == [without_timings(r) for r in whole]
 
 
+def test_a_run_on_a_train_subset_keeps_it_for_its_store_and_its_validation_split(tmp_path, data_dir):
+    run = tmp_path / "run"
+    trained = CliRunner().invoke(cli, ["train", "--train-subset", "1000", "--val-split", "0.1", "--epochs", "1",
+                                       "--steps-per-epoch", "2", "--data-dir", str(data_dir), "-o", str(run), "-q"])
+    assert trained.exit_code == 0, trained.output
+    assert SoftTargetStore.open(run / "store").num_samples == 900
+    evaluated = CliRunner().invoke(cli, ["eval", str(run), "--split", "val", "--device", "cpu"])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads(evaluated.output)["n"] == 100 == metrics_rows(run)[0]["val"]["n"]
+    assert json.loads(evaluated.output)["nll"] == pytest.approx(metrics_rows(run)[0]["val"]["nll"], abs=1e-9)
+
+
 def test_eval_of_a_trained_run_repeats_its_final_test_metrics(trained_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)  # eval rewrites the run's eval/test_probs.npz
