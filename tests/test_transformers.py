@@ -72,7 +72,7 @@ def test_a_run_killed_after_a_seal_resumes_from_its_checkpoint_into_an_uninterru
     assert SoftTargetStore.open(killed / "store").sealed_epochs == [1, 2, 3]
     resumed = fine_tune(killed, epochs=EPOCHS, resume=True)
     assert {epoch for epoch, *_ in resumed.seen} == {3}
-    assert assert_losses_are_pskds(resumed.seen, torch.load(whole / "seen.pt")) == N
+    assert assert_losses_are_pskds(resumed.seen, torch.load(whole / "seen_rank0.pt")) == N
     for name, value in torch.load(whole / "final.pt").items():
         torch.testing.assert_close(torch.load(killed / "final.pt")[name], value, rtol=0, atol=0)
     stores = [SoftTargetStore.open(root / "store") for root in (whole, killed)]
@@ -107,3 +107,16 @@ def test_gradient_accumulation_averages_its_micro_batches(tmp_path):
     one, two = (torch.load(tmp_path / run / "final.pt") for run in ("one", "two"))
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_with_two_gloo_processes_trains_each_ranks_shard(tmp_path):
+    result = subprocess.run(["torchrun", "--nproc-per-node", "2", str(SCRIPT), str(tmp_path)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = [torch.load(tmp_path / f"seen_rank{rank}.pt") for rank in (0, 1)]
+    shards = [{i for epoch, ids, *_ in s if epoch == 1 for i in ids.tolist()} for s in seen]
+    assert not shards[0] & shards[1] and len(shards[0] | shards[1]) == N
+    both = seen[0] + seen[1]  # each epoch's teacher holds every rank's predictions
+    assert sum(assert_losses_are_pskds(s, both) for s in seen) == (EPOCHS - 1) * N
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1, 2, 3]

@@ -3,8 +3,10 @@ tiny BERT built from a config (no download), a word-level tokenizer made here, a
 four-class text set whose class shows in its words. Imported by
 tests/test_transformers.py, and run as a script for a run killed mid-epoch.
 
-Rank 0 saves what each training step saw (epoch, ids, logits, loss) to ``ROOT/seen.pt``
-and the final weights to ``ROOT/final.pt``.
+Each rank saves what its training steps saw (epoch, ids, logits, loss) to
+``ROOT/seen_rank{R}.pt``; rank 0 saves the final weights to ``ROOT/final.pt``. Under
+torchrun (``torchrun --nproc-per-node 2 tests/transformers_run.py ROOT``) each rank trains
+its shard.
 """
 
 from __future__ import annotations
@@ -98,8 +100,9 @@ def fine_tune(root: Path, *, epochs: int = 3, workers: int = 2, kill_in_epoch: i
     if not train:
         return trainer
     trainer.train(resume_from_checkpoint=resume or None)
-    torch.save(trainer.seen, root / "seen.pt")
-    torch.save(trainer.model.state_dict(), root / "final.pt")
+    torch.save(trainer.seen, root / f"seen_rank{trainer.args.process_index}.pt")
+    if trainer.args.process_index == 0:
+        torch.save(trainer.model.state_dict(), root / "final.pt")
     return trainer
 
 
