@@ -79,6 +79,12 @@ def main() -> None:
     parser.add_argument("--val-split", type=float, default=0.1)
     parser.add_argument("--train-subset", type=int,
                         help="train on this many samples, as many of each class (the memorising regime)")
+    parser.add_argument("--no-crop-flip", dest="crop_flip", action="store_false",
+                        help="train on the images as they are (no random crop or flip)")
+    parser.add_argument("--no-cutmix", dest="cutmix", action="store_false", help="skip the CutMix rows")
+    parser.add_argument("--alpha-T", dest="alpha_T", type=float, help="PS-KD's alpha_T in the table (a tuned value)")
+    parser.add_argument("--tfkd-multiplier", type=float, help="TF-KD's multiplier in the table (a tuned value)")
+    parser.add_argument("--cskd-weight", type=float, help="CS-KD's weight in the table (a tuned value)")
     parser.add_argument("--out", default="runs/method_table")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -90,14 +96,18 @@ def main() -> None:
             ("CS-KD weight", dict(method="cskd"), "cskd_weight", args.cskd_weights))
         for value in (float(v) for v in values.split(",") if v)}
     base = {k: v for k, v in dict(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
-                                   epochs=args.epochs, workers=0, train_subset=args.train_subset).items()
+                                   epochs=args.epochs, workers=0, train_subset=args.train_subset,
+                                   crop_flip=args.crop_flip).items()
             if v is not None}
     out = Path(args.out)
     started = time.time()
 
     runs: dict[str, list[dict]] = {}
-    methods = METHODS if args.dataset == "mnist1d" else {**METHODS, **IMAGE_METHODS}
+    methods = METHODS if args.dataset == "mnist1d" or not args.cutmix else {**METHODS, **IMAGE_METHODS}
+    tuned = {k: v for k, v in dict(alpha_T=args.alpha_T, tfkd_multiplier=args.tfkd_multiplier,
+                                   cskd_weight=args.cskd_weight).items() if v is not None}
     for label, overrides in ({} if args.sweeps_only else methods).items():
+        overrides = {**overrides, **tuned}  # each method reads only its own fields
         slug = label.lower().replace(" ", "").replace("+", "-").replace("(0.1)", "")
         runs[label] = [run_one(base, overrides, seed, out / args.dataset / f"{slug}-seed{seed}", "test")
                        for seed in seeds]

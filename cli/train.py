@@ -70,7 +70,7 @@ def _choices(options: dict[str, str]) -> str:
 # Options that define the run; --resume takes them from the run's config.json instead.
 RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "aug", "epochs",
                "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "lr_gamma",
-               "val_split", "train_subset", "seed", "deterministic", "steps_per_epoch", "store_dtype",
+               "val_split", "train_subset", "crop_flip", "seed", "deterministic", "steps_per_epoch", "store_dtype",
                "store_topk", "store", "ece_bins", "cutmix_prob", "img_size", "tfkd_alpha", "tfkd_temperature",
                "tfkd_multiplier", "cskd_temperature", "cskd_weight", "output")
 # Options that say where and how fast a run computes, not what: --resume may change them.
@@ -104,6 +104,10 @@ PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "
 @click.option("--train-subset", type=int,
               help="Train on this many samples, as many of each class, the same for every seed: the small-data "
                    "regime where a network memorises its labels. Default: the whole training set.")
+@click.option("--crop-flip/--no-crop-flip", default=DEFAULTS["crop_flip"], show_default=True,
+              help="The data set's random crop and flip (and ImageNet's colour changes) on training images. "
+                   "--no-crop-flip trains on the images as they are: a departure from the recipes, to reach the "
+                   "regime where a network memorises its labels.")
 @click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True)
 @click.option("-j", "--workers", type=int,
               help="DataLoader worker processes; default min(4, usable CPUs), 0 for MNIST-1D (in memory).")

@@ -127,9 +127,12 @@ def build_datasets(
     download: bool = True,
     img_size: int | None = None,
     train_subset: int | None = None,
+    crop_flip: bool = True,
 ) -> DataSplits:
     """Build train/val/test data sets of ``name`` from ``data_dir``.
 
+    ``crop_flip`` False trains on the images as the evaluation sees them: no random crop,
+    flip or colour change (an opt-in departure from the recipes, for the memorising regime).
     ``train_subset`` keeps that many training samples, as many of each class
     (:func:`balanced_subset`): the small-data regime where a network memorises its labels.
     ``val_split`` then holds out that fraction of the (kept) training set (a permutation
@@ -165,6 +168,8 @@ def build_datasets(
             input_kind = "224x224"
         num_classes = len(train.classes)
         eval_view = _with_transform(train, eval_tf)
+        if not crop_flip:
+            train = eval_view
 
     if train_subset is not None:
         kept = balanced_subset(labels_of(train), train_subset, num_classes).tolist()
@@ -174,7 +179,7 @@ def build_datasets(
         train_idx, val_idx = _split_indices(len(train), val_split, seed)
         train, val = Subset(train, train_idx.tolist()), Subset(eval_view, val_idx.tolist())
     return DataSplits(train, val, test, num_classes, labels_of(train), input_kind,
-                      random_transforms=name != "mnist1d")  # MNIST-1D: fixed signals, nothing drawn
+                      random_transforms=name != "mnist1d" and crop_flip)  # MNIST-1D: fixed signals
 
 
 def balanced_subset(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:

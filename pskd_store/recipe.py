@@ -109,6 +109,7 @@ class TrainConfig:
     lr_gamma: float = 0.1  # authors' --lr_decay_rate
     val_split: float = 0.0
     train_subset: int | None = None  # None: the whole training set; n: n samples, n/K of each class
+    crop_flip: bool = True  # the data set's random crop and flip; False (opt-in): the images as they are
     seed: int = 0
     workers: int | None = None  # None: default_workers(), or the data set's own default
     device: str = "auto"

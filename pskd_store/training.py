@@ -97,7 +97,7 @@ def build_run(config: TrainConfig, directory: RunDirectory, env: Distributed, de
     on synthetic data)."""
     if splits is None:
         splits = build_datasets(config.dataset, config.data_dir, val_split=config.val_split,
-                                train_subset=config.train_subset,
+                                train_subset=config.train_subset, crop_flip=config.crop_flip,
                                 seed=config.seed, download=config.download, img_size=config.img_size)
     if input_kind(config.arch) != splits.input_kind:
         raise ValueError(

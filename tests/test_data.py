@@ -272,6 +272,29 @@ def test_a_train_subset_is_balanced_the_same_for_every_seed_and_split_after(tmp_
         data.build_datasets("fashionmnist", tmp_path / "data", download=False, train_subset=130)
 
 
+def test_no_crop_flip_trains_on_the_images_as_the_evaluation_sees_them(tmp_path, fashion_mnist_gz, monkeypatch):
+    """`train --no-crop-flip`: each training item is its image normalised, nothing drawn."""
+    from pskd_store.distributed import Distributed
+    from pskd_store.run_directory import RunDirectory
+    from pskd_store.training import build_run
+
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", fashion_mnist_gz)
+    runs = {}
+    for crop_flip in (True, False):
+        config = TrainConfig(dataset="fashionmnist", data_dir=str(tmp_path / "data"), download=False,
+                             crop_flip=crop_flip, workers=0).resolved()
+        runs[crop_flip] = build_run(config, RunDirectory(tmp_path / f"run{crop_flip}"), Distributed(),
+                                    torch.device("cpu"))
+        runs[crop_flip].train_data.set_epoch(1)
+    images = runs[False].splits.train.data[:20].float() / 255
+    expected = (images.unsqueeze(1) - data._FASHION_MEAN[0]) / data._FASHION_STD[0]
+    plain = torch.stack([runs[False].train_data[i][0] for i in range(20)])
+    torch.testing.assert_close(plain, expected, rtol=0, atol=1e-6)
+    augmented = torch.stack([runs[True].train_data[i][0] for i in range(20)])
+    assert not torch.allclose(augmented, expected)  # the recipe's random crops and flips
+    assert not runs[False].splits.random_transforms and runs[True].splits.random_transforms
+
+
 def test_a_runs_data_follow_its_img_size(imagefolder_dir, tmp_path):
     """`train --dataset folder --img-size 32` crops the training and test images to 32 pixels."""
     from pskd_store.distributed import Distributed

@@ -92,7 +92,8 @@ class PSKDTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     def open_store(self, epochs_done: int) -> None:
-        """Open the store (rolled back to ``epochs_done`` on a resume) and serve the next epoch."""
+        """Open the store, rolled back to ``epochs_done`` on a resume (each epoch's teacher is
+        served when the epoch begins)."""
         options = dict(self.pskd_options)
         self.session = StoreSession.open(
             self.pskd_url, self.pskd_base, self.pskd_labels, num_classes=self.pskd_classes,
