@@ -11,6 +11,9 @@ so `pskd-store inspect` can look at any of them afterwards.
     python benchmarks/method_table.py                      # MNIST-1D, 3 seeds, 40 epochs
     python benchmarks/method_table.py --dataset fashionmnist --alphas "" --epochs 5   # README: 91 min
     python benchmarks/method_table.py --seeds 0 --epochs 5 --alphas 0.8   # a quick look
+    # where the network memorises (docs/results.md; 25 min, after a 12-min held-out sweep):
+    python benchmarks/method_table.py --dataset fashionmnist --train-subset 5000 --no-crop-flip --epochs 30 \
+        --no-cutmix --alphas "" --alpha-T 0.8 --tfkd-multiplier 1 --cskd-weight 0.5
     python benchmarks/method_table.py --sweeps-only --alphas "" --tfkd-multipliers 1,10,100 --cskd-weights 0.5,1,2
 """
 
@@ -41,7 +44,7 @@ IMAGE_METHODS = {  # CutMix needs 2-D images
     "CE + CutMix": dict(method="ce", aug="cutmix"),
     "PS-KD + CutMix": dict(method="pskd", aug="cutmix"),
 }
-COLUMNS = {"top1_err": "Top-1 err (%)", "top5_err": "Top-5 err (%)", "nll": "NLL",
+COLUMNS = {"train_err": "Train err (%)", "top1_err": "Top-1 err (%)", "top5_err": "Top-5 err (%)", "nll": "NLL",
            "ece": "ECE (%)", "aurc": "AURC (x1e3)"}
 
 
@@ -49,7 +52,10 @@ def run_one(base: dict, overrides: dict, seed: int, directory: Path, split: str)
     config = TrainConfig(**{**base, **overrides, "seed": seed}).resolved()
     if not (directory / "summary.json").is_file():
         train(config, directory, quiet=True)
-    return json.loads((directory / "summary.json").read_text())["final"][split]
+    final = json.loads((directory / "summary.json").read_text())["final"][split]
+    # the last epoch's error on its own (augmented) training passes: ~0 once the network memorises
+    last = json.loads((directory / "metrics.jsonl").read_text().splitlines()[-1])
+    return {**final, "train_err": last["train"]["top1_err"]}
 
 
 def mean_std(rows: list[dict]) -> dict:

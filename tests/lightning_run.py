@@ -65,7 +65,7 @@ class Classifier(pl.LightningModule):
 
 
 def fit(root: Path, *, devices: int = 1, epochs: int = 4, workers: int = 0, kill_in_epoch: int | None = None,
-        kill_at: str = "mid-epoch", resume: bool = False, **pskd_options) -> Classifier:
+        kill_at: str = "mid-epoch", resume: bool = False, precision: str = "32-true", **pskd_options) -> Classifier:
     torch.manual_seed(0)
     torch.set_num_threads(1)
     pskd = PSKD(root / "store", num_classes=K, alpha_T=0.8, chunk_rows=16, **pskd_options)
@@ -77,7 +77,7 @@ def fit(root: Path, *, devices: int = 1, epochs: int = 4, workers: int = 0, kill
         loader = DataLoader(data, batch_size=16, shuffle=True, num_workers=workers)
     module = Classifier(kill_in_epoch, kill_at)
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", filename="{epoch}", save_last=True, save_top_k=-1)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=devices,
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=devices, precision=precision,
                          strategy="ddp" if devices > 1 else "auto", callbacks=[pskd, checkpoints], logger=False,
                          enable_progress_bar=False, enable_model_summary=False, deterministic=True)
     trainer.fit(module, loader, ckpt_path=root / "checkpoints" / "last.ckpt" if resume else None)

@@ -62,8 +62,12 @@ def assert_targets_are_eq6(seen: list[tuple], written: list[tuple] | None = None
     return checked
 
 
-def test_one_process_with_workers_serves_eq6_and_checkpoints_the_store(tmp_path):
-    module = fit(tmp_path, epochs=EPOCHS, workers=2)
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_one_process_with_workers_serves_eq6_and_checkpoints_the_store(tmp_path, precision):
+    """Under bf16 autocast the logits are bfloat16: the store keeps the softmax of them upcast."""
+    module = fit(tmp_path, epochs=EPOCHS, workers=2, precision=precision)
+    assert {logits.dtype for *_, logits, _ in module.seen} == {torch.float32 if precision == "32-true" else
+                                                                torch.bfloat16}
     assert assert_targets_are_eq6(module.seen) == 3 * lightning_run.N  # every sample of epochs 2-4
     store = SoftTargetStore.open(tmp_path / "store")
     assert store.sealed_epochs == [1, 2, 3, 4]
