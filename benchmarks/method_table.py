@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from pskd_store.recipe import TrainConfig
+from pskd_store.run_directory import RunDirectory
 from pskd_store.training import train
 
 METHODS = {  # label -> TrainConfig overrides
@@ -54,8 +55,7 @@ def run_one(base: dict, overrides: dict, seed: int, directory: Path, split: str)
         train(config, directory, quiet=True)
     final = json.loads((directory / "summary.json").read_text())["final"][split]
     # the last epoch's error on its own (augmented) training passes: ~0 once the network memorises
-    last = json.loads((directory / "metrics.jsonl").read_text().splitlines()[-1])
-    return {**final, "train_err": last["train"]["top1_err"]}
+    return {**final, "train_err": RunDirectory(directory).metrics_rows()[-1]["train"]["top1_err"]}
 
 
 def mean_std(rows: list[dict]) -> dict:

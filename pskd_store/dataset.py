@@ -118,28 +118,30 @@ class SoftTargetDataset(Dataset):
     def __getitems__(self, indices: list[int]) -> SoftTargetBatch:
         """A whole batch at once (the DataLoader calls this): one gather from the memory
         map and one blend for all rows, instead of per-item tensor work."""
-        items = self._load(indices, self._require_epoch())
+        state = self._current()
+        items = self._load(indices, state[0])
         ids = torch.as_tensor([int(i) for i in indices], dtype=torch.int64)  # without the draws' repeats
         labels = torch.as_tensor([int(label) for _, label in items], dtype=torch.int64)
-        return SoftTargetBatch([input for input, _ in items], self.targets(labels, ids), labels, ids)
+        return SoftTargetBatch([input for input, _ in items], self._blend(labels, ids, *state), labels, ids)
 
     def targets(self, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The current epoch's (B, K) float32 targets of samples ``ids`` with ``labels``: what
         items carry, for loops that blend in the main process (``integrations.transformers``)."""
-        epoch, teacher, token = self._state.tolist()  # one read of what set_epoch wrote
-        self._require_epoch(epoch)
-        labels, ids = torch.as_tensor(labels).cpu(), torch.as_tensor(ids).cpu()
+        return self._blend(torch.as_tensor(labels).cpu(), torch.as_tensor(ids).cpu(), *self._current())
+
+    def _current(self) -> tuple[int, int, int]:
+        """(epoch, teacher epoch or 0, seal token as int), in one read of what set_epoch wrote."""
+        epoch, teacher, token = self._state.tolist()
+        if epoch == 0:
+            raise RuntimeError("call set_epoch(epoch) before iterating a SoftTargetDataset")
+        return epoch, teacher, token
+
+    def _blend(self, labels: torch.Tensor, ids: torch.Tensor, epoch: int, teacher: int, token: int) -> torch.Tensor:
         self._check_labels(labels.numpy(), ids.numpy())
         if teacher == 0:
             return torch.nn.functional.one_hot(labels, self.num_classes).float()
         past = self.service.lookup(teacher, token_from_int(token), ids.numpy())
         return soft_target(labels, past, alpha_t(epoch, self.total_epochs, self.alpha_T))
-
-    def _require_epoch(self, epoch: int | None = None) -> int:
-        epoch = int(self._state[0]) if epoch is None else epoch
-        if epoch == 0:
-            raise RuntimeError("call set_epoch(epoch) before iterating a SoftTargetDataset")
-        return epoch
 
     def _load(self, indices: list[int], epoch: int) -> list[tuple]:
         """The base data set's items; with a seed, each drawn from generators seeded by
