@@ -43,16 +43,14 @@ def collate_soft_targets(batch: SoftTargetBatch | list) -> tuple | list:
     return default_collate(batch)
 
 
-class SoftTargetDataset(Dataset):
-    """Wrap a map-style data set of ``(input, label)``; items become
-    ``(input, target, label, index)`` with target = (1 - a_t)·onehot(label) + a_t·p_{t-1}.
-
-    Call :meth:`set_epoch` in the main process before iterating each epoch's DataLoader
-    (as with ``DistributedSampler.set_epoch``). The epoch lives in a shared-memory tensor,
-    so workers started earlier (``persistent_workers=True``, fork or spawn) see it too and
-    switch to the new teacher on their next item. Epoch 1 has no teacher: one-hot targets.
-    With ``alpha_T`` 0 no teacher is ever read (the targets are one-hot): what a method
-    that trains on its labels wraps its data with, so that its items still carry their ids.
+class TeacherEpochDataset(Dataset):
+    """What a data set serving last epoch's predictions needs, whatever its items make of
+    them (:class:`SoftTargetDataset`, :class:`TokenTargetDataset`): the epoch, set by
+    :meth:`set_epoch` in the main process before iterating each epoch's DataLoader (as with
+    ``DistributedSampler.set_epoch``), lives in a shared-memory tensor, so workers started
+    earlier (``persistent_workers=True``, fork or spawn) see it too and switch to the new
+    teacher on their next item; the teacher is the memory map of the sealed epoch before
+    (service.py). Epoch 1 has no teacher. With ``alpha_T`` 0 no teacher is ever read.
 
     With ``seed``, each item is loaded with the host generators (torch's, Python's,
     NumPy's) seeded by (seed, rank, epoch, id, repeat) (seeding.py): its random transforms
@@ -72,14 +70,9 @@ class SoftTargetDataset(Dataset):
         seed: int | None = None,
         rank: int = 0,
     ):
-        if len(base) != store.num_samples:
-            raise StoreError(
-                f"the data set has {len(base)} samples but the store was made for "
-                f"{store.num_samples}: use the store of this data set"
-            )
         alpha_t(1, total_epochs, alpha_T)  # validates both
-        self._labels = store.labels  # (N,): every batch's labels are checked against it
-        self._check_labels(known_labels(base), np.arange(len(base)))
+        self._labels = store.labels  # every batch's labels are checked against the store's
+        self._require_same_data(base, store)
         self.base = base
         self.alpha_T = alpha_T
         self.total_epochs = total_epochs
@@ -91,6 +84,10 @@ class SoftTargetDataset(Dataset):
         store.add_reader(self)  # the store's writers refuse an epoch this data set is not set to
         # [epoch, teacher epoch or 0, seal token as int]: written by set_epoch, read by workers
         self._state = torch.zeros(3, dtype=torch.int64).share_memory_()
+
+    def _require_same_data(self, base: Dataset, store: SoftTargetStore) -> None:
+        """Refuse a base data set that is not the one the store was made for."""
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.base)
@@ -115,33 +112,12 @@ class SoftTargetDataset(Dataset):
     def __getitem__(self, index: int) -> tuple:
         return self.__getitems__([index])[0]
 
-    def __getitems__(self, indices: list[int]) -> SoftTargetBatch:
-        """A whole batch at once (the DataLoader calls this): one gather from the memory
-        map and one blend for all rows, instead of per-item tensor work."""
-        state = self._current()
-        items = self._load(indices, state[0])
-        ids = torch.as_tensor([int(i) for i in indices], dtype=torch.int64)  # without the draws' repeats
-        labels = torch.as_tensor([int(label) for _, label in items], dtype=torch.int64)
-        return SoftTargetBatch([input for input, _ in items], self._blend(labels, ids, *state), labels, ids)
-
-    def targets(self, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """The current epoch's (B, K) float32 targets of samples ``ids`` with ``labels``: what
-        items carry, for loops that blend in the main process (``integrations.transformers``)."""
-        return self._blend(torch.as_tensor(labels).cpu(), torch.as_tensor(ids).cpu(), *self._current())
-
     def _current(self) -> tuple[int, int, int]:
         """(epoch, teacher epoch or 0, seal token as int), in one read of what set_epoch wrote."""
         epoch, teacher, token = self._state.tolist()
         if epoch == 0:
-            raise RuntimeError("call set_epoch(epoch) before iterating a SoftTargetDataset")
+            raise RuntimeError(f"call set_epoch(epoch) before iterating a {type(self).__name__}")
         return epoch, teacher, token
-
-    def _blend(self, labels: torch.Tensor, ids: torch.Tensor, epoch: int, teacher: int, token: int) -> torch.Tensor:
-        self._check_labels(labels.numpy(), ids.numpy())
-        if teacher == 0:
-            return torch.nn.functional.one_hot(labels, self.num_classes).float()
-        past = self.service.lookup(teacher, token_from_int(token), ids.numpy())
-        return soft_target(labels, past, alpha_t(epoch, self.total_epochs, self.alpha_T))
 
     def _load(self, indices: list[int], epoch: int) -> list[tuple]:
         """The base data set's items; with a seed, each drawn from generators seeded by
@@ -156,6 +132,53 @@ class SoftTargetDataset(Dataset):
                 items.append(self.base[int(i)])
         return items
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_store"] = None  # workers read memory maps only, never the Zarr store
+        return state
+
+
+class SoftTargetDataset(TeacherEpochDataset):
+    """Wrap a map-style data set of ``(input, label)``; items become
+    ``(input, target, label, index)`` with target = (1 - a_t)·onehot(label) + a_t·p_{t-1}.
+
+    Epoch 1 has no teacher: one-hot targets. With ``alpha_T`` 0 the targets are always
+    one-hot: what a method that trains on its labels wraps its data with, so that its items
+    still carry their ids. Epochs, workers, ``seed`` and ``rank``: :class:`TeacherEpochDataset`.
+    """
+
+    def _require_same_data(self, base: Dataset, store: SoftTargetStore) -> None:
+        if store.token_rows is not None:
+            raise StoreError(f"{store.url} is a sequence store (a row per target token): wrap the data set "
+                             "with TokenTargetDataset")
+        if len(base) != store.num_samples:
+            raise StoreError(
+                f"the data set has {len(base)} samples but the store was made for "
+                f"{store.num_samples}: use the store of this data set"
+            )
+        self._check_labels(known_labels(base), np.arange(len(base)))
+
+    def __getitems__(self, indices: list[int]) -> SoftTargetBatch:
+        """A whole batch at once (the DataLoader calls this): one gather from the memory
+        map and one blend for all rows, instead of per-item tensor work."""
+        state = self._current()
+        items = self._load(indices, state[0])
+        ids = torch.as_tensor([int(i) for i in indices], dtype=torch.int64)  # without the draws' repeats
+        labels = torch.as_tensor([int(label) for _, label in items], dtype=torch.int64)
+        return SoftTargetBatch([input for input, _ in items], self._blend(labels, ids, *state), labels, ids)
+
+    def targets(self, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """The current epoch's (B, K) float32 targets of samples ``ids`` with ``labels``: what
+        items carry, for loops that blend in the main process (``integrations.transformers``)."""
+        return self._blend(torch.as_tensor(labels).cpu(), torch.as_tensor(ids).cpu(), *self._current())
+
+    def _blend(self, labels: torch.Tensor, ids: torch.Tensor, epoch: int, teacher: int, token: int) -> torch.Tensor:
+        self._check_labels(labels.numpy(), ids.numpy())
+        if teacher == 0:
+            return torch.nn.functional.one_hot(labels, self.num_classes).float()
+        past = self.service.lookup(teacher, token_from_int(token), ids.numpy())
+        return soft_target(labels, past, alpha_t(epoch, self.total_epochs, self.alpha_T))
+
     def _check_labels(self, labels: np.ndarray | None, indices: np.ndarray) -> None:
         """A base data set with other labels than the store's would blend each sample's
         teacher row with another class: refuse it, whatever its length."""
@@ -169,8 +192,3 @@ class SoftTargetDataset(Dataset):
                 f"label {self._labels[i]} ({len(wrong)} of {len(indices)} checked samples differ): wrap "
                 "the data set the store was created for, in the same order, or create a new store"
             )
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_store"] = None  # workers read memory maps only, never the Zarr store
-        return state

@@ -65,6 +65,40 @@ def soft_target(labels: torch.Tensor, past: torch.Tensor, alpha: float) -> torch
     return target
 
 
+def token_soft_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    teacher_classes: torch.Tensor,
+    alpha: torch.Tensor | float,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """PS-KD's loss for a sequence model, averaged over the target positions (labels other
+    than ``ignore_index``), as ``cross_entropy(..., ignore_index=...)`` averages.
+
+    The target of a position is (1 - a)·onehot(label) + a·p, p the stored teacher: its
+    ``teacher_probs`` (B, L, w) at ``teacher_classes`` (B, L, w) and, when w < V, the rest
+    of the mass, 1 - sum(probs), spread evenly over the other V - w classes (as
+    ``TopKRows.expand`` rebuilds a row). The cross-entropy is taken against that target
+    from the log-softmax, without building the (B, L, V) target; ``alpha`` is a float or
+    (B,), as TokenTargetDataset's items carry it.
+    """
+    log_probs = logits.float().log_softmax(dim=-1)
+    vocabulary, width = log_probs.shape[-1], teacher_classes.shape[-1]
+    targets = labels != ignore_index
+    true_class = log_probs.gather(-1, labels.masked_fill(~targets, 0).unsqueeze(-1)).squeeze(-1)
+    at_teacher = log_probs.gather(-1, teacher_classes)
+    teacher_probs = teacher_probs.float()
+    teacher_term = (teacher_probs * at_teacher).sum(dim=-1)
+    if width < vocabulary:
+        rest = (1 - teacher_probs.sum(dim=-1)).clamp(min=0) / (vocabulary - width)
+        teacher_term = teacher_term + rest * (log_probs.sum(dim=-1) - at_teacher.sum(dim=-1))
+    alpha = torch.as_tensor(alpha, dtype=log_probs.dtype, device=log_probs.device)
+    alpha = alpha.reshape(-1, 1) if alpha.ndim else alpha
+    per_position = -((1 - alpha) * true_class + alpha * teacher_term)
+    return (per_position * targets).sum() / targets.sum().clamp(min=1)
+
+
 @dataclass(frozen=True)
 class CsKd:
     """CS-KD's class-wise regulariser (Yun et al., CVPR 2020): the KL divergence from the

@@ -34,7 +34,8 @@ from .errors import StoreError
 from .integrity import CheckedArray
 from .row_encoding import RowEncoding
 from .staging import StagedPart
-from .store_keys import TRAJECTORY_FIELDS, slice_rows
+from .store_keys import slice_rows
+from .trajectory import RowTrajectory, SequenceTrajectory
 
 BUCKET_BYTES = 64 << 20  # rows gathered in memory at a time (two buckets are in flight)
 
@@ -55,12 +56,14 @@ def merge_epoch(
     previous: CheckedArray | None,
     labels: np.ndarray,
     encoding: RowEncoding,
+    record: RowTrajectory | SequenceTrajectory,
     scratch_dir: str | Path | None = None,
 ) -> Merged:
     """Write the epoch of ``parts`` (in rank order) into the empty array ``out``.
 
     ``previous`` is the latest sealed epoch (None: ids never written get one-hot labels);
-    ``encoding`` says what a row holds (row_encoding.py).
+    ``encoding`` says what a row holds (row_encoding.py); ``record`` accumulates the
+    epoch's trajectory tier (trajectory.py).
     """
     num_samples = out.shape[0]
     ids = [_read_ids(part, num_samples) for part in parts]
@@ -73,9 +76,9 @@ def merge_epoch(
         except OSError as err:  # names the scratch file's directory: a write to a file carries no name
             raise OSError(err.errno, f"{err.strerror}, writing the seal's scratch file (pass another "
                                      "scratch_dir)", str(scratch_dir)) from err
-        trajectory = _gather(out, buckets, scratch.fileno(), previous, labels, encoding)
+        _gather(out, buckets, scratch.fileno(), previous, labels, encoding, record)
     written = int(buckets.written.sum())
-    return Merged(sum(len(i) for i in ids), written, num_samples - written, trajectory)
+    return Merged(sum(len(i) for i in ids), written, num_samples - written, record.result())
 
 
 def _read_ids(part: StagedPart, num_samples: int) -> np.ndarray:
@@ -166,15 +169,14 @@ def _write_runs(fd: int, rows: np.ndarray, runs: list[tuple[int, int, int]], row
 
 def _gather(
     out: zarr.Array, buckets: _Buckets, fd: int, previous: CheckedArray | None, labels: np.ndarray,
-    encoding: RowEncoding,
-) -> dict[str, np.ndarray]:
-    """Write ``out`` bucket by bucket; returns the trajectory tier of the epoch.
+    encoding: RowEncoding, record: RowTrajectory | SequenceTrajectory,
+) -> None:
+    """Write ``out`` bucket by bucket, adding each bucket to the epoch's trajectory ``record``.
 
     Two block buffers take turns (one is built while zarr writes the other) and are reused,
     so no bucket pays for fresh pages; scratch rows and previous rows come in slices.
     """
-    num_samples, num_classes = out.shape
-    trajectory = {name: np.empty(num_samples, dtype) for name, dtype in TRAJECTORY_FIELDS.items()}
+    num_classes = out.shape[1]
     row_bytes = num_classes * out.dtype.itemsize
     step = slice_rows(out.chunks[0], row_bytes)
     blocks = [np.empty((buckets.rows, num_classes), dtype=out.dtype) for _ in range(min(2, len(buckets)))]
@@ -192,15 +194,12 @@ def _gather(
             missing = np.flatnonzero(~buckets.written[lo:hi])
             if len(missing):
                 _fill_missing(block, missing, lo, previous, labels, encoding, step)
-            for name, values in encoding.trajectory(block, labels[lo:hi]).items():
-                trajectory[name][lo:hi] = values
-            trajectory["written"][lo:hi] = buckets.written[lo:hi]
+            record.add(lo, encoding.trajectory(block, labels[lo:hi]), labels[lo:hi], buckets.written[lo:hi])
             if pending is not None:
                 pending.result()  # one block is written while the next is built
             pending = writer.submit(out.__setitem__, slice(lo, hi), block)
         if pending is not None:
             pending.result()
-    return trajectory
 
 
 def _fill_missing(

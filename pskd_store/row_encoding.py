@@ -70,6 +70,11 @@ class RowEncoding(ABC):
         """Stored rows -> (B, K) probabilities (float32)."""
 
     @abstractmethod
+    def sparse(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Stored rows -> (probabilities (B, w) float32, their classes (B, w) int64): what a
+        loss rebuilding the target on the device takes (loss.token_soft_cross_entropy)."""
+
+    @abstractmethod
     def onehot(self, labels: np.ndarray) -> np.ndarray:
         """The stored rows of one-hot predictions of ``labels``."""
 
@@ -108,6 +113,9 @@ class DenseRows(RowEncoding):
 
     def expand(self, rows: np.ndarray) -> np.ndarray:
         return rows.astype(np.float32)
+
+    def sparse(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return rows.astype(np.float32), np.tile(np.arange(self.num_classes, dtype=np.int64), (len(rows), 1))
 
     def onehot(self, labels: np.ndarray) -> np.ndarray:
         rows = np.zeros((len(labels), self.num_classes), dtype=self.value_dtype)
@@ -184,6 +192,10 @@ class TopKRows(RowEncoding):
         out = np.repeat(rest[:, None], self.num_classes, axis=1)
         np.put_along_axis(out, classes.astype(np.int64), values, axis=1)
         return out
+
+    def sparse(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        values, classes = self.unpack(rows)
+        return values.astype(np.float32), classes.astype(np.int64)
 
     def unreadable(self, rows: np.ndarray) -> np.ndarray:
         """(B,) rows naming a class id outside [0, K): no target can put a value there."""

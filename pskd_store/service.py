@@ -112,8 +112,11 @@ class PredictionService:
 
     def lookup(self, epoch: int, token: str, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Predictions of ``ids`` at ``epoch`` as a float32 (B, K) tensor (top-k rows rebuilt)."""
-        rows = np.take(self.view(epoch, token), np.asarray(ids), axis=0)  # faster than fancy indexing
-        return torch.from_numpy(self.encoding.expand(rows))
+        return torch.from_numpy(self.encoding.expand(self.stored_rows(epoch, token, ids)))
+
+    def stored_rows(self, epoch: int, token: str, ids: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Rows ``ids`` of a prepared epoch as stored (row_encoding.py)."""
+        return np.take(self.view(epoch, token), np.asarray(ids), axis=0)  # faster than fancy indexing
 
     def _require_store(self) -> SoftTargetStore:
         if self._store is None:

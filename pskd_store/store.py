@@ -50,8 +50,10 @@ from .errors import EpochNotSealedError, StoreDamagedError, StoreError, StoreExi
 from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum, stored_digest
 from .merge import merge_epoch
 from .row_encoding import UNREADABLE_ROWS, RowEncoding, row_encoding
+from .sequences import TokenRows
 from .staging import EpochStaging
-from .store_keys import TRAJECTORY_FIELDS, epoch_key, new_seal_token
+from .store_keys import SEQUENCE_TRAJECTORY_FIELDS, TRAJECTORY_FIELDS, epoch_key, new_seal_token
+from .trajectory import RowTrajectory, SequenceTrajectory
 from .zarr_sync import sync
 
 SCHEMA_VERSION = 2  # 2: crc32c on every array, every chunk written, trajectory "written"
@@ -62,18 +64,23 @@ DIGESTED_TIERS = ("teacher", "trajectory")  # each sealed epoch records a digest
 META_CHECKSUM = "crc32c"  # the attributes' own checksum, of all the others
 
 
+def _sha256(values: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(values, dtype=np.int64).tobytes()).hexdigest()
+
+
 @dataclass(frozen=True)
 class Fingerprint:
-    """What makes two data sets interchangeable for a store: N, K and the labels."""
+    """What makes two data sets interchangeable for a store: N, K and the labels (and, for
+    a sequence store, how its rows divide into samples)."""
 
     num_samples: int
     num_classes: int
     labels_sha256: str
+    lengths_sha256: str | None = None
 
     @classmethod
-    def of(cls, labels: np.ndarray, num_classes: int) -> Fingerprint:
-        labels = np.ascontiguousarray(labels, dtype=np.int64)
-        return cls(len(labels), int(num_classes), hashlib.sha256(labels.tobytes()).hexdigest())
+    def of(cls, labels: np.ndarray, num_classes: int, lengths: np.ndarray | None = None) -> Fingerprint:
+        return cls(len(labels), int(num_classes), _sha256(labels), None if lengths is None else _sha256(lengths))
 
     def mismatch(self, other: Fingerprint) -> str | None:
         """A sentence describing how ``other`` differs, or None when they agree."""
@@ -83,7 +90,25 @@ class Fingerprint:
             return f"the store holds K={self.num_classes} classes, the data set has {other.num_classes}"
         if self.labels_sha256 != other.labels_sha256:
             return "the data set's labels differ from the ones the store was made for"
+        if self.lengths_sha256 != other.lengths_sha256:
+            if self.lengths_sha256 is None or other.lengths_sha256 is None:
+                return ("one of the store and the data set holds sequences (a row per target position), "
+                        "the other a row per sample")
+            return "the data set's samples have other numbers of target positions than the store's"
         return None
+
+
+def _require_lengths(lengths: np.ndarray, num_rows: int) -> None:
+    """A sequence store's lengths must divide its rows (the labels) into samples."""
+    try:
+        token_rows = TokenRows(lengths)
+    except ValueError as err:
+        raise StoreError(str(err)) from err
+    if token_rows.num_rows != num_rows:
+        raise StoreError(
+            f"lengths add up to {token_rows.num_rows} target positions but there are {num_rows} labels: pass "
+            "every sample's target tokens in order as labels (sequences.token_labels makes both)"
+        )
 
 
 def default_chunk_rows(row_bytes: int) -> int:
@@ -163,6 +188,7 @@ class SoftTargetStore:
             )
         self._meta = meta
         self._labels: np.ndarray | None = None
+        self._token_rows: TokenRows | None = None
         self._readers: weakref.WeakSet = weakref.WeakSet()  # SoftTargetDatasets reading this store
 
     # -- creating and opening -------------------------------------------------------------
@@ -179,6 +205,7 @@ class SoftTargetStore:
         blosc: dict[str, Any] | None = None,
         keep_epochs: int = 2,
         topk: int | None = None,
+        lengths: np.ndarray | None = None,
         overwrite: bool = False,
         storage_options: dict | None = None,
     ) -> SoftTargetStore:
@@ -189,6 +216,10 @@ class SoftTargetStore:
         epochs are kept (the trajectory tier keeps all): 2 lets a run that crashed between
         sealing epoch t and checkpointing it redo epoch t. ``topk`` keeps only the k largest
         probabilities of each row and their classes (row_encoding.py); None keeps all K.
+
+        With ``lengths`` it is a sequence store (sequences.py): sample i has ``lengths[i]``
+        target positions, each a row, and ``labels`` are the target tokens in sample and
+        position order (``sequences.token_labels`` makes both from per-sample labels).
         """
         labels = np.asarray(labels)
         if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
@@ -206,6 +237,8 @@ class SoftTargetStore:
             raise StoreError(f"dtype must be one of {DTYPES}, got {dtype!r}")
         if keep_epochs < 1:
             raise StoreError("keep_epochs must be at least 1: training reads the previous epoch")
+        if lengths is not None:
+            _require_lengths(lengths, len(labels))
         try:
             encoding = row_encoding(num_classes, dtype, topk)
         except ValueError as err:
@@ -228,7 +261,12 @@ class SoftTargetStore:
             "labels", data=labels.astype(np.int64), chunks=(len(labels),),
             compressors=codecs_with_checksum(codec), config=ARRAY_CONFIG,
         )
-        fingerprint = Fingerprint.of(labels, num_classes)
+        if lengths is not None:
+            group.create_array(
+                "lengths", data=np.asarray(lengths, dtype=np.int64), chunks=(len(lengths),),
+                compressors=codecs_with_checksum(codec), config=ARRAY_CONFIG,
+            )
+        fingerprint = Fingerprint.of(labels, num_classes, lengths)
         group.attrs[ATTRS_KEY] = _with_checksum({
             "schema_version": SCHEMA_VERSION,
             "store_id": secrets.token_hex(8),
@@ -239,6 +277,7 @@ class SoftTargetStore:
             "blosc": blosc,
             "keep_epochs": keep_epochs,
             "topk": topk,
+            "num_sequences": None if lengths is None else len(lengths),
             "fingerprint": fingerprint.__dict__,
             "sealed": [],
             "epochs": {},
@@ -252,14 +291,16 @@ class SoftTargetStore:
         *,
         labels: np.ndarray | None = None,
         num_classes: int | None = None,
+        lengths: np.ndarray | None = None,
         read_only: bool = False,
         storage_options: dict | None = None,
     ) -> SoftTargetStore:
-        """Open an existing store; with ``labels`` (and ``num_classes``), refuse other data."""
+        """Open an existing store; with ``labels`` (and ``num_classes``, a sequence store's
+        ``lengths``), refuse other data."""
         zstore = _open_zarr_store(url, read_only=read_only, storage_options=storage_options, must_exist=True)
         store = cls(_open_root(zstore, str(url), read_only), str(url), storage_options)
         if labels is not None:
-            expected = Fingerprint.of(labels, num_classes if num_classes is not None else store.num_classes)
+            expected = Fingerprint.of(labels, num_classes if num_classes is not None else store.num_classes, lengths)
             problem = store.fingerprint.mismatch(expected)
             if problem:
                 raise StoreError(
@@ -275,7 +316,7 @@ class SoftTargetStore:
         """Open the store at ``url`` if one is there (checking the fingerprint), else create it."""
         try:
             return cls.open(
-                url, labels=labels, num_classes=num_classes,
+                url, labels=labels, num_classes=num_classes, lengths=create_kwargs.get("lengths"),
                 storage_options=create_kwargs.get("storage_options"),
             )
         except StoreNotFoundError:
@@ -332,7 +373,7 @@ class SoftTargetStore:
             labels = CheckedArray.open(
                 self._group, "labels", "the labels array", self.url, shape=(self.num_samples,), dtype=np.int64
             )[:]
-            if Fingerprint.of(labels, self.num_classes) != self.fingerprint:
+            if _sha256(labels) != self.fingerprint.labels_sha256:
                 raise StoreDamagedError(
                     f"the labels array in {self.url} is damaged: it no longer matches the store's "
                     f"fingerprint. None of its values were used; `pskd-store verify {self.url}` "
@@ -340,6 +381,35 @@ class SoftTargetStore:
                 )
             self._labels = labels
         return self._labels
+
+    @property
+    def token_rows(self) -> TokenRows | None:
+        """A sequence store's (sample, position) -> row map (sequences.py); None for a store
+        of one row per sample."""
+        if self._meta.get("num_sequences") is None:
+            return None
+        if self._token_rows is None:
+            lengths = CheckedArray.open(
+                self._group, "lengths", "the lengths array", self.url, shape=(self._meta["num_sequences"],),
+                dtype=np.int64,
+            )[:]
+            if _sha256(lengths) != self.fingerprint.lengths_sha256:
+                raise StoreDamagedError(
+                    f"the lengths array in {self.url} is damaged: it no longer matches the store's "
+                    f"fingerprint. None of its values were used; `pskd-store verify {self.url}` "
+                    "lists everything that is damaged"
+                )
+            self._token_rows = TokenRows(lengths)
+        return self._token_rows
+
+    @property
+    def trajectory_fields(self) -> dict[str, type]:
+        """The trajectory tier's fields: per row, or per sample of a sequence store."""
+        return TRAJECTORY_FIELDS if self._meta.get("num_sequences") is None else SEQUENCE_TRAJECTORY_FIELDS
+
+    def _trajectory_record(self) -> RowTrajectory | SequenceTrajectory:
+        token_rows = self.token_rows
+        return RowTrajectory(self.num_samples) if token_rows is None else SequenceTrajectory(token_rows)
 
     @property
     def local_path(self) -> Path | None:
@@ -412,7 +482,7 @@ class SoftTargetStore:
         the seal records in the epoch's statistics and `verify` compares."""
         if tier == "teacher":
             return stored_digest([self._teacher(epoch)])
-        return stored_digest([self._trajectory(epoch, field) for field in TRAJECTORY_FIELDS])
+        return stored_digest([self._trajectory(epoch, field) for field in self.trajectory_fields])
 
     def _teacher(self, epoch: int) -> CheckedArray:
         return CheckedArray.open(
@@ -421,9 +491,10 @@ class SoftTargetStore:
         )
 
     def _trajectory(self, epoch: int, field: str) -> CheckedArray:
+        rows = self._meta.get("num_sequences") or self.num_samples
         return CheckedArray.open(
             self._group, f"trajectory/{epoch_key(epoch)}/{field}", f"the trajectory ({field}) of epoch {epoch}",
-            self.url, shape=(self.num_samples,), dtype=TRAJECTORY_FIELDS[field],
+            self.url, shape=(rows,), dtype=self.trajectory_fields[field],
         )
 
     def read_epoch(self, epoch: int) -> np.ndarray:
@@ -435,23 +506,25 @@ class SoftTargetStore:
         return rows if self.topk is None else self.encoding.expand(rows)
 
     def trajectory(self, epochs: list[int] | None = None) -> dict[str, np.ndarray]:
-        """The trajectory tier as arrays of shape (E, N), plus ``epochs`` (E,).
+        """The trajectory tier as arrays of shape (E, N), plus ``epochs`` (E,); a sequence
+        store's (E, number of samples), per sample (sequences.py).
 
         Only rows written in an epoch are predictions of that epoch: in the others (carried
-        forward by the seal) ``true_prob`` and ``max_prob`` are NaN and ``argmax`` is -1;
+        forward by the seal) the probabilities are NaN and ``argmax`` is -1;
         ``written`` tells them apart. Reads only the compact per-epoch records.
         """
         epochs = self.sealed_epochs if epochs is None else list(epochs)
         for epoch in epochs:
             self.require_sealed(epoch, teacher=False)
         out: dict[str, np.ndarray] = {"epochs": np.asarray(epochs, dtype=np.int64)}
-        for field, dtype in TRAJECTORY_FIELDS.items():
+        for field, dtype in self.trajectory_fields.items():
             rows = [self.trajectory_array(e, field)[:] for e in epochs]
-            out[field] = np.stack(rows) if rows else np.empty((0, self.num_samples), dtype)
+            out[field] = np.stack(rows) if rows else np.empty((0, self._trajectory(epochs[0], field).shape[0]
+                                                                  if epochs else 0), dtype)
         carried = ~out["written"]
-        out["true_prob"][carried] = np.nan
-        out["max_prob"][carried] = np.nan
-        out["argmax"][carried] = -1
+        for field in self.trajectory_fields:
+            if field != "written":
+                out[field][carried] = -1 if field == "argmax" else np.nan
         return out
 
     def summary(self) -> dict[str, Any]:
@@ -469,6 +542,7 @@ class SoftTargetStore:
             "fingerprint": self._meta["fingerprint"],
             "rows": self.encoding.describe(),
             "topk": self.topk,
+            "num_sequences": self._meta.get("num_sequences"),
             "sealed_epochs": self.sealed_epochs,
             "teacher_epochs": self.teacher_epochs,
             "epochs": epochs,
@@ -516,13 +590,15 @@ class SoftTargetStore:
             )
 
     def writer(self, epoch: int, **kwargs: Any):
-        """A :class:`~pskd_store.writer.PredictionWriter` for ``epoch`` (see its options).
+        """A :class:`~pskd_store.writer.PredictionWriter` for ``epoch`` (see its options); for a
+        sequence store, a :class:`~pskd_store.token_writer.TokenWriter`.
 
         Refused while a :class:`SoftTargetDataset` reading this store object is set to
         another epoch: the predictions of epoch t must come from the steps that trained on
         epoch t's targets (call ``dataset.set_epoch(epoch)`` first).
         """
         # imported here: the writer imports torch, reading a store does not
+        from .token_writer import TokenWriter
         from .writer import PredictionWriter
 
         for dataset in list(self._readers):
@@ -533,7 +609,7 @@ class SoftTargetStore:
                     f"epoch {epoch}'s. Call dataset.set_epoch({epoch}) before training the epoch"
                 )
         try:
-            return PredictionWriter(self, epoch, **kwargs)
+            return (PredictionWriter if self.token_rows is None else TokenWriter)(self, epoch, **kwargs)
         except OSError as err:  # claiming the part writes to the store: a read-only file system, say
             raise StoreError(f"cannot write epoch {epoch} into the store: {os_problem(err, self.url)}; make it "
                              "writable, or keep the store elsewhere (--store)") from err
@@ -580,7 +656,7 @@ class SoftTargetStore:
         )
         merged = merge_epoch(
             parts, teacher, None if latest is None else self.teacher_array(latest), self.labels, self.encoding,
-            scratch_dir
+            self._trajectory_record(), scratch_dir
         )
         self._write_trajectory(epoch, merged.trajectory)
         # every chunk read back as stored before the epoch is published: a chunk lost or
@@ -656,12 +732,12 @@ class SoftTargetStore:
         """The fields' arrays made concurrently: each is a few small writes, and one at a time
         their round trips are most of a small epoch's seal."""
         async def create_all() -> None:
-            await asyncio.gather(*(create(field, dtype) for field, dtype in TRAJECTORY_FIELDS.items()))
+            await asyncio.gather(*(create(field, dtype) for field, dtype in self.trajectory_fields.items()))
 
         def create(field: str, dtype: np.dtype):
             return zarr.api.asynchronous.create_array(
                 self._group.store, name=f"{self._group.path}/trajectory/{epoch_key(epoch)}/{field}".lstrip("/"),
-                data=values[field].astype(dtype), chunks=(self.num_samples,),
+                data=values[field].astype(dtype), chunks=(len(values[field]),),
                 compressors=codecs_with_checksum(self.codec), config=ARRAY_CONFIG, overwrite=True,
             )
 

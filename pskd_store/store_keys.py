@@ -10,6 +10,13 @@ import numpy as np
 
 # a trajectory tier array per field and epoch: what `inspect` reads, kept for every epoch
 TRAJECTORY_FIELDS = {"true_prob": np.float16, "max_prob": np.float16, "argmax": np.int32, "written": np.bool_}
+# a sequence store's trajectory tier: per sample, over its target positions
+SEQUENCE_TRAJECTORY_FIELDS = {
+    "true_prob": np.float16,       # mean probability of the true token
+    "max_prob": np.float16,        # mean largest probability
+    "token_accuracy": np.float16,  # fraction of positions whose largest probability is the true token
+    "written": np.bool_,           # every position written this epoch (else some were carried forward)
+}
 SLICE_BYTES = 32 << 20  # rows held at a time while an epoch is merged, decoded or verified
 
 

@@ -35,6 +35,7 @@ from .integrity import DamagedChunk, row_ranges
 from .run_directory import RunDirectory, RunError
 from .store import SoftTargetStore
 from .store_keys import TRAJECTORY_FIELDS, cache_file_name, slice_rows
+from .trajectory import SequenceTrajectory
 
 MAX_RANGES = 5          # row ranges named per problem; the rest are counted
 
@@ -147,6 +148,9 @@ def _check_sealed_list_and_labels(store: SoftTargetStore, report: Report) -> np.
         report.add("sealed list", f"statistics for epochs {sorted(set(infos) - set(sealed))} that are not sealed")
     report.checked.append("labels")
     try:
+        if store.summary()["num_sequences"] is not None:
+            report.checked.append("lengths")
+            store.token_rows  # noqa: B018 -- reading them checks them against the fingerprint
         return store.labels
     except StoreError as err:
         report.add("labels", _problem(err))
@@ -156,7 +160,7 @@ def _check_sealed_list_and_labels(store: SoftTargetStore, report: Report) -> np.
 def _check_trajectory(store: SoftTargetStore, epoch: int, report: Report) -> dict[str, np.ndarray] | None:
     """Every field of the epoch's trajectory record; returns them when all are readable."""
     values = {}
-    for name in TRAJECTORY_FIELDS:
+    for name in store.trajectory_fields:
         part = f"trajectory of epoch {epoch} ({name})"
         try:
             array = store.trajectory_array(epoch, name)
@@ -168,7 +172,7 @@ def _check_trajectory(store: SoftTargetStore, epoch: int, report: Report) -> dic
         if not damaged:
             values[name] = array[:]
     report.checked.append(f"trajectory of epoch {epoch}")
-    return values if len(values) == len(TRAJECTORY_FIELDS) else None
+    return values if len(values) == len(store.trajectory_fields) else None
 
 
 def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None,
@@ -188,6 +192,7 @@ def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None
     row_bytes = encoding.width * encoding.stored_dtype.itemsize
     step = slice_rows(teacher.chunks[0], row_bytes)
     tolerance = max(1e-5, 2 * float(np.finfo(store.dtype).eps))
+    sequences = SequenceTrajectory(store.token_rows) if store.token_rows is not None else None
     for lo in range(0, len(teacher), step):
         hi = min(len(teacher), lo + step)
         try:
@@ -198,10 +203,18 @@ def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None
         bad_values += _rows(lo, ~encoding.valid(block, tolerance))
         if labels is not None and trajectory is not None:
             recorded = encoding.trajectory(block, labels[lo:hi])
-            mismatched += _rows(lo, ~np.logical_and.reduce(
-                [recorded[name].astype(TRAJECTORY_FIELDS[name]) == trajectory[name][lo:hi] for name in recorded]))
+            if sequences is not None:
+                sequences.add(lo, recorded, labels[lo:hi], None)
+            else:
+                mismatched += _rows(lo, ~np.logical_and.reduce(
+                    [recorded[name].astype(TRAJECTORY_FIELDS[name]) == trajectory[name][lo:hi] for name in recorded]))
         if cached is not None:
             cache_differs += _rows(lo, (cached[lo:hi] != block).any(axis=1))
+    if sequences is not None and labels is not None and trajectory is not None:
+        disagreeing = _disagreeing_samples(sequences.result(), trajectory)
+        if disagreeing:
+            report.add(f"trajectory of epoch {epoch}", f"samples {_limited(disagreeing)} disagree with their "
+                                                       "teacher rows")
     if bad_values:
         report.add(part, f"rows {_limited(bad_values)} are not probability vectors ({encoding.describe()} rows: "
                          "NaN, negative, or not summing to 1): their chunks were rewritten with valid checksums")
@@ -210,6 +223,14 @@ def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None
     if cache_differs:
         report.add(f"memory-map cache of epoch {epoch}", f"rows {_limited(cache_differs)} differ from the store "
                                                          "(a cache: it is decoded again when deleted)")
+
+
+def _disagreeing_samples(recomputed: dict[str, np.ndarray], stored: dict[str, np.ndarray]) -> list[tuple[int, int]]:
+    """Sample ranges of a sequence store whose stored summaries are not the ones their rows give
+    (NaN, for a sample without target positions, equals NaN)."""
+    same = [(recomputed[name] == stored[name]) | (np.isnan(recomputed[name]) & np.isnan(stored[name]))
+            for name in recomputed if name != "written"]
+    return _rows(0, ~np.logical_and.reduce(same))
 
 
 # -- the cache -----------------------------------------------------------------------------------

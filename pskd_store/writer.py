@@ -3,12 +3,13 @@
 The training thread only checks shapes and copies each batch into a chunk-sized host
 buffer: pinned memory and a non-blocking copy when the outputs live on an accelerator
 (turned into stored rows there first: probabilities in the store's dtype, or their top k
-and classes), so the step never waits on the device. Each full buffer goes to a
-background thread that waits for the copies into it, applies the softmax (for CPU
-outputs), validates the values and appends the buffer as one whole chunk to this
-writer's own staging part (staging.py). Each writer (one per DDP
-rank) claims its part when it is made: a second writer of the same part is refused, so
-writers never read-modify-write a chunk that another one writes.
+and classes), so the step never waits on the device. Top-k rows are made by the training
+thread on the host too: a buffer then holds k-wide rows, not K-wide logits (a vocabulary's
+for token rows). Each full buffer goes to a background thread that waits for the copies
+into it, applies the softmax (for dense CPU outputs), validates the values and appends the
+buffer as one whole chunk to this writer's own staging part (staging.py). Each writer (one
+per DDP rank) claims its part when it is made: a second writer of the same part is
+refused, so writers never read-modify-write a chunk that another one writes.
 
 Value errors (ids out of range, NaN/inf, with ``from_logits=False`` rows that are not
 probability vectors) are found by the background thread, so that no device tensor is ever
@@ -131,7 +132,10 @@ class PredictionWriter:
         accelerator = accelerator_for(outputs.device)
         tolerance = _sum_tolerance(outputs.dtype, self._torch_dtype)
         check = None
-        if accelerator is not None:  # stored rows made on the device: half the copy, or far less for top-k
+        # stored rows made where the outputs are: on a device, half the copy (far less for top-k);
+        # for top-k on the host, a buffer of k-wide rows instead of K-wide logits (a vocabulary's)
+        encode_now = accelerator is not None or self._encoding.topk is not None
+        if encode_now:
             if not self.from_logits or self._first_write:  # probabilities always; logits in the first write
                 check = _probability_rows(outputs, tolerance).reshape(1)  # read by the background thread
             outputs = self._to_rows(outputs)
@@ -141,10 +145,13 @@ class PredictionWriter:
             host_ids, host_outputs = ids.numpy(), outputs.numpy()
         done = 0
         while done < count:
-            buffer = self._current or self._take_buffer(like=outputs, accelerator=accelerator)
+            buffer = self._current or self._take_buffer(like=outputs, accelerator=accelerator, raw=not encode_now)
             buffer.tolerance = max(buffer.tolerance, tolerance)
             n = min(count - done, self._chunk_rows - buffer.filled)
             rows = slice(buffer.filled, buffer.filled + n)
+            if check is not None and accelerator is None:
+                buffer.checks[buffer.checked:buffer.checked + 1].copy_(check)
+                buffer.checked += 1
             if host:
                 buffer.ids.numpy()[rows] = host_ids[done:done + n]
                 buffer.values.numpy()[rows] = host_outputs[done:done + n]
@@ -196,7 +203,7 @@ class PredictionWriter:
         else:
             self.abandon()
 
-    def _take_buffer(self, like: torch.Tensor, accelerator: Accelerator | None) -> _ChunkBuffer:
+    def _take_buffer(self, like: torch.Tensor, accelerator: Accelerator | None, raw: bool) -> _ChunkBuffer:
         """A free buffer; allocates up to ``buffers`` of them, then waits for one. Device
         outputs get host memory their copies land in without blocking (pinned on a GPU)."""
         if self._allocated < self._buffers and self._free.empty():
@@ -207,7 +214,7 @@ class PredictionWriter:
                 ids=allocate((self._chunk_rows,), dtype=torch.int64),
                 values=allocate((self._chunk_rows, like.shape[1]), dtype=like.dtype),
                 checks=allocate((self._chunk_rows,), dtype=torch.bool),
-                raw=accelerator is None,
+                raw=raw,
             )
         buffer = self._free.get()
         self._raise_if_failed()

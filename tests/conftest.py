@@ -53,6 +53,22 @@ def pskd_in_process(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture
+def device():
+    """CPU tensors on the accelerator paths (stand_in_accelerator.py), copies landing 2 ms late."""
+    from stand_in_accelerator import StandInAccelerator
+
+    from pskd_store.accelerator import ACCELERATORS
+
+    stand_in = StandInAccelerator(delay=0.002)
+    ACCELERATORS["cpu"] = stand_in
+    try:
+        yield stand_in
+    finally:
+        ACCELERATORS.pop("cpu", None)
+        stand_in.stream.shutdown()
+
+
+@pytest.fixture
 def torch_state_kept():
     """Put back what an in-process Lightning or Hugging Face fit changes for the whole
     process (thread count, deterministic algorithms, the global generators that

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from stand_in_accelerator import StandInAccelerator
 from store_helpers import make_labels
 
 from pskd_store.accelerator import ACCELERATORS, accelerator_for
@@ -29,18 +28,6 @@ from pskd_store.store import SoftTargetStore, StoreError
 from pskd_store.training import train
 
 N, K = 300, 7
-
-
-@pytest.fixture
-def device():
-    """CPU tensors on the accelerator paths, their copies landing 2 ms late."""
-    stand_in = StandInAccelerator(delay=0.002)
-    ACCELERATORS["cpu"] = stand_in
-    try:
-        yield stand_in
-    finally:
-        ACCELERATORS.pop("cpu", None)
-        stand_in.stream.shutdown()
 
 
 @contextmanager

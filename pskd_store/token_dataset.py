@@ -1,0 +1,94 @@
+"""TokenTargetDataset: a sequence data set whose items carry each target position's teacher."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .dataset import TeacherEpochDataset
+from .loss import alpha_t
+from .sequences import IGNORE_INDEX
+from .store import SoftTargetStore, StoreError
+from .store_keys import token_from_int
+
+
+class TokenTargetDataset(TeacherEpochDataset):
+    """Wrap a map-style data set of ``(input, labels)`` for a sequence store, ``labels`` a
+    (L,) integer sequence with ``ignore_index`` where a position is not a target; items
+    become ``(input, labels, teacher_probs, teacher_classes, alpha, index)``.
+
+    ``teacher_probs`` (L, w) float32 and ``teacher_classes`` (L, w) int64 hold, at each
+    target position, the previous epoch's stored probabilities and their classes (the k
+    largest of a top-k store, all V of a dense one), zeros elsewhere; ``alpha`` is a_t, 0
+    in epoch 1 (no teacher yet). :func:`~pskd_store.loss.token_soft_cross_entropy` rebuilds
+    PS-KD's target from them on the device, so no (B, L, V) target exists on the host.
+    Items of one length collate with ``default_collate``. Epochs, workers, ``seed`` and
+    ``rank``: :class:`~pskd_store.dataset.TeacherEpochDataset`.
+    """
+
+    def __init__(self, base: Dataset, store: SoftTargetStore, alpha_T: float, total_epochs: int, *,
+                 ignore_index: int = IGNORE_INDEX, **options):
+        self.ignore_index = ignore_index
+        super().__init__(base, store, alpha_T, total_epochs, **options)
+        self._token_rows = store.token_rows
+        self._width = store.topk or store.num_classes
+
+    def _require_same_data(self, base: Dataset, store: SoftTargetStore) -> None:
+        if store.token_rows is None:
+            raise StoreError(f"{store.url} holds a row per sample, not per target token: wrap the data set with "
+                             "SoftTargetDataset, or create a sequence store (SoftTargetStore.create(..., lengths=...))")
+        if len(base) != store.token_rows.num_sequences:
+            raise StoreError(f"the data set has {len(base)} sequences but the store was made for "
+                             f"{store.token_rows.num_sequences}: use the store of this data set")
+
+    def __getitems__(self, indices: list[int]) -> list[tuple]:
+        epoch, teacher, token = self._current()
+        items = self._load(indices, epoch)
+        ids = np.array([int(i) for i in indices], dtype=np.int64)
+        labels = [torch.as_tensor(label) for _, label in items]
+        targets = [label != self.ignore_index for label in labels]
+        rows = self._check_tokens(ids, labels, targets)
+        if teacher == 0:
+            probs = np.zeros((len(rows), self._width), dtype=np.float32)
+            classes = np.zeros((len(rows), self._width), dtype=np.int64)
+            alpha = 0.0
+        else:
+            stored = self.service.stored_rows(teacher, token_from_int(token), rows)
+            probs, classes = self.service.encoding.sparse(stored)
+            alpha = alpha_t(epoch, self.total_epochs, self.alpha_T)
+        out, at = [], 0
+        for (input, _), label, target, i in zip(items, labels, targets, ids):
+            n = int(target.sum())
+            item_probs = torch.zeros((len(label), self._width))
+            item_classes = torch.zeros((len(label), self._width), dtype=torch.int64)
+            item_probs[target] = torch.from_numpy(probs[at:at + n])
+            item_classes[target] = torch.from_numpy(classes[at:at + n])
+            out.append((input, label, item_probs, item_classes, alpha, int(i)))
+            at += n
+        return out
+
+    def _check_tokens(self, ids: np.ndarray, labels: list[torch.Tensor], targets: list[torch.Tensor]) -> np.ndarray:
+        """The store rows of ``ids``, once their target positions and tokens are the ones the
+        store was made for (another tokenisation would put each teacher row at another token)."""
+        counts = np.array([int(target.sum()) for target in targets], dtype=np.int64)
+        expected = self._token_rows.lengths[ids]
+        wrong = np.flatnonzero(counts != expected)
+        if len(wrong):
+            first = wrong[0]
+            raise StoreError(
+                f"sample {ids[first]} has {counts[first]} target positions (labels other than {self.ignore_index}) "
+                f"but the store was made with {expected[first]}: keep the tokenisation the store was made from, "
+                "or create a new store"
+            )
+        rows = self._token_rows.rows(ids)
+        tokens = np.concatenate([label[target].numpy() for label, target in zip(labels, targets)]).astype(np.int64)
+        differs = np.flatnonzero(tokens != self._labels[rows])
+        if len(differs):
+            sample = int(self._token_rows.sample_of(rows[differs[0]]))
+            raise StoreError(
+                f"sample {sample} has other target tokens than the store was made for ({len(differs)} of "
+                f"{len(rows)} checked tokens differ): wrap the data set the store was created for, in the same "
+                "order, or create a new store"
+            )
+        return rows

@@ -1,0 +1,80 @@
+"""The trajectory tier's record of one epoch, accumulated by the seal (and by ``verify``,
+which recomputes it) a run of rows at a time: per row for an image store, per sample for a
+sequence store (sequences.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .sequences import TokenRows
+from .store_keys import SEQUENCE_TRAJECTORY_FIELDS, TRAJECTORY_FIELDS
+
+
+class RowTrajectory:
+    """One record per row: the true-class and largest probabilities, the argmax, written."""
+
+    fields = TRAJECTORY_FIELDS
+
+    def __init__(self, num_rows: int):
+        self._values = {name: np.empty(num_rows, dtype) for name, dtype in self.fields.items()}
+
+    def add(self, lo: int, per_row: dict[str, np.ndarray], labels: np.ndarray, written: np.ndarray | None) -> None:
+        """Rows ``lo .. lo + len(labels)``: their fields (``RowEncoding.trajectory``) and,
+        from the seal, whether each was written this epoch."""
+        hi = lo + len(labels)
+        for name, values in per_row.items():
+            self._values[name][lo:hi] = values
+        if written is not None:
+            self._values["written"][lo:hi] = written
+
+    def result(self) -> dict[str, np.ndarray]:
+        return self._values
+
+
+class SequenceTrajectory:
+    """Per-sample summaries of the per-token trajectory fields, accumulated a run of rows
+    at a time. Float16 values are summed in float64, which holds such sums exactly, so the
+    result does not depend on how the rows are split (the seal and ``verify`` split them
+    differently and must agree bit for bit)."""
+
+    fields = SEQUENCE_TRAJECTORY_FIELDS
+
+    def __init__(self, token_rows: TokenRows):
+        self.token_rows = token_rows
+        size = token_rows.num_sequences
+        self._true = np.zeros(size)
+        self._max = np.zeros(size)
+        self._correct = np.zeros(size, dtype=np.int64)
+        self._written = np.zeros(size, dtype=np.int64)
+
+    def add(self, lo: int, per_row: dict[str, np.ndarray], labels: np.ndarray, written: np.ndarray | None) -> None:
+        """Rows ``lo .. lo + len(labels)``: their per-token fields (``RowEncoding.trajectory``),
+        labels and, from the seal, whether each was written this epoch."""
+        samples = self.token_rows.sample_of(np.arange(lo, lo + len(labels)))
+        if not len(samples):
+            return
+        first = samples[0]
+        local = samples - first
+        size = int(local[-1]) + 1
+        at = slice(first, first + size)
+
+        def total(weights: np.ndarray) -> np.ndarray:
+            return np.bincount(local, weights=weights, minlength=size)
+
+        self._true[at] += total(per_row["true_prob"].astype(np.float16).astype(np.float64))
+        self._max[at] += total(per_row["max_prob"].astype(np.float16).astype(np.float64))
+        self._correct[at] += np.bincount(local, weights=per_row["argmax"] == labels, minlength=size).astype(np.int64)
+        if written is not None:
+            self._written[at] += np.bincount(local, weights=written, minlength=size).astype(np.int64)
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The fields, one value per sample (NaN for a sample without target positions)."""
+        lengths = self.token_rows.lengths
+
+        def mean(total: np.ndarray) -> np.ndarray:
+            out = np.full(len(total), np.nan)
+            np.divide(total, lengths, out=out, where=lengths > 0)
+            return out.astype(np.float16)
+
+        return {"true_prob": mean(self._true), "max_prob": mean(self._max),
+                "token_accuracy": mean(self._correct.astype(np.float64)), "written": self._written == lengths}

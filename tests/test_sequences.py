@@ -1,0 +1,276 @@
+"""Sequence stores: a row per (sample, target position), written from (B, L, V) logits,
+served as each position's stored teacher, and PS-KD's loss rebuilt from it on the device."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from pskd_store.loss import soft_target, token_soft_cross_entropy
+from pskd_store.row_encoding import row_encoding
+from pskd_store.sequences import IGNORE_INDEX, TokenRows, token_labels
+from pskd_store.service import PredictionService
+from pskd_store.store import SoftTargetStore, StoreError
+from pskd_store.token_dataset import TokenTargetDataset
+from pskd_store.token_writer import TokenWriter
+from pskd_store.verify import verify_store
+
+S, L, V = 24, 12, 50  # sequences, positions per padded sequence, vocabulary
+
+
+def padded_labels(seed: int = 0) -> np.ndarray:
+    """(S, L) labels with the targets at scattered positions (a prompt, padding, gaps) and
+    every count from 0 to L present, as real data has."""
+    rng = np.random.default_rng(seed)
+    labels = np.full((S, L), IGNORE_INDEX)
+    for i in range(S):
+        count = i % (L + 1)
+        positions = np.sort(rng.choice(L, count, replace=False))
+        labels[i, positions] = rng.integers(0, V, count)
+    return labels
+
+
+class Sequences(torch.utils.data.Dataset):
+    """(input ids, labels) of each padded sequence: what a language-model data set returns."""
+
+    def __init__(self, labels: np.ndarray):
+        self.labels = torch.from_numpy(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.labels[i].clamp(min=0), self.labels[i]
+
+
+def sequence_store(tmp_path, labels: np.ndarray, topk: int | None, name: str = "store") -> SoftTargetStore:
+    tokens, lengths = token_labels(labels)
+    return SoftTargetStore.create(tmp_path / name, tokens, V, topk=topk, lengths=lengths)
+
+
+def write_tokens(store: SoftTargetStore, epoch: int, logits: torch.Tensor, labels: np.ndarray,
+                 ids: np.ndarray | None = None, seed: int = 0) -> None:
+    """Write the logits of ``ids`` (default: all, shuffled) in three batches; seal."""
+    ids = np.random.default_rng(seed).permutation(len(labels)) if ids is None else ids
+    with store.writer(epoch) as writer:
+        for batch in np.array_split(ids, 3):
+            writer.write(torch.from_numpy(batch), logits[batch], torch.from_numpy(labels[batch]))
+    store.seal(epoch)
+
+
+def expected_rows(logits: torch.Tensor, labels: np.ndarray, topk: int | None) -> np.ndarray:
+    """The store's rows made by hand: sample by sample, its target positions in order,
+    each the encoded softmax of its logits."""
+    encoding = row_encoding(V, "float16", topk)
+    rows = [encoding.encode(logits[i, j].float().softmax(dim=0)[None]).numpy()
+            for i in range(len(labels)) for j in np.flatnonzero(labels[i] != IGNORE_INDEX)]
+    return np.concatenate(rows)
+
+
+def test_token_rows_put_each_samples_positions_in_order():
+    token_rows = TokenRows(np.array([3, 0, 2, 4]))
+    assert token_rows.offsets.tolist() == [0, 3, 3, 5, 9] and token_rows.num_rows == 9
+    assert token_rows.rows(np.array([2, 0, 1, 3])).tolist() == [3, 4, 0, 1, 2, 5, 6, 7, 8]
+    assert token_rows.sample_of(np.arange(9)).tolist() == [0, 0, 0, 2, 2, 3, 3, 3, 3]
+    tokens, lengths = token_labels([np.array([5, -100, 7]), np.array([-100]), np.array([1, 2])])
+    assert tokens.tolist() == [5, 7, 1, 2] and lengths.tolist() == [2, 0, 2]
+
+
+@pytest.mark.parametrize("topk", [None, 4])
+def test_written_tokens_are_the_rows_of_their_target_positions_and_padding_is_never_stored(tmp_path, topk):
+    labels = padded_labels()
+    store = sequence_store(tmp_path, labels, topk)
+    logits = torch.randn(S, L, V, generator=torch.Generator().manual_seed(0)) * 3
+    write_tokens(store, 1, logits, labels)
+    assert store.num_samples == int((labels != IGNORE_INDEX).sum())  # rows of target positions only
+    assert store.epoch_info(1)["carried_forward"] == 0
+    stored = store.teacher_array(1)[:]
+    np.testing.assert_array_equal(stored, expected_rows(logits, labels, topk))
+    assert store.summary()["num_sequences"] == S
+
+
+def test_a_top_k_writer_buffers_k_wide_rows_not_vocabulary_wide_logits(tmp_path):
+    labels = padded_labels()
+    store = sequence_store(tmp_path, labels, 4)
+    with store.writer(1) as writer:
+        writer.write(torch.arange(3), torch.randn(3, L, V), torch.from_numpy(labels[:3]))
+        buffered = writer._writer._current.values
+        assert buffered.shape == (store.chunk_rows, store.encoding.width) and buffered.dtype == torch.uint8
+
+
+def test_the_device_path_writes_the_rows_the_host_path_writes(tmp_path, device):
+    """Top-k rows made where the logits live, copied through the stand-in's late copies."""
+    labels = padded_labels()
+    logits = torch.randn(S, L, V, generator=torch.Generator().manual_seed(1)) * 3
+    store = sequence_store(tmp_path, labels, 4)
+    write_tokens(store, 1, logits, labels)
+    assert device.copies > 0
+    np.testing.assert_array_equal(store.teacher_array(1)[:], expected_rows(logits, labels, 4))
+
+
+def test_the_trajectory_tier_holds_per_sample_summaries(tmp_path):
+    labels = padded_labels()
+    store = sequence_store(tmp_path, labels, 4)
+    logits = torch.randn(S, L, V, generator=torch.Generator().manual_seed(2)) * 3
+    targets_of_3 = torch.from_numpy(labels[3]).clamp(min=0)
+    logits[3, torch.arange(L), targets_of_3] += 20  # sample 3 predicts its every target
+    write_tokens(store, 1, logits, labels)
+    first_epoch = store.read_epoch(1)
+    write_tokens(store, 2, logits + 1, labels, ids=np.delete(np.arange(S), 1))  # sample 1 carried forward
+    trajectory = store.trajectory()
+    assert trajectory["true_prob"].shape == (2, S)
+    token_rows = store.token_rows
+    for i in range(S):
+        targets = labels[i][labels[i] != IGNORE_INDEX]
+        if not len(targets):
+            assert np.isnan(trajectory["true_prob"][0, i]) and trajectory["written"][0, i]
+            continue
+        rows = first_epoch[token_rows.rows([i])]  # what the store holds of sample i, rebuilt (V,) rows
+        true_prob = rows[np.arange(len(targets)), targets].astype(np.float16).astype(np.float64)
+        assert trajectory["true_prob"][0, i] == np.float16(true_prob.mean())
+        assert trajectory["max_prob"][0, i] == np.float16(rows.max(axis=1).astype(np.float16).astype(np.float64).mean())
+        assert trajectory["token_accuracy"][0, i] == np.float16((rows.argmax(axis=1) == targets).mean())
+    assert trajectory["token_accuracy"][0, 3] == 1.0  # every position of sample 3 predicts its target
+    assert not trajectory["written"][1, 1] and np.isnan(trajectory["true_prob"][1, 1])
+    assert trajectory["written"][1, np.delete(np.arange(S), 1)].all()
+    assert verify_store(store).ok
+
+
+def test_verify_names_the_samples_whose_summaries_disagree_with_their_rows(tmp_path):
+    labels = padded_labels()
+    store = sequence_store(tmp_path, labels, 4)
+    write_tokens(store, 1, torch.randn(S, L, V, generator=torch.Generator().manual_seed(3)), labels)
+    array = store._group["trajectory/epoch_0001/token_accuracy"]
+    values = array[:]
+    values[5] = 0.25 if values[5] != 0.25 else 0.5
+    array[:] = values  # rewritten with a valid checksum
+    report = verify_store(store)
+    assert any(f.part == "trajectory of epoch 1" and "samples 5" in f.problem for f in report.findings), report.findings
+
+
+@pytest.mark.parametrize("topk", [None, 4])
+def test_items_carry_each_target_positions_stored_teacher(tmp_path, topk):
+    labels = padded_labels()
+    store = sequence_store(tmp_path, labels, topk)
+    logits = torch.randn(S, L, V, generator=torch.Generator().manual_seed(4)) * 3
+    data = TokenTargetDataset(Sequences(labels), store, 0.8, 4)
+    data.set_epoch(1)
+    first = data[7]
+    assert first[4] == 0.0 and not first[2].any()  # no teacher in epoch 1
+    write_tokens(store, 1, logits, labels)
+    data.set_epoch(2)
+    loader = DataLoader(data, batch_size=5, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
+    seen = 0
+    encoding = store.encoding
+    for inputs, batch_labels, probs, classes, alpha, ids in loader:
+        assert alpha.tolist() == [0.8 * 2 / 4] * len(ids)
+        for b, i in enumerate(ids.tolist()):
+            targets = torch.from_numpy(labels[i] != IGNORE_INDEX)
+            assert torch.equal(batch_labels[b], torch.from_numpy(labels[i]))
+            values, stored_classes = encoding.sparse(store.teacher_array(1)[:][store.token_rows.rows([i])])
+            np.testing.assert_array_equal(probs[b][targets].numpy(), values)
+            np.testing.assert_array_equal(classes[b][targets].numpy(), stored_classes)
+            assert not probs[b][~targets].any() and not classes[b][~targets].any()
+            seen += 1
+    assert seen == S
+
+
+@pytest.mark.parametrize("topk", [None, 4])
+def test_the_loss_is_cross_entropy_against_the_dense_target_built_by_hand(tmp_path, topk):
+    labels = padded_labels()
+    store = sequence_store(tmp_path, labels, topk)
+    write_tokens(store, 1, torch.randn(S, L, V, generator=torch.Generator().manual_seed(5)) * 3, labels)
+    data = TokenTargetDataset(Sequences(labels), store, 0.8, 4)
+    data.set_epoch(2)
+    _, batch_labels, probs, classes, alpha, ids = torch.utils.data.default_collate(data.__getitems__(list(range(S))))
+    alpha = alpha * torch.linspace(0.5, 1, S, dtype=alpha.dtype)  # a per-sample alpha reaches its own rows
+    student = torch.randn(S, L, V, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    loss = token_soft_cross_entropy(student, batch_labels, probs, classes, alpha)
+
+    teacher = torch.from_numpy(store.read_epoch(1)).float()  # (tokens, V): top-k rows rebuilt
+    keep = batch_labels != IGNORE_INDEX
+    rows = torch.from_numpy(store.token_rows.rows(ids.numpy()))
+    per_token_alpha = alpha[:, None].expand(S, L)[keep].float()
+    dense = torch.stack([soft_target(y, p, float(a)) for y, p, a in
+                         zip(batch_labels[keep], teacher[rows], per_token_alpha)])
+    reference = F.cross_entropy(student[keep], dense)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    grad, = torch.autograd.grad(loss, student)
+    reference_grad, = torch.autograd.grad(reference, student)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_epoch_one_is_cross_entropy_with_ignore_index(tmp_path):
+    labels = torch.from_numpy(padded_labels())
+    student = torch.randn(S, L, V, generator=torch.Generator().manual_seed(7))
+    zeros = torch.zeros(S, L, 4)
+    loss = token_soft_cross_entropy(student, labels, zeros, zeros.long(), 0.0)
+    assert loss.item() == pytest.approx(F.cross_entropy(student.reshape(-1, V), labels.reshape(-1)).item(), rel=1e-6)
+
+
+def test_a_changed_tokenisation_is_refused_and_nothing_of_the_epoch_is_kept(tmp_path):
+    labels = padded_labels()
+    store = sequence_store(tmp_path, labels, 4)
+    logits = torch.randn(S, L, V)
+    write_tokens(store, 1, logits, labels)
+    longer = labels.copy()
+    longer[9, np.flatnonzero(longer[9] == IGNORE_INDEX)[0]] = 3  # one more target in sample 9
+    with pytest.raises(StoreError, match="sample 9 had 10 target positions .* made with 9"):
+        write_tokens(store, 2, logits, longer)
+    assert store.sealed_epochs == [1]
+    with pytest.raises(StoreError, match="writer 0 of epoch 2 was never closed"):
+        store.seal(2)
+    write_tokens(store, 2, logits, labels)  # the epoch written again, as it should be
+    with pytest.raises(ValueError, match="sample 11 has 11 target positions in the store but the batch is only 10"):
+        store.writer(3).write(torch.tensor([11]), logits[[11], :10], torch.from_numpy(labels[[11], :10]))
+    data = TokenTargetDataset(Sequences(longer), store, 0.8, 4)
+    data.set_epoch(3)
+    with pytest.raises(StoreError, match="sample 9 has 10 target positions .* made with 9"):
+        data.__getitems__([2, 9])
+    other = labels.copy()
+    other[4, np.flatnonzero(other[4] != IGNORE_INDEX)[1]] += 1
+    data = TokenTargetDataset(Sequences(other), store, 0.8, 4)
+    data.set_epoch(3)
+    with pytest.raises(StoreError, match="sample 4 has other target tokens"):
+        data.__getitems__([4])
+
+
+def test_stores_of_the_other_kind_are_refused_naming_the_fix(tmp_path):
+    labels = padded_labels()
+    tokens, lengths = token_labels(labels)
+    assert len(tokens) == 133  # 0 + 1 + ... + 12, then 0 + ... + 10 target positions
+    with pytest.raises(StoreError, match="lengths add up to 133 target positions but there are 134 labels"):
+        SoftTargetStore.create(tmp_path / "bad", np.append(tokens, 1), V, lengths=lengths)
+    sequences = sequence_store(tmp_path, labels, 4)
+    images = SoftTargetStore.create(tmp_path / "images", tokens, V)
+    with pytest.raises(StoreError, match="holds a row per sample, not per token: write it with a PredictionWriter"):
+        TokenWriter(images, 1)
+    with pytest.raises(ValueError, match=r"outputs must have shape \(batch, K=50\)"):  # an image store's writer
+        images.writer(1).write(torch.tensor([0]), torch.randn(1, L, V))
+    with pytest.raises(StoreError, match="holds a row per sample, not per target token"):
+        TokenTargetDataset(Sequences(labels), images, 0.8, 4)
+    from pskd_store.dataset import SoftTargetDataset
+
+    with pytest.raises(StoreError, match="is a sequence store .* TokenTargetDataset"):
+        SoftTargetDataset(Sequences(labels), sequences, 0.8, 4)
+    with pytest.raises(StoreError, match="was made for another data set: .* other numbers of target positions"):
+        SoftTargetStore.open(sequences.url, labels=tokens, lengths=np.roll(lengths, 1))
+    with pytest.raises(StoreError, match="was made for another data set: one of the store and the data set"):
+        SoftTargetStore.open(images.url, labels=tokens, lengths=lengths)
+    assert SoftTargetStore.open(sequences.url, labels=tokens, lengths=lengths).token_rows.num_sequences == S
+
+
+def test_rollback_and_the_memory_map_work_on_token_rows(tmp_path):
+    labels = padded_labels()
+    store = sequence_store(tmp_path, labels, 4)
+    logits = torch.randn(S, L, V, generator=torch.Generator().manual_seed(8))
+    write_tokens(store, 1, logits, labels)
+    write_tokens(store, 2, logits * 2, labels)
+    assert store.rollback(1) == [2]
+    write_tokens(store, 2, logits * 3, labels)
+    service = PredictionService(store, tmp_path / "cache")
+    view = service.view(2, service.prepare(2))
+    np.testing.assert_array_equal(view, expected_rows(logits * 3, labels, 4))
