@@ -35,7 +35,11 @@ def info_command(store: str, as_json: bool) -> None:
                               indent=2))
         return
     click.echo(f"store        {summary['url']}")
-    click.echo(f"samples      N={summary['num_samples']}  classes K={summary['num_classes']}")
+    if summary["num_sequences"] is None:
+        click.echo(f"samples      N={summary['num_samples']}  classes K={summary['num_classes']}")
+    else:
+        click.echo(f"sequences    {summary['num_sequences']}, a row per target token: N={summary['num_samples']} rows  "
+                   f"vocabulary K={summary['num_classes']}  (trajectory: per sequence)")
     click.echo(f"storage      {summary['rows']} rows, {summary['chunk_rows']} per chunk, blosc {summary['blosc']}")
     click.echo(f"sealed       {summary['sealed_epochs'] or 'none'}  (teacher kept: {summary['teacher_epochs']})")
     click.echo("checked      metadata only, no chunk read: `pskd-store verify` checks every chunk and row")

@@ -48,25 +48,40 @@ class TokenTargetDataset(TeacherEpochDataset):
         ids = np.array([int(i) for i in indices], dtype=np.int64)
         labels = [torch.as_tensor(label) for _, label in items]
         targets = [label != self.ignore_index for label in labels]
-        rows = self._check_tokens(ids, labels, targets)
-        if teacher == 0:
-            probs = np.zeros((len(rows), self._width), dtype=np.float32)
-            classes = np.zeros((len(rows), self._width), dtype=np.int64)
-            alpha = 0.0
-        else:
-            stored = self.service.stored_rows(teacher, token_from_int(token), rows)
-            probs, classes = self.service.encoding.sparse(stored)
-            alpha = alpha_t(epoch, self.total_epochs, self.alpha_T)
+        probs, classes, alpha = self._lookup(ids, labels, targets, epoch, teacher, token)
         out, at = [], 0
         for (input, _), label, target, i in zip(items, labels, targets, ids):
             n = int(target.sum())
             item_probs = torch.zeros((len(label), self._width))
             item_classes = torch.zeros((len(label), self._width), dtype=torch.int64)
-            item_probs[target] = torch.from_numpy(probs[at:at + n])
-            item_classes[target] = torch.from_numpy(classes[at:at + n])
+            item_probs[target] = probs[at:at + n]
+            item_classes[target] = classes[at:at + n]
             out.append((input, label, item_probs, item_classes, alpha, int(i)))
             at += n
         return out
+
+    def teacher(self, labels: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """What the items of samples ``ids`` with (B, L) ``labels`` carry, for a batch at once:
+        (teacher_probs (B, L, w), teacher_classes (B, L, w), alpha), for loops that look the
+        teacher up in the main process (``integrations.transformers``)."""
+        labels = torch.as_tensor(labels).cpu()
+        targets = labels != self.ignore_index
+        probs, classes, alpha = self._lookup(torch.as_tensor(ids).cpu().numpy().astype(np.int64), list(labels),
+                                             list(targets), *self._current())
+        batch_probs = torch.zeros((*labels.shape, self._width))
+        batch_classes = torch.zeros((*labels.shape, self._width), dtype=torch.int64)
+        batch_probs[targets] = probs  # row-major: sample by sample, positions in order, as the rows
+        batch_classes[targets] = classes
+        return batch_probs, batch_classes, alpha
+
+    def _lookup(self, ids: np.ndarray, labels: list[torch.Tensor], targets: list[torch.Tensor], epoch: int,
+                teacher: int, token: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(probabilities, classes) of every target position of ``ids`` in row order, and a_t."""
+        rows = self._check_tokens(ids, labels, targets)
+        if teacher == 0:
+            return torch.zeros((len(rows), self._width)), torch.zeros((len(rows), self._width), dtype=torch.int64), 0.0
+        probs, classes = self.service.encoding.sparse(self.service.stored_rows(teacher, token_from_int(token), rows))
+        return torch.from_numpy(probs), torch.from_numpy(classes), alpha_t(epoch, self.total_epochs, self.alpha_T)
 
     def _check_tokens(self, ids: np.ndarray, labels: list[torch.Tensor], targets: list[torch.Tensor]) -> np.ndarray:
         """The store rows of ``ids``, once their target positions and tokens are the ones the

@@ -3,10 +3,17 @@ served as each position's stored teacher, and PS-KD's loss rebuilt from it on th
 
 from __future__ import annotations
 
+import gzip
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import pskd_in_process
 from torch.utils.data import DataLoader
 
 from pskd_store.loss import soft_target, token_soft_cross_entropy
@@ -274,3 +281,43 @@ def test_rollback_and_the_memory_map_work_on_token_rows(tmp_path):
     service = PredictionService(store, tmp_path / "cache")
     view = service.view(2, service.prepare(2))
     np.testing.assert_array_equal(view, expected_rows(logits * 3, labels, 4))
+
+
+def test_info_and_verify_commands_read_a_sequence_store(tmp_path):
+    labels = padded_labels()
+    store = sequence_store(tmp_path, labels, 4)
+    write_tokens(store, 1, torch.randn(S, L, V), labels)
+    text = pskd_in_process("info", store.url).stdout
+    assert f"sequences    {S}, a row per target token: N=133 rows  vocabulary K={V}" in text
+    assert json.loads(pskd_in_process("info", "--json", store.url).stdout)["num_sequences"] == S
+    assert pskd_in_process("verify", store.url).returncode == 0
+
+
+def dictd_file(path: Path, pairs: int) -> Path:
+    """A dictd data file in dict-de-en's layout (headword, grammar line, translation)."""
+    rng = np.random.default_rng(0)
+    words = ["der", "die", "das", "Haus", "gehen", "mit", "Wasser", "zu", "schnell"]
+    english = ["the", "house", "to go", "with", "water", "fast", "to"]
+    lines = ["00-database-short", "     German - English"]
+    for _ in range(pairs):
+        lines += [" ".join(rng.choice(words, 3)), " {n}", "   " + " ".join(rng.choice(english, 2))]
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.slow
+def test_the_sequence_benchmark_runs_both_modes(tmp_path):
+    dictionary = dictd_file(tmp_path / "german-english.dict.dz", 300)
+    common = ["--dictionary", str(dictionary), "--train-pairs", "96", "--test-pairs", "32", "--epochs", "2",
+              "--max-chars", "24", "--threads", "1"]
+    script = Path(__file__).parent.parent / "benchmarks" / "sequence_pskd.py"
+    table = json.loads(subprocess.run([sys.executable, str(script), "table", *common], capture_output=True,
+                                      text=True, check=True, timeout=300).stdout)
+    assert table["data"]["train_pairs"] == 96 and set(table["mean"]) == {"ce", "pskd_top8"}
+    assert table["mean"]["ce"]["n"] == table["data"]["test_target_tokens"]
+    teacher = json.loads(subprocess.run([sys.executable, str(script), "teacher", *common, "--topk", "1", "4"],
+                                        capture_output=True, text=True, check=True, timeout=300).stdout)
+    arms = teacher["arms"]
+    assert set(arms) == {"frozen_copy", "store_top1", "store_top4"}
+    assert arms["store_top1"]["rebuilt_l1_to_dense"] > arms["store_top4"]["rebuilt_l1_to_dense"] > 0

@@ -20,6 +20,7 @@ from transformers_run import K, N, fine_tune  # noqa: E402  (tests/ is on the pa
 
 from pskd_store import SoftTargetStore, StoreError  # noqa: E402
 from pskd_store.integrations.transformers import PSKDTrainer  # noqa: E402
+from pskd_store.loss import soft_target  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_state_kept")
 SCRIPT = Path(__file__).with_name("transformers_run.py")
@@ -120,3 +121,67 @@ def test_torchrun_with_two_gloo_processes_trains_each_ranks_shard(tmp_path):
     both = seen[0] + seen[1]  # each epoch's teacher holds every rank's predictions
     assert sum(assert_losses_are_pskds(s, both) for s in seen) == (EPOCHS - 1) * N
     assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1, 2, 3]
+
+
+class TokenRecording(PSKDTrainer):
+    """Keeps each training step's (epoch, ids, logits, labels, loss)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple] = []
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids, labels = inputs.get("pskd_id"), inputs.get("labels")
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        if ids is not None:
+            self.seen.append((self.session.epoch, ids.clone(), outputs["logits"].detach().clone(), labels.clone(),
+                              loss.detach()))
+        return (loss, outputs) if return_outputs else loss
+
+
+def test_a_causal_language_model_trains_on_per_token_targets_from_its_previous_epoch(tmp_path):
+    """GPT-2 from a config: each record's prompt (its first 3 tokens) is no target; every step's
+    loss is the cross-entropy against the dense target rebuilt by hand from the top-4 rows of
+    the logits each target position had one epoch earlier (shifted as the model's own loss)."""
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments, default_data_collator
+
+    from pskd_store.row_encoding import row_encoding
+
+    vocabulary, length, count = 30, 12, 40
+    generator = torch.Generator().manual_seed(0)
+    records = []
+    for _ in range(count):
+        tokens = torch.randint(0, vocabulary, (length,), generator=generator)
+        labels = tokens.clone()
+        labels[:3] = -100
+        records.append({"input_ids": tokens, "attention_mask": torch.ones(length, dtype=torch.int64),
+                        "labels": labels})
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocabulary, n_positions=length, n_embd=32, n_layer=1, n_head=2))
+    args = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), num_train_epochs=EPOCHS,
+                             per_device_train_batch_size=8, learning_rate=1e-2, save_strategy="no",
+                             logging_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True)
+    trainer = TokenRecording(model=model, args=args, train_dataset=records, data_collator=default_data_collator,
+                             pskd_store=tmp_path / "store", alpha_T=ALPHA_T, per_token=True,
+                             store_options={"topk": 4})
+    trainer.train()
+    store = SoftTargetStore.open(tmp_path / "store")
+    assert store.sealed_epochs == [1, 2, 3] and store.num_samples == count * (length - 3)  # shifted: 9 targets
+    encoding = row_encoding(vocabulary, "float16", 4)
+    rows = {}  # (epoch, id) -> the rebuilt (9, V) teacher rows of its target positions
+    for epoch, ids, logits, labels, _ in trainer.seen:
+        for i, sample_logits in zip(ids.tolist(), logits[:, 2:-1]):  # positions 2..10 predict tokens 3..11
+            rows[epoch, i] = torch.from_numpy(encoding.expand(encoding.encode(sample_logits.softmax(dim=1)).numpy()))
+    checked = 0
+    for epoch, ids, logits, labels, loss in trainer.seen:
+        targets = labels[:, 3:].reshape(-1)
+        past = torch.cat([rows[epoch - 1, i] for i in ids.tolist()]) if epoch > 1 else None
+        alpha = ALPHA_T * epoch / EPOCHS
+        dense = F.one_hot(targets, vocabulary).float() if past is None else torch.stack(
+            [soft_target(y, p, alpha) for y, p in zip(targets, past)])
+        expected = F.cross_entropy(logits[:, 2:-1].reshape(-1, vocabulary), dense)
+        torch.testing.assert_close(loss, expected, rtol=0, atol=1e-6)
+        checked += epoch > 1
+    assert checked == 2 * 5  # epochs 2 and 3, five batches each
+    final = torch.cat([rows[3, i] for i in range(count)])
+    assert (torch.from_numpy(store.read_epoch(3)) == final).all()

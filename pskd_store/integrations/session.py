@@ -21,29 +21,36 @@ from ..dataset import SoftTargetDataset
 from ..distributed import Distributed, local_main_first
 from ..errors import StoreError, StoreExistsError
 from ..store import SoftTargetStore
+from ..token_dataset import TokenTargetDataset
+from ..token_writer import TokenWriter
 from ..writer import PredictionWriter
 
 
 class StoreSession:
     """A store, the training data set that serves its targets, and this rank's writer."""
 
-    def __init__(self, store: SoftTargetStore, data: SoftTargetDataset, env: Distributed, sealed: int):
+    def __init__(self, store: SoftTargetStore, data: SoftTargetDataset | TokenTargetDataset, env: Distributed,
+                 sealed: int):
         self.store, self.data, self.env = store, data, env
         self.sealed = sealed  # the last epoch sealed, 0 before the first: what a checkpoint records
-        self.writer: PredictionWriter | None = None
+        self.writer: PredictionWriter | TokenWriter | None = None
 
     @classmethod
     def open(cls, url: str | Path, base: Dataset, labels: Sequence[int] | np.ndarray, *, num_classes: int,
              alpha_T: float, total_epochs: int, env: Distributed, resuming: bool, overwrite: bool = False,
-             cache_dir: str | None = None, seed: int | None = None, **create_kwargs: Any) -> StoreSession:
+             cache_dir: str | None = None, seed: int | None = None, lengths: np.ndarray | None = None,
+             **create_kwargs: Any) -> StoreSession:
         """Every rank's view of the run's store: rank 0 creates it first for a fresh run; a
-        resumed run opens the one there and rolls it back with :meth:`resume_after`."""
+        resumed run opens the one there and rolls it back with :meth:`resume_after`. With
+        ``lengths`` it is a sequence store (``labels`` its target tokens) served by a
+        TokenTargetDataset."""
         labels = np.asarray(labels, dtype=np.int64)
         if env.is_main and not resuming:
-            _create(url, labels, num_classes, overwrite, create_kwargs)
+            _create(url, labels, num_classes, overwrite, {**create_kwargs, "lengths": lengths})
         env.barrier()
-        store = SoftTargetStore.open(url, labels=labels, num_classes=num_classes)
-        data = SoftTargetDataset(base, store, alpha_T, total_epochs, cache_dir=cache_dir, seed=seed, rank=env.rank)
+        store = SoftTargetStore.open(url, labels=labels, num_classes=num_classes, lengths=lengths)
+        served = SoftTargetDataset if lengths is None else TokenTargetDataset
+        data = served(base, store, alpha_T, total_epochs, cache_dir=cache_dir, seed=seed, rank=env.rank)
         return cls(store, data, env, sealed=0)
 
     def resume_after(self, epoch: int) -> None:
@@ -72,9 +79,13 @@ class StoreSession:
             self.serve(epoch)
         self.writer = self.store.writer(epoch, rank=self.env.rank)
 
-    def record(self, ids: torch.Tensor, logits: torch.Tensor) -> None:
-        """This step's predictions of samples ``ids`` (no device sync: see the writer)."""
-        self.writer.write(ids, logits.detach())
+    def record(self, ids: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """This step's predictions of samples ``ids`` (no device sync: see the writer); a
+        sequence store's with the labels that mark their target positions."""
+        if labels is None:
+            self.writer.write(ids, logits.detach())
+        else:
+            self.writer.write(ids, logits.detach(), labels)
 
     def end_epoch(self) -> None:
         """Close every rank's writer and seal the epoch on rank 0: it is the next teacher."""

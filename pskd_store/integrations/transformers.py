@@ -1,5 +1,6 @@
-"""PS-KD in Hugging Face's ``Trainer`` for sequence classification: a ``Trainer`` whose
-``compute_loss`` trains on PS-KD's targets, as Hugging Face's docs advise for a custom loss.
+"""PS-KD in Hugging Face's ``Trainer`` for sequence classification and, with ``per_token=True``,
+for language and translation models: a ``Trainer`` whose ``compute_loss`` trains on PS-KD's
+targets, as Hugging Face's docs advise for a custom loss.
 
 ::
 
@@ -12,6 +13,11 @@ Each training item gets its row index as its store id (``pskd_id``); each batch'
 are blended in the main process from the memory-mapped teacher, its logits recorded, and
 each epoch sealed at its end, before the Trainer saves that epoch's checkpoint. Evaluation
 batches (no ``pskd_id``) keep the model's own loss.
+
+With ``per_token=True`` the store is a sequence store (sequences.py): a row per target token
+(a record's ``labels`` other than -100; a causal LM's labels shifted by one, as its own loss
+shifts them), top-k rows chosen where the logits are, and the loss
+:func:`~pskd_store.loss.token_soft_cross_entropy` rebuilds each target on the device.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ from transformers import Trainer, TrainerCallback
 
 from ..distributed import Distributed, torchrun_environment
 from ..errors import StoreError
+from ..loss import token_soft_cross_entropy
+from ..sequences import token_labels
 from .session import StoreSession
 
 SAMPLE_ID = "pskd_id"
@@ -51,14 +59,16 @@ class PSKDTrainer(Trainer):
     """``transformers.Trainer`` training on (1 - a_t)·onehot(y) + a_t·p_{t-1}(x) from a store at
     ``pskd_store``. ``labels`` (index order) spare reading every record's ``labels``/``label``;
     ``num_classes`` defaults to ``model.config.num_labels``; ``overwrite`` replaces a store left
-    by an earlier run; ``store_options`` go to :meth:`SoftTargetStore.create`."""
+    by an earlier run; ``store_options`` go to :meth:`SoftTargetStore.create` (``{"topk": 8}``
+    for a vocabulary). ``per_token`` trains a language or translation model on per-token
+    targets (``num_classes`` then defaults to ``model.config.vocab_size``)."""
 
     loss_is_scaled_for_ga = False  # compute_loss returns each micro-batch's mean
 
     def __init__(self, *args: Any, pskd_store: str | Path, alpha_T: float = 0.8,
                  labels: Sequence[int] | np.ndarray | None = None, num_classes: int | None = None,
                  overwrite: bool = False, cache_dir: str | None = None, store_options: dict | None = None,
-                 **kwargs: Any):
+                 per_token: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if self.train_dataset is None:
             raise ValueError("PSKDTrainer needs a train_dataset: its row indices are the store's sample ids")
@@ -67,8 +77,15 @@ class PSKDTrainer(Trainer):
                              "compute_loss_func, or subclass PSKDTrainer to combine them deliberately")
         self.pskd_url = str(pskd_store)
         self.pskd_options = dict(alpha_T=alpha_T, overwrite=overwrite, cache_dir=cache_dir, **(store_options or {}))
-        self.pskd_labels = _labels_of(self.train_dataset) if labels is None else np.asarray(labels, dtype=np.int64)
-        self.pskd_classes = num_classes or self.model.config.num_labels
+        self.pskd_shift = per_token and not getattr(self.model.config, "is_encoder_decoder", False)
+        self.pskd_lengths = None
+        if per_token:  # the targets of each record, as its model's loss sees them
+            sequences = [record["labels"] for record in self.train_dataset] if labels is None else labels
+            self.pskd_labels, self.pskd_lengths = token_labels(
+                np.asarray(sequence)[1:] if self.pskd_shift else sequence for sequence in sequences)
+        else:
+            self.pskd_labels = _labels_of(self.train_dataset) if labels is None else np.asarray(labels, dtype=np.int64)
+        self.pskd_classes = num_classes or (self.model.config.vocab_size if per_token else self.model.config.num_labels)
         self.pskd_base = self.train_dataset
         self.train_dataset = WithSampleIds(self.train_dataset)
         self.session: StoreSession | None = None
@@ -86,9 +103,17 @@ class PSKDTrainer(Trainer):
         ids, labels = inputs.pop(SAMPLE_ID), inputs.pop("labels")
         outputs = model(**inputs)
         logits = outputs["logits"]
-        targets = self.session.data.targets(labels, ids).to(logits.device, non_blocking=True)
-        loss = F.cross_entropy(logits.float(), targets)
-        self.session.record(ids, logits)
+        if self.pskd_lengths is None:
+            targets = self.session.data.targets(labels, ids).to(logits.device, non_blocking=True)
+            loss = F.cross_entropy(logits.float(), targets)
+            self.session.record(ids, logits)
+        else:
+            if self.pskd_shift:  # position t predicts token t + 1
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            probs, classes, alpha = self.session.data.teacher(labels, ids)
+            loss = token_soft_cross_entropy(logits, labels, probs.to(logits.device, non_blocking=True),
+                                            classes.to(logits.device, non_blocking=True), alpha)
+            self.session.record(ids, logits, labels)
         return (loss, outputs) if return_outputs else loss
 
     def open_store(self, epochs_done: int) -> None:
@@ -98,7 +123,8 @@ class PSKDTrainer(Trainer):
         self.session = StoreSession.open(
             self.pskd_url, self.pskd_base, self.pskd_labels, num_classes=self.pskd_classes,
             alpha_T=options.pop("alpha_T"), total_epochs=_whole(self.args.num_train_epochs, "num_train_epochs"),
-            env=torchrun_environment() or Distributed(), resuming=epochs_done > 0, **options,
+            env=torchrun_environment() or Distributed(), resuming=epochs_done > 0, lengths=self.pskd_lengths,
+            **options,
         )
         if epochs_done > 0:
             self.session.resume_after(epochs_done)
