@@ -9,6 +9,9 @@
    ``write()`` on a side stream while ``close()`` runs outside it. Each batch's logits
    are made right behind a long kernel, so a writer that read its pinned buffers before
    the copies landed would store stale rows.
+2b. ``tokens``: a sequence store's TokenWriter fed CUDA logits (B, L, V) and labels stores
+   the top-8 rows the CPU path stores for the same logits, with no host-device
+   synchronisation inside ``write()``.
 3. ``syncs``: host-device synchronisations per training step of the real training loop
    (``torch.cuda.set_sync_debug_mode("warn")``), PS-KD epochs 2 and 3, for ``--aug none``,
    ``cutout`` and ``cutmix``, with and without the progress bar.
@@ -59,6 +62,7 @@ from pskd_store.distributed import setup  # noqa: E402
 from pskd_store.methods import METHODS  # noqa: E402
 from pskd_store.recipe import AUGMENTATIONS, TrainConfig  # noqa: E402
 from pskd_store.run_directory import RunDirectory  # noqa: E402
+from pskd_store.sequences import token_labels  # noqa: E402
 from pskd_store.store import SoftTargetStore  # noqa: E402
 from pskd_store.training import (  # noqa: E402
     _set_teacher,
@@ -161,6 +165,40 @@ def check_writer(tmp: Path) -> dict:
         result[name] = {"max_abs_diff": float(difference.max()), "rows_wrong": int((difference > 1e-3).sum())}
     result["ok"] = all(result[s]["rows_wrong"] == 0 for s in ("default_stream", "side_stream"))
     return result
+
+
+def check_tokens(tmp: Path) -> dict:
+    sequences, length, vocabulary = 256, 32, 8_000
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, vocabulary, (sequences, length), generator=generator)
+    labels[torch.rand(sequences, length, generator=generator) < 0.3] = -100  # prompts and padding
+    logits = torch.randn(sequences, length, vocabulary, generator=generator) * 4
+    tokens, lengths = token_labels(labels.numpy())
+    batches = list(torch.randperm(sequences, generator=torch.Generator().manual_seed(1)).split(16))
+
+    def write(device: str) -> tuple[np.ndarray, int]:
+        store = SoftTargetStore.create(tmp / device, tokens, vocabulary, topk=8, lengths=lengths)
+        on_device, device_labels = logits.to(device), labels.to(device)
+        writer = store.writer(1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("warn")
+            for ids in batches:
+                picked = ids.to(device, non_blocking=True)
+                writer.write(ids, on_device[picked], device_labels[picked])
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+        writer.close()
+        store.seal(1)
+        return store.read_epoch(1), sum("synchroniz" in str(w.message) for w in caught)
+
+    on_cpu, _ = write("cpu")
+    on_gpu, syncs = write("cuda")
+    difference = np.abs(on_gpu - on_cpu).max(axis=1)  # rows rebuilt: a last-bit difference moves little
+    rows_wrong = int((difference > 1e-3).sum())
+    return {"token_rows": len(on_cpu), "max_abs_diff": float(difference.max()), "rows_wrong": rows_wrong,
+            "syncs_in_write": syncs, "ok": rows_wrong == 0 and syncs == 0}
 
 
 # -- 3. synchronisations per step ----------------------------------------------------------
@@ -282,7 +320,8 @@ def main() -> None:
                                                   args.matrix_workers)),
               ("rank_draws", lambda tmp: check_rank_draws(tmp, args.device))]
     if args.device == "cuda":
-        checks[1:1] = [("writer", check_writer), ("syncs", lambda tmp: check_syncs(tmp, args.sync_steps))]
+        checks[1:1] = [("writer", check_writer), ("tokens", check_tokens),
+                       ("syncs", lambda tmp: check_syncs(tmp, args.sync_steps))]
         checks += [("throughput", lambda tmp: check_throughput(tmp, args.samples)),
                    ("train", lambda tmp: check_train(tmp, args.samples))]
     if args.checks:

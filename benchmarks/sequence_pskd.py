@@ -14,8 +14,9 @@ test pairs, the same for every seed.
     last epoch.
   * ``teacher``: PS-KD with the store at each ``--topk`` against PS-KD the paper's way for
     translation (a frozen copy of the previous epoch's model run forward on every batch):
-    samples/s over epochs 2..T, bytes a teacher takes (the copy's parameters; the store's
-    compressed bytes per token) and, for each k, the mean L1 distance between the rebuilt
+    samples/s over epochs 2..T, memory a teacher takes (the copy's parameters, on the
+    device; the store's decoded epoch, mapped on the host) and its compressed bytes per
+    token on disk, and, for each k, the mean L1 distance between the rebuilt
     target row and the dense softmax it came from, over the training targets.
 
     python benchmarks/sequence_pskd.py table --epochs 8 --seeds 0 1 2
@@ -177,6 +178,7 @@ def train_run(method: str, train, test, vocabulary: int, seed: int, args, workdi
     if store is not None:
         info = store.epoch_info(args.epochs)
         result["store_bytes_per_token"] = info["nbytes_stored"] / store.num_samples
+        result["served_teacher_bytes"] = info["nbytes"]  # the decoded epoch a data set maps (page cache, shared)
     if teacher is not None:
         result["teacher_copy_bytes"] = sum(t.numel() * t.element_size() for t in teacher.state_dict().values())
     result["model"] = model
@@ -255,6 +257,7 @@ def main() -> None:
                 run = train_run("store", train, test, vocabulary, args.seeds[0], args, Path(tmp), topk=k)
                 arms[f"store_top{k}"] = {
                     "samples_per_s": run["samples_per_s"], "store_bytes_per_token": run["store_bytes_per_token"],
+                    "served_teacher_bytes": run["served_teacher_bytes"],
                     "rebuilt_l1_to_dense": rebuild_distance(probs, vocabulary, k),
                     "over_frozen_copy": run["samples_per_s"] / arms["frozen_copy"]["samples_per_s"],
                 }

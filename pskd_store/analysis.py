@@ -25,8 +25,8 @@ class RunRecord:
 
     path: Path
     config: dict[str, Any]
-    labels: np.ndarray                    # (N,) class of every training sample
-    trajectory: dict[str, np.ndarray]     # SoftTargetStore.trajectory(): epochs, (E, N) arrays
+    labels: np.ndarray                    # the store's labels: a class per sample, or every target token
+    trajectory: dict[str, np.ndarray]     # SoftTargetStore.trajectory(): epochs, (E, N) arrays (N samples)
     metrics: list[dict[str, Any]]         # metrics.jsonl rows, in epoch order
     store_summary: dict[str, Any]
     eval_probs: np.ndarray | None = None  # (N_test, K) from train's last epoch or `pskd-store eval`
@@ -40,7 +40,7 @@ class RunRecord:
 
     @property
     def num_samples(self) -> int:
-        return len(self.labels)
+        return self.trajectory["written"].shape[1]
 
     @property
     def num_epochs(self) -> int:
@@ -101,8 +101,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def correct_epochs(traj: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:
     """(N,) number of epochs in which each sample was predicted (written, not carried
-    forward) and its prediction was its label."""
-    return np.count_nonzero(traj["written"] & (traj["argmax"] == np.asarray(labels)[None, :]), axis=0)
+    forward) and its prediction was its label; a sequence (a sequence store's trajectory)
+    counts as right when at least half its target tokens were."""
+    right = traj["token_accuracy"] >= 0.5 if "token_accuracy" in traj else traj["argmax"] == np.asarray(labels)[None]
+    return np.count_nonzero(traj["written"] & right, axis=0)
 
 
 def hard_mask(traj: dict[str, np.ndarray], labels: np.ndarray, max_correct_fraction: float = 0.5) -> np.ndarray:

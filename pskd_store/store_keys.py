@@ -15,7 +15,7 @@ SEQUENCE_TRAJECTORY_FIELDS = {
     "true_prob": np.float16,       # mean probability of the true token
     "max_prob": np.float16,        # mean largest probability
     "token_accuracy": np.float16,  # fraction of positions whose largest probability is the true token
-    "written": np.bool_,           # every position written this epoch (else some were carried forward)
+    "written": np.bool_,           # it has target positions and every one was written this epoch
 }
 SLICE_BYTES = 32 << 20  # rows held at a time while an epoch is merged, decoded or verified
 

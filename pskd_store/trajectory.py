@@ -68,7 +68,8 @@ class SequenceTrajectory:
             self._written[at] += np.bincount(local, weights=written, minlength=size).astype(np.int64)
 
     def result(self) -> dict[str, np.ndarray]:
-        """The fields, one value per sample (NaN for a sample without target positions)."""
+        """The fields, one value per sample; a sample without target positions was never
+        predicted (NaN, not written)."""
         lengths = self.token_rows.lengths
 
         def mean(total: np.ndarray) -> np.ndarray:
@@ -77,4 +78,5 @@ class SequenceTrajectory:
             return out.astype(np.float16)
 
         return {"true_prob": mean(self._true), "max_prob": mean(self._max),
-                "token_accuracy": mean(self._correct.astype(np.float64)), "written": self._written == lengths}
+                "token_accuracy": mean(self._correct.astype(np.float64)),
+                "written": (lengths > 0) & (self._written == lengths)}
