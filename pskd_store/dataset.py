@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
@@ -43,7 +44,7 @@ def collate_soft_targets(batch: SoftTargetBatch | list) -> tuple | list:
     return default_collate(batch)
 
 
-class TeacherEpochDataset(Dataset):
+class TeacherEpochDataset(Dataset, ABC):
     """What a data set serving last epoch's predictions needs, whatever its items make of
     them (:class:`SoftTargetDataset`, :class:`TokenTargetDataset`): the epoch, set by
     :meth:`set_epoch` in the main process before iterating each epoch's DataLoader (as with
@@ -85,9 +86,9 @@ class TeacherEpochDataset(Dataset):
         # [epoch, teacher epoch or 0, seal token as int]: written by set_epoch, read by workers
         self._state = torch.zeros(3, dtype=torch.int64).share_memory_()
 
+    @abstractmethod
     def _require_same_data(self, base: Dataset, store: SoftTargetStore) -> None:
         """Refuse a base data set that is not the one the store was made for."""
-        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.base)

@@ -50,9 +50,7 @@ class SequenceTrajectory:
     def add(self, lo: int, per_row: dict[str, np.ndarray], labels: np.ndarray, written: np.ndarray | None) -> None:
         """Rows ``lo .. lo + len(labels)``: their per-token fields (``RowEncoding.trajectory``),
         labels and, from the seal, whether each was written this epoch."""
-        samples = self.token_rows.sample_of(np.arange(lo, lo + len(labels)))
-        if not len(samples):
-            return
+        samples = self.token_rows.sample_of(np.arange(lo, lo + len(labels)))  # never empty: a store has rows
         first = samples[0]
         local = samples - first
         size = int(local[-1]) + 1

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from conftest import pskd_in_process
 from torch.utils.data import DataLoader
 
+from pskd_store.errors import StoreDamagedError
 from pskd_store.loss import soft_target, token_soft_cross_entropy
 from pskd_store.row_encoding import row_encoding
 from pskd_store.sequences import IGNORE_INDEX, TokenRows, token_labels
@@ -342,3 +343,40 @@ def test_inspect_finds_the_sequences_the_model_keeps_getting_wrong(tmp_path):
     assert report["num_samples"] == S and report["epochs"] == 3
     assert sorted(report["plotted_ids"]) == expected and report["hard_found"] == len(expected)
     assert (tmp_path / "look" / "trajectories.png").is_file()
+
+
+def test_bad_lengths_and_writes_are_refused_naming_the_fix(tmp_path):
+    labels = padded_labels()
+    tokens, lengths = token_labels(labels)
+    for bad, problem in ((lengths[None], "a non-empty 1-D array of integer target counts"),
+                         (np.where(np.arange(S) == 2, -1, lengths), "none is negative; got -1")):
+        with pytest.raises(StoreError, match=problem):
+            SoftTargetStore.create(tmp_path / "bad", tokens, V, lengths=bad)
+    with pytest.raises(ValueError, match="a sequence store needs at least one sample"):
+        token_labels([])
+    store = sequence_store(tmp_path, labels, 4)
+    with pytest.raises(StoreError, match=f"the data set has {S - 1} sequences but the store was made for {S}"):
+        TokenTargetDataset(Sequences(labels[1:]), store, 0.8, 4)
+    logits = torch.randn(S, L, V)
+    with pytest.raises(RuntimeError, match="a failed step"):  # the with block abandons the part ...
+        with store.writer(1) as writer:
+            with pytest.raises(ValueError, match=r"logits must be \(batch, length, vocabulary\) and labels"):
+                writer.write(torch.arange(2), logits[:2, 0], torch.from_numpy(labels[:2]))
+            with pytest.raises(ValueError, match=r"ids must have shape \(2,\) to match the logits"):
+                writer.write(torch.arange(3), logits[:2], torch.from_numpy(labels[:2]))
+            with pytest.raises(ValueError, match=rf"ids must be sample indices in \[0, {S}\), got \[23, 24\]"):
+                writer.write(torch.tensor([23, 24]), logits[:2], torch.from_numpy(labels[:2]))
+            writer.write(torch.arange(S), logits, torch.from_numpy(labels))
+            raise RuntimeError("a failed step")
+    write_tokens(store, 1, logits, labels)  # ... so that the epoch can be written again
+    np.testing.assert_array_equal(store.teacher_array(1)[:], expected_rows(logits, labels, 4))
+
+
+def test_a_damaged_lengths_array_is_refused_before_any_row_is_placed(tmp_path):
+    labels = padded_labels()
+    store = sequence_store(tmp_path, labels, 4)
+    store._group["lengths"][:] = np.roll(store.token_rows.lengths, 1)  # rewritten with a valid checksum
+    reopened = SoftTargetStore.open(store.url)
+    with pytest.raises(StoreDamagedError, match="the lengths array in .* is damaged"):
+        reopened.writer(1)
+    assert not verify_store(reopened).ok
