@@ -24,13 +24,13 @@ import torch
 
 from .errors import StoreError
 from .sequences import IGNORE_INDEX
-from .writer import PredictionWriter
+from .writer import ClosesOnSuccess, PredictionWriter
 
 if TYPE_CHECKING:
     from .store import SoftTargetStore
 
 
-class TokenWriter:
+class TokenWriter(ClosesOnSuccess):
     """Record (sample ids, logits (B, L, V), labels (B, L)) of each step of ``epoch`` into a
     sequence store. Options as :class:`~pskd_store.writer.PredictionWriter`'s (``rank``,
     ``from_logits``, ``buffers``). A context manager closes on success and abandons the
@@ -107,12 +107,3 @@ class TokenWriter:
     def abandon(self) -> None:
         """Stop without closing: the epoch's rows stay unsealed (PredictionWriter.abandon)."""
         self._writer.abandon()
-
-    def __enter__(self) -> TokenWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abandon()

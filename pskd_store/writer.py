@@ -23,6 +23,7 @@ import functools
 import queue
 import threading
 import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -53,7 +54,29 @@ class _ChunkBuffer:
     tolerance: float = 0.0  # how far from 1 a probability row's sum may be
 
 
-class PredictionWriter:
+class ClosesOnSuccess(ABC):
+    """A writer as a context manager: ``close()`` when the block succeeds, ``abandon()``
+    (the epoch's rows stay unsealed, the part given up) when it raises."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Write what is buffered and mark the part complete."""
+
+    @abstractmethod
+    def abandon(self) -> None:
+        """Stop without closing: the epoch's rows stay unsealed."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abandon()
+
+
+class PredictionWriter(ClosesOnSuccess):
     """Record (dataset ids, logits) of each training step of ``epoch`` into ``store``.
 
     ``from_logits=False`` takes probabilities instead of logits. ``rank`` names this
@@ -193,15 +216,6 @@ class PredictionWriter:
         if not self._closed:
             self._stop()
             self._part.release()
-
-    def __enter__(self) -> PredictionWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abandon()
 
     def _take_buffer(self, like: torch.Tensor, accelerator: Accelerator | None, raw: bool) -> _ChunkBuffer:
         """A free buffer; allocates up to ``buffers`` of them, then waits for one. Device
