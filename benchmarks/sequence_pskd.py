@@ -14,13 +14,14 @@ test pairs, the same for every seed.
     last epoch.
   * ``teacher``: PS-KD with the store at each ``--topk`` against PS-KD the paper's way for
     translation (a frozen copy of the previous epoch's model run forward on every batch):
-    samples/s over epochs 2..T, memory a teacher takes (the copy's parameters, on the
-    device; the store's decoded epoch, mapped on the host) and its compressed bytes per
-    token on disk, and, for each k, the mean L1 distance between the rebuilt
-    target row and the dense softmax it came from, over the training targets.
+    samples/s over epochs 2..T (the median of ``--repeats`` rounds, arms alternated), the
+    memory a teacher takes (the copy's parameters, on the device; the store's decoded
+    epoch, mapped on the host), its compressed bytes per token on disk, and, for each k,
+    the mean L1 distance between the rebuilt target row and the dense softmax it came
+    from, over the training targets.
 
-    python benchmarks/sequence_pskd.py table --epochs 8 --seeds 0 1 2
-    python benchmarks/sequence_pskd.py teacher --epochs 4 --topk 1 4 8 16
+    python benchmarks/sequence_pskd.py table --epochs 10 --train-pairs 8000 --test-pairs 2000 --seeds 0 1 2
+    python benchmarks/sequence_pskd.py teacher --epochs 4 --topk 1 4 8 16 --repeats 2
 """
 
 from __future__ import annotations
@@ -211,6 +212,29 @@ def rebuild_distance(probs: np.ndarray, vocabulary: int, topk: int) -> float:
     return float(np.abs(rebuilt - probs.astype(np.float16).astype(np.float32)).sum(axis=1).mean())
 
 
+def compare_teachers(train, test, vocabulary: int, args, workdir: Path) -> dict[str, dict]:
+    """The frozen copy and each top-k store, alternated ``--repeats`` times (so that drift of
+    a shared machine hits every arm alike); samples/s is each arm's median."""
+    arms = {"frozen_copy": ("copy", None), **{f"store_top{k}": ("store", k) for k in args.topk}}
+    rates: dict[str, list[float]] = {name: [] for name in arms}
+    runs: dict[str, dict] = {}
+    for _ in range(args.repeats):
+        for name, (method, k) in arms.items():
+            runs[name] = train_run(method, train, test, vocabulary, args.seeds[0], args, workdir, topk=k)
+            rates[name].append(runs[name]["samples_per_s"])
+    copy_rate = statistics.median(rates["frozen_copy"])
+    report = {"frozen_copy": {"samples_per_s": copy_rate, "runs": rates["frozen_copy"],
+                              "teacher_copy_bytes": runs["frozen_copy"]["teacher_copy_bytes"]}}
+    probs, _ = target_probs(runs["frozen_copy"]["model"], train)
+    for name, (_, k) in list(arms.items())[1:]:
+        rate = statistics.median(rates[name])
+        report[name] = {"samples_per_s": rate, "runs": rates[name], "over_frozen_copy": rate / copy_rate,
+                        "store_bytes_per_token": runs[name]["store_bytes_per_token"],
+                        "served_teacher_bytes": runs[name]["served_teacher_bytes"],
+                        "rebuilt_l1_to_dense": rebuild_distance(probs, vocabulary, k)}
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("table", "teacher"))
@@ -224,6 +248,7 @@ def main() -> None:
     parser.add_argument("--alpha-T", dest="alpha_T", type=float, default=0.8)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--topk", type=int, nargs="+", default=[8], help="k of the store's top-k rows")
+    parser.add_argument("--repeats", type=int, default=1, help="teacher: rounds of the alternated arms")
     parser.add_argument("--threads", type=int, help="torch compute threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -249,19 +274,7 @@ def main() -> None:
             report["mean"] = {name: {key: statistics.mean(r[key] for r in rows) for key in rows[0] if key != "seed"}
                               for name, rows in runs.items()}
         else:
-            arms = {}
-            copy_run = train_run("copy", train, test, vocabulary, args.seeds[0], args, Path(tmp))
-            arms["frozen_copy"] = {key: copy_run[key] for key in ("samples_per_s", "teacher_copy_bytes")}
-            probs, _ = target_probs(copy_run["model"], train)
-            for k in args.topk:
-                run = train_run("store", train, test, vocabulary, args.seeds[0], args, Path(tmp), topk=k)
-                arms[f"store_top{k}"] = {
-                    "samples_per_s": run["samples_per_s"], "store_bytes_per_token": run["store_bytes_per_token"],
-                    "served_teacher_bytes": run["served_teacher_bytes"],
-                    "rebuilt_l1_to_dense": rebuild_distance(probs, vocabulary, k),
-                    "over_frozen_copy": run["samples_per_s"] / arms["frozen_copy"]["samples_per_s"],
-                }
-            report["arms"] = arms
+            report["arms"] = compare_teachers(train, test, vocabulary, args, Path(tmp))
     report["seconds"] = time.perf_counter() - started
     print(json.dumps(report, indent=2))
 

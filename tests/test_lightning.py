@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("lightning", reason="the Lightning integration needs pip install -e '.[lightning]'")
 
@@ -22,6 +23,8 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from pskd_store import SoftTargetStore, StoreError  # noqa: E402
 from pskd_store.integrations.lightning import PSKD  # noqa: E402
+from pskd_store.loss import token_soft_cross_entropy  # noqa: E402
+from pskd_store.row_encoding import row_encoding  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_state_kept")
 SCRIPT = Path(__file__).with_name("lightning_run.py")
@@ -208,3 +211,57 @@ def test_a_callback_without_its_data_set_or_epochs_is_refused(tmp_path):
     bare = PSKD(tmp_path / "bare", num_classes=K)
     with pytest.raises(RuntimeError, match="wrap the training data set"):
         quiet_trainer(tmp_path, [bare], max_epochs=1).fit(lightning_run.Classifier(), loader)
+
+
+class TokenTagger(pl.LightningModule):
+    """A per-position classifier (embedding, linear) that keeps each step's logits and loss."""
+
+    def __init__(self, vocabulary: int):
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocabulary, 16)
+        self.head = torch.nn.Linear(16, vocabulary)
+        self.seen: list[tuple] = []
+
+    def training_step(self, batch, batch_idx):
+        inputs, labels, probs, classes, alpha, ids = batch
+        logits = self.head(self.embed(inputs))
+        loss = token_soft_cross_entropy(logits, labels, probs, classes, alpha)
+        self.seen.append((self.current_epoch + 1, ids.clone(), logits.detach().clone(), labels.clone(), loss.detach()))
+        return {"loss": loss, "logits": logits}
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_per_token_targets_come_from_the_previous_epochs_logits(tmp_path):
+    """A sequence store under Lightning: each step's loss is the cross-entropy against the
+    dense target rebuilt by hand from the top-3 rows of the logits each target position had
+    one epoch earlier, with DataLoader workers."""
+    vocabulary, length, count = 20, 8, 48
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, vocabulary, (count, length), generator=generator)
+    labels = torch.where(torch.rand(count, length, generator=generator) < 0.3, -100, (inputs + 1) % vocabulary)
+    pskd = PSKD(tmp_path / "store", num_classes=vocabulary, per_token=True, topk=3)
+    loader = DataLoader(pskd.wrap(torch.utils.data.TensorDataset(inputs, labels)), batch_size=16, shuffle=True,
+                        num_workers=2, persistent_workers=True)
+    torch.manual_seed(0)
+    module = TokenTagger(vocabulary)
+    quiet_trainer(tmp_path, [pskd], max_epochs=3, enable_checkpointing=False).fit(module, loader)
+    encoding = row_encoding(vocabulary, "float16", 3)
+    rows = {}  # (epoch, id) -> rebuilt (L, V) rows
+    for epoch, ids, logits, _, _ in module.seen:
+        for i, sample in zip(ids.tolist(), logits):
+            rows[epoch, i] = torch.from_numpy(encoding.expand(encoding.encode(sample.softmax(dim=1)).numpy()))
+    for epoch, ids, logits, batch_labels, loss in module.seen:
+        keep = batch_labels != -100
+        alpha = ALPHA_T * epoch / 3
+        targets = F.one_hot(batch_labels[keep], vocabulary).float()
+        if epoch > 1:
+            past = torch.stack([rows[epoch - 1, i] for i in ids.tolist()])[keep]
+            targets = (1 - alpha) * targets + alpha * past
+        torch.testing.assert_close(loss, F.cross_entropy(logits[keep], targets), rtol=0, atol=1e-6)
+    store = SoftTargetStore.open(tmp_path / "store")
+    assert store.sealed_epochs == [1, 2, 3] and store.num_samples == int((labels != -100).sum())
+    keep = labels != -100
+    final = torch.cat([rows[3, i][keep[i]] for i in range(count)])
+    assert (torch.from_numpy(store.read_epoch(3)) == final).all()

@@ -14,6 +14,12 @@
         logits = self(inputs)
         return {"loss": F.cross_entropy(logits, targets), "logits": logits}
 
+With ``PSKD(..., per_token=True)`` the wrapped data set holds ``(input, labels)`` sequences
+(labels aligned with the model's output positions, -100 where no target), a batch is
+``(inputs, labels, teacher_probs, teacher_classes, alpha, ids)`` and ``training_step``
+returns its (B, L, V) logits; the loss is
+:func:`~pskd_store.loss.token_soft_cross_entropy` (docs/sequences.md).
+
 Each training epoch t serves sealed epoch t-1 (``set_epoch`` before the epoch's DataLoader
 is iterated), records every batch's returned logits under its ids, and seals the epoch
 on rank 0 between barriers once its last training batch has ended: before validation and
@@ -36,18 +42,26 @@ from ..data import labels_of
 from ..dataset import SoftTargetBatch, SoftTargetDataset
 from ..distributed import Distributed
 from ..errors import StoreError
+from ..sequences import token_labels
+from ..token_dataset import TokenTargetDataset
 from .session import StoreSession
 
 
 class SoftTargets(Dataset):
     """The training data set a :class:`PSKD` callback serves: items ``(input, target,
-    label, id)``. Its targets exist once the Trainer starts fitting (the store is opened on
-    the strategy's ranks then); until that, only its length is known."""
+    label, id)``, or a sequence store's ``TokenTargetDataset`` items. Its targets exist once
+    the Trainer starts fitting (the store is opened on the strategy's ranks then); until
+    that, only its length is known."""
 
-    def __init__(self, base: Dataset, labels: Sequence[int] | np.ndarray | None):
+    def __init__(self, base: Dataset, labels: Sequence | np.ndarray | None, per_token: bool):
         self.base = base
-        self.labels = labels_of(base) if labels is None else np.asarray(labels, dtype=np.int64)
-        self.served: SoftTargetDataset | None = None
+        self.lengths = None
+        if per_token:  # the store's labels are every target token; lengths divide them into samples
+            self.labels, self.lengths = token_labels(base[i][1] for i in range(len(base))) if labels is None \
+                else token_labels(labels)
+        else:
+            self.labels = labels_of(base) if labels is None else np.asarray(labels, dtype=np.int64)
+        self.served: SoftTargetDataset | TokenTargetDataset | None = None
 
     def __len__(self) -> int:
         return len(self.base)
@@ -58,7 +72,7 @@ class SoftTargets(Dataset):
     def __getitems__(self, indices: list[int]) -> SoftTargetBatch:
         return self._served().__getitems__(indices)
 
-    def _served(self) -> SoftTargetDataset:
+    def _served(self) -> SoftTargetDataset | TokenTargetDataset:
         if self.served is None:
             raise RuntimeError("this data set's targets come from the PSKD callback that wrapped it: pass that "
                                "callback to the Trainer (L.Trainer(callbacks=[pskd])) and iterate it inside fit()")
@@ -71,14 +85,16 @@ class PSKD(pl.Callback):
 
     ``logits_key`` names the entry of ``training_step``'s returned dict that holds the
     batch's logits (B, K); a batch whose entry is ``None`` records nothing (its samples
-    carry their previous prediction forward), e.g. one mixed by CutMix. ``overwrite``
+    carry their previous prediction forward), e.g. one mixed by CutMix. ``per_token``: a
+    sequence model's per-token targets (logits (B, L, V), ``num_classes`` the vocabulary
+    size; ``store_options`` ``topk=8`` keeps a vocabulary's rows small). ``overwrite``
     replaces a store left at ``store`` by an earlier run; ``store_options`` go to
     :meth:`SoftTargetStore.create` (``dtype``, ``topk``, ``keep_epochs``, ...).
     """
 
     def __init__(self, store: str | Path, num_classes: int, alpha_T: float = 0.8, *, logits_key: str = "logits",
                  overwrite: bool = False, cache_dir: str | None = None, seed: int | None = None,
-                 **store_options: Any):
+                 per_token: bool = False, **store_options: Any):
         self.url = str(store)
         self.num_classes = num_classes
         self.alpha_T = alpha_T
@@ -87,16 +103,18 @@ class PSKD(pl.Callback):
         self.cache_dir = cache_dir
         self.seed = seed
         self.store_options = store_options
+        self.per_token = per_token
         self.data: SoftTargets | None = None
         self.session: StoreSession | None = None
         self._resumed: dict | None = None  # the callback's state in the checkpoint being resumed
 
     def wrap(self, base: Dataset, labels: Sequence[int] | np.ndarray | None = None) -> SoftTargets:
         """The training data set to build the Trainer's DataLoader from. ``labels`` (in
-        index order) spare reading every item when ``base`` has no ``targets``."""
+        index order; per token: each sample's label sequence) spare reading every item when
+        ``base`` has no ``targets``."""
         if self.data is not None:
             raise RuntimeError("this PSKD callback already wraps a training data set: one callback per data set")
-        self.data = SoftTargets(base, labels)
+        self.data = SoftTargets(base, labels, self.per_token)
         return self.data
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -121,7 +139,7 @@ class PSKD(pl.Callback):
         self.session = StoreSession.open(
             self.url, self.data.base, self.data.labels, num_classes=self.num_classes, alpha_T=self.alpha_T,
             total_epochs=trainer.max_epochs, env=_ranks(trainer), resuming=resuming, overwrite=self.overwrite,
-            cache_dir=self.cache_dir, seed=self.seed, **self.store_options,
+            cache_dir=self.cache_dir, seed=self.seed, lengths=self.data.lengths, **self.store_options,
         )
         if resuming:
             self.session.resume_after(self._resumed["sealed"])
@@ -137,7 +155,9 @@ class PSKD(pl.Callback):
             raise ValueError(f"training_step must return a dict with the batch's logits under {self.logits_key!r} "
                              f"(e.g. return {{'loss': loss, {self.logits_key!r}: logits}}) for PS-KD to record them")
         logits = outputs[self.logits_key]
-        if logits is not None:
+        if logits is not None and self.per_token:
+            self.session.record(batch[5], logits, batch[1])
+        elif logits is not None:
             self.session.record(batch[3], logits)
         if batch_idx + 1 == trainer.num_training_batches:
             self.session.end_epoch()
