@@ -185,3 +185,69 @@ def test_a_causal_language_model_trains_on_per_token_targets_from_its_previous_e
     assert checked == 2 * 5  # epochs 2 and 3, five batches each
     final = torch.cat([rows[3, i] for i in range(count)])
     assert (torch.from_numpy(store.read_epoch(3)) == final).all()
+
+
+def test_a_translation_model_trains_on_per_token_targets_with_padded_labels(tmp_path):
+    """T5 from a config, targets of 2-7 tokens padded with -100 by DataCollatorForSeq2Seq: the
+    decoder's logits are the targets' own (no shift), each step's loss is CE against the
+    dense target rebuilt by hand from the previous epoch's top-4 rows, and the last epoch is
+    stored as those rows."""
+    from transformers import DataCollatorForSeq2Seq, T5Config, T5ForConditionalGeneration, TrainingArguments
+
+    from pskd_store.row_encoding import row_encoding
+
+    vocabulary, count = 30, 32
+    generator = torch.Generator().manual_seed(1)
+    records = []
+    for _ in range(count):
+        source = torch.randint(1, vocabulary, (int(torch.randint(3, 9, (1,), generator=generator)),),
+                               generator=generator)
+        target = (source[:int(torch.randint(2, 8, (1,), generator=generator))] + 1) % vocabulary
+        records.append({"input_ids": source.tolist(), "attention_mask": [1] * len(source), "labels": target.tolist()})
+    torch.manual_seed(0)
+    model = T5ForConditionalGeneration(T5Config(vocab_size=vocabulary, d_model=16, d_kv=8, d_ff=32, num_layers=1,
+                                                num_decoder_layers=1, num_heads=2, decoder_start_token_id=0,
+                                                pad_token_id=0, dropout_rate=0.0))
+
+    class Pads:  # what DataCollatorForSeq2Seq needs of a tokenizer to pad input ids
+        pad_token_id, padding_side, model_input_names = 0, "right", ["input_ids", "attention_mask"]
+
+        def __init__(self, keep_other_columns: bool = True):
+            self.keep = keep_other_columns
+
+        def pad(self, features, **options):  # as a tokenizer pads: other columns are kept as they are
+            width = max(len(f["input_ids"]) for f in features)
+            batch = {key: torch.tensor([f[key] + [0] * (width - len(f[key])) for f in features])
+                     for key in ("input_ids", "attention_mask")}
+            others = {key: torch.tensor([f[key] for f in features]) for key in features[0] if key not in batch}
+            return {**batch, **others} if self.keep else batch
+
+    args = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), num_train_epochs=EPOCHS,
+                             per_device_train_batch_size=8, learning_rate=1e-2, save_strategy="no",
+                             logging_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True)
+    trainer = TokenRecording(model=model, args=args, train_dataset=records,
+                             data_collator=DataCollatorForSeq2Seq(Pads()), pskd_store=tmp_path / "store",
+                             alpha_T=ALPHA_T, per_token=True, store_options={"topk": 4})
+    trainer.train()
+    assert len(trainer.seen) == EPOCHS * 4
+    encoding = row_encoding(vocabulary, "float16", 4)
+    rows = {}  # (epoch, id) -> the rebuilt rows of its target positions
+    for epoch, ids, logits, labels, _ in trainer.seen:
+        for i, sample_logits, sample_labels in zip(ids.tolist(), logits, labels):
+            kept = sample_logits[sample_labels != -100].softmax(dim=1)
+            rows[epoch, i] = torch.from_numpy(encoding.expand(encoding.encode(kept).numpy()))
+    for epoch, ids, logits, labels, loss in trainer.seen:
+        keep = labels != -100
+        dense = F.one_hot(labels[keep], vocabulary).float()
+        if epoch > 1:
+            alpha = ALPHA_T * epoch / EPOCHS
+            dense = (1 - alpha) * dense + alpha * torch.cat([rows[epoch - 1, i] for i in ids.tolist()])
+        torch.testing.assert_close(loss, F.cross_entropy(logits[keep], dense), rtol=0, atol=1e-6)
+    store = SoftTargetStore.open(tmp_path / "store")
+    assert store.num_samples == sum(len(r["labels"]) for r in records)
+    assert (torch.from_numpy(store.read_epoch(3)) == torch.cat([rows[3, i] for i in range(count)])).all()
+    dropping = TokenRecording(model=model, args=args, train_dataset=records, pskd_store=tmp_path / "other",
+                              data_collator=DataCollatorForSeq2Seq(Pads(keep_other_columns=False)),
+                              alpha_T=ALPHA_T, per_token=True, store_options={"topk": 4})
+    with pytest.raises(StoreError, match="a training batch came without 'pskd_id'.* keeps extra columns"):
+        dropping.train()

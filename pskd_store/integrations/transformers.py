@@ -98,9 +98,17 @@ class PSKDTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        if SAMPLE_ID not in inputs:  # an evaluation batch
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if SAMPLE_ID not in inputs:
+            if model.training:  # trained on the model's own loss, nothing recorded: refuse it
+                raise StoreError(f"a training batch came without {SAMPLE_ID!r}, the store ids PSKDTrainer adds "
+                                 "to every record: use a data collator that keeps extra columns "
+                                 "(DataCollatorWithPadding, DataCollatorForSeq2Seq with a tokenizer, "
+                                 "default_data_collator)")
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # evaluation
         ids, labels = inputs.pop(SAMPLE_ID), inputs.pop("labels")
+        if self.pskd_lengths is not None and self.model.config.is_encoder_decoder and "decoder_input_ids" not in inputs:
+            # what the model does with labels it is given: its decoder reads them shifted right
+            inputs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
         outputs = model(**inputs)
         logits = outputs["logits"]
         if self.pskd_lengths is None:
