@@ -184,3 +184,27 @@ def test_a_teacher_object_lost_during_the_seal_stops_the_seal_not_the_next_epoch
     with pytest.raises(StoreDamagedError, match=r"the teacher of epoch 2 .* rows 96-127 are missing"):
         store.seal(2)
     assert SoftTargetStore.open("s3://runs/lost/store").sealed_epochs == [1]
+
+
+def test_a_sequence_store_on_s3_seals_serves_rolls_back_and_verifies(s3, tmp_path):
+    from test_sequences import Sequences, expected_rows, padded_labels, sequence_rows_store_on, write_tokens
+
+    from pskd_store.token_dataset import TokenTargetDataset
+
+    labels = padded_labels()
+    store = sequence_rows_store_on("s3://runs/sequences/store", labels)
+    logits = torch.randn(*labels.shape, 50, generator=torch.Generator().manual_seed(9))
+    write_tokens(store, 1, logits, labels)
+    write_tokens(store, 2, logits * 2, labels)
+    reopened = SoftTargetStore.open("s3://runs/sequences/store", labels=store.labels,
+                                    lengths=store.token_rows.lengths)
+    np.testing.assert_array_equal(reopened.teacher_array(2)[:], expected_rows(logits * 2, labels, 4))
+    assert reopened.trajectory()["token_accuracy"].shape == (2, len(labels))
+    assert verify_path("s3://runs/sequences/store").ok
+    assert reopened.rollback(1) == [2]
+    data = TokenTargetDataset(Sequences(labels), reopened, 0.8, 4, cache_dir=str(tmp_path / "cache"))
+    data.set_epoch(2)  # served from epoch 1, decoded from S3
+    _, item_labels, probs, classes, alpha, _ = data[5]
+    values, stored_classes = reopened.encoding.sparse(expected_rows(logits, labels, 4)[store.token_rows.rows([5])])
+    np.testing.assert_array_equal(probs[item_labels != -100].numpy(), values)
+    np.testing.assert_array_equal(classes[item_labels != -100].numpy(), stored_classes)

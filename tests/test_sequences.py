@@ -55,8 +55,13 @@ class Sequences(torch.utils.data.Dataset):
 
 
 def sequence_store(tmp_path, labels: np.ndarray, topk: int | None, name: str = "store") -> SoftTargetStore:
+    return sequence_rows_store_on(tmp_path / name, labels, topk)
+
+
+def sequence_rows_store_on(url, labels: np.ndarray, topk: int | None = 4) -> SoftTargetStore:
+    """A sequence store at ``url`` (a path or an s3:// URL) for padded ``labels``."""
     tokens, lengths = token_labels(labels)
-    return SoftTargetStore.create(tmp_path / name, tokens, V, topk=topk, lengths=lengths)
+    return SoftTargetStore.create(url, tokens, V, topk=topk, lengths=lengths)
 
 
 def write_tokens(store: SoftTargetStore, epoch: int, logits: torch.Tensor, labels: np.ndarray,
