@@ -490,11 +490,15 @@ class SoftTargetStore:
             shape=(self.num_samples, self.encoding.width), dtype=self.encoding.stored_dtype, chunk_rows=self.chunk_rows,
         )
 
+    @property
+    def _trajectory_rows(self) -> int:
+        """Records per epoch in the trajectory tier: a row's each, or a sequence's."""
+        return self._meta.get("num_sequences") or self.num_samples
+
     def _trajectory(self, epoch: int, field: str) -> CheckedArray:
-        rows = self._meta.get("num_sequences") or self.num_samples
         return CheckedArray.open(
             self._group, f"trajectory/{epoch_key(epoch)}/{field}", f"the trajectory ({field}) of epoch {epoch}",
-            self.url, shape=(rows,), dtype=self.trajectory_fields[field],
+            self.url, shape=(self._trajectory_rows,), dtype=self.trajectory_fields[field],
         )
 
     def read_epoch(self, epoch: int) -> np.ndarray:
@@ -519,8 +523,7 @@ class SoftTargetStore:
         out: dict[str, np.ndarray] = {"epochs": np.asarray(epochs, dtype=np.int64)}
         for field, dtype in self.trajectory_fields.items():
             rows = [self.trajectory_array(e, field)[:] for e in epochs]
-            out[field] = np.stack(rows) if rows else np.empty((0, self._trajectory(epochs[0], field).shape[0]
-                                                                  if epochs else 0), dtype)
+            out[field] = np.stack(rows) if rows else np.empty((0, self._trajectory_rows), dtype)
         carried = ~out["written"]
         for field in self.trajectory_fields:
             if field != "written":

@@ -133,6 +133,10 @@ def test_the_trajectory_tier_holds_per_sample_summaries(tmp_path):
     write_tokens(store, 1, logits, labels)
     first_epoch = store.read_epoch(1)
     write_tokens(store, 2, logits + 1, labels, ids=np.delete(np.arange(S), 1))  # sample 1 carried forward
+    assert {name: values.shape for name, values in store.trajectory([]).items()} == {
+        "epochs": (0,), "true_prob": (0, S), "max_prob": (0, S), "token_accuracy": (0, S), "written": (0, S)}
+    rows = SoftTargetStore.create(tmp_path / "images", store.labels, V).trajectory()  # one row per sample
+    assert rows["argmax"].shape == rows["written"].shape == (0, store.num_samples)
     trajectory = store.trajectory()
     assert trajectory["true_prob"].shape == (2, S)
     token_rows = store.token_rows
