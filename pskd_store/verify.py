@@ -192,7 +192,9 @@ def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None
     row_bytes = encoding.width * encoding.stored_dtype.itemsize
     step = slice_rows(teacher.chunks[0], row_bytes)
     tolerance = max(1e-5, 2 * float(np.finfo(store.dtype).eps))
-    sequences = SequenceTrajectory(store.token_rows) if store.token_rows is not None else None
+    sequences = None  # a sequence store's summaries, recomputed (its lengths were read with the labels)
+    if labels is not None and trajectory is not None and store.token_rows is not None:
+        sequences = SequenceTrajectory(store.token_rows)
     for lo in range(0, len(teacher), step):
         hi = min(len(teacher), lo + step)
         try:

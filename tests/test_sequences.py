@@ -384,8 +384,10 @@ def test_bad_lengths_and_writes_are_refused_naming_the_fix(tmp_path):
 def test_a_damaged_lengths_array_is_refused_before_any_row_is_placed(tmp_path):
     labels = padded_labels()
     store = sequence_store(tmp_path, labels, 4)
+    write_tokens(store, 1, torch.randn(S, L, V), labels)
     store._group["lengths"][:] = np.roll(store.token_rows.lengths, 1)  # rewritten with a valid checksum
     reopened = SoftTargetStore.open(store.url)
     with pytest.raises(StoreDamagedError, match="the lengths array in .* is damaged"):
-        reopened.writer(1)
-    assert not verify_store(reopened).ok
+        reopened.writer(2)
+    findings = verify_store(reopened).findings  # the walk goes on past the damage: the teacher is checked too
+    assert [f.part for f in findings] == ["labels"] and "the lengths array" in findings[0].problem
