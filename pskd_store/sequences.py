@@ -19,7 +19,6 @@ import numpy as np
 IGNORE_INDEX = -100  # what torch's cross_entropy and Hugging Face's models skip
 
 
-
 class TokenRows:
     """Where each sample's target positions live in a sequence store: rows
     ``offsets[i] .. offsets[i] + lengths[i]`` hold sample i's positions in order."""

@@ -386,11 +386,11 @@ class SoftTargetStore:
     def token_rows(self) -> TokenRows | None:
         """A sequence store's (sample, position) -> row map (sequences.py); None for a store
         of one row per sample."""
-        if self._meta.get("num_sequences") is None:
+        if self._num_sequences is None:
             return None
         if self._token_rows is None:
             lengths = CheckedArray.open(
-                self._group, "lengths", "the lengths array", self.url, shape=(self._meta["num_sequences"],),
+                self._group, "lengths", "the lengths array", self.url, shape=(self._num_sequences,),
                 dtype=np.int64,
             )[:]
             if _sha256(lengths) != self.fingerprint.lengths_sha256:
@@ -403,9 +403,15 @@ class SoftTargetStore:
         return self._token_rows
 
     @property
+    def _num_sequences(self) -> int | None:
+        """A sequence store's number of samples; None for a store of a row per sample (and
+        for stores made before sequence stores)."""
+        return self._meta.get("num_sequences")
+
+    @property
     def trajectory_fields(self) -> dict[str, type]:
         """The trajectory tier's fields: per row, or per sample of a sequence store."""
-        return TRAJECTORY_FIELDS if self._meta.get("num_sequences") is None else SEQUENCE_TRAJECTORY_FIELDS
+        return TRAJECTORY_FIELDS if self._num_sequences is None else SEQUENCE_TRAJECTORY_FIELDS
 
     def _trajectory_record(self) -> RowTrajectory | SequenceTrajectory:
         token_rows = self.token_rows
@@ -493,7 +499,7 @@ class SoftTargetStore:
     @property
     def _trajectory_rows(self) -> int:
         """Records per epoch in the trajectory tier: a row's each, or a sequence's."""
-        return self._meta.get("num_sequences") or self.num_samples
+        return self._num_sequences or self.num_samples
 
     def _trajectory(self, epoch: int, field: str) -> CheckedArray:
         return CheckedArray.open(
@@ -545,7 +551,7 @@ class SoftTargetStore:
             "fingerprint": self._meta["fingerprint"],
             "rows": self.encoding.describe(),
             "topk": self.topk,
-            "num_sequences": self._meta.get("num_sequences"),
+            "num_sequences": self._num_sequences,
             "sealed_epochs": self.sealed_epochs,
             "teacher_epochs": self.teacher_epochs,
             "epochs": epochs,

@@ -46,7 +46,6 @@ class TokenWriter(ClosesOnSuccess):
         self.epoch = epoch
         self.ignore_index = ignore_index
         self._token_rows = token_rows
-        self._lengths = torch.from_numpy(token_rows.lengths)
         self._writer = PredictionWriter(store, epoch, **options)
         self._counts: torch.Tensor | None = None  # (S,) targets each written sample had, -1: not written
 
@@ -64,17 +63,17 @@ class TokenWriter(ClosesOnSuccess):
         if len(ids) and (ids.min() < 0 or ids.max() >= self._token_rows.num_sequences):
             raise ValueError(f"ids must be sample indices in [0, {self._token_rows.num_sequences}), got "
                              f"[{int(ids.min())}, {int(ids.max())}]")
-        expected = self._lengths[ids]
+        expected = self._token_rows.lengths[ids.numpy()]
         length = logits.shape[1]
-        if len(ids) and int(expected.max()) > length:
-            sample = int(ids[int(expected.argmax())])
+        if len(ids) and expected.max() > length:
+            sample = int(ids[expected.argmax()])
             raise ValueError(
                 f"sample {sample} has {int(expected.max())} target positions in the store but the batch is only "
                 f"{length} long: the store was made from another tokenisation (longer sequences) of the data"
             )
         padding = labels == self.ignore_index
         targets_first = torch.sort(padding.to(torch.uint8), dim=1, stable=True).indices
-        batch_index, position = np.nonzero(np.arange(length)[None, :] < expected.numpy()[:, None])
+        batch_index, position = np.nonzero(np.arange(length)[None, :] < expected[:, None])
         batch_index = torch.from_numpy(batch_index).to(logits.device, non_blocking=True)
         position = targets_first[batch_index, torch.from_numpy(position).to(logits.device, non_blocking=True)]
         self._record_counts(ids, length - padding.sum(dim=1))
