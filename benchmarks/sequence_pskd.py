@@ -11,7 +11,10 @@ test pairs, the same for every seed.
 
   * ``table``: CE against PS-KD (the store, top-k rows), ``--seeds`` each; token-level
     error, NLL, perplexity, ECE and AURC on the test pairs' target characters after the
-    last epoch.
+    last epoch. ``--loop plain`` trains the model below in a loop written here around
+    ``TokenTargetDataset``; ``--loop trainer`` trains a GPT-2 of the same size (from a
+    config) with Hugging Face's ``Trainer`` for CE and ``PSKDTrainer(per_token=True)`` for
+    PS-KD, as a user of that library would.
   * ``teacher``: PS-KD with the store at each ``--topk`` against PS-KD the paper's way for
     translation (a frozen copy of the previous epoch's model run forward on every batch):
     samples/s over epochs 2..T (the median of ``--repeats`` rounds, arms alternated), the
@@ -21,18 +24,22 @@ test pairs, the same for every seed.
     from, over the training targets.
 
     python benchmarks/sequence_pskd.py table --epochs 10 --train-pairs 8000 --test-pairs 2000 --seeds 0 1 2
+    python benchmarks/sequence_pskd.py table --loop trainer --epochs 10 --train-pairs 8000 --test-pairs 2000 \
+        --seeds 0 1 2
     python benchmarks/sequence_pskd.py teacher --epochs 4 --topk 1 4 8 16 --repeats 2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gzip
 import json
 import math
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -106,6 +113,17 @@ class CharTransformer(nn.Module):
         hidden = self.embed(inputs) + self.position[:length]
         hidden = self.blocks(hidden, mask=self.causal[:length, :length], is_causal=True)
         return self.head(self.norm(hidden))
+
+
+class CausalLMLogits(nn.Module):
+    """A Hugging Face causal LM seen as ``inputs -> logits``, as ``target_probs`` reads a model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=inputs).logits
 
 
 def build_data(args) -> tuple[PairSequences, PairSequences, int]:
@@ -186,6 +204,45 @@ def train_run(method: str, train, test, vocabulary: int, seed: int, args, workdi
     return result
 
 
+def causal_records(data: PairSequences) -> list[dict[str, torch.Tensor]]:
+    """The pairs as a causal LM's records: the whole sequence as ``input_ids`` and its labels at
+    the tokens' own positions (the model shifts them by one, as PSKDTrainer does)."""
+    labels = F.pad(data.labels, (1, 0), value=IGNORE_INDEX)
+    input_ids = torch.where(labels != IGNORE_INDEX, labels, F.pad(data.inputs, (0, 1), value=PAD))
+    return [{"input_ids": i, "labels": y} for i, y in zip(input_ids, labels)]
+
+
+def trainer_run(method: str, train, test, vocabulary: int, seed: int, args, workdir: Path,
+                topk: int | None = None) -> dict:
+    """One run through Hugging Face's ``Trainer`` (``method`` ``ce``) or ``PSKDTrainer`` with a
+    top-k sequence store (``store``): GPT-2 the size of ``CharTransformer``, AdamW, warm-up
+    then cosine decay, gradients clipped at 1."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, default_data_collator, set_seed
+
+    from pskd_store.integrations.transformers import PSKDTrainer
+
+    set_seed(seed)
+    length = train.inputs.shape[1] + 1
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocabulary, n_positions=length, n_embd=96, n_layer=2, n_head=4,
+                                                bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD))
+    arguments = TrainingArguments(
+        output_dir=str(workdir / f"trainer-{time.time_ns()}"), num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size, learning_rate=args.lr, weight_decay=0.01, warmup_steps=0.1,
+        lr_scheduler_type="cosine", max_grad_norm=1.0, seed=seed, save_strategy="no", logging_strategy="no",
+        report_to="none", disable_tqdm=True, use_cpu=True)
+    common = dict(model=model, args=arguments, train_dataset=causal_records(train), data_collator=default_data_collator)
+    if method == "ce":
+        trainer = Trainer(**common)
+    else:
+        store = workdir / f"store-{time.time_ns()}"
+        trainer = PSKDTrainer(**common, pskd_store=store, alpha_T=args.alpha_T, per_token=True,
+                              store_options={"topk": topk})
+    with contextlib.redirect_stdout(sys.stderr):  # the Trainer prints its logs; stdout is this script's JSON
+        metrics = trainer.train().metrics
+    return {"samples_per_s": metrics["train_samples_per_second"], "test": token_metrics(CausalLMLogits(model), test),
+            "model": model}
+
+
 @torch.no_grad()
 def target_probs(model: nn.Module, data: PairSequences) -> tuple[np.ndarray, np.ndarray]:
     """Softmax rows (T, V) at every target position of ``data``, and their labels."""
@@ -238,6 +295,8 @@ def compare_teachers(train, test, vocabulary: int, args, workdir: Path) -> dict[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("mode", choices=("table", "teacher"))
+    parser.add_argument("--loop", choices=("plain", "trainer"), default="plain",
+                        help="table: this script's loop or Hugging Face's Trainer")
     parser.add_argument("--dictionary", default=DICTIONARY)
     parser.add_argument("--max-chars", type=int, default=32)
     parser.add_argument("--train-pairs", type=int, default=6000)
@@ -265,9 +324,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.mode == "table":
             runs = {"ce": [], f"pskd_top{args.topk[0]}": []}
+            run_one = trainer_run if args.loop == "trainer" else train_run
             for seed in args.seeds:
                 for name in runs:
-                    run = train_run("ce" if name == "ce" else "store", train, test, vocabulary, seed, args,
+                    run = run_one("ce" if name == "ce" else "store", train, test, vocabulary, seed, args,
                                     Path(tmp), topk=args.topk[0])
                     runs[name].append({"seed": seed, **run["test"]})
             report["runs"] = runs

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import urllib.error
 
 import numpy as np
@@ -189,6 +191,15 @@ def test_mnist1d_deterministic_cached_and_leaves_global_rng_alone(tmp_path, smal
 
     monkeypatch.setattr("mnist1d.data.make_dataset", no_regeneration)
     cached = build_datasets("mnist1d", tmp_path / "a")
+    # a cached set is read without the generator: a process that only reads never imports it
+    reader = subprocess.run([sys.executable, "-c", f"""
+import sys
+from pskd_store import data
+data.MNIST1D_VARIANT.update({data.MNIST1D_VARIANT!r})
+data.build_datasets("mnist1d", {str(tmp_path / "a")!r})
+print(sorted(name for name in sys.modules if name.startswith(("mnist1d", "scipy"))))
+"""], capture_output=True, text=True, check=True)
+    assert reader.stdout.strip() == "[]" and len(list((tmp_path / "a").glob("*.npz"))) == 1
     for splits in (elsewhere, cached):
         torch.testing.assert_close(splits.train.inputs, first.train.inputs, rtol=0, atol=0)
         torch.testing.assert_close(splits.test.inputs, first.test.inputs, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""`pskd-store info` through a real subprocess, on a real store."""
+"""`pskd-store info` on a real store: the console script once, then the same command in-process."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import pskd
+from conftest import pskd, pskd_in_process
 from store_helpers import make_labels, write_epoch
 
 from pskd_store.store import SoftTargetStore
@@ -21,8 +21,8 @@ def test_info_prints_the_store_summary(tmp_path):
     assert "N=120  classes K=6" in text and "sealed       [1, 2]  (teacher kept: [2])" in text
     assert "carried 20" in text and "(pruned; trajectory kept)" in text
 
-    summary = json.loads(pskd("info", "--json", store.url).stdout)
+    summary = json.loads(pskd_in_process("info", "--json", store.url).stdout)
     assert summary["sealed_epochs"] == [1, 2] and summary["epochs"]["2"]["ids_written"] == 100
 
-    missing = pskd("info", str(tmp_path / "nowhere"), check=False)
-    assert missing.returncode == 1 and "no pskd-store at" in missing.stderr and "Traceback" not in missing.stderr
+    missing = pskd_in_process("info", str(tmp_path / "nowhere"))
+    assert missing.returncode == 1 and "no pskd-store at" in missing.stderr

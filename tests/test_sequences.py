@@ -317,7 +317,7 @@ def dictd_file(path: Path, pairs: int) -> Path:
 
 
 @pytest.mark.slow
-def test_the_sequence_benchmark_runs_both_modes(tmp_path):
+def test_the_sequence_benchmark_runs_both_modes_and_both_loops(tmp_path):
     dictionary = dictd_file(tmp_path / "german-english.dict.dz", 300)
     common = ["--dictionary", str(dictionary), "--train-pairs", "96", "--test-pairs", "32", "--epochs", "2",
               "--max-chars", "24", "--threads", "1"]
@@ -331,6 +331,12 @@ def test_the_sequence_benchmark_runs_both_modes(tmp_path):
     arms = teacher["arms"]
     assert set(arms) == {"frozen_copy", "store_top1", "store_top4"}
     assert arms["store_top1"]["rebuilt_l1_to_dense"] > arms["store_top4"]["rebuilt_l1_to_dense"] > 0
+    # through Hugging Face's Trainer: epoch 1 has no teacher (alpha 0), so PSKDTrainer's one epoch
+    # is the plain Trainer's, batch for batch (same order, same loss)
+    common[common.index("--epochs") + 1] = "1"
+    trainer = json.loads(subprocess.run([sys.executable, str(script), "table", "--loop", "trainer", *common],
+                                        capture_output=True, text=True, check=True, timeout=300).stdout)
+    assert trainer["mean"]["ce"] == trainer["mean"]["pskd_top8"] and trainer["mean"]["ce"]["nll"] > 0
 
 
 def test_inspect_finds_the_sequences_the_model_keeps_getting_wrong(tmp_path):

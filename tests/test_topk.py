@@ -138,8 +138,8 @@ def test_train_with_store_topk_end_to_end(tmp_path):
     assert json.loads((run / "config.json").read_text())["store_topk"] == 3
     store = SoftTargetStore.open(run / "store")
     assert store.topk == 3 and store.sealed_epochs == [1, 2]
-    info = pskd("info", str(run))
+    info = pskd_in_process("info", str(run))
     assert "top-3 float16 with uint8 class ids rows" in info.stdout
-    pskd("verify", str(run))
+    assert pskd_in_process("verify", str(run)).returncode == 0
     bad = pskd_in_process("train", "--store-topk", "0", "-o", str(tmp_path / "bad"))
     assert bad.returncode != 0 and "--store-topk must be at least 1" in bad.stderr

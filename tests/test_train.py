@@ -112,7 +112,7 @@ def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
     with np.load(run / "eval" / "test_probs.npz") as trained:
         assert evaluate(trained["probs"], trained["labels"]) == pytest.approx(rows[-1]["test"], abs=1e-9)
         assert str(trained["checkpoints"][0]).endswith("last.pt")
-    first_look = json.loads(pskd("inspect", str(run), "--json", "--out", str(tmp_path / "look")).stdout)
+    first_look = json.loads(pskd_in_process("inspect", str(run), "--json", "--out", str(tmp_path / "look")).stdout)
     assert first_look["runs"][0]["eval_ece"] == pytest.approx(rows[-1]["test"]["ece"], abs=1e-9)
     assert (tmp_path / "look" / f"reliability_1_{run.name}.png").is_file()
 
@@ -120,18 +120,18 @@ def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
     assert checkpoint["epoch"] == 3 and set(checkpoint) >= {"model", "optimizer", "scheduler", "rng"}
     assert not any(t.shape[:1] == (store.num_samples,) for t in tensors_in(checkpoint))  # no prediction table
 
-    result = pskd("eval", str(run))
+    result = pskd_in_process("eval", str(run))
     report = json.loads(result.stdout)
     probs = np.load(run / "eval" / "test_probs.npz")
     assert probs["probs"].shape == (2000, 10) and probs["labels"].shape == (2000,)
     assert report["top1_err"] == pytest.approx(rows[-1]["test"]["top1_err"], abs=1e-6)
     assert report["ece"] == pytest.approx(rows[-1]["test"]["ece"], abs=1e-4)
 
-    ensemble = pskd("eval", str(run), str(run / "checkpoints" / "last.pt"))
+    ensemble = pskd_in_process("eval", str(run), str(run / "checkpoints" / "last.pt"))
     assert json.loads(ensemble.stdout)["nll"] == pytest.approx(report["nll"], rel=1e-5)
     assert (run / "eval" / "ensemble_test_probs.npz").is_file()
 
-    inspected = json.loads(pskd("inspect", str(run), "--top", "10", "--json").stdout)
+    inspected = json.loads(pskd_in_process("inspect", str(run), "--top", "10", "--json").stdout)
     assert inspected["runs"][0]["epochs"] == 3 and inspected["runs"][0]["plotted"] <= 10
     assert inspected["runs"][0]["eval_ece"] == pytest.approx(report["ece"], abs=1e-3)
     pngs = sorted((run / "inspect").glob("*.png"))
