@@ -4,6 +4,7 @@ served as each position's stored teacher, and PS-KD's loss rebuilt from it on th
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import json
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from pskd_store.token_writer import TokenWriter
 from pskd_store.verify import verify_store
 
 S, L, V = 24, 12, 50  # sequences, positions per padded sequence, vocabulary
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "sequence_pskd.py"
 
 
 def padded_labels(seed: int = 0) -> np.ndarray:
@@ -316,17 +318,32 @@ def dictd_file(path: Path, pairs: int) -> Path:
     return path
 
 
+def test_the_benchmarks_trainer_loop_feeds_a_causal_lm_the_plain_loops_targets():
+    """A causal LM's record holds the whole sequence and its labels at the tokens' own
+    positions; shifted by one, as the model and PSKDTrainer shift them, they are the plain
+    loop's labels."""
+    spec = importlib.util.spec_from_file_location("sequence_pskd", BENCHMARK)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pairs = [("das Haus", "the house"), ("zu gehen", "to go")]
+    vocabulary = {c: i + 4 for i, c in enumerate(sorted({c for pair in pairs for side in pair for c in side}))}
+    data = bench.PairSequences(pairs, vocabulary, 24)
+    for record, labels, (german, english) in zip(bench.causal_records(data), data.labels, pairs):
+        ids = [bench.BOS, *(vocabulary[c] for c in german), bench.SEP, *(vocabulary[c] for c in english), bench.EOS]
+        assert record["input_ids"][:len(ids)].tolist() == ids and (record["input_ids"][len(ids):] == bench.PAD).all()
+        assert record["labels"][0] == IGNORE_INDEX and torch.equal(record["labels"][1:], labels)
+
+
 @pytest.mark.slow
 def test_the_sequence_benchmark_runs_both_modes_and_both_loops(tmp_path):
     dictionary = dictd_file(tmp_path / "german-english.dict.dz", 300)
     common = ["--dictionary", str(dictionary), "--train-pairs", "96", "--test-pairs", "32", "--epochs", "2",
               "--max-chars", "24", "--threads", "1"]
-    script = Path(__file__).parent.parent / "benchmarks" / "sequence_pskd.py"
-    table = json.loads(subprocess.run([sys.executable, str(script), "table", *common], capture_output=True,
+    table = json.loads(subprocess.run([sys.executable, str(BENCHMARK), "table", *common], capture_output=True,
                                       text=True, check=True, timeout=300).stdout)
     assert table["data"]["train_pairs"] == 96 and set(table["mean"]) == {"ce", "pskd_top8"}
     assert table["mean"]["ce"]["n"] == table["data"]["test_target_tokens"]
-    teacher = json.loads(subprocess.run([sys.executable, str(script), "teacher", *common, "--topk", "1", "4"],
+    teacher = json.loads(subprocess.run([sys.executable, str(BENCHMARK), "teacher", *common, "--topk", "1", "4"],
                                         capture_output=True, text=True, check=True, timeout=300).stdout)
     arms = teacher["arms"]
     assert set(arms) == {"frozen_copy", "store_top1", "store_top4"}
@@ -334,7 +351,7 @@ def test_the_sequence_benchmark_runs_both_modes_and_both_loops(tmp_path):
     # through Hugging Face's Trainer: epoch 1 has no teacher (alpha 0), so PSKDTrainer's one epoch
     # is the plain Trainer's, batch for batch (same order, same loss)
     common[common.index("--epochs") + 1] = "1"
-    trainer = json.loads(subprocess.run([sys.executable, str(script), "table", "--loop", "trainer", *common],
+    trainer = json.loads(subprocess.run([sys.executable, str(BENCHMARK), "table", "--loop", "trainer", *common],
                                         capture_output=True, text=True, check=True, timeout=300).stdout)
     assert trainer["mean"]["ce"] == trainer["mean"]["pskd_top8"] and trainer["mean"]["ce"]["nll"] > 0
 
