@@ -223,8 +223,9 @@ def trainer_run(method: str, train, test, vocabulary: int, seed: int, args, work
 
     set_seed(seed)
     length = train.inputs.shape[1] + 1
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocabulary, n_positions=length, n_embd=96, n_layer=2, n_head=4,
-                                                bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD))
+    config = GPT2Config(vocab_size=vocabulary, n_positions=length, n_embd=96, n_layer=2, n_head=4,
+                        bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+    model = GPT2LMHeadModel(config)
     arguments = TrainingArguments(
         output_dir=str(workdir / f"trainer-{time.time_ns()}"), num_train_epochs=args.epochs,
         per_device_train_batch_size=args.batch_size, learning_rate=args.lr, weight_decay=0.01, warmup_steps=0.1,

@@ -57,8 +57,8 @@ class SoftTargets(Dataset):
         self.base = base
         self.lengths = None
         if per_token:  # the store's labels are every target token; lengths divide them into samples
-            self.labels, self.lengths = token_labels(base[i][1] for i in range(len(base))) if labels is None \
-                else token_labels(labels)
+            self.labels, self.lengths = token_labels(
+                (base[i][1] for i in range(len(base))) if labels is None else labels)
         else:
             self.labels = labels_of(base) if labels is None else np.asarray(labels, dtype=np.int64)
         self.served: SoftTargetDataset | TokenTargetDataset | None = None
