@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -213,6 +214,19 @@ def test_a_callback_without_its_data_set_or_epochs_is_refused(tmp_path):
         quiet_trainer(tmp_path, [bare], max_epochs=1).fit(lightning_run.Classifier(), loader)
 
 
+class Unreadable(torch.utils.data.Dataset):
+    """A data set of ``count`` items that refuses to be read."""
+
+    def __init__(self, count: int):
+        self.count = count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int):
+        raise AssertionError("an item was read")
+
+
 class TokenTagger(pl.LightningModule):
     """A per-position classifier (embedding, linear) that keeps each step's logits and loss."""
 
@@ -265,3 +279,7 @@ def test_per_token_targets_come_from_the_previous_epochs_logits(tmp_path):
     keep = labels != -100
     final = torch.cat([rows[3, i][keep[i]] for i in range(count)])
     assert (torch.from_numpy(store.read_epoch(3)) == final).all()
+    # given each sample's labels, wrap() reads no item: the labels alone make the store's rows
+    given = PSKD(tmp_path / "other", num_classes=vocabulary, per_token=True).wrap(Unreadable(count), labels=labels)
+    wrapped = pskd.data
+    assert np.array_equal(given.labels, wrapped.labels) and np.array_equal(given.lengths, wrapped.lengths)
