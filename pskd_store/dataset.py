@@ -164,9 +164,10 @@ class SoftTargetDataset(TeacherEpochDataset):
         map and one blend for all rows, instead of per-item tensor work."""
         state = self._current()
         items = self._load(indices, state[0])
-        ids = torch.as_tensor([int(i) for i in indices], dtype=torch.int64)  # without the draws' repeats
-        labels = torch.as_tensor([int(label) for _, label in items], dtype=torch.int64)
-        return SoftTargetBatch([input for input, _ in items], self._blend(labels, ids, *state), labels, ids)
+        ids = torch.from_numpy(np.fromiter(indices, np.int64, len(indices)))  # without the draws' repeats
+        inputs, labels = zip(*items) if items else ((), ())
+        labels = torch.from_numpy(np.fromiter(map(int, labels), np.int64, len(labels)))
+        return SoftTargetBatch(list(inputs), self._blend(labels, ids, *state), labels, ids)
 
     def targets(self, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The current epoch's (B, K) float32 targets of samples ``ids`` with ``labels``: what

@@ -45,15 +45,14 @@ import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import google_crc32c
 import numpy as np
 import zarr
-import zarr.storage
 from zarr.abc.store import Store
 from zarr.buffer import default_buffer_prototype
 
+from .array_files import ChunkFiles, create_array, create_group
 from .errors import StoreError
-from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum
+from .integrity import CheckedArray
 from .store_keys import epoch_key
 from .zarr_sync import sync
 
@@ -311,18 +310,13 @@ class PartWriter:
         """Make the part's arrays (replacing what a gone owner left), room for N stored rows
         of ``width`` values each (row_encoding.py)."""
         epoch = _require_group(self._staging.root, self._staging.path)
-        group = epoch.create_group(part_name(self.rank), overwrite=True)
-        group.attrs.update({"owner": asdict(self._owner), "closed": False})
+        group = create_group(epoch, part_name(self.rank), attributes={"owner": asdict(self._owner), "closed": False})
         self._group = group
-        self._ids = group.create_array(
-            "ids", shape=(num_samples,), chunks=(chunk_rows,), dtype=np.int64,
-            compressors=codecs_with_checksum(None), config=ARRAY_CONFIG,
-        )
-        self._encoded = group.create_array(
-            "encoded", shape=(num_samples, width), chunks=(chunk_rows, width),
-            dtype=dtype, compressors=codecs_with_checksum(None), config=ARRAY_CONFIG,
-        )
-        self._chunk_files = [_ChunkFiles(self._ids), _ChunkFiles(self._encoded)]
+        self._ids = create_array(group, "ids", shape=(num_samples,), chunks=(chunk_rows,), dtype=np.int64,
+                                 compressor=None)
+        self._encoded = create_array(group, "encoded", shape=(num_samples, width), chunks=(chunk_rows, width),
+                                     dtype=dtype, compressor=None)
+        self._chunk_files = [ChunkFiles(self._ids), ChunkFiles(self._encoded)]
 
     def append(self, ids: np.ndarray, encoded: np.ndarray) -> None:
         """Add rows after the ones already there. Up to one chunk from a chunk's start is
@@ -373,47 +367,6 @@ def _require_group(root: zarr.Group, path: str) -> zarr.Group:
 
 
 # -- the store's byte-level API (zarr's stores are asynchronous) --------------------------------
-
-
-class _ChunkFiles:
-    """Writes whole chunks (along the first axis) of an uncompressed array whose only other
-    codec is crc32c, as zarr stores them: the chunk's bytes (zero rows after the values
-    when they do not fill it), then the crc32c of those bytes, little-endian — exactly what
-    zarr reads back. The array's constants are looked up once, not per chunk."""
-
-    def __init__(self, array: zarr.Array):
-        self._store = array.store
-        self._shape = (array.chunks[0], *array.shape[1:])
-        self._dtype = np.dtype(array.dtype)
-        self._prefix = f"{array.path}/"
-        self._encode_key = array.metadata.encode_chunk_key
-        self._root = Path(self._store.root) if isinstance(self._store, zarr.storage.LocalStore) else None
-
-    def write(self, chunk: int, values: np.ndarray) -> None:
-        if len(values) < self._shape[0]:
-            padded = np.zeros(self._shape, dtype=self._dtype)
-            padded[:len(values)] = values
-            values = padded
-        data = np.ascontiguousarray(values, dtype=self._dtype).reshape(-1).view(np.uint8)
-        checksum = google_crc32c.value(data).to_bytes(4, "little")
-        key = self._prefix + self._encode_key((chunk,) + (0,) * (len(self._shape) - 1))
-        if self._root is None:
-            sync(self._store.set(key, default_buffer_prototype().buffer.from_bytes(data.tobytes() + checksum)))
-            return
-        path = self._root / key  # a local disk: one system call for the bytes
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        except FileNotFoundError:  # the array's first chunk
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            written = os.writev(fd, [data, checksum])
-            if written < len(data) + len(checksum):  # a short write (a disk filling up): the rest, or its error
-                rest = memoryview(data.tobytes() + checksum)[written:]
-                while rest:
-                    rest = rest[os.write(fd, rest):]
-        finally:
-            os.close(fd)
 
 
 def _store_set_if_absent(store: Store, key: str, data: bytes) -> None:

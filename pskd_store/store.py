@@ -30,7 +30,6 @@ or a deleted chunk raises :class:`StoreDamagedError` (integrity.py); `pskd-store
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import secrets
@@ -46,6 +45,7 @@ import zarr.api.asynchronous
 import zarr.codecs
 import zarr.storage
 
+from .array_files import ChunkFiles, create_array, create_group
 from .errors import EpochNotSealedError, StoreDamagedError, StoreError, StoreExistsError, StoreNotFoundError, os_problem
 from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum, stored_digest
 from .merge import merge_epoch
@@ -658,10 +658,10 @@ class SoftTargetStore:
         if not allow_empty and not any(part.rows for part in parts):
             raise StoreError(f"nothing was written for epoch {epoch}: every writer closed empty")
         latest = self.latest_sealed
-        teacher = self._group.create_array(
-            f"teacher/{epoch_key(epoch)}", shape=(self.num_samples, self.encoding.width),
+        teacher = create_array(
+            self._group, f"teacher/{epoch_key(epoch)}", shape=(self.num_samples, self.encoding.width),
             dtype=self.encoding.stored_dtype, chunks=(self.chunk_rows, self.encoding.width),
-            compressors=codecs_with_checksum(self._teacher_codec()), config=ARRAY_CONFIG, overwrite=True,
+            compressor=self._teacher_codec(),
         )
         merged = merge_epoch(
             parts, teacher, None if latest is None else self.teacher_array(latest), self.labels, self.encoding,
@@ -738,19 +738,12 @@ class SoftTargetStore:
         return zarr.codecs.BloscCodec(**{**self._meta["blosc"], "typesize": self.dtype.itemsize})
 
     def _write_trajectory(self, epoch: int, values: dict[str, np.ndarray]) -> None:
-        """The fields' arrays made concurrently: each is a few small writes, and one at a time
-        their round trips are most of a small epoch's seal."""
-        async def create_all() -> None:
-            await asyncio.gather(*(create(field, dtype) for field, dtype in self.trajectory_fields.items()))
-
-        def create(field: str, dtype: np.dtype):
-            return zarr.api.asynchronous.create_array(
-                self._group.store, name=f"{self._group.path}/trajectory/{epoch_key(epoch)}/{field}".lstrip("/"),
-                data=values[field].astype(dtype), chunks=(len(values[field]),),
-                compressors=codecs_with_checksum(self.codec), config=ARRAY_CONFIG, overwrite=True,
-            )
-
-        sync(create_all())
+        """The fields' arrays, one chunk each."""
+        group = create_group(self._group, f"trajectory/{epoch_key(epoch)}")
+        for field, dtype in self.trajectory_fields.items():
+            rows = len(values[field])
+            array = create_array(group, field, shape=(rows,), dtype=dtype, chunks=(rows,), compressor=self.codec)
+            ChunkFiles(array).write(0, values[field].astype(dtype))
 
     def _prune(self) -> None:
         """Drop the teacher that the newly sealed epoch pushed beyond ``keep_epochs``."""

@@ -1,0 +1,127 @@
+"""The arrays and groups the store makes every epoch, made and written as zarr does, in fewer steps.
+
+Each epoch every writer makes its staging arrays and the seal makes the teacher and the
+trajectory arrays: the same few kinds of array, each time under a new path. zarr's
+``create_array`` validates and resolves the same specification every time, and its
+``__setitem__`` runs the codec pipeline for every slice: a millisecond or more of Python
+each, which on a small epoch is most of the store's cost per epoch, and on the writer's
+background thread takes the interpreter from the training steps. So zarr makes the first
+array of each kind in a process; later ones reuse its metadata document, written with one
+store call, and whole chunks are encoded by the array's own codecs (Blosc through
+numcodecs, as zarr calls it, then crc32c) and written with one system call on a local
+disk. What lands in the store is what zarr writes, and the seal reads every chunk back
+through its checksum before it publishes an epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import google_crc32c
+import numcodecs
+import numpy as np
+import zarr
+import zarr.codecs
+import zarr.storage
+from zarr.buffer import default_buffer_prototype
+from zarr.core.array import AsyncArray
+from zarr.core.group import AsyncGroup, GroupMetadata
+from zarr.storage import StorePath
+
+from .integrity import ARRAY_CONFIG, codecs_with_checksum
+from .zarr_sync import sync
+
+_SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
+            "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
+_MADE: dict[tuple, tuple] = {}  # (shape, dtype, chunks, compressor) -> (metadata, its document) zarr made
+
+
+def create_array(group: zarr.Group, name: str, *, shape: tuple[int, ...], dtype: np.dtype,
+                 chunks: tuple[int, ...], compressor: zarr.codecs.BloscCodec | None) -> zarr.Array:
+    """``group.create_array(name, ..., overwrite=True)`` with the store's codecs (the
+    compressor, if any, then crc32c) and every chunk written (``ARRAY_CONFIG``). zarr makes
+    it when it is the first of its kind here, or when something is at its path or its
+    parent group is missing (zarr replaces the one and writes the other)."""
+    codec = None if compressor is None else json.dumps(compressor.to_dict())
+    kind = (tuple(shape), np.dtype(dtype).str, tuple(chunks), codec)
+    made = _MADE.get(kind)
+    path = f"{group.path}/{name}" if group.path else name
+    parent = path.rpartition("/")[0]
+    if made is None or not sync(_free(group.store, path, parent)):
+        array = group.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
+                                   compressors=codecs_with_checksum(compressor), config=ARRAY_CONFIG, overwrite=True)
+        _MADE[kind] = (array.metadata, array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"])
+        return array
+    metadata, document = made
+    sync(group.store.set(f"{path}/zarr.json", document))
+    return zarr.Array(AsyncArray(metadata, StorePath(group.store, path), config=ARRAY_CONFIG))
+
+
+def create_group(group: zarr.Group, name: str, *, attributes: dict | None = None) -> zarr.Group:
+    """``group.create_group(name, overwrite=True, attributes=attributes)``: one store write
+    when nothing is at its path and its parent group exists; zarr's otherwise."""
+    path = f"{group.path}/{name}" if group.path else name
+    if not sync(_free(group.store, path, path.rpartition("/")[0])):
+        return group.create_group(name, overwrite=True, attributes=attributes)
+    metadata = GroupMetadata(attributes=attributes or {})
+    sync(group.store.set(f"{path}/zarr.json", metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]))
+    return zarr.Group(AsyncGroup(metadata, StorePath(group.store, path)))
+
+
+async def _free(store: zarr.abc.store.Store, path: str, parent: str) -> bool:
+    """Nothing at ``path`` and a group document at ``parent``."""
+    return await store.is_empty(f"{path}/") and (not parent or await store.exists(f"{parent}/zarr.json"))
+
+
+class ChunkFiles:
+    """Writes whole chunks (along the first axis) of one array as zarr stores them: the
+    chunk's bytes (zero rows after the values when they do not fill it), Blosc-compressed
+    when the array is, then the crc32c of those bytes, little-endian. The array's constants
+    are looked up once, not per chunk."""
+
+    def __init__(self, array: zarr.Array):
+        codecs = array.metadata.codecs
+        if not isinstance(codecs[-1], zarr.codecs.Crc32cCodec) or len(codecs) > 3:
+            raise ValueError(f"{array.path} is not an array of this store (its codecs: {codecs})")
+        self._blosc = None
+        if len(codecs) == 3:
+            config = codecs[1].to_dict()["configuration"]
+            self._blosc = numcodecs.Blosc(cname=config["cname"], clevel=config["clevel"],
+                                          shuffle=_SHUFFLE[config["shuffle"]], blocksize=config["blocksize"],
+                                          typesize=config["typesize"])
+        self._store = array.store
+        self._shape = (array.chunks[0], *array.shape[1:])
+        self._dtype = np.dtype(array.dtype)
+        self._prefix = f"{array.path}/"
+        self._encode_key = array.metadata.encode_chunk_key
+        self._root = Path(self._store.root) if isinstance(self._store, zarr.storage.LocalStore) else None
+
+    def write(self, chunk: int, values: np.ndarray) -> None:
+        if len(values) < self._shape[0]:
+            padded = np.zeros(self._shape, dtype=self._dtype)
+            padded[:len(values)] = values
+            values = padded
+        data = np.ascontiguousarray(values, dtype=self._dtype).reshape(-1).view(np.uint8)
+        if self._blosc is not None:
+            data = np.frombuffer(self._blosc.encode(data), dtype=np.uint8)
+        checksum = google_crc32c.value(data).to_bytes(4, "little")
+        key = self._prefix + self._encode_key((chunk,) + (0,) * (len(self._shape) - 1))
+        if self._root is None:
+            sync(self._store.set(key, default_buffer_prototype().buffer.from_bytes(data.tobytes() + checksum)))
+            return
+        path = self._root / key  # a local disk: one system call for the bytes
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        except FileNotFoundError:  # the array's first chunk
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            written = os.writev(fd, [data, checksum])
+            if written < len(data) + len(checksum):  # a short write (a disk filling up): the rest, or its error
+                rest = memoryview(data.tobytes() + checksum)[written:]
+                while rest:
+                    rest = rest[os.write(fd, rest):]
+        finally:
+            os.close(fd)

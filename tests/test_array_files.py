@@ -1,0 +1,93 @@
+"""array_files: the store's per-epoch arrays, made and written without zarr's per-call
+machinery, must be exactly what zarr makes and writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+import zarr.codecs
+import zarr.storage
+
+from pskd_store.array_files import ChunkFiles, create_array, create_group
+from pskd_store.integrity import ARRAY_CONFIG, codecs_with_checksum
+
+BLOSC = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+KINDS = [  # (shape, chunks, dtype, compressor): every kind the writers and the seal make
+    ((1000,), (384,), np.int64, None),
+    ((1000, 7), (384, 7), np.float16, None),
+    ((1000, 7), (384, 7), np.float16, BLOSC),
+    ((1000,), (1000,), np.float16, BLOSC),
+    ((1000,), (1000,), np.int32, zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle")),
+    ((1000,), (1000,), np.bool_, BLOSC),
+]
+
+
+def _root(path: Path) -> zarr.Group:
+    return zarr.open_group(zarr.storage.LocalStore(path), mode="a")
+
+
+def _values(shape: tuple[int, ...], dtype: type, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if dtype is np.bool_:
+        return rng.random(shape) < 0.3
+    return (rng.random(shape) * 50).astype(dtype)
+
+
+@pytest.mark.parametrize("shape, chunks, dtype, compressor", KINDS)
+def test_arrays_and_their_chunks_are_byte_for_byte_what_zarr_makes(tmp_path, shape, chunks, dtype, compressor):
+    root = _root(tmp_path)
+    values = _values(shape, dtype, seed=len(shape) + chunks[0])
+    theirs = root.create_array("zarr_made", shape=shape, chunks=chunks, dtype=dtype,
+                               compressors=codecs_with_checksum(compressor), config=ARRAY_CONFIG)
+    theirs[:] = values
+    for name in ("first", "second"):  # the first of a kind goes through zarr, the next one does not
+        ours = create_array(root, name, shape=shape, dtype=dtype, chunks=chunks, compressor=compressor)
+        files = ChunkFiles(ours)
+        for chunk, lo in enumerate(range(0, shape[0], chunks[0])):
+            files.write(chunk, values[lo:lo + chunks[0]])  # the last chunk is a partial one
+        assert (tmp_path / name / "zarr.json").read_bytes() == (tmp_path / "zarr_made" / "zarr.json").read_bytes()
+        made = sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*") if p.is_file())
+        assert made == sorted(p.relative_to(tmp_path / "zarr_made")
+                              for p in (tmp_path / "zarr_made").rglob("*") if p.is_file())
+        for file in made:
+            assert (tmp_path / name / file).read_bytes() == (tmp_path / "zarr_made" / file).read_bytes(), file
+        np.testing.assert_array_equal(zarr.open_array(zarr.storage.LocalStore(tmp_path), path=name)[:], values)
+
+
+def test_a_group_is_what_zarr_makes_with_its_attributes(tmp_path):
+    root = _root(tmp_path)
+    attributes = {"owner": {"pid": 7, "host": "h"}, "closed": False}
+    root.create_group("zarr_made", attributes=attributes)
+    group = create_group(root, "ours", attributes=attributes)
+    assert (tmp_path / "ours" / "zarr.json").read_bytes() == (tmp_path / "zarr_made" / "zarr.json").read_bytes()
+    assert group.attrs.asdict() == attributes
+    assert dict(zarr.open_group(zarr.storage.LocalStore(tmp_path), path="ours", mode="r").attrs) == attributes
+
+
+def test_what_is_at_the_path_is_replaced_and_a_missing_parent_is_made(tmp_path):
+    root = _root(tmp_path)
+    kind = {"shape": (10, 3), "dtype": np.float16, "chunks": (4, 3), "compressor": BLOSC}
+    old = create_array(root, "a", **kind)
+    ChunkFiles(old).write(2, np.ones((2, 3)))
+    stale = tmp_path / "a" / "c" / "2" / "0"
+    assert stale.exists()
+    create_array(root, "a", **kind)  # the kind is known: only an empty path would take the short way
+    assert not stale.exists()  # replaced as zarr's overwrite does: no chunk of the old array survives
+    group = create_group(root, "g", attributes={"x": 1})
+    create_array(group, "child", **kind)
+    create_group(root, "g", attributes={"x": 2})
+    assert dict(_root(tmp_path)["g"].attrs) == {"x": 2}
+    assert not (tmp_path / "g" / "child").exists()  # a group made again holds nothing of the old one
+
+    create_array(root, "p/q/b", **kind)  # no group at p/q: zarr makes the parents
+    opened = _root(tmp_path)["p/q/b"]
+    assert opened.shape == (10, 3) and isinstance(_root(tmp_path)["p/q"], zarr.Group)
+
+
+def test_chunk_files_refuse_an_array_of_other_codecs(tmp_path):
+    array = _root(tmp_path).create_array("plain", shape=(4,), dtype=np.int64, chunks=(4,), compressors=None)
+    with pytest.raises(ValueError, match="not an array of this store"):
+        ChunkFiles(array)
