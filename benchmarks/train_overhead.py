@@ -10,7 +10,9 @@ where the soft target comes from:
 Arms alternate (ce, store, teacher, ce, ...) so that drift of a shared machine hits all
 of them alike; samples/s excludes epoch 1 (warm-up, and no teacher yet for PS-KD). The
 store's per-epoch fixed cost (opening the writer, sealing) is reported apart: on a tiny
-model whose epoch lasts half a second it weighs far more than in a real epoch.
+model whose epoch lasts a fraction of a second it weighs far more than in a real epoch.
+``parts_ms_per_epoch`` says where each arm's time goes (the training thread's clock: on a
+GPU, what the host spends, not the kernels).
 
     python benchmarks/train_overhead.py                          # MNIST-1D, mnist1d_cnn
     python benchmarks/train_overhead.py --arch mnist1d_mlp --epochs 6
@@ -39,6 +41,7 @@ from pskd_store.models import create_model
 from pskd_store.store import SoftTargetStore
 
 ARMS = ("ce", "store", "teacher")
+PARTS = ("loading", "step", "write", "set_epoch", "writer_open", "writer_close", "seal")  # of an epoch
 
 
 def train_arm(arm: str, splits, args, workdir: Path) -> dict[str, float]:
@@ -63,15 +66,23 @@ def train_arm(arm: str, splits, args, workdir: Path) -> dict[str, float]:
         torch.cuda.reset_peak_memory_stats(device)
     teacher = None
     timed_samples, timed_seconds, fixed_seconds = 0, 0.0, 0.0
+    clock = time.perf_counter
+    parts = dict.fromkeys(PARTS, 0.0)
     for epoch in range(1, args.epochs + 1):
         alpha = alpha_t(epoch, args.epochs, args.alpha_T)
         writer = None
-        start, seen = time.perf_counter(), 0
+        start, seen = clock(), 0
+        spent = dict.fromkeys(PARTS, 0.0)
         if store is not None:
             data.set_epoch(epoch)
+            opening = clock()
             writer = store.writer(epoch)
-        fixed = time.perf_counter() - start
+            spent["set_epoch"], spent["writer_open"] = opening - start, clock() - opening
+        fixed = clock() - start
+        fetching = clock()
         for batch in loader:
+            loaded = clock()
+            spent["loading"] += loaded - fetching
             if store is not None:
                 inputs, targets, labels, ids = batch
                 targets = targets.to(device, non_blocking=True)
@@ -91,23 +102,32 @@ def train_arm(arm: str, splits, args, workdir: Path) -> dict[str, float]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            stepped = clock()
+            spent["step"] += stepped - loaded
             if writer is not None:
                 writer.write(ids, logits)
             seen += len(labels)
+            fetching = clock()
+            spent["write"] += fetching - stepped
         if writer is not None:
-            sealing = time.perf_counter()
+            closing = clock()
             writer.close()
+            sealing = clock()
             store.seal(epoch)
-            fixed += time.perf_counter() - sealing
+            spent["writer_close"], spent["seal"] = sealing - closing, clock() - sealing
+            fixed += clock() - closing
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the epoch's kernels are done before the clock stops
         if arm == "teacher":
             teacher = copy.deepcopy(model).eval()
         if epoch > 1:
             timed_samples += seen
-            timed_seconds += time.perf_counter() - start
+            timed_seconds += clock() - start
             fixed_seconds += fixed
-    result = {"samples_per_s": timed_samples / timed_seconds, "fixed_s_per_epoch": fixed_seconds / (args.epochs - 1)}
+            parts = {part: parts[part] + spent[part] for part in PARTS}
+    timed_epochs = args.epochs - 1
+    result = {"samples_per_s": timed_samples / timed_seconds, "fixed_s_per_epoch": fixed_seconds / timed_epochs,
+              "parts_ms_per_epoch": {part: 1000 * seconds / timed_epochs for part, seconds in parts.items()}}
     if device.type == "cuda":
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
     return result
@@ -133,12 +153,14 @@ def main() -> None:
 
     splits = build_datasets(args.dataset, args.data_dir)
     rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    parts: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
     fixed: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             for arm in ARMS:
                 measured = train_arm(arm, splits, args, Path(tmp))
                 rates[arm].append(measured["samples_per_s"])
+                parts[arm].append(measured["parts_ms_per_epoch"])
                 if arm == "store":
                     fixed.append(measured["fixed_s_per_epoch"])
     median = {arm: statistics.median(values) for arm, values in rates.items()}
@@ -156,6 +178,8 @@ def main() -> None:
         "store_over_teacher": median["store"] / median["teacher"],
         "epoch_s": epoch_s,
         "store_fixed_s_per_epoch": store_fixed,
+        "parts_ms_per_epoch": {arm: {part: statistics.median(run[part] for run in runs) for part in PARTS}
+                               for arm, runs in parts.items()},
         # the steps alone: what remains of the store's cost once the per-epoch seal is
         # amortised over an epoch much longer than this one (a real GPU epoch)
         "store_steps_over_ce": epoch_s["ce"] / (epoch_s["store"] - store_fixed),

@@ -26,8 +26,6 @@ import zarr
 import zarr.codecs
 import zarr.storage
 from zarr.buffer import default_buffer_prototype
-from zarr.core.array import AsyncArray
-from zarr.core.group import AsyncGroup, GroupMetadata
 from zarr.storage import StorePath
 
 from .integrity import ARRAY_CONFIG, codecs_with_checksum
@@ -56,7 +54,7 @@ def create_array(group: zarr.Group, name: str, *, shape: tuple[int, ...], dtype:
         return array
     metadata, document = made
     sync(group.store.set(f"{path}/zarr.json", document))
-    return zarr.Array(AsyncArray(metadata, StorePath(group.store, path), config=ARRAY_CONFIG))
+    return zarr.Array(zarr.AsyncArray(metadata, StorePath(group.store, path), config=ARRAY_CONFIG))
 
 
 def create_group(group: zarr.Group, name: str, *, attributes: dict | None = None) -> zarr.Group:
@@ -65,9 +63,10 @@ def create_group(group: zarr.Group, name: str, *, attributes: dict | None = None
     path = f"{group.path}/{name}" if group.path else name
     if not sync(_free(group.store, path, path.rpartition("/")[0])):
         return group.create_group(name, overwrite=True, attributes=attributes)
-    metadata = GroupMetadata(attributes=attributes or {})
-    sync(group.store.set(f"{path}/zarr.json", metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]))
-    return zarr.Group(AsyncGroup(metadata, StorePath(group.store, path)))
+    made = zarr.AsyncGroup.from_dict(StorePath(group.store, path),
+                                     {"attributes": attributes or {}, "zarr_format": 3, "node_type": "group"})
+    sync(group.store.set(f"{path}/zarr.json", made.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]))
+    return zarr.Group(made)
 
 
 async def _free(store: zarr.abc.store.Store, path: str, parent: str) -> bool:

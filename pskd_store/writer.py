@@ -118,6 +118,12 @@ class PredictionWriter(ClosesOnSuccess):
         self._first_write = True  # the training thread's: on a device, the first write's logits are
         self._closed = False
         self._queue: queue.Queue = queue.Queue()
+        try:  # here, not in the background thread: on a CPU, that thread's work slows the steps it overlaps
+            self._part.create(self._num_samples, self._encoding.width, self._chunk_rows, self._encoding.stored_dtype)
+        except Exception as err:
+            self._part.release()  # so that a new writer of this rank may claim the part
+            self._error = err
+            self._raise_if_failed()
         self._thread = threading.Thread(target=self._drain, name=f"pskd-writer-{epoch}", daemon=True)
         self._thread.start()
 
@@ -265,10 +271,6 @@ class PredictionWriter(ClosesOnSuccess):
         return self._encoding.encode(outputs.float().softmax(dim=1) if self.from_logits else outputs)
 
     def _drain(self) -> None:
-        try:  # in the background: making the part's arrays is a few metadata writes
-            self._part.create(self._num_samples, self._encoding.width, self._chunk_rows, self._encoding.stored_dtype)
-        except BaseException as err:  # reported to the training thread
-            self._error = err
         while (buffer := self._queue.get()) is not _CLOSE:
             if self._error is None:
                 try:
