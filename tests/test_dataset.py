@@ -103,7 +103,9 @@ def test_service_lookup_is_a_shared_memory_map(store):
     token = service.prepare(2)
     ids = [5, 0, 95, 5]
     expected = store.read_epoch(2)[ids].astype(np.float32)
-    np.testing.assert_array_equal(service.lookup(2, token, np.asarray(ids)).numpy(), expected)
+    looked_up = service.lookup(2, token, np.asarray(ids))
+    assert looked_up.dtype == torch.float32  # what lookup promises, whatever the store's dtype
+    np.testing.assert_array_equal(looked_up.numpy(), expected)
     with mp.get_context("spawn").Pool(1) as pool:  # a fresh process maps the same file
         rows, is_memmap, mapped = pool.apply(_mapped_in_child, (service, token, ids))
     np.testing.assert_array_equal(np.asarray(rows, dtype=np.float32), expected)
