@@ -111,12 +111,10 @@ def _require_lengths(lengths: np.ndarray, num_rows: int) -> None:
         )
 
 
-def default_chunk_rows(row_bytes: int, num_rows: int) -> int:
-    """Rows per chunk so that one chunk is about 1 MiB uncompressed (a power of two); all
-    ``num_rows`` when they are fewer, so that a small store's one chunk carries no padding
-    that every epoch would copy, checksum, write and read back."""
+def default_chunk_rows(row_bytes: int) -> int:
+    """Rows per chunk so that one chunk is about 1 MiB uncompressed (a power of two)."""
     rows = max(1, CHUNK_BYTES // row_bytes)
-    return min(1 << (rows.bit_length() - 1), max(1, num_rows))
+    return 1 << (rows.bit_length() - 1)
 
 
 # Blosc/zstd with bit-shuffle: probabilities compress well at little CPU cost.
@@ -245,7 +243,7 @@ class SoftTargetStore:
             encoding = row_encoding(num_classes, dtype, topk)
         except ValueError as err:
             raise StoreError(str(err)) from err
-        rows = chunk_rows or default_chunk_rows(encoding.width * encoding.stored_dtype.itemsize, len(labels))
+        rows = chunk_rows or default_chunk_rows(encoding.width * encoding.stored_dtype.itemsize)
         zstore = _open_zarr_store(url, read_only=False, storage_options=storage_options)
         try:
             group = zarr.open_group(zstore, mode="w" if overwrite else "w-")

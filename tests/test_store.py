@@ -775,12 +775,3 @@ def test_a_file_a_kill_left_in_the_staging_area_raises_no_zarr_warning(store):
         warnings.simplefilter("error")
         store.seal(1)
         assert store.sealed_epochs == [1]
-
-
-def test_a_default_chunk_holds_about_a_mebibyte_of_rows_or_every_row_of_a_small_store(tmp_path):
-    small = SoftTargetStore.create(tmp_path / "small", np.zeros(1000, dtype=np.int64), 10)  # 20 KB of rows
-    assert small.chunk_rows == 1000  # one chunk, no padding rows to write and read back every epoch
-    large = SoftTargetStore.create(tmp_path / "large", np.zeros(100_000, dtype=np.int64), 100)  # 200-byte rows
-    assert large.chunk_rows == 4096  # the power of two below 1 MiB / 200 bytes
-    write_epoch(small, 1)
-    np.testing.assert_array_equal(small.read_epoch(1), epoch_probs(1, 1000, 10).astype(np.float16))
