@@ -67,7 +67,9 @@ class RowEncoding(ABC):
 
     @abstractmethod
     def expand(self, rows: np.ndarray) -> np.ndarray:
-        """Stored rows -> (B, K) probabilities (float32)."""
+        """Stored rows -> (B, K) probabilities: a dense row as stored (it is one), a top-k
+        row rebuilt as float32. (Widening float16 is left to the caller: torch does it
+        several times faster than NumPy.)"""
 
     @abstractmethod
     def sparse(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -112,7 +114,7 @@ class DenseRows(RowEncoding):
         return rows
 
     def expand(self, rows: np.ndarray) -> np.ndarray:
-        return rows.astype(np.float32)
+        return rows
 
     def sparse(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return rows.astype(np.float32), np.tile(np.arange(self.num_classes, dtype=np.int64), (len(rows), 1))

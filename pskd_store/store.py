@@ -513,7 +513,7 @@ class SoftTargetStore:
         teacher = self.teacher_array(epoch)
         rows = teacher[:]
         teacher.reject(self.encoding.unreadable(rows), 0, UNREADABLE_ROWS)
-        return rows if self.topk is None else self.encoding.expand(rows)
+        return self.encoding.expand(rows)
 
     def trajectory(self, epochs: list[int] | None = None) -> dict[str, np.ndarray]:
         """The trajectory tier as arrays of shape (E, N), plus ``epochs`` (E,); a sequence
