@@ -41,7 +41,6 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
-import zarr.api.asynchronous
 import zarr.codecs
 import zarr.storage
 
