@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PSKD
+from conftest import PSKD, pskd_in_process
 
 from pskd_store.metrics import evaluate
 from pskd_store.store import SoftTargetStore
@@ -84,8 +84,7 @@ def test_two_ranks_train_one_run(two_rank_run, data_dir):
     with np.load(run / "eval" / "test_probs.npz") as trained:
         trained_probs, trained_labels = trained["probs"], trained["labels"]
     assert evaluate(trained_probs, trained_labels) == pytest.approx(test, abs=1e-9)
-    evaluated = json.loads(subprocess.run([PSKD, "eval", str(run)], capture_output=True, text=True,
-                                          check=True, timeout=120).stdout)
+    evaluated = json.loads(pskd_in_process("eval", str(run)).stdout)
     for key in ("top1_err", "top5_err", "nll", "ece", "aurc", "eaurc"):
         assert evaluated[key] == pytest.approx(test[key], abs=1e-9), key
     with np.load(run / "eval" / "test_probs.npz") as one_process:

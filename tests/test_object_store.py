@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import PSKD, pskd
+from conftest import PSKD, pskd, pskd_in_process
 
 from pskd_store.errors import StoreDamagedError
 from pskd_store.store import SoftTargetStore
@@ -81,10 +81,10 @@ def test_train_kill_resume_into_s3_matches_a_local_run(tmp_path, s3, data_dir):
     assert json.loads(config)["store"] == url and "pskd-secret-key" not in config
     assert "pskd-secret-key" not in (run / "train.log").read_text()
 
-    info = pskd("info", str(run), env=s3)
+    info = pskd_in_process("info", str(run))  # the s3 fixture's environment is this process's too
     assert f"store        {url}" in info.stdout and "sealed       [1, 2, 3]" in info.stdout
-    assert pskd("verify", str(run), env=s3).returncode == 0
-    report = json.loads(pskd("inspect", str(run), "--json", "--out", str(tmp_path / "plots"), env=s3).stdout)
+    assert pskd_in_process("verify", str(run)).returncode == 0
+    report = json.loads(pskd_in_process("inspect", str(run), "--json", "--out", str(tmp_path / "plots")).stdout)
     assert report["runs"][0]["epochs"] == 3
 
 
