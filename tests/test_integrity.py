@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import pskd
+from conftest import pskd, pskd_in_process
 from store_helpers import epoch_probs, write_epoch
 
 from pskd_store.errors import StoreDamagedError, StoreError
@@ -213,12 +213,12 @@ run_cli = partial(pskd, check=False)
 
 
 @pytest.mark.slow
-def test_training_resumed_on_a_damaged_teacher_stops_with_one_line(tmp_path):
+def test_training_resumed_on_a_damaged_teacher_stops_with_one_line(tmp_path, data_dir):
     """A real run killed after epoch 2's checkpoint; its teacher of epoch 2 then loses a
     byte: the resumed run must stop at set_epoch(3), naming the epoch, rows and verify."""
     run = tmp_path / "run"
     done = run_cli("train", "-o", str(run), "--epochs", "2", "--workers", "0", "--steps-per-epoch", "3", "-q",
-                   "--data-dir", str(tmp_path / "data"))
+                   "--data-dir", str(data_dir))
     assert done.returncode == 0, done.stderr
     config = json.loads((run / "config.json").read_text())
     config["epochs"] = 4  # as if the run had been killed after epoch 2 of 4
@@ -229,9 +229,9 @@ def test_training_resumed_on_a_damaged_teacher_stops_with_one_line(tmp_path):
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "the teacher of epoch 2" in done.stderr and "rows 0-" in done.stderr
     assert f"pskd-store verify {run / 'store'}" in done.stderr
-    verify = run_cli("verify", str(run))
+    verify = pskd_in_process("verify", str(run))
     assert verify.returncode == 1 and "DAMAGED  teacher of epoch 2: rows 0-" in verify.stdout
-    assert json.loads(run_cli("verify", str(run), "--json").stdout)["ok"] is False
+    assert json.loads(pskd_in_process("verify", str(run), "--json").stdout)["ok"] is False
 
 
 @pytest.mark.parametrize("edit, problem", [
