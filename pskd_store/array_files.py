@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
+import shutil
 
 import google_crc32c
 import numcodecs
@@ -29,6 +29,7 @@ from zarr.buffer import default_buffer_prototype
 from zarr.storage import StorePath
 
 from .integrity import ARRAY_CONFIG, codecs_with_checksum
+from .local_store import local_root, write_atomically
 from .zarr_sync import sync
 
 _SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
@@ -47,13 +48,13 @@ def create_array(group: zarr.Group, name: str, *, shape: tuple[int, ...], dtype:
     made = _MADE.get(kind)
     path = f"{group.path}/{name}" if group.path else name
     parent = path.rpartition("/")[0]
-    if made is None or not sync(_free(group.store, path, parent)):
+    if made is None or not _free(group.store, path, parent):
         array = group.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
                                    compressors=codecs_with_checksum(compressor), config=ARRAY_CONFIG, overwrite=True)
         _MADE[kind] = (array.metadata, array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"])
         return array
     metadata, document = made
-    sync(group.store.set(f"{path}/zarr.json", document))
+    _put(group.store, _document_key(path), document.to_bytes())
     return zarr.Array(zarr.AsyncArray(metadata, StorePath(group.store, path), config=ARRAY_CONFIG))
 
 
@@ -61,17 +62,61 @@ def create_group(group: zarr.Group, name: str, *, attributes: dict | None = None
     """``group.create_group(name, overwrite=True, attributes=attributes)``: one store write
     when nothing is at its path and its parent group exists; zarr's otherwise."""
     path = f"{group.path}/{name}" if group.path else name
-    if not sync(_free(group.store, path, path.rpartition("/")[0])):
+    if not _free(group.store, path, path.rpartition("/")[0]):
         return group.create_group(name, overwrite=True, attributes=attributes)
-    made = zarr.AsyncGroup.from_dict(StorePath(group.store, path),
-                                     {"attributes": attributes or {}, "zarr_format": 3, "node_type": "group"})
-    sync(group.store.set(f"{path}/zarr.json", made.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"]))
+    return _write_group(group.store, path, attributes or {})
+
+
+def set_group_attributes(group: zarr.Group, attributes: dict) -> zarr.Group:
+    """Replace the attributes of ``group`` (its children stay): one store write, where
+    ``group.attrs.update`` reads the document and writes it back. For a group that one
+    writer owns, so that nothing else writes it in between."""
+    return _write_group(group.store, group.path, attributes)
+
+
+def delete_node(group: zarr.Group, name: str) -> None:
+    """``del group[name]`` when something is there; nothing when not."""
+    if not name:
+        raise ValueError("delete_node deletes a member of a group, not the group itself")
+    path = f"{group.path}/{name}" if group.path else name
+    root = local_root(group.store)
+    if root is None:
+        sync(group.store.delete_dir(path))
+    elif (root / path).is_dir():
+        shutil.rmtree(root / path)
+
+
+def _write_group(store: zarr.abc.store.Store, path: str, attributes: dict) -> zarr.Group:
+    made = zarr.AsyncGroup.from_dict(StorePath(store, path),
+                                     {"attributes": attributes, "zarr_format": 3, "node_type": "group"})
+    _put(store, _document_key(path), made.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
     return zarr.Group(made)
 
 
-async def _free(store: zarr.abc.store.Store, path: str, parent: str) -> bool:
+def _document_key(path: str) -> str:
+    """The key of the metadata document of the node at ``path`` ("" is the root group)."""
+    return f"{path}/zarr.json" if path else "zarr.json"
+
+
+def _put(store: zarr.abc.store.Store, key: str, data: bytes) -> None:
+    """Write a metadata document as the store does: atomically."""
+    root = local_root(store)
+    if root is None:
+        sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
+    else:
+        write_atomically(root / key, data)
+
+
+def _free(store: zarr.abc.store.Store, path: str, parent: str) -> bool:
     """Nothing at ``path`` and a group document at ``parent``."""
-    return await store.is_empty(f"{path}/") and (not parent or await store.exists(f"{parent}/zarr.json"))
+    root = local_root(store)
+    if root is not None:
+        return not (root / path).exists() and (not parent or (root / parent / "zarr.json").is_file())
+
+    async def free() -> bool:
+        return await store.is_empty(f"{path}/") and (not parent or await store.exists(f"{parent}/zarr.json"))
+
+    return sync(free())
 
 
 class ChunkFiles:
@@ -95,7 +140,7 @@ class ChunkFiles:
         self._dtype = np.dtype(array.dtype)
         self._prefix = f"{array.path}/"
         self._encode_key = array.metadata.encode_chunk_key
-        self._root = Path(self._store.root) if isinstance(self._store, zarr.storage.LocalStore) else None
+        self._root = local_root(self._store)
 
     def write(self, chunk: int, values: np.ndarray) -> None:
         if len(values) < self._shape[0]:

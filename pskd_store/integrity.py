@@ -22,6 +22,7 @@ import zarr.codecs
 from zarr.buffer import default_buffer_prototype
 
 from .errors import StoreDamagedError
+from .local_store import local_root, read_file
 from .zarr_sync import sync
 
 ARRAY_CONFIG = {"write_empty_chunks": True}  # every chunk exists: a missing one is damage
@@ -151,7 +152,7 @@ def stored_digest(arrays: list[CheckedArray]) -> str:
         keys = [f"{array.path}/{array.metadata.encode_chunk_key(c)}" for c in coords]
         for lo in range(0, len(keys), READ_BACK_BATCH):
             batch = keys[lo:lo + READ_BACK_BATCH]
-            for coord, key, data in zip(coords[lo:lo + READ_BACK_BATCH], batch, sync(_get_many(array.store, batch))):
+            for coord, key, data in zip(coords[lo:lo + READ_BACK_BATCH], batch, _get_many(array.store, batch)):
                 rows = checked._rows(coord[0])
                 if data is None:
                     raise StoreDamagedError(_message(checked.what, checked.url, f"rows {_ranges([rows])} are "
@@ -165,9 +166,18 @@ def stored_digest(arrays: list[CheckedArray]) -> str:
     return digest.hexdigest()
 
 
-async def _get_many(store, keys: list[str]) -> list[bytes | None]:
-    buffers = await asyncio.gather(*(store.get(key, prototype=default_buffer_prototype()) for key in keys))
-    return [None if buffer is None else buffer.to_bytes() for buffer in buffers]
+def _get_many(store, keys: list[str]) -> list[bytes | None]:
+    """The keys' bytes (None where missing): read directly on a local disk, else fetched
+    together (parallel requests to an object store)."""
+    root = local_root(store)
+    if root is not None:
+        return [read_file(root / key) for key in keys]
+
+    async def get_many() -> list[bytes | None]:
+        buffers = await asyncio.gather(*(store.get(key, prototype=default_buffer_prototype()) for key in keys))
+        return [None if buffer is None else buffer.to_bytes() for buffer in buffers]
+
+    return sync(get_many())
 
 
 async def _list(store, prefix: str) -> list[str]:

@@ -50,7 +50,7 @@ import zarr
 from zarr.abc.store import Store
 from zarr.buffer import default_buffer_prototype
 
-from .array_files import ChunkFiles, create_array, create_group
+from .array_files import ChunkFiles, create_array, create_group, delete_node, set_group_attributes
 from .errors import StoreError
 from .integrity import CheckedArray
 from .store_keys import epoch_key
@@ -232,7 +232,7 @@ class EpochStaging:
 
     def remove(self) -> None:
         """Delete every staged row of the epoch (after its seal)."""
-        del self.root[self.path]
+        delete_node(self.root, self.path)
 
     def discard(self, rank: int | None = None) -> None:
         """Forget part ``rank`` (every part when None) so that it can be written again.
@@ -338,7 +338,7 @@ class PartWriter:
 
     def close(self) -> None:
         """Mark the part complete: the seal takes it, and no writer may claim it again."""
-        self._group.attrs.update({"closed": True, "rows": self.rows})
+        set_group_attributes(self._group, {"owner": asdict(self._owner), "closed": True, "rows": self.rows})
         self.closed = True
         _LIVE_CLAIMS.discard(self._owner.token)
 

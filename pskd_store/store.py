@@ -44,9 +44,10 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
-from .array_files import ChunkFiles, create_array, create_group
+from .array_files import ChunkFiles, create_array, create_group, delete_node, set_group_attributes
 from .errors import EpochNotSealedError, StoreDamagedError, StoreError, StoreExistsError, StoreNotFoundError, os_problem
 from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum, stored_digest
+from .local_store import LocalStore, local_root, read_file
 from .merge import merge_epoch
 from .row_encoding import UNREADABLE_ROWS, RowEncoding, row_encoding
 from .sequences import TokenRows
@@ -59,7 +60,6 @@ SCHEMA_VERSION = 2  # 2: crc32c on every array, every chunk written, trajectory 
 ATTRS_KEY = "pskd_store"
 DTYPES = ("float16", "float32")
 CHUNK_BYTES = 1 << 20  # ~1 MiB of uncompressed rows per chunk
-DIGESTED_TIERS = ("teacher", "trajectory")  # each sealed epoch records a digest of each
 META_CHECKSUM = "crc32c"  # the attributes' own checksum, of all the others
 
 
@@ -162,7 +162,7 @@ def _open_zarr_store(url: str | Path, read_only: bool, storage_options: dict | N
     if must_exist and not Path(text).exists():  # a writable LocalStore would create the directory
         raise StoreNotFoundError(f"no pskd-store at {text}: check the path, or create one with "
                                  "SoftTargetStore.create (the train command does so)")
-    return zarr.storage.LocalStore(Path(text), read_only=read_only)
+    return LocalStore(Path(text), read_only=read_only)
 
 
 class SoftTargetStore:
@@ -423,8 +423,23 @@ class SoftTargetStore:
 
     def refresh(self) -> None:
         """Re-read the attributes, to see epochs sealed by another process."""
-        self._group = _open_root(self._group.store, self.url, self.read_only)
-        self._meta = self._checked(self._group.attrs.get(ATTRS_KEY) or {})
+        meta = self._local_attributes()
+        if meta is None:
+            self._group = _open_root(self._group.store, self.url, self.read_only)
+            meta = self._group.attrs.get(ATTRS_KEY) or {}
+        self._meta = self._checked(meta)
+
+    def _local_attributes(self) -> dict[str, Any] | None:
+        """The attributes read straight from a local store's root document, twice a training
+        epoch (zarr's ``open_group`` costs ten times more); None for another store, or a
+        document that is not the store's, which zarr's open then names."""
+        root = local_root(self._group.store)
+        data = None if root is None else read_file(root / "zarr.json")
+        try:
+            document = json.loads(data)
+            return document["attributes"][ATTRS_KEY] if document["node_type"] == "group" else None
+        except (TypeError, ValueError, KeyError):
+            return None
 
     def _checked(self, meta: dict[str, Any]) -> dict[str, Any]:
         """The store's attributes, refused when they fail their checksum (stores made
@@ -502,9 +517,13 @@ class SoftTargetStore:
 
     def _trajectory(self, epoch: int, field: str) -> CheckedArray:
         return CheckedArray.open(
-            self._group, f"trajectory/{epoch_key(epoch)}/{field}", f"the trajectory ({field}) of epoch {epoch}",
+            self._group, f"trajectory/{epoch_key(epoch)}/{field}", self._trajectory_what(epoch, field),
             self.url, shape=(self._trajectory_rows,), dtype=self.trajectory_fields[field],
         )
+
+    @staticmethod
+    def _trajectory_what(epoch: int, field: str) -> str:
+        return f"the trajectory ({field}) of epoch {epoch}"
 
     def read_epoch(self, epoch: int) -> np.ndarray:
         """All (N, K) predictions of a sealed epoch, decoded into memory (in the store's
@@ -666,10 +685,11 @@ class SoftTargetStore:
             parts, teacher, None if latest is None else self.teacher_array(latest), self.labels, self.encoding,
             self._trajectory_record(), scratch_dir
         )
-        self._write_trajectory(epoch, merged.trajectory)
+        trajectory = self._write_trajectory(epoch, merged.trajectory)
         # every chunk read back as stored before the epoch is published: a chunk lost or
         # damaged while sealing (an object store's, say) stops the seal, not the next epoch
-        digests = {tier: self.stored_digest(epoch, tier) for tier in DIGESTED_TIERS}
+        digests = {"teacher": stored_digest([CheckedArray(teacher, f"the teacher of epoch {epoch}", self.url)]),
+                   "trajectory": stored_digest(trajectory)}
         info = {
             "seal_token": new_seal_token(),
             "rows_written": merged.rows_written,
@@ -683,9 +703,7 @@ class SoftTargetStore:
         meta = dict(self._meta)
         meta["sealed"] = meta["sealed"] + [epoch]
         meta["epochs"] = {**meta["epochs"], str(epoch): info}
-        meta = _with_checksum(meta)
-        self._group.attrs[ATTRS_KEY] = meta  # the seal: one atomic metadata write
-        self._meta = meta
+        self._publish(meta)  # the seal
         staging.remove()
         self._prune()
         return info
@@ -713,13 +731,10 @@ class SoftTargetStore:
         meta = dict(self._meta)
         meta["sealed"] = remaining
         meta["epochs"] = {k: v for k, v in meta["epochs"].items() if int(k) <= last_kept}
-        meta = _with_checksum(meta)
-        self._group.attrs[ATTRS_KEY] = meta
-        self._meta = meta
+        self._publish(meta)
         for epoch in dropped:
             for path in (f"teacher/{epoch_key(epoch)}", f"trajectory/{epoch_key(epoch)}"):
-                if path in self._group:
-                    del self._group[path]
+                delete_node(self._group, path)
         return dropped
 
     # -- internals ---------------------------------------------------------------------------
@@ -736,18 +751,26 @@ class SoftTargetStore:
         # packed top-k rows are bytes: shuffle by the value type's size, not byte by byte
         return zarr.codecs.BloscCodec(**{**self._meta["blosc"], "typesize": self.dtype.itemsize})
 
-    def _write_trajectory(self, epoch: int, values: dict[str, np.ndarray]) -> None:
-        """The fields' arrays, one chunk each."""
+    def _write_trajectory(self, epoch: int, values: dict[str, np.ndarray]) -> list[CheckedArray]:
+        """The fields' arrays, one chunk each; returned in the order ``stored_digest`` reads them."""
         group = create_group(self._group, f"trajectory/{epoch_key(epoch)}")
+        arrays = []
         for field, dtype in self.trajectory_fields.items():
             rows = len(values[field])
             array = create_array(group, field, shape=(rows,), dtype=dtype, chunks=(rows,), compressor=self.codec)
             ChunkFiles(array).write(0, values[field].astype(dtype))
+            arrays.append(CheckedArray(array, self._trajectory_what(epoch, field), self.url))
+        return arrays
+
+    def _publish(self, meta: dict[str, Any]) -> None:
+        """Write the store's attributes (with their checksum): one atomic write of the root
+        metadata, which is what makes an epoch sealed or unsealed for every reader."""
+        meta = _with_checksum(meta)
+        self._group = set_group_attributes(self._group, {**self._group.attrs, ATTRS_KEY: meta})
+        self._meta = meta
 
     def _prune(self) -> None:
         """Drop the teacher that the newly sealed epoch pushed beyond ``keep_epochs``."""
         expired = self.sealed_epochs[:-self.keep_epochs]
         if expired:  # earlier seals pruned the ones before it
-            path = f"teacher/{epoch_key(expired[-1])}"
-            if path in self._group:
-                del self._group[path]
+            delete_node(self._group, f"teacher/{epoch_key(expired[-1])}")

@@ -11,7 +11,7 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
-from pskd_store.array_files import ChunkFiles, create_array, create_group
+from pskd_store.array_files import ChunkFiles, create_array, create_group, delete_node, set_group_attributes
 from pskd_store.integrity import ARRAY_CONFIG, codecs_with_checksum
 
 BLOSC = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
@@ -91,3 +91,43 @@ def test_chunk_files_refuse_an_array_of_other_codecs(tmp_path):
     array = _root(tmp_path).create_array("plain", shape=(4,), dtype=np.int64, chunks=(4,), compressors=None)
     with pytest.raises(ValueError, match="not an array of this store"):
         ChunkFiles(array)
+
+
+def _store(kind: str, tmp_path: Path) -> zarr.abc.store.Store:
+    """A local store (its files written by the module itself) or one that is not (written
+    through zarr's store API, as an object store is)."""
+    return zarr.storage.LocalStore(tmp_path) if kind == "local" else zarr.storage.MemoryStore()
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+@pytest.mark.parametrize("member", [True, False], ids=["a member group", "the root group"])
+def test_group_attributes_are_replaced_and_its_children_stay(tmp_path, kind, member):
+    store = _store(kind, tmp_path)
+    root = zarr.open_group(store, mode="w", attributes={"before": 1})
+    group = root.create_group("g", attributes={"before": 1}) if member else root
+    create_array(group, "child", shape=(4,), dtype=np.int64, chunks=(4,), compressor=None)[:] = np.arange(4)
+    returned = set_group_attributes(group, {"after": [2, 3]})
+    assert returned.attrs.asdict() == {"after": [2, 3]}
+    reread = zarr.open_group(store, mode="r", path="g" if member else "")
+    assert reread.attrs.asdict() == {"after": [2, 3]}  # the document at the group's own path
+    np.testing.assert_array_equal(reread["child"][:], np.arange(4))
+    if kind == "local":
+        documents = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("zarr.json"))
+        assert documents == (["g/child/zarr.json", "g/zarr.json", "zarr.json"] if member
+                             else ["child/zarr.json", "zarr.json"])
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_delete_node_removes_one_member_whole_and_nothing_else(tmp_path, kind):
+    store = _store(kind, tmp_path)
+    root = zarr.open_group(store, mode="w")
+    group = create_group(root, "g")
+    for name in ("a", "b"):
+        create_array(group, name, shape=(4,), dtype=np.int64, chunks=(2,), compressor=None)[:] = np.arange(4)
+    delete_node(group, "a")
+    delete_node(group, "a")  # nothing there: nothing to do
+    assert sorted(zarr.open_group(store, mode="r", path="g").array_keys()) == ["b"]
+    np.testing.assert_array_equal(zarr.open_group(store, mode="r")["g/b"][:], np.arange(4))
+    with pytest.raises(ValueError, match="not the group itself"):
+        delete_node(group, "")
+

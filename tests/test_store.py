@@ -18,6 +18,7 @@ import pytest
 import torch
 from store_helpers import epoch_probs, make_labels, write_epoch
 
+from pskd_store.errors import StoreDamagedError
 from pskd_store.staging import PartWriter
 from pskd_store.store import EpochNotSealedError, SoftTargetStore, StoreError
 
@@ -775,3 +776,21 @@ def test_a_file_a_kill_left_in_the_staging_area_raises_no_zarr_warning(store):
         warnings.simplefilter("error")
         store.seal(1)
         assert store.sealed_epochs == [1]
+
+
+def test_a_store_object_sees_what_another_sealed_and_refuses_a_damaged_root(store):
+    other = SoftTargetStore.open(store.url)  # another process's view, opened before the seal
+    write_epoch(store, 1)
+    assert other.sealed_epochs == []  # read when opened
+    with pytest.raises(StoreError, match="epoch 1 is already sealed"):
+        other.writer(1)  # the writer re-reads the root metadata first
+    assert other.sealed_epochs == [1] and other.epoch_info(1) == store.epoch_info(1)
+    root = Path(store.url) / "zarr.json"
+    document = json.loads(root.read_text())
+    document["attributes"]["pskd_store"]["sealed"] = [1, 2]  # an edit that stays JSON
+    root.write_text(json.dumps(document))
+    with pytest.raises(StoreDamagedError, match="do not match their checksum"):
+        other.refresh()
+    root.write_text("{not json")
+    with pytest.raises(StoreDamagedError, match=r"root metadata .*zarr.json.* is damaged"):
+        other.refresh()
