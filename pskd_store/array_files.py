@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import google_crc32c
 import numcodecs
@@ -28,8 +27,9 @@ import zarr.storage
 from zarr.buffer import default_buffer_prototype
 from zarr.storage import StorePath
 
+from . import store_io
 from .integrity import ARRAY_CONFIG, codecs_with_checksum
-from .local_store import local_root, write_atomically
+from .local_store import local_root
 from .zarr_sync import sync
 
 _SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
@@ -54,7 +54,7 @@ def create_array(group: zarr.Group, name: str, *, shape: tuple[int, ...], dtype:
         _MADE[kind] = (array.metadata, array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"])
         return array
     metadata, document = made
-    _put(group.store, _document_key(path), document.to_bytes())
+    store_io.put(group.store, _document_key(path), document.to_bytes())
     return zarr.Array(zarr.AsyncArray(metadata, StorePath(group.store, path), config=ARRAY_CONFIG))
 
 
@@ -65,6 +65,38 @@ def create_group(group: zarr.Group, name: str, *, attributes: dict | None = None
     if not _free(group.store, path, path.rpartition("/")[0]):
         return group.create_group(name, overwrite=True, attributes=attributes)
     return _write_group(group.store, path, attributes or {})
+
+
+def open_array(group: zarr.Group, path: str) -> zarr.Array:
+    """``group[path]`` for an array: its document read with one store call and parsed by
+    zarr. KeyError when there is none, ValueError when it is no array's."""
+    full = f"{group.path}/{path}" if group.path else path
+    document = store_io.get(group.store, _document_key(full))
+    if document is None:
+        raise KeyError(full)
+    metadata = json.loads(document)
+    if metadata.get("node_type") != "array":
+        raise ValueError(f"{full} is not an array (its node type is {metadata.get('node_type')!r})")
+    return zarr.Array(zarr.AsyncArray.from_dict(StorePath(group.store, full), metadata))
+
+
+def require_groups(group: zarr.Group, path: str) -> None:
+    """``group.require_group(path)``: every group along ``path`` exists afterwards, also
+    when another process makes it at the same moment. On a local disk a missing group is
+    one document written (two processes write the same bytes, atomically); zarr's otherwise."""
+    full = f"{group.path}/{path}" if group.path else path
+    root = local_root(group.store)
+    if root is None:
+        try:
+            group.require_group(path)
+        except zarr.errors.ContainsGroupError:  # made by another process between zarr's check and its write
+            pass
+        return
+    levels = full.split("/")
+    for depth in range(1, len(levels) + 1):
+        level = "/".join(levels[:depth])
+        if not (root / _document_key(level)).is_file():
+            _put_group_document(group.store, level, {})
 
 
 def set_group_attributes(group: zarr.Group, attributes: dict) -> zarr.Group:
@@ -78,33 +110,26 @@ def delete_node(group: zarr.Group, name: str) -> None:
     """``del group[name]`` when something is there; nothing when not."""
     if not name:
         raise ValueError("delete_node deletes a member of a group, not the group itself")
-    path = f"{group.path}/{name}" if group.path else name
-    root = local_root(group.store)
-    if root is None:
-        sync(group.store.delete_dir(path))
-    elif (root / path).is_dir():
-        shutil.rmtree(root / path)
+    store_io.delete_dir(group.store, f"{group.path}/{name}" if group.path else name)
 
 
 def _write_group(store: zarr.abc.store.Store, path: str, attributes: dict) -> zarr.Group:
-    made = zarr.AsyncGroup.from_dict(StorePath(store, path),
-                                     {"attributes": attributes, "zarr_format": 3, "node_type": "group"})
-    _put(store, _document_key(path), made.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"].to_bytes())
-    return zarr.Group(made)
+    document = _put_group_document(store, path, attributes)
+    return zarr.Group(zarr.AsyncGroup.from_dict(StorePath(store, path), document))
+
+
+def _put_group_document(store: zarr.abc.store.Store, path: str, attributes: dict) -> dict:
+    """Write the group document zarr's GroupMetadata writes, byte for byte, without its deep
+    copy of the attributes (a store's root holds every sealed epoch's statistics)."""
+    document = {"attributes": attributes, "zarr_format": 3, "node_type": "group"}
+    indent = zarr.config.get("json_indent")
+    store_io.put(store, _document_key(path), json.dumps(document, indent=indent, allow_nan=True).encode())
+    return document
 
 
 def _document_key(path: str) -> str:
     """The key of the metadata document of the node at ``path`` ("" is the root group)."""
     return f"{path}/zarr.json" if path else "zarr.json"
-
-
-def _put(store: zarr.abc.store.Store, key: str, data: bytes) -> None:
-    """Write a metadata document as the store does: atomically."""
-    root = local_root(store)
-    if root is None:
-        sync(store.set(key, default_buffer_prototype().buffer.from_bytes(data)))
-    else:
-        write_atomically(root / key, data)
 
 
 def _free(store: zarr.abc.store.Store, path: str, parent: str) -> bool:
@@ -153,7 +178,7 @@ class ChunkFiles:
         checksum = google_crc32c.value(data).to_bytes(4, "little")
         key = self._prefix + self._encode_key((chunk,) + (0,) * (len(self._shape) - 1))
         if self._root is None:
-            sync(self._store.set(key, default_buffer_prototype().buffer.from_bytes(data.tobytes() + checksum)))
+            store_io.put(self._store, key, data.tobytes() + checksum)
             return
         path = self._root / key  # a local disk: one system call for the bytes
         try:

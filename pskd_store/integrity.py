@@ -9,7 +9,6 @@ name what was damaged, the rows, and `pskd-store verify`.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import itertools
 from collections.abc import Iterator
@@ -19,11 +18,9 @@ import google_crc32c
 import numpy as np
 import zarr
 import zarr.codecs
-from zarr.buffer import default_buffer_prototype
 
+from . import store_io
 from .errors import StoreDamagedError
-from .local_store import local_root, read_file
-from .zarr_sync import sync
 
 ARRAY_CONFIG = {"write_empty_chunks": True}  # every chunk exists: a missing one is damage
 READ_BACK_BATCH = 32  # chunks fetched at once by stored_digest: tens of MiB, parallel requests to an object store
@@ -125,7 +122,7 @@ class CheckedArray:
         """Indices (along the first axis) of the chunks whose files exist, listed once."""
         if self._present is None:
             prefix = f"{self.array.path}/" if self.array.path else ""
-            keys = sync(_list(self.array.store, prefix))
+            keys = store_io.list_prefix(self.array.store, prefix)
             index = {self.array.metadata.encode_chunk_key((c,) + (0,) * (self.array.ndim - 1)): c
                      for c in range(self.array.cdata_shape[0])}
             self._present = {index[key[len(prefix):]] for key in keys if key[len(prefix):] in index}
@@ -152,7 +149,7 @@ def stored_digest(arrays: list[CheckedArray]) -> str:
         keys = [f"{array.path}/{array.metadata.encode_chunk_key(c)}" for c in coords]
         for lo in range(0, len(keys), READ_BACK_BATCH):
             batch = keys[lo:lo + READ_BACK_BATCH]
-            for coord, key, data in zip(coords[lo:lo + READ_BACK_BATCH], batch, _get_many(array.store, batch)):
+            for coord, key, data in zip(coords[lo:lo + READ_BACK_BATCH], batch, store_io.get_many(array.store, batch)):
                 rows = checked._rows(coord[0])
                 if data is None:
                     raise StoreDamagedError(_message(checked.what, checked.url, f"rows {_ranges([rows])} are "
@@ -164,24 +161,6 @@ def stored_digest(arrays: list[CheckedArray]) -> str:
                         "(their bytes changed after they were written)"))
                 digest.update(key.encode() + b"\0" + data[-4:])
     return digest.hexdigest()
-
-
-def _get_many(store, keys: list[str]) -> list[bytes | None]:
-    """The keys' bytes (None where missing): read directly on a local disk, else fetched
-    together (parallel requests to an object store)."""
-    root = local_root(store)
-    if root is not None:
-        return [read_file(root / key) for key in keys]
-
-    async def get_many() -> list[bytes | None]:
-        buffers = await asyncio.gather(*(store.get(key, prototype=default_buffer_prototype()) for key in keys))
-        return [None if buffer is None else buffer.to_bytes() for buffer in buffers]
-
-    return sync(get_many())
-
-
-async def _list(store, prefix: str) -> list[str]:
-    return [key async for key in store.list_prefix(prefix)]
 
 
 def _metadata_problem(array: zarr.Array, shape: tuple[int, ...], dtype: np.dtype,

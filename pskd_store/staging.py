@@ -41,22 +41,31 @@ import os
 import re
 import secrets
 import socket
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.abc.store import Store
-from zarr.buffer import default_buffer_prototype
 
-from .array_files import ChunkFiles, create_array, create_group, delete_node, set_group_attributes
+from . import store_io
+from .array_files import (
+    ChunkFiles,
+    create_array,
+    create_group,
+    delete_node,
+    open_array,
+    require_groups,
+    set_group_attributes,
+)
 from .errors import StoreError
 from .integrity import CheckedArray
+from .store_io import get as _store_get
+from .store_io import put_if_absent as _store_set_if_absent  # the claim's create-if-absent (module doc)
 from .store_keys import epoch_key
-from .zarr_sync import sync
 
 STAGING = "staging"
+_EPOCH = re.compile(r"epoch_(\d+)")  # an epoch's name in staging/
+_PART = re.compile(r"writer_(\d+)")  # a part's name in the epoch's staging
 _CLAIM = re.compile(r"writer_(\d+)\.(\d+)")  # a claim's name in owners/ (a store's temporary files are not)
 _LIVE_CLAIMS: set[str] = set()  # tokens of the claims this process's open writers hold
 
@@ -151,10 +160,8 @@ class EpochStaging:
     @classmethod
     def all_epochs(cls, root: zarr.Group) -> list[EpochStaging]:
         """Every epoch with staged rows in the store."""
-        if STAGING not in root:
-            return []
-        names = _group_names(root[STAGING])
-        return [cls(root, int(name.split("_")[1])) for name in sorted(names) if name.startswith("epoch_")]
+        matches = (_EPOCH.fullmatch(name) for name in store_io.list_dir(root.store, STAGING))
+        return [cls(root, epoch) for epoch in sorted(int(m[1]) for m in matches if m)]
 
     # -- writers ---------------------------------------------------------------------------
 
@@ -169,7 +176,7 @@ class EpochStaging:
         me = Owner.this_process()
         number = claims[-1] + 1 if claims else 0
         key = self._claim_key(rank, number)
-        _require_group(self.root, f"{self.path}/owners")
+        require_groups(self.root, f"{self.path}/owners")
         _store_set_if_absent(self.root.store, key, json.dumps(asdict(me)).encode())
         winner = self._owner(rank, number)
         if winner != me:
@@ -178,11 +185,11 @@ class EpochStaging:
                 f"{self.epoch} at the same moment as this one: give each writer process its own rank"
             )
         for older in claims:  # the owners this claim replaces are gone
-            _store_delete(self.root.store, self._claim_key(rank, older))
+            store_io.delete(self.root.store, self._claim_key(rank, older))
         try:
             self._refuse_closed(rank)  # closed by its owner between the first check and the claim
         except StoreError:
-            _store_delete(self.root.store, key)
+            store_io.delete(self.root.store, key)
             raise
         _LIVE_CLAIMS.add(me.token)
         return PartWriter(self, rank, me, key)
@@ -212,22 +219,22 @@ class EpochStaging:
 
     # -- the seal's side -------------------------------------------------------------------
 
-    def exists(self) -> bool:
-        return self.path in self.root
-
     def parts(self) -> list[StagedPart]:
-        """Every part, by rank; refuses an epoch with a part that was never closed."""
+        """Every part, by rank; refuses an epoch with a part that was never closed (a part
+        whose writer was killed while making it included)."""
         parts = []
         for rank in self._ranks():
-            group = self.root[f"{self.path}/{part_name(rank)}"]
-            if not group.attrs.get("closed"):
+            attrs = self._part_attrs(rank)
+            if not attrs.get("closed"):
                 raise StoreError(
                     f"writer {rank} of epoch {self.epoch} was never closed (it crashed or is still "
                     "running): close every writer before sealing, or rerun the epoch"
                 )
             what = f"the staged rows of writer {rank}, epoch {self.epoch},"
-            parts.append(StagedPart(rank, int(group.attrs["rows"]), CheckedArray(group["ids"], what, self.url),
-                                    CheckedArray(group["encoded"], what, self.url)))
+            path = f"{self.path}/{part_name(rank)}"
+            ids, encoded = (CheckedArray(open_array(self.root, f"{path}/{name}"), what, self.url)
+                            for name in ("ids", "encoded"))
+            parts.append(StagedPart(rank, int(attrs["rows"]), ids, encoded))
         return parts
 
     def remove(self) -> None:
@@ -250,30 +257,26 @@ class EpochStaging:
                         "close or stop that writer first"
                     )
         if rank is None:
-            if self.exists():
-                self.remove()
+            self.remove()
             return
-        part = f"{self.path}/{part_name(rank)}"
-        if part in self.root:
-            del self.root[part]
+        delete_node(self.root, f"{self.path}/{part_name(rank)}")
         for number in self._claims(rank):
-            _store_delete(self.root.store, self._claim_key(rank, number))
+            store_io.delete(self.root.store, self._claim_key(rank, number))
 
     # -- internals ---------------------------------------------------------------------------
 
     def _ranks(self) -> list[int]:
-        """The ranks whose part has arrays (a claim alone has written no rows)."""
-        if not self.exists():
-            return []
-        names = _group_names(self.root[self.path])
-        return sorted(int(name.split("_")[1]) for name in names if name.startswith("writer_"))
+        """The ranks with a part (a claim alone has written no rows)."""
+        matches = (_PART.fullmatch(name) for name in store_io.list_dir(self.root.store, self.path))
+        return sorted(int(m[1]) for m in matches if m)
 
     def _claimed_ranks(self) -> list[int]:
         return [rank for rank, _ in self._all_claims()]
 
     def _part_attrs(self, rank: int) -> dict:
-        path = f"{self.path}/{part_name(rank)}"
-        return dict(self.root[path].attrs) if path in self.root else {}
+        """The attributes of part ``rank`` (owner, closed, rows); {} when there is none."""
+        document = store_io.get(self.root.store, f"{self.path}/{part_name(rank)}/zarr.json")
+        return {} if document is None else json.loads(document).get("attributes", {})
 
     def _claim_key(self, rank: int, number: int) -> str:
         return f"{self.path}/owners/{part_name(rank)}.{number}"
@@ -284,7 +287,7 @@ class EpochStaging:
 
     def _all_claims(self) -> list[tuple[int, int]]:
         """(rank, claim number) of every claim of the epoch."""
-        matches = (_CLAIM.fullmatch(name) for name in _store_list(self.root.store, f"{self.path}/owners"))
+        matches = (_CLAIM.fullmatch(name) for name in store_io.list_dir(self.root.store, f"{self.path}/owners"))
         return [(int(m[1]), int(m[2])) for m in matches if m]
 
     def _owner(self, rank: int, number: int) -> Owner | None:
@@ -309,8 +312,9 @@ class PartWriter:
     def create(self, num_samples: int, width: int, chunk_rows: int, dtype: np.dtype) -> None:
         """Make the part's arrays (replacing what a gone owner left), room for N stored rows
         of ``width`` values each (row_encoding.py)."""
-        epoch = _require_group(self._staging.root, self._staging.path)
-        group = create_group(epoch, part_name(self.rank), attributes={"owner": asdict(self._owner), "closed": False})
+        root = self._staging.root
+        require_groups(root, self._staging.path)
+        group = create_group(root, self._path, attributes={"owner": asdict(self._owner), "closed": False})
         self._group = group
         self._ids = create_array(group, "ids", shape=(num_samples,), chunks=(chunk_rows,), dtype=np.int64,
                                  compressor=None)
@@ -347,52 +351,4 @@ class PartWriter:
         if self._held:
             self._held = False
             _LIVE_CLAIMS.discard(self._owner.token)
-            _store_delete(self._staging.root.store, self._claim_key)
-
-
-def _group_names(group: zarr.Group) -> list[str]:
-    """``group.group_keys()`` without zarr's warning about objects that are no nodes (a
-    `.partial` file a kill left, a claim): expected here, and no concern of the user's."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "Object at .* is not recognized as a component", zarr.errors.ZarrUserWarning)
-        return list(group.group_keys())
-
-
-def _require_group(root: zarr.Group, path: str) -> zarr.Group:
-    """``root.require_group(path)``, also when another process creates it at the same moment."""
-    try:
-        return root.require_group(path)
-    except zarr.errors.ContainsGroupError:
-        return root[path]
-
-
-# -- the store's byte-level API (zarr's stores are asynchronous) --------------------------------
-
-
-def _store_set_if_absent(store: Store, key: str, data: bytes) -> None:
-    """Write ``key`` unless it exists: atomically on a local store (a hard link) and on S3
-    (a conditional PUT); elsewhere zarr's check-then-write (module doc)."""
-    fs = getattr(store, "fs", None)
-    if fs is not None and "s3" in fs.protocol:
-        try:
-            sync(fs._pipe_file(f"{store.path}/{key}", data, mode="create"))
-        except FileExistsError:  # the server refused: another claim is there
-            pass
-        return
-    sync(store.set_if_not_exists(key, default_buffer_prototype().buffer.from_bytes(data)))
-
-
-def _store_get(store: Store, key: str) -> bytes | None:
-    buffer = sync(store.get(key, prototype=default_buffer_prototype()))
-    return None if buffer is None else buffer.to_bytes()
-
-
-def _store_delete(store: Store, key: str) -> None:
-    sync(store.delete(key))
-
-
-def _store_list(store: Store, prefix: str) -> list[str]:
-    async def names() -> list[str]:
-        return [name async for name in store.list_dir(prefix)]
-
-    return sync(names())
+            store_io.delete(self._staging.root.store, self._claim_key)

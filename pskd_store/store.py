@@ -44,10 +44,11 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
+from . import store_io
 from .array_files import ChunkFiles, create_array, create_group, delete_node, set_group_attributes
 from .errors import EpochNotSealedError, StoreDamagedError, StoreError, StoreExistsError, StoreNotFoundError, os_problem
 from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum, stored_digest
-from .local_store import LocalStore, local_root, read_file
+from .local_store import LocalStore
 from .merge import merge_epoch
 from .row_encoding import UNREADABLE_ROWS, RowEncoding, row_encoding
 from .sequences import TokenRows
@@ -423,18 +424,17 @@ class SoftTargetStore:
 
     def refresh(self) -> None:
         """Re-read the attributes, to see epochs sealed by another process."""
-        meta = self._local_attributes()
+        meta = self._root_attributes()
         if meta is None:
             self._group = _open_root(self._group.store, self.url, self.read_only)
             meta = self._group.attrs.get(ATTRS_KEY) or {}
         self._meta = self._checked(meta)
 
-    def _local_attributes(self) -> dict[str, Any] | None:
-        """The attributes read straight from a local store's root document, twice a training
-        epoch (zarr's ``open_group`` costs ten times more); None for another store, or a
-        document that is not the store's, which zarr's open then names."""
-        root = local_root(self._group.store)
-        data = None if root is None else read_file(root / "zarr.json")
+    def _root_attributes(self) -> dict[str, Any] | None:
+        """The attributes read straight from the root document, twice a training epoch
+        (zarr's ``open_group`` costs several times more); None for a document that is not
+        the store's, which zarr's open then names."""
+        data = store_io.get(self._group.store, "zarr.json")
         try:
             document = json.loads(data)
             return document["attributes"][ATTRS_KEY] if document["node_type"] == "group" else None

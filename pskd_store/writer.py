@@ -206,9 +206,9 @@ class PredictionWriter(ClosesOnSuccess):
         A writer that failed gives its part up instead, so that the rank can be rewritten.
         """
         if not self._closed:
+            self._stop()  # the chunks handed over are written first, in order
             if self._current is not None and self._error is None:
-                self._submit()
-            self._stop()
+                self._write_last_chunk()
         if self._error is not None:
             self._part.release()
         self._raise_if_failed()
@@ -239,6 +239,16 @@ class PredictionWriter(ClosesOnSuccess):
         buffer = self._free.get()
         self._raise_if_failed()
         return buffer
+
+    def _write_last_chunk(self) -> None:
+        """The last, partial buffer, written by the thread that closes: it waits for it
+        anyway, and a small epoch's rows all sit in this one buffer, which handing over to
+        the background thread (and torch's thread pool there) made slower."""
+        buffer, self._current = self._current, None
+        try:
+            self._write_chunk(buffer)
+        except BaseException as err:  # reported as the background thread's errors are
+            self._error = err
 
     def _submit(self) -> None:
         buffer, self._current = self._current, None

@@ -11,7 +11,14 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
-from pskd_store.array_files import ChunkFiles, create_array, create_group, delete_node, set_group_attributes
+from pskd_store.array_files import (
+    ChunkFiles,
+    create_array,
+    create_group,
+    delete_node,
+    require_groups,
+    set_group_attributes,
+)
 from pskd_store.integrity import ARRAY_CONFIG, codecs_with_checksum
 
 BLOSC = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
@@ -130,4 +137,21 @@ def test_delete_node_removes_one_member_whole_and_nothing_else(tmp_path, kind):
     np.testing.assert_array_equal(zarr.open_group(store, mode="r")["g/b"][:], np.arange(4))
     with pytest.raises(ValueError, match="not the group itself"):
         delete_node(group, "")
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_require_groups_makes_the_missing_levels_and_leaves_the_others(tmp_path, kind):
+    store = _store(kind, tmp_path)
+    root = zarr.open_group(store, mode="w")
+    root.create_group("a", attributes={"kept": 1})
+    require_groups(root, "a/b/c")
+    require_groups(root, "a/b/c")  # all there: nothing to do
+    require_groups(root, "x/y")
+    reread = zarr.open_group(store, mode="r")
+    assert sorted(reread.group_keys()) == ["a", "x"] and list(reread["x"].group_keys()) == ["y"]
+    assert reread["a"].attrs.asdict() == {"kept": 1}
+    assert isinstance(reread["a/b/c"], zarr.Group) and reread["a/b"].attrs.asdict() == {}
+    if kind == "local":
+        made_by_zarr = (tmp_path / "zarr.json").read_bytes()  # the root, an empty group too
+        assert (tmp_path / "a" / "b" / "zarr.json").read_bytes() == made_by_zarr
 

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -363,7 +362,7 @@ def test_rollback_discards_the_staged_rows_of_later_epochs(store):
 def test_each_chunk_waits_for_the_device_copies_into_it(store, monkeypatch):
     """Logits on an accelerator: every copy into a chunk buffer records an event on the
     current stream of the logits' device, and the background thread waits on exactly the
-    events of that chunk's copies before it reads the chunk. Driven on the CPU: the tensor
+    events of that chunk's copies before it reads the chunk (and close, the last one's). Driven on the CPU: the tensor
     reports device cuda:1, events and streams are stand-ins that log what happens, and
     pinning (which needs a driver) is skipped; the writer's code runs as it is."""
     log = []
@@ -393,8 +392,7 @@ def test_each_chunk_waits_for_the_device_copies_into_it(store, monkeypatch):
     real_numpy, real_zeros = torch.Tensor.numpy, torch.zeros
 
     def numpy(tensor, *args, **kwargs):
-        if threading.current_thread().name.startswith("pskd-writer"):
-            log.append(("read",))
+        log.append(("read",))  # the writer's, on its background thread (the last chunk: on the closing one)
         return real_numpy(tensor, *args, **kwargs)
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
