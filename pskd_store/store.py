@@ -425,9 +425,11 @@ class SoftTargetStore:
     def refresh(self) -> None:
         """Re-read the attributes, to see epochs sealed by another process."""
         meta = self._root_attributes()
-        if meta is None:
+        if meta is None:  # not the document the store wrote: zarr's open names what is wrong with it
             self._group = _open_root(self._group.store, self.url, self.read_only)
-            meta = self._group.attrs.get(ATTRS_KEY) or {}
+            meta = self._group.attrs.get(ATTRS_KEY)
+            if meta is None:
+                raise StoreDamagedError(_root_damaged(self.url, f"its '{ATTRS_KEY}' attributes are gone"))
         self._meta = self._checked(meta)
 
     def _root_attributes(self) -> dict[str, Any] | None:

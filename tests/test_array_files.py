@@ -16,6 +16,7 @@ from pskd_store.array_files import (
     create_array,
     create_group,
     delete_node,
+    open_array,
     require_groups,
     set_group_attributes,
 )
@@ -154,4 +155,29 @@ def test_require_groups_makes_the_missing_levels_and_leaves_the_others(tmp_path,
     if kind == "local":
         made_by_zarr = (tmp_path / "zarr.json").read_bytes()  # the root, an empty group too
         assert (tmp_path / "a" / "b" / "zarr.json").read_bytes() == made_by_zarr
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_open_array_reads_what_zarr_opens_and_refuses_what_is_no_array(tmp_path, kind):
+    store = _store(kind, tmp_path)
+    root = zarr.open_group(store, mode="w")
+    made = create_array(create_group(root, "g"), "x", shape=(6, 2), dtype=np.float16, chunks=(4, 2), compressor=BLOSC)
+    made[:] = np.arange(12).reshape(6, 2)
+    opened = open_array(root, "g/x")
+    assert opened.metadata == root["g/x"].metadata and opened.path == "g/x"
+    np.testing.assert_array_equal(opened[:], np.arange(12).reshape(6, 2))
+    with pytest.raises(KeyError, match="g/missing"):
+        open_array(root, "g/missing")
+    with pytest.raises(ValueError, match="g is not an array"):
+        open_array(root, "g")
+
+
+def test_require_groups_on_an_object_store_accepts_a_group_another_process_just_made(monkeypatch):
+    root = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
+
+    def made_meanwhile(group, path):
+        raise zarr.errors.ContainsGroupError(path)
+
+    monkeypatch.setattr(zarr.Group, "require_group", made_meanwhile)
+    require_groups(root, "a/b")  # what zarr raises when its check and its write straddle another process's
 

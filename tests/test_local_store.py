@@ -60,6 +60,9 @@ def test_get_exists_and_delete_of_small_keys(tmp_path):
     sync(store.delete("a/zarr.json"))
     sync(store.delete("a/zarr.json"))  # a missing key: nothing to do, as zarr's
     assert not (tmp_path / "a" / "zarr.json").exists()
+    sync(store.set("a/b/c", _buffer(b"x")))
+    sync(store.delete("a"))  # a directory: all of it, as zarr's
+    assert not (tmp_path / "a").exists()
 
 
 def test_a_read_only_store_refuses_writes(tmp_path):

@@ -792,3 +792,6 @@ def test_a_store_object_sees_what_another_sealed_and_refuses_a_damaged_root(stor
     root.write_text("{not json")
     with pytest.raises(StoreDamagedError, match=r"root metadata .*zarr.json.* is damaged"):
         other.refresh()
+    root.write_text(json.dumps({**document, "attributes": {}}))  # a zarr group, no longer a store
+    with pytest.raises(StoreDamagedError, match=r"zarr.json\) is damaged \(its 'pskd_store' attributes are gone\)"):
+        other.refresh()
