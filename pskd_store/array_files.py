@@ -28,9 +28,16 @@ from zarr.buffer import default_buffer_prototype
 from zarr.storage import StorePath
 
 from . import store_io
-from .integrity import ARRAY_CONFIG, codecs_with_checksum
 from .local_store import local_root
 from .zarr_sync import sync
+
+ARRAY_CONFIG = {"write_empty_chunks": True}  # every chunk exists: a missing one is damage (integrity.py)
+
+
+def codecs_with_checksum(compressor: zarr.codecs.BloscCodec | None) -> tuple:
+    """The bytes-to-bytes codecs of every array: the compressor, then a crc32c checksum."""
+    return (compressor, zarr.codecs.Crc32cCodec()) if compressor is not None else (zarr.codecs.Crc32cCodec(),)
+
 
 _SHUFFLE = {"noshuffle": numcodecs.Blosc.NOSHUFFLE, "shuffle": numcodecs.Blosc.SHUFFLE,
             "bitshuffle": numcodecs.Blosc.BITSHUFFLE}
@@ -145,14 +152,16 @@ def _free(store: zarr.abc.store.Store, path: str, parent: str) -> bool:
 
 
 class ChunkFiles:
-    """Writes whole chunks (along the first axis) of one array as zarr stores them: the
-    chunk's bytes (zero rows after the values when they do not fill it), Blosc-compressed
-    when the array is, then the crc32c of those bytes, little-endian. The array's constants
-    are looked up once, not per chunk."""
+    """Writes and reads whole chunks (along the first axis) of one array as zarr stores
+    them: the chunk's bytes (zero rows after the values when they do not fill it),
+    Blosc-compressed when the array is, then the crc32c of those bytes, little-endian. The
+    array's constants are looked up once, not per chunk. Refuses any other array."""
 
     def __init__(self, array: zarr.Array):
         codecs = array.metadata.codecs
-        if not isinstance(codecs[-1], zarr.codecs.Crc32cCodec) or len(codecs) > 3:
+        kinds = [codec.to_dict()["name"] for codec in codecs]
+        if (kinds not in (["bytes", "crc32c"], ["bytes", "blosc", "crc32c"])
+                or codecs[0].to_dict().get("configuration", {}).get("endian", "little") != "little"):
             raise ValueError(f"{array.path} is not an array of this store (its codecs: {codecs})")
         self._blosc = None
         if len(codecs) == 3:
@@ -176,7 +185,7 @@ class ChunkFiles:
         if self._blosc is not None:
             data = np.frombuffer(self._blosc.encode(data), dtype=np.uint8)
         checksum = google_crc32c.value(data).to_bytes(4, "little")
-        key = self._prefix + self._encode_key((chunk,) + (0,) * (len(self._shape) - 1))
+        key = self._key(chunk)
         if self._root is None:
             store_io.put(self._store, key, data.tobytes() + checksum)
             return
@@ -194,3 +203,29 @@ class ChunkFiles:
                     rest = rest[os.write(fd, rest):]
         finally:
             os.close(fd)
+
+    def read(self, chunk: int) -> np.ndarray:
+        """Chunk ``chunk`` whole (its padding too), read-only: KeyError when it is missing,
+        ValueError when its bytes do not match their checksum."""
+        key = self._key(chunk)
+        data = store_io.get(self._store, key)
+        if data is None:
+            raise KeyError(key)
+        stored = np.frombuffer(data, dtype=np.uint8)
+        if len(stored) < 4 or google_crc32c.value(stored[:-4]) != int.from_bytes(data[-4:], "little"):
+            raise ValueError(f"{key} does not match its checksum")
+        body = stored[:-4] if self._blosc is None else self._blosc.decode(stored[:-4])
+        return np.frombuffer(body, dtype=self._dtype).reshape(self._shape)
+
+    def read_rows(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``start:stop`` as a new array, read a chunk at a time (what ``array[start:stop]``
+        returns, without zarr's machinery around each chunk)."""
+        rows = self._shape[0]
+        out = np.empty((max(0, stop - start), *self._shape[1:]), dtype=self._dtype)
+        for chunk in range(start // rows, -(-stop // rows)):
+            lo, hi = max(start, chunk * rows), min(stop, (chunk + 1) * rows)
+            out[lo - start:hi - start] = self.read(chunk)[lo - chunk * rows:hi - chunk * rows]
+        return out
+
+    def _key(self, chunk: int) -> str:
+        return self._prefix + self._encode_key((chunk,) + (0,) * (len(self._shape) - 1))

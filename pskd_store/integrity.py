@@ -20,15 +20,11 @@ import zarr
 import zarr.codecs
 
 from . import store_io
+from .array_files import ChunkFiles, open_array
 from .errors import StoreDamagedError
+from .local_store import local_root
 
-ARRAY_CONFIG = {"write_empty_chunks": True}  # every chunk exists: a missing one is damage
 READ_BACK_BATCH = 32  # chunks fetched at once by stored_digest: tens of MiB, parallel requests to an object store
-
-
-def codecs_with_checksum(compressor: zarr.codecs.BloscCodec | None) -> tuple:
-    """The bytes-to-bytes codecs of every array: the compressor, then a crc32c checksum."""
-    return (compressor, zarr.codecs.Crc32cCodec()) if compressor is not None else (zarr.codecs.Crc32cCodec(),)
 
 
 @dataclass(frozen=True)
@@ -51,13 +47,14 @@ class CheckedArray:
         self.what = what
         self.url = url
         self._present: set[int] | None = None
+        self._files = _local_chunk_files(array)
 
     @classmethod
     def open(cls, group: zarr.Group, path: str, what: str, url: str, *, shape: tuple[int, ...],
              dtype: np.dtype, chunk_rows: int | None = None) -> CheckedArray:
         """The array at ``path``, refused unless its metadata is what the store made."""
         try:
-            array = group[path]
+            array = open_array(group, path)
         except Exception as err:  # a deleted or unreadable zarr.json
             raise StoreDamagedError(_message(what, url, f"its array {path} cannot be opened ({_reason(err)})")) from err
         problem = _metadata_problem(array, shape, np.dtype(dtype), chunk_rows)
@@ -89,7 +86,7 @@ class CheckedArray:
                 self.what, self.url, f"rows {_ranges([self._rows(c) for c in missing])} are missing "
                 "(their chunk files were deleted)"))
         try:
-            return self.array[start:stop]
+            return self._files.read_rows(start, stop) if self._files is not None else self.array[start:stop]
         except Exception as err:  # a checksum mismatch, a chunk that does not decode
             damaged = list(self.damaged_chunks(start, stop)) or [DamagedChunk((start, stop), _chunk_problem(err))]
             raise StoreDamagedError(_message(
@@ -135,6 +132,18 @@ class CheckedArray:
     def _rows(self, chunk: int) -> tuple[int, int]:
         rows = self.array.chunks[0]
         return chunk * rows, min(len(self), (chunk + 1) * rows)
+
+
+def _local_chunk_files(array: zarr.Array) -> ChunkFiles | None:
+    """Chunks read straight from their files for an array of this store on a local disk;
+    None elsewhere (zarr fetches an object store's chunks in parallel) and for an array of
+    other codecs (zarr decodes it, and the metadata check names what changed)."""
+    if local_root(array.store) is None:
+        return None
+    try:
+        return ChunkFiles(array)
+    except ValueError:
+        return None
 
 
 def stored_digest(arrays: list[CheckedArray]) -> str:

@@ -45,9 +45,17 @@ import zarr.codecs
 import zarr.storage
 
 from . import store_io
-from .array_files import ChunkFiles, create_array, create_group, delete_node, set_group_attributes
+from .array_files import (
+    ARRAY_CONFIG,
+    ChunkFiles,
+    codecs_with_checksum,
+    create_array,
+    create_group,
+    delete_node,
+    set_group_attributes,
+)
 from .errors import EpochNotSealedError, StoreDamagedError, StoreError, StoreExistsError, StoreNotFoundError, os_problem
-from .integrity import ARRAY_CONFIG, CheckedArray, codecs_with_checksum, stored_digest
+from .integrity import CheckedArray, stored_digest
 from .local_store import LocalStore
 from .merge import merge_epoch
 from .row_encoding import UNREADABLE_ROWS, RowEncoding, row_encoding

@@ -12,7 +12,9 @@ import zarr.codecs
 import zarr.storage
 
 from pskd_store.array_files import (
+    ARRAY_CONFIG,
     ChunkFiles,
+    codecs_with_checksum,
     create_array,
     create_group,
     delete_node,
@@ -20,7 +22,6 @@ from pskd_store.array_files import (
     require_groups,
     set_group_attributes,
 )
-from pskd_store.integrity import ARRAY_CONFIG, codecs_with_checksum
 
 BLOSC = zarr.codecs.BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 KINDS = [  # (shape, chunks, dtype, compressor): every kind the writers and the seal make
@@ -96,9 +97,49 @@ def test_what_is_at_the_path_is_replaced_and_a_missing_parent_is_made(tmp_path):
 
 
 def test_chunk_files_refuse_an_array_of_other_codecs(tmp_path):
-    array = _root(tmp_path).create_array("plain", shape=(4,), dtype=np.int64, chunks=(4,), compressors=None)
-    with pytest.raises(ValueError, match="not an array of this store"):
-        ChunkFiles(array)
+    root = _root(tmp_path)
+    others = [
+        root.create_array("plain", shape=(4,), dtype=np.int64, chunks=(4,), compressors=None),
+        root.create_array("big_endian", shape=(4,), dtype=np.int64, chunks=(4,),
+                          serializer=zarr.codecs.BytesCodec(endian="big"), compressors=codecs_with_checksum(None)),
+        root.create_array("gzip", shape=(4,), dtype=np.int64, chunks=(4,),
+                          compressors=(zarr.codecs.GzipCodec(), zarr.codecs.Crc32cCodec())),
+    ]
+    for array in others:
+        with pytest.raises(ValueError, match="not an array of this store"):
+            ChunkFiles(array)
+
+
+@pytest.mark.parametrize("shape, chunks, dtype, compressor", KINDS)
+def test_chunks_read_back_as_zarr_reads_them(tmp_path, shape, chunks, dtype, compressor):
+    values = _values(shape, dtype, seed=chunks[0])
+    array = _root(tmp_path).create_array("a", shape=shape, chunks=chunks, dtype=dtype,
+                                         compressors=codecs_with_checksum(compressor), config=ARRAY_CONFIG)
+    array[:] = values
+    files = ChunkFiles(array)
+    for start, stop in ((0, shape[0]), (5, 17), (chunks[0] - 3, chunks[0] + 3), (shape[0] - 1, shape[0]), (9, 9)):
+        stop = min(stop, shape[0])  # across a chunk's end where there is one
+        rows = files.read_rows(start, stop)
+        assert rows.dtype == np.dtype(dtype) and rows.flags.writeable
+        np.testing.assert_array_equal(rows, values[start:stop])
+    np.testing.assert_array_equal(files.read(0)[:min(chunks[0], shape[0])], values[:chunks[0]])
+
+
+def test_a_chunk_read_back_is_checked_against_its_checksum(tmp_path):
+    array = _root(tmp_path).create_array("a", shape=(8,), chunks=(4,), dtype=np.int64,
+                                         compressors=codecs_with_checksum(BLOSC), config=ARRAY_CONFIG)
+    array[:] = np.arange(8)
+    chunk = tmp_path / "a" / "c" / "1"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 1
+    chunk.write_bytes(bytes(data))
+    files = ChunkFiles(array)
+    np.testing.assert_array_equal(files.read_rows(0, 4), np.arange(4))  # the other chunk
+    with pytest.raises(ValueError, match="a/c/1 does not match its checksum"):
+        files.read_rows(2, 6)
+    chunk.unlink()
+    with pytest.raises(KeyError, match="a/c/1"):
+        files.read(1)
 
 
 def _store(kind: str, tmp_path: Path) -> zarr.abc.store.Store:
