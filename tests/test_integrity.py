@@ -21,8 +21,9 @@ import zarr
 from conftest import pskd, pskd_in_process
 from store_helpers import epoch_probs, write_epoch
 
+from pskd_store.array_files import ARRAY_CONFIG, codecs_with_checksum
 from pskd_store.errors import StoreDamagedError, StoreError
-from pskd_store.integrity import row_ranges
+from pskd_store.integrity import CheckedArray, row_ranges
 from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from pskd_store.store_keys import epoch_key
@@ -453,3 +454,20 @@ def test_a_top_k_class_id_beyond_k_is_damage_not_an_index_error(tmp_path, labels
         reopen(store).read_epoch(1)
     with pytest.raises(StoreDamagedError, match=r"rows 40-40 name class ids outside \[0, K\)"):
         PredictionService(reopen(store)).prepare(1)
+
+
+@pytest.mark.parametrize("codecs", [None, (zarr.codecs.GzipCodec(), zarr.codecs.Crc32cCodec())], ids=["store's", "other"])
+def test_checked_rows_of_a_local_array_are_what_zarr_reads_whatever_its_codecs(tmp_path, codecs):
+    """Chunks of this store's arrays are read straight from their files; an array of other
+    codecs is left to zarr: the same rows either way, and damage is an error either way."""
+    values = np.arange(90, dtype=np.int64).reshape(30, 3)
+    root = zarr.open_group(tmp_path, mode="w")
+    array = root.create_array("a", shape=values.shape, chunks=(8, 3), dtype=values.dtype, config=ARRAY_CONFIG,
+                              compressors=codecs or codecs_with_checksum(zarr.codecs.BloscCodec(cname="zstd")))
+    array[:] = values
+    checked = CheckedArray(array, "the test array", str(tmp_path))
+    np.testing.assert_array_equal(checked[5:27], values[5:27])
+    flip_byte(tmp_path / "a" / "c" / "1" / "0")
+    with pytest.raises(StoreDamagedError, match=r"the test array .* rows 8-15 do not match their checksum"):
+        checked[5:27]
+
