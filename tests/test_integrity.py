@@ -456,7 +456,8 @@ def test_a_top_k_class_id_beyond_k_is_damage_not_an_index_error(tmp_path, labels
         PredictionService(reopen(store)).prepare(1)
 
 
-@pytest.mark.parametrize("codecs", [None, (zarr.codecs.GzipCodec(), zarr.codecs.Crc32cCodec())], ids=["store's", "other"])
+@pytest.mark.parametrize("codecs", [None, (zarr.codecs.GzipCodec(), zarr.codecs.Crc32cCodec())],
+                         ids=["store's", "other"])
 def test_checked_rows_of_a_local_array_are_what_zarr_reads_whatever_its_codecs(tmp_path, codecs):
     """Chunks of this store's arrays are read straight from their files; an array of other
     codecs is left to zarr: the same rows either way, and damage is an error either way."""
