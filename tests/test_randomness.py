@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import runpy
 import signal
 import subprocess
 import sys
@@ -185,8 +186,7 @@ def test_ranks_draw_their_own_crops_holes_and_streams_from_identical_weights(tmp
     batches has another crop or flip and another Cutout hole, the ranks' own streams
     differ, and the initial weights are the same."""
     torchrun(2, sys.executable, str(RANK_DRAWS), str(tmp_path), "--steps", "3", timeout=120)
-    compared = json.loads(subprocess.run([sys.executable, str(RANK_DRAWS), str(tmp_path), "--compare"],
-                                         check=True, capture_output=True, text=True, timeout=60).stdout)
+    compared = runpy.run_path(str(RANK_DRAWS))["compare"](tmp_path)  # the script's --compare, in this process
     assert compared["steps"] == [3, 3] and compared["rows"] == 24
     assert compared["rows_whose_holes_differ"] >= 20 and compared["rows_whose_crop_or_flip_differ"] >= 20
     assert compared["initial_weights_equal"] and compared["own_streams_differ"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-import subprocess
+import runpy
 import sys
 from pathlib import Path
 
@@ -335,24 +335,25 @@ def test_the_benchmarks_trainer_loop_feeds_a_causal_lm_the_plain_loops_targets()
 
 
 @pytest.mark.slow
-def test_the_sequence_benchmark_runs_both_modes_and_both_loops(tmp_path):
+def test_the_sequence_benchmark_runs_both_modes_and_both_loops(tmp_path, monkeypatch, capsys, torch_state_kept):
+    def benchmark(*args: str) -> dict:  # its command line, in this process: no Python start, no imports
+        monkeypatch.setattr(sys, "argv", [str(BENCHMARK), *args])
+        runpy.run_path(str(BENCHMARK), run_name="__main__")
+        return json.loads(capsys.readouterr().out)
+
     dictionary = dictd_file(tmp_path / "german-english.dict.dz", 300)
     common = ["--dictionary", str(dictionary), "--train-pairs", "96", "--test-pairs", "32", "--epochs", "2",
               "--max-chars", "24", "--threads", "1"]
-    table = json.loads(subprocess.run([sys.executable, str(BENCHMARK), "table", *common], capture_output=True,
-                                      text=True, check=True, timeout=300).stdout)
+    table = benchmark("table", *common)
     assert table["data"]["train_pairs"] == 96 and set(table["mean"]) == {"ce", "pskd_top8"}
     assert table["mean"]["ce"]["n"] == table["data"]["test_target_tokens"]
-    teacher = json.loads(subprocess.run([sys.executable, str(BENCHMARK), "teacher", *common, "--topk", "1", "4"],
-                                        capture_output=True, text=True, check=True, timeout=300).stdout)
-    arms = teacher["arms"]
+    arms = benchmark("teacher", *common, "--topk", "1", "4")["arms"]
     assert set(arms) == {"frozen_copy", "store_top1", "store_top4"}
     assert arms["store_top1"]["rebuilt_l1_to_dense"] > arms["store_top4"]["rebuilt_l1_to_dense"] > 0
     # through Hugging Face's Trainer: epoch 1 has no teacher (alpha 0), so PSKDTrainer's one epoch
     # is the plain Trainer's, batch for batch (same order, same loss)
     common[common.index("--epochs") + 1] = "1"
-    trainer = json.loads(subprocess.run([sys.executable, str(BENCHMARK), "table", "--loop", "trainer", *common],
-                                        capture_output=True, text=True, check=True, timeout=300).stdout)
+    trainer = benchmark("table", "--loop", "trainer", *common)
     assert trainer["mean"]["ce"] == trainer["mean"]["pskd_top8"] and trainer["mean"]["ce"]["nll"] > 0
 
 
