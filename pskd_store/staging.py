@@ -23,11 +23,11 @@ start time (so a reused pid is not taken for the owner), the boot id and the pid
 namespace. An owner on another machine cannot be checked; it is refused, and the message
 names ``discard_staging`` as the fix once that process is known to be gone.
 
-What the claim guarantees depends on the backend. ``LocalStore`` (zarr 3.1) creates a
-claim with a hard link, atomic on POSIX file systems. On S3 (s3fs) a claim is one PUT
-with ``If-None-Match: *``, which the server refuses when the object exists: atomic on AWS
-S3 and on servers that honour conditional writes (MinIO, moto; a server that ignores the
-header falls back to the guarantee below). In both cases two writers racing for one part
+What the claim guarantees depends on the backend. On a local disk a claim is a temporary
+file moved into place with a hard link (store_io.py), atomic on POSIX file systems. On S3
+(s3fs) a claim is one PUT with ``If-None-Match: *``, which the server refuses when the
+object exists: atomic on AWS S3 and on servers that honour conditional writes (MinIO, moto;
+a server that ignores the header falls back to the guarantee below). In both cases two writers racing for one part
 never both win. Other fsspec backends (``gs://``, ``az://``, ``memory://``) get zarr's
 check-then-write, so two writers started within one round trip of each other could both
 believe they won; the read-back catches all but the closest races. A launcher that gives
