@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +30,10 @@ from pathlib import Path
 import numpy as np
 import zarr
 
+from .array_files import ChunkFiles
 from .errors import StoreError
 from .integrity import CheckedArray
+from .local_store import local_root
 from .row_encoding import RowEncoding
 from .staging import StagedPart
 from .store_keys import slice_rows
@@ -181,6 +183,7 @@ def _gather(
     step = slice_rows(out.chunks[0], row_bytes)
     blocks = [np.empty((buckets.rows, num_classes), dtype=out.dtype) for _ in range(min(2, len(buckets)))]
     rows = np.empty((step, num_classes), dtype=out.dtype)
+    write = _block_writer(out)
     pending: Future | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="pskd-seal") as writer:
         for bucket in range(len(buckets)):
@@ -197,9 +200,27 @@ def _gather(
             record.add(lo, encoding.trajectory(block, labels[lo:hi]), labels[lo:hi], buckets.written[lo:hi])
             if pending is not None:
                 pending.result()  # one block is written while the next is built
-            pending = writer.submit(out.__setitem__, slice(lo, hi), block)
+            pending = writer.submit(write, lo, block)
         if pending is not None:
             pending.result()
+
+
+def _block_writer(out: zarr.Array) -> Callable[[int, np.ndarray], None]:
+    """How a block of whole chunks from row ``lo`` is written. By zarr, which compresses a
+    block's chunks in parallel (and sends an object store its chunks in parallel); but a
+    block of one chunk on a local disk — a whole small epoch — by ``ChunkFiles``, with the
+    array's own codecs and one system call: zarr's machinery around that chunk cost more
+    than compressing it (3.8 ms against ~1 ms at 8,000 x 10 rows)."""
+    chunk_rows = out.chunks[0]
+    files = ChunkFiles(out) if local_root(out.store) is not None else None
+
+    def write(lo: int, block: np.ndarray) -> None:
+        if files is not None and len(block) <= chunk_rows:
+            files.write(lo // chunk_rows, block)
+        else:
+            out[lo:lo + len(block)] = block
+
+    return write
 
 
 def _fill_missing(

@@ -795,3 +795,19 @@ def test_a_store_object_sees_what_another_sealed_and_refuses_a_damaged_root(stor
     root.write_text(json.dumps({**document, "attributes": {}}))  # a zarr group, no longer a store
     with pytest.raises(StoreDamagedError, match=r"zarr.json\) is damaged \(its 'pskd_store' attributes are gone\)"):
         other.refresh()
+
+
+def test_a_seal_in_buckets_of_one_chunk_writes_each_chunk_in_its_place(store, monkeypatch):
+    """Blocks of one chunk are written by ChunkFiles (merge._block_writer), the others by
+    zarr: with one chunk a bucket, every chunk of the epoch, the last partial one too, goes
+    the first way, and each lands at its own index."""
+    from pskd_store import merge
+
+    monkeypatch.setattr(merge, "BUCKET_BYTES", CHUNK_ROWS * K * 2)
+    first = write_epoch(store, 1)
+    ids = np.random.default_rng(5).permutation(N)[:200]  # the other 100 carry epoch 1's rows
+    second = write_epoch(store, 2, ids=ids)
+    expected = first.astype(np.float16)
+    expected[ids] = second[ids].astype(np.float16)
+    np.testing.assert_array_equal(store.read_epoch(2), expected)
+    assert store.epoch_info(2)["carried_forward"] == 100
