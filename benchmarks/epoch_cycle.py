@@ -1,0 +1,131 @@
+"""The store's fixed cost per epoch, without training around it; prints JSON.
+
+Each epoch: ``set_epoch`` of a SoftTargetDataset (decoding last epoch's teacher into the
+memory map), a writer made (its part claimed and made), ``batches`` writes of random
+logits, the writer closed, the epoch sealed. Reported per phase, median over the epochs
+after the first two: milliseconds, and the calls made through zarr's synchronous API
+(each a round trip through zarr's event-loop thread, counted at
+``asyncio.run_coroutine_threadsafe``). The baseline, measured in the same run: writing the
+epoch's rows as one ``.npy`` file and reading it back, what the bytes alone cost on this
+disk; ``fixed_over_baseline`` is the cycle's time without its writes over it.
+
+    python benchmarks/epoch_cycle.py                       # N = 8,000, K = 10: train_overhead's epoch
+    python benchmarks/epoch_cycle.py --samples 50000 --classes 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from pskd_store.dataset import SoftTargetDataset
+from pskd_store.store import SoftTargetStore
+
+PHASES = ("set_epoch", "writer_open", "write", "writer_close", "seal")
+
+
+class _RoundTrips:
+    """Counts coroutines handed to another thread's event loop (zarr's ``sync`` does this)."""
+
+    def __init__(self):
+        self.count = 0
+        self._real = asyncio.run_coroutine_threadsafe
+
+    def __enter__(self):
+        def counted(coroutine, loop):
+            self.count += 1
+            return self._real(coroutine, loop)
+
+        asyncio.run_coroutine_threadsafe = counted
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe = self._real
+
+
+def cycle(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
+    labels = np.random.default_rng(0).integers(0, args.classes, args.samples)
+    store = SoftTargetStore.create(root / "store", labels, args.classes)
+    data = SoftTargetDataset(TensorDataset(torch.zeros(args.samples, 1), torch.from_numpy(labels)), store,
+                             0.8, args.epochs)
+    times: dict[str, list[float]] = {phase: [] for phase in PHASES}
+    trips: dict[str, list[int]] = {phase: [] for phase in PHASES}
+    logits = torch.randn(args.samples, args.classes)
+    with _RoundTrips() as counter:
+        for epoch in range(1, args.epochs + 1):
+            order = torch.randperm(args.samples)
+            writer = None
+
+            def run(phase: str, step) -> None:
+                before, started = counter.count, time.perf_counter()
+                step()
+                if epoch > 2:
+                    times[phase].append(time.perf_counter() - started)
+                    trips[phase].append(counter.count - before)
+
+            def write() -> None:
+                for lo in range(0, args.samples, args.batch_size):
+                    ids = order[lo:lo + args.batch_size]
+                    writer.write(ids, logits[ids])
+
+            def open_writer() -> None:
+                nonlocal writer
+                writer = store.writer(epoch)
+
+            run("set_epoch", lambda: data.set_epoch(epoch))
+            run("writer_open", open_writer)
+            run("write", write)
+            run("writer_close", lambda: writer.close())
+            run("seal", lambda: store.seal(epoch))
+    return {"ms": {phase: 1000 * statistics.median(values) for phase, values in times.items()},
+            "zarr_round_trips": {phase: statistics.median(values) for phase, values in trips.items()}}
+
+
+def baseline_ms(args: argparse.Namespace, root: Path) -> float:
+    """An epoch's rows (float16) written as one .npy file and read back: the bytes alone."""
+    rows = np.random.default_rng(1).random((args.samples, args.classes)).astype(np.float16)
+    spent = []
+    for epoch in range(args.epochs):
+        path = root / f"baseline-{epoch}.npy"
+        started = time.perf_counter()
+        np.save(path, rows)
+        np.load(path)
+        spent.append(time.perf_counter() - started)
+    return 1000 * statistics.median(spent[2:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=8000)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=20, help="epochs 3.. are reported")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = cycle(args, Path(tmp))
+        baseline = baseline_ms(args, Path(tmp))
+    fixed = sum(ms for phase, ms in measured["ms"].items() if phase != "write")
+    print(json.dumps({
+        "benchmark": "epoch_cycle",
+        "machine": {"platform": platform.platform(), "torch": torch.__version__},
+        "config": vars(args),
+        **measured,
+        "fixed_ms": fixed,
+        "zarr_round_trips_per_epoch": sum(measured["zarr_round_trips"].values()),
+        "baseline_npy_write_read_ms": baseline,
+        "fixed_over_baseline": fixed / baseline,
+    }, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""benchmarks/epoch_cycle.py: the store's cycle of an epoch without training, and how few
+calls a local store still makes through zarr's event loop (each a round trip between
+threads that cost more than the file operation it carried)."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "epoch_cycle.py"
+
+
+def test_an_epoch_on_a_local_store_makes_few_round_trips_through_zarr(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--samples", "300", "--classes", "7", "--epochs", "4"])
+    runpy.run_path(str(SCRIPT), run_name="__main__")
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["ms"]) == set(report["zarr_round_trips"]) == {
+        "set_epoch", "writer_open", "write", "writer_close", "seal"}
+    assert report["fixed_ms"] > 0 and report["baseline_npy_write_read_ms"] > 0
+    trips = report["zarr_round_trips"]
+    assert trips["write"] == trips["writer_open"] == trips["writer_close"] == 0
+    assert report["zarr_round_trips_per_epoch"] <= 1  # the seal's nbytes_stored (59 before store_io.py)
