@@ -811,3 +811,15 @@ def test_a_seal_in_buckets_of_one_chunk_writes_each_chunk_in_its_place(store, mo
     expected[ids] = second[ids].astype(np.float16)
     np.testing.assert_array_equal(store.read_epoch(2), expected)
     assert store.epoch_info(2)["carried_forward"] == 100
+
+
+def test_a_part_killed_while_it_was_made_stops_the_seal(store):
+    """A writer killed between making its part's directory and writing its document leaves a
+    part with no document: the seal refuses the epoch as unclosed, not seals it without it."""
+    write_epoch(store, 1, seal=False)
+    (Path(store.url) / "staging" / "epoch_0001" / "writer_0001").mkdir()
+    with pytest.raises(StoreError, match="writer 1 of epoch 1 was never closed"):
+        store.seal(1)
+    store.discard_staging(1, rank=1)
+    store.seal(1)
+    assert store.sealed_epochs == [1]
