@@ -87,6 +87,19 @@ def open_array(group: zarr.Group, path: str) -> zarr.Array:
     return zarr.Array(zarr.AsyncArray.from_dict(StorePath(group.store, full), metadata))
 
 
+def group_attributes(store: zarr.abc.store.Store, path: str) -> dict | None:
+    """The attributes of the group at ``path`` ("" is the root), read with one store call;
+    None when there is no group document there. ValueError when it is not JSON."""
+    document = store_io.get(store, _document_key(path))
+    if document is None:
+        return None
+    metadata = json.loads(document)
+    if not isinstance(metadata, dict) or metadata.get("node_type") != "group":
+        return None
+    attributes = metadata.get("attributes", {})
+    return attributes if isinstance(attributes, dict) else None
+
+
 def require_groups(group: zarr.Group, path: str) -> None:
     """``group.require_group(path)``: every group along ``path`` exists afterwards, also
     when another process makes it at the same moment. On a local disk a missing group is
@@ -143,7 +156,7 @@ def _free(store: zarr.abc.store.Store, path: str, parent: str) -> bool:
     """Nothing at ``path`` and a group document at ``parent``."""
     root = local_root(store)
     if root is not None:
-        return not (root / path).exists() and (not parent or (root / parent / "zarr.json").is_file())
+        return not (root / path).exists() and (not parent or (root / _document_key(parent)).is_file())
 
     async def free() -> bool:
         return await store.is_empty(f"{path}/") and (not parent or await store.exists(f"{parent}/zarr.json"))

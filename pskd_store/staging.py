@@ -27,8 +27,8 @@ What the claim guarantees depends on the backend. On a local disk a claim is a t
 file moved into place with a hard link (store_io.py), atomic on POSIX file systems. On S3
 (s3fs) a claim is one PUT with ``If-None-Match: *``, which the server refuses when the
 object exists: atomic on AWS S3 and on servers that honour conditional writes (MinIO, moto;
-a server that ignores the header falls back to the guarantee below). In both cases two writers racing for one part
-never both win. Other fsspec backends (``gs://``, ``az://``, ``memory://``) get zarr's
+a server that ignores the header falls back to the guarantee below). In both cases two
+writers racing for one part never both win. Other fsspec backends (``gs://``, ``az://``, ``memory://``) get zarr's
 check-then-write, so two writers started within one round trip of each other could both
 believe they won; the read-back catches all but the closest races. A launcher that gives
 every process its own rank never races.
@@ -53,6 +53,7 @@ from .array_files import (
     create_array,
     create_group,
     delete_node,
+    group_attributes,
     open_array,
     require_groups,
     set_group_attributes,
@@ -275,8 +276,7 @@ class EpochStaging:
 
     def _part_attrs(self, rank: int) -> dict:
         """The attributes of part ``rank`` (owner, closed, rows); {} when there is none."""
-        document = store_io.get(self.root.store, f"{self.path}/{part_name(rank)}/zarr.json")
-        return {} if document is None else json.loads(document).get("attributes", {})
+        return group_attributes(self.root.store, f"{self.path}/{part_name(rank)}") or {}
 
     def _claim_key(self, rank: int, number: int) -> str:
         return f"{self.path}/owners/{part_name(rank)}.{number}"

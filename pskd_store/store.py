@@ -44,7 +44,6 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
-from . import store_io
 from .array_files import (
     ARRAY_CONFIG,
     ChunkFiles,
@@ -52,6 +51,7 @@ from .array_files import (
     create_array,
     create_group,
     delete_node,
+    group_attributes,
     set_group_attributes,
 )
 from .errors import EpochNotSealedError, StoreDamagedError, StoreError, StoreExistsError, StoreNotFoundError, os_problem
@@ -444,12 +444,11 @@ class SoftTargetStore:
         """The attributes read straight from the root document, twice a training epoch
         (zarr's ``open_group`` costs several times more); None for a document that is not
         the store's, which zarr's open then names."""
-        data = store_io.get(self._group.store, "zarr.json")
         try:
-            document = json.loads(data)
-            return document["attributes"][ATTRS_KEY] if document["node_type"] == "group" else None
-        except (TypeError, ValueError, KeyError):
+            attributes = group_attributes(self._group.store, "")
+        except ValueError:  # not JSON
             return None
+        return None if attributes is None else attributes.get(ATTRS_KEY)
 
     def _checked(self, meta: dict[str, Any]) -> dict[str, Any]:
         """The store's attributes, refused when they fail their checksum (stores made
@@ -516,7 +515,7 @@ class SoftTargetStore:
 
     def _teacher(self, epoch: int) -> CheckedArray:
         return CheckedArray.open(
-            self._group, f"teacher/{epoch_key(epoch)}", f"the teacher of epoch {epoch}", self.url,
+            self._group, f"teacher/{epoch_key(epoch)}", self._teacher_what(epoch), self.url,
             shape=(self.num_samples, self.encoding.width), dtype=self.encoding.stored_dtype, chunk_rows=self.chunk_rows,
         )
 
@@ -530,6 +529,10 @@ class SoftTargetStore:
             self._group, f"trajectory/{epoch_key(epoch)}/{field}", self._trajectory_what(epoch, field),
             self.url, shape=(self._trajectory_rows,), dtype=self.trajectory_fields[field],
         )
+
+    @staticmethod
+    def _teacher_what(epoch: int) -> str:
+        return f"the teacher of epoch {epoch}"
 
     @staticmethod
     def _trajectory_what(epoch: int, field: str) -> str:
@@ -698,7 +701,7 @@ class SoftTargetStore:
         trajectory = self._write_trajectory(epoch, merged.trajectory)
         # every chunk read back as stored before the epoch is published: a chunk lost or
         # damaged while sealing (an object store's, say) stops the seal, not the next epoch
-        digests = {"teacher": stored_digest([CheckedArray(teacher, f"the teacher of epoch {epoch}", self.url)]),
+        digests = {"teacher": stored_digest([CheckedArray(teacher, self._teacher_what(epoch), self.url)]),
                    "trajectory": stored_digest(trajectory)}
         info = {
             "seal_token": new_seal_token(),

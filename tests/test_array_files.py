@@ -18,6 +18,7 @@ from pskd_store.array_files import (
     create_array,
     create_group,
     delete_node,
+    group_attributes,
     open_array,
     require_groups,
     set_group_attributes,
@@ -221,4 +222,19 @@ def test_require_groups_on_an_object_store_accepts_a_group_another_process_just_
 
     monkeypatch.setattr(zarr.Group, "require_group", made_meanwhile)
     require_groups(root, "a/b")  # what zarr raises when its check and its write straddle another process's
+
+
+@pytest.mark.parametrize("kind", ["local", "memory"])
+def test_group_attributes_are_read_from_a_group_document_only(tmp_path, kind):
+    store = _store(kind, tmp_path)
+    root = zarr.open_group(store, mode="w", attributes={"r": 1})
+    create_array(create_group(root, "g", attributes={"a": [1, 2]}), "x", shape=(4,), dtype=np.int64, chunks=(4,),
+                 compressor=None)
+    assert group_attributes(store, "") == {"r": 1} and group_attributes(store, "g") == {"a": [1, 2]}
+    assert group_attributes(store, "g/x") is None  # an array's document
+    assert group_attributes(store, "missing") is None
+    if kind == "local":
+        (tmp_path / "g" / "zarr.json").write_text("{not json")
+        with pytest.raises(ValueError):
+            group_attributes(store, "g")
 
