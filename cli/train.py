@@ -29,16 +29,15 @@ from .logs import setup_logging
 
 def _models_epilog() -> str:
     by_kind: dict[str, list[str]] = {}
-    for name in available_models():
+    for name in available_models(torchvision=False):  # torchvision's import would slow every command
         by_kind.setdefault(input_kind(name), []).append(name)
-    tv = by_kind.get("224x224", [])
     return "\n".join([
         "\b",
         "Architectures (--arch):",
         f"  32x32 (CIFAR):    {', '.join(by_kind.get('32x32', []))}",
         f"  1-D (MNIST-1D):   {', '.join(by_kind.get('mnist1d', []))}",
         f"  28x28 (Fashion-MNIST): {', '.join(by_kind.get('28x28', []))}",
-        f"  224x224 (ImageNet, folder): torchvision's {len(tv)} classifiers as tv_<name>,",
+        "  224x224 (ImageNet, folder): every torchvision classifier as tv_<name>,",
         "                    e.g. tv_resnet152 (the paper's), tv_resnet50, tv_vit_b_16",
         "\b",
         "Defaults per data set (override any with its option):",

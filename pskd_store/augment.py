@@ -25,7 +25,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.transforms import v2
 
 from .seeding import STEP, draw_seed
 
@@ -72,7 +71,11 @@ class BatchAugment:
         self.cutmix_prob = cutmix_prob
         self.seed = seed
         self.rank = rank
-        self._cutmix = v2.CutMix(num_classes=num_classes, alpha=CUTMIX_BETA)
+        self._cutmix = None
+        if kind == "cutmix":  # torchvision takes seconds to import: only CutMix needs it
+            from torchvision.transforms import v2
+
+            self._cutmix = v2.CutMix(num_classes=num_classes, alpha=CUTMIX_BETA)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def __call__(self, inputs: Tensor, targets: Tensor, labels: Tensor, partners: Tensor | None = None, *,

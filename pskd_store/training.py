@@ -70,7 +70,8 @@ def configure_determinism(deterministic: bool) -> None:
     torch.backends.cudnn.deterministic = deterministic
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
-    torch.use_deterministic_algorithms(deterministic)
+    if deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports inductor: 1 s
+        torch.use_deterministic_algorithms(deterministic)
 
 
 @dataclass

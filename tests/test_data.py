@@ -12,7 +12,9 @@ import torchvision.transforms as T
 from torch.utils.data import TensorDataset
 
 import pskd_store.data as data
-from pskd_store.data import DATASETS, Lighting, build_datasets, labels_of
+import pskd_store.image_data as image_data
+from pskd_store.data import DATASETS, build_datasets, labels_of
+from pskd_store.image_data import Lighting
 from pskd_store.recipe import TrainConfig
 
 
@@ -234,7 +236,7 @@ def test_labels_of_falls_back_to_items():
 def test_fashion_mnist_is_unpacked_from_the_system_copy_and_read_by_torchvision(tmp_path, fashion_mnist_gz):
     import gzip
 
-    from pskd_store.data import _load_fashion_mnist
+    from pskd_store.image_data import _load_fashion_mnist
 
     root = tmp_path / "data"
     train = _load_fashion_mnist(root, train=True, transform=None, download=False, system_copy=fashion_mnist_gz)
@@ -251,20 +253,20 @@ def test_fashion_mnist_is_unpacked_from_the_system_copy_and_read_by_torchvision(
 
 
 def test_fashion_mnist_splits_and_a_clear_error_when_missing(tmp_path, fashion_mnist_gz, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", fashion_mnist_gz)  # where the package would be
+    monkeypatch.setattr(image_data, "DEBIAN_FASHION_MNIST", fashion_mnist_gz)  # where the package would be
     splits = data.build_datasets("fashionmnist", tmp_path / "data", val_split=0.25, download=False)
     assert splits.input_kind == "28x28" and splits.num_classes == 10
     assert len(splits.train) == 90 and len(splits.val) == 30 and len(splits.test) == 40
     image, label = splits.train[0]
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
+    monkeypatch.setattr(image_data, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
     with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
         data.build_datasets("fashionmnist", tmp_path / "empty", download=False)
 
 
 def test_a_train_subset_is_balanced_the_same_for_every_seed_and_split_after(tmp_path, fashion_mnist_gz,
                                                                            monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", fashion_mnist_gz)  # 120 train images, 12 per class
+    monkeypatch.setattr(image_data, "DEBIAN_FASHION_MNIST", fashion_mnist_gz)  # 120 train images, 12 per class
     whole = data.build_datasets("fashionmnist", tmp_path / "data", download=False)
     subset = data.build_datasets("fashionmnist", tmp_path / "data", download=False, train_subset=60)
     assert np.bincount(subset.train_labels).tolist() == [6] * 10
@@ -289,7 +291,7 @@ def test_no_crop_flip_trains_on_the_images_as_the_evaluation_sees_them(tmp_path,
     from pskd_store.run_directory import RunDirectory
     from pskd_store.training import build_run
 
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", fashion_mnist_gz)
+    monkeypatch.setattr(image_data, "DEBIAN_FASHION_MNIST", fashion_mnist_gz)
     runs = {}
     for crop_flip in (True, False):
         config = TrainConfig(dataset="fashionmnist", data_dir=str(tmp_path / "data"), download=False,
@@ -298,7 +300,7 @@ def test_no_crop_flip_trains_on_the_images_as_the_evaluation_sees_them(tmp_path,
                                     torch.device("cpu"))
         runs[crop_flip].train_data.set_epoch(1)
     images = runs[False].splits.train.data[:20].float() / 255
-    expected = (images.unsqueeze(1) - data._FASHION_MEAN[0]) / data._FASHION_STD[0]
+    expected = (images.unsqueeze(1) - image_data._FASHION_MEAN[0]) / image_data._FASHION_STD[0]
     plain = torch.stack([runs[False].train_data[i][0] for i in range(20)])
     torch.testing.assert_close(plain, expected, rtol=0, atol=1e-6)
     augmented = torch.stack([runs[True].train_data[i][0] for i in range(20)])
@@ -318,3 +320,27 @@ def test_a_runs_data_follow_its_img_size(imagefolder_dir, tmp_path):
     run.train_data.set_epoch(1)
     assert run.train_data[0][0].shape == (3, 32, 32)
     assert next(iter(run.test_loader))[0].shape[1:] == (3, 32, 32)
+
+
+def test_the_offline_default_never_imports_torchvision(data_dir) -> None:
+    """torchvision takes seconds to import (torch._dynamo with it): a MNIST-1D run, the
+    train command's --help and Cutout need none of it; a tv_ model and CutMix load it."""
+    script = f"""
+import sys
+import torch
+from pskd_store.augment import BatchAugment
+from pskd_store.cli.train import train_command
+from pskd_store.data import build_datasets
+from pskd_store.models import create_model, input_kind
+build_datasets("mnist1d", {str(data_dir)!r})
+create_model("mnist1d_mlp", 10)
+assert input_kind("preact_resnet18") == "32x32"
+BatchAugment("cutout", 10)(torch.zeros(2, 1, 40), torch.zeros(2, dtype=torch.long), torch.zeros(2, dtype=torch.long),
+                           epoch=1, step=0)
+assert "torchvision" not in sys.modules, "imported torchvision"
+BatchAugment("cutmix", 10)
+assert "torchvision" in sys.modules
+assert input_kind("tv_resnet18") == "224x224"
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr

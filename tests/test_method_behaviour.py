@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import write_idx_gz
 
-from pskd_store.data import _load_fashion_mnist
+from pskd_store.image_data import _load_fashion_mnist
 from pskd_store.recipe import TrainConfig
 from pskd_store.training import train
 

@@ -343,7 +343,7 @@ def test_googlenet_and_inception_train_without_auxiliary_heads() -> None:
 
 
 def test_module_reprs_name_their_settings() -> None:
-    from pskd_store.data import Lighting
+    from pskd_store.image_data import Lighting
     from pskd_store.models.cifar import ShakeDrop
 
     assert repr(ShakeDrop(0.25)) == "ShakeDrop(p_drop=0.2500)"

@@ -24,8 +24,8 @@ from test_distributed import torchrun
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 
-from pskd_store.data import _load_fashion_mnist
 from pskd_store.dataset import SoftTargetDataset
+from pskd_store.image_data import _load_fashion_mnist
 from pskd_store.sampler import ClassPairBatchSampler
 from pskd_store.seeding import Draw
 from pskd_store.store import SoftTargetStore

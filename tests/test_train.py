@@ -368,7 +368,7 @@ def test_each_epoch_sees_a_new_sample_order_that_a_rerun_repeats(tmp_path, data_
 @pytest.mark.parametrize("method", ["tfkd", "cskd"])
 @pytest.mark.slow
 def test_fashion_mnist_with_self_distillation_and_cutmix_end_to_end(tmp_path, fashion_mnist_gz, method):
-    from pskd_store.data import _load_fashion_mnist
+    from pskd_store.image_data import _load_fashion_mnist
 
     data = tmp_path / "data"  # the idx files unpacked where torchvision looks: FashionMNIST/raw/
     _load_fashion_mnist(data, train=True, transform=None, download=False, system_copy=fashion_mnist_gz)

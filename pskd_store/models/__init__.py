@@ -56,11 +56,18 @@ class _Entry:
 
 
 @functools.cache
-def _registry() -> dict[str, _Entry]:
+def _own_models() -> dict[str, _Entry]:
     # Grouped by family, in the order a listing should show them.
     entries = {name: _Entry(build, "32x32", summary) for name, (build, summary) in CIFAR_MODELS.items()}
     entries.update({name: _Entry(build, "mnist1d", summary) for name, (build, summary) in MNIST1D_MODELS.items()})
     entries.update({name: _Entry(build, "28x28", summary) for name, (build, summary) in IMAGE28_MODELS.items()})
+    return entries
+
+
+@functools.cache
+def _registry() -> dict[str, _Entry]:
+    """Every model: this package's, then torchvision's (which imports torchvision)."""
+    entries = dict(_own_models())
     for name in torchvision_classifiers():
         build = functools.partial(create_torchvision_model, name)
         entries[TORCHVISION_PREFIX + name] = _Entry(build, "224x224", f"torchvision {name}")
@@ -68,6 +75,8 @@ def _registry() -> dict[str, _Entry]:
 
 
 def _lookup(name: str) -> _Entry:
+    if name in _own_models():  # without importing torchvision
+        return _own_models()[name]
     registry = _registry()
     try:
         return registry[name]
@@ -94,12 +103,13 @@ def create_model(name: str, num_classes: int) -> nn.Module:
     return _lookup(name).build(num_classes)
 
 
-def available_models() -> dict[str, str]:
+def available_models(*, torchvision: bool = True) -> dict[str, str]:
     """Every registered name mapped to a one-line description that starts with its input kind.
 
-    Ordered by family: 32x32, then MNIST-1D, then torchvision (alphabetical).
+    Ordered by family: 32x32, then MNIST-1D, then torchvision (alphabetical); without
+    ``torchvision`` (which takes seconds to import) this package's models only.
     """
-    return {name: entry.description for name, entry in _registry().items()}
+    return {name: entry.description for name, entry in (_registry() if torchvision else _own_models()).items()}
 
 
 def input_kind(name: str) -> str:
