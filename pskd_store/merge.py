@@ -13,6 +13,9 @@ order. An ImageNet epoch (1.28M x 1000 float16) is 2.6 GB, so the merge never ho
    one-hot label; derive the trajectory tier; hand the block to zarr, which compresses and
    writes its chunks on its own threads while the next bucket is gathered.
 
+An epoch of one bucket (up to 64 MiB of rows: CIFAR's, say) skips the scratch file: its
+winning rows go straight into the block, which is then completed and written as in step 3.
+
 Peak memory is a few buckets (a few hundred MiB) plus 40 bytes per sample; the scratch file
 takes at most one uncompressed epoch of disk, and its pages are page cache, not the
 process's memory. It is unlinked on creation, so even a killed seal leaves nothing behind.
@@ -20,9 +23,10 @@ process's memory. It is unlinked on creation, so even a killed seal leaves nothi
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,18 +71,28 @@ def merge_epoch(
     ``encoding`` says what a row holds (row_encoding.py); ``record`` accumulates the
     epoch's trajectory tier (trajectory.py).
     """
+    scratch_dir = Path(scratch_dir if scratch_dir is not None else tempfile.gettempdir())
+    if not scratch_dir.is_dir():  # refused even by an epoch that needs no scratch file
+        raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(scratch_dir))
     num_samples = out.shape[0]
     ids = [_read_ids(part, num_samples) for part in parts]
     last = _last_writes(ids, num_samples)
     buckets = _Buckets(last >= 0, _bucket_rows(out))
-    scratch_dir = scratch_dir if scratch_dir is not None else tempfile.gettempdir()
-    with tempfile.TemporaryFile(dir=scratch_dir, prefix="pskd-seal-") as scratch:
-        try:
-            _scatter(parts, ids, last, buckets, scratch.fileno(), out.chunks[0])
-        except OSError as err:  # names the scratch file's directory: a write to a file carries no name
-            raise OSError(err.errno, f"{err.strerror}, writing the seal's scratch file (pass another "
-                                     "scratch_dir)", str(scratch_dir)) from err
-        _gather(out, buckets, scratch.fileno(), previous, labels, encoding, record)
+    winning = _winning_rows(parts, ids, last, out.chunks[0])
+    if len(buckets) == 1:  # the whole epoch is one block: no scratch file, no threads
+        block = np.empty(out.shape, dtype=out.dtype)
+        for row_ids, rows in winning:
+            block[row_ids] = rows
+        _complete(block, 0, buckets, previous, labels, encoding, record, slice_rows(out.chunks[0], block[0].nbytes))
+        _block_writer(out)(0, block)
+    else:
+        with tempfile.TemporaryFile(dir=scratch_dir, prefix="pskd-seal-") as scratch:
+            try:
+                _scatter(winning, buckets, scratch.fileno())
+            except OSError as err:  # names the scratch file's directory: a write to a file carries no name
+                raise OSError(err.errno, f"{err.strerror}, writing the seal's scratch file (pass another "
+                                         "scratch_dir)", str(scratch_dir)) from err
+            _gather(out, buckets, scratch.fileno(), previous, labels, encoding, record)
     written = int(buckets.written.sum())
     return Merged(sum(len(i) for i in ids), written, num_samples - written, record.result())
 
@@ -125,41 +139,43 @@ class _Buckets:
         return bucket * self.rows, min(len(self.written), (bucket + 1) * self.rows)
 
 
-def _scatter(
-    parts: Sequence[StagedPart], ids: list[np.ndarray], last: np.ndarray, buckets: _Buckets, fd: int, chunk_rows: int
-) -> None:
+def _winning_rows(
+    parts: Sequence[StagedPart], ids: list[np.ndarray], last: np.ndarray, chunk_rows: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, rows) of the writes that win, in id order, a slice of a part at a time."""
+    start = 0
+    for part, part_ids in zip(parts, ids):
+        step = slice_rows(chunk_rows, part.encoded.shape[1] * part.encoded.dtype.itemsize)
+        for lo in range(0, part.rows, step):
+            hi = min(part.rows, lo + step)
+            slice_ids = part_ids[lo:hi]
+            winners = np.flatnonzero(last[slice_ids] == np.arange(start + lo, start + hi))
+            if len(winners):
+                winners = winners[np.argsort(slice_ids[winners], kind="stable")]
+                yield slice_ids[winners], part.encoded[lo:hi].take(winners, axis=0)
+        start += part.rows
+
+
+def _scatter(winning: Iterator[tuple[np.ndarray, np.ndarray]], buckets: _Buckets, fd: int) -> None:
     """Append every winning row to its bucket's region of the scratch file.
 
     A thread writes one slice's rows while the next slice is read (at most two in memory).
     """
-    start = 0
     pending: Future | None = None
     with ThreadPoolExecutor(1, thread_name_prefix="pskd-seal") as writer:
-        for part, part_ids in zip(parts, ids):
-            row_bytes = part.encoded.shape[1] * part.encoded.dtype.itemsize
-            step = slice_rows(chunk_rows, row_bytes)
-            for lo in range(0, part.rows, step):
-                hi = min(part.rows, lo + step)
-                slice_ids = part_ids[lo:hi]
-                winners = np.flatnonzero(last[slice_ids] == np.arange(start + lo, start + hi))
-                if not len(winners):
-                    continue
-                winners = winners[np.argsort(slice_ids[winners], kind="stable")]
-                rows = part.encoded[lo:hi].take(winners, axis=0)
-                row_ids = slice_ids[winners]
-                bucket_of = row_ids // buckets.rows
-                edges = np.flatnonzero(np.diff(bucket_of)) + 1
-                runs = []  # (scratch row, first, end): one contiguous write per bucket
-                for first, end in zip(np.concatenate([[0], edges]), np.concatenate([edges, [len(row_ids)]])):
-                    bucket = bucket_of[first]
-                    at = buckets.filled[bucket]
-                    buckets.ids[at:at + end - first] = row_ids[first:end]
-                    buckets.filled[bucket] += end - first
-                    runs.append((at, first, end))
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(_write_runs, fd, rows, runs, row_bytes)
-            start += part.rows
+        for row_ids, rows in winning:
+            bucket_of = row_ids // buckets.rows
+            edges = np.flatnonzero(np.diff(bucket_of)) + 1
+            runs = []  # (scratch row, first, end): one contiguous write per bucket
+            for first, end in zip(np.concatenate([[0], edges]), np.concatenate([edges, [len(row_ids)]])):
+                bucket = bucket_of[first]
+                at = buckets.filled[bucket]
+                buckets.ids[at:at + end - first] = row_ids[first:end]
+                buckets.filled[bucket] += end - first
+                runs.append((at, first, end))
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(_write_runs, fd, rows, runs, rows[0].nbytes)
         if pending is not None:
             pending.result()
 
@@ -194,15 +210,25 @@ def _gather(
                 piece = rows[:min(step, end - at)]
                 _pread(fd, piece, at * row_bytes)
                 block[buckets.ids[at:at + len(piece)] - lo] = piece
-            missing = np.flatnonzero(~buckets.written[lo:hi])
-            if len(missing):
-                _fill_missing(block, missing, lo, previous, labels, encoding, step)
-            record.add(lo, encoding.trajectory(block, labels[lo:hi]), labels[lo:hi], buckets.written[lo:hi])
+            _complete(block, lo, buckets, previous, labels, encoding, record, step)
             if pending is not None:
                 pending.result()  # one block is written while the next is built
             pending = writer.submit(write, lo, block)
         if pending is not None:
             pending.result()
+
+
+def _complete(
+    block: np.ndarray, lo: int, buckets: _Buckets, previous: CheckedArray | None, labels: np.ndarray,
+    encoding: RowEncoding, record: RowTrajectory | SequenceTrajectory, step: int,
+) -> None:
+    """Fill the rows of a block (rows ``lo`` on) that were never written, and add the block
+    to the epoch's trajectory ``record``."""
+    hi = lo + len(block)
+    missing = np.flatnonzero(~buckets.written[lo:hi])
+    if len(missing):
+        _fill_missing(block, missing, lo, previous, labels, encoding, step)
+    record.add(lo, encoding.trajectory(block, labels[lo:hi]), labels[lo:hi], buckets.written[lo:hi])
 
 
 def _block_writer(out: zarr.Array) -> Callable[[int, np.ndarray], None]:

@@ -44,6 +44,7 @@ import zarr
 import zarr.codecs
 import zarr.storage
 
+from . import store_io
 from .array_files import (
     ARRAY_CONFIG,
     ChunkFiles,
@@ -710,7 +711,7 @@ class SoftTargetStore:
             "duplicates": merged.rows_written - merged.ids_written,
             "carried_forward": merged.carried_forward,
             "nbytes": int(teacher.nbytes),
-            "nbytes_stored": int(teacher.nbytes_stored()),
+            "nbytes_stored": store_io.size_prefix(teacher.store, teacher.path),
             "digests": digests,
         }
         meta = dict(self._meta)

@@ -117,3 +117,11 @@ def list_prefix(store: Store, prefix: str) -> list[str]:
         return [key async for key in store.list_prefix(prefix)]
 
     return sync(keys())
+
+
+def size_prefix(store: Store, prefix: str) -> int:
+    """The bytes of every key under ``prefix`` (zarr's ``nbytes_stored`` of an array there)."""
+    root = local_root(store)
+    if root is not None:
+        return sum((root / key).stat().st_size for key in list_prefix(store, prefix))
+    return sync(store.getsize_prefix(prefix))

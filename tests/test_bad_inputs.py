@@ -420,10 +420,13 @@ def file_size_limit(limit: int):
         signal.signal(signal.SIGXFSZ, handler)
 
 
-def test_a_full_scratch_disk_during_the_seal_loses_nothing_sealed(tmp_path):
+def test_a_full_scratch_disk_during_the_seal_loses_nothing_sealed(tmp_path, monkeypatch):
     """The seal's scratch file (80 KB) cannot grow: a clear error naming where it was, the
     previous teacher intact, and the epoch sealed once there is room."""
-    store = SoftTargetStore.create(tmp_path / "store", make_labels(4096, 10), 10)
+    from pskd_store import merge
+
+    monkeypatch.setattr(merge, "BUCKET_BYTES", 1024 * 10 * 2)  # 4 buckets of a chunk: the scratch file in use
+    store = SoftTargetStore.create(tmp_path / "store", make_labels(4096, 10), 10, chunk_rows=1024)
     write_epoch(store, 1)
     write_epoch(store, 2, seal=False)
     before = sealed_snapshot(Path(store.url))

@@ -19,6 +19,4 @@ def test_an_epoch_on_a_local_store_makes_few_round_trips_through_zarr(monkeypatc
     assert set(report["ms"]) == set(report["zarr_round_trips"]) == {
         "set_epoch", "writer_open", "write", "writer_close", "seal"}
     assert report["fixed_ms"] > 0 and report["baseline_npy_write_read_ms"] > 0
-    trips = report["zarr_round_trips"]
-    assert trips["write"] == trips["writer_open"] == trips["writer_close"] == 0
-    assert report["zarr_round_trips_per_epoch"] <= 1  # the seal's nbytes_stored (59 before store_io.py)
+    assert report["zarr_round_trips"] == dict.fromkeys(report["ms"], 0)  # 59 an epoch before store_io.py

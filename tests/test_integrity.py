@@ -350,6 +350,7 @@ def test_a_scratch_file_shorter_than_written_stops_the_seal(store, monkeypatch):
     from pskd_store import merge
 
     write_epoch(store, 4, seal=False)
+    monkeypatch.setattr(merge, "BUCKET_BYTES", CHUNK_ROWS * K * 2)  # a bucket a chunk: the scratch file in use
     monkeypatch.setattr(merge, "_pwrite", lambda fd, rows, offset: None)  # writes that never reached the disk
     with pytest.raises(StoreError, match="the seal's scratch file ended early: is its disk full?"):
         reopen(store).seal(4)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import warnings
@@ -222,7 +223,25 @@ def test_argmax_takes_the_first_maximum_and_sees_signs():
     assert _argmax(rows).tolist() == rows.astype(np.float32).argmax(1).tolist() == [1, 0, 2]
 
 
-def test_seal_leaves_no_scratch_file(store, tmp_path):
+@pytest.mark.parametrize("buckets", [1, 3])
+def test_only_an_epoch_of_several_buckets_uses_a_scratch_file(tmp_path, labels, monkeypatch, buckets):
+    """An epoch that fits one bucket is merged in memory; a larger one through the scratch
+    file (the same sealed rows either way: test_streaming_seal_follows_the_coverage_rules)."""
+    from pskd_store import merge
+
+    monkeypatch.setattr(merge, "BUCKET_BYTES", -(-N // buckets) * K * 2)
+    store = SoftTargetStore.create(tmp_path / "s", labels, K, chunk_rows=-(-N // buckets))
+    opened = []
+    scratch_file = tempfile.TemporaryFile
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda **kw: opened.append(kw) or scratch_file(**kw))
+    write_epoch(store, 1)
+    assert len(opened) == (buckets > 1)
+
+
+def test_seal_leaves_no_scratch_file(store, tmp_path, monkeypatch):
+    from pskd_store import merge
+
+    monkeypatch.setattr(merge, "BUCKET_BYTES", CHUNK_ROWS * K * 2)  # a bucket a chunk: a scratch file made
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     write_epoch(store, 1, seal=False)

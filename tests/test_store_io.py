@@ -45,3 +45,9 @@ def test_listing_and_deleting_a_prefix(store):
     assert sorted(store_io.list_prefix(store, "")) == ["y/zarr.json", "zarr.json"]
     with pytest.raises(ValueError, match="not the whole of it"):
         store_io.delete_dir(store, "")
+
+
+def test_the_size_under_a_prefix_is_zarrs_nbytes_stored(store):
+    array = zarr.create_array(store, name="teacher/epoch_0001", shape=(100, 3), chunks=(30, 3), dtype="float32")
+    array[:70] = 1.5  # chunks 0-2 written, chunk 3 never
+    assert store_io.size_prefix(store, "teacher/epoch_0001") == array.nbytes_stored() > 0
