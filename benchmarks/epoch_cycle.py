@@ -3,9 +3,11 @@
 Each epoch: ``set_epoch`` of a SoftTargetDataset (decoding last epoch's teacher into the
 memory map), a writer made (its part claimed and made), ``batches`` writes of random
 logits, the writer closed, the epoch sealed. Reported per phase, median over the epochs
-after the first two: milliseconds, and the calls made through zarr's synchronous API
-(each a round trip through zarr's event-loop thread, counted at
-``asyncio.run_coroutine_threadsafe``). The baseline, measured in the same run: writing the
+after the first two: milliseconds; CPU milliseconds (every thread of the process: the
+work, apart from waiting on the disk, whose metadata operations vary several-fold from
+hour to hour on a shared VM); the directories made (each a metadata write on the disk);
+and the calls made through zarr's synchronous API (each a round trip through zarr's
+event-loop thread, counted at ``asyncio.run_coroutine_threadsafe``). The baseline, measured in the same run: writing the
 epoch's rows as one ``.npy`` file and reading it back, what the bytes alone cost on this
 disk; ``fixed_over_baseline`` is the cycle's time without its writes over it.
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import statistics
 import tempfile
@@ -34,23 +37,25 @@ from pskd_store.store import SoftTargetStore
 PHASES = ("set_epoch", "writer_open", "write", "writer_close", "seal")
 
 
-class _RoundTrips:
-    """Counts coroutines handed to another thread's event loop (zarr's ``sync`` does this)."""
+class _Counted:
+    """Counts the calls of ``module.name`` (pathlib's and zarr's mkdir go through ``os.mkdir``;
+    zarr's ``sync`` hands coroutines to its loop through ``asyncio.run_coroutine_threadsafe``)."""
 
-    def __init__(self):
+    def __init__(self, module, name: str):
         self.count = 0
-        self._real = asyncio.run_coroutine_threadsafe
+        self._module, self._name, self._real = module, name, getattr(module, name)
 
     def __enter__(self):
-        def counted(coroutine, loop):
+        def counted(*args, **kwargs):
+            result = self._real(*args, **kwargs)  # a call that raises (a directory there) is not counted
             self.count += 1
-            return self._real(coroutine, loop)
+            return result
 
-        asyncio.run_coroutine_threadsafe = counted
+        setattr(self._module, self._name, counted)
         return self
 
     def __exit__(self, *exc) -> None:
-        asyncio.run_coroutine_threadsafe = self._real
+        setattr(self._module, self._name, self._real)
 
 
 def cycle(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
@@ -58,20 +63,23 @@ def cycle(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
     store = SoftTargetStore.create(root / "store", labels, args.classes)
     data = SoftTargetDataset(TensorDataset(torch.zeros(args.samples, 1), torch.from_numpy(labels)), store,
                              0.8, args.epochs)
-    times: dict[str, list[float]] = {phase: [] for phase in PHASES}
-    trips: dict[str, list[int]] = {phase: [] for phase in PHASES}
+    measures = ("ms", "cpu_ms", "directories_made", "zarr_round_trips")
+    spent: dict[str, dict[str, list[float]]] = {measure: {phase: [] for phase in PHASES} for measure in measures}
     logits = torch.randn(args.samples, args.classes)
-    with _RoundTrips() as counter:
+    with _Counted(asyncio, "run_coroutine_threadsafe") as trips, _Counted(os, "mkdir") as directories:
         for epoch in range(1, args.epochs + 1):
             order = torch.randperm(args.samples)
             writer = None
 
             def run(phase: str, step) -> None:
-                before, started = counter.count, time.perf_counter()
+                counts = trips.count, directories.count
+                started, cpu = time.perf_counter(), time.process_time()
                 step()
                 if epoch > 2:
-                    times[phase].append(time.perf_counter() - started)
-                    trips[phase].append(counter.count - before)
+                    for measure, value in zip(measures, (
+                            1000 * (time.perf_counter() - started), 1000 * (time.process_time() - cpu),
+                            directories.count - counts[1], trips.count - counts[0])):
+                        spent[measure][phase].append(value)
 
             def write() -> None:
                 for lo in range(0, args.samples, args.batch_size):
@@ -87,8 +95,8 @@ def cycle(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
             run("write", write)
             run("writer_close", lambda: writer.close())
             run("seal", lambda: store.seal(epoch))
-    return {"ms": {phase: 1000 * statistics.median(values) for phase, values in times.items()},
-            "zarr_round_trips": {phase: statistics.median(values) for phase, values in trips.items()}}
+    return {measure: {phase: statistics.median(values) for phase, values in by_phase.items()}
+            for measure, by_phase in spent.items()}
 
 
 def baseline_ms(args: argparse.Namespace, root: Path) -> float:
@@ -114,13 +122,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         measured = cycle(args, Path(tmp))
         baseline = baseline_ms(args, Path(tmp))
-    fixed = sum(ms for phase, ms in measured["ms"].items() if phase != "write")
+    fixed, fixed_cpu = (sum(ms for phase, ms in measured[measure].items() if phase != "write")
+                        for measure in ("ms", "cpu_ms"))
     print(json.dumps({
         "benchmark": "epoch_cycle",
         "machine": {"platform": platform.platform(), "torch": torch.__version__},
         "config": vars(args),
         **measured,
         "fixed_ms": fixed,
+        "fixed_cpu_ms": fixed_cpu,
+        "directories_made_per_epoch": sum(measured["directories_made"].values()),
         "zarr_round_trips_per_epoch": sum(measured["zarr_round_trips"].values()),
         "baseline_npy_write_read_ms": baseline,
         "fixed_over_baseline": fixed / baseline,

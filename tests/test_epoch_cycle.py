@@ -16,7 +16,9 @@ def test_an_epoch_on_a_local_store_makes_few_round_trips_through_zarr(monkeypatc
     monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--samples", "300", "--classes", "7", "--epochs", "4"])
     runpy.run_path(str(SCRIPT), run_name="__main__")
     report = json.loads(capsys.readouterr().out)
-    assert set(report["ms"]) == set(report["zarr_round_trips"]) == {
-        "set_epoch", "writer_open", "write", "writer_close", "seal"}
-    assert report["fixed_ms"] > 0 and report["baseline_npy_write_read_ms"] > 0
+    for measure in ("ms", "cpu_ms", "directories_made", "zarr_round_trips"):
+        assert set(report[measure]) == {"set_epoch", "writer_open", "write", "writer_close", "seal"}
+    assert report["fixed_ms"] > 0 and report["fixed_cpu_ms"] > 0 and report["baseline_npy_write_read_ms"] > 0
+    assert report["directories_made"]["write"] == 0 < report["directories_made"]["seal"]
+    assert report["directories_made_per_epoch"] == sum(report["directories_made"].values())
     assert report["zarr_round_trips"] == dict.fromkeys(report["ms"], 0)  # 59 an epoch before store_io.py
