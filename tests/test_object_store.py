@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import PSKD, pskd, pskd_in_process
+from conftest import PSKD, finished, pskd, pskd_in_process, pskd_started
 
 from pskd_store.errors import StoreDamagedError
 from pskd_store.store import SoftTargetStore
@@ -55,7 +55,7 @@ def s3(tmp_path_factory) -> dict[str, str]:
 def test_train_kill_resume_into_s3_matches_a_local_run(tmp_path, s3, data_dir):
     args = ["train", "--epochs", "3", "--steps-per-epoch", "10", "--workers", "0", "--data-dir", str(data_dir), "-q",
             "--seed", "5"]
-    pskd(*args, "-o", str(tmp_path / "local"), env=s3)
+    reference = pskd_started(*args, "-o", str(tmp_path / "local"), env=s3)
 
     url = "s3://runs/remote/store"
     run = tmp_path / "remote"
@@ -69,6 +69,7 @@ def test_train_kill_resume_into_s3_matches_a_local_run(tmp_path, s3, data_dir):
     proc.wait(timeout=60)
     assert SoftTargetStore.open(url).sealed_epochs in ([1], [1, 2]), "killed part-way through the run"
     pskd("train", "--resume", str(run), "-q", env=s3)
+    finished(reference)
 
     remote, local = SoftTargetStore.open(url, read_only=True), SoftTargetStore.open(tmp_path / "local" / "store")
     assert remote.sealed_epochs == local.sealed_epochs == [1, 2, 3]
