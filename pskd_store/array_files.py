@@ -34,6 +34,13 @@ from .zarr_sync import sync
 ARRAY_CONFIG = {"write_empty_chunks": True}  # every chunk exists: a missing one is damage (integrity.py)
 
 
+def checksum_matches(stored: bytes) -> bool:
+    """Whether a stored chunk ends with the crc32c of the bytes before it (zarr's crc32c
+    codec: four bytes, little-endian)."""
+    return len(stored) >= 4 and google_crc32c.value(
+        np.frombuffer(stored, dtype=np.uint8)[:-4]) == int.from_bytes(stored[-4:], "little")
+
+
 def codecs_with_checksum(compressor: zarr.codecs.BloscCodec | None) -> tuple:
     """The bytes-to-bytes codecs of every array: the compressor, then a crc32c checksum."""
     return (compressor, zarr.codecs.Crc32cCodec()) if compressor is not None else (zarr.codecs.Crc32cCodec(),)
@@ -224,10 +231,10 @@ class ChunkFiles:
         data = store_io.get(self._store, key)
         if data is None:
             raise KeyError(key)
-        stored = np.frombuffer(data, dtype=np.uint8)
-        if len(stored) < 4 or google_crc32c.value(stored[:-4]) != int.from_bytes(data[-4:], "little"):
+        if not checksum_matches(data):
             raise ValueError(f"{key} does not match its checksum")
-        body = stored[:-4] if self._blosc is None else self._blosc.decode(stored[:-4])
+        stored = np.frombuffer(data, dtype=np.uint8)[:-4]
+        body = stored if self._blosc is None else self._blosc.decode(stored)
         return np.frombuffer(body, dtype=self._dtype).reshape(self._shape)
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:

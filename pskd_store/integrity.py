@@ -14,13 +14,12 @@ import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import google_crc32c
 import numpy as np
 import zarr
 import zarr.codecs
 
 from . import store_io
-from .array_files import ChunkFiles, open_array
+from .array_files import ChunkFiles, checksum_matches, open_array
 from .errors import StoreDamagedError
 from .local_store import local_root
 
@@ -163,7 +162,7 @@ def stored_digest(arrays: list[CheckedArray]) -> str:
                 if data is None:
                     raise StoreDamagedError(_message(checked.what, checked.url, f"rows {_ranges([rows])} are "
                                                      "missing (their chunk was lost while it was written)"))
-                if len(data) < 4 or google_crc32c.value(data[:-4]) != int.from_bytes(data[-4:], "little"):
+                if not checksum_matches(data):
                     raise StoreDamagedError(_message(
                         checked.what, checked.url,
                         f"rows {_ranges([rows])} do not match their checksum "

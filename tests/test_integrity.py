@@ -111,6 +111,14 @@ def test_edited_or_deleted_array_metadata_is_refused(store):
         reopen(store).read_epoch(3)
 
 
+def test_the_digests_read_back_refuses_a_chunk_whose_bytes_changed(store):
+    """The digest covers the chunks' keys and stored checksums, not their bytes: a byte
+    flipped under an intact checksum is caught by the read-back's checksum check."""
+    flip_byte(chunk(store, "teacher/epoch_0003", 2))
+    with pytest.raises(StoreDamagedError, match="teacher of epoch 3 .* rows 32-47 do not match their checksum"):
+        reopen(store).stored_digest(3, "teacher")
+
+
 def test_damaged_labels_and_trajectory_are_refused(store):
     flip_byte(chunk(store, "trajectory/epoch_0002/true_prob"))
     with pytest.raises(StoreDamagedError, match=r"trajectory \(true_prob\) of epoch 2 .* rows 0-95"):
