@@ -110,7 +110,7 @@ def emit(name: str, result: dict, results: dict) -> None:
 
 def check_matrix(tmp: Path, device: str, steps: int, batch_size: int, workers: int) -> dict:
     result = {}
-    splits = cifar_splits(2 * steps * batch_size, 4 * batch_size, augment=True)
+    splits = cifar_splits(2 * steps * batch_size, 2 * batch_size, augment=True)  # one evaluation batch
     for method in METHODS:
         for aug in AUGMENTATIONS:
             name = f"{method}+{aug}"

@@ -53,10 +53,12 @@ def finished(process: subprocess.Popen, timeout: float = 600) -> None:
         raise AssertionError(f"{' '.join(process.args)} failed:\n{out}\n{err}")
 
 
-def pskd_in_process(*args: str) -> subprocess.CompletedProcess:
+def pskd_in_process(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """``pskd-store ARGS`` run by click's ``CliRunner`` in this process: the same command
-    without a Python start and a torch import, for the many refusals that never train. An
-    exception other than click's exit is raised: a traceback where one line was due."""
+    without a Python start and a torch import (~4 s of a 2-core VM's CPU per process), for
+    the many refusals that never train and for the reference runs that no test kills. An
+    exception other than click's exit is raised: a traceback where one line was due. With
+    ``check`` a failure raises with the command's output."""
     from click.testing import CliRunner
 
     from pskd_store.cli.main import cli
@@ -64,6 +66,8 @@ def pskd_in_process(*args: str) -> subprocess.CompletedProcess:
     result = CliRunner().invoke(cli, list(args))
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
+    if check and result.exit_code != 0:
+        raise AssertionError(f"pskd-store {' '.join(args)} failed in this process:\n{result.stdout}\n{result.stderr}")
     return subprocess.CompletedProcess(["pskd-store", *args], result.exit_code, result.stdout, result.stderr)
 
 

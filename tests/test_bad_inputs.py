@@ -582,7 +582,7 @@ def test_a_run_whose_store_is_gone_does_not_resume_with_an_empty_one(tmp_path, t
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     shutil.rmtree(run / "store")
-    result = pskd("train", "--resume", str(run), "-q")
+    result = pskd_in_process("train", "--resume", str(run), "-q")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"{run} is checkpointed and continues from the teachers of its store, which is gone from " \
            f"{run / 'store'}" in result.stderr
@@ -601,7 +601,7 @@ def test_a_flipped_bit_in_the_checkpoints_weights_is_one_line_naming_the_command
     data[record.header_offset + 200] ^= 0x01
     checkpoint.write_bytes(bytes(data))
     before = sealed_snapshot(run / "store")
-    result = pskd("train", "--resume", str(run), "-q")
+    result = pskd_in_process("train", "--resume", str(run), "-q")
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert f"{checkpoint} is damaged: its record {record.filename} does not match the CRC-32" in result.stderr
     assert f"pskd-store train --resume {run} --from-epoch 1" in result.stderr
@@ -680,7 +680,7 @@ def test_files_a_kill_left_in_the_store_are_removed_on_resume(tmp_path, trained_
     shutil.copytree(trained_run, run)
     partial = run / "store" / "teacher" / "epoch_0002" / "c" / "0" / "0.3f2a9c.partial"
     partial.write_bytes(b"half a chunk")
-    assert pskd("train", "--resume", str(run), "-q").returncode == 0
+    pskd_in_process("train", "--resume", str(run), "-q", check=True)
     assert not partial.exists()
 
 

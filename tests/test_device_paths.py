@@ -9,6 +9,7 @@ what the device path stores or restores with what the host path does.
 
 from __future__ import annotations
 
+import random
 import socket
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
@@ -159,6 +160,19 @@ def test_the_device_generator_is_checkpointed_and_restored(device):
     assert torch.equal(torch.rand(4, generator=device.generator), expected)
     with on_the_host():
         assert "cpu" not in rng_state(cpu)  # host memory: no device generator to keep
+
+
+def test_the_host_generators_are_checkpointed_and_restored(torch_state_kept):
+    """What CutMix's coin, dropout and ShakeDrop draw from (the process's own streams): a
+    resumed run draws on where the checkpoint left them."""
+    def draws() -> tuple:
+        return torch.rand(4).tolist(), random.random(), np.random.rand()
+
+    state = rng_state(torch.device("cpu"))
+    expected = draws()
+    draws()
+    set_rng_state(state, torch.device("cpu"))
+    assert draws() == expected
 
 
 def _free_port() -> int:

@@ -160,16 +160,17 @@ def _children(pid: int) -> list[int]:
 
 def test_one_process_torchrun_equals_a_plain_run(tmp_path, data_dir):
     plain, launched = tmp_path / "plain", tmp_path / "torchrun"
-    subprocess.run([PSKD, "train", "--epochs", "2", "--data-dir", str(data_dir), "-o", str(plain), "-q"],
-                   check=True, capture_output=True, timeout=120)
+    pskd_in_process("train", "--epochs", "2", "--data-dir", str(data_dir), "-o", str(plain), "-q", check=True)
     torchrun(1, PSKD, "train", "--epochs", "2", "--data-dir", str(data_dir), "-o", str(launched), "-q")
     assert [without_timings(r) for r in rows(launched)] == [without_timings(r) for r in rows(plain)]
     np.testing.assert_array_equal(SoftTargetStore.open(launched / "store", read_only=True).read_epoch(2),
                                   SoftTargetStore.open(plain / "store", read_only=True).read_epoch(2))
 
 
-def test_torchrun_needs_an_output_directory(data_dir):
-    result = torchrun(1, PSKD, "train", "--epochs", "1", "--data-dir", str(data_dir), check=False)
+def test_torchrun_needs_an_output_directory(data_dir, monkeypatch):
+    for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(name, value)  # what torchrun tells its one process: refused before any rendezvous
+    result = pskd_in_process("train", "--epochs", "1", "--data-dir", str(data_dir))
     assert result.returncode != 0 and "under torchrun pass --output" in result.stderr
 
 

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import PSKD, finished, pskd, pskd_in_process, pskd_started
+from conftest import PSKD, finished, pskd_in_process, pskd_started
 
 from pskd_store.errors import StoreDamagedError
 from pskd_store.store import SoftTargetStore
@@ -68,7 +68,7 @@ def test_train_kill_resume_into_s3_matches_a_local_run(tmp_path, s3, data_dir):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     assert SoftTargetStore.open(url).sealed_epochs in ([1], [1, 2]), "killed part-way through the run"
-    pskd("train", "--resume", str(run), "-q", env=s3)
+    pskd_in_process("train", "--resume", str(run), "-q", check=True)  # s3: this process's environment too
     finished(reference)
 
     remote, local = SoftTargetStore.open(url, read_only=True), SoftTargetStore.open(tmp_path / "local" / "store")
@@ -84,7 +84,7 @@ def test_train_kill_resume_into_s3_matches_a_local_run(tmp_path, s3, data_dir):
 
     info = pskd_in_process("info", str(run))  # the s3 fixture's environment is this process's too
     assert f"store        {url}" in info.stdout and "sealed       [1, 2, 3]" in info.stdout
-    assert pskd_in_process("verify", str(run)).returncode == 0
+    pskd_in_process("verify", str(run), check=True)
     report = json.loads(pskd_in_process("inspect", str(run), "--json", "--out", str(tmp_path / "plots")).stdout)
     assert report["runs"][0]["epochs"] == 3
 

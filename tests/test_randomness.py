@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PSKD
+from conftest import PSKD, pskd_in_process
 from store_helpers import write_epoch
 from test_distributed import torchrun
 from torch.utils.data import DataLoader, Dataset
@@ -159,7 +159,7 @@ def test_a_run_resumed_with_new_workers_repeats_an_uninterrupted_one(tmp_path, f
             "--epochs", "6", "-b", "32", "-q"]
     whole, broken, no_workers = tmp_path / "whole", tmp_path / "broken", tmp_path / "no-workers"
     _pskd(*args, "-j", "2", "-o", str(whole))
-    _pskd(*args, "-j", "0", "-o", str(no_workers))
+    pskd_in_process(*args, "-j", "0", "-o", str(no_workers), check=True)  # no workers: no fork here
 
     proc = subprocess.Popen([PSKD, *args, "-j", "2", "-o", str(broken)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)

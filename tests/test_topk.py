@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import pskd, pskd_in_process
+from conftest import pskd_in_process
 from torch.utils.data import DataLoader, TensorDataset
 
 from pskd_store.dataset import SoftTargetDataset
@@ -133,8 +133,8 @@ def test_bad_topk_is_refused(tmp_path, labels):
 @pytest.mark.slow
 def test_train_with_store_topk_end_to_end(tmp_path):
     run = tmp_path / "run"
-    pskd("train", "--store-topk", "3", "--epochs", "2", "--steps-per-epoch", "4", "--workers", "0", "--data-dir",
-         str(tmp_path / "data"), "-o", str(run), "-q")
+    pskd_in_process("train", "--store-topk", "3", "--epochs", "2", "--steps-per-epoch", "4", "--workers", "0",
+                    "--data-dir", str(tmp_path / "data"), "-o", str(run), "-q", check=True)
     assert json.loads((run / "config.json").read_text())["store_topk"] == 3
     store = SoftTargetStore.open(run / "store")
     assert store.topk == 3 and store.sealed_epochs == [1, 2]

@@ -146,7 +146,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir, me
     args = ["train", "--epochs", "4", "--method", method, "--aug", aug, "--data-dir", str(data_dir), "-q",
             "--seed", "3"]
     whole = tmp_path / "whole"
-    pskd(*args, "-o", str(whole))
+    pskd_in_process(*args, "-o", str(whole), check=True)  # the reference: no process to kill
 
     broken = tmp_path / "broken"
     proc = subprocess.Popen([PSKD, *args, "-o", str(broken)], stdout=subprocess.DEVNULL,
@@ -165,7 +165,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir, me
         write_epoch(store, done + 1, seal=True)  # predictions the resumed run must not use
         PredictionService(store).prepare(done + 1)  # and a decoded copy of them in the cache
 
-    pskd("train", "--resume", str(broken), "-q")
+    pskd_in_process("train", "--resume", str(broken), "-q", check=True)
     assert [without_timings(r) for r in metrics_rows(broken)] == [without_timings(r) for r in metrics_rows(whole)]
     resumed = SoftTargetStore.open(broken / "store", read_only=True)
     np.testing.assert_array_equal(
@@ -176,7 +176,7 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir, me
 @pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, data_dir):
     broken = tmp_path / "broken"
-    pskd("train", "--epochs", "2", "--data-dir", str(data_dir), "-q", "-o", str(broken))
+    pskd_in_process("train", "--epochs", "2", "--data-dir", str(data_dir), "-q", "-o", str(broken), check=True)
     whole = [without_timings(r) for r in metrics_rows(broken)]  # an uninterrupted run: what the new start repeats
     # what a kill in epoch 1 leaves: no checkpoint yet, half-written temporary files, and
     # here an epoch already sealed (the seal comes before the checkpoint)
@@ -184,7 +184,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, data_dir
     leftovers = [broken / "checkpoints" / ".last.pt.123.tmp", broken / "store.mmap" / "tmpab12.tmp"]
     for path in leftovers:
         path.write_bytes(b"half")
-    pskd("train", "--resume", str(broken), "-q")
+    pskd_in_process("train", "--resume", str(broken), "-q", check=True)
     assert not any(path.exists() for path in leftovers)
     assert [without_timings(r) for r in metrics_rows(broken)] == whole
 
@@ -197,7 +197,7 @@ def test_a_live_run_is_locked_and_a_killed_one_is_not(tmp_path, data_dir):
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "checkpoints" / "last.pt").exists():
         time.sleep(0.02)
-    second = pskd("train", "--resume", str(run), "-q", check=False)
+    second = pskd_in_process("train", "--resume", str(run), "-q")
     assert second.returncode != 0 and f"is being trained by process {proc.pid}" in second.stderr
     assert "Traceback" not in second.stderr
     os.killpg(proc.pid, signal.SIGKILL)
@@ -265,7 +265,7 @@ def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):
 @pytest.mark.slow
 def test_resume_refuses_new_run_options_and_existing_output_needs_resume(tmp_path, data_dir):
     run = tmp_path / "run"
-    pskd("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(run), "-q")
+    pskd_in_process("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(run), "-q", check=True)
     again = pskd_in_process("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(run))
     assert again.returncode != 0 and f"continue it with --resume {run}" in again.stderr
     resumed = pskd_in_process("train", "--resume", str(run), "--lr", "0.3")
