@@ -167,7 +167,8 @@ def test_one_process_torchrun_equals_a_plain_run(tmp_path, data_dir):
                                   SoftTargetStore.open(plain / "store", read_only=True).read_epoch(2))
 
 
-def test_torchrun_needs_an_output_directory(data_dir, monkeypatch):
+def test_torchrun_needs_an_output_directory(tmp_path, data_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # were the refusal gone, the run would land in ./runs: here, not in the checkout
     for name, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(name, value)  # what torchrun tells its one process: refused before any rendezvous
     result = pskd_in_process("train", "--epochs", "1", "--data-dir", str(data_dir))

@@ -87,7 +87,8 @@ def test_a_store_left_by_another_run_is_refused_naming_the_fix(tmp_path):
     fine_tune(tmp_path, epochs=1, workers=0, overwrite=True)
 
 
-def test_what_pskd_cannot_count_in_epochs_is_refused(tmp_path):
+def test_what_pskd_cannot_count_in_epochs_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a Trainer made without arguments makes its default ./tmp_trainer
     with pytest.raises(ValueError, match="set num_train_epochs, not max_steps"):
         fine_tune(tmp_path / "steps", workers=0, arguments={"max_steps": 4})
     mid_epoch = tmp_path / "mid"
