@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -90,6 +91,28 @@ def test_retention_prunes_teachers_but_keeps_trajectories(tmp_path, labels):
     assert store.trajectory()["true_prob"].shape == (4, N)
     with pytest.raises(EpochNotSealedError, match="pruned"):
         store.read_epoch(2)
+
+
+def test_full_chunks_are_written_in_the_background_and_a_last_partial_one_by_close(store):
+    """A writer starts its background thread with its first full chunk: an epoch that fits
+    in one chunk has no thread to start and join; a full chunk is written before close."""
+    def writer_threads():
+        return [t for t in threading.enumerate() if t.name.startswith("pskd-writer-")]
+
+    part = Path(store.url) / "staging" / "epoch_0001" / "writer_0000" / "encoded" / "c"
+    writer = store.writer(1)
+    writer.write(torch.arange(CHUNK_ROWS - 1), torch.randn(CHUNK_ROWS - 1, K))
+    assert writer_threads() == [] and not part.exists()
+    writer.write(torch.arange(CHUNK_ROWS - 1, N), torch.randn(N - CHUNK_ROWS + 1, K))
+    assert len(writer_threads()) == 1
+    deadline = time.monotonic() + 30
+    while not (part / "0" / "0").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert (part / "0" / "0").exists()  # the first chunk, before close
+    writer.close()
+    assert writer_threads() == []
+    store.seal(1)
+    assert store.epoch_info(1)["ids_written"] == N
 
 
 def test_duplicate_ids_keep_the_last_write(store):
