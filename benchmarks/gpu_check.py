@@ -46,7 +46,6 @@ import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -54,7 +53,7 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_overhead import ARMS, train_arm  # noqa: E402
+from train_overhead import ARMS, build_parser, train_arm  # noqa: E402
 
 from pskd_store.augment import BatchAugment  # noqa: E402
 from pskd_store.data import DataSplits  # noqa: E402
@@ -259,19 +258,21 @@ def check_rank_draws(tmp: Path, device: str) -> dict:
 
 # -- 5. throughput and memory -------------------------------------------------------------
 
-def check_throughput(tmp: Path, samples: int) -> dict:
+def check_throughput(tmp: Path, samples: int, device: str = "cuda",
+                     archs: tuple[str, ...] = ("preact_resnet18", "densenet121"),
+                     amps: tuple[bool, ...] = (False, True)) -> dict:
     splits = cifar_splits(samples, 256)
     splits.train = TensorDataset(splits.train.images, torch.as_tensor(splits.train.targets))
     result = {}
-    for arch in ("preact_resnet18", "densenet121"):
-        for amp in (False, True):
-            args = SimpleNamespace(arch=arch, epochs=3, batch_size=128, alpha_T=0.8, workers=4, device="cuda",
-                                   amp=amp, channels_last=True)
+    for arch in archs:
+        for amp in amps:
+            args = build_parser().parse_args(["--arch", arch, "--epochs", "3", "--batch-size", "128", "--workers", "4",
+                                              "--device", device, "--channels-last", *(["--amp"] if amp else [])])
             arms = {arm: train_arm(arm, splits, args, tmp) for arm in ARMS}
             key = f"{arch}_{'amp_bf16' if amp else 'fp32'}"
             result[key] = {
                 **{f"{arm}_samples_per_s": m["samples_per_s"] for arm, m in arms.items()},
-                **{f"{arm}_peak_gpu_mib": m["peak_gpu_mib"] for arm, m in arms.items()},
+                **{f"{arm}_peak_gpu_mib": m.get("peak_gpu_mib") for arm, m in arms.items()},
                 "store_over_ce": arms["store"]["samples_per_s"] / arms["ce"]["samples_per_s"],
                 "teacher_over_ce": arms["teacher"]["samples_per_s"] / arms["ce"]["samples_per_s"],
                 "store_fixed_s_per_epoch": arms["store"]["fixed_s_per_epoch"],

@@ -184,7 +184,8 @@ def paired_ratios(epochs: dict[str, list[dict]]) -> list[dict[str, float]]:
             for ce, store, teacher in zip(*(epochs[arm] for arm in ARMS)) if ce["epoch"] > 1]
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The options, also what ``gpu_check.py`` parses its throughput runs' settings with."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="mnist1d")
     parser.add_argument("--data-dir", default="data")
@@ -200,7 +201,11 @@ def main() -> None:
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format for image batches")
     parser.add_argument("--evaluate", action="store_true",
                         help="every arm evaluates the test split after each epoch, the store's seal meanwhile")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
 

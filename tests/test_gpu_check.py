@@ -3,6 +3,7 @@ CPU could have shown. Its device-independent check runs here on the CPU."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -29,3 +30,17 @@ def test_every_method_and_augmentation_trains_through_the_gpu_checks_matrix(tmp_
     assert runs["ce+none"]["ids_written"] == runs["cskd+cutout"]["ids_written"] == [8, 8]
     assert all(written in ([0, 0], [0, 8], [8, 0], [8, 8]) for written in
                (runs[f"{method}+cutmix"]["ids_written"] for method in ("ce", "ls", "tfkd", "cskd")))
+
+
+def test_the_throughput_check_runs_its_three_arms_on_the_cpu(tmp_path):
+    """Check 5 as a GPU runs it (its settings parsed by train_overhead.py's own parser, with
+    channels_last and 4 workers), on a few CPU samples: one architecture, fp32 (bfloat16
+    autocast takes 10x as long on this CPU), no peak memory to read."""
+    spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    result = gpu_check.check_throughput(tmp_path, 16, device="cpu", archs=("preact_resnet18",), amps=(False,))
+    assert set(result) == {"preact_resnet18_fp32"}
+    for measured in result.values():
+        assert min(measured[f"{arm}_samples_per_s"] for arm in ("ce", "store", "teacher")) > 0
+        assert measured["store_fixed_s_per_epoch"] > 0 and measured["store_peak_gpu_mib"] is None
