@@ -7,12 +7,14 @@ same code path as users (torchvision's own parsers included).
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import pickle
 import random
 import shutil
 import struct
 import subprocess
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from torchvision.datasets.utils import calculate_md5
 from pskd_store.store import SoftTargetStore
 
 PSKD = shutil.which("pskd-store")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def pskd(*args: str, check: bool = True, timeout: float = 600,
@@ -51,6 +54,15 @@ def finished(process: subprocess.Popen, timeout: float = 600) -> None:
     out, err = process.communicate(timeout=timeout)
     if process.returncode != 0:
         raise AssertionError(f"{' '.join(process.args)} failed:\n{out}\n{err}")
+
+
+def benchmark_script(name: str) -> ModuleType:
+    """``benchmarks/NAME.py`` loaded as a module, so that a test calls its functions (or
+    replaces one) in this process."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def pskd_in_process(*args: str, check: bool = False) -> subprocess.CompletedProcess:

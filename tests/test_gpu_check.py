@@ -3,13 +3,13 @@ CPU could have shown. Its device-independent check runs here on the CPU."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import benchmark_script
 
 pytestmark = pytest.mark.slow  # torchrun, object-store servers, kills: the full suite only
 
@@ -36,9 +36,7 @@ def test_the_throughput_check_runs_its_three_arms_on_the_cpu(tmp_path):
     """Check 5 as a GPU runs it (its settings parsed by train_overhead.py's own parser, with
     channels_last and 4 workers), on a few CPU samples: one architecture, fp32 (bfloat16
     autocast takes 10x as long on this CPU), no peak memory to read."""
-    spec = importlib.util.spec_from_file_location("gpu_check", GPU_CHECK)
-    gpu_check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu_check)
+    gpu_check = benchmark_script("gpu_check")
     result = gpu_check.check_throughput(tmp_path, 16, device="cpu", archs=("preact_resnet18",), amps=(False,))
     assert set(result) == {"preact_resnet18_fp32"}
     for measured in result.values():

@@ -4,7 +4,6 @@ served as each position's stored teacher, and PS-KD's loss rebuilt from it on th
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import runpy
 import sys
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import pskd_in_process
+from conftest import benchmark_script, pskd_in_process
 from torch.utils.data import DataLoader
 
 from pskd_store.errors import StoreDamagedError
@@ -322,9 +321,7 @@ def test_the_benchmarks_trainer_loop_feeds_a_causal_lm_the_plain_loops_targets()
     """A causal LM's record holds the whole sequence and its labels at the tokens' own
     positions; shifted by one, as the model and PSKDTrainer shift them, they are the plain
     loop's labels."""
-    spec = importlib.util.spec_from_file_location("sequence_pskd", BENCHMARK)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = benchmark_script("sequence_pskd")
     pairs = [("das Haus", "the house"), ("zu gehen", "to go")]
     vocabulary = {c: i + 4 for i, c in enumerate(sorted({c for pair in pairs for side in pair for c in side}))}
     data = bench.PairSequences(pairs, vocabulary, 24)

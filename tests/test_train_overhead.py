@@ -3,23 +3,19 @@ machine's drift hits them alike, and it reports each target of the store's throu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import benchmark_script
 
 pytestmark = pytest.mark.slow  # six epochs of three arms: the full suite only
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_overhead.py"
 
 
 @pytest.mark.parametrize("evaluate", [False, True], ids=["steps", "with-evaluation"])
 def test_the_arms_take_turns_epoch_by_epoch_in_a_rotating_order(data_dir, monkeypatch, capsys, evaluate):
-    spec = importlib.util.spec_from_file_location("train_overhead", SCRIPT)
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = benchmark_script("train_overhead")
     turns = []
     real = benchmark.arm_epochs
 
@@ -29,8 +25,8 @@ def test_the_arms_take_turns_epoch_by_epoch_in_a_rotating_order(data_dir, monkey
             yield epoch
 
     monkeypatch.setattr(benchmark, "arm_epochs", logged)
-    monkeypatch.setattr(sys, "argv", [str(SCRIPT), "--data-dir", str(data_dir), "--epochs", "2", "--repeats", "1",
-                                      "--threads", "1", *(["--evaluate"] if evaluate else [])])
+    monkeypatch.setattr(sys, "argv", ["train_overhead.py", "--data-dir", str(data_dir), "--epochs", "2",
+                                      "--repeats", "1", "--threads", "1", *(["--evaluate"] if evaluate else [])])
     benchmark.main()
     report = json.loads(capsys.readouterr().out)
     assert turns == [("ce", 1), ("store", 1), ("teacher", 1), ("store", 2), ("teacher", 2), ("ce", 2)]
