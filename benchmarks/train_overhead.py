@@ -7,14 +7,21 @@ where the soft target comes from:
     recording epoch t (what ``pskd-store train`` does),
   * ``teacher``: PS-KD the paper's first way — a frozen copy of last epoch's model run
     forward on every batch.
-The arms take turns epoch by epoch (epoch 1 of each, then epoch 2 of each, the order
-rotated every epoch), so that the drift of a shared machine, which moves a whole run by
-more than the store costs, hits all of them alike; samples/s excludes epoch 1 (warm-up,
-and no teacher yet for PS-KD). The
-store's per-epoch fixed cost (opening the writer, sealing) is reported apart: on a tiny
-model whose epoch lasts a fraction of a second it weighs far more than in a real epoch.
-``parts_ms_per_epoch`` says where each arm's time goes (the training thread's clock: on a
-GPU, what the host spends, not the kernels).
+The arms take turns step by step (a step of each, then the next step of each; at each epoch
+the order rotates), so that the drift of a shared machine, which moves one epoch by more
+than the store costs, hits all of them alike; each arm's clock runs only on its own turns,
+and samples/s excludes epoch 1 (warm-up, and no teacher yet for PS-KD). On a GPU each turn
+ends when its kernels have run. The store's per-epoch fixed cost (opening the writer,
+sealing) is reported apart: on a tiny model whose epoch lasts a fraction of a second it
+weighs far more than in a real epoch. ``parts_ms_per_epoch`` says where each arm's time
+goes (the training thread's clock: on a GPU, what the host spends, not the kernels).
+
+glibc hands a freed block of a few hundred KB (a batch's activations) back to the system
+or keeps it, depending on what the process freed before; when it hands it back, the next
+step faults the pages in again. In one process, arms doing the same work paid from 0.8 to
+28 thousand page faults an epoch, up to +40% forward time. Unless ``--malloc default``,
+the benchmark has glibc keep freed memory (``mallopt``), so that the arms differ by their
+work, not by that draw.
 
     python benchmarks/train_overhead.py                          # MNIST-1D, mnist1d_cnn
     python benchmarks/train_overhead.py --arch mnist1d_mlp --epochs 6
@@ -24,9 +31,11 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import functools
 import json
 import platform
+import resource
 import statistics
 import tempfile
 import time
@@ -47,13 +56,17 @@ from pskd_store.store import SoftTargetStore
 
 ARMS = ("ce", "store", "teacher")
 PARTS = ("loading", "step", "write", "set_epoch", "writer_open", "writer_close", "seal", "evaluate")  # of an epoch
+FIXED = ("set_epoch", "writer_open", "writer_close", "seal")  # the store's work once an epoch, whatever its length
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 
 
-def arm_epochs(arm: str, splits, args, workdir: Path) -> Iterator[dict]:
-    """Train ``args.epochs`` epochs on ``args.device`` (fp32, or bfloat16 autocast with
-    ``args.amp``), yielding after each one its samples, seconds, the seconds spent outside
-    the steps (set_epoch, opening the writer, sealing) and where its time went."""
+def arm_epochs(arm: str, splits, args, workdir: Path, turns: bool = False) -> Iterator[dict | None]:
+    """Train ``args.epochs`` epochs on ``args.device`` (fp32, or bfloat16 autocast with ``args.amp``),
+    yielding None after each step (another arm's turn, with ``turns``: on a GPU its kernels have run)
+    and after each epoch its samples, the seconds of its own work, those outside the steps
+    (set_epoch, opening the writer, sealing) and where they went."""
     device = torch.device(args.device)
+    synchronize = turns and device.type == "cuda"
     torch.manual_seed(0)
     model = create_model(args.arch, splits.num_classes).to(device)
     if args.channels_last:
@@ -73,19 +86,16 @@ def arm_epochs(arm: str, splits, args, workdir: Path) -> Iterator[dict]:
     for epoch in range(1, args.epochs + 1):
         model.train()
         alpha = alpha_t(epoch, args.epochs, args.alpha_T)
-        writer = None
-        start, seen = clock(), 0
+        writer, seen = None, 0
         spent = dict.fromkeys(PARTS, 0.0)
         if store is not None:
+            start = clock()
             data.set_epoch(epoch)
             opening = clock()
             writer = store.writer(epoch)
             spent["set_epoch"], spent["writer_open"] = opening - start, clock() - opening
-        fixed = clock() - start
-        fetching = clock()
-        for batch in loader:
+        for batch in timed_batches(loader, spent):
             loaded = clock()
-            spent["loading"] += loaded - fetching
             if store is not None:
                 inputs, targets, labels, ids = batch
                 targets = targets.to(device, non_blocking=True)
@@ -105,13 +115,19 @@ def arm_epochs(arm: str, splits, args, workdir: Path) -> Iterator[dict]:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if synchronize:
+                torch.cuda.synchronize(device)
             stepped = clock()
             spent["step"] += stepped - loaded
             if writer is not None:
                 writer.write(ids, logits)
             seen += len(labels)
-            fetching = clock()
-            spent["write"] += fetching - stepped
+            spent["write"] += clock() - stepped
+            yield None
+        if device.type == "cuda":  # the steps' last kernels are done before their clock stops
+            ended = clock()
+            torch.cuda.synchronize(device)
+            spent["step"] += clock() - ended
         if writer is not None:
             closing = clock()
             writer.close()
@@ -119,12 +135,25 @@ def arm_epochs(arm: str, splits, args, workdir: Path) -> Iterator[dict]:
         evaluate = None if test_loader is None else functools.partial(
             predict, model, test_loader, device, amp=args.amp, channels_last=args.channels_last)
         spent["evaluate"], spent["seal"] = seal_and_evaluate(store, epoch, evaluate)
-        fixed += spent["writer_close"] + spent["seal"]
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the epoch's kernels are done before the clock stops
         if arm == "teacher":
             teacher = copy.deepcopy(model).eval()
-        yield {"epoch": epoch, "samples": seen, "seconds": clock() - start, "fixed": fixed, "parts": spent}
+        yield {"epoch": epoch, "samples": seen, "seconds": sum(spent.values()),
+               "fixed": sum(spent[part] for part in FIXED), "parts": spent}
+
+
+def timed_batches(loader: DataLoader, spent: dict[str, float]) -> Iterator:
+    """The loader's batches, the time each took to come (the last, empty fetch included)
+    added to ``spent["loading"]``."""
+    clock = time.perf_counter
+    fetching = clock()
+    batches = iter(loader)
+    while True:
+        batch = next(batches, None)
+        spent["loading"] += clock() - fetching
+        if batch is None:
+            return
+        yield batch
+        fetching = clock()
 
 
 def seal_and_evaluate(store: SoftTargetStore | None, epoch: int, evaluate: Callable | None) -> tuple[float, float]:
@@ -158,20 +187,25 @@ def train_arm(arm: str, splits, args, workdir: Path) -> dict:
     cuda = torch.device(args.device).type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(args.device)
-    result = summary(list(arm_epochs(arm, splits, args, workdir)))
+    result = summary([epoch for epoch in arm_epochs(arm, splits, args, workdir) if epoch is not None])
     if cuda:
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated(args.device) / 2**20
     return result
 
 
 def interleaved(splits, args, workdir: Path) -> dict[str, list[dict]]:
-    """Every arm's epochs (as :func:`arm_epochs` yields them), the arms taking turns epoch
-    by epoch, in an order rotated each epoch."""
-    runs = {arm: arm_epochs(arm, splits, args, workdir) for arm in ARMS}
+    """Every arm's epochs (as :func:`arm_epochs` yields them), the arms taking turns step by
+    step, in an order rotated each epoch."""
+    runs = {arm: arm_epochs(arm, splits, args, workdir, turns=True) for arm in ARMS}
     epochs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for epoch in range(args.epochs):
-        for arm in ARMS[epoch % len(ARMS):] + ARMS[:epoch % len(ARMS)]:
-            epochs[arm].append(next(runs[arm]))
+        training = ARMS[epoch % len(ARMS):] + ARMS[:epoch % len(ARMS)]
+        while training:
+            for arm in training:
+                done = next(runs[arm])
+                if done is not None:
+                    epochs[arm].append(done)
+            training = tuple(arm for arm in training if len(epochs[arm]) <= epoch)
     return epochs
 
 
@@ -182,6 +216,16 @@ def paired_ratios(epochs: dict[str, list[dict]]) -> list[dict[str, float]]:
              "store_steps_over_ce": ce["seconds"] / (store["seconds"] - store["fixed"]),
              "teacher_over_ce": ce["seconds"] / teacher["seconds"]}
             for ce, store, teacher in zip(*(epochs[arm] for arm in ARMS)) if ce["epoch"] > 1]
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep what the process frees for its next allocations (see the module's
+    docstring); False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--amp", action="store_true", help="bfloat16 autocast (on a GPU)")
     parser.add_argument("--channels-last", action="store_true", help="channels_last memory format for image batches")
+    parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                        help="keep: glibc keeps freed memory (the arms then differ by their work, not by page faults)")
     parser.add_argument("--evaluate", action="store_true",
                         help="every arm evaluates the test split after each epoch, the store's seal meanwhile")
     return parser
@@ -206,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main() -> None:
     args = build_parser().parse_args()
+    kept = args.malloc == "keep" and keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -214,6 +261,7 @@ def main() -> None:
     parts: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
     fixed: list[float] = []
     pairs: list[dict[str, float]] = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.repeats):
             epochs = interleaved(splits, args, Path(tmp))
@@ -229,7 +277,9 @@ def main() -> None:
     result = {
         "benchmark": "train_overhead",
         "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "device": args.device},
+                    "threads": torch.get_num_threads(), "device": args.device, "freed_memory_kept": kept,
+                    "page_faults_per_epoch": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+                    / (args.repeats * args.epochs * len(ARMS))},
         "config": vars(args),
         "samples_per_s": median,
         "runs": rates,

@@ -164,22 +164,23 @@ class SoftTargetDataset(TeacherEpochDataset):
         map and one blend for all rows, instead of per-item tensor work."""
         state = self._current()
         items = self._load(indices, state[0])
-        ids = torch.from_numpy(np.fromiter(indices, np.int64, len(indices)))  # without the draws' repeats
+        ids = np.fromiter(indices, np.int64, len(indices))  # without the draws' repeats
         inputs, labels = zip(*items) if items else ((), ())
-        labels = torch.from_numpy(np.fromiter(map(int, labels), np.int64, len(labels)))
-        return SoftTargetBatch(list(inputs), self._blend(labels, ids, *state), labels, ids)
+        labels = np.fromiter(map(int, labels), np.int64, len(labels))
+        return SoftTargetBatch(list(inputs), self._blend(labels, ids, *state), torch.from_numpy(labels),
+                               torch.from_numpy(ids))
 
     def targets(self, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The current epoch's (B, K) float32 targets of samples ``ids`` with ``labels``: what
         items carry, for loops that blend in the main process (``integrations.transformers``)."""
-        return self._blend(torch.as_tensor(labels).cpu(), torch.as_tensor(ids).cpu(), *self._current())
+        return self._blend(torch.as_tensor(labels).cpu().numpy(), torch.as_tensor(ids).cpu().numpy(), *self._current())
 
-    def _blend(self, labels: torch.Tensor, ids: torch.Tensor, epoch: int, teacher: int, token: int) -> torch.Tensor:
-        self._check_labels(labels.numpy(), ids.numpy())
+    def _blend(self, labels: np.ndarray, ids: np.ndarray, epoch: int, teacher: int, token: int) -> torch.Tensor:
+        self._check_labels(labels, ids)
         if teacher == 0:
-            return torch.nn.functional.one_hot(labels, self.num_classes).float()
-        past = self.service.lookup(teacher, token_from_int(token), ids.numpy())
-        return soft_target(labels, past, alpha_t(epoch, self.total_epochs, self.alpha_T))
+            return torch.nn.functional.one_hot(torch.from_numpy(labels), self.num_classes).float()
+        past = self.service.lookup(teacher, token_from_int(token), ids)
+        return soft_target(torch.from_numpy(labels), past, alpha_t(epoch, self.total_epochs, self.alpha_T))
 
     def _check_labels(self, labels: np.ndarray | None, indices: np.ndarray) -> None:
         """A base data set with other labels than the store's would blend each sample's

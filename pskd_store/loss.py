@@ -61,8 +61,7 @@ def alpha_t(epoch: int, total_epochs: int, alpha_T: float) -> float:
 def soft_target(labels: torch.Tensor, past: torch.Tensor, alpha: float) -> torch.Tensor:
     """(1 - alpha)·onehot(labels) + alpha·past as float32, for one sample (K,) or a batch (B, K)."""
     target = past.float() * alpha
-    target.scatter_add_(-1, labels.long().unsqueeze(-1), torch.full_like(target[..., :1], 1.0 - alpha))
-    return target
+    return target.scatter_add_(-1, labels.long().unsqueeze(-1), target.new_full((*labels.shape, 1), 1.0 - alpha))
 
 
 def token_soft_cross_entropy(

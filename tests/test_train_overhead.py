@@ -1,5 +1,6 @@
-"""benchmarks/train_overhead.py: its arms take turns epoch by epoch, so that a shared
-machine's drift hits them alike, and it reports each target of the store's throughput."""
+"""benchmarks/train_overhead.py: its arms take turns step by step, so that a shared
+machine's drift hits them alike, each clock running on its own turns only, and it reports
+each target of the store's throughput."""
 
 from __future__ import annotations
 
@@ -12,24 +13,32 @@ from conftest import benchmark_script
 pytestmark = pytest.mark.slow  # six epochs of three arms: the full suite only
 
 
-
 @pytest.mark.parametrize("evaluate", [False, True], ids=["steps", "with-evaluation"])
-def test_the_arms_take_turns_epoch_by_epoch_in_a_rotating_order(data_dir, monkeypatch, capsys, evaluate):
+def test_the_arms_take_turns_step_by_step_in_an_order_rotated_each_epoch(data_dir, monkeypatch, capsys, evaluate):
     benchmark = benchmark_script("train_overhead")
-    turns = []
+    turns = []  # (arm, None) after each step, (arm, epoch) after each epoch
     real = benchmark.arm_epochs
 
-    def logged(arm, *args):
-        for epoch in real(arm, *args):
-            turns.append((arm, epoch["epoch"]))
-            yield epoch
+    def logged(arm, *args, **kwargs):
+        for done in real(arm, *args, **kwargs):
+            turns.append((arm, None if done is None else done["epoch"]))
+            yield done
 
     monkeypatch.setattr(benchmark, "arm_epochs", logged)
-    monkeypatch.setattr(sys, "argv", ["train_overhead.py", "--data-dir", str(data_dir), "--epochs", "2",
-                                      "--repeats", "1", "--threads", "1", *(["--evaluate"] if evaluate else [])])
+    malloc = "default" if evaluate else "keep"
+    monkeypatch.setattr(sys, "argv", ["train_overhead.py", "--data-dir", str(data_dir), "--epochs", "2", "--repeats",
+                                      "1", "--threads", "1", "--malloc", malloc, *(["--evaluate"] if evaluate else [])])
     benchmark.main()
     report = json.loads(capsys.readouterr().out)
-    assert turns == [("ce", 1), ("store", 1), ("teacher", 1), ("store", 2), ("teacher", 2), ("ce", 2)]
+    assert [turn for turn in turns if turn[1] is not None] == [
+        ("ce", 1), ("store", 1), ("teacher", 1), ("store", 2), ("teacher", 2), ("ce", 2)]
+    steps = [arm for arm, epoch in turns if epoch is None]
+    per_epoch = len(steps) // 6
+    assert per_epoch > 1 and steps == ["ce", "store", "teacher"] * per_epoch + ["store", "teacher", "ce"] * per_epoch
+    assert report["machine"]["freed_memory_kept"] is (malloc == "keep")  # glibc, on this machine
+    for arm, parts in report["parts_ms_per_epoch"].items():  # an arm's epoch is its own turns, not the others'
+        assert 1000 * report["epoch_s"][arm] == pytest.approx(sum(parts.values()), rel=1e-9)
+        assert min(parts["loading"], parts["step"]) > 0
     paired = report["paired_median"]
     assert set(paired) == {"store_over_ce", "store_steps_over_ce", "teacher_over_ce"}
     assert 0 < paired["store_over_ce"] < paired["store_steps_over_ce"]  # the fixed cost is left out of the second
