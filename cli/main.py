@@ -6,14 +6,15 @@ import importlib
 
 import click
 
-# name -> "module:attribute" of each subcommand, imported only when it runs: torch and
-# torchvision take seconds to import, and `info` needs neither.
+# name -> ("module:attribute", what it does): a subcommand is imported only when it runs
+# (torch and torchvision take seconds to import, and `info` needs neither); `--help` lists
+# them from here.
 COMMANDS = {
-    "train": "pskd_store.cli.train:train_command",
-    "eval": "pskd_store.cli.eval:eval_command",
-    "inspect": "pskd_store.cli.inspect:inspect_command",
-    "info": "pskd_store.cli.info:info_command",
-    "verify": "pskd_store.cli.verify:verify_command",
+    "train": ("pskd_store.cli.train:train_command", "Train a classifier with PS-KD or a baseline."),
+    "eval": ("pskd_store.cli.eval:eval_command", "Test metrics of checkpoints; writes test probabilities."),
+    "inspect": ("pskd_store.cli.inspect:inspect_command", "Plot trajectories, calibration and hard examples."),
+    "info": ("pskd_store.cli.info:info_command", "Print what a store holds."),
+    "verify": ("pskd_store.cli.verify:verify_command", "Check every checksum and value; exit 1 if damaged."),
 }
 
 
@@ -26,8 +27,13 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
-        module, attribute = COMMANDS[name].split(":")
+        module, attribute = COMMANDS[name][0].split(":")
         return getattr(importlib.import_module(module), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The subcommands with their summaries, none of them imported."""
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, summary) for name, (_, summary) in COMMANDS.items()])
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

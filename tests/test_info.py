@@ -1,14 +1,18 @@
-"""`pskd-store info` on a real store: the console script once, then the same command in-process."""
+"""`pskd-store info` on a real store (the console script once, then the same command
+in-process), and `pskd-store --help`: the commands that need no torch."""
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from conftest import pskd, pskd_in_process
 from store_helpers import make_labels, write_epoch
 
+from pskd_store.cli.main import COMMANDS, cli
 from pskd_store.store import SoftTargetStore
 
 
@@ -26,3 +30,19 @@ def test_info_prints_the_store_summary(tmp_path):
 
     missing = pskd_in_process("info", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and "no pskd-store at" in missing.stderr
+
+
+def test_help_lists_every_subcommand_without_importing_one():
+    """A newcomer's first command: it imports no subcommand, hence no torch (seconds)."""
+    script = """
+import sys
+from pskd_store.cli.main import cli
+cli(["--help"], standalone_mode=False)
+print(sorted(name for name in sys.modules if name == "torch" or name.startswith("pskd_store.cli.")))
+"""
+    shown = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    *listing, imported = shown.stdout.strip().splitlines()
+    assert imported == "['pskd_store.cli.main']"
+    for name, (_, summary) in COMMANDS.items():
+        assert f"  {name:<9}{summary}" in listing
+        assert cli.get_command(None, name).name == name  # each entry is the command of that name
