@@ -26,6 +26,8 @@ from torchvision.datasets.utils import calculate_md5
 
 from pskd_store.store import SoftTargetStore
 
+pytest_plugins = ["coverage_check"]  # README's test command also checks what the suite covered
+
 PSKD = shutil.which("pskd-store")
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -112,11 +114,6 @@ def torch_state_kept():
     torch.set_rng_state(generators[0])
     np.random.set_state(generators[1])
     random.setstate(generators[2])
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked runs_last (the coverage check) after every other test."""
-    items.sort(key=lambda item: item.get_closest_marker("runs_last") is not None)
 
 
 @pytest.fixture
