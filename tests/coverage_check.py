@@ -35,10 +35,9 @@ def listed_lines() -> dict[tuple[str, str], str]:
     return listed
 
 
-def problems(data: CoverageData) -> list[str]:
+def problems(data: CoverageData, listed: dict[tuple[str, str], str]) -> list[str]:
     """The unrun, unlisted lines and the listed lines that ran or are gone, as messages."""
     analyser = coverage.Coverage(data_file=None, config_file=str(ROOT / "pyproject.toml"))
-    listed = listed_lines()
     unlisted, stale, found = [], [], set()
     for path in sorted((ROOT / "pskd_store").rglob("*.py")):
         name = path.relative_to(ROOT).as_posix()
@@ -69,7 +68,7 @@ def whole_suite_selected(config: pytest.Config) -> bool:
     option = config.option
     paths = {(config.invocation_params.dir / arg).resolve() for arg in config.args}
     deselected = option.keyword or option.markexpr or option.deselect or getattr(option, "lf", False)
-    return paths == {TESTS} and not deselected
+    return paths in ({TESTS}, {ROOT}) and not deselected
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
@@ -88,11 +87,12 @@ def pytest_runtestloop(session: pytest.Session):
         config_file=str(ROOT / "pyproject.toml")).config.data_file
     data = CoverageData(basename=str(data_file))
     data.read()
-    found = problems(data)
+    listed = listed_lines()
+    found = problems(data, listed)
     for message in found:
         reporter.write_line(f"\nERROR: {message}", red=True, bold=True)
     if not found:
-        reporter.write_line(f"coverage check: every line of pskd_store/ ran, but the {len(listed_lines())} "
+        reporter.write_line(f"coverage check: every line of pskd_store/ ran, but the {len(listed)} "
                             f"listed in {LISTED.name}")
     session.testsfailed += bool(found)
     return result
