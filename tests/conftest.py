@@ -6,8 +6,10 @@ same code path as users (torchvision's own parsers included).
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import importlib.util
+import os
 import pickle
 import random
 import shutil
@@ -15,6 +17,11 @@ import struct
 import subprocess
 from pathlib import Path
 from types import ModuleType
+
+# One compute thread per process, the CLI's subprocesses included (they inherit it): README's
+# two xdist workers share two cores, and OpenMP's waiting threads of one test's process would
+# spin on the core the other needs. A test that measures threads sets its own count.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
@@ -133,9 +140,19 @@ def store(tmp_path: Path, labels: np.ndarray, request: pytest.FixtureRequest) ->
 
 
 @pytest.fixture(scope="session")
-def data_dir(tmp_path_factory) -> Path:
-    """One MNIST-1D cache for the whole session: generated once, like a user's --data-dir."""
-    return tmp_path_factory.mktemp("data")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One MNIST-1D cache for the whole session, like a user's --data-dir: generated once,
+    by the first pytest-xdist worker to ask (the others wait for it, then read it)."""
+    from pskd_store.data import build_datasets
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's directory, above each worker's own
+    data = shared / "mnist1d-data"
+    with open(shared / "mnist1d-data.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        build_datasets("mnist1d", data)  # generates the cache the first time, reads it after
+    return data
 
 
 def _dump(path: Path, obj: dict) -> None:
@@ -188,11 +205,12 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Pat
 
 @pytest.fixture
 def cifar100_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """``cifar-100-python/{train,test,meta}``: 200 train / 100 test random images, all 100 classes."""
+    """``cifar-100-python/{train,test,meta}``: 200 random training images, two of each of the
+    100 classes, and 20 test images (an evaluation of a few batches)."""
     rng = np.random.default_rng(0)
     folder = tmp_path / CIFAR100.base_folder
     folder.mkdir()
-    for name, n in (("train", 200), ("test", 100)):
+    for name, n in (("train", 200), ("test", 20)):
         fine = rng.permutation(np.arange(n) % 100)
         batch = _cifar_batch(rng, fine, "fine_labels", f"{name}ing batch 1 of 1")
         batch["coarse_labels"] = (fine // 5).tolist()

@@ -45,7 +45,7 @@ def small_mnist1d(monkeypatch):
 
 def test_cifar100_builds_from_torchvision_format(cifar100_dir):
     splits = build_datasets("cifar100", cifar100_dir, download=False)
-    assert (len(splits.train), len(splits.test), splits.val) == (200, 100, None)
+    assert (len(splits.train), len(splits.test), splits.val) == (200, 20, None)
     assert splits.num_classes == 100 and splits.input_kind == "32x32"
     _check_items(splits.train, (3, 32, 32), 100, n=8)
     _check_items(splits.test, (3, 32, 32), 100, n=8)

@@ -25,8 +25,9 @@ from pskd_store.store import SoftTargetStore
 pytestmark = pytest.mark.slow  # torchrun, object-store servers, kills: the full suite only
 
 TORCHRUN = shutil.which("torchrun")
-# 8,000 MNIST-1D training signals less one held out: 7,999 does not divide by 2 ranks.
-ODD_TRAIN_SET = ["--val-split", "0.0001"]
+# 2,000 MNIST-1D training signals (200 of each class: short epochs) less one held out:
+# 1,999 does not divide by 2 ranks.
+ODD_TRAIN_SET = ["--train-subset", "2000", "--val-split", "0.0005"]
 
 
 def torchrun(nproc: int, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -66,17 +67,17 @@ def two_rank_run(tmp_path_factory, data_dir) -> Path:
 def test_two_ranks_train_one_run(two_rank_run, data_dir):
     run = two_rank_run
     assert [r["epoch"] for r in rows(run)] == [1, 2, 3]  # one metrics.jsonl, one row per epoch
-    # the train loss and error are of every rank's samples (7,999 and the padding one), not rank 0's
-    assert all(r["train"]["samples"] == 8000 for r in rows(run))
+    # the train loss and error are of every rank's samples (1,999 and the padding one), not rank 0's
+    assert all(r["train"]["samples"] == 2000 for r in rows(run))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "previous.pt"]
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
     store = SoftTargetStore.open(run / "store", read_only=True)
-    assert store.num_samples == 7999 and store.sealed_epochs == [1, 2, 3]
+    assert store.num_samples == 1999 and store.sealed_epochs == [1, 2, 3]
     for epoch in (1, 2, 3):
         info = store.epoch_info(epoch)
-        # DistributedSampler pads 7,999 ids to 2 x 4,000: one id is trained (and written) twice
+        # DistributedSampler pads 1,999 ids to 2 x 1,000: one id is trained (and written) twice
         assert (info["rows_written"], info["ids_written"], info["duplicates"], info["carried_forward"]) == (
-            8000, 7999, 1, 0)
+            2000, 1999, 1, 0)
     # metrics of the whole test set, not of one rank's shard, sample by sample in the test
     # set's order: they equal a one-process eval of the final checkpoint
     test = rows(run)[-1]["test"]
@@ -160,8 +161,9 @@ def _children(pid: int) -> list[int]:
 
 def test_one_process_torchrun_equals_a_plain_run(tmp_path, data_dir):
     plain, launched = tmp_path / "plain", tmp_path / "torchrun"
-    pskd_in_process("train", "--epochs", "2", "--data-dir", str(data_dir), "-o", str(plain), "-q", check=True)
-    torchrun(1, PSKD, "train", "--epochs", "2", "--data-dir", str(data_dir), "-o", str(launched), "-q")
+    args = ["train", "--epochs", "2", "--train-subset", "2000", "--data-dir", str(data_dir), "-q"]
+    pskd_in_process(*args, "-o", str(plain), check=True)
+    torchrun(1, PSKD, *args, "-o", str(launched))
     assert [without_timings(r) for r in rows(launched)] == [without_timings(r) for r in rows(plain)]
     np.testing.assert_array_equal(SoftTargetStore.open(launched / "store", read_only=True).read_epoch(2),
                                   SoftTargetStore.open(plain / "store", read_only=True).read_epoch(2))
@@ -185,7 +187,7 @@ def test_cskd_under_torchrun_writes_every_id_of_its_shards(tmp_path, data_dir):
     for epoch in (1, 2):
         info = store.epoch_info(epoch)
         assert (info["rows_written"], info["ids_written"], info["duplicates"], info["carried_forward"]) == (
-            8000, 7999, 1, 0)
+            2000, 1999, 1, 0)
     assert store.trajectory()["written"].all()
     assert json.loads((run / "config.json").read_text())["method"] == "cskd"
 
@@ -208,10 +210,10 @@ TIMEOUT_SCRIPT = """
 def test_the_timeout_bounds_how_long_a_rank_waits_for_rank_0(tmp_path):
     script = tmp_path / "wait.py"
     script.write_text(textwrap.dedent(TIMEOUT_SCRIPT))
-    patient = torchrun(2, sys.executable, str(script), "30", "3", timeout=60)
+    patient = torchrun(2, sys.executable, str(script), "30", "2", timeout=60)
     assert "rank 1 through" in patient.stdout and "rank 0 through" in patient.stdout
     started = time.time()
-    impatient = torchrun(2, sys.executable, str(script), "1", "8", check=False, timeout=60)
+    impatient = torchrun(2, sys.executable, str(script), "1", "4", check=False, timeout=60)
     assert impatient.returncode != 0 and "rank 1 through" not in impatient.stdout
     assert "Timed out" in impatient.stderr or "timeout" in impatient.stderr.lower()
     assert time.time() - started < 30

@@ -209,3 +209,36 @@ def test_starting_the_training_loader_draws_nothing_from_the_process_stream(tmp_
     before = torch.get_rng_state()
     next(iter(loader))
     assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_resumed_run_takes_up_the_process_stream_where_its_checkpoint_left_it(tmp_path, data_dir, monkeypatch,
+                                                                                 torch_state_kept):
+    """Dropout and ShakeDrop draw from the process's generators: a run resumed from epoch 2's
+    kept checkpoint starts epoch 3 with the torch, NumPy and Python states the uninterrupted
+    run had there, not with those its model's construction left."""
+    import pskd_store.training as training
+    from pskd_store.recipe import TrainConfig
+
+    at_epoch_start: dict[tuple[str, int], tuple] = {}
+    train_epoch = training._train_epoch
+
+    def recording(*args):
+        epoch = args[8]
+        numpy_state = np.random.get_state()
+        at_epoch_start[(phase, epoch)] = (torch.get_rng_state(), (*numpy_state[1], numpy_state[2]), random.getstate())
+        np.random.rand(), random.random()  # what a user's data set may draw in an epoch, besides torch's
+        return train_epoch(*args)
+
+    monkeypatch.setattr(training, "_train_epoch", recording)
+    config = TrainConfig(epochs=3, steps_per_epoch=2, data_dir=str(data_dir)).resolved()
+    phase = "whole"
+    training.train(config, tmp_path / "run", quiet=True)
+    phase = "resumed"
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)  # as a new process's: not the checkpoint's
+    training.train(config, tmp_path / "run", from_epoch=2, quiet=True)
+    assert sorted(at_epoch_start) == [("resumed", 3), ("whole", 1), ("whole", 2), ("whole", 3)]
+    whole, resumed = at_epoch_start[("whole", 3)], at_epoch_start[("resumed", 3)]
+    before = at_epoch_start[("whole", 2)]  # each stream moved in epoch 2: a restore is needed
+    assert not torch.equal(whole[0], before[0]) and whole[1] != before[1] and whole[2] != before[2]
+    assert torch.equal(resumed[0], whole[0])
+    assert resumed[1] == whole[1] and resumed[2] == whole[2]

@@ -143,8 +143,8 @@ def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir, method, aug):
     # Cutout draws random holes every step: the resumed run matches only if every RNG
     # state was restored, not just the weights.
-    args = ["train", "--epochs", "4", "--method", method, "--aug", aug, "--data-dir", str(data_dir), "-q",
-            "--seed", "3"]
+    args = ["train", "--epochs", "4", "--method", method, "--aug", aug, "--train-subset", "1000",
+            "--data-dir", str(data_dir), "-q", "--seed", "3"]
     whole = tmp_path / "whole"
     pskd_in_process(*args, "-o", str(whole), check=True)  # the reference: no process to kill
 
@@ -176,7 +176,8 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir, me
 @pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, data_dir):
     broken = tmp_path / "broken"
-    pskd_in_process("train", "--epochs", "2", "--data-dir", str(data_dir), "-q", "-o", str(broken), check=True)
+    pskd_in_process("train", "--epochs", "2", "--train-subset", "1000", "--data-dir", str(data_dir), "-q",
+                    "-o", str(broken), check=True)
     whole = [without_timings(r) for r in metrics_rows(broken)]  # an uninterrupted run: what the new start repeats
     # what a kill in epoch 1 leaves: no checkpoint yet, half-written temporary files, and
     # here an epoch already sealed (the seal comes before the checkpoint)
@@ -207,11 +208,11 @@ def test_a_live_run_is_locked_and_a_killed_one_is_not(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("arch, method, aug, recorded_per_step", [
-    ("densenet121", "pskd", "none", {16}),
-    ("preact_resnet18", "pskd", "cutmix", {8}),   # PS-KD half recorded, the augmented half not
-    ("preact_resnet18", "pskd", "cutout", {8}),
-    ("preact_resnet18", "ce", "cutout", {16}),    # Cutout on every image: every row is its sample
-    ("preact_resnet18", "ce", "cutmix", {0, 16}),  # a mixed batch records nothing
+    ("densenet121", "pskd", "none", {8}),
+    ("preact_resnet18", "pskd", "cutmix", {4}),   # PS-KD half recorded, the augmented half not
+    ("preact_resnet18", "pskd", "cutout", {4}),
+    ("preact_resnet18", "ce", "cutout", {8}),    # Cutout on every image: every row is its sample
+    ("preact_resnet18", "ce", "cutmix", {0, 8}),  # a mixed batch records nothing
 ])
 @pytest.mark.slow
 def test_cifar100_format_run_for_a_few_steps(tmp_path, cifar100_dir, arch, method, aug, recorded_per_step):
@@ -219,11 +220,11 @@ def test_cifar100_format_run_for_a_few_steps(tmp_path, cifar100_dir, arch, metho
     result = CliRunner().invoke(cli, [
         "train", "--dataset", "cifar100", "--arch", arch, "--method", method, "--aug", aug,
         "--data-dir", str(cifar100_dir), "--no-download", "--epochs", "2", "--steps-per-epoch", "2",
-        "-b", "16", "-j", "0", "-o", str(run), "-q",
+        "-b", "8", "-j", "0", "-o", str(run), "-q",
     ])
     assert result.exit_code == 0, result.output
     rows = metrics_rows(run)
-    assert len(rows) == 2 and rows[-1]["test"]["n"] == 100
+    assert len(rows) == 2 and rows[-1]["test"]["n"] == 20
     info = SoftTargetStore.open(run / "store", read_only=True).epoch_info(2)
     assert info["ids_written"] in {a + b for a in recorded_per_step for b in recorded_per_step}
     assert info["carried_forward"] == 200 - info["ids_written"]
@@ -244,7 +245,7 @@ def test_mixed_batches_make_no_empty_writes(tmp_path, cifar100_dir, monkeypatch)
     result = CliRunner().invoke(cli, [
         "train", "--dataset", "cifar100", "--arch", "preact_resnet18", "--method", "ce", "--aug", "cutmix",
         "--cutmix-prob", "1", "--data-dir", str(cifar100_dir), "--no-download", "--epochs", "1",
-        "--steps-per-epoch", "3", "-b", "16", "-j", "0", "-o", str(run), "-q",
+        "--steps-per-epoch", "3", "-b", "8", "-j", "0", "-o", str(run), "-q",
     ])
     assert result.exit_code == 0, result.output
     assert sizes == []
@@ -265,7 +266,8 @@ def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):
 @pytest.mark.slow
 def test_resume_refuses_new_run_options_and_existing_output_needs_resume(tmp_path, data_dir):
     run = tmp_path / "run"
-    pskd_in_process("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(run), "-q", check=True)
+    pskd_in_process("train", "--epochs", "1", "--steps-per-epoch", "2", "--data-dir", str(data_dir), "-o", str(run),
+                    "-q", check=True)
     again = pskd_in_process("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(run))
     assert again.returncode != 0 and f"continue it with --resume {run}" in again.stderr
     resumed = pskd_in_process("train", "--resume", str(run), "--lr", "0.3")
@@ -277,8 +279,9 @@ def test_methods_differ_only_in_their_targets(tmp_path, data_dir):
     # Same seed and data: in epoch 1 PS-KD has no teacher (one-hot targets), so it trains
     # like CE; from epoch 2 it trains on its soft targets while CE keeps the labels.
     rows = {}
+    small = dict(train_subset=2000, batch_size=32, data_dir=str(data_dir))  # 200 signals of each class
     for method in ("ce", "pskd", "ls"):
-        config = TrainConfig(method=method, epochs=2, data_dir=str(data_dir)).resolved()
+        config = TrainConfig(method=method, epochs=2, **small).resolved()
         train(config, tmp_path / method, quiet=True)
         rows[method] = metrics_rows(tmp_path / method)
     ce, pskd, ls = rows["ce"], rows["pskd"], rows["ls"]
@@ -289,13 +292,13 @@ def test_methods_differ_only_in_their_targets(tmp_path, data_dir):
     assert ls[0]["train"]["loss"] > ce[0]["train"]["loss"] + 0.1  # label smoothing's uniform term
     # TF-KD with its teacher weighted 0 is CE; with the default weight its KL term adds to the loss
     for name, alpha in (("tfkd0", 0.0), ("tfkd", 0.1)):
-        train(TrainConfig(method="tfkd", tfkd_alpha=alpha, epochs=2, data_dir=str(data_dir)).resolved(),
+        train(TrainConfig(method="tfkd", tfkd_alpha=alpha, epochs=2, **small).resolved(),
               tmp_path / name, quiet=True)
     assert metrics_rows(tmp_path / "tfkd0")[1]["train"]["loss"] == pytest.approx(ce[1]["train"]["loss"], rel=1e-5)
     assert metrics_rows(tmp_path / "tfkd")[0]["train"]["loss"] > ce[0]["train"]["loss"] + 0.01
     # CS-KD: the same pair batches with and without the class-wise term (KL >= 0 adds to the loss)
     for name, weight in (("cskd0", 0.0), ("cskd", 1.0)):
-        train(TrainConfig(method="cskd", cskd_weight=weight, epochs=1, data_dir=str(data_dir)).resolved(),
+        train(TrainConfig(method="cskd", cskd_weight=weight, epochs=1, **small).resolved(),
               tmp_path / name, quiet=True)
     cskd0, cskd = (metrics_rows(tmp_path / name)[0]["train"]["loss"] for name in ("cskd0", "cskd"))
     assert cskd > cskd0 + 0.01, (cskd, cskd0)
@@ -373,8 +376,8 @@ def test_fashion_mnist_with_self_distillation_and_cutmix_end_to_end(tmp_path, fa
     data = tmp_path / "data"  # the idx files unpacked where torchvision looks: FashionMNIST/raw/
     _load_fashion_mnist(data, train=True, transform=None, download=False, system_copy=fashion_mnist_gz)
     run = tmp_path / "run"
-    pskd("train", "--dataset", "fashionmnist", "--data-dir", str(data), "--no-download", "--method", method,
-         "--aug", "cutmix", "--epochs", "2", "-b", "32", "-j", "0", "-o", str(run), "-q")
+    pskd_in_process("train", "--dataset", "fashionmnist", "--data-dir", str(data), "--no-download", "--method", method,
+                    "--aug", "cutmix", "--epochs", "2", "-b", "32", "-j", "0", "-o", str(run), "-q", check=True)
     rows = metrics_rows(run)
     assert [row["epoch"] for row in rows] == [1, 2] and rows[-1]["test"]["n"] == 40
     config = json.loads((run / "config.json").read_text())
