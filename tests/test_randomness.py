@@ -226,7 +226,8 @@ def test_a_resumed_run_takes_up_the_process_stream_where_its_checkpoint_left_it(
         epoch = args[8]
         numpy_state = np.random.get_state()
         at_epoch_start[(phase, epoch)] = (torch.get_rng_state(), (*numpy_state[1], numpy_state[2]), random.getstate())
-        np.random.rand(), random.random()  # what a user's data set may draw in an epoch, besides torch's
+        np.random.rand()  # what a user's data set may draw in an epoch, besides torch's
+        random.random()
         return train_epoch(*args)
 
     monkeypatch.setattr(training, "_train_epoch", recording)
@@ -234,7 +235,9 @@ def test_a_resumed_run_takes_up_the_process_stream_where_its_checkpoint_left_it(
     phase = "whole"
     training.train(config, tmp_path / "run", quiet=True)
     phase = "resumed"
-    random.seed(1), np.random.seed(1), torch.manual_seed(1)  # as a new process's: not the checkpoint's
+    random.seed(1)  # the generators as a new process has them: not the checkpoint's
+    np.random.seed(1)
+    torch.manual_seed(1)
     training.train(config, tmp_path / "run", from_epoch=2, quiet=True)
     assert sorted(at_epoch_start) == [("resumed", 3), ("whole", 1), ("whole", 2), ("whole", 3)]
     whole, resumed = at_epoch_start[("whole", 3)], at_epoch_start[("resumed", 3)]
