@@ -31,6 +31,7 @@ from store_helpers import make_labels
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import calculate_md5
 
+from pskd_store.data import build_datasets
 from pskd_store.store import SoftTargetStore
 
 pytest_plugins = ["coverage_check"]  # README's test command also checks what the suite covered
@@ -143,8 +144,6 @@ def store(tmp_path: Path, labels: np.ndarray, request: pytest.FixtureRequest) ->
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One MNIST-1D cache for the whole session, like a user's --data-dir: generated once,
     by the first pytest-xdist worker to ask (the others wait for it, then read it)."""
-    from pskd_store.data import build_datasets
-
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the session's directory, above each worker's own

@@ -35,16 +35,20 @@ def listed_lines() -> dict[tuple[str, str], str]:
     return listed
 
 
+def statements() -> dict[Path, list[int]]:
+    """Each file of pskd_store/ and the numbers of its statement lines, as coverage counts them."""
+    analyser = coverage.Coverage(data_file=None, config_file=str(ROOT / "pyproject.toml"))
+    return {path: analyser.analysis2(str(path))[1] for path in sorted((ROOT / "pskd_store").rglob("*.py"))}
+
+
 def problems(data: CoverageData, listed: dict[tuple[str, str], str]) -> list[str]:
     """The unrun, unlisted lines and the listed lines that ran or are gone, as messages."""
-    analyser = coverage.Coverage(data_file=None, config_file=str(ROOT / "pyproject.toml"))
     unlisted, stale, found = [], [], set()
-    for path in sorted((ROOT / "pskd_store").rglob("*.py")):
+    for path, numbers in statements().items():
         name = path.relative_to(ROOT).as_posix()
-        _, statements, _, _, _ = analyser.analysis2(str(path))
         ran = set(data.lines(str(path)) or ())
         source = path.read_text().splitlines()
-        for number in statements:
+        for number in numbers:
             line = source[number - 1].strip()
             found.add((name, line))
             if number not in ran and (name, line) not in listed:

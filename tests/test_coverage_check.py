@@ -3,22 +3,18 @@ whole suite, where a wrong rule would pass or fail every run unnoticed)."""
 
 from __future__ import annotations
 
-import coverage
+from pathlib import Path
+
 import pytest
 from coverage import CoverageData
-from coverage_check import LISTED, ROOT, TESTS, listed_lines, problems, whole_suite_selected
+from coverage_check import LISTED, ROOT, TESTS, listed_lines, problems, statements, whole_suite_selected
 
 pytest_plugins = ["pytester"]
 
 
-def statements() -> dict[str, list[int]]:
-    analyser = coverage.Coverage(data_file=None, config_file=str(ROOT / "pyproject.toml"))
-    return {str(path): analyser.analysis2(str(path))[1] for path in sorted((ROOT / "pskd_store").rglob("*.py"))}
-
-
-def data_of(ran: dict[str, list[int]]) -> CoverageData:
+def data_of(ran: dict[Path, list[int]]) -> CoverageData:
     data = CoverageData(no_disk=True)
-    data.add_lines({path: set(lines) for path, lines in ran.items()})
+    data.add_lines({str(path): set(lines) for path, lines in ran.items()})
     return data
 
 
@@ -26,15 +22,15 @@ def test_every_line_but_the_listed_ones_passes_and_any_other_gap_is_named():
     listed = listed_lines()
     ran = statements()
     for path, lines in ran.items():
-        name, source = path[len(str(ROOT)) + 1:], open(path).read().splitlines()
+        name, source = path.relative_to(ROOT).as_posix(), path.read_text().splitlines()
         ran[path] = [n for n in lines if (name, source[n - 1].strip()) not in listed]
     assert problems(data_of(ran), listed) == []
 
-    store = str(ROOT / "pskd_store" / "store.py")
+    store = ROOT / "pskd_store" / "store.py"
     missed = ran[store].pop(len(ran[store]) // 2)
     (message,) = problems(data_of(ran), listed)
-    assert message.startswith("lines no test runs") and message.endswith(f"pskd_store/store.py:{missed}: " + open(
-        store).read().splitlines()[missed - 1].strip())
+    assert message.startswith("lines no test runs") and message.endswith(
+        f"pskd_store/store.py:{missed}: " + store.read_text().splitlines()[missed - 1].strip())
 
 
 def test_a_listed_line_that_runs_or_is_gone_is_named():

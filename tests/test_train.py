@@ -141,8 +141,9 @@ def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
 @pytest.mark.parametrize("method, aug", [("pskd", "cutout"), ("tfkd", "cutout"), ("cskd", "cutout")])
 @pytest.mark.slow
 def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir, method, aug):
-    # Cutout draws random holes every step: the resumed run matches only if every RNG
-    # state was restored, not just the weights.
+    # Cutout draws random holes every step (from the seed, epoch and step): the resumed run
+    # matches only if the weights, the optimizer, the schedule and the store were restored.
+    # The process's own generators are test_randomness.py's.
     args = ["train", "--epochs", "4", "--method", method, "--aug", aug, "--train-subset", "1000",
             "--data-dir", str(data_dir), "-q", "--seed", "3"]
     whole = tmp_path / "whole"
