@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import gzip
 import importlib.util
+import multiprocessing
 import os
 import pickle
 import random
@@ -51,21 +52,6 @@ def pskd(*args: str, check: bool = True, timeout: float = 600,
     return done
 
 
-def pskd_started(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """``pskd-store ARGS`` started in the background: a reference run beside the run a test
-    kills, where the pair takes less time than one run after the other (the S3 test:
-    22.5 s -> 19.2 s on 2 cores). :func:`finished` waits for it."""
-    assert PSKD, "pskd-store is not installed: pip install -e ."
-    return subprocess.Popen([PSKD, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def finished(process: subprocess.Popen, timeout: float = 600) -> None:
-    """Wait for a run :func:`pskd_started`; a failure raises with its output."""
-    out, err = process.communicate(timeout=timeout)
-    if process.returncode != 0:
-        raise AssertionError(f"{' '.join(process.args)} failed:\n{out}\n{err}")
-
-
 def benchmark_script(name: str) -> ModuleType:
     """``benchmarks/NAME.py`` loaded as a module, so that a test calls its functions (or
     replaces one) in this process."""
@@ -78,9 +64,10 @@ def benchmark_script(name: str) -> ModuleType:
 def pskd_in_process(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     """``pskd-store ARGS`` run by click's ``CliRunner`` in this process: the same command
     without a Python start and a torch import (~4 s of a 2-core VM's CPU per process), for
-    the many refusals that never train and for the reference runs that no test kills. An
-    exception other than click's exit is raised: a traceback where one line was due. With
-    ``check`` a failure raises with the command's output."""
+    the many refusals that never train, the reference runs and resumes, and (through
+    :func:`pskd_forked`) the runs a test kills. An exception other than click's exit is
+    raised: a traceback where one line was due. With ``check`` a failure raises with the
+    command's output."""
     from click.testing import CliRunner
 
     from pskd_store.cli.main import cli
@@ -91,6 +78,39 @@ def pskd_in_process(*args: str, check: bool = False) -> subprocess.CompletedProc
     if check and result.exit_code != 0:
         raise AssertionError(f"pskd-store {' '.join(args)} failed in this process:\n{result.stdout}\n{result.stderr}")
     return subprocess.CompletedProcess(["pskd-store", *args], result.exit_code, result.stdout, result.stderr)
+
+
+def forked(function, *args, **kwargs) -> multiprocessing.Process:
+    """``function(*args, **kwargs)`` started in a child forked from this process: a real
+    process (killed for real where a test kills it) without a Python start and the imports of
+    torch, Lightning or Transformers (3-11 s of a 2-core VM's CPU each). :func:`exit_code`
+    waits for it."""
+    child = multiprocessing.get_context("fork").Process(target=function, args=args, kwargs=kwargs)
+    child.start()
+    return child
+
+
+def exit_code(child: multiprocessing.Process, timeout: float = 120) -> int | None:
+    """The exit code of a :func:`forked` child (minus the signal that killed it); None if it
+    ran past ``timeout`` seconds, and was killed then."""
+    child.join(timeout)
+    if child.exitcode is None:
+        child.kill()
+        child.join()
+        return None
+    return child.exitcode
+
+
+def pskd_forked(*args: str) -> multiprocessing.Process:
+    """``pskd-store ARGS`` as :func:`pskd_in_process` runs it, in a :func:`forked` child that
+    leads a session of its own: ``os.killpg(child.pid, SIGKILL)`` kills it and its DataLoader
+    workers at once, as a job killed from a shell. Its exit code is the command's."""
+    return forked(_in_own_session, *args)
+
+
+def _in_own_session(*args: str) -> None:
+    os.setsid()
+    raise SystemExit(pskd_in_process(*args).returncode)
 
 
 @pytest.fixture

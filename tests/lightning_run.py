@@ -1,6 +1,6 @@
 """A small Lightning run with the PSKD callback, written as a user writes one: imported by
-tests/test_lightning.py for one process, run as a script for DDP (Lightning re-launches
-the script on each rank) and for a run killed mid-epoch and resumed from its checkpoint.
+tests/test_lightning.py for one process (and a forked one it kills), run as a script for
+DDP (Lightning re-launches the script on each rank).
 
 Each rank saves what its training steps saw (epoch, ids, logits, targets) to
 ``ROOT/seen_rank{R}.pt``; rank 0 saves the final weights to ``ROOT/final.pt``.
@@ -91,10 +91,5 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("root", type=Path)
     parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--kill-in-epoch", type=int)
-    parser.add_argument("--kill-at", choices=["mid-epoch", "after-seal"], default="mid-epoch")
     args = parser.parse_args()
-    fit(args.root, devices=args.devices, epochs=args.epochs, workers=args.workers, kill_in_epoch=args.kill_in_epoch,
-        kill_at=args.kill_at)
+    fit(args.root, devices=args.devices)

@@ -18,6 +18,7 @@ pytest.importorskip("lightning", reason="the Lightning integration needs pip ins
 
 import lightning.pytorch as pl  # noqa: E402
 import lightning_run  # noqa: E402  (tests/ is on the path)
+from conftest import exit_code, forked  # noqa: E402
 from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning_run import K, fit  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
@@ -103,8 +104,7 @@ def test_a_killed_run_resumes_into_an_uninterrupted_run(tmp_path, kill_at, seale
     the resume from epoch 2's checkpoint rolls the store back and repeats epoch 3 exactly."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     fit(whole, epochs=EPOCHS)
-    result = run_script(killed, "--kill-in-epoch", "3", "--kill-at", kill_at)
-    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert exit_code(forked(fit, killed, epochs=EPOCHS, kill_in_epoch=3, kill_at=kill_at)) == -signal.SIGKILL
     assert SoftTargetStore.open(killed / "store").sealed_epochs == sealed
     resumed = fit(killed, epochs=EPOCHS, resume=True)
     assert [epoch for epoch, *_ in resumed.seen][0] == 3

@@ -8,13 +8,12 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import time
 
 import numpy as np
 import pytest
 import torch
-from conftest import PSKD, finished, pskd_in_process, pskd_started
+from conftest import exit_code, pskd_forked, pskd_in_process
 
 from pskd_store.errors import StoreDamagedError
 from pskd_store.store import SoftTargetStore
@@ -55,21 +54,20 @@ def s3(tmp_path_factory) -> dict[str, str]:
 def test_train_kill_resume_into_s3_matches_a_local_run(tmp_path, s3, data_dir):
     args = ["train", "--epochs", "3", "--steps-per-epoch", "10", "--workers", "0", "--data-dir", str(data_dir), "-q",
             "--seed", "5"]
-    reference = pskd_started(*args, "-o", str(tmp_path / "local"), env=s3)
+    reference = pskd_forked(*args, "-o", str(tmp_path / "local"))  # beside the killed run: 2 cores
 
-    url = "s3://runs/remote/store"
+    url = "s3://runs/remote/store"  # the s3 fixture's environment is this process's, and its children's
     run = tmp_path / "remote"
-    proc = subprocess.Popen([PSKD, *args, "-o", str(run), "--store", url], env=s3, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed = pskd_forked(*args, "-o", str(run), "--store", url)
     deadline = time.time() + 120
     while time.time() < deadline and not ((run / "metrics.jsonl").is_file()
                                           and (run / "metrics.jsonl").read_text().count("\n") >= 1):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    os.killpg(killed.pid, signal.SIGKILL)
+    assert exit_code(killed, timeout=60) == -signal.SIGKILL
     assert SoftTargetStore.open(url).sealed_epochs in ([1], [1, 2]), "killed part-way through the run"
     pskd_in_process("train", "--resume", str(run), "-q", check=True)  # s3: this process's environment too
-    finished(reference)
+    assert exit_code(reference) == 0
 
     remote, local = SoftTargetStore.open(url, read_only=True), SoftTargetStore.open(tmp_path / "local" / "store")
     assert remote.sealed_epochs == local.sealed_epochs == [1, 2, 3]

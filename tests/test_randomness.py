@@ -10,7 +10,6 @@ import os
 import random
 import runpy
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PSKD, pskd_in_process
+from conftest import exit_code, pskd_forked, pskd_in_process
 from store_helpers import write_epoch
 from test_distributed import torchrun
 from torch.utils.data import DataLoader, Dataset
@@ -144,10 +143,6 @@ def _rows(run: Path) -> list[dict]:
     return rows
 
 
-def _pskd(*args: str) -> None:
-    subprocess.run([PSKD, *args], check=True, capture_output=True, timeout=300)
-
-
 @pytest.mark.slow
 def test_a_run_resumed_with_new_workers_repeats_an_uninterrupted_one(tmp_path, fashion_mnist_gz):
     """Fashion-MNIST files, random crop and flip in two DataLoader workers, Cutout in the
@@ -158,20 +153,19 @@ def test_a_run_resumed_with_new_workers_repeats_an_uninterrupted_one(tmp_path, f
     args = ["train", "--dataset", "fashionmnist", "--data-dir", str(data), "--no-download", "--aug", "cutout",
             "--epochs", "6", "-b", "32", "-q"]
     whole, broken, no_workers = tmp_path / "whole", tmp_path / "broken", tmp_path / "no-workers"
-    _pskd(*args, "-j", "2", "-o", str(whole))
-    pskd_in_process(*args, "-j", "0", "-o", str(no_workers), check=True)  # no workers: no fork here
+    pskd_in_process(*args, "-j", "2", "-o", str(whole), check=True)
+    pskd_in_process(*args, "-j", "0", "-o", str(no_workers), check=True)
 
-    proc = subprocess.Popen([PSKD, *args, "-j", "2", "-o", str(broken)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    run = pskd_forked(*args, "-j", "2", "-o", str(broken))
     deadline = time.time() + 120
     # epoch 3's row comes after epoch 2's checkpoint
     while time.time() < deadline and not ((broken / "metrics.jsonl").exists() and len(_rows(broken)) >= 3):
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    os.killpg(run.pid, signal.SIGKILL)  # and its workers
+    assert exit_code(run, timeout=60) == -signal.SIGKILL
     done = torch.load(broken / "checkpoints" / "last.pt", weights_only=False)["epoch"]
     assert 2 <= done < 6, "the run must be killed part-way"
-    _pskd("train", "--resume", str(broken), "-q")
+    pskd_in_process("train", "--resume", str(broken), "-q", check=True)
 
     assert _rows(broken) == _rows(whole) == _rows(no_workers)
     final = [SoftTargetStore.open(run / "store", read_only=True).read_epoch(6) for run in (broken, whole, no_workers)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import exit_code, forked
 from store_helpers import epoch_probs, make_labels, write_epoch
 
 from pskd_store.errors import StoreDamagedError
@@ -142,27 +144,23 @@ def test_unwritten_ids_carry_forward_or_get_one_hot(store, labels):
     np.testing.assert_allclose(e2[15:], p2[15:], atol=1e-3)
 
 
-@pytest.mark.slow
 def test_several_writer_processes_fill_one_epoch(store, labels):
     """Two real processes write interleaved (disjoint) ids of one epoch at the same time."""
-    script = textwrap.dedent(f"""
-        import sys, numpy as np, torch
-        sys.path.insert(0, {str(Path(__file__).parent)!r})
-        from pskd_store.store import SoftTargetStore
-        from store_helpers import epoch_probs
-        rank = int(sys.argv[1])
-        store = SoftTargetStore.open({store.url!r})
-        probs = epoch_probs(1, store.num_samples, store.num_classes)
-        ids = np.random.default_rng(5).permutation(store.num_samples)[rank::2]
-        with store.writer(1, rank=rank, from_logits=False) as writer:
-            for s in range(0, len(ids), 8):
-                writer.write(torch.from_numpy(ids[s:s + 8]), torch.from_numpy(probs[ids[s:s + 8]]))
-    """)
-    procs = [subprocess.Popen([sys.executable, "-c", script, str(rank)]) for rank in (0, 1)]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    writers = [forked(_write_shard, store.url, rank) for rank in (0, 1)]
+    assert [exit_code(writer) for writer in writers] == [0, 0]
     info = store.seal(1)
     assert info["ids_written"] == N and info["duplicates"] == 0 and info["carried_forward"] == 0
     np.testing.assert_allclose(store.read_epoch(1), epoch_probs(1, N, K), atol=1e-3)
+
+
+def _write_shard(url: str, rank: int) -> None:
+    """Rank ``rank`` of two writes its half of epoch 1, a few rows a call, from its own store object."""
+    store = SoftTargetStore.open(url)
+    probs = epoch_probs(1, store.num_samples, store.num_classes)
+    ids = np.random.default_rng(5).permutation(store.num_samples)[rank::2]
+    with store.writer(1, rank=rank, from_logits=False) as writer:
+        for s in range(0, len(ids), 8):
+            writer.write(torch.from_numpy(ids[s:s + 8]), torch.from_numpy(probs[ids[s:s + 8]]))
 
 
 # -- the streaming seal: coverage rules, exactly, over many chunks, buckets and parts ---------
@@ -313,26 +311,26 @@ def test_an_abandoned_or_failed_writer_gives_its_part_up(store):
     np.testing.assert_allclose(store.read_epoch(1), p1, atol=1e-3)
 
 
-@pytest.mark.slow
+def _hold_part(url: str, held, release) -> None:
+    """Hold rank 0's part of epoch 1 from ``held`` until ``release``, then close it."""
+    writer = SoftTargetStore.open(url).writer(1, rank=0)
+    held.set()
+    release.wait(60)
+    writer.close()
+
+
 def test_a_part_held_by_another_process_is_refused(store):
-    script = textwrap.dedent(f"""
-        import sys
-        from pskd_store.store import SoftTargetStore
-        writer = SoftTargetStore.open({store.url!r}).writer(1, rank=0)
-        print("holding", flush=True)
-        sys.stdin.readline()
-        writer.close()
-    """)
-    holder = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    held, release = (multiprocessing.get_context("fork").Event() for _ in range(2))
+    holder = forked(_hold_part, store.url, held, release)
     try:
-        assert holder.stdout.readline().strip() == "holding"
+        assert held.wait(60)
         with pytest.raises(StoreError, match=rf"rank 0 of epoch 1 already has a writer: process {holder.pid} on "):
             store.writer(1, rank=0)
         with pytest.raises(StoreError, match=rf"cannot discard rank 0 of epoch 1: process {holder.pid}"):
             store.discard_staging(1)
     finally:
-        holder.communicate("\n", timeout=60)
-    assert holder.returncode == 0
+        release.set()
+    assert exit_code(holder) == 0
     with pytest.raises(StoreError, match="already closed its staging part"):
         store.writer(1, rank=0)
 
@@ -470,28 +468,28 @@ def test_each_chunk_waits_for_the_device_copies_into_it(store, monkeypatch):
     np.testing.assert_allclose(store.read_epoch(1)[:100], logits.softmax(1).numpy(), atol=1e-3)
 
 
-@pytest.mark.slow
+def _write_until_killed(url: str, writing) -> None:
+    """Write epoch 3, 10 rows a millisecond, forever; ``writing`` once 41 writes are in."""
+    store = SoftTargetStore.open(url)
+    writer = store.writer(3)
+    for step in range(10**6):
+        ids = torch.arange(step * 10, step * 10 + 10) % store.num_samples
+        writer.write(ids, torch.randn(10, store.num_classes))
+        if step == 40:
+            writing.set()
+        time.sleep(0.001)
+
+
 def test_crash_before_seal_leaves_last_sealed_epoch_intact(store, labels):
     write_epoch(store, 1)
     write_epoch(store, 2)
     before = store.read_epoch(2).copy()
-    script = textwrap.dedent(f"""
-        import sys, time, numpy as np, torch
-        from pskd_store.store import SoftTargetStore
-        store = SoftTargetStore.open({store.url!r})
-        writer = store.writer(3)
-        for step in range(10**6):
-            ids = torch.arange(step * 10, step * 10 + 10) % store.num_samples
-            writer.write(ids, torch.randn(10, store.num_classes))
-            if step == 40:
-                print("writing", flush=True)
-            time.sleep(0.001)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "writing"
+    writing = multiprocessing.get_context("fork").Event()
+    writer = forked(_write_until_killed, store.url, writing)
+    assert writing.wait(60)
     time.sleep(0.2)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    writer.kill()
+    assert exit_code(writer, timeout=30) == -signal.SIGKILL
     assert (Path(store.url) / "staging" / "epoch_0003").exists()  # it did write rows
 
     reopened = SoftTargetStore.open(store.url, labels=labels)

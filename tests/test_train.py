@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import PSKD, pskd, pskd_in_process
+from conftest import PSKD, exit_code, pskd, pskd_forked, pskd_in_process
 from store_helpers import write_epoch
 
 from pskd_store.augment import CUTOUT_HOLE
@@ -150,15 +150,14 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir, me
     pskd_in_process(*args, "-o", str(whole), check=True)  # the reference: no process to kill
 
     broken = tmp_path / "broken"
-    proc = subprocess.Popen([PSKD, *args, "-o", str(broken)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    run = pskd_forked(*args, "-o", str(broken))
     deadline = time.time() + 300
     while time.time() < deadline and not (
         (broken / "metrics.jsonl").exists() and len(metrics_rows(broken)) >= 3  # so epoch 2 is checkpointed
     ):
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    os.killpg(run.pid, signal.SIGKILL)
+    assert exit_code(run, timeout=60) == -signal.SIGKILL
     done = torch.load(broken / "checkpoints" / "last.pt", weights_only=False)["epoch"]
     assert 2 <= done < 4, "the run must be killed part-way"
     store = SoftTargetStore.open(broken / "store")
@@ -194,16 +193,15 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, data_dir
 @pytest.mark.slow
 def test_a_live_run_is_locked_and_a_killed_one_is_not(tmp_path, data_dir):
     run = tmp_path / "run"
-    proc = subprocess.Popen([PSKD, "train", "--epochs", "40", "--data-dir", str(data_dir), "-o", str(run), "-q"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = pskd_forked("train", "--epochs", "40", "--data-dir", str(data_dir), "-o", str(run), "-q")
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "checkpoints" / "last.pt").exists():
         time.sleep(0.02)
     second = pskd_in_process("train", "--resume", str(run), "-q")
-    assert second.returncode != 0 and f"is being trained by process {proc.pid}" in second.stderr
+    assert second.returncode != 0 and f"is being trained by process {first.pid}" in second.stderr
     assert "Traceback" not in second.stderr
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    os.killpg(first.pid, signal.SIGKILL)
+    assert exit_code(first, timeout=60) == -signal.SIGKILL
     with RunDirectory(run).lock():  # the dead process left no stale lock (the resume takes this lock)
         pass
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import torch.nn.functional as F
 pytest.importorskip("transformers", reason="the Hugging Face integration needs pip install -e '.[transformers]'")
 pytest.importorskip("accelerate", reason="the Hugging Face integration needs pip install -e '.[transformers]'")
 
+from conftest import exit_code, forked  # noqa: E402
 from transformers_run import K, N, fine_tune  # noqa: E402  (tests/ is on the path)
 
 from pskd_store import SoftTargetStore, StoreError  # noqa: E402
@@ -67,9 +67,7 @@ def test_a_run_killed_after_a_seal_resumes_from_its_checkpoint_into_an_uninterru
     checkpoint rolls the store back and repeats epoch 3 exactly, with DataLoader workers."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     fine_tune(whole, epochs=EPOCHS)
-    result = subprocess.run([sys.executable, str(SCRIPT), str(killed), "--kill-in-epoch", "3"], capture_output=True,
-                            text=True, timeout=120)
-    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert exit_code(forked(fine_tune, killed, kill_in_epoch=3)) == -signal.SIGKILL
     assert SoftTargetStore.open(killed / "store").sealed_epochs == [1, 2, 3]
     resumed = fine_tune(killed, epochs=EPOCHS, resume=True)
     assert {epoch for epoch, *_ in resumed.seen} == {3}

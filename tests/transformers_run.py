@@ -1,7 +1,7 @@
 """A small Hugging Face fine-tuning run with PSKDTrainer, written as a user writes one: a
 tiny BERT built from a config (no download), a word-level tokenizer made here, and a
 four-class text set whose class shows in its words. Imported by
-tests/test_transformers.py, and run as a script for a run killed mid-epoch.
+tests/test_transformers.py (which forks the run it kills), and run as a script under torchrun.
 
 Each rank saves what its training steps saw (epoch, ids, logits, loss) to
 ``ROOT/seen_rank{R}.pt``; rank 0 saves the final weights to ``ROOT/final.pt``. Under
@@ -109,6 +109,4 @@ def fine_tune(root: Path, *, epochs: int = 3, workers: int = 2, kill_in_epoch: i
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("root", type=Path)
-    parser.add_argument("--kill-in-epoch", type=int)
-    args = parser.parse_args()
-    fine_tune(args.root, kill_in_epoch=args.kill_in_epoch)
+    fine_tune(parser.parse_args().root)
