@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="mnist1d")
     parser.add_argument("--data-dir", default="data")
+    parser.add_argument("--train-subset", type=int,
+                        help="n training samples, n/K of each class, as `pskd-store train --train-subset`: a quick try")
     parser.add_argument("--arch", default="mnist1d_cnn")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -256,7 +258,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    splits = build_datasets(args.dataset, args.data_dir)
+    splits = build_datasets(args.dataset, args.data_dir, train_subset=args.train_subset)
     rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
     parts: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
     fixed: list[float] = []

@@ -26,15 +26,16 @@ def test_the_arms_take_turns_step_by_step_in_an_order_rotated_each_epoch(data_di
 
     monkeypatch.setattr(benchmark, "arm_epochs", logged)
     malloc = "default" if evaluate else "keep"
-    monkeypatch.setattr(sys, "argv", ["train_overhead.py", "--data-dir", str(data_dir), "--epochs", "2", "--repeats",
-                                      "1", "--threads", "1", "--malloc", malloc, *(["--evaluate"] if evaluate else [])])
+    monkeypatch.setattr(sys, "argv", ["train_overhead.py", "--data-dir", str(data_dir), "--train-subset", "1000",
+                                      "--epochs", "2", "--repeats", "1", "--threads", "1", "--malloc", malloc,
+                                      *(["--evaluate"] if evaluate else [])])
     benchmark.main()
     report = json.loads(capsys.readouterr().out)
     assert [turn for turn in turns if turn[1] is not None] == [
         ("ce", 1), ("store", 1), ("teacher", 1), ("store", 2), ("teacher", 2), ("ce", 2)]
     steps = [arm for arm, epoch in turns if epoch is None]
-    per_epoch = len(steps) // 6
-    assert per_epoch > 1 and steps == ["ce", "store", "teacher"] * per_epoch + ["store", "teacher", "ce"] * per_epoch
+    per_epoch = len(steps) // 6  # ceil(1000 / 128) batches of the subset
+    assert per_epoch == 8 and steps == ["ce", "store", "teacher"] * per_epoch + ["store", "teacher", "ce"] * per_epoch
     assert report["machine"]["freed_memory_kept"] is (malloc == "keep")  # glibc, on this machine
     for arm, parts in report["parts_ms_per_epoch"].items():  # an arm's epoch is its own turns, not the others'
         assert 1000 * report["epoch_s"][arm] == pytest.approx(sum(parts.values()), rel=1e-9)
