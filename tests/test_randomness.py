@@ -156,13 +156,13 @@ def test_a_run_resumed_with_new_workers_repeats_an_uninterrupted_one(tmp_path, f
     pskd_in_process(*args, "-j", "2", "-o", str(whole), check=True)
     pskd_in_process(*args, "-j", "0", "-o", str(no_workers), check=True)
 
-    run = pskd_forked(*args, "-j", "2", "-o", str(broken))
+    killed = pskd_forked(*args, "-j", "2", "-o", str(broken))
     deadline = time.time() + 120
     # epoch 3's row comes after epoch 2's checkpoint
     while time.time() < deadline and not ((broken / "metrics.jsonl").exists() and len(_rows(broken)) >= 3):
         time.sleep(0.01)
-    os.killpg(run.pid, signal.SIGKILL)  # and its workers
-    assert exit_code(run, timeout=60) == -signal.SIGKILL
+    os.killpg(killed.pid, signal.SIGKILL)  # and its workers
+    assert exit_code(killed, timeout=60) == -signal.SIGKILL
     done = torch.load(broken / "checkpoints" / "last.pt", weights_only=False)["epoch"]
     assert 2 <= done < 6, "the run must be killed part-way"
     pskd_in_process("train", "--resume", str(broken), "-q", check=True)

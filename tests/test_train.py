@@ -150,14 +150,14 @@ def test_resume_after_a_kill_matches_an_uninterrupted_run(tmp_path, data_dir, me
     pskd_in_process(*args, "-o", str(whole), check=True)  # the reference: no process to kill
 
     broken = tmp_path / "broken"
-    run = pskd_forked(*args, "-o", str(broken))
+    killed = pskd_forked(*args, "-o", str(broken))
     deadline = time.time() + 300
     while time.time() < deadline and not (
         (broken / "metrics.jsonl").exists() and len(metrics_rows(broken)) >= 3  # so epoch 2 is checkpointed
     ):
         time.sleep(0.02)
-    os.killpg(run.pid, signal.SIGKILL)
-    assert exit_code(run, timeout=60) == -signal.SIGKILL
+    os.killpg(killed.pid, signal.SIGKILL)
+    assert exit_code(killed, timeout=60) == -signal.SIGKILL
     done = torch.load(broken / "checkpoints" / "last.pt", weights_only=False)["epoch"]
     assert 2 <= done < 4, "the run must be killed part-way"
     store = SoftTargetStore.open(broken / "store")
