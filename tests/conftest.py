@@ -80,12 +80,16 @@ def pskd_in_process(*args: str, check: bool = False) -> subprocess.CompletedProc
     return subprocess.CompletedProcess(["pskd-store", *args], result.exit_code, result.stdout, result.stderr)
 
 
+FORK = multiprocessing.get_context("fork")
+"""What :func:`forked` starts its children with: their Events and Queues come from it too."""
+
+
 def forked(function, *args, **kwargs) -> multiprocessing.Process:
     """``function(*args, **kwargs)`` started in a child forked from this process: a real
     process (killed for real where a test kills it) without a Python start and the imports of
     torch, Lightning or Transformers (3-11 s of a 2-core VM's CPU each). :func:`exit_code`
     waits for it."""
-    child = multiprocessing.get_context("fork").Process(target=function, args=args, kwargs=kwargs)
+    child = FORK.Process(target=function, args=args, kwargs=kwargs)
     child.start()
     return child
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import exit_code, forked
+from conftest import FORK, exit_code, forked
 from store_helpers import epoch_probs, make_labels, write_epoch
 
 from pskd_store.errors import StoreDamagedError
@@ -320,7 +319,7 @@ def _hold_part(url: str, held, release) -> None:
 
 
 def test_a_part_held_by_another_process_is_refused(store):
-    held, release = (multiprocessing.get_context("fork").Event() for _ in range(2))
+    held, release = (FORK.Event() for _ in range(2))
     holder = forked(_hold_part, store.url, held, release)
     try:
         assert held.wait(60)
@@ -484,7 +483,7 @@ def test_crash_before_seal_leaves_last_sealed_epoch_intact(store, labels):
     write_epoch(store, 1)
     write_epoch(store, 2)
     before = store.read_epoch(2).copy()
-    writing = multiprocessing.get_context("fork").Event()
+    writing = FORK.Event()
     writer = forked(_write_until_killed, store.url, writing)
     assert writing.wait(60)
     time.sleep(0.2)
