@@ -1,7 +1,9 @@
 """Shared fixtures.
 
 Data fixtures write small data sets in the real on-disk formats, so tests take the
-same code path as users (torchvision's own parsers included).
+same code path as users (torchvision's own parsers included). torch, torchvision and
+pskd_store are imported by the fixtures that use them: pytest-xdist's controller loads this
+file too, runs no test, and would otherwise spend 4 s importing them before any worker starts.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import random
 import shutil
 import struct
 import subprocess
+import tempfile
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 # One compute thread per process, the CLI's subprocesses included (they inherit it): README's
 # two xdist workers share two cores, and OpenMP's waiting threads of one test's process would
@@ -26,14 +30,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
-from store_helpers import make_labels
-from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import calculate_md5
 
-from pskd_store.data import build_datasets
-from pskd_store.store import SoftTargetStore
+if TYPE_CHECKING:
+    from torchvision.datasets import CIFAR10
+
+    from pskd_store.store import SoftTargetStore
+
+# Temporary files in memory where /dev/shm has room (a TMPDIR the user set is kept): the suite
+# creates and deletes tens of thousands of files (zarr chunks, checkpoints, runs), and on an ext4
+# disk without a journal (this VM's) each new file steps over every inode deleted in the last
+# 30 s: a third of the suite's kernel time. tmp_path, tempfile and the CLI's subprocesses (which
+# inherit TMPDIR) all write there; the suite's peak is about 1 GB.
+SHARED_MEMORY = Path("/dev/shm")
+if "TMPDIR" not in os.environ and SHARED_MEMORY.is_dir() and shutil.disk_usage(SHARED_MEMORY).free > 8 << 30:
+    os.environ["TMPDIR"] = tempfile.tempdir = str(SHARED_MEMORY)
 
 pytest_plugins = ["coverage_check"]  # README's test command also checks what the suite covered
 
@@ -138,6 +148,8 @@ def torch_state_kept():
     """Put back what an in-process Lightning or Hugging Face fit changes for the whole
     process (thread count, deterministic algorithms, the global generators that
     ``transformers.set_seed`` seeds): the tests after it compare results to recorded values."""
+    import torch
+
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     generators = torch.get_rng_state(), np.random.get_state(), random.getstate()
     yield
@@ -151,6 +163,8 @@ def torch_state_kept():
 @pytest.fixture
 def labels(request: pytest.FixtureRequest) -> np.ndarray:
     """Labels of the test module's ``N`` samples and ``K`` classes (seed ``LABEL_SEED``, or 0)."""
+    from store_helpers import make_labels
+
     module = request.module
     return make_labels(module.N, module.K, seed=getattr(module, "LABEL_SEED", 0))
 
@@ -159,6 +173,8 @@ def labels(request: pytest.FixtureRequest) -> np.ndarray:
 def store(tmp_path: Path, labels: np.ndarray, request: pytest.FixtureRequest) -> SoftTargetStore:
     """An empty store of those labels, in chunks of the module's ``CHUNK_ROWS`` rows (and
     top-k rows when it sets ``TOPK``); a module that needs epochs in it overrides this."""
+    from pskd_store.store import SoftTargetStore
+
     module = request.module
     return SoftTargetStore.create(tmp_path / "store", labels, module.K, chunk_rows=module.CHUNK_ROWS,
                                   topk=getattr(module, "TOPK", None))
@@ -168,6 +184,8 @@ def store(tmp_path: Path, labels: np.ndarray, request: pytest.FixtureRequest) ->
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One MNIST-1D cache for the whole session, like a user's --data-dir: generated once,
     by the first pytest-xdist worker to ask (the others wait for it, then read it)."""
+    from pskd_store.data import build_datasets
+
     shared = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         shared = shared.parent  # the session's directory, above each worker's own
@@ -204,6 +222,8 @@ def _trust_written_files(monkeypatch: pytest.MonkeyPatch, cls: type[CIFAR10], ro
     The check itself, the loader and the parser stay torchvision's; only the
     reference checksums (class attributes) are swapped, and monkeypatch restores them.
     """
+    from torchvision.datasets.utils import calculate_md5
+
     folder = root / cls.base_folder
 
     def md5(name: str) -> str:
@@ -230,6 +250,8 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Pat
 def cifar100_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``cifar-100-python/{train,test,meta}``: 200 random training images, two of each of the
     100 classes, and 20 test images (an evaluation of a few batches)."""
+    from torchvision.datasets import CIFAR100
+
     rng = np.random.default_rng(0)
     folder = tmp_path / CIFAR100.base_folder
     folder.mkdir()
@@ -249,6 +271,8 @@ def cifar100_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def cifar10_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``cifar-10-batches-py/``: five 20-image training batches and a 20-image test batch."""
+    from torchvision.datasets import CIFAR10
+
     rng = np.random.default_rng(1)
     folder = tmp_path / CIFAR10.base_folder
     folder.mkdir()
@@ -269,6 +293,8 @@ def cifar10_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def imagefolder_dir(tmp_path: Path) -> Path:
     """``train/<class>/*.png`` (4 per class) and ``val/<class>/*.png`` (2 per class), 3 classes."""
+    from PIL import Image
+
     rng = np.random.default_rng(2)
     for split, per_class in (("train", 4), ("val", 2)):
         for cls in ("ant", "bee", "cat"):

@@ -28,7 +28,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from conftest import PSKD, pskd, pskd_in_process
+from conftest import exit_code, forked, pskd, pskd_in_process
 from store_helpers import epoch_probs, make_labels, write_epoch
 from torch.utils.data import TensorDataset
 
@@ -376,13 +376,27 @@ def test_a_read_only_store_still_serves_teachers_from_a_writable_cache(shared_di
     assert sealed_snapshot(shared_dir / "store") == before
 
 
-def no_room(limit: int) -> Callable[[], None]:
-    """For a subprocess: no file may grow past ``limit`` bytes (RLIMIT_FSIZE), and a write
-    that would fails with an error instead of a signal: what a full disk looks like."""
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    return apply
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """In this process: no file may grow past ``limit`` bytes, and a write that would fails
+    with an error instead of a signal (a full disk), until the block ends."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def _resume_without_room(run: Path, limit: int) -> None:
+    """In a :func:`forked` child: ``pskd-store train --resume RUN`` where no file may grow past
+    ``limit`` bytes; its stderr kept beside the run."""
+    with file_size_limit(limit):
+        result = pskd_in_process("train", "--resume", str(run), "-q")
+    (run.parent / "stderr.txt").write_text(result.stderr)
+    raise SystemExit(result.returncode)
 
 
 @pytest.mark.parametrize("limit, message", [
@@ -397,27 +411,13 @@ def test_running_out_of_room_is_one_line_naming_the_path(tmp_path, trained_run, 
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "epochs": 3}))  # one epoch left to train
     before = sealed_snapshot(run / "store")
-    result = subprocess.run([PSKD, "train", "--resume", str(run), "-q"], capture_output=True, text=True,
-                            timeout=300, preexec_fn=no_room(limit))
-    assert result.returncode == 1 and message.format(run=run) in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+    assert exit_code(forked(_resume_without_room, run, limit)) == 1
+    kept = tmp_path / "stderr.txt"
+    assert kept.exists(), "the command raised (its traceback is above) where one line was due"
+    assert message.format(run=run) in kept.read_text() and "Traceback" not in kept.read_text(), kept.read_text()
     assert SoftTargetStore.open(run / "store").sealed_epochs[:2] == [1, 2]
     if "checkpoint" not in message:  # epoch 3 was never sealed
         assert sealed_snapshot(run / "store") == before
-
-
-@contextlib.contextmanager
-def file_size_limit(limit: int):
-    """In this process: no file may grow past ``limit`` bytes, and a write that would fails
-    with an error instead of a signal (a full disk), until the block ends."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
 
 
 def test_a_full_scratch_disk_during_the_seal_loses_nothing_sealed(tmp_path, monkeypatch):

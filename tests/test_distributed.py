@@ -1,24 +1,30 @@
 """Several processes for real: torchrun with the gloo backend on CPU, real kills.
 
-Each test launches its own torchrun and stays well under a minute on 2 cores.
+Training under torchrun is launched by torchrun; the tests of what ranks do together (a
+barrier's timeout, two ranks' shards) fork their ranks with torchrun's environment. Each test
+stays well under a minute on 2 cores.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import signal
 import subprocess
-import sys
-import textwrap
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PSKD, pskd_in_process
+import torch
+import torch.distributed as dist
+from conftest import FORK, PSKD, exit_code, forked, pskd_in_process
+from torch.utils.data import DistributedSampler
 
+from pskd_store.distributed import setup, teardown
 from pskd_store.metrics import evaluate
 from pskd_store.store import SoftTargetStore
 
@@ -37,6 +43,22 @@ def torchrun(nproc: int, *args: str, check: bool = True, timeout: float = 120) -
         errors = "\n".join(line for line in result.stderr.splitlines() if "Error" in line)
         raise AssertionError(f"{' '.join(command)} failed:\n{result.stdout}\n{errors}\n{result.stderr[-3000:]}")
     return result
+
+
+def gloo_ranks(world_size: int, rank_main, *args) -> list[multiprocessing.Process]:
+    """``rank_main(*args)`` in ``world_size`` children forked from this process, each with the
+    environment torchrun gives its ranks on one node: real processes in a real gloo group,
+    without torchrun's and each rank's Python start (3-5 s of CPU each). For tests of what
+    ranks do together; training under torchrun itself is launched by torchrun."""
+    assert not dist.is_initialized(), "a forked rank would inherit this process's group"
+    port = str(_free_port())
+
+    def as_rank(rank: int) -> None:
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                          LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        rank_main(*args)
+
+    return [forked(as_rank, rank) for rank in range(world_size)]
 
 
 def _free_port() -> int:
@@ -93,36 +115,32 @@ def test_two_ranks_train_one_run(two_rank_run, data_dir):
         np.testing.assert_allclose(trained_probs, one_process["probs"], atol=1e-6)
 
 
+def _write_a_shard(root: Path) -> None:
+    """A rank of :func:`gloo_ranks`: writes DistributedSampler's shard of an odd N as training
+    does, each row marking the rank that wrote it; rank 0 seals after a barrier."""
+    dist.init_process_group("gloo")
+    rank, n, k = dist.get_rank(), 1001, 5
+    labels = np.arange(n) % k
+    if rank == 0:
+        SoftTargetStore.create(root / "store", labels, k, dtype="float32", chunk_rows=64)
+    dist.barrier()
+    store = SoftTargetStore.open(root / "store", labels=labels)
+    ids = torch.tensor(list(DistributedSampler(range(n), num_replicas=2, rank=rank, shuffle=True, seed=7)))
+    np.save(root / f"ids{rank}.npy", ids.numpy())
+    probs = torch.full((len(ids), k), 0.1)
+    probs[:, 0] = 0.4 + 0.1 * rank  # which rank wrote it (rows sum to 1)
+    probs[:, 1] = 0.3 - 0.1 * rank
+    with store.writer(1, rank=rank, from_logits=False) as writer:
+        for batch in range(0, len(ids), 32):
+            writer.write(ids[batch:batch + 32], probs[batch:batch + 32])
+    dist.barrier()
+    if rank == 0:
+        store.seal(1)
+    dist.destroy_process_group()
+
+
 def test_each_id_keeps_what_the_rank_that_trained_on_it_wrote(tmp_path):
-    # Two ranks write DistributedSampler's shards of an odd N as training does, each row
-    # marking the rank that wrote it; rank 0 seals after a barrier.
-    script = tmp_path / "ranks.py"
-    script.write_text(textwrap.dedent(f"""
-        import numpy as np, torch, torch.distributed as dist
-        from torch.utils.data import DistributedSampler
-        from pskd_store import SoftTargetStore
-        dist.init_process_group("gloo")
-        rank, n, k = dist.get_rank(), 1001, 5
-        labels = np.arange(n) % k
-        if rank == 0:
-            SoftTargetStore.create({str(tmp_path / "store")!r}, labels, k, dtype="float32", chunk_rows=64)
-        dist.barrier()
-        store = SoftTargetStore.open({str(tmp_path / "store")!r}, labels=labels)
-        sampler = DistributedSampler(range(n), num_replicas=2, rank=rank, shuffle=True, seed=7)
-        ids = torch.tensor(list(sampler))
-        np.save({str(tmp_path)!r} + f"/ids{{rank}}.npy", ids.numpy())
-        probs = torch.full((len(ids), k), 0.1)
-        probs[:, 0] = 0.4 + 0.1 * rank          # which rank wrote it (rows sum to 1)
-        probs[:, 1] = 0.3 - 0.1 * rank
-        with store.writer(1, rank=rank, from_logits=False) as writer:
-            for batch in range(0, len(ids), 32):
-                writer.write(ids[batch:batch + 32], probs[batch:batch + 32])
-        dist.barrier()
-        if rank == 0:
-            store.seal(1)
-        dist.destroy_process_group()
-    """))
-    torchrun(2, sys.executable, str(script), timeout=60)
+    assert [exit_code(rank, timeout=60) for rank in gloo_ranks(2, _write_a_shard, tmp_path)] == [0, 0]
     teacher = SoftTargetStore.open(tmp_path / "store", read_only=True).read_epoch(1)
     ids = [np.load(tmp_path / f"ids{rank}.npy") for rank in (0, 1)]
     assert len(ids[0]) == len(ids[1]) == 501
@@ -192,31 +210,33 @@ def test_cskd_under_torchrun_writes_every_id_of_its_shards(tmp_path, data_dir):
     assert json.loads((run / "config.json").read_text())["method"] == "cskd"
 
 
-TIMEOUT_SCRIPT = """
-    import sys, time
-    from datetime import timedelta
-    import torch.distributed as dist
-    from pskd_store.distributed import setup, teardown
-
-    env, _ = setup("cpu", timedelta(seconds=float(sys.argv[1])))
+def _wait_at_a_barrier_for_rank_0(timeout_s: float, busy_s: float, outcomes) -> None:
+    """A rank of :func:`gloo_ranks`: joins through ``setup`` with ``timeout_s``, rank 0 busy
+    for ``busy_s`` (sealing, say) while rank 1 waits for it at a barrier; puts its rank, how
+    the barrier ended and how long it waited there."""
+    env, _ = setup("cpu", timedelta(seconds=timeout_s))
     if env.rank == 0:
-        time.sleep(float(sys.argv[2]))  # rank 0 busy (sealing, say) while rank 1 waits
-    dist.barrier()
-    print(f"rank {env.rank} through")
+        time.sleep(busy_s)
+    started = time.monotonic()
+    try:
+        dist.barrier()
+    except RuntimeError as err:  # gloo's DistBackendError
+        outcomes.put((env.rank, str(err), time.monotonic() - started))
+        raise SystemExit(1) from None
+    outcomes.put((env.rank, "through", time.monotonic() - started))
     teardown()
-"""
 
 
-def test_the_timeout_bounds_how_long_a_rank_waits_for_rank_0(tmp_path):
-    script = tmp_path / "wait.py"
-    script.write_text(textwrap.dedent(TIMEOUT_SCRIPT))
-    patient = torchrun(2, sys.executable, str(script), "30", "2", timeout=60)
-    assert "rank 1 through" in patient.stdout and "rank 0 through" in patient.stdout
-    started = time.time()
-    impatient = torchrun(2, sys.executable, str(script), "1", "4", check=False, timeout=60)
-    assert impatient.returncode != 0 and "rank 1 through" not in impatient.stdout
-    assert "Timed out" in impatient.stderr or "timeout" in impatient.stderr.lower()
-    assert time.time() - started < 30
+def test_the_timeout_bounds_how_long_a_rank_waits_for_rank_0():
+    outcomes = FORK.SimpleQueue()
+    patient = gloo_ranks(2, _wait_at_a_barrier_for_rank_0, 30, 2, outcomes)
+    assert [exit_code(rank, timeout=60) for rank in patient] == [0, 0]
+    assert sorted(outcomes.get()[:2] for _ in patient) == [(0, "through"), (1, "through")]
+    impatient = gloo_ranks(2, _wait_at_a_barrier_for_rank_0, 1, 5, outcomes)
+    assert [exit_code(rank, timeout=60) for rank in impatient] == [1, 1]  # rank 0 finds rank 1 gone
+    ended = {rank: (message, waited) for rank, message, waited in (outcomes.get() for _ in impatient)}
+    message, waited = ended[1]
+    assert "timed out" in message.lower() and waited < 3, ended  # gave up after 1 s, not after rank 0's 5
 
 
 def test_two_nodes_decode_into_their_own_caches_and_train_as_one_node_does(tmp_path, two_rank_run, data_dir):
