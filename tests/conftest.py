@@ -42,7 +42,8 @@ if TYPE_CHECKING:
 # 30 s: a third of the suite's kernel time. tmp_path, tempfile and the CLI's subprocesses (which
 # inherit TMPDIR) all write there; the suite's peak is about 1 GB.
 SHARED_MEMORY = Path("/dev/shm")
-if "TMPDIR" not in os.environ and SHARED_MEMORY.is_dir() and shutil.disk_usage(SHARED_MEMORY).free > 8 << 30:
+if ("TMPDIR" not in os.environ and SHARED_MEMORY.is_dir() and os.access(SHARED_MEMORY, os.W_OK | os.X_OK)
+        and shutil.disk_usage(SHARED_MEMORY).free > 8 << 30):
     os.environ["TMPDIR"] = tempfile.tempdir = str(SHARED_MEMORY)
 
 pytest_plugins = ["coverage_check"]  # README's test command also checks what the suite covered
