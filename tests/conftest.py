@@ -3,7 +3,7 @@
 Data fixtures write small data sets in the real on-disk formats, so tests take the
 same code path as users (torchvision's own parsers included). torch, torchvision and
 pskd_store are imported by the fixtures that use them: pytest-xdist's controller loads this
-file too, runs no test, and would otherwise spend 4 s importing them before any worker starts.
+file too, runs no test, and would otherwise spend 5 s importing them before any worker starts.
 """
 
 from __future__ import annotations
