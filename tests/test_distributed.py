@@ -228,13 +228,13 @@ def _wait_at_a_barrier_for_rank_0(timeout_s: float, busy_s: float, outcomes) -> 
 
 
 def test_the_timeout_bounds_how_long_a_rank_waits_for_rank_0():
-    outcomes = FORK.SimpleQueue()
+    outcomes = FORK.Queue()  # read with a timeout: a rank that died before its put fails the test, not hangs it
     patient = gloo_ranks(2, _wait_at_a_barrier_for_rank_0, 30, 2, outcomes)
     assert [exit_code(rank, timeout=60) for rank in patient] == [0, 0]
-    assert sorted(outcomes.get()[:2] for _ in patient) == [(0, "through"), (1, "through")]
+    assert sorted(outcomes.get(timeout=10)[:2] for _ in patient) == [(0, "through"), (1, "through")]
     impatient = gloo_ranks(2, _wait_at_a_barrier_for_rank_0, 1, 5, outcomes)
     assert [exit_code(rank, timeout=60) for rank in impatient] == [1, 1]  # rank 0 finds rank 1 gone
-    ended = {rank: (message, waited) for rank, message, waited in (outcomes.get() for _ in impatient)}
+    ended = {rank: (message, waited) for rank, message, waited in (outcomes.get(timeout=10) for _ in impatient)}
     message, waited = ended[1]
     assert "timed out" in message.lower() and waited < 3, ended  # gave up after 1 s, not after rank 0's 5
 
