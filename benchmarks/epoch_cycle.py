@@ -10,9 +10,13 @@ and the calls made through zarr's synchronous API (each a round trip through zar
 event-loop thread, counted at ``asyncio.run_coroutine_threadsafe``). The baseline, measured in the same run: writing the
 epoch's rows as one ``.npy`` file and reading it back, what the bytes alone cost on this
 disk; ``fixed_over_baseline`` is the cycle's time without its writes over it.
+``ms_first_and_last``: each phase's median milliseconds over the first and the last
+``--window`` timed epochs, which tell what grows with the run's length (the root document
+lists every sealed epoch: run ``--epochs 300``, the paper's CIFAR length, to see it).
 
     python benchmarks/epoch_cycle.py                       # N = 8,000, K = 10: train_overhead's epoch
     python benchmarks/epoch_cycle.py --samples 50000 --classes 100
+    python benchmarks/epoch_cycle.py --epochs 300                # what grows with the run
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ class _Counted:
         setattr(self._module, self._name, self._real)
 
 
-def cycle(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
+def cycle(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[float]]]:
+    """Each measure of each phase, one value per epoch from the third on."""
     labels = np.random.default_rng(0).integers(0, args.classes, args.samples)
     store = SoftTargetStore.create(root / "store", labels, args.classes)
     data = SoftTargetDataset(TensorDataset(torch.zeros(args.samples, 1), torch.from_numpy(labels)), store,
@@ -95,8 +100,11 @@ def cycle(args: argparse.Namespace, root: Path) -> dict[str, dict[str, float]]:
             run("write", write)
             run("writer_close", lambda: writer.close())
             run("seal", lambda: store.seal(epoch))
-    return {measure: {phase: statistics.median(values) for phase, values in by_phase.items()}
-            for measure, by_phase in spent.items()}
+    return spent
+
+
+def medians(by_phase: dict[str, list[float]], epochs: slice = slice(None)) -> dict[str, float]:
+    return {phase: statistics.median(values[epochs]) for phase, values in by_phase.items()}
 
 
 def baseline_ms(args: argparse.Namespace, root: Path) -> float:
@@ -118,10 +126,12 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=20, help="epochs 3.. are reported")
+    parser.add_argument("--window", type=int, default=10, help="epochs in each of ms_first_and_last's medians")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        measured = cycle(args, Path(tmp))
+        spent = cycle(args, Path(tmp))
         baseline = baseline_ms(args, Path(tmp))
+    measured = {measure: medians(by_phase) for measure, by_phase in spent.items()}
     fixed, fixed_cpu = (sum(ms for phase, ms in measured[measure].items() if phase != "write")
                         for measure in ("ms", "cpu_ms"))
     print(json.dumps({
@@ -135,6 +145,8 @@ def main() -> None:
         "zarr_round_trips_per_epoch": sum(measured["zarr_round_trips"].values()),
         "baseline_npy_write_read_ms": baseline,
         "fixed_over_baseline": fixed / baseline,
+        "ms_first_and_last": {"first": medians(spent["ms"], slice(args.window)),
+                              "last": medians(spent["ms"], slice(-args.window, None))},
     }, indent=2))
 
 

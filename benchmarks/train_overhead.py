@@ -16,6 +16,10 @@ sealing) is reported apart: on a tiny model whose epoch lasts a fraction of a se
 weighs far more than in a real epoch. ``parts_ms_per_epoch`` says where each arm's time
 goes (the training thread's clock: on a GPU, what the host spends, not the kernels).
 
+With ``--workers N`` every arm's DataLoader has N persistent worker processes, as a GPU
+run's would; the training thread then only receives each batch, and every arm's small
+tensors are handed over by value (``collate_soft_targets``, :func:`collate_as_the_store_does`).
+
 glibc hands a freed block of a few hundred KB (a batch's activations) back to the system
 or keeps it, depending on what the process freed before; when it hands it back, the next
 step faults the pages in again. In one process, arms doing the same work paid from 0.8 to
@@ -25,6 +29,7 @@ work, not by that draw.
 
     python benchmarks/train_overhead.py                          # MNIST-1D, mnist1d_cnn
     python benchmarks/train_overhead.py --arch mnist1d_mlp --epochs 6
+    python benchmarks/train_overhead.py --workers 2                # batches from worker processes
 """
 
 from __future__ import annotations
@@ -45,8 +50,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate, get_worker_info
 
+from pskd_store.batch_transfer import ByValueBatch
 from pskd_store.data import build_datasets
 from pskd_store.dataset import SoftTargetDataset, collate_soft_targets
 from pskd_store.engine import autocast, eval_loader, predict, to_device
@@ -79,7 +85,7 @@ def arm_epochs(arm: str, splits, args, workdir: Path, turns: bool = False) -> It
         data = SoftTargetDataset(splits.train, store, args.alpha_T, args.epochs)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         persistent_workers=args.workers > 0, pin_memory=device.type == "cuda",
-                        collate_fn=collate_soft_targets if store is not None else None)
+                        collate_fn=collate_soft_targets if store is not None else collate_as_the_store_does)
     test_loader = eval_loader(splits.test, 2 * args.batch_size, args.workers, device) if args.evaluate else None
     teacher = None
     clock = time.perf_counter
@@ -139,6 +145,15 @@ def arm_epochs(arm: str, splits, args, workdir: Path, turns: bool = False) -> It
             teacher = copy.deepcopy(model).eval()
         yield {"epoch": epoch, "samples": seen, "seconds": sum(spent.values()),
                "fixed": sum(spent[part] for part in FIXED), "parts": spent}
+
+
+def collate_as_the_store_does(batch: list) -> tuple | list:
+    """CE's and the frozen teacher's ``collate_fn``: ``default_collate``, whose labels a worker
+    hands over by value as ``collate_soft_targets`` does the store's (batch_transfer.py), so
+    that with ``--workers`` the arms differ by the store's work, not by how a tensor crosses
+    between processes (~0.3-0.6 ms a tensor in shared memory on the reference VM)."""
+    collated = default_collate(batch)
+    return collated if get_worker_info() is None else ByValueBatch(collated)
 
 
 def timed_batches(loader: DataLoader, spent: dict[str, float]) -> Iterator:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
+from .batch_transfer import ByValueBatch
 from .data import known_labels
 from .loss import alpha_t, soft_target
 from .seeding import SAMPLE, draw_seed, host_generators_kept, seed_host_generators
@@ -35,13 +36,24 @@ class SoftTargetBatch(Sequence):
         return self._items[i]
 
 
-def collate_soft_targets(batch: SoftTargetBatch | list) -> tuple | list:
-    """``collate_fn`` for a DataLoader of a :class:`SoftTargetDataset`: the batch's inputs
-    collated as usual, its targets, labels and ids as the data set made them. Any other
-    batch goes to ``default_collate``."""
+class TokenTargetItems(list):
+    """The items of one batch of a ``TokenTargetDataset``, as any ``collate_fn`` takes them:
+    marked, so that :func:`collate_soft_targets` knows them."""
+
+
+def collate_soft_targets(batch: SoftTargetBatch | TokenTargetItems | list) -> tuple | list:
+    """``collate_fn`` for a DataLoader of a :class:`SoftTargetDataset` (or of a
+    ``TokenTargetDataset``): a tuple of the batch's inputs collated as usual and the rest as
+    the data set made them (targets, labels, ids; for sequences, collated as usual); in a
+    worker process, the rest is handed over by value (batch_transfer.py). Any other batch
+    goes to ``default_collate``."""
     if isinstance(batch, SoftTargetBatch):
-        return default_collate(batch.inputs), batch.targets, batch.labels, batch.ids
-    return default_collate(batch)
+        collated = (default_collate(batch.inputs), batch.targets, batch.labels, batch.ids)
+    elif isinstance(batch, TokenTargetItems):
+        collated = tuple(default_collate(batch))
+    else:
+        return default_collate(batch)
+    return collated if get_worker_info() is None else ByValueBatch(collated)
 
 
 class TeacherEpochDataset(Dataset, ABC):

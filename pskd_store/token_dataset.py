@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .dataset import TeacherEpochDataset
+from .dataset import TeacherEpochDataset, TokenTargetItems
 from .loss import alpha_t
 from .sequences import IGNORE_INDEX
 from .store import SoftTargetStore, StoreError
@@ -23,8 +23,10 @@ class TokenTargetDataset(TeacherEpochDataset):
     largest of a top-k store, all V of a dense one), zeros elsewhere; ``alpha`` is a_t, 0
     in epoch 1 (no teacher yet). :func:`~pskd_store.loss.token_soft_cross_entropy` rebuilds
     PS-KD's target from them on the device, so no (B, L, V) target exists on the host.
-    Items of one length collate with ``default_collate``. Epochs, workers, ``seed`` and
-    ``rank``: :class:`~pskd_store.dataset.TeacherEpochDataset`.
+    Items of one length collate with ``default_collate``, and with
+    :func:`~pskd_store.dataset.collate_soft_targets` into a tuple whose small tensors a
+    worker hands over by value. Epochs, workers, ``seed`` and ``rank``:
+    :class:`~pskd_store.dataset.TeacherEpochDataset`.
     """
 
     def __init__(self, base: Dataset, store: SoftTargetStore, alpha_T: float, total_epochs: int, *,
@@ -42,7 +44,7 @@ class TokenTargetDataset(TeacherEpochDataset):
             raise StoreError(f"the data set has {len(base)} sequences but the store was made for "
                              f"{store.token_rows.num_sequences}: use the store of this data set")
 
-    def __getitems__(self, indices: list[int]) -> list[tuple]:
+    def __getitems__(self, indices: list[int]) -> TokenTargetItems:
         epoch, teacher, token = self._current()
         items = self._load(indices, epoch)
         ids = np.array([int(i) for i in indices], dtype=np.int64)
@@ -58,7 +60,7 @@ class TokenTargetDataset(TeacherEpochDataset):
             item_classes[target] = classes[at:at + n]
             out.append((input, label, item_probs, item_classes, alpha, int(i)))
             at += n
-        return out
+        return TokenTargetItems(out)
 
     def teacher(self, labels: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float]:
         """What the items of samples ``ids`` with (B, L) ``labels`` carry, for a batch at once:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
+from pskd_store.dataset import collate_soft_targets
 from pskd_store.integrations.lightning import PSKD
 
 N, K, FEATURES = 96, 4, 8
@@ -72,8 +73,8 @@ def fit(root: Path, *, devices: int = 1, epochs: int = 4, workers: int = 0, kill
     data = pskd.wrap(blobs())
     if devices == 1:  # shuffled by epoch, so that a resumed run draws the batches an uninterrupted one does
         loader = DataLoader(data, batch_size=16, sampler=DistributedSampler(data, num_replicas=1, rank=0, seed=0),
-                            num_workers=workers, persistent_workers=workers > 0)
-    else:  # Lightning gives each rank a DistributedSampler
+                            num_workers=workers, persistent_workers=workers > 0, collate_fn=collate_soft_targets)
+    else:  # Lightning gives each rank a DistributedSampler; default_collate, as a user may leave it
         loader = DataLoader(data, batch_size=16, shuffle=True, num_workers=workers)
     module = Classifier(kill_in_epoch, kill_at)
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", filename="{epoch}", save_last=True, save_top_k=-1)

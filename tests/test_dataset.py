@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 from pathlib import Path
 
@@ -78,11 +79,17 @@ def test_collate_hands_on_the_batch_the_items_make(store, labels, workers):
     loader = DataLoader(data, batch_size=8, sampler=torch.randperm(N, generator=torch.Generator().manual_seed(0)),
                         num_workers=workers, collate_fn=collate_soft_targets)
     seen = 0
-    for inputs, targets, batch_labels, ids in loader:
+    for batch in loader:
+        assert type(batch) is tuple
+        inputs, targets, batch_labels, ids = batch
         expected = torch.utils.data.default_collate([data[int(i)] for i in ids])
         for got, want in zip((inputs, targets, batch_labels, ids), expected):
-            assert torch.equal(got, want)
+            assert torch.equal(got, want) and got.dtype == want.dtype
         assert torch.equal(inputs[:, 0].long(), ids)  # each input is its own id: rows stay with their ids
+        # from a worker the inputs come through shared memory, the small rest by value (batch_transfer.py)
+        assert inputs.untyped_storage().is_shared() == bool(workers)
+        assert not any(t.untyped_storage().is_shared() for t in (targets, batch_labels, ids))
+        torch.save(batch, io.BytesIO())  # a batch from a worker is saved like any other
         seen += len(ids)
     assert seen == N
     assert collate_soft_targets([(torch.zeros(2), 1), (torch.ones(2), 0)])[1].tolist() == [1, 0]  # any other batch

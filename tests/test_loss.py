@@ -29,9 +29,16 @@ def test_alpha_schedule_bad_input(args, message):
 def test_soft_target_and_loss_by_hand():
     past = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
     labels = torch.tensor([1, 2])
+    given = past.clone()
     target = soft_target(labels, past, 0.25)
     expected = torch.tensor([[0.125, 0.75 + 0.075, 0.05], [0.025, 0.025, 0.75 + 0.2]])
     torch.testing.assert_close(target, expected)
+    assert torch.equal(past, given)  # the caller's float32 tensor is not the target
+    # float16 rows, as the store serves them: blended in float32, exactly, the rows left as they are
+    half = past.half()
+    exact = 0.25 * half.float()
+    exact[[0, 1], [1, 2]] += 0.75
+    assert torch.equal(soft_target(labels, half, 0.25), exact) and torch.equal(half, given.half())
     logits = torch.tensor([[1.0, 2.0, 0.0], [0.0, 0.0, 0.0]])
     lse0 = math.log(math.e + math.e ** 2 + 1)
     log_p0 = [1 - lse0, 2 - lse0, 0 - lse0]

@@ -3,10 +3,13 @@
 
 The table was recorded from the code before that refactor: per epoch, the training loss,
 the test NLL and the number of ids the store recorded, on a 3-epoch Fashion-MNIST-format
-run (120 random images) with a fixed seed. The relative tolerance, 1e-5, only admits the
-last bits a different CPU's kernels may change over twelve steps; a changed target, loss,
-regulariser, recorded row or random draw moves these numbers by 1e-3 or more (PS-KD and
-CE differ by 2e-3 in epoch 2).
+run (120 random images) with a fixed seed. The relative tolerance, 1e-4, admits what
+another CPU's kernels change over twelve steps: on an AVX-512 CPU every number stays
+within 5e-6 of the table but TF-KD with CutMix's first test NLL (6.41, after an epoch whose
+loss is 29), which moves by 6e-5 — and by 3e-6 with torch's kernels held to AVX2 there
+(ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2). A changed
+target, loss, regulariser, recorded row or random draw moves these numbers by 1e-3 or
+more (PS-KD and CE differ by 2e-3 in epoch 2).
 """
 
 from __future__ import annotations
@@ -62,4 +65,4 @@ def test_every_method_trains_as_recorded(tmp_path, fashion_mnist_dir, case):
                 for row in rows]
     assert len(measured) == len(RECORDED[case])
     for epoch, recorded in zip(measured, RECORDED[case]):
-        assert epoch == pytest.approx(recorded, rel=1e-5)
+        assert epoch == pytest.approx(recorded, rel=1e-4)

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from conftest import benchmark_script, pskd_in_process
 from torch.utils.data import DataLoader
 
+from pskd_store.dataset import collate_soft_targets
 from pskd_store.errors import StoreDamagedError
 from pskd_store.loss import soft_target, token_soft_cross_entropy
 from pskd_store.row_encoding import row_encoding
@@ -169,8 +170,8 @@ def test_verify_names_the_samples_whose_summaries_disagree_with_their_rows(tmp_p
     assert any(f.part == "trajectory of epoch 1" and "samples 5" in f.problem for f in report.findings), report.findings
 
 
-@pytest.mark.parametrize("topk", [None, 4])
-def test_items_carry_each_target_positions_stored_teacher(tmp_path, topk):
+@pytest.mark.parametrize("topk, collate", [(None, None), (4, None), (4, collate_soft_targets)])
+def test_items_carry_each_target_positions_stored_teacher(tmp_path, topk, collate):
     labels = padded_labels()
     store = sequence_store(tmp_path, labels, topk)
     logits = torch.randn(S, L, V, generator=torch.Generator().manual_seed(4)) * 3
@@ -180,10 +181,14 @@ def test_items_carry_each_target_positions_stored_teacher(tmp_path, topk):
     assert first[4] == 0.0 and not first[2].any()  # no teacher in epoch 1
     write_tokens(store, 1, logits, labels)
     data.set_epoch(2)
-    loader = DataLoader(data, batch_size=5, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(data, batch_size=5, shuffle=True, num_workers=2, generator=torch.Generator().manual_seed(0),
+                        collate_fn=collate)
     seen = 0
     encoding = store.encoding
-    for inputs, batch_labels, probs, classes, alpha, ids in loader:
+    for batch in loader:
+        inputs, batch_labels, probs, classes, alpha, ids = batch
+        if collate is not None:  # a tuple, whose teacher tensors the workers handed over by value
+            assert type(batch) is tuple and not any(t.untyped_storage().is_shared() for t in batch[1:])
         assert alpha.tolist() == [0.8 * 2 / 4] * len(ids)
         for b, i in enumerate(ids.tolist()):
             targets = torch.from_numpy(labels[i] != IGNORE_INDEX)

@@ -4,7 +4,8 @@
 ::
 
     pskd = PSKD("run/store", num_classes=10, alpha_T=0.8)
-    loader = DataLoader(pskd.wrap(train_set), batch_size=128, shuffle=True, num_workers=4)
+    loader = DataLoader(pskd.wrap(train_set), batch_size=128, shuffle=True, num_workers=4,
+                        collate_fn=collate_soft_targets)  # from pskd_store: the fastest handover
     trainer = L.Trainer(max_epochs=T, callbacks=[pskd])
     trainer.fit(module, loader)
 
