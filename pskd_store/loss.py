@@ -60,9 +60,9 @@ def alpha_t(epoch: int, total_epochs: int, alpha_T: float) -> float:
 
 def soft_target(labels: torch.Tensor, past: torch.Tensor, alpha: float) -> torch.Tensor:
     """(1 - alpha)·onehot(labels) + alpha·past as float32, for one sample (K,) or a batch (B, K).
-    ``past`` is left as it is; a float16 batch (as the store serves it) is blended in its
-    float32 copy, in place: each torch call costs a data set's batch ~10 µs once a training
-    step has run, and this makes two where a fresh product and a scattered tensor made four."""
+    ``past`` is left as it is; a float16 batch (as the store serves it) is blended in place in
+    its float32 copy: two torch calls where a product, a filled tensor and ``scatter_add_``
+    made four, each ~10 µs of a data set's batch once a training step has evicted its caches."""
     target = past.float()
     target = target.mul_(alpha) if target is not past else target * alpha
     return target.scatter_(-1, labels.long().unsqueeze(-1), 1.0 - alpha, reduce="add")
