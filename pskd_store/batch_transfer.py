@@ -2,10 +2,11 @@
 
 Every tensor a worker returns crosses to the training process in a shared-memory file of
 its own, whose descriptor the training process fetches from the worker over a socket
-(torch's default ``file_descriptor`` sharing): ~0.3-0.6 ms of the training thread per
-tensor on the 2-core reference VM, whatever its size. A soft-target batch carries two more
-than CE's (targets and ids besides inputs and labels), so the training thread paid
-~0.5-0.7 ms a batch more than CE's just to receive it (``benchmarks/loader_transfer.py``).
+(torch's default ``file_descriptor`` sharing): ~0.3-0.6 ms per tensor on the 2-core
+reference VM, whatever its size, of the thread that receives it — the training thread, or
+with ``pin_memory`` the DataLoader's pin-memory thread, which holds the same GIL. A
+soft-target batch carries two more than CE's (targets and ids besides inputs and labels),
+so receiving it took ~0.5-0.7 ms a batch more than CE's (``benchmarks/loader_transfer.py``).
 A small tensor costs less copied into the message itself, until the message outgrows the
 pipe it is written through (64 KiB on Linux) and the two processes take turns filling and
 draining it: on the reference VM copying one tensor won up to 16 KB, broke even at 32 KB
