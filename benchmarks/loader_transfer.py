@@ -29,25 +29,23 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
-from pskd_store.batch_transfer import BY_VALUE_BYTES, ByValueBatch
+from pskd_store.batch_transfer import BY_VALUE_BYTES
 from pskd_store.data import build_datasets
 from pskd_store.dataset import SoftTargetDataset, collate_soft_targets
 from pskd_store.store import SoftTargetStore
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_overhead import collate_as_the_store_does  # noqa: E402
+
 LOADERS = ("ce", "ce_by_value", "store", "store_four_tensors")
-
-
-def by_value(batch: list) -> tuple | list:
-    """``default_collate``, its labels handed over by value from a worker."""
-    collated = default_collate(batch)
-    return collated if get_worker_info() is None else ByValueBatch(collated)
 
 
 def four_tensors(batch) -> tuple:
@@ -137,7 +135,7 @@ def main() -> None:
         data = served_dataset(splits, Path(tmp))
         common = dict(batch_size=args.batch_size, shuffle=True, num_workers=args.workers, persistent_workers=True)
         loaders = {"ce": DataLoader(splits.train, **common),
-                   "ce_by_value": DataLoader(splits.train, collate_fn=by_value, **common),
+                   "ce_by_value": DataLoader(splits.train, collate_fn=collate_as_the_store_does, **common),
                    "store": DataLoader(data, collate_fn=collate_soft_targets, **common),
                    "store_four_tensors": DataLoader(data, collate_fn=four_tensors, **common)}
         spent: dict[str, list[float]] = {name: [] for name in LOADERS}

@@ -50,9 +50,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, default_collate, get_worker_info
+from torch.utils.data import DataLoader, default_collate
 
-from pskd_store.batch_transfer import ByValueBatch
+from pskd_store.batch_transfer import handed_over_by_value
 from pskd_store.data import build_datasets
 from pskd_store.dataset import SoftTargetDataset, collate_soft_targets
 from pskd_store.engine import autocast, eval_loader, predict, to_device
@@ -152,8 +152,7 @@ def collate_as_the_store_does(batch: list) -> tuple | list:
     hands over by value as ``collate_soft_targets`` does the store's (batch_transfer.py), so
     that with ``--workers`` the arms differ by the store's work, not by how a tensor crosses
     between processes (~0.3-0.6 ms a tensor in shared memory on the reference VM)."""
-    collated = default_collate(batch)
-    return collated if get_worker_info() is None else ByValueBatch(collated)
+    return handed_over_by_value(default_collate(batch))
 
 
 def timed_batches(loader: DataLoader, spent: dict[str, float]) -> Iterator:

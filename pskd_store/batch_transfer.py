@@ -19,6 +19,7 @@ labels and ids 1 KB each), a CIFAR-100 batch's labels and ids (its targets, 51 K
 from __future__ import annotations
 
 import torch
+from torch.utils.data import get_worker_info
 
 BY_VALUE_BYTES = 16 << 10  # a batch's tensors copied into its message, in all
 _NUMPY_DTYPES = {torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64,
@@ -41,6 +42,12 @@ class ByValueBatch(tuple):
             parts[i] = rest[i].numpy()  # pickled with its bytes, where a tensor is pickled as a shared-memory file
             copied.append(i)
         return _received, (inputs, parts, copied)
+
+
+def handed_over_by_value(collated: tuple | list) -> tuple | list:
+    """What a ``collate_fn`` returns for ``(inputs, *rest)``: in a worker process a
+    :class:`ByValueBatch`, in the training process (``num_workers=0``) ``collated`` as it is."""
+    return collated if get_worker_info() is None else ByValueBatch(collated)
 
 
 def _copyable(part) -> bool:

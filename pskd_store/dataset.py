@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate, get_worker_info
 
-from .batch_transfer import ByValueBatch
+from .batch_transfer import handed_over_by_value
 from .data import known_labels
 from .loss import alpha_t, soft_target
 from .seeding import SAMPLE, draw_seed, host_generators_kept, seed_host_generators
@@ -53,7 +53,7 @@ def collate_soft_targets(batch: SoftTargetBatch | TokenTargetItems | list) -> tu
         collated = tuple(default_collate(batch))
     else:
         return default_collate(batch)
-    return collated if get_worker_info() is None else ByValueBatch(collated)
+    return handed_over_by_value(collated)
 
 
 class TeacherEpochDataset(Dataset, ABC):
