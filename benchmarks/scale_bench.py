@@ -285,6 +285,8 @@ def main() -> None:
         print(json.dumps(CHILDREN[args.role](args)))
         return
     dense = args.rows * args.classes * 4
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="pskd-scale-", dir=args.workdir) as workdir:
         machine = machine_baselines(args, Path(workdir))
         runs = [scenario(args, Path(workdir), int(w)) for w in args.writers.split(",")]

@@ -32,6 +32,11 @@ from .local_store import local_root
 from .zarr_sync import sync
 
 ARRAY_CONFIG = {"write_empty_chunks": True}  # every chunk exists: a missing one is damage (integrity.py)
+# chunk keys ``c.3.0`` beside the array's document, where zarr's default ``c/3/0`` makes a
+# directory per chunk row: making a directory costs as much as writing a small chunk (and
+# on some disks, network file systems above all, far more), and an ImageNet epoch has
+# thousands of chunks. Arrays written with either are read alike (the key is in the metadata).
+CHUNK_KEYS = {"name": "default", "separator": "."}
 
 
 def checksum_matches(stored: bytes) -> bool:
@@ -54,7 +59,8 @@ _MADE: dict[tuple, tuple] = {}  # (shape, dtype, chunks, compressor) -> (metadat
 def create_array(group: zarr.Group, name: str, *, shape: tuple[int, ...], dtype: np.dtype,
                  chunks: tuple[int, ...], compressor: zarr.codecs.BloscCodec | None) -> zarr.Array:
     """``group.create_array(name, ..., overwrite=True)`` with the store's codecs (the
-    compressor, if any, then crc32c) and every chunk written (``ARRAY_CONFIG``). zarr makes
+    compressor, if any, then crc32c), chunk keys (``CHUNK_KEYS``) and every chunk written
+    (``ARRAY_CONFIG``). zarr makes
     it when it is the first of its kind here, or when something is at its path or its
     parent group is missing (zarr replaces the one and writes the other)."""
     codec = None if compressor is None else json.dumps(compressor.to_dict())
@@ -64,7 +70,8 @@ def create_array(group: zarr.Group, name: str, *, shape: tuple[int, ...], dtype:
     parent = path.rpartition("/")[0]
     if made is None or not _free(group.store, path, parent):
         array = group.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
-                                   compressors=codecs_with_checksum(compressor), config=ARRAY_CONFIG, overwrite=True)
+                                   compressors=codecs_with_checksum(compressor), chunk_key_encoding=CHUNK_KEYS,
+                                   config=ARRAY_CONFIG, overwrite=True)
         _MADE[kind] = (array.metadata, array.metadata.to_buffer_dict(default_buffer_prototype())["zarr.json"])
         return array
     metadata, document = made
@@ -126,11 +133,14 @@ def require_groups(group: zarr.Group, path: str) -> None:
             _put_group_document(group.store, level, {})
 
 
-def set_group_attributes(group: zarr.Group, attributes: dict) -> zarr.Group:
+def set_group_attributes(group: zarr.Group, attributes: dict, *, compact: bool = False) -> zarr.Group:
     """Replace the attributes of ``group`` (its children stay): one store write, where
     ``group.attrs.update`` reads the document and writes it back. For a group that one
-    writer owns, so that nothing else writes it in between."""
-    return _write_group(group.store, group.path, attributes)
+    writer owns, so that nothing else writes it in between. ``compact`` writes the document
+    without zarr's indentation: json encodes indented documents in Python, compact ones in
+    C, five times faster (3.2 against 0.6 ms for a root listing 300 epochs): for a document
+    rewritten often that grows, as the store's root."""
+    return _write_group(group.store, group.path, attributes, compact=compact)
 
 
 def delete_node(group: zarr.Group, name: str) -> None:
@@ -140,16 +150,17 @@ def delete_node(group: zarr.Group, name: str) -> None:
     store_io.delete_dir(group.store, f"{group.path}/{name}" if group.path else name)
 
 
-def _write_group(store: zarr.abc.store.Store, path: str, attributes: dict) -> zarr.Group:
-    document = _put_group_document(store, path, attributes)
+def _write_group(store: zarr.abc.store.Store, path: str, attributes: dict, compact: bool = False) -> zarr.Group:
+    document = _put_group_document(store, path, attributes, compact)
     return zarr.Group(zarr.AsyncGroup.from_dict(StorePath(store, path), document))
 
 
-def _put_group_document(store: zarr.abc.store.Store, path: str, attributes: dict) -> dict:
-    """Write the group document zarr's GroupMetadata writes, byte for byte, without its deep
-    copy of the attributes (a store's root holds every sealed epoch's statistics)."""
+def _put_group_document(store: zarr.abc.store.Store, path: str, attributes: dict, compact: bool = False) -> dict:
+    """Write the group document zarr's GroupMetadata writes, byte for byte (unless
+    ``compact``), without its deep copy of the attributes (a store's root holds every sealed
+    epoch's statistics)."""
     document = {"attributes": attributes, "zarr_format": 3, "node_type": "group"}
-    indent = zarr.config.get("json_indent")
+    indent = None if compact else zarr.config.get("json_indent")
     store_io.put(store, _document_key(path), json.dumps(document, indent=indent, allow_nan=True).encode())
     return document
 

@@ -47,6 +47,7 @@ import zarr.storage
 from . import store_io
 from .array_files import (
     ARRAY_CONFIG,
+    CHUNK_KEYS,
     ChunkFiles,
     codecs_with_checksum,
     create_array,
@@ -268,12 +269,12 @@ class SoftTargetStore:
             raise StoreError(f"bad Blosc options {blosc}: {err}") from err
         group.create_array(
             "labels", data=labels.astype(np.int64), chunks=(len(labels),),
-            compressors=codecs_with_checksum(codec), config=ARRAY_CONFIG,
+            compressors=codecs_with_checksum(codec), chunk_key_encoding=CHUNK_KEYS, config=ARRAY_CONFIG,
         )
         if lengths is not None:
             group.create_array(
                 "lengths", data=np.asarray(lengths, dtype=np.int64), chunks=(len(lengths),),
-                compressors=codecs_with_checksum(codec), config=ARRAY_CONFIG,
+                compressors=codecs_with_checksum(codec), chunk_key_encoding=CHUNK_KEYS, config=ARRAY_CONFIG,
             )
         fingerprint = Fingerprint.of(labels, num_classes, lengths)
         group.attrs[ATTRS_KEY] = _with_checksum({
@@ -778,9 +779,10 @@ class SoftTargetStore:
 
     def _publish(self, meta: dict[str, Any]) -> None:
         """Write the store's attributes (with their checksum): one atomic write of the root
-        metadata, which is what makes an epoch sealed or unsealed for every reader."""
+        metadata, which is what makes an epoch sealed or unsealed for every reader. Compact:
+        it lists every sealed epoch's statistics and is written again at every seal."""
         meta = _with_checksum(meta)
-        self._group = set_group_attributes(self._group, {**self._group.attrs, ATTRS_KEY: meta})
+        self._group = set_group_attributes(self._group, {**self._group.attrs, ATTRS_KEY: meta}, compact=True)
         self._meta = meta
 
     def _prune(self) -> None:

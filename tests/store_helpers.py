@@ -5,8 +5,11 @@ Kept importable (not in conftest) so that subprocesses and spawned workers can u
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+import zarr
 
 from pskd_store.store import SoftTargetStore
 
@@ -36,3 +39,16 @@ def write_epoch(
 
 def make_labels(num_samples: int, num_classes: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, num_classes, num_samples)
+
+
+def chunk_file(array_dir: Path, index: int = 0) -> Path:
+    """The file of chunk ``index`` (along the first axis) of the array at ``array_dir``,
+    named as its metadata says (``c.2.0``, or ``c/2/0`` in arrays made by zarr's default)."""
+    array = zarr.open_array(zarr.storage.LocalStore(array_dir, read_only=True))
+    return array_dir / array.metadata.encode_chunk_key((index,) + (0,) * (array.ndim - 1))
+
+
+def chunk_files(array_dir: Path) -> dict[str, bytes]:
+    """Every chunk file of the array at ``array_dir``: its key -> its bytes."""
+    return {path.relative_to(array_dir).as_posix(): path.read_bytes() for path in array_dir.rglob("*")
+            if path.is_file() and path.name != "zarr.json"}

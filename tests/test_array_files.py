@@ -13,6 +13,7 @@ import zarr.storage
 
 from pskd_store.array_files import (
     ARRAY_CONFIG,
+    CHUNK_KEYS,
     ChunkFiles,
     codecs_with_checksum,
     create_array,
@@ -51,7 +52,8 @@ def test_arrays_and_their_chunks_are_byte_for_byte_what_zarr_makes(tmp_path, sha
     root = _root(tmp_path)
     values = _values(shape, dtype, seed=len(shape) + chunks[0])
     theirs = root.create_array("zarr_made", shape=shape, chunks=chunks, dtype=dtype,
-                               compressors=codecs_with_checksum(compressor), config=ARRAY_CONFIG)
+                               compressors=codecs_with_checksum(compressor), chunk_key_encoding=CHUNK_KEYS,
+                               config=ARRAY_CONFIG)
     theirs[:] = values
     for name in ("first", "second"):  # the first of a kind goes through zarr, the next one does not
         ours = create_array(root, name, shape=shape, dtype=dtype, chunks=chunks, compressor=compressor)
@@ -59,7 +61,8 @@ def test_arrays_and_their_chunks_are_byte_for_byte_what_zarr_makes(tmp_path, sha
         for chunk, lo in enumerate(range(0, shape[0], chunks[0])):
             files.write(chunk, values[lo:lo + chunks[0]])  # the last chunk is a partial one
         assert (tmp_path / name / "zarr.json").read_bytes() == (tmp_path / "zarr_made" / "zarr.json").read_bytes()
-        made = sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*") if p.is_file())
+        made = sorted(p.relative_to(tmp_path / name) for p in (tmp_path / name).rglob("*"))
+        assert len(made) == 1 + -(-shape[0] // chunks[0])  # its document and its chunks, no directory per chunk
         assert made == sorted(p.relative_to(tmp_path / "zarr_made")
                               for p in (tmp_path / "zarr_made").rglob("*") if p.is_file())
         for file in made:
@@ -82,7 +85,7 @@ def test_what_is_at_the_path_is_replaced_and_a_missing_parent_is_made(tmp_path):
     kind = {"shape": (10, 3), "dtype": np.float16, "chunks": (4, 3), "compressor": BLOSC}
     old = create_array(root, "a", **kind)
     ChunkFiles(old).write(2, np.ones((2, 3)))
-    stale = tmp_path / "a" / "c" / "2" / "0"
+    stale = tmp_path / "a" / "c.2.0"
     assert stale.exists()
     create_array(root, "a", **kind)  # the kind is known: only an empty path would take the short way
     assert not stale.exists()  # replaced as zarr's overwrite does: no chunk of the old array survives

@@ -29,7 +29,7 @@ import torch
 import zarr
 from click.testing import CliRunner
 from conftest import exit_code, forked, pskd, pskd_in_process
-from store_helpers import epoch_probs, make_labels, write_epoch
+from store_helpers import chunk_file, epoch_probs, make_labels, write_epoch
 from torch.utils.data import TensorDataset
 
 from pskd_store.augment import BatchAugment
@@ -678,7 +678,8 @@ def test_numpy_logits_are_written_like_tensors(store):
 def test_files_a_kill_left_in_the_store_are_removed_on_resume(tmp_path, trained_run):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    partial = run / "store" / "teacher" / "epoch_0002" / "c" / "0" / "0.3f2a9c.partial"
+    chunk = chunk_file(run / "store" / "teacher" / "epoch_0002")
+    partial = chunk.with_name(f"{chunk.name}.3f2a9c.partial")
     partial.write_bytes(b"half a chunk")
     pskd_in_process("train", "--resume", str(run), "-q", check=True)
     assert not partial.exists()
@@ -708,7 +709,7 @@ def _train_until_then_damage(config: TrainConfig, run: Path, epoch: int, damaged
     if damaged == "checkpoint":
         path = run / "checkpoints" / "last.pt"
     else:
-        path = next(p for p in (run / "store" / "teacher" / f"epoch_{epoch:04d}" / "c").rglob("*") if p.is_file())
+        path = chunk_file(run / "store" / "teacher" / f"epoch_{epoch:04d}")
         shutil.rmtree(run / "store.mmap", ignore_errors=True)  # a fresh node: the teacher is decoded again
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0x01

@@ -18,7 +18,7 @@ import pytest
 import torch
 import zarr
 from conftest import pskd, pskd_in_process
-from store_helpers import epoch_probs, write_epoch
+from store_helpers import chunk_file, epoch_probs, write_epoch
 
 from pskd_store.array_files import ARRAY_CONFIG, codecs_with_checksum
 from pskd_store.errors import StoreDamagedError, StoreError
@@ -59,8 +59,7 @@ def flip_byte(path: Path, at: float = 0.5) -> None:
 
 
 def chunk(store: SoftTargetStore, array: str, index: int = 0) -> Path:
-    root = Path(store.url) / array / "c"
-    return root / str(index) / "0" if (root / str(index) / "0").exists() else root / str(index)
+    return chunk_file(Path(store.url) / array, index)
 
 
 def reopen(store: SoftTargetStore) -> SoftTargetStore:
@@ -228,7 +227,7 @@ def test_training_resumed_on_a_damaged_teacher_stops_with_one_line(tmp_path, dat
     config["epochs"] = 4  # as if the run had been killed after epoch 2 of 4
     (run / "config.json").write_text(json.dumps(config))
     shutil.rmtree(run / "store.mmap")
-    flip_byte(run / "store/teacher/epoch_0002/c/0/0")
+    flip_byte(run / "store/teacher/epoch_0002/c.0.0")
     done = pskd("train", "--resume", str(run), "--workers", "0", "-q", check=False)  # what a user sees
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "the teacher of epoch 2" in done.stderr and "rows 0-" in done.stderr
@@ -472,7 +471,7 @@ def test_checked_rows_of_a_local_array_are_what_zarr_reads_whatever_its_codecs(t
     array[:] = values
     checked = CheckedArray(array, "the test array", str(tmp_path))
     np.testing.assert_array_equal(checked[5:27], values[5:27])
-    flip_byte(tmp_path / "a" / "c" / "1" / "0")
+    flip_byte(chunk_file(tmp_path / "a", 1))
     with pytest.raises(StoreDamagedError, match=r"the test array .* rows 8-15 do not match their checksum"):
         checked[5:27]
 

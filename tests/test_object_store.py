@@ -97,14 +97,14 @@ def test_a_damaged_object_is_an_error_naming_the_rows(s3):
         writer.write(torch.arange(64), torch.full((64, 4), 0.25))
     store.seal(1)
     fs = s3fs.S3FileSystem()
-    key = "runs/damaged/store/teacher/epoch_0001/c/2/0"
+    key = "runs/damaged/store/teacher/epoch_0001/c.2.0"
     data = bytearray(fs.cat_file(key))
     data[len(data) // 2] ^= 0x40
     fs.pipe_file(key, bytes(data))
     damaged = r"teacher of epoch 1 in s3://runs/damaged/store is damaged: rows 32-47"
     with pytest.raises(StoreDamagedError, match=damaged):
         SoftTargetStore.open(url).read_epoch(1)
-    fs.rm_file("runs/damaged/store/teacher/epoch_0001/c/3/0")
+    fs.rm_file("runs/damaged/store/teacher/epoch_0001/c.3.0")
     findings = {str(f) for f in verify_path(url).findings}
     assert any("rows 48-63 are missing" in f for f in findings)
     assert any("rows 32-47 do not match" in f for f in findings)
@@ -176,7 +176,7 @@ def test_a_teacher_object_lost_during_the_seal_stops_the_seal_not_the_next_epoch
 
     def then_lose_a_chunk(*args, **kwargs):
         merged = merge_epoch(*args, **kwargs)
-        s3fs.S3FileSystem().rm_file("runs/lost/store/teacher/epoch_0002/c/3/0")  # lost on the way
+        s3fs.S3FileSystem().rm_file("runs/lost/store/teacher/epoch_0002/c.3.0")  # lost on the way
         return merged
 
     monkeypatch.setattr(store_module, "merge_epoch", then_lose_a_chunk)

@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from conftest import FORK, exit_code, forked
-from store_helpers import epoch_probs, make_labels, write_epoch
+from store_helpers import chunk_file, chunk_files, epoch_probs, make_labels, write_epoch
 
 from pskd_store.errors import StoreDamagedError
 from pskd_store.staging import PartWriter
@@ -58,7 +59,10 @@ def test_low_precision_logits_are_upcast_before_the_softmax(tmp_path, labels):
 
 def test_layout_attributes_and_compression(store, labels):
     write_epoch(store, 1)
-    root = json.loads((Path(store.url) / "zarr.json").read_text())["attributes"]["pskd_store"]
+    document = (Path(store.url) / "zarr.json").read_text()
+    assert "\n" not in document  # written again at every seal: compact, not indented
+    assert zarr.open_group(store.url, mode="r").attrs["pskd_store"]["sealed"] == [1]  # zarr reads it as ever
+    root = json.loads(document)["attributes"]["pskd_store"]
     assert root["num_samples"] == N and root["num_classes"] == K and root["dtype"] == "float16"
     assert root["sealed"] == [1] and root["fingerprint"]["num_samples"] == N
     teacher = json.loads((Path(store.url) / "teacher/epoch_0001/zarr.json").read_text())
@@ -68,7 +72,36 @@ def test_layout_attributes_and_compression(store, labels):
     for array in ("labels", "trajectory/epoch_0001/true_prob", "trajectory/epoch_0001/written"):
         codecs = json.loads((Path(store.url) / array / "zarr.json").read_text())["codecs"]
         assert codecs[-1]["name"] == "crc32c", array
+    # chunks beside their array's document: no directory made per chunk
+    assert sorted(p.name for p in (Path(store.url) / "teacher/epoch_0001").iterdir()) == \
+        sorted([f"c.{i}.0" for i in range(-(-N // 32))] + ["zarr.json"])
+    assert sorted(p.name for p in (Path(store.url) / "labels").iterdir()) == ["c.0", "zarr.json"]
     np.testing.assert_array_equal(store.labels, labels)
+
+
+def test_a_store_with_zarrs_default_chunk_keys_keeps_working(tmp_path, labels, monkeypatch):
+    """A store whose arrays keep their chunks as ``c/3/0`` (zarr's default, what stores made
+    before ``CHUNK_KEYS`` have) is read, carried forward and verified as any other; its next
+    epochs get ``c.3.0``."""
+    import pskd_store.array_files as array_files
+    import pskd_store.store as store_module
+    from pskd_store.verify import verify_path
+
+    for module in (array_files, store_module):
+        monkeypatch.setattr(module, "CHUNK_KEYS", {"name": "default", "separator": "/"})
+    monkeypatch.setattr(array_files, "_MADE", {})  # no document of this process's arrays reused
+    first = write_epoch(SoftTargetStore.create(tmp_path / "s", labels, K, dtype="float32", chunk_rows=CHUNK_ROWS), 1)
+    monkeypatch.undo()
+    assert (tmp_path / "s" / "labels" / "c" / "0").is_file()
+    assert (tmp_path / "s" / "teacher" / "epoch_0001" / "c" / "3" / "0").is_file()
+    half = np.arange(N // 2)
+    second = write_epoch(SoftTargetStore.open(tmp_path / "s"), 2, ids=half)  # the rest carried forward from epoch 1
+    assert (tmp_path / "s" / "teacher" / "epoch_0002" / "c.3.0").is_file()
+    store = SoftTargetStore.open(tmp_path / "s", labels=labels)
+    np.testing.assert_array_equal(store.read_epoch(1), first)
+    np.testing.assert_array_equal(store.read_epoch(2), np.concatenate([second[half], first[N // 2:]]))
+    assert store.trajectory()["written"][1].tolist() == [True] * (N // 2) + [False] * (N - N // 2)
+    assert verify_path(store.url).ok
 
 
 def test_trajectory_tier_records_every_epoch(store, labels):
@@ -100,16 +133,16 @@ def test_full_chunks_are_written_in_the_background_and_a_last_partial_one_by_clo
     def writer_threads():
         return [t for t in threading.enumerate() if t.name.startswith("pskd-writer-")]
 
-    part = Path(store.url) / "staging" / "epoch_0001" / "writer_0000" / "encoded" / "c"
     writer = store.writer(1)
+    first_chunk = chunk_file(Path(store.url) / "staging" / "epoch_0001" / "writer_0000" / "encoded")
     writer.write(torch.arange(CHUNK_ROWS - 1), torch.randn(CHUNK_ROWS - 1, K))
-    assert writer_threads() == [] and not part.exists()
+    assert writer_threads() == [] and not first_chunk.exists()
     writer.write(torch.arange(CHUNK_ROWS - 1, N), torch.randn(N - CHUNK_ROWS + 1, K))
     assert len(writer_threads()) == 1
     deadline = time.monotonic() + 30
-    while not (part / "0" / "0").exists() and time.monotonic() < deadline:
+    while not first_chunk.exists() and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert (part / "0" / "0").exists()  # the first chunk, before close
+    assert first_chunk.exists()  # before close
     writer.close()
     assert writer_threads() == []
     store.seal(1)
@@ -776,12 +809,6 @@ def test_a_part_that_cannot_be_made_fails_the_writer_naming_the_store(store, mon
     assert store.sealed_epochs == [1]
 
 
-def chunk_files(store: SoftTargetStore, part: PartWriter, array: str) -> dict[str, bytes]:
-    """A staging array's chunk files: name -> bytes."""
-    chunks = Path(store.url) / part._path / array / "c"
-    return {str(path.relative_to(chunks)): path.read_bytes() for path in chunks.rglob("*") if path.is_file()}
-
-
 def test_staging_chunks_written_directly_are_the_bytes_zarr_writes(store, tmp_path):
     """A part's whole chunks skip zarr (one writev of the bytes and their crc32c); a part
     appended at other offsets goes through zarr: both leave the same chunk files, which zarr
@@ -796,7 +823,7 @@ def test_staging_chunks_written_directly_are_the_bytes_zarr_writes(store, tmp_pa
     for start, stop in ((0, 5), (5, 30), (30, 100), (100, N)):  # other offsets and spans: zarr's way
         through_zarr.append(ids[start:stop], rows[start:stop])
     for array in ("ids", "encoded"):
-        written = [chunk_files(store, part, array) for part in (direct, through_zarr)]
+        written = [chunk_files(Path(store.url) / part._path / array) for part in (direct, through_zarr)]
         assert written[0] == written[1] and len(written[0]) == -(-N // store.chunk_rows)
     np.testing.assert_array_equal(direct._encoded[:N], rows)
     np.testing.assert_array_equal(direct._ids[:N], ids)
