@@ -20,13 +20,19 @@
 5. ``throughput`` and peak memory: samples/s and ``torch.cuda.max_memory_allocated`` of
    plain CE, PS-KD with the store, and PS-KD with a frozen copy of last epoch's model, on
    preact_resnet18 and densenet121, CIFAR-shaped random data, fp32 and ``--amp``
-   (bfloat16), channels_last (``benchmarks/train_overhead.py``'s arms).
-6. ``train``: a 3-epoch ``train()`` of the CIFAR recipe (preact_resnet18, fp32) on
+   (bfloat16), channels_last (``benchmarks/train_overhead.py``'s arms), one arm after another.
+6. ``overhead``: the same arms on preact_resnet18 taking turns step by step, as
+   ``train_overhead.py`` measures them (each turn ends when its kernels have run):
+   the store's and the frozen teacher's samples/s over CE's, paired epoch by epoch, and
+   where the training thread's time goes.
+7. ``train``: a 3-epoch ``train()`` of the CIFAR recipe (preact_resnet18, fp32) on
    CIFAR-shaped random data, and its fixed cost per epoch (seal and evaluation).
 
 On a machine without a CUDA GPU it says so and exits 0; ``--device cpu`` runs the checks
-that do not need CUDA (1 and 4, on gloo) there, to try the script itself. Under 10
-minutes on an H100.
+that do not need CUDA (1 and 4, on gloo) there, to try the script itself. On an H200 the
+checks took 25 s (matrix, 2 steps), 19 s (syncs, 20 steps), 121 s (throughput, 6,400
+samples), 82 s (overhead, 12,800 samples) and 7 s (train, 6,400 samples); at the defaults,
+about 7 minutes in all.
 
     python benchmarks/gpu_check.py [--samples 12800] [--out gpu_check.json]
 """
@@ -36,6 +42,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import functools
 import json
 import platform
 import shutil
@@ -53,7 +60,7 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_overhead import ARMS, build_parser, train_arm  # noqa: E402
+from train_overhead import ARMS, build_parser, measure, train_arm  # noqa: E402
 
 from pskd_store.augment import BatchAugment  # noqa: E402
 from pskd_store.data import DataSplits  # noqa: E402
@@ -73,6 +80,9 @@ from pskd_store.training import (  # noqa: E402
 )
 
 K = 100
+# what torch.cuda.set_sync_debug_mode("warn") says at a synchronising call (its one-time
+# notice that the mode is a prototype mentions "synchronizing" too, and is no sync)
+SYNC_WARNING = "called a synchronizing CUDA operation"
 RANK_DRAWS = Path(__file__).resolve().parent / "rank_draws.py"
 
 
@@ -192,7 +202,7 @@ def check_tokens(tmp: Path) -> dict:
                 torch.cuda.set_sync_debug_mode(0)
         writer.close()
         store.seal(1)
-        return store.read_epoch(1), sum("synchroniz" in str(w.message) for w in caught)
+        return store.read_epoch(1), sum(SYNC_WARNING in str(w.message) for w in caught)
 
     on_cpu, _ = write("cpu")
     on_gpu, syncs = write("cuda")
@@ -204,21 +214,23 @@ def check_tokens(tmp: Path) -> dict:
 
 # -- 3. synchronisations per step ----------------------------------------------------------
 
-def check_syncs(tmp: Path, steps: int) -> dict:
-    splits = cifar_splits(128 * steps, 512)
+def check_syncs(tmp: Path, steps: int, device: str = "cuda", batch_size: int = 128) -> dict:
+    splits = cifar_splits(batch_size * steps, 512)
     result = {}
     for aug in ("none", "cutout", "cutmix"):
-        config = TrainConfig(dataset="cifar100", arch="preact_resnet18", aug=aug, epochs=3, device="cuda",
-                             steps_per_epoch=steps).resolved()
-        env, device = setup(config.device, timedelta(seconds=config.dist_timeout))
+        config = TrainConfig(dataset="cifar100", arch="preact_resnet18", aug=aug, epochs=3, device=device,
+                             batch_size=batch_size, steps_per_epoch=steps).resolved()
+        env, chosen = setup(config.device, timedelta(seconds=config.dist_timeout))
         directory = RunDirectory(tmp / f"syncs-{aug}")
-        run = build_run(config, directory, env, device, splits)
-        loader, _ = train_loader(run.method, run.train_data, splits, config, env, device)
+        run = build_run(config, directory, env, chosen, splits)
+        loader, _ = train_loader(run.method, run.train_data, splits, config, env, chosen)
         augment = None
         if aug != "none":
             augment = BatchAugment(aug, K, cutmix_prob=config.cutmix_prob, seed=config.seed)
         _set_teacher(run.train_data, env, directory, 1)
-        _train_epoch(run, loader, env, device, 1, augment, quiet=True)  # warm-up: workers, cuDNN autotuning
+        train_epoch = functools.partial(_train_epoch, run.model, run.method, loader, run.optimizer, run.store, config,
+                                        env, chosen)
+        train_epoch(1, augment, quiet=True)  # warm-up: workers, cuDNN autotuning
         run.store.seal(1)
         for epoch, bar in ((2, False), (3, True)):  # epochs with a teacher
             torch.cuda.synchronize()
@@ -227,11 +239,11 @@ def check_syncs(tmp: Path, steps: int) -> dict:
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
                     _set_teacher(run.train_data, env, directory, epoch)
-                    _train_epoch(run, loader, env, device, epoch, augment, quiet=not bar)
+                    train_epoch(epoch, augment, quiet=not bar)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
             run.store.seal(epoch)
-            syncs = [w for w in caught if "synchroniz" in str(w.message)]
+            syncs = [w for w in caught if SYNC_WARNING in str(w.message)]
             where = collections.Counter(f"{Path(w.filename).name}:{w.lineno}" for w in syncs)
             result[f"{aug}{'_progress_bar' if bar else ''}"] = {
                 "syncs_per_step": len(syncs) / steps, "syncs": len(syncs), "steps": steps,
@@ -260,11 +272,18 @@ def check_rank_draws(tmp: Path, device: str) -> dict:
 
 # -- 5. throughput and memory -------------------------------------------------------------
 
+def tensor_splits(samples: int) -> DataSplits:
+    """CIFAR-shaped training tensors without transforms: loading costs the workers little,
+    so the arms differ by the GPU's work and the training thread's."""
+    splits = cifar_splits(samples, 256)
+    splits.train = TensorDataset(splits.train.images, torch.as_tensor(splits.train.targets))
+    return splits
+
+
 def check_throughput(tmp: Path, samples: int, device: str = "cuda",
                      archs: tuple[str, ...] = ("preact_resnet18", "densenet121"),
                      amps: tuple[bool, ...] = (False, True)) -> dict:
-    splits = cifar_splits(samples, 256)
-    splits.train = TensorDataset(splits.train.images, torch.as_tensor(splits.train.targets))
+    splits = tensor_splits(samples)
     result = {}
     for arch in archs:
         for amp in amps:
@@ -280,6 +299,29 @@ def check_throughput(tmp: Path, samples: int, device: str = "cuda",
                 "store_fixed_s_per_epoch": arms["store"]["fixed_s_per_epoch"],
             }
             print(json.dumps({"throughput_" + key: result[key]}), flush=True)
+    return result
+
+
+def check_overhead(tmp: Path, samples: int, repeats: int, device: str = "cuda",
+                   archs: tuple[str, ...] = ("preact_resnet18",), amps: tuple[bool, ...] = (False, True),
+                   epochs: int = 4, batch_size: int = 128) -> dict:
+    """The store's tax on a fast model's steps: the arms of check 5 taking turns step by step
+    (``train_overhead.py``'s measurement: each turn ends when its kernels have run, the
+    drift of the machine shared alike), paired medians over ``repeats`` rounds, and where
+    the training thread's time went in the CE and store arms."""
+    splits = tensor_splits(samples)
+    result = {}
+    for arch in archs:
+        for amp in amps:
+            args = build_parser().parse_args(["--arch", arch, "--epochs", str(epochs), "--batch-size", str(batch_size),
+                                              "--workers", "4", "--repeats", str(repeats), "--device", device,
+                                              "--channels-last", *(["--amp"] if amp else [])])
+            measured = measure(splits, args, tmp)
+            key = f"{arch}_{'amp_bf16' if amp else 'fp32'}"
+            result[key] = {"paired_median": measured["paired_median"], "samples_per_s": measured["samples_per_s"],
+                           "store_fixed_s_per_epoch": measured["store_fixed_s_per_epoch"],
+                           "parts_ms_per_epoch": {arm: measured["parts_ms_per_epoch"][arm] for arm in ("ce", "store")}}
+            print(json.dumps({"overhead_" + key: result[key]}), flush=True)
     return result
 
 
@@ -302,8 +344,9 @@ def check_train(tmp: Path, samples: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=12_800, help="training samples per epoch (checks 5 and 6)")
+    parser.add_argument("--samples", type=int, default=12_800, help="training samples per epoch (checks 5-7)")
     parser.add_argument("--sync-steps", type=int, default=30)
+    parser.add_argument("--overhead-repeats", type=int, default=2, help="rounds of the overhead check's turns")
     parser.add_argument("--matrix-steps", type=int, default=3, help="steps per epoch of each method x aug run")
     parser.add_argument("--matrix-batch", type=int, default=64)
     parser.add_argument("--matrix-workers", type=int, default=2, help="DataLoader workers of each matrix run")
@@ -326,6 +369,7 @@ def main() -> None:
         checks[1:1] = [("writer", check_writer), ("tokens", check_tokens),
                        ("syncs", lambda tmp: check_syncs(tmp, args.sync_steps))]
         checks += [("throughput", lambda tmp: check_throughput(tmp, args.samples)),
+                   ("overhead", lambda tmp: check_overhead(tmp, args.samples, args.overhead_repeats)),
                    ("train", lambda tmp: check_train(tmp, args.samples))]
     if args.checks:
         checks = [(name, check) for name, check in checks if name in args.checks.split(",")]

@@ -266,37 +266,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main() -> None:
-    args = build_parser().parse_args()
-    kept = args.malloc == "keep" and keep_freed_memory()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    splits = build_datasets(args.dataset, args.data_dir, train_subset=args.train_subset)
+def measure(splits, args, workdir: Path) -> dict:
+    """``args.repeats`` rounds of :func:`interleaved`: each arm's samples/s (median over the
+    rounds), where its time went, the store's fixed cost, the ratios and the targets."""
     rates: dict[str, list[float]] = {arm: [] for arm in ARMS}
     parts: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
     fixed: list[float] = []
     pairs: list[dict[str, float]] = []
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.repeats):
-            epochs = interleaved(splits, args, Path(tmp))
-            pairs += paired_ratios(epochs)
-            for arm, measured in ((arm, summary(done)) for arm, done in epochs.items()):
-                rates[arm].append(measured["samples_per_s"])
-                parts[arm].append(measured["parts_ms_per_epoch"])
-                if arm == "store":
-                    fixed.append(measured["fixed_s_per_epoch"])
+    for _ in range(args.repeats):
+        epochs = interleaved(splits, args, workdir)
+        pairs += paired_ratios(epochs)
+        for arm, measured in ((arm, summary(done)) for arm, done in epochs.items()):
+            rates[arm].append(measured["samples_per_s"])
+            parts[arm].append(measured["parts_ms_per_epoch"])
+            if arm == "store":
+                fixed.append(measured["fixed_s_per_epoch"])
     median = {arm: statistics.median(values) for arm, values in rates.items()}
     epoch_s = {arm: len(splits.train) / rate for arm, rate in median.items()}
     store_fixed = statistics.median(fixed)
     result = {
-        "benchmark": "train_overhead",
-        "machine": {"platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads(), "device": args.device, "freed_memory_kept": kept,
-                    "page_faults_per_epoch": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
-                    / (args.repeats * args.epochs * len(ARMS))},
-        "config": vars(args),
         "samples_per_s": median,
         "runs": rates,
         "store_over_ce": median["store"] / median["ce"],
@@ -320,7 +308,27 @@ def main() -> None:
         "both_at_least_0.2_above_the_teacher": min(paired["store_over_ce"], paired["store_steps_over_ce"])
         >= paired["teacher_over_ce"] + 0.2,
     }
-    print(json.dumps(result, indent=2))
+    return result
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    kept = args.malloc == "keep" and keep_freed_memory()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    splits = build_datasets(args.dataset, args.data_dir, train_subset=args.train_subset)
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with tempfile.TemporaryDirectory() as tmp:
+        measured = measure(splits, args, Path(tmp))
+    print(json.dumps({
+        "benchmark": "train_overhead",
+        "machine": {"platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "device": args.device, "freed_memory_kept": kept,
+                    "page_faults_per_epoch": (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
+                    / (args.repeats * args.epochs * len(ARMS))},
+        "config": vars(args),
+        **measured,
+    }, indent=2))
 
 
 if __name__ == "__main__":

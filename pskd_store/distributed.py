@@ -111,6 +111,8 @@ def setup(device: str, timeout: timedelta) -> tuple[Distributed, torch.device]:
     env = torchrun_environment()
     if env is None:
         if accelerator is not None:
+            if chosen.index is None:  # "cuda": torch.cuda.set_device refuses a device without its index
+                chosen = torch.device(chosen.type, 0)
             accelerator.set_device(chosen)  # so streams, events and pinned memory use this device
         return Distributed(), chosen
     if accelerator is not None:

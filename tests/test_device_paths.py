@@ -128,7 +128,7 @@ def test_a_run_on_the_accelerator_paths_equals_a_cpu_run(tmp_path, data_dir, dev
     trains, records and reports exactly what the CPU run does."""
     config = TrainConfig(epochs=2, steps_per_epoch=8, aug="cutout", data_dir=str(data_dir)).resolved()
     train(config, tmp_path / "device", quiet=True)
-    assert device.devices == [torch.device("cpu")] and device.copies > 0
+    assert device.devices == [torch.device("cpu", 0)] and device.copies > 0  # set with its index
     device_state = torch.load(tmp_path / "device" / "checkpoints" / "last.pt", weights_only=False)["rng"][0]["cpu"]
     assert torch.equal(device_state, device.generator.get_state())
     with on_the_host():
@@ -182,8 +182,9 @@ def _free_port() -> int:
 
 
 def test_setup_sets_the_device_and_joins_the_group_through_the_accelerator(device, monkeypatch):
-    setup("cpu", timedelta(seconds=30))  # one process: only the device
-    assert device.devices == [torch.device("cpu")] and not dist.is_initialized()
+    _, chosen = setup("cpu", timedelta(seconds=30))  # one process: only the device
+    # named with its index: torch.cuda.set_device refuses "cuda" alone (every train() on a GPU did)
+    assert chosen == torch.device("cpu", 0) and device.devices == [chosen] and not dist.is_initialized()
     for name, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                             MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())).items():
         monkeypatch.setenv(name, value)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import benchmark_script
 
 pytestmark = pytest.mark.slow  # torchrun, object-store servers, kills: the full suite only
@@ -43,3 +44,29 @@ def test_the_throughput_check_runs_its_three_arms_on_the_cpu(tmp_path):
     for measured in result.values():
         assert min(measured[f"{arm}_samples_per_s"] for arm in ("ce", "store", "teacher")) > 0
         assert measured["store_fixed_s_per_epoch"] > 0 and measured["store_peak_gpu_mib"] is None
+
+
+def test_the_overhead_check_takes_turns_on_the_cpu(tmp_path):
+    """Check 6 as a GPU runs it (train_overhead.py's arms taking turns, 4 workers), on a few
+    CPU samples in small batches: every arm measured, the store's parts where its time went."""
+    gpu_check = benchmark_script("gpu_check")
+    result = gpu_check.check_overhead(tmp_path, 32, 1, device="cpu", archs=("preact_resnet18",), amps=(False,),
+                                      epochs=2, batch_size=16)
+    measured = result["preact_resnet18_fp32"]
+    assert set(measured["paired_median"]) == {"store_over_ce", "store_steps_over_ce", "teacher_over_ce"}
+    assert min(measured["samples_per_s"].values()) > 0 and measured["store_fixed_s_per_epoch"] > 0
+    parts = measured["parts_ms_per_epoch"]
+    assert all(parts["store"][part] > parts["ce"][part] for part in ("set_epoch", "writer_open", "seal"))
+
+
+def test_the_syncs_check_trains_through_the_real_loop_on_the_cpu(tmp_path, monkeypatch, torch_state_kept):
+    """Check 3 calls the training loop's own functions, whose signatures move: it runs here
+    on the CPU, with CUDA's synchronisation and its debug mode recorded instead of made."""
+    gpu_check = benchmark_script("gpu_check")
+    modes = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    result = gpu_check.check_syncs(tmp_path, 1, device="cpu", batch_size=4)
+    assert set(result) == {f"{aug}{bar}" for aug in ("none", "cutout", "cutmix") for bar in ("", "_progress_bar")}
+    assert all(measured == {"syncs_per_step": 0.0, "syncs": 0, "steps": 1, "where": {}} for measured in result.values())
+    assert modes == ["warn", "default"] * 6  # around each of the two measured epochs of each augmentation
