@@ -9,6 +9,8 @@
    ``write()`` on a side stream while ``close()`` runs outside it. Each batch's logits
    are made right behind a long kernel, so a writer that read its pinned buffers before
    the copies landed would store stale rows.
+2a. ``write_time``: ``write()``'s host time per call alone (mean, median, slowest), CUDA
+   logits, each call after the device finished the last, four epochs.
 2b. ``tokens``: a sequence store's TokenWriter fed CUDA logits (B, L, V) and labels stores
    the top-8 rows the CPU path stores for the same logits, with no host-device
    synchronisation inside ``write()``.
@@ -46,6 +48,7 @@ import functools
 import json
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -175,6 +178,31 @@ def check_writer(tmp: Path) -> dict:
         # float16 rows of a softmax computed on two devices may differ in the last bit
         result[name] = {"max_abs_diff": float(difference.max()), "rows_wrong": int((difference > 1e-3).sum())}
     result["ok"] = all(result[s]["rows_wrong"] == 0 for s in ("default_stream", "side_stream"))
+    return result
+
+
+def check_write_time(tmp: Path, device: str = "cuda", samples: int = 12_800, epochs: int = 4) -> dict:
+    """``write()``'s host time a call, alone: 128 x 100 logits on ``device``, each call after
+    the device has finished the previous one (what a training step leaves), epoch by epoch.
+    The mean holds what the median hides: every 32nd call takes or hands over a chunk
+    buffer, and one that finds every buffer in flight waits for the background thread."""
+    logits = torch.randn(samples, K, device=device)
+    order = torch.randperm(samples)
+    store = SoftTargetStore.create(tmp / "store", np.arange(samples) % K, K)
+    synchronize = torch.cuda.synchronize if device == "cuda" else lambda: None
+    result = {}
+    for epoch in range(1, epochs + 1):
+        spent = []
+        with store.writer(epoch) as writer:
+            for lo in range(0, samples, 128):
+                ids = order[lo:lo + 128]
+                synchronize()
+                started = time.perf_counter()
+                writer.write(ids, logits[ids.to(device)])
+                spent.append(1e6 * (time.perf_counter() - started))
+        store.seal(epoch)
+        result[f"epoch_{epoch}"] = {"mean_us": statistics.fmean(spent), "median_us": statistics.median(spent),
+                                    "max_us": max(spent), "calls": len(spent)}
     return result
 
 
@@ -366,7 +394,7 @@ def main() -> None:
                                                   args.matrix_workers)),
               ("rank_draws", lambda tmp: check_rank_draws(tmp, args.device))]
     if args.device == "cuda":
-        checks[1:1] = [("writer", check_writer), ("tokens", check_tokens),
+        checks[1:1] = [("writer", check_writer), ("write_time", check_write_time), ("tokens", check_tokens),
                        ("syncs", lambda tmp: check_syncs(tmp, args.sync_steps))]
         checks += [("throughput", lambda tmp: check_throughput(tmp, args.samples)),
                    ("overhead", lambda tmp: check_overhead(tmp, args.samples, args.overhead_repeats)),

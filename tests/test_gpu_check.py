@@ -70,3 +70,12 @@ def test_the_syncs_check_trains_through_the_real_loop_on_the_cpu(tmp_path, monke
     assert set(result) == {f"{aug}{bar}" for aug in ("none", "cutout", "cutmix") for bar in ("", "_progress_bar")}
     assert all(measured == {"syncs_per_step": 0.0, "syncs": 0, "steps": 1, "where": {}} for measured in result.values())
     assert modes == ["warn", "default"] * 6  # around each of the two measured epochs of each augmentation
+
+
+def test_the_write_time_check_times_every_call_of_every_epoch_on_the_cpu(tmp_path):
+    gpu_check = benchmark_script("gpu_check")
+    result = gpu_check.check_write_time(tmp_path, device="cpu", samples=640, epochs=2)
+    assert set(result) == {"epoch_1", "epoch_2"}
+    for measured in result.values():
+        assert measured["calls"] == 5 and 0 < measured["median_us"] <= measured["max_us"]
+        assert measured["mean_us"] <= measured["max_us"]
