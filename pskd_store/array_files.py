@@ -60,9 +60,9 @@ def create_array(group: zarr.Group, name: str, *, shape: tuple[int, ...], dtype:
                  chunks: tuple[int, ...], compressor: zarr.codecs.BloscCodec | None) -> zarr.Array:
     """``group.create_array(name, ..., overwrite=True)`` with the store's codecs (the
     compressor, if any, then crc32c), chunk keys (``CHUNK_KEYS``) and every chunk written
-    (``ARRAY_CONFIG``). zarr makes
-    it when it is the first of its kind here, or when something is at its path or its
-    parent group is missing (zarr replaces the one and writes the other)."""
+    (``ARRAY_CONFIG``). zarr makes it when it is the first of its kind here, or when
+    something is at its path or its parent group is missing (zarr replaces the one and
+    writes the other)."""
     codec = None if compressor is None else json.dumps(compressor.to_dict())
     kind = (tuple(shape), np.dtype(dtype).str, tuple(chunks), codec)
     made = _MADE.get(kind)
