@@ -57,8 +57,8 @@ def _creates(path, flags: int, *args, **kwargs) -> bool:
 class _Counted:
     """Counts the calls of ``module.name`` (those ``which`` accepts): pathlib's and zarr's
     mkdir go through ``os.mkdir``, files are made through ``open``, ``os.open`` or (pathlib)
-    ``io.open``, zarr's
-    ``sync`` hands coroutines to its loop through ``asyncio.run_coroutine_threadsafe``."""
+    ``io.open``, zarr's ``sync`` hands coroutines to its loop through
+    ``asyncio.run_coroutine_threadsafe``."""
 
     def __init__(self, module, name: str, which: Callable[..., bool] = lambda *args, **kwargs: True):
         self.count = 0
@@ -89,18 +89,21 @@ def cycle(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[floa
     with (_Counted(asyncio, "run_coroutine_threadsafe") as trips, _Counted(os, "mkdir") as directories,
           _Counted(builtins, "open", _opens_for_writing) as opened, _Counted(io, "open", _opens_for_writing) as by_path,
           _Counted(os, "open", _creates) as created):
+        def files_written() -> int:
+            return opened.count + by_path.count + created.count
+
         for epoch in range(1, args.epochs + 1):
             order = torch.randperm(args.samples)
             writer = None
 
             def run(phase: str, step) -> None:
-                counts = directories.count, opened.count + by_path.count + created.count, trips.count
+                counts = directories.count, files_written(), trips.count
                 started, cpu = time.perf_counter(), time.process_time()
                 step()
                 if epoch > 2:
                     for measure, value in zip(measures, (
                             1000 * (time.perf_counter() - started), 1000 * (time.process_time() - cpu),
-                            directories.count - counts[0], opened.count + by_path.count + created.count - counts[1],
+                            directories.count - counts[0], files_written() - counts[1],
                             trips.count - counts[2])):
                         spent[measure][phase].append(value)
 

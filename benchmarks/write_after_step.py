@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 
 from pskd_store.models import create_model
+from pskd_store.models.small import MNIST1D_LENGTH, MNIST1D_MODELS
 from pskd_store.store import SoftTargetStore
 
-INPUTS = {"mnist1d_cnn": (1, 40), "mnist1d_mlp": (40,)}  # what each model takes per sample
 WAYS = ("warm", "after_step", "after_flush")
 
 
@@ -47,7 +47,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[fl
     torch.manual_seed(0)
     model = create_model(args.arch, args.classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    inputs = torch.randn(args.batch_size, *INPUTS[args.arch])
+    inputs = torch.randn(args.batch_size, 1, MNIST1D_LENGTH)  # MNIST-1D samples
     labels = torch.randint(0, args.classes, (args.batch_size,))
     logits = torch.randn(args.samples, args.classes)
     flushed = np.ones(args.flush_mb << 17)  # float64: 8 bytes each
@@ -83,7 +83,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="mnist1d_cnn", choices=sorted(INPUTS))
+    parser.add_argument("--arch", default="mnist1d_cnn", choices=sorted(MNIST1D_MODELS))
     parser.add_argument("--samples", type=int, default=8000)
     parser.add_argument("--classes", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=128)
