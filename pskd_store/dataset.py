@@ -178,29 +178,39 @@ class SoftTargetDataset(TeacherEpochDataset):
         items = self._load(indices, state[0])
         ids = np.fromiter(indices, np.int64, len(indices))  # without the draws' repeats
         inputs, labels = zip(*items) if items else ((), ())
-        labels = np.fromiter(map(int, labels), np.int64, len(labels))
+        labels = self._checked_labels(labels, ids)
         return SoftTargetBatch(list(inputs), self._blend(labels, ids, *state), torch.from_numpy(labels),
                                torch.from_numpy(ids))
 
     def targets(self, labels: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """The current epoch's (B, K) float32 targets of samples ``ids`` with ``labels``: what
         items carry, for loops that blend in the main process (``integrations.transformers``)."""
-        return self._blend(torch.as_tensor(labels).cpu().numpy(), torch.as_tensor(ids).cpu().numpy(), *self._current())
+        ids = torch.as_tensor(ids).cpu().numpy()
+        return self._blend(self._checked_labels(torch.as_tensor(labels).tolist(), ids), ids, *self._current())
 
     def _blend(self, labels: np.ndarray, ids: np.ndarray, epoch: int, teacher: int, token: int) -> torch.Tensor:
-        self._check_labels(labels, ids)
         if teacher == 0:
             return torch.nn.functional.one_hot(torch.from_numpy(labels), self.num_classes).float()
         past = self.service.lookup(teacher, token_from_int(token), ids)
         return soft_target(torch.from_numpy(labels), past, alpha_t(epoch, self.total_epochs, self.alpha_T))
+
+    def _checked_labels(self, labels: Sequence, ids: np.ndarray) -> np.ndarray:
+        """The store's labels of ``ids``, once the items' ``labels`` are found equal to them.
+        Compared as lists of ints: after a training step has evicted NumPy's code from the
+        caches, that costs two thirds of converting the labels and comparing arrays."""
+        labels, expected = list(map(int, labels)), self._labels.take(ids)
+        if labels != expected.tolist():
+            self._check_labels(np.asarray(labels, dtype=np.int64), ids)  # raises, naming the first that differs
+        return expected
 
     def _check_labels(self, labels: np.ndarray | None, indices: np.ndarray) -> None:
         """A base data set with other labels than the store's would blend each sample's
         teacher row with another class: refuse it, whatever its length."""
         if labels is None:
             return
-        wrong = np.flatnonzero(labels != self._labels[indices])
-        if len(wrong):
+        differ = labels != self._labels[indices]
+        if differ.any():
+            wrong = np.flatnonzero(differ)
             i = indices[wrong[0]]
             raise StoreError(
                 f"sample {i} of the data set has label {labels[wrong[0]]} but the store was made for "

@@ -101,7 +101,8 @@ class PredictionService:
         view = self._maps.get(key)
         if view is None:
             try:
-                view = np.load(self.path(epoch, token), mmap_mode="r")
+                # a plain ndarray over the map: np.memmap's Python hooks ran on every batch's take
+                view = np.load(self.path(epoch, token), mmap_mode="r").view(np.ndarray)
             except FileNotFoundError as err:
                 raise StoreError(
                     f"epoch {epoch} was not prepared under seal token {token} in {self.cache_dir}: call "
@@ -117,7 +118,7 @@ class PredictionService:
 
     def stored_rows(self, epoch: int, token: str, ids: np.ndarray | torch.Tensor) -> np.ndarray:
         """Rows ``ids`` of a prepared epoch as stored (row_encoding.py)."""
-        return np.take(self.view(epoch, token), np.asarray(ids), axis=0)  # faster than fancy indexing
+        return self.view(epoch, token).take(np.asarray(ids), axis=0)  # faster than fancy indexing
 
     def _require_store(self) -> SoftTargetStore:
         if self._store is None:

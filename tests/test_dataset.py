@@ -99,7 +99,7 @@ def _mapped_in_child(service: PredictionService, token: str, ids: list[int]) -> 
     rows = service.lookup(2, token, np.asarray(ids)).tolist()
     view = service.view(2, token)
     maps = Path("/proc/self/maps").read_text()
-    return rows, isinstance(view, np.memmap), str(service.path(2, token)) in maps
+    return rows, isinstance(view.base, np.memmap) and not view.flags.writeable, str(service.path(2, token)) in maps
 
 
 @pytest.mark.slow
@@ -114,9 +114,9 @@ def test_service_lookup_is_a_shared_memory_map(store):
     assert looked_up.dtype == torch.float32  # what lookup promises, whatever the store's dtype
     np.testing.assert_array_equal(looked_up.numpy(), expected)
     with mp.get_context("spawn").Pool(1) as pool:  # a fresh process maps the same file
-        rows, is_memmap, mapped = pool.apply(_mapped_in_child, (service, token, ids))
+        rows, read_only_map, mapped = pool.apply(_mapped_in_child, (service, token, ids))
     np.testing.assert_array_equal(np.asarray(rows, dtype=np.float32), expected)
-    assert is_memmap and mapped
+    assert read_only_map and mapped
 
 
 def test_service_never_serves_a_stale_epoch_after_rollback(store):
