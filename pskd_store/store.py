@@ -6,11 +6,13 @@ Layout (all under one group, a local path or any fsspec URL zarr accepts)::
                                       fingerprint, sealed epochs and their statistics
     labels                            (N,) int64 — the one-hot half of every target
     teacher/epoch_0007                (N, K) predictions of epoch 7, chunked along N
-    trajectory/epoch_0007/true_prob   (N,) probability of the true class  ┐ compact, kept
-    trajectory/epoch_0007/max_prob    (N,) max probability                ├ for every epoch
-    trajectory/epoch_0007/argmax      (N,) predicted class                │
-    trajectory/epoch_0007/written     (N,) bool: written this epoch, or   ┘
-                                      carried forward (see ``seal``)
+    trajectory/epoch_0007             (N, 16) uint8, one chunk: a record per row, kept for
+                                      every epoch: the true class's probability and the
+                                      largest (float16 each), the predicted class (int32),
+                                      written this epoch or carried forward (bool; see
+                                      ``seal``), zero padding — trajectory.pack_records.
+                                      Schema 2 stores made a group of an (N,) array per
+                                      field instead, read alike.
 
 With ``topk=k`` a teacher row holds the k largest probabilities and their class ids,
 packed into bytes (row_encoding.py): the array is (N, k * (value bytes + id bytes)) uint8.
@@ -51,7 +53,6 @@ from .array_files import (
     ChunkFiles,
     codecs_with_checksum,
     create_array,
-    create_group,
     delete_node,
     group_attributes,
     set_group_attributes,
@@ -64,10 +65,11 @@ from .row_encoding import UNREADABLE_ROWS, RowEncoding, row_encoding
 from .sequences import TokenRows
 from .staging import EpochStaging
 from .store_keys import SEQUENCE_TRAJECTORY_FIELDS, TRAJECTORY_FIELDS, epoch_key, new_seal_token
-from .trajectory import RowTrajectory, SequenceTrajectory
+from .trajectory import RowTrajectory, SequenceTrajectory, pack_records, record_bytes, unpack_records
 from .zarr_sync import sync
 
-SCHEMA_VERSION = 2  # 2: crc32c on every array, every chunk written, trajectory "written"
+SCHEMA_VERSION = 3  # 2: crc32c on every array, every chunk written, trajectory "written"; 3: one trajectory array
+READABLE_SCHEMAS = (2, 3)  # a schema 2 store's next seal makes it schema 3 (its older epochs read as they are)
 ATTRS_KEY = "pskd_store"
 DTYPES = ("float16", "float32")
 CHUNK_BYTES = 1 << 20  # ~1 MiB of uncompressed rows per chunk
@@ -191,10 +193,10 @@ class SoftTargetStore:
         if meta is None:
             raise StoreError(f"{url} is a Zarr group but not a pskd-store (no '{ATTRS_KEY}' attributes)")
         meta = self._checked(meta)
-        if meta.get("schema_version") != SCHEMA_VERSION:
+        if meta.get("schema_version") not in READABLE_SCHEMAS:
             raise StoreError(
                 f"{url} has store schema {meta.get('schema_version')}, this pskd-store reads "
-                f"schema {SCHEMA_VERSION}: upgrade pskd-store or start a new store"
+                f"schemas {', '.join(map(str, READABLE_SCHEMAS))}: upgrade pskd-store or start a new store"
             )
         self._meta = meta
         self._labels: np.ndarray | None = None
@@ -502,10 +504,17 @@ class SoftTargetStore:
         self.require_sealed(epoch)
         return self._teacher(epoch)
 
-    def trajectory_array(self, epoch: int, field: str) -> CheckedArray:
-        """One field of the trajectory tier of a sealed epoch."""
+    def trajectory_arrays(self, epoch: int) -> list[CheckedArray]:
+        """The stored arrays of a sealed epoch's trajectory record: one (schema 3), or one
+        per field (an epoch sealed by schema 2); :meth:`trajectory_values` reads them."""
         self.require_sealed(epoch, teacher=False)
-        return self._trajectory(epoch, field)
+        return self._trajectory(epoch)
+
+    def trajectory_values(self, arrays: list[CheckedArray]) -> dict[str, np.ndarray]:
+        """Each field of a trajectory record (:meth:`trajectory_arrays`), (records,) in its dtype."""
+        if len(arrays) == 1:
+            return unpack_records(arrays[0][:], self.trajectory_fields)
+        return {field: array[:] for field, array in zip(self.trajectory_fields, arrays)}
 
     def stored_digest(self, epoch: int, tier: str) -> str:
         """The digest of the stored chunks of an epoch's ``tier`` ("teacher" or "trajectory"),
@@ -513,7 +522,7 @@ class SoftTargetStore:
         the seal records in the epoch's statistics and `verify` compares."""
         if tier == "teacher":
             return stored_digest([self._teacher(epoch)])
-        return stored_digest([self._trajectory(epoch, field) for field in self.trajectory_fields])
+        return stored_digest(self._trajectory(epoch))
 
     def _teacher(self, epoch: int) -> CheckedArray:
         return CheckedArray.open(
@@ -526,19 +535,22 @@ class SoftTargetStore:
         """Records per epoch in the trajectory tier: a row's each, or a sequence's."""
         return self._num_sequences or self.num_samples
 
-    def _trajectory(self, epoch: int, field: str) -> CheckedArray:
-        return CheckedArray.open(
-            self._group, f"trajectory/{epoch_key(epoch)}/{field}", self._trajectory_what(epoch, field),
-            self.url, shape=(self._trajectory_rows,), dtype=self.trajectory_fields[field],
-        )
+    def _trajectory(self, epoch: int) -> list[CheckedArray]:
+        path = f"trajectory/{epoch_key(epoch)}"
+        if group_attributes(self._group.store, path) is not None:  # sealed by schema 2: an array per field
+            return [CheckedArray.open(self._group, f"{path}/{field}", self._trajectory_what(epoch, field), self.url,
+                                      shape=(self._trajectory_rows,), dtype=dtype)
+                    for field, dtype in self.trajectory_fields.items()]
+        return [CheckedArray.open(self._group, path, self._trajectory_what(epoch), self.url,
+                                  shape=(self._trajectory_rows, record_bytes(self.trajectory_fields)), dtype=np.uint8)]
 
     @staticmethod
     def _teacher_what(epoch: int) -> str:
         return f"the teacher of epoch {epoch}"
 
     @staticmethod
-    def _trajectory_what(epoch: int, field: str) -> str:
-        return f"the trajectory ({field}) of epoch {epoch}"
+    def _trajectory_what(epoch: int, field: str | None = None) -> str:
+        return f"the trajectory{f' ({field})' if field else ''} of epoch {epoch}"
 
     def read_epoch(self, epoch: int) -> np.ndarray:
         """All (N, K) predictions of a sealed epoch, decoded into memory (in the store's
@@ -560,8 +572,9 @@ class SoftTargetStore:
         for epoch in epochs:
             self.require_sealed(epoch, teacher=False)
         out: dict[str, np.ndarray] = {"epochs": np.asarray(epochs, dtype=np.int64)}
+        records = [self.trajectory_values(self.trajectory_arrays(e)) for e in epochs]
         for field, dtype in self.trajectory_fields.items():
-            rows = [self.trajectory_array(e, field)[:] for e in epochs]
+            rows = [record[field] for record in records]
             out[field] = np.stack(rows) if rows else np.empty((0, self._trajectory_rows), dtype)
         carried = ~out["written"]
         for field in self.trajectory_fields:
@@ -574,7 +587,7 @@ class SoftTargetStore:
         epochs = {int(k): v for k, v in self._meta["epochs"].items()}
         return {
             "url": self.url,
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self._meta["schema_version"],
             "num_samples": self.num_samples,
             "num_classes": self.num_classes,
             "dtype": str(self.dtype),
@@ -716,6 +729,7 @@ class SoftTargetStore:
             "digests": digests,
         }
         meta = dict(self._meta)
+        meta["schema_version"] = SCHEMA_VERSION  # the epoch's trajectory: a schema 2 store is now 3
         meta["sealed"] = meta["sealed"] + [epoch]
         meta["epochs"] = {**meta["epochs"], str(epoch): info}
         self._publish(meta)  # the seal
@@ -767,15 +781,14 @@ class SoftTargetStore:
         return zarr.codecs.BloscCodec(**{**self._meta["blosc"], "typesize": self.dtype.itemsize})
 
     def _write_trajectory(self, epoch: int, values: dict[str, np.ndarray]) -> list[CheckedArray]:
-        """The fields' arrays, one chunk each; returned in the order ``stored_digest`` reads them."""
-        group = create_group(self._group, f"trajectory/{epoch_key(epoch)}")
-        arrays = []
-        for field, dtype in self.trajectory_fields.items():
-            rows = len(values[field])
-            array = create_array(group, field, shape=(rows,), dtype=dtype, chunks=(rows,), compressor=self.codec)
-            ChunkFiles(array).write(0, values[field].astype(dtype))
-            arrays.append(CheckedArray(array, self._trajectory_what(epoch, field), self.url))
-        return arrays
+        """The epoch's trajectory record, one array of one chunk (``trajectory.pack_records``)."""
+        records = pack_records(values, self.trajectory_fields)
+        # a record's bytes are its fields': shuffled by the record's size, each field's bytes compress together
+        codec = zarr.codecs.BloscCodec(**{**self._meta["blosc"], "typesize": records.shape[1]})
+        array = create_array(self._group, f"trajectory/{epoch_key(epoch)}", shape=records.shape, dtype=np.uint8,
+                             chunks=records.shape, compressor=codec)
+        ChunkFiles(array).write(0, records)
+        return [CheckedArray(array, self._trajectory_what(epoch), self.url)]
 
     def _publish(self, meta: dict[str, Any]) -> None:
         """Write the store's attributes (with their checksum): one atomic write of the root

@@ -157,21 +157,17 @@ def _check_sealed_list_and_labels(store: SoftTargetStore, report: Report) -> np.
 
 
 def _check_trajectory(store: SoftTargetStore, epoch: int, report: Report) -> dict[str, np.ndarray] | None:
-    """Every field of the epoch's trajectory record; returns them when all are readable."""
-    values = {}
-    for name in store.trajectory_fields:
-        part = f"trajectory of epoch {epoch} ({name})"
-        try:
-            array = store.trajectory_array(epoch, name)
-        except StoreError as err:
-            report.add(part, _problem(err))
-            continue
-        damaged = list(array.damaged_chunks())
-        _report_chunks(report, part, damaged)
-        if not damaged:
-            values[name] = array[:]
-    report.checked.append(f"trajectory of epoch {epoch}")
-    return values if len(values) == len(store.trajectory_fields) else None
+    """Every chunk of the epoch's trajectory record; returns its fields when all are readable."""
+    part = f"trajectory of epoch {epoch}"
+    report.checked.append(part)
+    try:
+        arrays = store.trajectory_arrays(epoch)
+    except StoreError as err:
+        report.add(part, _problem(err))
+        return None
+    damaged = [chunk for array in arrays for chunk in array.damaged_chunks()]
+    _report_chunks(report, part, damaged)
+    return None if damaged else store.trajectory_values(arrays)
 
 
 def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None,

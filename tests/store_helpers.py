@@ -11,7 +11,10 @@ import numpy as np
 import torch
 import zarr
 
+from pskd_store.array_files import ChunkFiles, create_array, create_group
+from pskd_store.integrity import CheckedArray
 from pskd_store.store import SoftTargetStore
+from pskd_store.store_keys import epoch_key
 
 
 def epoch_probs(epoch: int, num_samples: int, num_classes: int) -> np.ndarray:
@@ -52,3 +55,16 @@ def chunk_files(array_dir: Path) -> dict[str, bytes]:
     """Every chunk file of the array at ``array_dir``: its key -> its bytes."""
     return {path.relative_to(array_dir).as_posix(): path.read_bytes() for path in array_dir.rglob("*")
             if path.is_file() and path.name != "zarr.json"}
+
+
+def write_trajectory_per_field(store: SoftTargetStore, epoch: int, values: dict[str, np.ndarray]) -> list[CheckedArray]:
+    """How a schema 2 store's seal wrote an epoch's trajectory record: a group of an (N,)
+    array per field (``SoftTargetStore._write_trajectory`` stands in for it in a test)."""
+    group = create_group(store._group, f"trajectory/{epoch_key(epoch)}")
+    arrays = []
+    for field, dtype in store.trajectory_fields.items():
+        rows = len(values[field])
+        array = create_array(group, field, shape=(rows,), dtype=dtype, chunks=(rows,), compressor=store.codec)
+        ChunkFiles(array).write(0, values[field].astype(dtype))
+        arrays.append(CheckedArray(array, f"the trajectory ({field}) of epoch {epoch}", store.url))
+    return arrays

@@ -118,8 +118,8 @@ def test_the_digests_read_back_refuses_a_chunk_whose_bytes_changed(store):
 
 
 def test_damaged_labels_and_trajectory_are_refused(store):
-    flip_byte(chunk(store, "trajectory/epoch_0002/true_prob"))
-    with pytest.raises(StoreDamagedError, match=r"trajectory \(true_prob\) of epoch 2 .* rows 0-95"):
+    flip_byte(chunk(store, "trajectory/epoch_0002"))
+    with pytest.raises(StoreDamagedError, match=r"the trajectory of epoch 2 .* rows 0-95"):
         reopen(store).trajectory()
     flip_byte(chunk(store, "labels"))
     with pytest.raises(StoreDamagedError, match="the labels array .* is damaged"):
@@ -178,15 +178,14 @@ def test_verify_names_every_damage_by_epoch_and_rows(store, labels):
     PredictionService(store).prepare(3)
     flip_byte(chunk(store, "teacher/epoch_0003", 2))
     chunk(store, "teacher/epoch_0002", 4).unlink()
-    flip_byte(chunk(store, "trajectory/epoch_0001/argmax"))
+    flip_byte(chunk(store, "trajectory/epoch_0001"))
     cached = next((Path(store.url).parent / "store.mmap").glob("*.npy"))
     flip_byte(cached, at=0.95)
     findings = {str(f) for f in verify_path(store.url).findings}
     assert findings == {
         "teacher of epoch 3: rows 32-47 do not match their checksum (their bytes changed after they were written)",
         "teacher of epoch 2: rows 64-79 are missing (their chunk file was deleted)",
-        "trajectory of epoch 1 (argmax): rows 0-95 do not match their checksum (their bytes changed after they "
-        "were written)",
+        "trajectory of epoch 1: rows 0-95 do not match their checksum (their bytes changed after they were written)",
         f"memory-map cache {cached}: does not match its checksum (a cache: it is decoded again on the next "
         "epoch; deleting it is safe)",
     }
@@ -273,7 +272,7 @@ def test_row_ranges_merge_adjacent_chunks():
 
 def test_a_store_of_another_schema_is_refused(store):
     _edit_root(store, lambda meta: meta.update(schema_version=1))
-    with pytest.raises(StoreError, match="has store schema 1, this pskd-store reads schema 2"):
+    with pytest.raises(StoreError, match="has store schema 1, this pskd-store reads schemas 2, 3"):
         reopen(store)
 
 
@@ -289,11 +288,11 @@ def test_rolling_back_past_the_kept_teachers_is_refused(store):
 def test_verify_reports_edited_statistics_damaged_labels_and_a_lost_trajectory_array(store):
     _edit_root(store, lambda meta: meta["epochs"].pop("2"))
     flip_byte(chunk(store, "labels"))
-    (Path(store.url) / "trajectory/epoch_0001/argmax/zarr.json").unlink()
+    (Path(store.url) / "trajectory/epoch_0001/zarr.json").unlink()
     findings = {str(f) for f in verify_path(store.url).findings}
     assert "epoch 2: is sealed but has no statistics or seal token: the root metadata was edited" in findings
     assert any(f.startswith("labels: the labels array") for f in findings)
-    assert any(f.startswith("trajectory of epoch 1 (argmax): ") and "cannot be opened" in f for f in findings)
+    assert any(f.startswith("trajectory of epoch 1: ") and "cannot be opened" in f for f in findings)
 
 
 def _rewrite_cache(path: Path, array: np.ndarray) -> None:

@@ -25,6 +25,7 @@ from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore, StoreError
 from pskd_store.token_dataset import TokenTargetDataset
 from pskd_store.token_writer import TokenWriter
+from pskd_store.trajectory import pack_records, unpack_records
 from pskd_store.verify import verify_store
 
 S, L, V = 24, 12, 50  # sequences, positions per padded sequence, vocabulary
@@ -162,10 +163,11 @@ def test_verify_names_the_samples_whose_summaries_disagree_with_their_rows(tmp_p
     labels = padded_labels()
     store = sequence_store(tmp_path, labels, 4)
     write_tokens(store, 1, torch.randn(S, L, V, generator=torch.Generator().manual_seed(3)), labels)
-    array = store._group["trajectory/epoch_0001/token_accuracy"]
-    values = array[:]
-    values[5] = 0.25 if values[5] != 0.25 else 0.5
-    array[:] = values  # rewritten with a valid checksum
+    array = store._group["trajectory/epoch_0001"]
+    values = unpack_records(array[:], store.trajectory_fields)
+    accuracy = values["token_accuracy"]
+    accuracy[5] = 0.25 if accuracy[5] != 0.25 else 0.5
+    array[:] = pack_records(values, store.trajectory_fields)  # rewritten with a valid checksum
     report = verify_store(store)
     assert any(f.part == "trajectory of epoch 1" and "samples 5" in f.problem for f in report.findings), report.findings
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 import zarr
 from conftest import FORK, exit_code, forked
-from store_helpers import chunk_file, chunk_files, epoch_probs, make_labels, write_epoch
+from store_helpers import chunk_file, chunk_files, epoch_probs, make_labels, write_epoch, write_trajectory_per_field
 
 from pskd_store.errors import StoreDamagedError
 from pskd_store.staging import PartWriter
@@ -68,10 +68,15 @@ def test_layout_attributes_and_compression(store, labels):
     teacher = json.loads((Path(store.url) / "teacher/epoch_0001/zarr.json").read_text())
     assert teacher["shape"] == [N, K] and teacher["chunk_grid"]["configuration"]["chunk_shape"] == [32, K]
     assert [c["name"] for c in teacher["codecs"]][-2:] == ["blosc", "crc32c"]  # checksum of the compressed bytes
-    assert teacher["fill_value"] == 0.0 and root["schema_version"] == 2
-    for array in ("labels", "trajectory/epoch_0001/true_prob", "trajectory/epoch_0001/written"):
+    assert teacher["fill_value"] == 0.0 and root["schema_version"] == 3
+    for array in ("labels", "trajectory/epoch_0001"):
         codecs = json.loads((Path(store.url) / array / "zarr.json").read_text())["codecs"]
         assert codecs[-1]["name"] == "crc32c", array
+    # the epoch's trajectory record: one array of one chunk, a row's 9 bytes and 7 zeros shuffled as one item
+    trajectory = json.loads((Path(store.url) / "trajectory/epoch_0001/zarr.json").read_text())
+    assert trajectory["shape"] == [N, 16] and trajectory["data_type"] == "uint8"
+    assert trajectory["codecs"][1]["configuration"]["typesize"] == 16
+    assert sorted(p.name for p in (Path(store.url) / "trajectory/epoch_0001").iterdir()) == ["c.0.0", "zarr.json"]
     # chunks beside their array's document: no directory made per chunk
     assert sorted(p.name for p in (Path(store.url) / "teacher/epoch_0001").iterdir()) == \
         sorted([f"c.{i}.0" for i in range(-(-N // 32))] + ["zarr.json"])
@@ -102,6 +107,35 @@ def test_a_store_with_zarrs_default_chunk_keys_keeps_working(tmp_path, labels, m
     np.testing.assert_array_equal(store.read_epoch(2), np.concatenate([second[half], first[N // 2:]]))
     assert store.trajectory()["written"][1].tolist() == [True] * (N // 2) + [False] * (N - N // 2)
     assert verify_path(store.url).ok
+
+
+def test_a_schema_2_store_with_a_trajectory_array_per_field_keeps_working(tmp_path, labels, monkeypatch):
+    """A store made by schema 2 (an epoch's trajectory a group of an array per field) is read,
+    verified and written on; its next seal makes it schema 3, and its older epochs read as
+    they are: trajectories equal to a new store's of the same epochs."""
+    import pskd_store.store as store_module
+    from pskd_store.verify import verify_path
+
+    monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+    monkeypatch.setattr(SoftTargetStore, "_write_trajectory", write_trajectory_per_field)
+    old = SoftTargetStore.create(tmp_path / "old", labels, K, chunk_rows=CHUNK_ROWS)
+    write_epoch(old, 1)
+    monkeypatch.undo()
+    assert old.summary()["schema_version"] == 2
+    assert (tmp_path / "old" / "trajectory" / "epoch_0001" / "argmax" / "zarr.json").is_file()
+    assert verify_path(old.url).ok
+    half = np.arange(N // 2)
+    write_epoch(SoftTargetStore.open(old.url), 2, ids=half)
+    new = SoftTargetStore.create(tmp_path / "new", labels, K, chunk_rows=CHUNK_ROWS)
+    write_epoch(new, 1)
+    write_epoch(new, 2, ids=half)
+    reopened = SoftTargetStore.open(old.url)
+    assert reopened.summary()["schema_version"] == 3
+    assert [len(reopened.trajectory_arrays(epoch)) for epoch in (1, 2)] == [4, 1]
+    for field, values in new.trajectory().items():
+        np.testing.assert_array_equal(reopened.trajectory()[field], values)
+    assert reopened.stored_digest(1, "trajectory") == reopened.summary()["epochs"][1]["digests"]["trajectory"]
+    assert verify_path(old.url).ok
 
 
 def test_trajectory_tier_records_every_epoch(store, labels):
