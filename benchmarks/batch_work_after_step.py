@@ -110,7 +110,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="mnist1d_cnn", choices=sorted(MNIST1D_MODELS))
     parser.add_argument("--data-dir", default="data")
-    parser.add_argument("--train-subset", type=int, help="n training samples (default: all 4,000)")
+    parser.add_argument("--train-subset", type=int, help="n training samples (default: all 8,000)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--epochs", type=int, default=6, help="timed epochs, a multiple of 3: each way's")
     parser.add_argument("--flush-mb", type=int, default=64, help="memory summed before each after_flush piece")
