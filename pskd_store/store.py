@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -733,8 +734,15 @@ class SoftTargetStore:
         meta["sealed"] = meta["sealed"] + [epoch]
         meta["epochs"] = {**meta["epochs"], str(epoch): info}
         self._publish(meta)  # the seal
-        staging.remove()
-        self._prune()
+        try:
+            staging.remove()
+            self._prune()
+        except OSError as err:  # sealed all the same: what failed leaves files behind, never a wrong row
+            warnings.warn(
+                f"epoch {epoch} is sealed, but removing what it no longer needs failed: {os_problem(err, self.url)}. "
+                f"Training can go on; delete {self.url}/{staging.path} (and any teacher/ epoch not among "
+                f"{self.teacher_epochs}) by hand to reclaim the space", RuntimeWarning, stacklevel=3,
+            )
         return info
 
     def rollback(self, last_kept: int) -> list[int]:

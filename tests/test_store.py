@@ -843,6 +843,33 @@ def test_a_part_that_cannot_be_made_fails_the_writer_naming_the_store(store, mon
     assert store.sealed_epochs == [1]
 
 
+def test_a_seal_whose_clean_up_fails_is_sealed_and_says_what_is_left(tmp_path, labels, monkeypatch):
+    """Removing the staged rows and the expired teacher comes after the epoch is published:
+    a disk error there leaves files behind, not an unsealed epoch, and the message says so
+    (not "nothing of it was published", whose fix, sealing again, would be refused)."""
+    import errno
+
+    from pskd_store.staging import EpochStaging
+
+    store = SoftTargetStore.create(tmp_path / "s", labels, K, keep_epochs=1, chunk_rows=CHUNK_ROWS)
+    write_epoch(store, 1)
+
+    def read_only(staging):
+        raise OSError(errno.EROFS, "Read-only file system", str(tmp_path / "s" / staging.path))
+
+    monkeypatch.setattr(EpochStaging, "remove", read_only)
+    with pytest.warns(RuntimeWarning, match=r"epoch 2 is sealed, but removing what it no longer needs failed: "
+                                            r"Read-only file system .*staging/epoch_0002.* Training can go on"):
+        second = write_epoch(store, 2)
+    monkeypatch.undo()
+    reopened = SoftTargetStore.open(tmp_path / "s")
+    assert reopened.sealed_epochs == [1, 2] and reopened.teacher_epochs == [2]
+    np.testing.assert_array_equal(reopened.read_epoch(2), second.astype(np.float16))
+    assert (tmp_path / "s" / "staging" / "epoch_0002").is_dir()  # what the warning names, left behind
+    write_epoch(reopened, 3)  # the run goes on
+    assert reopened.sealed_epochs == [1, 2, 3]
+
+
 def test_staging_chunks_written_directly_are_the_bytes_zarr_writes(store, tmp_path):
     """A part's whole chunks skip zarr (one writev of the bytes and their crc32c); a part
     appended at other offsets goes through zarr: both leave the same chunk files, which zarr
