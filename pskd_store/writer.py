@@ -52,6 +52,7 @@ class _ChunkBuffer:
     checked: int = 0      # writes into this buffer that carried a check (the first ``checked`` checks)
     copies: list = field(default_factory=list)  # one accelerator event per device write into it
     tolerance: float = 0.0  # how far from 1 a probability row's sum may be
+    host: tuple | None = None  # NumPy views of (ids, values), made by the first write from the host
 
 
 class ClosesOnSuccess(ABC):
@@ -138,8 +139,10 @@ class PredictionWriter(ClosesOnSuccess):
         self._raise_if_failed()
         if self._closed:
             raise StoreError(f"this writer of epoch {self.epoch} is closed; make a new one for the next epoch")
-        ids = torch.as_tensor(ids)
-        outputs = torch.as_tensor(outputs)  # a NumPy array too
+        if not isinstance(ids, torch.Tensor):
+            ids = torch.as_tensor(ids)
+        if not isinstance(outputs, torch.Tensor):
+            outputs = torch.as_tensor(outputs)  # a NumPy array too
         if not outputs.dtype.is_floating_point:
             raise TypeError(
                 f"outputs must be floating-point {'logits' if self.from_logits else 'probabilities'}, "
@@ -183,8 +186,10 @@ class PredictionWriter(ClosesOnSuccess):
                 buffer.checks[buffer.checked:buffer.checked + 1].copy_(check)
                 buffer.checked += 1
             if host:
-                buffer.ids.numpy()[rows] = host_ids[done:done + n]
-                buffer.values.numpy()[rows] = host_outputs[done:done + n]
+                if buffer.host is None:  # once per buffer: later writes fill it without a torch call
+                    buffer.host = (buffer.ids.numpy(), buffer.values.numpy())
+                buffer.host[0][rows] = host_ids[done:done + n]
+                buffer.host[1][rows] = host_outputs[done:done + n]
             elif accelerator is None:
                 buffer.ids[rows].copy_(ids[done:done + n])
                 buffer.values[rows].copy_(outputs[done:done + n])
