@@ -538,12 +538,17 @@ class SoftTargetStore:
 
     def _trajectory(self, epoch: int) -> list[CheckedArray]:
         path = f"trajectory/{epoch_key(epoch)}"
-        if group_attributes(self._group.store, path) is not None:  # sealed by schema 2: an array per field
-            return [CheckedArray.open(self._group, f"{path}/{field}", self._trajectory_what(epoch, field), self.url,
-                                      shape=(self._trajectory_rows,), dtype=dtype)
-                    for field, dtype in self.trajectory_fields.items()]
-        return [CheckedArray.open(self._group, path, self._trajectory_what(epoch), self.url,
-                                  shape=(self._trajectory_rows, record_bytes(self.trajectory_fields)), dtype=np.uint8)]
+        try:
+            return [CheckedArray.open(self._group, path, self._trajectory_what(epoch), self.url,
+                                      shape=(self._trajectory_rows, record_bytes(self.trajectory_fields)),
+                                      dtype=np.uint8)]
+        except StoreDamagedError:
+            if group_attributes(self._group.store, path) is None:  # damage, not the layout before
+                raise
+        # sealed by schema 2: a group of an array per field (looked for only when no array is there)
+        return [CheckedArray.open(self._group, f"{path}/{field}", self._trajectory_what(epoch, field), self.url,
+                                  shape=(self._trajectory_rows,), dtype=dtype)
+                for field, dtype in self.trajectory_fields.items()]
 
     @staticmethod
     def _teacher_what(epoch: int) -> str:

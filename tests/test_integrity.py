@@ -292,7 +292,8 @@ def test_verify_reports_edited_statistics_damaged_labels_and_a_lost_trajectory_a
     findings = {str(f) for f in verify_path(store.url).findings}
     assert "epoch 2: is sealed but has no statistics or seal token: the root metadata was edited" in findings
     assert any(f.startswith("labels: the labels array") for f in findings)
-    assert any(f.startswith("trajectory of epoch 1: ") and "cannot be opened" in f for f in findings)
+    assert any(f.startswith("trajectory of epoch 1: ") and "its array trajectory/epoch_0001 cannot be opened" in f
+               for f in findings), findings
 
 
 def _rewrite_cache(path: Path, array: np.ndarray) -> None:
