@@ -48,8 +48,6 @@ from pskd_store.models.small import MNIST1D_LENGTH, MNIST1D_MODELS
 from pskd_store.store import SoftTargetStore
 
 WAYS = ("warm", "after_step", "after_flush")
-
-
 PIECES = ("store_batch_us", "ce_batch_us", "write_us", "add_us")
 
 
@@ -76,6 +74,13 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[fl
     store = SoftTargetStore.create(root / "store", splits.train_labels, classes)
     data = SoftTargetDataset(base, store, alpha_T=0.8, total_epochs=args.epochs + 1)
     clock = time.perf_counter
+
+    def timed(way: str, piece: str, work: Callable[[], object]) -> None:
+        before[way]()
+        started = clock()
+        work()
+        spent[way][piece].append(1e6 * (clock() - started))
+
     for epoch in range(1, args.epochs + 2):  # epoch 1 untimed: the teacher of epoch 2
         order = torch.randperm(samples)
         way = WAYS[(epoch - 2) % len(WAYS)] if epoch > 1 else None
@@ -87,14 +92,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[fl
                 if way is None:
                     writer.write(ids, batch)
                     continue
-                before[way]()
-                started = clock()
-                collate_soft_targets(data.__getitems__(items))
-                spent[way]["store_batch_us"].append(1e6 * (clock() - started))
-                before[way]()
-                started = clock()
-                default_collate([base[i] for i in items])
-                spent[way]["ce_batch_us"].append(1e6 * (clock() - started))
+                timed(way, "store_batch_us", lambda: collate_soft_targets(data.__getitems__(items)))
+                timed(way, "ce_batch_us", lambda: default_collate([base[i] for i in items]))
                 before[way]()
                 started = clock()
                 writer.write(ids, batch)

@@ -208,9 +208,8 @@ class SoftTargetDataset(TeacherEpochDataset):
         teacher row with another class: refuse it, whatever its length."""
         if labels is None:
             return
-        differ = labels != self._labels[indices]
-        if differ.any():
-            wrong = np.flatnonzero(differ)
+        wrong = np.flatnonzero(labels != self._labels[indices])
+        if len(wrong):
             i = indices[wrong[0]]
             raise StoreError(
                 f"sample {i} of the data set has label {labels[wrong[0]]} but the store was made for "

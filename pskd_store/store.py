@@ -791,15 +791,18 @@ class SoftTargetStore:
         if self.topk is None:
             return self.codec
         # packed top-k rows are bytes: shuffle by the value type's size, not byte by byte
-        return zarr.codecs.BloscCodec(**{**self._meta["blosc"], "typesize": self.dtype.itemsize})
+        return self._codec_of_items(self.dtype.itemsize)
+
+    def _codec_of_items(self, typesize: int) -> zarr.codecs.BloscCodec:
+        """The store's compressor for an array of bytes that shuffles items of ``typesize`` bytes."""
+        return zarr.codecs.BloscCodec(**{**self._meta["blosc"], "typesize": typesize})
 
     def _write_trajectory(self, epoch: int, values: dict[str, np.ndarray]) -> list[CheckedArray]:
         """The epoch's trajectory record, one array of one chunk (``trajectory.pack_records``)."""
         records = pack_records(values, self.trajectory_fields)
         # a record's bytes are its fields': shuffled by the record's size, each field's bytes compress together
-        codec = zarr.codecs.BloscCodec(**{**self._meta["blosc"], "typesize": records.shape[1]})
         array = create_array(self._group, f"trajectory/{epoch_key(epoch)}", shape=records.shape, dtype=np.uint8,
-                             chunks=records.shape, compressor=codec)
+                             chunks=records.shape, compressor=self._codec_of_items(records.shape[1]))
         ChunkFiles(array).write(0, records)
         return [CheckedArray(array, self._trajectory_what(epoch), self.url)]
 
