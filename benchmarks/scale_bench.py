@@ -213,7 +213,7 @@ def machine_baselines(args, workdir: Path) -> dict:
     from pskd_store.store import DEFAULT_BLOSC, default_chunk_rows
 
     pool = make_pool(args.classes)
-    rows = default_chunk_rows(args.classes * 2)
+    rows = default_chunk_rows(args.classes * 2, args.rows)
     chunks = [rows_of(np.arange(lo, min(lo + rows, args.rows)), pool) for lo in range(0, args.rows, rows)]
     nbytes = sum(chunk.nbytes for chunk in chunks)
     start = time.perf_counter()

@@ -36,6 +36,7 @@ every process its own rank never races.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -103,6 +104,7 @@ class Owner:
         return f"process {self.pid} on {self.host}{' (this process)' if here else ''}"
 
 
+@functools.cache  # a process's machine and pid namespace stay its own
 def _machine() -> str:
     boot = Path("/proc/sys/kernel/random/boot_id")
     namespace = Path("/proc/self/ns/pid")
@@ -177,7 +179,7 @@ class EpochStaging:
         me = Owner.this_process()
         number = claims[-1] + 1 if claims else 0
         key = self._claim_key(rank, number)
-        require_groups(self.root, f"{self.path}/owners")
+        require_groups(self.root, self.path)  # owners/ holds plain keys, which zarr never opens: no group document
         _store_set_if_absent(self.root.store, key, json.dumps(asdict(me)).encode())
         winner = self._owner(rank, number)
         if winner != me:

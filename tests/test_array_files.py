@@ -217,6 +217,21 @@ def test_open_array_reads_what_zarr_opens_and_refuses_what_is_no_array(tmp_path,
         open_array(root, "g")
 
 
+def test_open_array_parses_a_document_once_and_each_array_keeps_its_own_path_and_shape(tmp_path):
+    """Arrays of one kind share a document: its parsed metadata is reused, never what
+    another document said, nor another array's path."""
+    root = _root(tmp_path)
+    for name, values in (("a", np.arange(6)), ("b", np.arange(6) * 2)):
+        create_array(root, name, shape=(6,), dtype=np.int64, chunks=(6,), compressor=None)[:] = values
+    a, b = open_array(root, "a"), open_array(root, "b")
+    assert a.metadata is b.metadata and (a.path, b.path) == ("a", "b")
+    np.testing.assert_array_equal(b[:], np.arange(6) * 2)
+    create_array(root, "a", shape=(4, 3), dtype=np.float16, chunks=(4, 3), compressor=BLOSC)[:] = 1
+    reopened = open_array(root, "a")
+    assert reopened.shape == (4, 3) and reopened.metadata == root["a"].metadata
+    np.testing.assert_array_equal(reopened[:], np.ones((4, 3)))
+
+
 def test_require_groups_on_an_object_store_accepts_a_group_another_process_just_made(monkeypatch):
     root = zarr.open_group(zarr.storage.MemoryStore(), mode="w")
 

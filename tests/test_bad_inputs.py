@@ -399,17 +399,21 @@ def _resume_without_room(run: Path, limit: int) -> None:
     raise SystemExit(result.returncode)
 
 
-@pytest.mark.parametrize("limit, message", [
-    (64 << 10, "cannot write the decoded teacher of epoch 2: File too large ({run}/store.mmap)"),  # 160 KB
-    (600 << 10, "the prediction writer of epoch 3 failed: File too large ({run}/store)"),  # a 655 KB part chunk
-    (1500 << 10, "cannot write {run}/checkpoints/last.pt: torch.save could not write it, is the disk full?"),
+@pytest.mark.parametrize("limit, decoded, message", [
+    (64 << 10, False, "cannot write the decoded teacher of epoch 2: File too large ({run}/store.mmap)"),  # 160 KB
+    # the teacher decoded beforehand (160 KB), so that the writer's first file past the limit
+    # is its part's chunk of rows (160 KB; its ids' chunk, 64 KB, fits)
+    (100 << 10, True, "the prediction writer of epoch 3 failed: File too large ({run}/store)"),
+    (1500 << 10, False, "cannot write {run}/checkpoints/last.pt: torch.save could not write it, is the disk full?"),
 ])
 @pytest.mark.slow
-def test_running_out_of_room_is_one_line_naming_the_path(tmp_path, trained_run, limit, message):
+def test_running_out_of_room_is_one_line_naming_the_path(tmp_path, trained_run, limit, decoded, message):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     config = json.loads((run / "config.json").read_text())
     (run / "config.json").write_text(json.dumps({**config, "epochs": 3}))  # one epoch left to train
+    if decoded:
+        PredictionService(SoftTargetStore.open(run / "store")).prepare(2)
     before = sealed_snapshot(run / "store")
     assert exit_code(forked(_resume_without_room, run, limit)) == 1
     kept = tmp_path / "stderr.txt"

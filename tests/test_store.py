@@ -57,6 +57,17 @@ def test_low_precision_logits_are_upcast_before_the_softmax(tmp_path, labels):
     assert not np.array_equal(store.read_epoch(1), logits.softmax(1).float().numpy())
 
 
+def test_a_chunk_holds_about_1_mib_of_rows_or_all_of_them_when_they_take_less(tmp_path):
+    """A chunk is written whole: one larger than N would write its padding every epoch."""
+    small = SoftTargetStore.create(tmp_path / "small", make_labels(3000, 10), 10)
+    assert small.chunk_rows == 3000  # 60 KB of float16 rows: one chunk of exactly N
+    write_epoch(small, 1, batch=500)
+    assert json.loads((Path(small.url) / "teacher/epoch_0001/zarr.json").read_text())[
+        "chunk_grid"]["configuration"]["chunk_shape"] == [3000, 10]
+    large = SoftTargetStore.create(tmp_path / "large", make_labels(60000, 10), 10)
+    assert large.chunk_rows == 32768  # ~1 MiB (a power of two) of 20-byte rows
+
+
 def test_layout_attributes_and_compression(store, labels):
     write_epoch(store, 1)
     document = (Path(store.url) / "zarr.json").read_text()
