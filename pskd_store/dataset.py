@@ -97,6 +97,7 @@ class TeacherEpochDataset(Dataset, ABC):
         store.add_reader(self)  # the store's writers refuse an epoch this data set is not set to
         # [epoch, teacher epoch or 0, seal token as int]: written by set_epoch, read by workers
         self._state = torch.zeros(3, dtype=torch.int64).share_memory_()
+        self._table: tuple[tuple[int, int, int], np.ndarray] | None = None  # SoftTargetDataset's, per process
 
     @abstractmethod
     def _require_same_data(self, base: Dataset, store: SoftTargetStore) -> None:
@@ -148,6 +149,7 @@ class TeacherEpochDataset(Dataset, ABC):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_store"] = None  # workers read memory maps only, never the Zarr store
+        state["_table"] = None  # the main process's own (SoftTargetDataset._targets_table)
         return state
 
 
@@ -158,7 +160,17 @@ class SoftTargetDataset(TeacherEpochDataset):
     Epoch 1 has no teacher: one-hot targets. With ``alpha_T`` 0 the targets are always
     one-hot: what a method that trains on its labels wraps its data with, so that its items
     still carry their ids. Epochs, workers, ``seed`` and ``rank``: :class:`TeacherEpochDataset`.
+
+    In the main process (``num_workers=0``, or a loop that blends there), the epoch's
+    targets of every sample are blended once, at its first batch, when they take at most
+    ``TABLE_BYTES``; each batch then only gathers its rows. Blended per batch, they cost
+    the training thread ~0.1 ms after every step, whose work has evicted the caches (2% of
+    a small CNN's step on a CPU: benchmarks/train_overhead.py). A worker blends its own
+    batches, off that thread. The values are the same, bit for bit (elementwise float32
+    arithmetic, whichever rows it runs on).
     """
+
+    TABLE_BYTES = 64 << 20  # CIFAR-100's targets take 20 MB; ImageNet's 5 GB would not be kept
 
     def _require_same_data(self, base: Dataset, store: SoftTargetStore) -> None:
         if store.token_rows is not None:
@@ -191,8 +203,27 @@ class SoftTargetDataset(TeacherEpochDataset):
     def _blend(self, labels: np.ndarray, ids: np.ndarray, epoch: int, teacher: int, token: int) -> torch.Tensor:
         if teacher == 0:
             return torch.nn.functional.one_hot(torch.from_numpy(labels), self.num_classes).float()
+        table = self._targets_table(epoch, teacher, token)
+        if table is not None:
+            return torch.from_numpy(table.take(ids, axis=0))
+        return self._blended(labels, ids, epoch, teacher, token)
+
+    def _blended(self, labels: np.ndarray, ids: np.ndarray, epoch: int, teacher: int, token: int) -> torch.Tensor:
+        """(1 - a_t)·onehot(labels) + a_t·p_{t-1}(ids), p read from the memory map."""
         past = self.service.lookup(teacher, token_from_int(token), ids)
         return soft_target(torch.from_numpy(labels), past, alpha_t(epoch, self.total_epochs, self.alpha_T))
+
+    def _targets_table(self, epoch: int, teacher: int, token: int) -> np.ndarray | None:
+        """Every sample's target at this epoch, blended by the main process once per epoch
+        when they take at most ``TABLE_BYTES`` (the class docstring says why); None in a
+        worker and for larger ones."""
+        state = (epoch, teacher, token)
+        if self._table is not None and self._table[0] == state:
+            return self._table[1]
+        if get_worker_info() is not None or len(self._labels) * self.num_classes * 4 > self.TABLE_BYTES:
+            return None
+        self._table = (state, self._blended(self._labels, np.arange(len(self._labels)), *state).numpy())
+        return self._table[1]
 
     def _checked_labels(self, labels: Sequence, ids: np.ndarray) -> np.ndarray:
         """The store's labels of ``ids``, once the items' ``labels`` are found equal to them.

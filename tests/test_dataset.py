@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import multiprocessing as mp
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,53 @@ def test_blended_target_matches_eq6(store, labels):
             np.testing.assert_allclose(target.numpy(), expected_target(epoch, index, labels[index]), atol=1e-6)
             assert target.sum().item() == pytest.approx(1.0, abs=2e-3)
         write_epoch(store, epoch)
+
+
+def test_the_main_process_blends_each_epoch_once_into_the_same_targets_bit_for_bit(store, labels, monkeypatch):
+    """Its table of every sample's target gives each batch what the per-batch blend (a
+    worker's, or a table too large to keep) gives, bit for bit, epoch after epoch."""
+    tabled = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
+    per_batch = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
+    per_batch.TABLE_BYTES = N * K * 4 - 1  # one byte short of this data set's table
+    ids = [7, 0, 95, 7, 40]
+    for epoch in (1, 2, 3):
+        for data in (tabled, per_batch):
+            data.set_epoch(epoch)
+        targets = tabled.__getitems__(ids).targets
+        assert torch.equal(targets, per_batch.__getitems__(ids).targets)
+        assert (tabled._table is None) == (epoch == 1) and per_batch._table is None  # epoch 1: one-hot
+        if epoch > 1:
+            np.testing.assert_allclose(targets.numpy(), [expected_target(epoch, i, labels[i]) for i in ids], atol=1e-6)
+            assert tabled._table[0][:2] == (epoch, epoch - 1)  # blended for this epoch, from the one before
+            tabled.__getitems__(ids).targets[0] = 0  # each batch's targets are its own
+            assert tabled.__getitems__(ids).targets[0].sum() == pytest.approx(1.0, abs=2e-3)
+        write_epoch(store, epoch)
+    assert pickle.loads(pickle.dumps(tabled))._table is None  # not sent to a worker
+    in_a_worker = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
+    in_a_worker.set_epoch(3)
+    monkeypatch.setattr("pskd_store.dataset.get_worker_info", lambda: object())
+    assert torch.equal(in_a_worker.__getitems__(ids).targets, targets)
+    assert in_a_worker._table is None  # a worker blends its own batches
+
+
+def test_the_main_process_blends_again_after_the_teacher_epoch_is_sealed_anew(store, labels):
+    """Same epoch, same teacher epoch, another seal of it: the table is made again."""
+    data = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
+    for epoch in (1, 2):
+        data.set_epoch(epoch)
+        write_epoch(store, epoch)
+    data.set_epoch(3)
+    before = data.__getitems__([0, 1]).targets
+    store.rollback(1)
+    data.set_epoch(2)
+    with store.writer(2, from_logits=False) as writer:
+        writer.write(torch.arange(N), torch.full((N, K), 1.0 / K))
+    store.seal(2)
+    data.set_epoch(3)
+    after = data.__getitems__([0, 1]).targets
+    uniform = np.stack([(1 - ALPHA_T) * np.eye(K)[labels[i]] + ALPHA_T * float(np.float16(1 / K)) for i in (0, 1)])
+    np.testing.assert_allclose(after.numpy(), uniform, atol=1e-6)
+    assert not torch.equal(before, after)
 
 
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
