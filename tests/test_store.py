@@ -172,17 +172,19 @@ def test_retention_prunes_teachers_but_keeps_trajectories(tmp_path, labels):
         store.read_epoch(2)
 
 
-def test_full_chunks_are_written_in_the_background_and_a_last_partial_one_by_close(store):
-    """A writer starts its background thread with its first full chunk: an epoch that fits
-    in one chunk has no thread to start and join; a full chunk is written before close."""
+def test_full_chunks_are_written_in_the_background_and_a_last_one_by_close(store):
+    """A writer starts its background thread once rows come after a full chunk: an epoch
+    that fits in one chunk, to its last row, has no thread to start and join; a full chunk
+    followed by more is written before close."""
     def writer_threads():
         return [t for t in threading.enumerate() if t.name.startswith("pskd-writer-")]
 
     writer = store.writer(1)
     first_chunk = chunk_file(Path(store.url) / "staging" / "epoch_0001" / "writer_0000" / "encoded")
     writer.write(torch.arange(CHUNK_ROWS - 1), torch.randn(CHUNK_ROWS - 1, K))
+    writer.write(torch.tensor([CHUNK_ROWS - 1]), torch.randn(1, K))  # the chunk is full
     assert writer_threads() == [] and not first_chunk.exists()
-    writer.write(torch.arange(CHUNK_ROWS - 1, N), torch.randn(N - CHUNK_ROWS + 1, K))
+    writer.write(torch.arange(CHUNK_ROWS, N), torch.randn(N - CHUNK_ROWS, K))
     assert len(writer_threads()) == 1
     deadline = time.monotonic() + 30
     while not first_chunk.exists() and time.monotonic() < deadline:
