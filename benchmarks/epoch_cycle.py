@@ -14,7 +14,9 @@ as one ``.npy`` file and reading it back, what the bytes alone cost on this disk
 what making an empty file and a directory takes here, the unit of most of the fixed cost.
 ``ms_first_and_last``: each phase's median milliseconds over the first and the last
 ``--window`` timed epochs, which tell what grows with the run's length (the root document
-lists every sealed epoch: run ``--epochs 300``, the paper's CIFAR length, to see it).
+lists every sealed epoch: run ``--epochs 300``, the paper's CIFAR length, to see it);
+``refresh_ms``: ``store.refresh()`` after the last epoch (median of 50 calls), which reads
+that document, twice an epoch (opening the writer, sealing).
 
     python benchmarks/epoch_cycle.py                       # N = 8,000, K = 10: train_overhead's epoch
     python benchmarks/epoch_cycle.py --samples 50000 --classes 100
@@ -77,8 +79,9 @@ class _Counted:
         setattr(self._module, self._name, self._real)
 
 
-def cycle(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[float]]]:
-    """Each measure of each phase, one value per epoch from the third on."""
+def cycle(args: argparse.Namespace, root: Path) -> tuple[dict[str, dict[str, list[float]]], float]:
+    """Each measure of each phase, one value per epoch from the third on; and the median
+    milliseconds of ``store.refresh()`` after the last epoch."""
     labels = np.random.default_rng(0).integers(0, args.classes, args.samples)
     store = SoftTargetStore.create(root / "store", labels, args.classes)
     data = SoftTargetDataset(TensorDataset(torch.zeros(args.samples, 1), torch.from_numpy(labels)), store,
@@ -121,7 +124,12 @@ def cycle(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[floa
             run("write", write)
             run("writer_close", lambda: writer.close())
             run("seal", lambda: store.seal(epoch))
-    return spent
+    refreshes = []
+    for _ in range(50):
+        started = time.perf_counter()
+        store.refresh()
+        refreshes.append(time.perf_counter() - started)
+    return spent, 1000 * statistics.median(refreshes)
 
 
 def medians(by_phase: dict[str, list[float]], epochs: slice = slice(None)) -> dict[str, float]:
@@ -164,7 +172,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=10, help="epochs in each of ms_first_and_last's medians")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        spent = cycle(args, Path(tmp))
+        spent, refresh_ms = cycle(args, Path(tmp))
         baseline = baseline_ms(args, Path(tmp))
         disk = metadata_us(Path(tmp))
     measured = {measure: medians(by_phase) for measure, by_phase in spent.items()}
@@ -185,6 +193,7 @@ def main() -> None:
         "fixed_over_baseline": fixed / baseline,
         "ms_first_and_last": {"first": medians(spent["ms"], slice(args.window)),
                               "last": medians(spent["ms"], slice(-args.window, None))},
+        "refresh_ms": refresh_ms,
     }, indent=2))
 
 

@@ -20,7 +20,7 @@ def test_an_epoch_on_a_local_store_makes_few_round_trips_through_zarr(monkeypatc
     for measure in ("ms", "cpu_ms", "directories_made", "files_written", "zarr_round_trips"):
         assert set(report[measure]) == {"set_epoch", "writer_open", "write", "writer_close", "seal"}
     assert report["fixed_ms"] > 0 and report["fixed_cpu_ms"] > 0 and report["baseline_npy_write_read_ms"] > 0
-    assert report["disk"]["file_made_us"] > 0 and report["disk"]["directory_made_us"] > 0
+    assert report["disk"]["file_made_us"] > 0 and report["disk"]["directory_made_us"] > 0 and report["refresh_ms"] > 0
     # One chunk per array here. Directories: the staging epoch, its owners, the part and its
     # two arrays; the teacher and the trajectory (20 while zarr's default chunk keys made a
     # directory per chunk, c/0/0; 11 while the trajectory was a group of an array per field).
