@@ -14,7 +14,10 @@ and samples/s excludes epoch 1 (warm-up, and no teacher yet for PS-KD). On a GPU
 ends when its kernels have run. The store's per-epoch fixed cost (opening the writer,
 sealing) is reported apart: on a tiny model whose epoch lasts a fraction of a second it
 weighs far more than in a real epoch. ``parts_ms_per_epoch`` says where each arm's time
-goes (the training thread's clock: on a GPU, what the host spends, not the kernels).
+goes (the training thread's clock: on a GPU, what the host spends, not the kernels). The
+writer's background thread, which writes every full chunk followed by more rows, runs on
+through the other arms' turns; at the default 8,000 samples an epoch is one chunk, which
+``close()`` writes in the store arm's own time.
 
 With ``--workers N`` every arm's DataLoader has N persistent worker processes, as a GPU
 run's would; the training thread then only receives each batch, and every arm's small
