@@ -446,7 +446,7 @@ class SoftTargetStore:
             if meta is None:
                 raise StoreDamagedError(_root_damaged(self.url, f"its '{ATTRS_KEY}' attributes are gone"))
         if meta != self._meta:  # equal ones were checked when read or written: checking again
-            self._meta = self._checked(meta)  # serialises them all (1.4 ms at 120 sealed epochs)
+            self._meta = self._checked(meta)  # serialises them all: 0.6 of 1.2 ms at 300 sealed epochs
 
     def _root_attributes(self) -> dict[str, Any] | None:
         """The attributes read straight from the root document, twice a training epoch
