@@ -97,7 +97,6 @@ class TeacherEpochDataset(Dataset, ABC):
         store.add_reader(self)  # the store's writers refuse an epoch this data set is not set to
         # [epoch, teacher epoch or 0, seal token as int]: written by set_epoch, read by workers
         self._state = torch.zeros(3, dtype=torch.int64).share_memory_()
-        self._table: tuple[tuple[int, int, int], np.ndarray] | None = None  # SoftTargetDataset's, per process
 
     @abstractmethod
     def _require_same_data(self, base: Dataset, store: SoftTargetStore) -> None:
@@ -149,7 +148,6 @@ class TeacherEpochDataset(Dataset, ABC):
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_store"] = None  # workers read memory maps only, never the Zarr store
-        state["_table"] = None  # the main process's own (SoftTargetDataset._targets_table)
         return state
 
 
@@ -171,6 +169,12 @@ class SoftTargetDataset(TeacherEpochDataset):
     """
 
     TABLE_BYTES = 64 << 20  # CIFAR-100's targets take 20 MB; ImageNet's 5 GB would not be kept
+    _table: tuple[tuple[int, int, int], np.ndarray] | None = None  # ((epoch, teacher, token), targets)
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__()
+        state.pop("_table", None)  # the main process's own: a worker blends its batches
+        return state
 
     def _require_same_data(self, base: Dataset, store: SoftTargetStore) -> None:
         if store.token_rows is not None:

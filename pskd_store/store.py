@@ -516,7 +516,7 @@ class SoftTargetStore:
 
     def trajectory_values(self, arrays: list[CheckedArray]) -> dict[str, np.ndarray]:
         """Each field of a trajectory record (:meth:`trajectory_arrays`), (records,) in its dtype."""
-        if len(arrays) == 1:
+        if len(arrays[0].shape) == 2:  # schema 3's one (records, bytes) array
             return unpack_records(arrays[0][:], self.trajectory_fields)
         return {field: array[:] for field, array in zip(self.trajectory_fields, arrays)}
 
