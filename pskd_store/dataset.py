@@ -169,7 +169,7 @@ class SoftTargetDataset(TeacherEpochDataset):
     """
 
     TABLE_BYTES = 64 << 20  # CIFAR-100's targets take 20 MB; ImageNet's 5 GB would not be kept
-    _table: tuple[tuple[int, int, int], np.ndarray] | None = None  # ((epoch, teacher, token), targets)
+    _table: tuple[tuple, np.ndarray] | None = None  # ((epoch, teacher, token, alpha_T, total_epochs), targets)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__()
@@ -220,13 +220,14 @@ class SoftTargetDataset(TeacherEpochDataset):
     def _targets_table(self, epoch: int, teacher: int, token: int) -> np.ndarray | None:
         """Every sample's target at this epoch, blended by the main process once per epoch
         when they take at most ``TABLE_BYTES`` (the class docstring says why); None in a
-        worker and for larger ones."""
-        state = (epoch, teacher, token)
+        worker and for larger ones. Made again when anything the blend reads changes: the
+        epoch, the teacher's seal, or ``alpha_T``/``total_epochs`` set by a loop mid-epoch."""
+        state = (epoch, teacher, token, self.alpha_T, self.total_epochs)
         if self._table is not None and self._table[0] == state:
             return self._table[1]
         if get_worker_info() is not None or len(self._labels) * self.num_classes * 4 > self.TABLE_BYTES:
             return None
-        self._table = (state, self._blended(self._labels, np.arange(len(self._labels)), *state).numpy())
+        self._table = (state, self._blended(self._labels, np.arange(len(self._labels)), epoch, teacher, token).numpy())
         return self._table[1]
 
     def _checked_labels(self, labels: Sequence, ids: np.ndarray) -> np.ndarray:

@@ -96,6 +96,32 @@ def test_the_main_process_blends_again_after_the_teacher_epoch_is_sealed_anew(st
     assert not torch.equal(before, after)
 
 
+def test_the_main_process_blends_again_when_the_loop_changes_alpha_mid_epoch(store, labels):
+    """A loop that sets ``alpha_T`` (or ``total_epochs``) between batches gets targets of
+    the new a_t at its next batch, as the per-batch blend gives them, not the epoch's table."""
+    data = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
+    per_batch = SoftTargetDataset(base_dataset(labels), store, ALPHA_T, T)
+    per_batch.TABLE_BYTES = 0
+    for epoch in (1, 2, 3):
+        data.set_epoch(epoch)
+        per_batch.set_epoch(epoch)
+        if epoch < 3:
+            write_epoch(store, epoch)
+    ids = [0, 5, 95]
+    before = data.__getitems__(ids).targets
+    for name, value in (("alpha_T", 0.3), ("total_epochs", 2 * T)):
+        setattr(data, name, value)
+        setattr(per_batch, name, value)
+        changed = data.__getitems__(ids).targets
+        assert torch.equal(changed, per_batch.__getitems__(ids).targets)
+        assert not torch.equal(changed, before)
+        before = changed
+    a = 0.3 * 3 / (2 * T)
+    expected = [(1 - a) * np.eye(K)[labels[i]] + a * epoch_probs(2, N, K)[i].astype(np.float16).astype(np.float64)
+                for i in ids]
+    np.testing.assert_allclose(before.numpy(), expected, atol=1e-6)
+
+
 @pytest.mark.parametrize("start_method", ["fork", "spawn"])
 @pytest.mark.slow
 def test_persistent_workers_follow_the_teacher_epoch(store, labels, start_method):
