@@ -84,7 +84,7 @@ def write_atomically(path: Path, data, exclusive: bool = False) -> None:
 def local_root(store: zarr.abc.store.Store) -> Path | None:
     """The directory of a store on a local disk, whose files the store's own modules read
     and write without zarr's asynchronous round trip; None for any other store."""
-    return Path(store.root) if isinstance(store, zarr.storage.LocalStore) else None
+    return store.root if isinstance(store, zarr.storage.LocalStore) else None  # a Path: zarr makes it one
 
 
 def read_file(path: Path) -> bytes | None:
