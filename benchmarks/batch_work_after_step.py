@@ -1,7 +1,8 @@
 """What a training step does to the store's small work after it; prints JSON.
 
-``train_overhead.py`` measures ``write()`` at ~0.14 ms a batch on the reference VM where a
-loop of writes takes ~0.01 ms: the same call, the same rows; likewise the data set's batch
+``train_overhead.py`` measured ``write()`` at several times what a loop of writes takes on
+the reference VM (0.14 against 0.01 ms a batch when this was written): the same call, the
+same rows; likewise the data set's batch
 (the memory-map gather, the label check, the blend) costs several times more over CE's in
 training than in a loop. The difference is what runs between two batches. A training step
 streams its weights, activations and the kernels' scratch through the caches, and the

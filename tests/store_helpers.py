@@ -66,5 +66,5 @@ def write_trajectory_per_field(store: SoftTargetStore, epoch: int, values: dict[
         rows = len(values[field])
         array = create_array(group, field, shape=(rows,), dtype=dtype, chunks=(rows,), compressor=store.codec)
         ChunkFiles(array).write(0, values[field].astype(dtype))
-        arrays.append(CheckedArray(array, f"the trajectory ({field}) of epoch {epoch}", store.url))
+        arrays.append(CheckedArray(array, store._trajectory_what(epoch, field), store.url))
     return arrays
