@@ -77,9 +77,12 @@ def _echo_summary(summary: dict[str, Any], chosen_how: str) -> None:
         f"  plotted       {summary['plotted']} samples ({chosen_how})"
         + ("" if mean is None else f", mean final true-class prob {mean:.3f}")
     )
+    kept = summary["teacher_epochs_kept"]
+    pruned = "; the others pruned, their trajectories kept" if len(kept) < summary["epochs"] else ""
     click.echo(
         f"  store         {summary['store_mib_per_epoch']:.3f} MiB per epoch, "
-        f"{summary['store_mib_total']:.3f} MiB over {summary['epochs']} epochs"
+        f"{summary['store_mib_total']:.3f} MiB written over {summary['epochs']} epochs, "
+        f"{summary['store_mib_kept']:.3f} MiB of it kept (teacher epochs {kept}{pruned})"
     )
     test = summary["final_test"]
     if test is not None:

@@ -200,7 +200,9 @@ def summarize(run: RunRecord, plotted_ids: np.ndarray, max_correct_fraction: flo
     (the hard samples of the first run, or the ids chosen with --ids)."""
     plotted_ids = np.asarray(plotted_ids, dtype=np.int64)
     final_true = last_written(run.trajectory, "true_prob")[plotted_ids]
-    stored = [info["nbytes_stored"] for info in run.store_summary["epochs"].values()]
+    epochs = run.store_summary["epochs"]
+    stored = [info["nbytes_stored"] for info in epochs.values()]
+    kept = run.store_summary["teacher_epochs"]
     return {
         "run": str(run.path),
         "name": run.name,
@@ -212,7 +214,9 @@ def summarize(run: RunRecord, plotted_ids: np.ndarray, max_correct_fraction: flo
         "plotted_ids": plotted_ids.tolist(),
         "mean_final_true_prob": float(np.nanmean(final_true)) if np.isfinite(final_true).any() else None,
         "store_mib_per_epoch": float(np.mean(stored)) / MIB if stored else 0.0,
-        "store_mib_total": float(np.sum(stored)) / MIB,
+        "store_mib_total": float(np.sum(stored)) / MIB,  # written: the epochs pruned since too
+        "store_mib_kept": sum(epochs[epoch]["nbytes_stored"] for epoch in kept) / MIB,
+        "teacher_epochs_kept": kept,
         "final_test": final_test_metrics(run),
         "eval_ece": eval_ece(run),
     }

@@ -152,6 +152,9 @@ def test_json_summary_has_the_designed_numbers(runs, tmp_path):
     stored = [info["nbytes_stored"] for info in run.store_summary["epochs"].values()]
     assert ce["store_mib_total"] == pytest.approx(sum(stored) / 2**20) and ce["store_mib_total"] > 0
     assert ce["store_mib_per_epoch"] == pytest.approx(ce["store_mib_total"] / EPOCHS)
+    # what is left of it: the teachers the store keeps (two by default), not all it wrote
+    assert ce["teacher_epochs_kept"] == [EPOCHS - 1, EPOCHS]
+    assert ce["store_mib_kept"] == pytest.approx(sum(stored[-2:]) / 2**20)
     assert_pngs(report["files"], {"trajectories.png", "reliability_1_ce.png", "training_curves.png"})
 
 
@@ -187,6 +190,8 @@ def test_text_summary_writes_to_run_inspect_by_default(runs):
     assert "hard samples  1 found (right in < 50% of epochs)" in output
     assert "plotted       1 samples (hardest of pskd/mlp (pskd)), mean final true-class prob 0.300" in output
     assert f"final test    epoch {EPOCHS}: top-1 err 24.00%" in output
+    assert (f"MiB written over {EPOCHS} epochs, " in output
+            and f"MiB of it kept (teacher epochs {[EPOCHS - 1, EPOCHS]}; the others pruned" in output)
     assert str(runs["pskd"] / "inspect" / "trajectories.png") in output
     assert (runs["pskd"] / "inspect" / "training_curves.png").read_bytes().startswith(PNG_MAGIC)
 
