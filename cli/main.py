@@ -43,7 +43,7 @@ def cli() -> None:
     chunked, compressed Zarr store instead of a teacher model or an in-memory table.
 
     \b
-    pskd-store train                      offline default: MNIST-1D, about a minute on 2 CPU cores
+    pskd-store train                      offline default: MNIST-1D, about 15 s on 2 CPU cores
     pskd-store train --dataset cifar100 --arch densenet121
     pskd-store eval RUN_DIR               test metrics; writes test probabilities
     pskd-store inspect RUN_DIR [RUN_DIR]  trajectories, calibration, hard examples

@@ -174,7 +174,7 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
     """Train a classifier with PS-KD (or a baseline), keeping every epoch's predictions
     in the run's Zarr store and reporting test error, NLL, ECE and AURC every epoch.
 
-    With no options: PS-KD on the offline MNIST-1D data set, about a minute on 2 CPU cores.
+    With no options: PS-KD on the offline MNIST-1D data set, about 15 s on 2 CPU cores.
 
     \b
     Several GPUs or machines: launch with torchrun, e.g.
