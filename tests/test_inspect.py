@@ -190,8 +190,9 @@ def test_text_summary_writes_to_run_inspect_by_default(runs):
     assert "hard samples  1 found (right in < 50% of epochs)" in output
     assert "plotted       1 samples (hardest of pskd/mlp (pskd)), mean final true-class prob 0.300" in output
     assert f"final test    epoch {EPOCHS}: top-1 err 24.00%" in output
-    assert (f"MiB written over {EPOCHS} epochs, " in output
-            and f"MiB of it kept (teacher epochs {[EPOCHS - 1, EPOCHS]}; the others pruned" in output)
+    (pskd,) = inspect_json(runs["pskd"], "--out", runs["pskd"] / "inspect")["runs"]
+    assert (f"{pskd['store_mib_total']:.3f} MiB written over {EPOCHS} epochs, {pskd['store_mib_kept']:.3f} MiB "
+            f"of it kept (teacher epochs {[EPOCHS - 1, EPOCHS]}; the others pruned" in output)
     assert str(runs["pskd"] / "inspect" / "trajectories.png") in output
     assert (runs["pskd"] / "inspect" / "training_curves.png").read_bytes().startswith(PNG_MAGIC)
 
