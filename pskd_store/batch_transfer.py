@@ -50,12 +50,12 @@ def handed_over_by_value(collated: tuple | list) -> tuple | list:
     return collated if get_worker_info() is None else ByValueBatch(collated)
 
 
-def _copyable(part) -> bool:
+def _copyable(part: object) -> bool:
     return (isinstance(part, torch.Tensor) and part.device.type == "cpu" and part.dtype in _NUMPY_DTYPES
             and not part.requires_grad)
 
 
-def _received(inputs, rest: list, copied: list[int]) -> tuple:
+def _received(inputs: object, rest: list, copied: list[int]) -> tuple:
     for i in copied:
         rest[i] = torch.from_numpy(rest[i])
     return (inputs, *rest)

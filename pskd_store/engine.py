@@ -25,7 +25,7 @@ def to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool) -
     return inputs
 
 
-def autocast(device: torch.device, amp: bool):
+def autocast(device: torch.device, amp: bool) -> torch.autocast:
     """bfloat16 mixed precision (no loss scaling needed) on the training device, GPU or
     CPU, with ``amp``; full precision without."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)

@@ -62,7 +62,7 @@ class LocalStore(zarr.storage.LocalStore):
             path.unlink(missing_ok=True)
 
 
-def write_atomically(path: Path, data, exclusive: bool = False) -> None:
+def write_atomically(path: Path, data: bytes | memoryview, exclusive: bool = False) -> None:
     """Write a temporary file beside ``path`` and move it there: a reader sees the old
     bytes or the new ones. ``exclusive`` moves it with a hard link, which fails with
     :class:`FileExistsError` when ``path`` exists (what ``set_if_not_exists`` relies on)."""

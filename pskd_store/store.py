@@ -39,7 +39,7 @@ import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import google_crc32c
 import numpy as np
@@ -68,6 +68,10 @@ from .staging import EpochStaging
 from .store_keys import SEQUENCE_TRAJECTORY_FIELDS, TRAJECTORY_FIELDS, epoch_key, new_seal_token
 from .trajectory import RowTrajectory, SequenceTrajectory, pack_records, record_bytes, unpack_records
 from .zarr_sync import sync
+
+if TYPE_CHECKING:
+    from .token_writer import TokenWriter
+    from .writer import PredictionWriter
 
 SCHEMA_VERSION = 3  # 2: crc32c on every array, every chunk written, trajectory "written"; 3: one trajectory array
 READABLE_SCHEMAS = (2, 3)  # a schema 2 store's next seal makes it schema 3 (its older epochs read as they are)
@@ -136,7 +140,7 @@ def default_chunk_rows(row_bytes: int, num_rows: int) -> int:
 DEFAULT_BLOSC = {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
 
 
-def _open_root(zstore, url: str, read_only: bool) -> zarr.Group:
+def _open_root(zstore: zarr.abc.store.Store, url: str, read_only: bool) -> zarr.Group:
     """The store's root group; a missing or unreadable root metadata file is named."""
     try:
         return zarr.open_group(zstore, mode="r" if read_only else "r+")
@@ -653,7 +657,7 @@ class SoftTargetStore:
                 f"{self.url}: epochs are sealed in order, so write and seal epoch {expected} next"
             )
 
-    def writer(self, epoch: int, **kwargs: Any):
+    def writer(self, epoch: int, **kwargs: Any) -> PredictionWriter | TokenWriter:
         """A :class:`~pskd_store.writer.PredictionWriter` for ``epoch`` (see its options); for a
         sequence store, a :class:`~pskd_store.token_writer.TokenWriter`.
 

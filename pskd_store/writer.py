@@ -25,6 +25,7 @@ import threading
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from types import TracebackType
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -34,6 +35,8 @@ from .accelerator import Accelerator, accelerator_for
 from .errors import StoreError, os_problem
 
 if TYPE_CHECKING:
+    from typing_extensions import Self  # typing's from Python 3.11
+
     from .store import SoftTargetStore
 
 _CLOSE = object()
@@ -67,10 +70,11 @@ class ClosesOnSuccess(ABC):
     def abandon(self) -> None:
         """Stop without closing: the epoch's rows stay unsealed."""
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         if exc_type is None:
             self.close()
         else:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..distributed import Distributed, torchrun_environment
 from ..errors import StoreError
@@ -145,18 +145,21 @@ class _StoreEpochs(TrainerCallback):
     def __init__(self, trainer: PSKDTrainer):
         self.trainer = trainer
 
-    def on_train_begin(self, args, state, control, **kwargs) -> None:
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
         if args.max_steps > 0:
             raise ValueError("PS-KD's alpha_t = alpha_T·t/T counts whole epochs: set num_train_epochs, not max_steps")
         epochs_done = _whole(state.epoch or 0, "the resumed checkpoint's epoch",
                              "PS-KD resumes from a checkpoint taken at an epoch's end: save_strategy='epoch'")
         self.trainer.open_store(epochs_done)
 
-    def on_epoch_begin(self, args, state, control, **kwargs) -> None:
+    def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                       **kwargs: Any) -> None:
         session = self.trainer.session
         session.begin_epoch(session.sealed + 1)
 
-    def on_epoch_end(self, args, state, control, **kwargs) -> None:
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
+                     **kwargs: Any) -> None:
         self.trainer.session.end_epoch()
 
 
