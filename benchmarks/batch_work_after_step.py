@@ -22,6 +22,11 @@ alternated batch by batch would warm each other's caches): ``warm`` (nothing bet
 ``after_flush`` (a sum over ``--flush-mb`` of memory: the caches emptied, nothing else).
 ``store_batch_extra_us``: the store's batch less CE's, per way.
 
+The other way round, ``next_step``: in as many more epochs as each way had, a training
+step timed after the store's batch and ``write()`` (``after_store_us``) and after CE's
+batch (``after_ce_us``), in turn each batch; ``step_after_store_extra_us`` is the median of
+each batch's difference, what the store's work costs the step that follows it.
+
     python benchmarks/batch_work_after_step.py
     python benchmarks/batch_work_after_step.py --arch mnist1d_mlp --flush-mb 256
 """
@@ -50,10 +55,12 @@ from pskd_store.store import SoftTargetStore
 
 WAYS = ("warm", "after_step", "after_flush")
 PIECES = ("store_batch_us", "ce_batch_us", "write_us", "add_us")
+NEXT_STEP = ("after_store_us", "after_ce_us")
 
 
 def measure(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[float]]]:
-    """Microseconds of each piece of each batch (:data:`PIECES`), per way."""
+    """Microseconds of each piece of each batch (:data:`PIECES`), per way; and under
+    ``next_step``, of each step after each arm's batch work (:data:`NEXT_STEP`)."""
     torch.manual_seed(0)
     splits = build_datasets("mnist1d", args.data_dir, train_subset=args.train_subset)
     base, classes, samples = splits.train, splits.num_classes, len(splits.train)
@@ -73,11 +80,12 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[fl
     before: dict[str, Callable[[], object]] = {"warm": lambda: None, "after_step": step, "after_flush": flushed.sum}
     spent = {way: {piece: [] for piece in PIECES} for way in WAYS}
     store = SoftTargetStore.create(root / "store", splits.train_labels, classes)
-    data = SoftTargetDataset(base, store, alpha_T=0.8, total_epochs=args.epochs + 1)
+    next_step_epochs = range(args.epochs + 2, args.epochs + 2 + args.epochs // len(WAYS))
+    data = SoftTargetDataset(base, store, alpha_T=0.8, total_epochs=next_step_epochs[-1])
     clock = time.perf_counter
 
     def timed(way: str, piece: str, work: Callable[[], object]) -> None:
-        before[way]()
+        before.get(way, lambda: None)()
         started = clock()
         work()
         spent[way][piece].append(1e6 * (clock() - started))
@@ -103,7 +111,31 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[fl
                 spent[way]["write_us"].append(1e6 * (written - started))
                 spent[way]["add_us"].append(1e6 * (clock() - written))
         store.seal(epoch)
+    spent["next_step"] = {piece: [] for piece in NEXT_STEP}
+    for epoch in next_step_epochs:
+        order = torch.randperm(samples)
+        data.set_epoch(epoch)
+        with store.writer(epoch) as writer:
+            for lo in range(0, samples, args.batch_size):
+                ids = order[lo:lo + args.batch_size]
+                items = ids.tolist()
+                collate_soft_targets(data.__getitems__(items))
+                writer.write(ids, logits[ids])
+                timed("next_step", "after_store_us", step)
+                default_collate([base[i] for i in items])
+                timed("next_step", "after_ce_us", step)
+        store.seal(epoch)
     return spent
+
+
+def next_step_figures(spent: dict[str, dict[str, list[float]]]) -> dict[str, float]:
+    """What the store's work costs the step after it: the median of each batch's difference
+    (its two steps ran a moment apart, under the same load), and the ratio of the medians."""
+    after_store, after_ce = spent["next_step"]["after_store_us"], spent["next_step"]["after_ce_us"]
+    return {
+        "step_after_store_extra_us": float(statistics.median(np.subtract(after_store, after_ce))),
+        "step_after_store_over_after_ce": statistics.median(after_store) / statistics.median(after_ce),
+    }
 
 
 def main() -> None:
@@ -130,7 +162,8 @@ def main() -> None:
         "add_after_step_over_warm": medians["after_step"]["add_us"] / medians["warm"]["add_us"],
         "write_after_flush_over_warm": medians["after_flush"]["write_us"] / medians["warm"]["write_us"],
         "store_batch_after_step_over_warm": medians["after_step"]["store_batch_us"] / medians["warm"]["store_batch_us"],
-        "store_batch_extra_us": {way: by["store_batch_us"] - by["ce_batch_us"] for way, by in medians.items()},
+        "store_batch_extra_us": {way: medians[way]["store_batch_us"] - medians[way]["ce_batch_us"] for way in WAYS},
+        **next_step_figures(spent),
     }, indent=2))
 
 
