@@ -77,7 +77,8 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[fl
         loss.backward()
         optimizer.step()
 
-    before: dict[str, Callable[[], object]] = {"warm": lambda: None, "after_step": step, "after_flush": flushed.sum}
+    before: dict[str, Callable[[], object]] = {"warm": lambda: None, "after_step": step, "after_flush": flushed.sum,
+                                               "next_step": lambda: None}  # its steps follow each arm's work
     spent = {way: {piece: [] for piece in PIECES} for way in WAYS}
     store = SoftTargetStore.create(root / "store", splits.train_labels, classes)
     next_step_epochs = range(args.epochs + 2, args.epochs + 2 + args.epochs // len(WAYS))
@@ -85,7 +86,7 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[fl
     clock = time.perf_counter
 
     def timed(way: str, piece: str, work: Callable[[], object]) -> None:
-        before.get(way, lambda: None)()
+        before[way]()
         started = clock()
         work()
         spent[way][piece].append(1e6 * (clock() - started))
