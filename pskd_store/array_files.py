@@ -196,6 +196,21 @@ def _free(store: zarr.abc.store.Store, path: str, parent: str) -> bool:
     return sync(free())
 
 
+def codecs_problem(array: zarr.Array) -> str | None:
+    """What is wrong with ``array``'s codecs for an array of this store, None when nothing:
+    the store writes little-endian bytes, Blosc-compressed or not, then a crc32c checksum.
+    Any other chain (another byte order, a transpose) would decode the same stored bytes,
+    checksums and all, into other values."""
+    described = []
+    for codec in array.metadata.codecs:
+        spec = codec.to_dict()
+        endian = spec.get("configuration", {}).get("endian") if spec["name"] == "bytes" else None
+        described.append(f"bytes ({endian}-endian)" if endian not in (None, "little") else spec["name"])
+    if described in (["bytes", "crc32c"], ["bytes", "blosc", "crc32c"]):
+        return None  # a one-byte dtype's bytes codec names no byte order
+    return f"its codecs are {' -> '.join(described)}, expected bytes (little-endian) -> blosc (or none) -> crc32c"
+
+
 class ChunkFiles:
     """Writes and reads whole chunks (along the first axis) of one array as zarr stores
     them: the chunk's bytes (zero rows after the values when they do not fill it),
@@ -203,11 +218,10 @@ class ChunkFiles:
     array's constants are looked up once, not per chunk. Refuses any other array."""
 
     def __init__(self, array: zarr.Array):
+        problem = codecs_problem(array)
+        if problem:
+            raise ValueError(f"{array.path} is not an array of this store: {problem}")
         codecs = array.metadata.codecs
-        kinds = [codec.to_dict()["name"] for codec in codecs]
-        if (kinds not in (["bytes", "crc32c"], ["bytes", "blosc", "crc32c"])
-                or codecs[0].to_dict().get("configuration", {}).get("endian", "little") != "little"):
-            raise ValueError(f"{array.path} is not an array of this store (its codecs: {codecs})")
         self._blosc = None
         if len(codecs) == 3:
             config = codecs[1].to_dict()["configuration"]

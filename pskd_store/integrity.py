@@ -16,10 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import zarr
-import zarr.codecs
 
 from . import store_io
-from .array_files import ChunkFiles, checksum_matches, open_array
+from .array_files import ChunkFiles, checksum_matches, codecs_problem, open_array
 from .errors import StoreDamagedError
 from .local_store import local_root
 
@@ -42,6 +41,9 @@ class CheckedArray:
     """
 
     def __init__(self, array: zarr.Array, what: str, url: str):
+        problem = codecs_problem(array)  # before any chunk is decoded by them
+        if problem:
+            raise StoreDamagedError(_message(what, url, f"the metadata of {array.path} was changed: {problem}"))
         self.array = array
         self.what = what
         self.url = url
@@ -51,7 +53,8 @@ class CheckedArray:
     @classmethod
     def open(cls, group: zarr.Group, path: str, what: str, url: str, *, shape: tuple[int, ...],
              dtype: np.dtype, chunk_rows: int | None = None) -> CheckedArray:
-        """The array at ``path``, refused unless its metadata is what the store made."""
+        """The array at ``path``, refused unless its metadata (shape, dtype, chunks, codecs)
+        is what the store made."""
         try:
             array = open_array(group, path)
         except Exception as err:  # a deleted or unreadable zarr.json
@@ -135,14 +138,8 @@ class CheckedArray:
 
 def _local_chunk_files(array: zarr.Array) -> ChunkFiles | None:
     """Chunks read straight from their files for an array of this store on a local disk;
-    None elsewhere (zarr fetches an object store's chunks in parallel) and for an array of
-    other codecs (zarr decodes it, and the metadata check names what changed)."""
-    if local_root(array.store) is None:
-        return None
-    try:
-        return ChunkFiles(array)
-    except ValueError:
-        return None
+    None elsewhere (zarr fetches an object store's chunks in parallel)."""
+    return ChunkFiles(array) if local_root(array.store) is not None else None
 
 
 def stored_digest(arrays: list[CheckedArray]) -> str:
@@ -181,8 +178,6 @@ def _metadata_problem(array: zarr.Array, shape: tuple[int, ...], dtype: np.dtype
         return f"{array.chunks[0]} rows per chunk, expected {chunk_rows}"
     if tuple(array.chunks[1:]) != tuple(shape[1:]):
         return f"chunks {array.chunks}, expected whole rows"
-    if not any(isinstance(codec, zarr.codecs.Crc32cCodec) for codec in array.metadata.codecs):
-        return "it has no crc32c checksum codec"
     return None
 
 

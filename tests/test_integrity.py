@@ -102,7 +102,8 @@ def test_edited_or_deleted_array_metadata_is_refused(store):
     meta = json.loads(meta_path.read_text())
     meta["codecs"] = meta["codecs"][:-1]  # the checksum codec removed: chunks would decode as garbage
     meta_path.write_text(json.dumps(meta))
-    with pytest.raises(StoreDamagedError, match="metadata of teacher/epoch_0003 was changed: .*no crc32c"):
+    with pytest.raises(StoreDamagedError, match="metadata of teacher/epoch_0003 was changed: its codecs are "
+                       "bytes -> blosc, expected bytes"):
         reopen(store).read_epoch(3)
     meta_path.unlink()
     with pytest.raises(StoreDamagedError, match="teacher of epoch 3 .* its array teacher/epoch_0003 cannot be opened"):
@@ -243,6 +244,12 @@ def test_training_resumed_on_a_damaged_teacher_stops_with_one_line(tmp_path, dat
      f"{CHUNK_ROWS // 2} rows per chunk, expected {CHUNK_ROWS}"),
     (lambda meta: meta["chunk_grid"]["configuration"].update(chunk_shape=[CHUNK_ROWS, K - 1]),
      f"chunks ({CHUNK_ROWS}, {K - 1}), expected whole rows"),
+    # codecs that decode the same bytes, checksums intact, into other values
+    (lambda meta: meta["codecs"][0]["configuration"].update(endian="big"),
+     "its codecs are bytes (big-endian) -> blosc -> crc32c, expected bytes (little-endian) -> blosc (or none) -> "
+     "crc32c"),
+    (lambda meta: meta["codecs"].insert(0, {"name": "transpose", "configuration": {"order": [1, 0]}}),
+     "its codecs are transpose -> bytes -> blosc -> crc32c, expected"),
 ])
 def test_each_edit_of_an_arrays_metadata_is_named(store, edit, problem):
     meta_path = Path(store.url) / "teacher/epoch_0003/zarr.json"
@@ -252,6 +259,20 @@ def test_each_edit_of_an_arrays_metadata_is_named(store, edit, problem):
     changed = "the metadata of teacher/epoch_0003 was changed: " + re.escape(problem)
     with pytest.raises(StoreDamagedError, match=changed):
         reopen(store).read_epoch(3)
+    with pytest.raises(StoreDamagedError, match=changed):  # what a training run's next epoch reads
+        PredictionService(reopen(store)).prepare(3)
+
+
+def test_staged_rows_whose_codecs_were_edited_stop_the_seal(store):
+    write_epoch(store, 4, seal=False)
+    meta_path = Path(store.url) / "staging/epoch_0004/writer_0000/encoded/zarr.json"
+    meta = json.loads(meta_path.read_text())
+    meta["codecs"][0]["configuration"]["endian"] = "big"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(StoreDamagedError, match="staged rows of writer 0, epoch 4, .* the metadata of "
+                       r"staging/epoch_0004/writer_0000/encoded was changed: its codecs are bytes \(big-endian\)"):
+        reopen(store).seal(4)
+    assert reopen(store).sealed_epochs == [1, 2, 3]
 
 
 def test_a_chunk_that_does_not_decode_is_named_apart_from_a_checksum(store):
@@ -459,19 +480,27 @@ def test_a_top_k_class_id_beyond_k_is_damage_not_an_index_error(tmp_path, labels
         PredictionService(reopen(store)).prepare(1)
 
 
-@pytest.mark.parametrize("codecs", [None, (zarr.codecs.GzipCodec(), zarr.codecs.Crc32cCodec())],
-                         ids=["store's", "other"])
-def test_checked_rows_of_a_local_array_are_what_zarr_reads_whatever_its_codecs(tmp_path, codecs):
-    """Chunks of this store's arrays are read straight from their files; an array of other
-    codecs is left to zarr: the same rows either way, and damage is an error either way."""
+@pytest.mark.parametrize("compressor", [zarr.codecs.BloscCodec(cname="zstd"), None], ids=["blosc", "none"])
+def test_checked_rows_of_a_local_array_are_what_zarr_reads(tmp_path, compressor):
+    """Chunks of this store's arrays are read straight from their files: the rows zarr reads,
+    and damage is an error."""
     values = np.arange(90, dtype=np.int64).reshape(30, 3)
     root = zarr.open_group(tmp_path, mode="w")
     array = root.create_array("a", shape=values.shape, chunks=(8, 3), dtype=values.dtype, config=ARRAY_CONFIG,
-                              compressors=codecs or codecs_with_checksum(zarr.codecs.BloscCodec(cname="zstd")))
+                              compressors=codecs_with_checksum(compressor))
     array[:] = values
     checked = CheckedArray(array, "the test array", str(tmp_path))
     np.testing.assert_array_equal(checked[5:27], values[5:27])
     flip_byte(chunk_file(tmp_path / "a", 1))
     with pytest.raises(StoreDamagedError, match=r"the test array .* rows 8-15 do not match their checksum"):
         checked[5:27]
+
+
+def test_an_array_of_other_codecs_is_refused_before_a_chunk_is_read(tmp_path):
+    root = zarr.open_group(tmp_path, mode="w")
+    array = root.create_array("a", shape=(30, 3), chunks=(8, 3), dtype=np.int64, config=ARRAY_CONFIG,
+                              compressors=(zarr.codecs.GzipCodec(), zarr.codecs.Crc32cCodec()))
+    with pytest.raises(StoreDamagedError, match=r"the test array .* the metadata of a was changed: its codecs are "
+                       r"bytes -> gzip -> crc32c, expected bytes \(little-endian\) -> blosc \(or none\) -> crc32c"):
+        CheckedArray(array, "the test array", str(tmp_path))
 
