@@ -272,8 +272,13 @@ class ChunkFiles:
             raise KeyError(key)
         if not checksum_matches(data):
             raise ValueError(f"{key} does not match its checksum")
-        stored = np.frombuffer(data, dtype=np.uint8)[:-4]
-        body = stored if self._blosc is None else self._blosc.decode(stored)
+        return self.decode(data)
+
+    def decode(self, stored: bytes) -> np.ndarray:
+        """A chunk whole from its stored bytes (their checksum checked by the caller), read-only."""
+        body = np.frombuffer(stored, dtype=np.uint8)[:-4]
+        if self._blosc is not None:
+            body = self._blosc.decode(body)
         return np.frombuffer(body, dtype=self._dtype).reshape(self._shape)
 
     def read_rows(self, start: int, stop: int) -> np.ndarray:

@@ -40,19 +40,20 @@ class CheckedArray:
     for the `pskd-store verify` hint.
     """
 
-    def __init__(self, array: zarr.Array, what: str, url: str):
+    def __init__(self, array: zarr.Array, what: str, url: str, *, sealed_digest: str | None = None):
         problem = codecs_problem(array)  # before any chunk is decoded by them
         if problem:
             raise StoreDamagedError(_message(what, url, f"the metadata of {array.path} was changed: {problem}"))
         self.array = array
         self.what = what
         self.url = url
+        self.sealed_digest = sealed_digest  # stored_digest's at the seal, which whole() compares
         self._present: set[int] | None = None
         self._files = _local_chunk_files(array)
 
     @classmethod
     def open(cls, group: zarr.Group, path: str, what: str, url: str, *, shape: tuple[int, ...],
-             dtype: np.dtype, chunk_rows: int | None = None) -> CheckedArray:
+             dtype: np.dtype, chunk_rows: int | None = None, sealed_digest: str | None = None) -> CheckedArray:
         """The array at ``path``, refused unless its metadata (shape, dtype, chunks, codecs)
         is what the store made."""
         try:
@@ -62,7 +63,7 @@ class CheckedArray:
         problem = _metadata_problem(array, shape, np.dtype(dtype), chunk_rows)
         if problem:
             raise StoreDamagedError(_message(what, url, f"the metadata of {path} was changed: {problem}"))
-        return cls(array, what, url)
+        return cls(array, what, url, sealed_digest=sealed_digest)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -94,6 +95,29 @@ class CheckedArray:
             raise StoreDamagedError(_message(
                 self.what, self.url, f"rows {_ranges([d.rows for d in damaged])} "
                 f"{damaged[0].problem}")) from err
+
+    def whole(self) -> Iterator[tuple[int, np.ndarray]]:
+        """Every row, a chunk at a time in order: ``(first row, rows)``, read-only. Each chunk
+        is present and matches its checksum; after the last, its keys and checksums are
+        compared with ``sealed_digest`` (when the seal recorded one). Chunk files swapped,
+        copied over one another or rewritten after the seal, each with a valid checksum of
+        its own, pass every chunk's check but not this one: a caller uses nothing it made
+        of the rows until the iteration has ended."""
+        files = ChunkFiles(self.array)
+        digest = hashlib.sha256()
+        for chunk, key, data in _stored_chunks(self, "are missing (their chunk files were deleted)"):
+            digest.update(_digest_entry(key, data))
+            lo, hi = self._rows(chunk)
+            try:
+                rows = files.decode(data)
+            except Exception as err:  # a checksum that holds over bytes that do not decompress
+                raise StoreDamagedError(_message(self.what, self.url, f"rows {_ranges([(lo, hi)])} "
+                                                 f"{_chunk_problem(err)}")) from err
+            yield lo, rows[:hi - lo]
+        if self.sealed_digest is not None and digest.hexdigest() != self.sealed_digest:
+            raise StoreDamagedError(_message(
+                self.what, self.url, "its chunks are not the ones sealed: their keys and checksums do not match "
+                "the digest recorded at the seal (chunk files swapped, copied or rewritten after it)"))
 
     def reject(self, bad: np.ndarray, start: int, problem: str) -> None:
         """Raise :class:`StoreDamagedError` naming the rows ``start + i`` where ``bad[i]``:
@@ -149,23 +173,33 @@ def stored_digest(arrays: list[CheckedArray]) -> str:
     A chunk rewritten later — even with a valid checksum of its own — changes it."""
     digest = hashlib.sha256()
     for checked in arrays:
-        array = checked.array
-        coords = list(itertools.product(*(range(n) for n in array.cdata_shape)))
-        keys = [f"{array.path}/{array.metadata.encode_chunk_key(c)}" for c in coords]
-        for lo in range(0, len(keys), READ_BACK_BATCH):
-            batch = keys[lo:lo + READ_BACK_BATCH]
-            for coord, key, data in zip(coords[lo:lo + READ_BACK_BATCH], batch, store_io.get_many(array.store, batch)):
-                rows = checked._rows(coord[0])
-                if data is None:
-                    raise StoreDamagedError(_message(checked.what, checked.url, f"rows {_ranges([rows])} are "
-                                                     "missing (their chunk was lost while it was written)"))
-                if not checksum_matches(data):
-                    raise StoreDamagedError(_message(
-                        checked.what, checked.url,
-                        f"rows {_ranges([rows])} do not match their checksum "
-                        "(their bytes changed after they were written)"))
-                digest.update(key.encode() + b"\0" + data[-4:])
+        for _, key, data in _stored_chunks(checked, "are missing (their chunk was lost while it was written)"):
+            digest.update(_digest_entry(key, data))
     return digest.hexdigest()
+
+
+def _stored_chunks(checked: CheckedArray, missing: str) -> Iterator[tuple[int, str, bytes]]:
+    """(chunk along the first axis, key, stored bytes) of every chunk of ``checked`` in
+    order, fetched ``READ_BACK_BATCH`` at a time; a chunk that is not there (``missing``
+    says why) or does not match its checksum raises :class:`StoreDamagedError`."""
+    array = checked.array
+    coords = list(itertools.product(*(range(n) for n in array.cdata_shape)))
+    keys = [f"{array.path}/{array.metadata.encode_chunk_key(c)}" for c in coords]
+    for lo in range(0, len(keys), READ_BACK_BATCH):
+        batch = keys[lo:lo + READ_BACK_BATCH]
+        for coord, key, data in zip(coords[lo:lo + READ_BACK_BATCH], batch, store_io.get_many(array.store, batch)):
+            rows = checked._rows(coord[0])
+            if data is None:
+                raise StoreDamagedError(_message(checked.what, checked.url, f"rows {_ranges([rows])} {missing}"))
+            if not checksum_matches(data):
+                raise StoreDamagedError(_message(checked.what, checked.url, f"rows {_ranges([rows])} do not match "
+                                                 "their checksum (their bytes changed after they were written)"))
+            yield coord[0], key, data
+
+
+def _digest_entry(key: str, stored: bytes) -> bytes:
+    """What a chunk adds to a digest: its key and the crc32c its stored bytes end with."""
+    return key.encode() + b"\0" + stored[-4:]
 
 
 def _metadata_problem(array: zarr.Array, shape: tuple[int, ...], dtype: np.dtype,

@@ -33,7 +33,7 @@ from .errors import StoreError, os_problem
 from .integrity import CheckedArray
 from .row_encoding import UNREADABLE_ROWS, RowEncoding
 from .store import SoftTargetStore
-from .store_keys import cache_file_name, slice_rows
+from .store_keys import cache_file_name
 
 _logger = logging.getLogger(__name__)
 
@@ -162,23 +162,19 @@ def _file_crc32c(path: Path) -> str:
 
 
 def _write_npy(file: BinaryIO, array: CheckedArray, encoding: RowEncoding) -> str:
-    """``array`` as a ``.npy`` file, decoded a slice of whole chunks at a time; returns the
-    crc32c of the bytes written (computed as they are written: the file is not read back).
-    Rows no target can be made of (``encoding.unreadable``) are refused here, once an epoch,
-    so that lookups never meet them."""
+    """``array`` as a ``.npy`` file, decoded a chunk at a time; returns the crc32c of the
+    bytes written (computed as they are written: the file is not read back). Raises before
+    returning when the chunks are not the ones sealed (``CheckedArray.whole``). Rows no
+    target can be made of (``encoding.unreadable``) are refused here, once an epoch, so that
+    lookups never meet them."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         header, {"descr": np.lib.format.dtype_to_descr(array.dtype), "fortran_order": False, "shape": array.shape})
     checksum = google_crc32c.Checksum(header.getvalue())
     file.write(header.getvalue())
-    chunk_rows = array.chunks[0]
-    row_bytes = int(np.prod(array.shape[1:])) * array.dtype.itemsize
-    step = slice_rows(chunk_rows, row_bytes)
-    for start in range(0, array.shape[0], step):
-        rows = np.ascontiguousarray(array[start:start + step])
+    for start, rows in array.whole():
         array.reject(encoding.unreadable(rows), start, UNREADABLE_ROWS)
-        rows.setflags(write=False)  # google_crc32c reads read-only buffers only
-        checksum.update(rows)
+        checksum.update(rows)  # read-only rows: google_crc32c reads no others
         file.write(rows.data)
     return checksum.hexdigest().decode()
 

@@ -536,7 +536,13 @@ class SoftTargetStore:
         return CheckedArray.open(
             self._group, f"teacher/{epoch_key(epoch)}", self._teacher_what(epoch), self.url,
             shape=(self.num_samples, self.encoding.width), dtype=self.encoding.stored_dtype, chunk_rows=self.chunk_rows,
+            sealed_digest=self.sealed_digest(epoch, "teacher"),
         )
+
+    def sealed_digest(self, epoch: int, tier: str) -> str | None:
+        """The digest of ``tier``'s chunks recorded at ``epoch``'s seal; None for an epoch
+        sealed before digests were (or whose statistics are gone, which `verify` reports)."""
+        return (self._meta["epochs"].get(str(epoch), {}).get("digests") or {}).get(tier)
 
     @property
     def _trajectory_rows(self) -> int:
@@ -569,8 +575,10 @@ class SoftTargetStore:
         """All (N, K) predictions of a sealed epoch, decoded into memory (in the store's
         dtype; a top-k store's rows rebuilt as float32)."""
         teacher = self.teacher_array(epoch)
-        rows = teacher[:]
-        teacher.reject(self.encoding.unreadable(rows), 0, UNREADABLE_ROWS)
+        rows = np.empty(teacher.shape, dtype=teacher.dtype)
+        for start, chunk in teacher.whole():  # every chunk, then the seal's digest
+            teacher.reject(self.encoding.unreadable(chunk), start, UNREADABLE_ROWS)
+            rows[start:start + len(chunk)] = chunk
         return self.encoding.expand(rows)
 
     def trajectory(self, epochs: list[int] | None = None) -> dict[str, np.ndarray]:

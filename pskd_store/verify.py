@@ -102,22 +102,21 @@ def verify_store(store: SoftTargetStore, *, cache_dir: str | Path | None = None,
     report = Report(target or store.url)
     labels = _check_sealed_list_and_labels(store, report)
     cache = _cache_files(Path(cache_dir) if cache_dir else default_cache_dir(store), store, report)
-    infos = store.summary()["epochs"]
     bar = tqdm(store.sealed_epochs, desc="verify", unit="epoch", disable=None if progress else True, leave=False)
     for epoch in bar:  # a bar on a terminal only (disable=None)
         trajectory = _check_trajectory(store, epoch, report)
-        _check_digest(store, epoch, "trajectory", infos.get(epoch), report)
+        _check_digest(store, epoch, "trajectory", report)
         if epoch in store.teacher_epochs:
             _check_teacher(store, epoch, labels, trajectory, cache.pop(epoch, None), report)
-            _check_digest(store, epoch, "teacher", infos.get(epoch), report)
+            _check_digest(store, epoch, "teacher", report)
     report.seconds = time.perf_counter() - started
     return report
 
 
-def _check_digest(store: SoftTargetStore, epoch: int, tier: str, info: dict | None, report: Report) -> None:
+def _check_digest(store: SoftTargetStore, epoch: int, tier: str, report: Report) -> None:
     """The tier's stored chunks against the digest the seal recorded: any chunk rewritten
     after the seal, with a valid checksum or not, changes it."""
-    recorded = ((info or {}).get("digests") or {}).get(tier)
+    recorded = store.sealed_digest(epoch, tier)
     if recorded is None:
         report.checked.append(f"{tier} of epoch {epoch}: no digest recorded (sealed by an earlier pskd-store)")
         return

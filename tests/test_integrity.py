@@ -151,6 +151,25 @@ def test_damaged_staged_rows_stop_the_seal(store):
     assert reopen(store).sealed_epochs == [1, 2, 3]
 
 
+@pytest.mark.parametrize("move", ["swapped", "copied"])
+def test_teacher_chunks_moved_after_the_seal_are_refused_where_training_reads_them(tmp_path, store, move):
+    """Chunk files swapped, or one copied over another: each keeps a valid checksum, so
+    every chunk passes its own check, and without the seal's digest of their keys and
+    checksums samples 0-15 would get the rows of samples 16-31. ``prepare`` (what
+    ``set_epoch`` runs) publishes no cache file, and ``read_epoch`` refuses too."""
+    first, second = chunk(store, "teacher/epoch_0003", 0), chunk(store, "teacher/epoch_0003", 1)
+    moved = second.read_bytes()
+    if move == "swapped":
+        second.write_bytes(first.read_bytes())
+    first.write_bytes(moved)
+    not_sealed = r"the teacher of epoch 3 .* its chunks are not the ones sealed"
+    with pytest.raises(StoreDamagedError, match=not_sealed):
+        PredictionService(reopen(store), cache_dir=tmp_path / "cache").prepare(3)
+    assert list((tmp_path / "cache").iterdir()) == []  # nothing published, no temporary file left
+    with pytest.raises(StoreDamagedError, match=not_sealed):
+        reopen(store).read_epoch(3)
+
+
 def test_a_damaged_cache_file_is_decoded_again(store, caplog):
     service = PredictionService(store)
     token = service.prepare(3)
