@@ -176,6 +176,10 @@ class SoftTargetDataset(TeacherEpochDataset):
         state.pop("_table", None)  # the main process's own: a worker blends its batches
         return state
 
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self._table = None  # blended again from the file prepare() just checked (decoded again if it rotted)
+
     def _require_same_data(self, base: Dataset, store: SoftTargetStore) -> None:
         if store.token_rows is not None:
             raise StoreError(f"{store.url} is a sequence store (a row per target token): wrap the data set "

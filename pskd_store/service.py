@@ -62,6 +62,7 @@ class PredictionService:
         try:
             if not self._intact(path):
                 self._decode(store.teacher_array(epoch), path)
+                self._maps.pop((epoch, token), None)  # a map of the file it replaced still reads that one
             self._drop_stale(store)
         except OSError as err:
             raise StoreError(

@@ -188,6 +188,29 @@ def test_a_damaged_cache_file_is_decoded_again(store, caplog):
     assert "decoding it again" in caplog.text and cached.with_name(cached.name + ".crc32c").exists()
 
 
+def test_a_cache_file_that_rots_while_mapped_is_not_served_after_it_is_decoded_again(store, labels):
+    """The cache file damaged in place after ``set_epoch`` checked it, before the first batch
+    mapped it: that batch's targets come from the damage. The next ``set_epoch`` finds the
+    file fails its checksum and decodes it again; this process must then serve the new
+    file, neither its map of the old one nor the targets blended from that map."""
+    from torch.utils.data import TensorDataset
+
+    from pskd_store.dataset import SoftTargetDataset
+    from pskd_store.loss import soft_target
+
+    data = SoftTargetDataset(TensorDataset(torch.zeros(N, 1), torch.from_numpy(labels)), store, 0.8, 4)
+    data.set_epoch(4)  # the teacher: epoch 3
+    cached = data.service.path(3, store.epoch_info(3)["seal_token"])
+    with open(cached, "r+b") as file:  # in place: the same file, which the next map reads
+        file.seek(-N * K * 2, 2)
+        file.write(bytes(N * K * 2))
+    ids = list(range(N))
+    assert data.__getitems__(ids).targets.max() <= 0.2 + 1e-6  # (1 - a_t)·onehot, and zeros for p_3
+    data.set_epoch(4)
+    past = torch.from_numpy(epoch_probs(3, N, K).astype(np.float16).astype(np.float32))
+    assert torch.equal(data.__getitems__(ids).targets, soft_target(torch.from_numpy(labels), past, 0.8))
+
+
 def test_verify_a_clean_store(store):
     report = verify_path(store.url)
     assert report.ok, report.findings
