@@ -358,8 +358,10 @@ def _probability_rows(values: torch.Tensor, tolerance: float) -> torch.Tensor:
 def _all_finite(values: np.ndarray) -> bool:
     """``isfinite(values).all()``, in the common case by one float32 sum (a NaN or an
     infinity makes it non-finite), which is far faster than an elementwise test of float16.
-    (A top-k row's values are a strided view of its bytes: copied, they are few.)"""
-    values = torch.from_numpy(np.ascontiguousarray(values))
+    (A top-k row's values are a strided view of its bytes: copied, they are few. A view
+    of one such row counts as contiguous, uncopied, with a row stride torch refuses:
+    flattened, it has none.)"""
+    values = torch.from_numpy(np.ascontiguousarray(values).reshape(-1))
     return bool(values.sum(dtype=torch.float32).isfinite()) or bool(values.isfinite().all())
 
 

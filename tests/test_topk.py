@@ -76,6 +76,22 @@ def test_rows_rebuild_exactly_as_defined(store, logits, labels):
     np.testing.assert_array_equal(service.lookup(1, token, np.arange(N)).numpy(), teacher)
 
 
+@pytest.mark.parametrize("dtype, k", [("float16", 3), ("float32", 2), ("float32", 3)])
+def test_a_chunk_of_one_row_whose_values_are_not_aligned_is_written(tmp_path, logits, labels, dtype, k):
+    """k values of ``dtype`` then k one-byte class ids (10 classes): a row whose width is no
+    multiple of the value's size, so its values are a view NumPy counts contiguous when it
+    is one row and torch refuses. 33 rows: one full chunk of 32, then a chunk of one."""
+    classes, logits = 10, logits[:, :10]
+    store = SoftTargetStore.create(tmp_path / "store", labels % classes, classes, dtype=dtype,
+                                   chunk_rows=CHUNK_ROWS, topk=k)
+    assert store.encoding.width % np.dtype(dtype).itemsize
+    with store.writer(1) as writer:
+        writer.write(torch.arange(33), logits[:33])
+    store.seal(1)
+    expected = by_hand(logits[:33].softmax(1).numpy(), k, np.dtype(dtype))
+    np.testing.assert_allclose(store.read_epoch(1)[:33], expected, rtol=0, atol=1e-7)
+
+
 def test_carried_rows_and_trajectory(store, logits, labels):
     with store.writer(1) as writer:
         writer.write(torch.arange(N), logits)
