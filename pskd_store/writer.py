@@ -102,6 +102,8 @@ class PredictionWriter(ClosesOnSuccess):
         from_logits: bool = True,
         buffers: int = 3,
     ):
+        if buffers < 1:
+            raise ValueError(f"buffers must be at least 1 (chunk-sized host buffers the rows wait in), got {buffers}")
         self.store = store
         self.epoch = epoch
         self.from_logits = from_logits
@@ -120,7 +122,9 @@ class PredictionWriter(ClosesOnSuccess):
         self._warned = False  # logits that look like probabilities: warned once
         self._probabilities_seen = False  # set by the background thread, warned by this one
         self._first_chunk = True  # the background thread's: logits are checked for looking like probabilities
-        self._first_write = True  # the training thread's: on a device, the first write's logits are
+        # the (device type, dtype) of the first write's outputs, every write's: the rows of a
+        # buffer are converted alike (cast into it, softmaxed or encoded), so a kind is not mixed
+        self._kind: tuple[str, torch.dtype] | None = None
         self._closed = False
         self._queue: queue.Queue = queue.Queue()
         try:  # here, not in the background thread: on a CPU, that thread's work slows the steps it overlaps
@@ -166,6 +170,15 @@ class PredictionWriter(ClosesOnSuccess):
             return
         self._warn_if_probabilities()
         outputs = outputs.detach()
+        first_write, kind = self._kind is None, (outputs.device.type, outputs.dtype)
+        if first_write:
+            self._kind = kind
+        elif kind != self._kind:
+            raise TypeError(
+                f"outputs of {outputs.dtype} on {outputs.device.type} after outputs of {self._kind[1]} on "
+                f"{self._kind[0]} in epoch {self.epoch}'s writes: a writer converts every write alike, so pass one "
+                "dtype on one device every step (e.g. outputs.float())"
+            )
         accelerator = accelerator_for(outputs.device)
         tolerance = _sum_tolerance(outputs.dtype, self._torch_dtype)
         check = None
@@ -173,10 +186,9 @@ class PredictionWriter(ClosesOnSuccess):
         # for top-k on the host, a buffer of k-wide rows instead of K-wide logits (a vocabulary's)
         encode_now = accelerator is not None or self._encoding.topk is not None
         if encode_now:
-            if not self.from_logits or self._first_write:  # probabilities always; logits in the first write
+            if not self.from_logits or first_write:  # probabilities always; logits in the first write
                 check = _probability_rows(outputs, tolerance).reshape(1)  # read by the background thread
             outputs = self._to_rows(outputs)
-        self._first_write = False
         host = accelerator is None and outputs.dtype in _NUMPY_FLOATS and ids.device.type == "cpu"
         if host:  # NumPy's copies cost a third of torch's at a batch's size
             host_ids, host_outputs = ids.numpy(), outputs.numpy()

@@ -149,6 +149,16 @@ def second_writer(store: SoftTargetStore) -> None:
         store.writer(2)
 
 
+def mixed_outputs(store: SoftTargetStore, second: torch.Tensor) -> None:
+    """float16 logits, then ``second``: cast into the first write's buffer, float32 logits
+    were rounded to float16 before the softmax; rows made on a device and raw rows would
+    share a buffer that is converted one way."""
+    logits = torch.randn(N, K)
+    with store.writer(2) as writer:
+        writer.write(torch.arange(8), logits[:8].half())
+        writer.write(torch.arange(8, 16), second)
+
+
 # (case, action(store, labels, tmp_path), exception, part of the message)
 API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("probabilities negative", lambda s, y, t: write_and_close(s, probs() - 0.1, from_logits=False),
@@ -228,6 +238,9 @@ API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("epoch 0", lambda s, y, t: s.writer(0), StoreError, "epochs count from 1, got 0"),
     ("negative rank", lambda s, y, t: s.writer(2, rank=-1), StoreError, "rank must be 0 or more"),
     ("writing after close", lambda s, y, t: write_after_close(s), StoreError, "this writer of epoch 2 is closed"),
+    ("no buffers", lambda s, y, t: s.writer(2, buffers=0), ValueError, "buffers must be at least 1"),
+    ("outputs of another dtype", lambda s, y, t: mixed_outputs(s, torch.randn(8, K)), TypeError,
+     "outputs of torch.float32 on cpu after outputs of torch.float16 on cpu in epoch 2's writes"),
     ("a scratch directory that is not there", lambda s, y, t: seal_with_scratch(s, t / "nowhere"), StoreError,
      "cannot seal epoch 2: No such file or directory"),
 ]
