@@ -76,9 +76,13 @@ def train_one_epoch(model: torch.nn.Module, method: Method, loader: DataLoader, 
 
 
 def eval_loader(data: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
-    """An in-order loader for evaluation, its workers kept alive between epochs."""
+    """An in-order loader for evaluation, its workers kept alive between epochs. A generator
+    of its own: the workers' base seed (unused) is drawn from it, not from the process's
+    stream, which dropout draws from and a resume restores (persistent workers draw once a
+    run, a loader without workers every epoch)."""
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=accelerator_for(device) is not None)
+                      persistent_workers=workers > 0, pin_memory=accelerator_for(device) is not None,
+                      generator=torch.Generator())
 
 
 @torch.no_grad()

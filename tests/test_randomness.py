@@ -239,3 +239,21 @@ def test_a_resumed_run_takes_up_the_process_stream_where_its_checkpoint_left_it(
     assert not torch.equal(whole[0], before[0]) and whole[1] != before[1] and whole[2] != before[2]
     assert torch.equal(resumed[0], whole[0])
     assert resumed[1] == whole[1] and resumed[2] == whole[2]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_evaluation_draws_nothing_from_the_process_stream(workers):
+    """A DataLoader draws its workers' base seed from the process's torch stream unless it
+    has a generator of its own: a persistent evaluation loader once a run (again in a
+    resumed one), one without workers every epoch, so the stream dropout draws from, and
+    the checkpoint keeps, would depend on the resume and the worker count."""
+    from torch.utils.data import TensorDataset
+
+    from pskd_store.engine import eval_loader
+
+    loader = eval_loader(TensorDataset(torch.zeros(8, 1), torch.zeros(8)), 4, workers, torch.device("cpu"))
+    before = torch.get_rng_state()
+    for _ in range(2):  # two epochs' evaluations
+        assert len(list(loader)) == 2
+    assert torch.equal(torch.get_rng_state(), before)
+
