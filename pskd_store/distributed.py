@@ -53,6 +53,15 @@ class Distributed:
         if self.enabled:
             dist.barrier()
 
+    def share_buffers(self, module: torch.nn.Module) -> None:
+        """Rank 0's buffers (BatchNorm's running statistics) on every rank. DDP copies them
+        to the others at each training forward, before that rank's own batch updates its
+        copy, so after an epoch's last step every rank holds its own; each rank evaluates its
+        shard with rank 0's model, the one checkpointed."""
+        if self.enabled:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, src=0)
+
     def gather_to_main(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj``, in rank order, on the main process (None elsewhere)."""
         if not self.enabled:

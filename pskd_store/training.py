@@ -201,6 +201,7 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
                "lr": run.scheduler.get_last_lr()[0], "train": train_stats}
         run.scheduler.step()
         env.barrier()  # every rank's writer has closed its part
+        env.share_buffers(run.network)
         evaluate_on = dict(env=env, device=device, amp=config.amp, channels_last=config.channels_last)
         with ThreadPoolExecutor(1) as background:  # the seal's I/O overlaps the evaluation
             # a baseline whose every batch CutMix mixed recorded nothing: its ids carry forward

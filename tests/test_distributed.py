@@ -115,6 +115,53 @@ def test_two_ranks_train_one_run(two_rank_run, data_dir):
         np.testing.assert_allclose(trained_probs, one_process["probs"], atol=1e-6)
 
 
+class _Labeled(torch.utils.data.TensorDataset):
+    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor):
+        super().__init__(inputs, labels)
+        self.targets = labels  # read without loading inputs, as torchvision's
+
+
+def _images(n: int, seed: int) -> _Labeled:
+    """28x28 noise, faintly brighter with the class: what fmnist_cnn's BatchNorm learns on."""
+    labels = torch.arange(n) % 10
+    noise = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    return _Labeled(noise + 0.05 * labels.view(-1, 1, 1, 1), labels)
+
+
+def _batchnorm_splits():
+    from pskd_store.data import DataSplits
+
+    train = _images(256, 0)
+    return DataSplits(train, None, _images(128, 1), 10, train.targets.numpy(), "28x28", random_transforms=False)
+
+
+def _train_a_batchnorm_model(run: Path) -> None:
+    """A rank of :func:`gloo_ranks`: ``train`` of fmnist_cnn (BatchNorm) for 2 epochs."""
+    from pskd_store.recipe import TrainConfig
+    from pskd_store.training import train
+
+    config = TrainConfig(dataset="fashionmnist", arch="fmnist_cnn", epochs=2, batch_size=32, workers=0,
+                         device="cpu", data_dir=str(run.parent / "unused")).resolved()
+    train(config, run, quiet=True, splits=_batchnorm_splits())
+
+
+def test_every_rank_evaluates_its_shard_with_the_checkpointed_models_batchnorm_statistics(tmp_path):
+    """Each rank's last training batch leaves its own BatchNorm running statistics (DDP
+    copies rank 0's only at each training forward): the test set's predictions, which each
+    rank makes of its shard, are those of the model checkpointed, rank 0's, on every row."""
+    from pskd_store.models import create_model
+
+    run = tmp_path / "run"
+    assert [exit_code(rank, timeout=90) for rank in gloo_ranks(2, _train_a_batchnorm_model, run)] == [0, 0]
+    network = create_model("fmnist_cnn", 10)
+    network.load_state_dict(torch.load(run / "checkpoints" / "last.pt", weights_only=False)["model"])
+    with torch.no_grad():
+        checkpointed = network.eval()(_images(128, 1).tensors[0]).softmax(1).numpy()
+    with np.load(run / "eval" / "test_probs.npz") as trained:
+        np.testing.assert_allclose(trained["probs"][0::2], checkpointed[0::2], atol=1e-6)  # rank 0's shard
+        np.testing.assert_allclose(trained["probs"][1::2], checkpointed[1::2], atol=1e-6)  # rank 1's
+
+
 def _write_a_shard(root: Path) -> None:
     """A rank of :func:`gloo_ranks`: writes DistributedSampler's shard of an odd N as training
     does, each row marking the rank that wrote it; rank 0 seals after a barrier."""
