@@ -193,6 +193,25 @@ def test_resuming_what_cannot_be_resumed_is_refused(tmp_path):
                                                           ckpt_path=tmp_path / "without.ckpt")
 
 
+def test_a_checkpoint_of_an_epochs_last_step_resumes_into_the_next_epoch(tmp_path):
+    """``ModelCheckpoint(every_n_train_steps=...)`` runs after this callback, so a step that
+    ends an epoch is saved after its seal: epoch 1 sealed, nothing being written. Lightning
+    resumes such a checkpoint into epoch 2 without ``on_train_epoch_start``; the writer of
+    epoch 2 is opened all the same, and epoch 2 trains on epoch 1's predictions."""
+    pskd, loader = wrapped(tmp_path, keep_epochs=EPOCHS)  # epoch 1's teacher kept for the resume
+    steps = ModelCheckpoint(dirpath=tmp_path / "steps", every_n_train_steps=6, save_top_k=-1, filename="{step}")
+    first = lightning_run.Classifier()
+    quiet_trainer(tmp_path, [pskd, steps], max_epochs=EPOCHS).fit(first, loader)  # 96 samples: 6 steps an epoch
+    last_step_of_epoch_1 = tmp_path / "steps" / "step=6.ckpt"
+    assert torch.load(last_step_of_epoch_1, weights_only=False)["callbacks"]["PSKD"]["writing"] is False
+    pskd, loader = wrapped(tmp_path, keep_epochs=EPOCHS)
+    resumed = lightning_run.Classifier()
+    quiet_trainer(tmp_path, [pskd], max_epochs=EPOCHS).fit(resumed, loader, ckpt_path=last_step_of_epoch_1)
+    assert sorted({epoch for epoch, *_ in resumed.seen}) == [2, 3, 4]
+    assert assert_targets_are_eq6(resumed.seen, first.seen + resumed.seen) == 3 * lightning_run.N
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1, 2, 3, 4]
+
+
 def test_a_store_behind_its_checkpoint_is_refused(tmp_path):
     fit(tmp_path, epochs=2)
     SoftTargetStore.open(tmp_path / "store").rollback(1)

@@ -150,6 +150,13 @@ class PSKD(pl.Callback):
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.session.begin_epoch(trainer.current_epoch + 1)
 
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        # a checkpoint of an epoch's last step is saved after this callback's seal; Lightning
+        # resumes it into the next epoch without on_train_epoch_start
+        if self.session.writer is None:
+            self.session.begin_epoch(trainer.current_epoch + 1)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         if not isinstance(outputs, Mapping) or self.logits_key not in outputs:
