@@ -75,9 +75,13 @@ def token_soft_cross_entropy(
     teacher_classes: torch.Tensor,
     alpha: torch.Tensor | float,
     ignore_index: int = -100,
+    num_items: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """PS-KD's loss for a sequence model, averaged over the target positions (labels other
-    than ``ignore_index``), as ``cross_entropy(..., ignore_index=...)`` averages.
+    than ``ignore_index``), as ``cross_entropy(..., ignore_index=...)`` averages; with
+    ``num_items``, summed over them and divided by it (the target positions of every
+    micro-batch of an accumulated step, as a Hugging Face model's own loss divides by its
+    ``num_items_in_batch``).
 
     The target of a position is (1 - a)·onehot(label) + a·p, p the stored teacher: its
     ``teacher_probs`` (B, L, w) at ``teacher_classes`` (B, L, w) and, when w < V, the rest
@@ -99,7 +103,7 @@ def token_soft_cross_entropy(
     alpha = torch.as_tensor(alpha, dtype=log_probs.dtype, device=log_probs.device)
     alpha = alpha.reshape(-1, 1) if alpha.ndim else alpha
     per_position = -((1 - alpha) * true_class + alpha * teacher_term)
-    return (per_position * targets).sum() / targets.sum().clamp(min=1)
+    return (per_position * targets).sum() / (targets.sum().clamp(min=1) if num_items is None else num_items)
 
 
 @dataclass(frozen=True)

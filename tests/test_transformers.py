@@ -100,10 +100,12 @@ def test_what_pskd_cannot_count_in_epochs_is_refused(tmp_path, monkeypatch):
 
 
 def test_gradient_accumulation_averages_its_micro_batches(tmp_path):
-    """Two accumulated micro-batches of 16 step as one batch of 32 does (plain SGD, one epoch)."""
+    """Two accumulated micro-batches step as one batch of both does (plain SGD, one epoch):
+    28 + 28 records as 56, then 28 + 12 as 40, each record weighing as much as any other."""
     sgd = {"optim": "sgd", "learning_rate": 0.5}
-    fine_tune(tmp_path / "one", epochs=1, workers=0, arguments=sgd | {"per_device_train_batch_size": 32})
-    fine_tune(tmp_path / "two", epochs=1, workers=0, arguments=sgd | {"gradient_accumulation_steps": 2})
+    fine_tune(tmp_path / "one", epochs=1, workers=0, arguments=sgd | {"per_device_train_batch_size": 56})
+    fine_tune(tmp_path / "two", epochs=1, workers=0, arguments=sgd | {"per_device_train_batch_size": 28,
+                                                                      "gradient_accumulation_steps": 2})
     one, two = (torch.load(tmp_path / run / "final.pt") for run in ("one", "two"))
     for name, value in one.items():
         torch.testing.assert_close(two[name], value, rtol=0, atol=1e-5)
@@ -250,3 +252,42 @@ def test_a_translation_model_trains_on_per_token_targets_with_padded_labels(tmp_
                               alpha_T=ALPHA_T, per_token=True, store_options={"topk": 4})
     with pytest.raises(StoreError, match="a training batch came without 'pskd_id'.* keeps extra columns"):
         dropping.train()
+
+
+def _trained_weights(trainer_class, model, arguments: dict, records: list, collator, **pskd_options) -> dict:
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(num_train_epochs=1, optim="sgd", learning_rate=0.5, gradient_accumulation_steps=2,
+                             save_strategy="no", logging_strategy="no", report_to=[], seed=0, use_cpu=True,
+                             disable_tqdm=True, **arguments)
+    trainer_class(model=model, args=args, train_dataset=records, data_collator=collator, **pskd_options).train()
+    return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def test_per_token_with_alpha_T_0_trains_as_the_plain_trainer_under_gradient_accumulation(tmp_path):
+    """alpha_T = 0: every target one-hot, PS-KD's loss GPT-2's own cross-entropy. Two
+    micro-batches a step, of unequal counts of target tokens (records of 2-9): the plain
+    Trainer has the model divide each one's summed loss by the targets of the whole step
+    (``num_items_in_batch``), and so must PSKDTrainer, or a step weighs the tokens of its
+    smaller micro-batch more."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, default_data_collator
+
+    def model() -> GPT2LMHeadModel:
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=30, n_positions=12, n_embd=32, n_layer=1, n_head=2,
+                                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+    generator, records = torch.Generator().manual_seed(0), []
+    for i in range(24):
+        tokens = torch.randint(0, 30, (12,), generator=generator)
+        labels = tokens.clone()
+        labels[:2 + i % 8] = -100  # a prompt of 2-9 tokens: 9 down to 2 targets (shifted)
+        records.append({"input_ids": tokens, "attention_mask": torch.ones(12, dtype=torch.int64), "labels": labels})
+    arguments = {"per_device_train_batch_size": 4}
+    plain = _trained_weights(Trainer, model(), {"output_dir": str(tmp_path / "plain")} | arguments, records,
+                             default_data_collator)
+    pskd = _trained_weights(PSKDTrainer, model(), {"output_dir": str(tmp_path / "pskd")} | arguments, records,
+                            default_data_collator, pskd_store=tmp_path / "store", alpha_T=0.0, per_token=True,
+                            store_options={"topk": 4})
+    for name, value in plain.items():
+        torch.testing.assert_close(pskd[name], value, rtol=0, atol=1e-6)

@@ -63,8 +63,6 @@ class PSKDTrainer(Trainer):
     for a vocabulary). ``per_token`` trains a language or translation model on per-token
     targets (``num_classes`` then defaults to ``model.config.vocab_size``)."""
 
-    loss_is_scaled_for_ga = False  # compute_loss returns each micro-batch's mean
-
     def __init__(self, *args: Any, pskd_store: str | Path, alpha_T: float = 0.8,
                  labels: Sequence[int] | np.ndarray | None = None, num_classes: int | None = None,
                  overwrite: bool = False, cache_dir: str | None = None, store_options: dict | None = None,
@@ -111,17 +109,29 @@ class PSKDTrainer(Trainer):
             inputs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
         outputs = model(**inputs)
         logits = outputs["logits"]
+        # normalised as the Trainer has the model's own loss normalised: by the targets of the
+        # whole accumulated step when the model takes num_items_in_batch (training_step then
+        # leaves the loss as it is), else by this micro-batch's (training_step divides it)
+        num_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
         if self.pskd_lengths is None:
             targets = self.session.data.targets(labels, ids).to(logits.device, non_blocking=True)
-            loss = F.cross_entropy(logits.float(), targets)
+            if num_items is None:
+                loss = F.cross_entropy(logits.float(), targets)
+            else:
+                loss = F.cross_entropy(logits.float(), targets, reduction="sum") / num_items
             self.session.record(ids, logits)
         else:
             if self.pskd_shift:  # position t predicts token t + 1
                 logits, labels = logits[:, :-1], labels[:, 1:]
             probs, classes, alpha = self.session.data.teacher(labels, ids)
             loss = token_soft_cross_entropy(logits, labels, probs.to(logits.device, non_blocking=True),
-                                            classes.to(logits.device, non_blocking=True), alpha)
+                                            classes.to(logits.device, non_blocking=True), alpha, num_items=num_items)
             self.session.record(ids, logits, labels)
+        if num_items is not None and self.args.average_tokens_across_devices:
+            # num_items counts every process's targets, and DDP averages the processes' gradients
+            # (Trainer.compute_loss scales the model's own loss so)
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
+                           else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
 
     def open_store(self, epochs_done: int) -> None:
