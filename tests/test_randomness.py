@@ -220,7 +220,8 @@ def test_a_resumed_run_takes_up_the_process_stream_where_its_checkpoint_left_it(
         epoch = args[8]
         numpy_state = np.random.get_state()
         at_epoch_start[(phase, epoch)] = (torch.get_rng_state(), (*numpy_state[1], numpy_state[2]), random.getstate())
-        np.random.rand()  # what a user's data set may draw in an epoch, besides torch's
+        torch.rand(1)  # what a model's dropout draws in an epoch
+        np.random.rand()  # what a user's data set may draw
         random.random()
         return train_epoch(*args)
 

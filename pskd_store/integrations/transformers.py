@@ -115,10 +115,8 @@ class PSKDTrainer(Trainer):
         num_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
         if self.pskd_lengths is None:
             targets = self.session.data.targets(labels, ids).to(logits.device, non_blocking=True)
-            if num_items is None:
-                loss = F.cross_entropy(logits.float(), targets)
-            else:
-                loss = F.cross_entropy(logits.float(), targets, reduction="sum") / num_items
+            loss = F.cross_entropy(logits.float(), targets, reduction="sum") / (
+                len(targets) if num_items is None else num_items)
             self.session.record(ids, logits)
         else:
             if self.pskd_shift:  # position t predicts token t + 1
