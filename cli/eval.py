@@ -40,15 +40,15 @@ def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str,
 
     paths = [checkpoint_path(p) for p in checkpoints]
     try:
-        metrics, probs, labels = evaluate_checkpoints(paths, split=split, data_dir=data_dir,
-                                                      device=device, ece_bins=ece_bins)
+        metrics, predictions = evaluate_checkpoints(paths, split=split, data_dir=data_dir,
+                                                    device=device, ece_bins=ece_bins)
     except (ValueError, OSError, StoreError) as err:  # each names its file and the fix
         raise click.ClickException(str(err)) from err
     run = RunDirectory(paths[0].parent.parent)
     output = Path(output) if output is not None else run.eval_probs(split, ensemble=len(paths) > 1)
     try:
         with writing(output, then="evaluate again (or pass --output elsewhere)"):
-            run.write_eval_probs(probs, labels, sources=[str(p) for p in paths], path=output)
+            run.write_eval_probs(*predictions, sources=[str(p) for p in paths], path=output)
     except RunError as err:
         raise click.ClickException(str(err)) from err
     click.echo(json.dumps({"checkpoints": [str(p) for p in paths], "split": split, **metrics,

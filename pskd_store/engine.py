@@ -5,9 +5,11 @@ arrives as an explicit argument, as in torchvision's ``references/classification
 from __future__ import annotations
 
 import time
+from typing import NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
@@ -85,36 +87,49 @@ def eval_loader(data: Dataset, batch_size: int, workers: int, device: torch.devi
                       generator=torch.Generator())
 
 
+class Predictions(NamedTuple):
+    """An evaluation set's predictions, sample by sample in its order."""
+
+    probs: np.ndarray  # (N, K) float32 softmax of the fp32 logits
+    labels: np.ndarray  # (N,) int64
+    nll: np.ndarray | None  # (N,) float32 cross-entropy of the fp32 logits, which the authors' NLL
+    # averages; None for probabilities without logits (an ensemble's average)
+
+
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, *, amp: bool,
-            channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities (N, K) of fp32 logits and labels (N,) of ``loader``'s data, in order."""
+            channels_last: bool) -> Predictions:
+    """Softmax probabilities, labels and each sample's cross-entropy of ``loader``'s data, in
+    order. The cross-entropy comes from the logits, as ``nn.CrossEntropyLoss`` takes it in
+    the authors' ``main.py``: a probability that underflows to 0 in float32 still has it."""
     model.eval()
-    probs, labels = [], []
+    probs, labels, nll = [], [], []
     for inputs, target in loader:
         with autocast(device, amp):
             logits = model(to_device(inputs, device, channels_last))
+        target = torch.as_tensor(target)
         probs.append(logits.float().softmax(1).cpu())
-        labels.append(torch.as_tensor(target))
+        nll.append(F.cross_entropy(logits.float(), target.to(logits.device), reduction="none").cpu())
+        labels.append(target)
     if not probs:  # an empty shard of a set smaller than the world
-        return np.empty((0, 0), np.float32), np.empty(0, np.int64)
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+        return Predictions(np.empty((0, 0), np.float32), np.empty(0, np.int64), np.empty(0, np.float32))
+    return Predictions(torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(nll).numpy())
 
 
 def predict_sharded(model: torch.nn.Module, loader: DataLoader, env: Distributed, device: torch.device, *,
-                    amp: bool, channels_last: bool) -> tuple[np.ndarray, np.ndarray] | None:
+                    amp: bool, channels_last: bool) -> Predictions | None:
     """Predictions of a whole evaluation set, in index order, on rank 0 (None elsewhere):
     each rank predicts its shard (every world_size-th sample, from its rank on) and rank 0
     interleaves them back."""
     shards = env.gather_to_main(predict(model, loader, device, amp=amp, channels_last=channels_last))
     if shards is None:
         return None
-    size = sum(len(shard_labels) for _, shard_labels in shards)
-    all_probs = np.empty((size, shards[0][0].shape[1]), dtype=np.float32)
-    all_labels = np.empty(size, dtype=np.int64)
-    for rank, (shard_probs, shard_labels) in enumerate(shards):
-        if not len(shard_labels):
+    size = sum(len(shard.labels) for shard in shards)
+    whole = Predictions(np.empty((size, shards[0].probs.shape[1]), dtype=np.float32), np.empty(size, dtype=np.int64),
+                        np.empty(size, dtype=np.float32))
+    for rank, shard in enumerate(shards):
+        if not len(shard.labels):
             continue
-        all_probs[rank::len(shards)] = shard_probs
-        all_labels[rank::len(shards)] = shard_labels
-    return all_probs, all_labels
+        for into, part in zip(whole, shard):
+            into[rank::len(shards)] = part
+    return whole

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from .checkpoint import load_checkpoint
 from .data import build_datasets
 from .distributed import select_device
-from .engine import eval_loader, predict
+from .engine import Predictions, eval_loader, predict
 from .metrics import evaluate
 from .models import create_model
 from .recipe import TrainConfig
@@ -18,8 +16,9 @@ from .recipe import TrainConfig
 def evaluate_checkpoints(
     paths: list[Path], *, split: str = "test", data_dir: str | None = None,
     device: str = "auto", ece_bins: int = 10,
-) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Metrics, averaged probabilities (N, K) and labels (N,) of ``paths`` on ``split``."""
+) -> tuple[dict[str, float], Predictions]:
+    """Metrics and predictions of ``paths`` on ``split``: one checkpoint's, or the average
+    of their probabilities (an ensemble's, whose NLL comes from them: it has no logits)."""
     states = [load_checkpoint(path) for path in paths]
     configs = [TrainConfig(**state["config"]) for state in states]
     if len({(c.dataset, c.train_subset, c.val_split, c.seed if c.val_split else 0, c.img_size)
@@ -34,11 +33,13 @@ def evaluate_checkpoints(
         raise ValueError("these runs held out no validation split (train with --val-split)")
     torch_device = select_device(device)
     loader = eval_loader(data, 2 * first.batch_size, first.workers, torch_device)
-    probs_sum, labels = None, None
+    members = []
     for state, config in zip(states, configs):
         model = create_model(config.arch, splits.num_classes).to(torch_device)
         model.load_state_dict(state["model"])
-        probs, labels = predict(model, loader, torch_device, amp=config.amp, channels_last=config.channels_last)
-        probs_sum = probs if probs_sum is None else probs_sum + probs
-    probs = probs_sum / len(states)
-    return evaluate(probs, labels, n_bins=ece_bins), probs, labels
+        members.append(predict(model, loader, torch_device, amp=config.amp, channels_last=config.channels_last))
+    if len(members) == 1:  # a model's NLL from its logits; an ensemble's from its averaged probabilities
+        predictions = members[0]
+    else:
+        predictions = Predictions(sum(member.probs for member in members) / len(members), members[0].labels, None)
+    return evaluate(*predictions, n_bins=ece_bins), predictions

@@ -21,8 +21,8 @@ import torch
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
-# Floor for the true-class probability in the NLL, so a probability of exactly
-# zero yields a large finite loss instead of inf (which would poison averages).
+# Floor for the true-class probability in the NLL of probabilities alone (an ensemble's
+# average), so a probability of exactly zero yields a large finite loss instead of inf.
 NLL_EPS = 1e-12
 
 
@@ -175,15 +175,25 @@ def _aurc_eaurc(conf: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
     return aurc, aurc - optimal
 
 
-def evaluate(probs: ArrayLike, labels: ArrayLike, n_bins: int = 10) -> dict[str, float]:
+def evaluate(probs: ArrayLike, labels: ArrayLike, sample_nll: ArrayLike | None = None,
+             n_bins: int = 10) -> dict[str, float]:
     """Compute the PS-KD paper's metrics for predicted probabilities.
 
     Returns ``top1_err`` and ``top5_err`` (percent; top-5 uses min(5, K)
     classes), ``nll`` (mean, nats), ``ece`` (percent, ``n_bins`` bins),
     ``aurc`` and ``eaurc`` (x 10^3) and ``n`` (sample count).
+
+    ``sample_nll``: each sample's cross-entropy of its logits (``engine.predict``), whose
+    mean is the authors' NLL (``nn.CrossEntropyLoss`` on the logits). Without it (an
+    ensemble's averaged probabilities, which have no logits) the NLL is the mean of
+    -log p_true with p_true floored at ``NLL_EPS``: a float32 probability can underflow to 0.
     """
     _check_n_bins(n_bins)
     p, y = _prepare(probs, labels)
+    if sample_nll is not None:
+        sample_nll = _to_numpy(sample_nll)
+        if sample_nll.shape != y.shape:
+            raise ValueError(f"sample_nll must have shape {y.shape}, one per label, got {sample_nll.shape}")
     n, k = p.shape
     rank = _true_class_rank(p, y)
     correct = rank == 0
@@ -193,7 +203,8 @@ def evaluate(probs: ArrayLike, labels: ArrayLike, n_bins: int = 10) -> dict[str,
     return {
         "top1_err": 100.0 * float(np.mean(~correct)),
         "top5_err": 100.0 * float(np.mean(rank >= min(5, k))),
-        "nll": float(-np.mean(np.log(np.clip(p_true, NLL_EPS, 1.0)))),
+        "nll": float(np.mean(sample_nll, dtype=np.float64) if sample_nll is not None
+                     else -np.mean(np.log(np.clip(p_true, NLL_EPS, 1.0)))),
         "ece": 100.0 * _reliability(conf, correct, n_bins).ece,
         "aurc": 1e3 * aurc,
         "eaurc": 1e3 * eaurc,

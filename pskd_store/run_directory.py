@@ -163,13 +163,16 @@ class RunDirectory:
 
     # -- per-sample probabilities ------------------------------------------------------------
 
-    def write_eval_probs(self, probs: np.ndarray, labels: np.ndarray, *, sources: list[str],
-                         path: Path | None = None) -> Path:
+    def write_eval_probs(self, probs: np.ndarray, labels: np.ndarray, sample_nll: np.ndarray | None = None, *,
+                         sources: list[str], path: Path | None = None) -> Path:
         """Save per-sample probabilities where `inspect` reads them (``eval/test_probs.npz``
-        unless ``path`` says otherwise); ``sources`` names the checkpoints they came from."""
+        unless ``path`` says otherwise), with each sample's cross-entropy of its logits when
+        there are logits (``nll``; none for an ensemble); ``sources`` names the checkpoints
+        they came from."""
         path = path if path is not None else self.eval_probs()
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, probs=probs, labels=labels, checkpoints=np.array(sources))
+        extra = {} if sample_nll is None else {"nll": sample_nll}
+        np.savez_compressed(path, probs=probs, labels=labels, checkpoints=np.array(sources), **extra)
         return path
 
     def read_eval_probs(self) -> tuple[np.ndarray | None, np.ndarray | None]:

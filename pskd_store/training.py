@@ -190,7 +190,7 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
     if config.aug != "none":
         augment = BatchAugment(config.aug, run.splits.num_classes, cutmix_prob=config.cutmix_prob,
                                seed=config.seed, rank=env.rank)
-    test_probs = None
+    test_predictions = None
     for epoch in range(start, config.epochs + 1):
         started = time.perf_counter()
         sampler.set_epoch(epoch)
@@ -206,18 +206,18 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
         with ThreadPoolExecutor(1) as background:  # the seal's I/O overlaps the evaluation
             # a baseline whose every batch CutMix mixed recorded nothing: its ids carry forward
             sealing = background.submit(run.store.seal, epoch, allow_empty=True) if env.is_main else None
-            test_probs = predict_sharded(run.network, run.test_loader, **evaluate_on)
+            test_predictions = predict_sharded(run.network, run.test_loader, **evaluate_on)
             if run.val_loader is not None:
-                val_probs = predict_sharded(run.network, run.val_loader, **evaluate_on)
+                val_predictions = predict_sharded(run.network, run.val_loader, **evaluate_on)
             if sealing is not None:
                 sealing.result()
         env.barrier()  # the epoch is sealed before any rank reads it as the next teacher
         rng = env.gather_to_main(rng_state(device))
         if not env.is_main:
             continue
-        row["test"] = evaluate(*test_probs, n_bins=config.ece_bins)
+        row["test"] = evaluate(*test_predictions, n_bins=config.ece_bins)
         if run.val_loader is not None:
-            row["val"] = evaluate(*val_probs, n_bins=config.ece_bins)
+            row["val"] = evaluate(*val_predictions, n_bins=config.ece_bins)
         row["epoch_seconds"] = time.perf_counter() - started  # steps, seal and evaluation
         directory.append_metrics(row)
         with writing(directory.checkpoint):
@@ -228,8 +228,8 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
     env.barrier()  # the last checkpoint is written before any rank leaves
     if not env.is_main:
         return None
-    if test_probs is not None:  # a resumed run that had nothing left to train keeps its file
-        directory.write_eval_probs(*test_probs, sources=[str(directory.checkpoint)])
+    if test_predictions is not None:  # a resumed run that had nothing left to train keeps its file
+        directory.write_eval_probs(*test_predictions, sources=[str(directory.checkpoint)])
     summary = {"run": str(directory.path), "config": config.__dict__, "epochs": config.epochs,
                "world_size": env.world_size, **summarize_metrics(directory.metrics_rows()),
                "store": run.store.summary()}

@@ -161,8 +161,33 @@ def test_all_wrong_gives_finite_eaurc():
 
 
 def test_zero_probability_nll_is_finite():
+    """Probabilities without logits (an ensemble's average): one that is 0 is floored."""
     res = evaluate(np.array([[1.0, 0.0]]), np.array([1]))
-    assert math.isfinite(res["nll"]) and res["nll"] > 20  # -ln(epsilon)
+    assert res["nll"] == pytest.approx(-math.log(1e-12))
+
+
+def test_a_models_nll_is_the_cross_entropy_of_its_logits_as_the_authors_take_it():
+    """The authors' NLL is ``nn.CrossEntropyLoss`` of the logits. A confident mistake by a
+    gap of 40 or 120 nats has a float32 softmax of 4e-18 or 0 for its label: from the
+    probabilities, -log p_true is 40.0 for the first and floored at 27.6 for the second.
+    ``engine.predict`` keeps each sample's cross-entropy, and ``evaluate`` averages it."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pskd_store.engine import predict
+
+    logits = torch.tensor([[0.0, 40.0, 0.0], [120.0, 0.0, 0.0], [2.0, 1.0, 0.5], [0.1, 0.2, 3.0]])
+    labels = torch.tensor([0, 1, 0, 2])
+    loader = DataLoader(TensorDataset(logits, labels), batch_size=3)  # two batches
+    predictions = predict(torch.nn.Identity(), loader, torch.device("cpu"), amp=False, channels_last=False)
+    assert predictions.probs[1, 1] == 0  # underflowed
+    authors = torch.nn.CrossEntropyLoss()(logits, labels).item()  # 41.56...
+    assert evaluate(*predictions)["nll"] == pytest.approx(authors, rel=1e-6)
+    assert evaluate(predictions.probs, predictions.labels)["nll"] < authors - 20  # what the floor made of it
+
+
+def test_sample_nll_of_another_length_is_refused():
+    with pytest.raises(ValueError, match=r"sample_nll must have shape \(5,\), one per label, got \(4,\)"):
+        evaluate(PROBS, LABELS, np.zeros(4))
 
 
 def test_top5_differs_from_top1():
