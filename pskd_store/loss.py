@@ -94,16 +94,20 @@ def token_soft_cross_entropy(
     vocabulary, width = log_probs.shape[-1], teacher_classes.shape[-1]
     targets = labels != ignore_index
     true_class = log_probs.gather(-1, labels.masked_fill(~targets, 0).unsqueeze(-1)).squeeze(-1)
+    # A class the target gives no mass adds nothing, also where the model gives it none
+    # (a logit of -inf: a masked vocabulary entry), whose 0 · (-inf) would be NaN; so do a
+    # teacher weighed 0 (epoch 1) and the positions that are no target.
     at_teacher = log_probs.gather(-1, teacher_classes)
     teacher_probs = teacher_probs.float()
-    teacher_term = (teacher_probs * at_teacher).sum(dim=-1)
+    teacher_term = torch.where(teacher_probs > 0, teacher_probs * at_teacher, 0).sum(dim=-1)
     if width < vocabulary:
         rest = (1 - teacher_probs.sum(dim=-1)).clamp(min=0) / (vocabulary - width)
-        teacher_term = teacher_term + rest * (log_probs.sum(dim=-1) - at_teacher.sum(dim=-1))
+        teacher_term = teacher_term + torch.where(rest > 0, rest * (log_probs.sum(dim=-1) - at_teacher.sum(dim=-1)), 0)
     alpha = torch.as_tensor(alpha, dtype=log_probs.dtype, device=log_probs.device)
     alpha = alpha.reshape(-1, 1) if alpha.ndim else alpha
-    per_position = -((1 - alpha) * true_class + alpha * teacher_term)
-    return (per_position * targets).sum() / (targets.sum().clamp(min=1) if num_items is None else num_items)
+    per_position = -((1 - alpha) * true_class + torch.where(alpha > 0, alpha * teacher_term, 0))
+    count = targets.sum().clamp(min=1) if num_items is None else num_items
+    return torch.where(targets, per_position, 0).sum() / count
 
 
 @dataclass(frozen=True)

@@ -236,6 +236,43 @@ def test_epoch_one_is_cross_entropy_with_ignore_index(tmp_path):
     assert loss.item() == pytest.approx(F.cross_entropy(student.reshape(-1, V), labels.reshape(-1)).item(), rel=1e-6)
 
 
+def test_masked_vocabulary_entries_and_non_finite_padding_leave_the_loss_finite():
+    """A logit of -inf (a masked entry) has no probability; the target gives it none in
+    epoch 1 (alpha 0) and from a dense teacher that predicted it nowhere: the loss is the
+    cross-entropy over the rest, not NaN. A NaN logit at a position that is no target
+    changes nothing."""
+    labels = torch.from_numpy(padded_labels())
+    masked = int(np.flatnonzero(np.bincount(padded_labels()[padded_labels() != IGNORE_INDEX], minlength=V) == 0)[0])
+    student = torch.randn(S, L, V, generator=torch.Generator().manual_seed(7))
+    student[..., masked] = float("-inf")  # a class no label is
+    zeros = torch.zeros(S, L, 4)
+    expected = F.cross_entropy(student.reshape(-1, V), labels.reshape(-1)).item()
+    epoch_one = token_soft_cross_entropy(student, labels, zeros, zeros.long(), 0.0)
+    assert epoch_one.item() == pytest.approx(expected, rel=1e-6)
+    teacher = torch.softmax(torch.randn(S, L, V), dim=-1)
+    teacher[..., masked] = 0  # the masked entry, as the model's own softmax had it
+    teacher = teacher / teacher.sum(dim=-1, keepdim=True)
+    classes = torch.arange(V).expand(S, L, V)
+    dense = soft_target(labels.clamp(min=0).reshape(-1), teacher.reshape(-1, V), 0.8)
+    kept = torch.arange(V) != masked
+    by_hand = -(dense[:, kept] * student.log_softmax(-1).reshape(-1, V)[:, kept]).sum(-1)
+    target_positions = labels.reshape(-1) != IGNORE_INDEX
+    assert token_soft_cross_entropy(student, labels, teacher, classes, 0.8).item() == pytest.approx(
+        by_hand[target_positions].mean().item(), rel=1e-6)
+    first = [c for c in range(V) if c != masked][:4]  # a top-4 teacher with all its mass on its first class:
+    top = torch.zeros(S, L, 4)  # the rest, 0, spread over the other classes, the masked one too
+    top[..., 0] = 1
+    log_probs = student.log_softmax(-1)
+    at_label = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    by_hand = -(0.2 * at_label + 0.8 * log_probs[..., first[0]])
+    assert token_soft_cross_entropy(student, labels, top, torch.tensor(first).expand(S, L, 4), 0.8).item() == (
+        pytest.approx(by_hand[labels != IGNORE_INDEX].mean().item(), rel=1e-6))
+    padding = tuple(np.argwhere(padded_labels() == IGNORE_INDEX)[0])
+    student[padding] = float("nan")
+    epoch_one = token_soft_cross_entropy(student, labels, zeros, zeros.long(), 0.0)
+    assert epoch_one.item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_a_changed_tokenisation_is_refused_and_nothing_of_the_epoch_is_kept(tmp_path):
     labels = padded_labels()
     store = sequence_store(tmp_path, labels, 4)
