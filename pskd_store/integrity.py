@@ -20,7 +20,6 @@ import zarr
 from . import store_io
 from .array_files import ChunkFiles, checksum_matches, codecs_problem, open_array
 from .errors import StoreDamagedError
-from .local_store import local_root
 
 READ_BACK_BATCH = 32  # chunks fetched at once by stored_digest: tens of MiB, parallel requests to an object store
 
@@ -49,7 +48,7 @@ class CheckedArray:
         self.url = url
         self.sealed_digest = sealed_digest  # stored_digest's at the seal, which whole() compares
         self._present: set[int] | None = None
-        self._files = _local_chunk_files(array)
+        self._files = ChunkFiles(array)  # chunks read by their keys: a missing one is an error, never zeros
 
     @classmethod
     def open(cls, group: zarr.Group, path: str, what: str, url: str, *, shape: tuple[int, ...],
@@ -89,8 +88,8 @@ class CheckedArray:
                 self.what, self.url, f"rows {_ranges([self._rows(c) for c in missing])} are missing "
                 "(their chunk files were deleted)"))
         try:
-            return self._files.read_rows(start, stop) if self._files is not None else self.array[start:stop]
-        except Exception as err:  # a checksum mismatch, a chunk that does not decode
+            return self._files.read_rows(start, stop)
+        except Exception as err:  # a checksum mismatch, a chunk that does not decode or went missing
             damaged = list(self.damaged_chunks(start, stop)) or [DamagedChunk((start, stop), _chunk_problem(err))]
             raise StoreDamagedError(_message(
                 self.what, self.url, f"rows {_ranges([d.rows for d in damaged])} "
@@ -137,7 +136,9 @@ class CheckedArray:
                 yield DamagedChunk((lo, hi), "are missing (their chunk file was deleted)")
                 continue
             try:
-                self.array[lo:hi]
+                self._files.read(chunk)
+            except KeyError:
+                yield DamagedChunk((lo, hi), "are missing (their chunk file was deleted)")
             except Exception as err:
                 yield DamagedChunk((lo, hi), _chunk_problem(err))
 
@@ -158,12 +159,6 @@ class CheckedArray:
     def _rows(self, chunk: int) -> tuple[int, int]:
         rows = self.array.chunks[0]
         return chunk * rows, min(len(self), (chunk + 1) * rows)
-
-
-def _local_chunk_files(array: zarr.Array) -> ChunkFiles | None:
-    """Chunks read straight from their files for an array of this store on a local disk;
-    None elsewhere (zarr fetches an object store's chunks in parallel)."""
-    return ChunkFiles(array) if local_root(array.store) is not None else None
 
 
 def stored_digest(arrays: list[CheckedArray]) -> str:

@@ -97,6 +97,22 @@ def test_a_missing_teacher_chunk_is_an_error_not_zeros(store):
         PredictionService(reopen(store)).prepare(3)
 
 
+@pytest.mark.parametrize("where", ["local disk", "object store"])
+def test_a_chunk_deleted_after_its_array_was_listed_is_an_error_not_zeros(tmp_path, labels, where):
+    """Another process's prune, rollback or discard can delete a chunk between the listing
+    that a read starts with and the read: zarr would read it as its fill value, zeros."""
+    from pskd_store import store_io
+
+    url = tmp_path / "store" if where == "local disk" else f"memory://{tmp_path.name}/store"
+    store = SoftTargetStore.create(url, labels, K, chunk_rows=CHUNK_ROWS)
+    write_epoch(store, 1)
+    teacher = store.teacher_array(1)
+    np.testing.assert_array_equal(teacher[:16], epoch_probs(1, N, K)[:16].astype(np.float16))  # listed
+    store_io.delete(teacher.array.store, f"{teacher.array.path}/{teacher.array.metadata.encode_chunk_key((1, 0))}")
+    with pytest.raises(StoreDamagedError, match=r"teacher of epoch 1 .* rows 16-31 are missing"):
+        teacher[16:32]
+
+
 def test_edited_or_deleted_array_metadata_is_refused(store):
     meta_path = Path(store.url) / "teacher/epoch_0003/zarr.json"
     meta = json.loads(meta_path.read_text())
