@@ -753,6 +753,7 @@ class SoftTargetStore:
         meta["schema_version"] = SCHEMA_VERSION  # the epoch's trajectory: a schema 2 store is now 3
         meta["sealed"] = meta["sealed"] + [epoch]
         meta["epochs"] = {**meta["epochs"], str(epoch): info}
+        self._require_unchanged(epoch)
         self._publish(meta)  # the seal
         try:
             staging.remove()
@@ -820,6 +821,20 @@ class SoftTargetStore:
                              chunks=records.shape, compressor=self._codec_of_items(records.shape[1]))
         ChunkFiles(array).write(0, records)
         return [CheckedArray(array, self._trajectory_what(epoch), self.url)]
+
+    def _require_unchanged(self, epoch: int) -> None:
+        """Refuse to publish ``epoch`` when another process changed the store since this seal
+        began (a rollback, a seal of its own): the epoch was merged onto what the store held
+        then, and publishing would bring back the epochs a rollback dropped. Nothing of the
+        epoch is published; what remains is the window between this read and the write."""
+        current = self._root_attributes()
+        if current != self._meta:
+            now = "unreadable" if current is None else current.get("sealed")
+            raise StoreError(
+                f"the store at {self.url} changed while epoch {epoch} was being sealed (sealed epochs "
+                f"{self._meta['sealed']} then, {now} now: another process rolled it back or sealed): epoch {epoch} "
+                "was not published; open the store again, and write and seal the epoch the store expects next"
+            )
 
     def _publish(self, meta: dict[str, Any]) -> None:
         """Write the store's attributes (with their checksum): one atomic write of the root

@@ -355,6 +355,34 @@ def test_a_store_of_another_schema_is_refused(store):
         reopen(store)
 
 
+def test_a_seal_refuses_to_publish_onto_a_store_another_process_rolled_back(tmp_path, labels, monkeypatch):
+    """Epoch 3 is merged onto epochs [1, 2]; before it is published, another process rolls
+    the store back to epoch 1 (a resume from an earlier checkpoint). Publishing would bring
+    epoch 2 back into the sealed list without its teacher, which the rollback deleted, and
+    prune epoch 1's, the one that rollback kept."""
+    import pskd_store.store as store_module
+
+    sealing = SoftTargetStore.create(tmp_path / "store", labels, K, chunk_rows=CHUNK_ROWS)
+    for epoch in (1, 2):
+        write_epoch(sealing, epoch)
+    write_epoch(sealing, 3, ids=np.arange(20, N), seal=False)  # rows 0-19 carried from epoch 2
+    merge = store_module.merge_epoch
+
+    def merged_then_rolled_back(*args, **kwargs):
+        result = merge(*args, **kwargs)
+        assert reopen(sealing).rollback(1) == [2]  # the other process
+        return result
+
+    monkeypatch.setattr(store_module, "merge_epoch", merged_then_rolled_back)
+    with pytest.raises(StoreError, match=r"changed while epoch 3 was being sealed \(sealed epochs \[1, 2\] then, "
+                                         r"\[1\] now: .*epoch 3 was not published"):
+        sealing.seal(3)
+    after = reopen(sealing)
+    assert after.sealed_epochs == [1] and after.teacher_epochs == [1]
+    np.testing.assert_array_equal(after.read_epoch(1), epoch_probs(1, N, K).astype(np.float16))
+    assert verify_path(after.url).ok
+
+
 def test_rolling_back_past_the_kept_teachers_is_refused(store):
     pruned = r"cannot roll back to epoch 1: its predictions were pruned \(kept: \[2, 3\]\)"
     with pytest.raises(StoreError, match=pruned):
