@@ -50,7 +50,7 @@ from .data import DataSplits, build_datasets
 from .dataset import SoftTargetDataset, collate_soft_targets
 from .distributed import Distributed, local_main_first, setup, teardown
 from .engine import eval_loader, predict_sharded, train_one_epoch
-from .errors import StoreDamagedError, StoreError, StoreNotFoundError
+from .errors import StoreDamagedError, StoreError, StoreExistsError, StoreNotFoundError
 from .methods import Method, create_method
 from .metrics import evaluate
 from .models import create_model, input_kind
@@ -151,6 +151,21 @@ def _open_store(config: TrainConfig, directory: RunDirectory, splits: DataSplits
     return store or SoftTargetStore.open(url, labels=splits.train_labels, num_classes=splits.num_classes)
 
 
+def _refuse_another_runs_store(config: TrainConfig) -> None:
+    """A new run with ``--store`` needs a store of its own there, refused before the run
+    directory holds anything: its seal would find another run's epochs, and a resume of a
+    run without a checkpoint rolls its store back to nothing, that run's epochs with it."""
+    if config.store is None:  # RUN/store, in a directory that holds no run yet
+        return
+    try:
+        SoftTargetStore.open(config.store, read_only=True)
+    except StoreNotFoundError:
+        return
+    raise StoreExistsError(f"a store already exists at {config.store}, another run's: give this run one of its "
+                           "own (another --store, or none for RUN/store), or continue the run that made it with "
+                           "--resume")
+
+
 def _shard(data: Dataset, env: Distributed) -> Dataset:
     """Every world_size-th sample from this rank's index: the test set split without padding."""
     return data if not env.enabled else Subset(data, range(env.rank, len(data), env.world_size))
@@ -178,6 +193,7 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
     if env.is_main:
         directory.remove_temporary_files()
         if not resume:
+            _refuse_another_runs_store(config)
             with writing(directory.config):
                 config.save(directory.config)
     configure_determinism(config.deterministic)

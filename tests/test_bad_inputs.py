@@ -606,6 +606,20 @@ def test_a_run_whose_store_is_gone_does_not_resume_with_an_empty_one(tmp_path, t
     assert not (run / "store").exists()  # no empty store left behind
 
 
+def test_a_new_run_is_refused_another_runs_store_before_it_writes_anything(tmp_path, trained_run, data_dir):
+    """Its seal would have found the other run's epochs and failed; its run directory, left
+    with a config, would then have been resumed, rolling the other run's store back to nothing."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    sealed = SoftTargetStore.open(run / "store").sealed_epochs
+    result = pskd_in_process("train", "-o", str(tmp_path / "other"), "--store", str(run / "store"),
+                             "--data-dir", str(data_dir), "-q")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"a store already exists at {run / 'store'}, another run's: give this run one of its own" in result.stderr
+    assert not (tmp_path / "other" / "config.json").exists()
+    assert SoftTargetStore.open(run / "store").sealed_epochs == sealed == [1, 2]
+
+
 @pytest.mark.slow
 def test_a_flipped_bit_in_the_checkpoints_weights_is_one_line_naming_the_command_that_resumes(
         tmp_path, trained_run):
