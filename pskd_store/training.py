@@ -344,9 +344,20 @@ def _restore(network: torch.nn.Module, optimizer: torch.optim.Optimizer,
 
 
 def _checkpoint_of(directory: RunDirectory, from_epoch: int | None) -> Path | None:
-    """The last checkpoint (None when there is none), or the kept one of ``from_epoch``."""
+    """The last checkpoint (None when there is none: a run killed before its first), or the
+    kept one of ``from_epoch``. A run whose last checkpoint is gone but whose previous one is
+    there lost the last by hand (a checkpoint is renamed into place, never removed): it is
+    refused, not started over past the epochs that previous one holds."""
     if from_epoch is None:
-        return directory.checkpoint if directory.checkpoint.is_file() else None
+        if directory.checkpoint.is_file():
+            return directory.checkpoint
+        previous = directory.previous_checkpoint
+        if previous.is_file() and checkpoint_problem(previous) is None:
+            epoch = checkpoint_epoch(previous)
+            raise ValueError(f"{directory.checkpoint} is gone, but {previous} keeps epoch {epoch}: resume from it "
+                             f"with --resume {directory.path} --from-epoch {epoch}, or train the run anew into "
+                             "another --output")
+        return None
     kept = {}
     for path in (directory.checkpoint, directory.previous_checkpoint):
         if path.is_file() and checkpoint_problem(path) is None:

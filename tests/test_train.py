@@ -182,13 +182,29 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, data_dir
     whole = [without_timings(r) for r in metrics_rows(broken)]  # an uninterrupted run: what the new start repeats
     # what a kill in epoch 1 leaves: no checkpoint yet, half-written temporary files, and
     # here an epoch already sealed (the seal comes before the checkpoint)
-    (broken / "checkpoints" / "last.pt").unlink()
+    for checkpoint in ("last.pt", "previous.pt"):
+        (broken / "checkpoints" / checkpoint).unlink()
     leftovers = [broken / "checkpoints" / ".last.pt.123.tmp", broken / "store.mmap" / "tmpab12.tmp"]
     for path in leftovers:
         path.write_bytes(b"half")
     pskd_in_process("train", "--resume", str(broken), "-q", check=True)
     assert not any(path.exists() for path in leftovers)
     assert [without_timings(r) for r in metrics_rows(broken)] == whole
+
+
+def test_a_run_whose_last_checkpoint_was_deleted_is_not_started_over(tmp_path, trained_run):
+    """A checkpoint is renamed into place, never removed: a run whose last one is gone while
+    its previous one is there lost it by hand. Starting over would roll its store back past
+    the epoch that previous checkpoint holds."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "checkpoints" / "last.pt").unlink()
+    result = pskd_in_process("train", "--resume", str(run), "-q")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"{run / 'checkpoints' / 'last.pt'} is gone, but {run / 'checkpoints' / 'previous.pt'} keeps epoch 1: "
+            f"resume from it with --resume {run} --from-epoch 1") in result.stderr
+    assert SoftTargetStore.open(run / "store").sealed_epochs == [1, 2]
+    assert len(metrics_rows(run)) == 2
 
 
 @pytest.mark.slow
