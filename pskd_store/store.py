@@ -171,6 +171,13 @@ def _with_checksum(meta: dict[str, Any]) -> dict[str, Any]:
     return {**rest, META_CHECKSUM: google_crc32c.Checksum(canonical).hexdigest().decode()}
 
 
+def _pruned_through(meta: dict[str, Any], keep_epochs: int) -> int:
+    """The latest epoch whose teacher is pruned (0: none): the sealed epochs before the last
+    ``keep_epochs``, or those a rollback recorded, which it left among the last ones."""
+    expired = meta["sealed"][:-keep_epochs]
+    return max(meta.get("pruned_through", 0), expired[-1] if expired else 0)
+
+
 def _open_zarr_store(url: str | Path, read_only: bool, storage_options: dict | None, *, must_exist: bool = False):
     text = str(url)
     if "://" in text:
@@ -475,8 +482,9 @@ class SoftTargetStore:
 
     @property
     def teacher_epochs(self) -> list[int]:
-        """Sealed epochs whose full predictions are still kept (the rest were pruned)."""
-        return self.sealed_epochs[-self.keep_epochs:]
+        """Sealed epochs whose full predictions are still kept (the rest were pruned; after a
+        rollback fewer than ``keep_epochs`` until the next seals)."""
+        return [e for e in self.sealed_epochs[-self.keep_epochs:] if e > self._meta.get("pruned_through", 0)]
 
     @property
     def latest_sealed(self) -> int | None:
@@ -776,7 +784,8 @@ class SoftTargetStore:
         self.refresh()
         dropped = [e for e in self.sealed_epochs if e > last_kept]
         remaining = [e for e in self.sealed_epochs if e <= last_kept]
-        if remaining and remaining[-1] not in self.teacher_epochs:
+        pruned_through = _pruned_through(self._meta, self.keep_epochs)  # stays pruned once fewer are sealed
+        if remaining and remaining[-1] <= pruned_through:
             raise StoreError(
                 f"cannot roll back to epoch {last_kept}: its predictions were pruned "
                 f"(kept: {self.teacher_epochs}); resume from a later checkpoint"
@@ -789,6 +798,7 @@ class SoftTargetStore:
         meta = dict(self._meta)
         meta["sealed"] = remaining
         meta["epochs"] = {k: v for k, v in meta["epochs"].items() if int(k) <= last_kept}
+        meta["pruned_through"] = pruned_through
         self._publish(meta)
         for epoch in dropped:
             for path in (f"teacher/{epoch_key(epoch)}", f"trajectory/{epoch_key(epoch)}"):

@@ -21,7 +21,7 @@ from conftest import pskd, pskd_in_process
 from store_helpers import chunk_file, epoch_probs, write_epoch
 
 from pskd_store.array_files import ARRAY_CONFIG, codecs_with_checksum
-from pskd_store.errors import StoreDamagedError, StoreError
+from pskd_store.errors import EpochNotSealedError, StoreDamagedError, StoreError
 from pskd_store.integrity import CheckedArray, row_ranges
 from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
@@ -381,6 +381,21 @@ def test_a_seal_refuses_to_publish_onto_a_store_another_process_rolled_back(tmp_
     assert after.sealed_epochs == [1] and after.teacher_epochs == [1]
     np.testing.assert_array_equal(after.read_epoch(1), epoch_probs(1, N, K).astype(np.float16))
     assert verify_path(after.url).ok
+
+
+def test_after_a_rollback_a_pruned_teacher_is_not_counted_kept(store):
+    """Epochs 1-4 sealed (teachers 3 and 4 kept); a resume from epoch 3's checkpoint rolls
+    back to 3. Epoch 2 is among the last two sealed again, but its teacher was pruned when
+    epoch 4 was sealed: it is pruned, not damage, and cannot be rolled back to."""
+    write_epoch(store, 4)
+    assert store.rollback(3) == [4] and store.teacher_epochs == [3]
+    assert verify_path(store.url).ok
+    with pytest.raises(EpochNotSealedError, match="the predictions of epoch 2 were pruned"):
+        reopen(store).read_epoch(2)
+    with pytest.raises(StoreError, match="cannot roll back to epoch 2: its predictions were pruned"):
+        store.rollback(2)
+    write_epoch(store, 4)
+    assert reopen(store).teacher_epochs == [3, 4] and verify_path(store.url).ok
 
 
 def test_rolling_back_past_the_kept_teachers_is_refused(store):
