@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,8 +121,8 @@ class RunDirectory:
     def remove_temporary_files(self) -> list[Path]:
         """Half-written files a killed process left behind (checkpoints, decoded teachers
         and zarr's chunks in the run's store are written to a temporary name, then renamed)."""
-        leftovers = [*self.checkpoint.parent.glob(".*.tmp"), *self.path.glob("store.mmap/*.tmp"),
-                     *self.store.rglob("*.partial")]
+        leftovers = [*self.checkpoint.parent.glob(".*.tmp"), *self.path.glob("eval/.*.tmp"),
+                     *self.path.glob("store.mmap/*.tmp"), *self.store.rglob("*.partial")]
         for path in leftovers:
             path.unlink(missing_ok=True)
         return leftovers
@@ -172,7 +173,13 @@ class RunDirectory:
         path = path if path is not None else self.eval_probs()
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = {} if sample_nll is None else {"nll": sample_nll}
-        np.savez_compressed(path, probs=probs, labels=labels, checkpoints=np.array(sources), **extra)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed into place: never half a file
+        try:
+            with open(tmp, "wb") as file:  # a file object: NumPy adds no .npz to the name given
+                np.savez_compressed(file, probs=probs, labels=labels, checkpoints=np.array(sources), **extra)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     def read_eval_probs(self) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -180,8 +187,11 @@ class RunDirectory:
         path = self.eval_probs()
         if not path.is_file():
             return None, None
-        with np.load(path) as data:
-            missing = {"probs", "labels"} - set(data.files)
-            if missing:
-                raise RunError(f"{path} lacks {sorted(missing)}: rerun `pskd-store eval {self.path}`")
-            return data["probs"], data["labels"]
+        try:
+            with np.load(path) as data:
+                missing = {"probs", "labels"} - set(data.files)
+                if missing:
+                    raise RunError(f"{path} lacks {sorted(missing)}: rerun `pskd-store eval {self.path}`")
+                return data["probs"], data["labels"]
+        except (ValueError, EOFError, zipfile.BadZipFile) as err:  # not an .npz, or half of one
+            raise RunError(f"{path} cannot be read ({err}): rerun `pskd-store eval {self.path}`") from err

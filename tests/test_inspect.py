@@ -22,6 +22,7 @@ from pskd_store.analysis import hard_samples, load_run
 from pskd_store.cli.inspect import inspect_command
 from pskd_store.metrics import evaluate
 from pskd_store.plots import fit_title
+from pskd_store.run_directory import RunDirectory
 from pskd_store.store import SoftTargetStore
 
 N, K, EPOCHS = 40, 4, 6
@@ -287,6 +288,22 @@ def test_blank_lines_in_metrics_are_skipped_and_a_partial_eval_file_is_named(run
     np.savez(run / "eval" / "test_probs.npz", probs=np.ones((2, K), np.float32))
     code, output = invoke(run, "--out", tmp_path / "out")
     assert code == 1 and "test_probs.npz lacks ['labels']: rerun `pskd-store eval" in output
+    written = RunDirectory(run).write_eval_probs(np.full((4, K), 1 / K, np.float32), np.zeros(4, np.int64),
+                                                 sources=["a checkpoint"])
+    written.write_bytes(written.read_bytes()[:100])  # what a full disk or a kill made of it, before it was atomic
+    code, output = invoke(run, "--out", tmp_path / "out")
+    assert code == 1 and "Traceback" not in output
+    assert f"{written} cannot be read (" in output and "rerun `pskd-store eval" in output
+
+
+def test_eval_probabilities_are_written_whole_under_the_name_given(tmp_path):
+    """Renamed into place (a reader never meets half a file), and under the name given: NumPy
+    adds .npz to a path that lacks it, and `eval -o` named a file that was not there."""
+    path = RunDirectory(tmp_path).write_eval_probs(np.eye(K, dtype=np.float32), np.arange(K), sources=["c"],
+                                                   path=tmp_path / "out" / "probs")
+    assert path == tmp_path / "out" / "probs" and sorted(p.name for p in path.parent.iterdir()) == ["probs"]
+    with np.load(path) as data:
+        assert data["labels"].tolist() == list(range(K)) and "nll" not in data.files
 
 
 def test_runs_with_other_labels_are_refused(runs, tmp_path):
