@@ -470,9 +470,13 @@ class SoftTargetStore:
         return None if attributes is None else attributes.get(ATTRS_KEY)
 
     def _checked(self, meta: dict[str, Any]) -> dict[str, Any]:
-        """The store's attributes, refused when they fail their checksum (stores made
-        before the checksum have none)."""
-        if META_CHECKSUM in meta and _with_checksum(meta)[META_CHECKSUM] != meta[META_CHECKSUM]:
+        """The store's attributes, refused when they fail their checksum. Schema 2 stores made
+        before the checksum have none; every schema 3 store was written with one, so there
+        a missing checksum is an edit that took it out with whatever else it changed."""
+        if META_CHECKSUM not in meta:
+            if meta.get("schema_version", 0) >= 3:
+                raise StoreDamagedError(_root_damaged(self.url, "its pskd_store attributes lost their checksum"))
+        elif _with_checksum(meta)[META_CHECKSUM] != meta[META_CHECKSUM]:
             raise StoreDamagedError(_root_damaged(self.url, "its pskd_store attributes do not match their checksum"))
         return meta
 

@@ -269,6 +269,9 @@ def test_verify_checks_the_sealed_list(tmp_path, store):
     _edit_root(store, drop_epoch_2, checksum=False)  # an edit: the attributes' checksum catches it
     with pytest.raises(StoreDamagedError, match="pskd_store attributes do not match their checksum"):
         reopen(store)
+    _edit_root(store, lambda meta: meta.pop("crc32c"), checksum=False)  # the same edit, its checksum taken out
+    with pytest.raises(StoreDamagedError, match="pskd_store attributes lost their checksum"):
+        reopen(store)
     _edit_root(store, drop_epoch_2)  # an editor that also rewrote the checksum: verify reads on
     findings = [str(f) for f in verify_path(store.url).findings]
     assert "sealed list: epochs [1, 3] are not 1..2 in order: the root metadata was edited" in findings
