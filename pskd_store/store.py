@@ -205,7 +205,9 @@ class SoftTargetStore:
         self.storage_options = storage_options
         meta = group.attrs.get(ATTRS_KEY)
         if meta is None:
-            raise StoreError(f"{url} is a Zarr group but not a pskd-store (no '{ATTRS_KEY}' attributes)")
+            raise StoreError(f"{url} is a Zarr group but not a pskd-store (no '{ATTRS_KEY}' attributes): a store "
+                             "whose creation was killed before its attributes were written holds nothing yet; "
+                             "delete it and start again (SoftTargetStore.create with overwrite=True replaces it)")
         meta = self._checked(meta)
         if meta.get("schema_version") not in READABLE_SCHEMAS:
             raise StoreError(

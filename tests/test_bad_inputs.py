@@ -226,7 +226,8 @@ API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("a lookup under an unknown seal token", lambda s, y, t: PredictionService(s).lookup(1, "deadbeef" * 2, [0]),
      StoreError, "epoch 1 was not prepared under seal token deadbeefdeadbeef"),
     ("a Zarr group that is no store", lambda s, y, t: SoftTargetStore.open(zarr.open_group(t / "plain").store.root),
-     StoreError, "is a Zarr group but not a pskd-store"),
+     StoreError, "is a Zarr group but not a pskd-store (no 'pskd_store' attributes): a store whose creation was "
+                 "killed before its attributes were written holds nothing yet; delete it"),
     ("open_or_create with other labels", lambda s, y, t: SoftTargetStore.open_or_create(s.url, (y + 1) % K, K),
      StoreError, "was made for another data set"),
     ("labels that are not integers", lambda s, y, t: SoftTargetStore.create(t / "other", y.astype(float), K),
