@@ -26,7 +26,8 @@ def checkpoint_path(path: str) -> Path:
 @click.option("--device", default="auto", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Where to write per-sample probabilities (.npz); default RUN/eval/<split>_probs.npz "
-                   "of the first run (ensemble_<split>_probs.npz for several models).")
+                   "of the first run (<checkpoint>_<split>_probs.npz for a checkpoint other than the "
+                   "run's last, ensemble_<split>_probs.npz for several models).")
 def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str, ece_bins: int,
                  device: str, output: str | None) -> None:
     """Evaluate CHECKPOINTS (run directories or .pt files) on the test split.
@@ -45,7 +46,11 @@ def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str,
     except (ValueError, OSError, StoreError) as err:  # each names its file and the fix
         raise click.ClickException(str(err)) from err
     run = RunDirectory(paths[0].parent.parent)
-    output = Path(output) if output is not None else run.eval_probs(split, ensemble=len(paths) > 1)
+    if output is None:
+        output = run.eval_probs(split, ensemble=len(paths) > 1)
+        if len(paths) == 1 and paths[0] != run.checkpoint:  # inspect's test_probs.npz stays the final model's
+            output = output.with_name(f"{paths[0].stem}_{output.name}")
+    output = Path(output)
     try:
         with writing(output, then="evaluate again (or pass --output elsewhere)"):
             run.write_eval_probs(*predictions, sources=[str(p) for p in paths], path=output)

@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from .local_store import write_atomically
+
 
 class RunError(ValueError):
     """A run directory that cannot be read: the message names the problem and the fix."""
@@ -122,7 +124,7 @@ class RunDirectory:
         """Half-written files a killed process left behind (checkpoints, decoded teachers
         and zarr's chunks in the run's store are written to a temporary name, then renamed)."""
         leftovers = [*self.checkpoint.parent.glob(".*.tmp"), *self.path.glob("eval/.*.tmp"),
-                     *self.path.glob("store.mmap/*.tmp"), *self.store.rglob("*.partial")]
+                     *self.path.glob("store.mmap/*.tmp"), *self.path.glob("*.partial"), *self.store.rglob("*.partial")]
         for path in leftovers:
             path.unlink(missing_ok=True)
         return leftovers
@@ -155,8 +157,8 @@ class RunDirectory:
     def keep_metrics_through(self, epoch: int) -> None:
         """Drop the rows of epochs after ``epoch`` (what a resumed run redoes)."""
         rows = [row for row in self.metrics_rows() if row["epoch"] <= epoch]
-        with writing(self.metrics):
-            self.metrics.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        with writing(self.metrics):  # renamed into place: a kill or a full disk leaves the old rows whole
+            write_atomically(self.metrics, "".join(json.dumps(row) + "\n" for row in rows).encode())
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         with writing(self.summary):

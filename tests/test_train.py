@@ -450,3 +450,10 @@ def test_eval_of_a_trained_run_repeats_its_final_test_metrics(trained_run, tmp_p
     test = metrics_rows(run)[-1]["test"]
     assert {k: evaluated[k] for k in test} == pytest.approx(test, abs=1e-9)
     assert evaluated["probs"] == str(run / "eval" / "test_probs.npz")
+    final = (run / "eval" / "test_probs.npz").read_bytes()
+    # the checkpoint before the last: its probabilities beside the final model's, which inspect draws
+    result = CliRunner().invoke(cli, ["eval", str(run / "checkpoints" / "previous.pt"), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["probs"] == str(run / "eval" / "previous_test_probs.npz")
+    assert json.loads(result.output)["nll"] == pytest.approx(metrics_rows(run)[0]["test"]["nll"], abs=1e-9)
+    assert (run / "eval" / "test_probs.npz").read_bytes() == final
