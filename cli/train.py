@@ -18,6 +18,7 @@ from pskd_store.recipe import (
     ARCH_DEFAULTS,
     AUGMENTATIONS,
     DATASET_DEFAULTS,
+    PLACEMENT_OPTIONS,
     TFKD_DEFAULTS,
     TrainConfig,
 )
@@ -72,8 +73,6 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
                "val_split", "train_subset", "crop_flip", "seed", "deterministic", "steps_per_epoch", "store_dtype",
                "store_topk", "store", "ece_bins", "cutmix_prob", "img_size", "tfkd_alpha", "tfkd_temperature",
                "tfkd_multiplier", "cskd_temperature", "cskd_weight", "output")
-# Options that say where and how fast a run computes, not what: --resume may change them.
-PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "dist_timeout")
 
 
 @click.command("train", epilog=_models_epilog())

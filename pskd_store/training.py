@@ -21,6 +21,7 @@ writes logs, metrics and checkpoints.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -54,7 +55,7 @@ from .errors import StoreDamagedError, StoreError, StoreExistsError, StoreNotFou
 from .methods import Method, create_method
 from .metrics import evaluate
 from .models import create_model, input_kind
-from .recipe import TrainConfig
+from .recipe import PLACEMENT_OPTIONS, TrainConfig
 from .run_directory import RunDirectory, writing
 from .seeding import seed_process
 from .store import SoftTargetStore
@@ -200,7 +201,7 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
     run = build_run(config, directory, env, device, splits)
     start = 1
     if resume:
-        start = _restore(run.network, run.optimizer, run.scheduler, run.store, directory, env, device, from_epoch) + 1
+        start = _restore(run, directory, env, device, from_epoch) + 1
     loader, sampler = train_loader(run.method, run.train_data, run.splits, config, env, device)
     augment = None
     if config.aug != "none":
@@ -316,22 +317,22 @@ def _train_epoch(model: torch.nn.Module, method: Method, loader: DataLoader, opt
             "samples_per_s": seen / seconds, "seconds": seconds}
 
 
-def _restore(network: torch.nn.Module, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LRScheduler, store: SoftTargetStore, directory: RunDirectory,
-             env: Distributed, device: torch.device, from_epoch: int | None) -> int:
+def _restore(run: RunParts, directory: RunDirectory, env: Distributed, device: torch.device,
+             from_epoch: int | None) -> int:
     """Load the checkpoint to resume from (every rank); rank 0 rolls the store, the metrics
     and, with ``from_epoch``, the later checkpoint back to it. Returns its epoch: 0 for a
     run killed before its first checkpoint, which then starts over with an empty store."""
     path = _checkpoint_of(directory, from_epoch)
     if path is None:
-        return _roll_back(store, directory, env, 0)
+        return _roll_back(run.store, directory, env, 0)
     try:
         state = load_checkpoint(path)
     except CheckpointDamagedError as err:
         raise CheckpointDamagedError(f"{err}; {_resume_advice(directory, path)}") from err
-    network.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
+    _require_the_checkpoints_config(run.config, state["config"], directory, path)
+    run.network.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
     if len(rng) != env.world_size:
         raise ValueError(
@@ -340,7 +341,22 @@ def _restore(network: torch.nn.Module, optimizer: torch.optim.Optimizer,
             "random state and data shard carry on"
         )
     set_rng_state(rng[env.rank], device)
-    return _roll_back(store, directory, env, state["epoch"], checkpoint=path)
+    return _roll_back(run.store, directory, env, state["epoch"], checkpoint=path)
+
+
+def _require_the_checkpoints_config(config: TrainConfig, saved: dict, directory: RunDirectory, path: Path) -> None:
+    """A resumed run trains on as its checkpoint did: a config.json edited since (the
+    epochs, on which alpha_t = alpha_T·t/T depends, alpha_T, the method) would change the
+    targets from the next epoch on without a word. Where and how fast it computes may change."""
+    resumed = json.loads(json.dumps(config.__dict__))  # as config.json holds it: lists, not tuples
+    saved = json.loads(json.dumps(saved))
+    changed = [key for key in sorted(saved.keys() & resumed.keys())
+               if key not in PLACEMENT_OPTIONS and saved[key] != resumed[key]]
+    if changed:
+        differences = ", ".join(f"{key} {resumed[key]!r} (trained with {saved[key]!r})" for key in changed)
+        raise ValueError(f"{directory.config} differs from the run its checkpoint {path} trained: {differences}; "
+                         "a resumed run trains on as it began: restore config.json, or train a new run with "
+                         "these settings")
 
 
 def _checkpoint_of(directory: RunDirectory, from_epoch: int | None) -> Path | None:

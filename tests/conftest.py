@@ -247,6 +247,22 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, data_dir: Path) -> Pat
     return run
 
 
+def lengthen_run(run: Path, epochs: int) -> None:
+    """A finished run made to look like one of ``epochs`` killed after its last: its
+    config.json and its checkpoints' configs both say ``epochs`` (a resumed run trains on as
+    its checkpoint did)."""
+    import json
+
+    import torch
+
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "epochs": epochs}))
+    for checkpoint in (run / "checkpoints").glob("*.pt"):
+        state = torch.load(checkpoint, weights_only=False)
+        state["config"]["epochs"] = epochs
+        torch.save(state, checkpoint)
+
+
 @pytest.fixture
 def cifar100_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """``cifar-100-python/{train,test,meta}``: 200 random training images, two of each of the

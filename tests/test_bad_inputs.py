@@ -28,7 +28,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
-from conftest import exit_code, forked, pskd, pskd_in_process
+from conftest import exit_code, forked, lengthen_run, pskd, pskd_in_process
 from store_helpers import chunk_file, epoch_probs, make_labels, write_epoch
 from torch.utils.data import TensorDataset
 
@@ -424,8 +424,7 @@ def _resume_without_room(run: Path, limit: int) -> None:
 def test_running_out_of_room_is_one_line_naming_the_path(tmp_path, trained_run, limit, decoded, message):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
-    config = json.loads((run / "config.json").read_text())
-    (run / "config.json").write_text(json.dumps({**config, "epochs": 3}))  # one epoch left to train
+    lengthen_run(run, 3)  # one epoch left to train
     if decoded:
         PredictionService(SoftTargetStore.open(run / "store")).prepare(2)
     before = sealed_snapshot(run / "store")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import pskd, pskd_in_process
+from conftest import lengthen_run, pskd, pskd_in_process
 from store_helpers import chunk_file, epoch_probs, write_epoch
 
 from pskd_store.array_files import ARRAY_CONFIG, codecs_with_checksum
@@ -284,9 +284,7 @@ def test_training_resumed_on_a_damaged_teacher_stops_with_one_line(tmp_path, dat
     run = tmp_path / "run"
     pskd_in_process("train", "-o", str(run), "--epochs", "2", "--workers", "0", "--steps-per-epoch", "3", "-q",
                     "--data-dir", str(data_dir), check=True)
-    config = json.loads((run / "config.json").read_text())
-    config["epochs"] = 4  # as if the run had been killed after epoch 2 of 4
-    (run / "config.json").write_text(json.dumps(config))
+    lengthen_run(run, 4)  # as if the run had been killed after epoch 2 of 4
     shutil.rmtree(run / "store.mmap")
     flip_byte(run / "store/teacher/epoch_0002/c.0.0")
     done = pskd("train", "--resume", str(run), "--workers", "0", "-q", check=False)  # what a user sees

@@ -192,6 +192,21 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, data_dir
     assert [without_timings(r) for r in metrics_rows(broken)] == whole
 
 
+def test_a_resume_refuses_a_config_edited_since_its_checkpoint(tmp_path, trained_run):
+    """Two more epochs and another alpha_T, written into config.json: alpha_t = alpha_T·t/T
+    would have changed from the next epoch on, without a word. Where it runs may change."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "epochs": 4, "alpha_T": 0.5, "workers": 1}))
+    result = pskd_in_process("train", "--resume", str(run), "-q")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"{run / 'config.json'} differs from the run its checkpoint {run / 'checkpoints' / 'last.pt'} trained: "
+            "alpha_T 0.5 (trained with 0.8), epochs 4 (trained with 2); a resumed run trains on as it began") \
+        in result.stderr
+    assert SoftTargetStore.open(run / "store").sealed_epochs == [1, 2] and len(metrics_rows(run)) == 2
+
+
 def test_a_run_whose_last_checkpoint_was_deleted_is_not_started_over(tmp_path, trained_run):
     """A checkpoint is renamed into place, never removed: a run whose last one is gone while
     its previous one is there lost it by hand. Starting over would roll its store back past
