@@ -618,6 +618,10 @@ def test_a_new_run_is_refused_another_runs_store_before_it_writes_anything(tmp_p
     assert f"a store already exists at {run / 'store'}, another run's: give this run one of its own" in result.stderr
     assert not (tmp_path / "other" / "config.json").exists()
     assert SoftTargetStore.open(run / "store").sealed_epochs == sealed == [1, 2]
+    from pskd_store.training import _refuse_another_runs_store
+
+    _refuse_another_runs_store(TrainConfig(store=str(tmp_path / "fresh")))  # nothing there: the run may make it
+    assert not (tmp_path / "fresh").exists()
 
 
 @pytest.mark.slow
