@@ -787,6 +787,15 @@ class SoftTargetStore:
         Returns the sealed epochs dropped. Refused when it would drop the last kept teacher.
         """
         self._require_writable("roll back")
+        try:
+            return self._rollback(last_kept)
+        except OSError as err:  # a full disk: a write to an open file names no file
+            raise StoreError(
+                f"cannot roll the store back to epoch {last_kept}: {os_problem(err, self.url)}; free space or make "
+                "it writable, then resume again (each step of a rollback leaves the store consistent)"
+            ) from err
+
+    def _rollback(self, last_kept: int) -> list[int]:
         self.refresh()
         dropped = [e for e in self.sealed_epochs if e > last_kept]
         remaining = [e for e in self.sealed_epochs if e <= last_kept]

@@ -399,6 +399,18 @@ def test_after_a_rollback_a_pruned_teacher_is_not_counted_kept(store):
     assert reopen(store).teacher_epochs == [3, 4] and verify_path(store.url).ok
 
 
+def test_a_rollback_that_cannot_write_names_the_store_and_changes_nothing(store, monkeypatch):
+    def full_disk(self, meta):
+        raise OSError(27, "File too large")  # what a write to an open file on a full disk carries: no name
+
+    monkeypatch.setattr(SoftTargetStore, "_publish", full_disk)
+    named = re.escape(f"cannot roll the store back to epoch 2: File too large ({store.url})")
+    with pytest.raises(StoreError, match=named):
+        store.rollback(2)
+    monkeypatch.undo()
+    assert reopen(store).sealed_epochs == [1, 2, 3] and verify_path(store.url).ok
+
+
 def test_rolling_back_past_the_kept_teachers_is_refused(store):
     pruned = r"cannot roll back to epoch 1: its predictions were pruned \(kept: \[2, 3\]\)"
     with pytest.raises(StoreError, match=pruned):
