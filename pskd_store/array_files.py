@@ -267,12 +267,7 @@ class ChunkFiles:
         """Chunk ``chunk`` whole (its padding too), read-only: KeyError when it is missing,
         ValueError when its bytes do not match their checksum."""
         key = self._key(chunk)
-        data = store_io.get(self._store, key)
-        if data is None:
-            raise KeyError(key)
-        if not checksum_matches(data):
-            raise ValueError(f"{key} does not match its checksum")
-        return self.decode(data)
+        return self._checked(key, store_io.get(self._store, key))
 
     def decode(self, stored: bytes) -> np.ndarray:
         """A chunk whole from its stored bytes (their checksum checked by the caller), read-only."""
@@ -291,13 +286,18 @@ class ChunkFiles:
         chunks = range(start // rows, -(-stop // rows)) if stop > start else range(0)
         keys = [self._key(chunk) for chunk in chunks]
         for chunk, key, data in zip(chunks, keys, store_io.get_many(self._store, keys)):
-            if data is None:
-                raise KeyError(key)
-            if not checksum_matches(data):
-                raise ValueError(f"{key} does not match its checksum")
             lo, hi = max(start, chunk * rows), min(stop, (chunk + 1) * rows)
-            out[lo - start:hi - start] = self.decode(data)[lo - chunk * rows:hi - chunk * rows]
+            out[lo - start:hi - start] = self._checked(key, data)[lo - chunk * rows:hi - chunk * rows]
         return out
+
+    def _checked(self, key: str, data: bytes | None) -> np.ndarray:
+        """The chunk stored at ``key`` as ``data``: KeyError when it is missing, ValueError
+        when its bytes do not match their checksum."""
+        if data is None:
+            raise KeyError(key)
+        if not checksum_matches(data):
+            raise ValueError(f"{key} does not match its checksum")
+        return self.decode(data)
 
     def _key(self, chunk: int) -> str:
         return self._prefix + self._encode_key((chunk,) + (0,) * (len(self._shape) - 1))

@@ -102,13 +102,12 @@ class CheckedArray:
         copied over one another or rewritten after the seal, each with a valid checksum of
         its own, pass every chunk's check but not this one: a caller uses nothing it made
         of the rows until the iteration has ended."""
-        files = ChunkFiles(self.array)
         digest = hashlib.sha256()
         for chunk, key, data in _stored_chunks(self, "are missing (their chunk files were deleted)"):
             digest.update(_digest_entry(key, data))
             lo, hi = self._rows(chunk)
             try:
-                rows = files.decode(data)
+                rows = self._files.decode(data)
             except Exception as err:  # a checksum that holds over bytes that do not decompress
                 raise StoreDamagedError(_message(self.what, self.url, f"rows {_ranges([(lo, hi)])} "
                                                  f"{_chunk_problem(err)}")) from err

@@ -30,6 +30,10 @@ def default_workers() -> int:
     return min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
+# Settings that say where and how fast a run computes, not what: a resumed run may change them.
+PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "dist_timeout")
+
+
 # The paper's recipes, each value with its source. "Paper" is Kim et al., ICCV 2021,
 # Sec. 4 (implementation details); "authors" is their code (lgcnsai/PS-KD-Pytorch,
 # main.py's argument defaults). Milestones are fractions of the epochs (CIFAR: 150 and 225
@@ -38,9 +42,6 @@ def default_workers() -> int:
 # CutMix's chance of mixing a batch (CE/LS/TF-KD/CS-KD): clovaai/CutMix-PyTorch's README
 # commands, --cutmix_prob 0.5 for CIFAR and 1.0 for ImageNet (both --beta 1.0). The
 # offline sets take CIFAR's value, ImageFolder trees ImageNet's.
-# Settings that say where and how fast a run computes, not what: a resumed run may change them.
-PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "dist_timeout")
-
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # Offline default (this project's, not the paper's): a small MLP that over-fits
     # MNIST-1D within minutes on a CPU; in-memory tensors, so no worker processes.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import zipfile
@@ -123,8 +124,8 @@ class RunDirectory:
     def remove_temporary_files(self) -> list[Path]:
         """Half-written files a killed process left behind (checkpoints, decoded teachers
         and zarr's chunks in the run's store are written to a temporary name, then renamed)."""
-        leftovers = [*self.checkpoint.parent.glob(".*.tmp"), *self.path.glob("eval/.*.tmp"),
-                     *self.path.glob("store.mmap/*.tmp"), *self.path.glob("*.partial"), *self.store.rglob("*.partial")]
+        leftovers = [*self.checkpoint.parent.glob(".*.tmp"), *self.path.glob("store.mmap/*.tmp"),
+                     *self.path.glob("*.partial"), *self.path.glob("eval/*.partial"), *self.store.rglob("*.partial")]
         for path in leftovers:
             path.unlink(missing_ok=True)
         return leftovers
@@ -175,13 +176,9 @@ class RunDirectory:
         path = path if path is not None else self.eval_probs()
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = {} if sample_nll is None else {"nll": sample_nll}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # renamed into place: never half a file
-        try:
-            with open(tmp, "wb") as file:  # a file object: NumPy adds no .npz to the name given
-                np.savez_compressed(file, probs=probs, labels=labels, checkpoints=np.array(sources), **extra)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        data = io.BytesIO()  # a file object: NumPy adds no .npz to the name given
+        np.savez_compressed(data, probs=probs, labels=labels, checkpoints=np.array(sources), **extra)
+        write_atomically(path, data.getvalue())  # renamed into place: never half a file
         return path
 
     def read_eval_probs(self) -> tuple[np.ndarray | None, np.ndarray | None]:
