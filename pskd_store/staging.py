@@ -14,7 +14,9 @@ seal compresses the epoch once.
 
 **Ownership.** A part (epoch, rank) has one owner: the writer holding its latest claim.
 A writer claims a part by creating claim n+1 (0 when there is none) with the store's
-create-if-absent and reading it back; whoever's record is there owns the part. A claim is
+create-if-absent and reading it back; whoever's record is there owns the part, unless
+another claim on it is held by a writer that may still run (a writer whose listing was older
+made a lower number meanwhile): then the claim is withdrawn and refused. A claim is
 refused while the part is closed (its rows wait for the seal: only
 :meth:`EpochStaging.discard` writes it again) or while the latest claim's owner lives.
 An owner is gone when it released its claim (a writer that was abandoned or failed) or
@@ -187,15 +189,32 @@ class EpochStaging:
                 f"another writer{f' ({winner})' if winner else ''} claimed rank {rank} of epoch "
                 f"{self.epoch} at the same moment as this one: give each writer process its own rank"
             )
-        for older in claims:  # the owners this claim replaces are gone
-            store_io.delete(self.root.store, self._claim_key(rank, older))
         try:
+            self._clear_other_claims(rank, number)
             self._refuse_closed(rank)  # closed by its owner between the first check and the claim
         except StoreError:
             store_io.delete(self.root.store, key)
             raise
         _LIVE_CLAIMS.add(me.token)
         return PartWriter(self, rank, me, key)
+
+    def _clear_other_claims(self, rank: int, number: int) -> None:
+        """Delete the part's other claims, whose owners are gone, or lose to one that may run.
+
+        A writer that stalled between listing the claims and making its own can make it after
+        another writer claimed a number the listing did not show (a released number is made
+        again). Whichever of two such claims is checked second sees the other; refusing then
+        leaves at most one owner, however the two interleave.
+        """
+        for other in self._claims(rank):
+            owner = None if other == number else self._owner(rank, other)
+            if owner is not None and owner.state() != "gone":
+                raise StoreError(
+                    f"{owner} claimed rank {rank} of epoch {self.epoch} while this writer did "
+                    f"(claims {other} and {number}): give each writer process its own rank"
+                )
+            if other != number:
+                store_io.delete(self.root.store, self._claim_key(rank, other))
 
     def _refuse_closed(self, rank: int) -> None:
         attrs = self._part_attrs(rank)

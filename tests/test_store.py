@@ -806,6 +806,33 @@ def test_a_part_closed_by_its_owner_while_claiming_is_refused_and_the_claim_with
     assert store.staging(1)._claims(0) == []  # our claim was withdrawn
 
 
+def test_a_claim_made_from_a_listing_that_stalled_loses_to_the_writer_claiming_meanwhile(store, monkeypatch):
+    from pskd_store import staging
+
+    killed = ("import os, sys; from pskd_store.store import SoftTargetStore; "
+              "SoftTargetStore.open(sys.argv[1]).writer(1); os._exit(0)")
+    subprocess.run([sys.executable, "-c", killed, store.url], check=True)  # leaves claim 0, its owner gone
+    real, writers = staging._store_set_if_absent, []
+
+    def stalled(zstore, key, data):  # this writer listed claim 0 (gone) and stalls before making claim 1
+        if not writers:
+            writers.append(None)
+            store.writer(1).abandon()  # meanwhile: another writer claims 1 and releases it...
+            writers.append(store.writer(1))  # ...and a third, listing no claim, makes claim 0 and writes
+        real(zstore, key, data)
+
+    monkeypatch.setattr(staging, "_store_set_if_absent", stalled)
+    with pytest.raises(StoreError, match=r"process \d+ on .* \(this process\) claimed rank 0 of epoch 1 while "
+                                         r"this writer did \(claims 0 and 1\)"):
+        store.writer(1)
+    assert store.staging(1)._claims(0) == [0]  # the losing claim is withdrawn; the writer of claim 0 owns the part
+    owner = writers[1]
+    owner.write(np.arange(N), torch.randn(N, K))
+    owner.close()
+    store.seal(1)
+    assert store.sealed_epochs == [1]
+
+
 def test_a_group_made_by_another_process_at_the_same_moment_is_used(store, monkeypatch):
     import zarr
 
