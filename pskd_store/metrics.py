@@ -124,11 +124,15 @@ def _bin_bounds(n_bins: int) -> tuple[np.ndarray, np.ndarray]:
 
     These are not ``linspace`` edges: float rounding makes some lower bounds a hair
     above the previous upper bound (0.30000000000000004 against 0.3 at 10 bins), and
-    their code bins exactly so. A bound past 1.0 (arange's rounding can add one) holds
-    no probability, so it is dropped.
+    their code bins exactly so. Their code takes 10 bins, whose last bound is 1.0. At
+    other counts arange's rounding can add a bound past 1.0 (dropped: it would make an
+    extra bin) or end at 0.9999999999999999 (6, 14, 24 bins...), which would leave a
+    confidence of exactly 1.0, a float32 softmax's for any margin above ~17, in no bin:
+    the last bound is 1.0 whatever the count.
     """
     width = 1.0 / n_bins
     upper = np.arange(width, 1.0 + width, width)[:n_bins]
+    upper[-1] = 1.0
     return upper - width, upper
 
 

@@ -130,6 +130,15 @@ def test_ece_bins_are_the_authors_float_bounds():
     assert bins.upper[2] == high and bins.lower[3] == high
 
 
+@pytest.mark.parametrize("n_bins", [6, 10, 14, 49])
+def test_a_confidence_of_one_is_in_the_last_bin_at_any_count(n_bins):
+    # arange's last bound is 0.9999999999999999 at 6 and 14 bins, and it adds one past 1.0 at 49
+    probs = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]], dtype=np.float32)  # a margin of > 17
+    bins = reliability_bins(probs, np.array([0, 1, 1, 0]), n_bins=n_bins)
+    assert bins.count.tolist() == [0] * (n_bins - 1) + [4] and bins.upper[-1] == 1.0
+    assert evaluate(probs, np.array([0, 1, 1, 0]), n_bins=n_bins)["ece"] == 50.0
+
+
 def test_reliability_bins_by_hand():
     bins = reliability_bins(PROBS, LABELS, n_bins=4)
     assert isinstance(bins, ReliabilityBins)
