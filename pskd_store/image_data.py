@@ -66,6 +66,44 @@ class Lighting(nn.Module):
         return f"alphastd={self.alphastd}"
 
 
+class ColorJitter(nn.Module):
+    """The PS-KD authors' colour jitter on a float (3, H, W) tensor, before Lighting.
+
+    Their ImageNet recipe (utils/custom_transform.py, after convNet.pytorch) blends the
+    image towards black (brightness), its grey mean (contrast) and its grey image
+    (saturation), in a random order, each by a weight drawn from U(-v, v), and clamps
+    nothing. torchvision's ColorJitter works on [0, 1] images and clamps every step, so it
+    would hand a bright or saturated image other pixels than theirs.
+    """
+
+    def __init__(self, brightness: float = 0.4, contrast: float = 0.4, saturation: float = 0.4) -> None:
+        super().__init__()
+        self.strengths = (brightness, contrast, saturation)
+
+    def forward(self, img: Tensor) -> Tensor:
+        steps = [step for step in torch.randperm(3).tolist() if self.strengths[step]]
+        weights = [float(torch.empty(()).uniform_(-self.strengths[step], self.strengths[step])) for step in steps]
+        return self.blend(img, steps, weights)
+
+    @staticmethod
+    def blend(img: Tensor, steps: Sequence[int], weights: Sequence[float]) -> Tensor:
+        """Steps 0 (brightness), 1 (contrast), 2 (saturation) in the order given, with those
+        weights, computed with the authors' operations, in their order."""
+        for step, weight in zip(steps, weights):
+            if step == 0:
+                target = torch.zeros_like(img)
+            else:  # their Grayscale: ITU-R 601 luma copied into every channel
+                target = img[0].mul(0.299).add_(img[1], alpha=0.587).add_(img[2], alpha=0.114).repeat(3, 1, 1)
+                if step == 1:
+                    target.fill_(target.mean())
+            img = img.lerp(target, weight)
+        return img
+
+    def extra_repr(self) -> str:
+        brightness, contrast, saturation = self.strengths
+        return f"brightness={brightness}, contrast={contrast}, saturation={saturation}"
+
+
 def image_sets(
     name: str, root: Path, *, download: bool, img_size: int | None, crop_flip: bool
 ) -> tuple[VisionDataset, VisionDataset, VisionDataset, str]:
@@ -139,14 +177,16 @@ def _load_fashion_mnist(root: Path, *, train: bool, transform: Callable, downloa
 
 
 def _imagenet_transforms(size: int) -> tuple[Callable, Callable]:
-    """torchvision's ImageNet recipe at crop side ``size``: evaluation resizes to size/0.875
-    (256 for 224) and crops the centre, so small images are not upsampled to 224."""
+    """The PS-KD authors' ImageNet recipe (loader/custom_dataloader.py) at crop side ``size``:
+    torchvision's random resized crop and flip, then their colour jitter and lighting on the
+    tensor. Evaluation resizes to size/0.875 (256 for 224) and crops the centre, so small
+    images are not upsampled to 224."""
     normalize = T.Normalize(_IMAGENET_MEAN, _IMAGENET_STD)
     train_tf = T.Compose([
         T.RandomResizedCrop(size),
         T.RandomHorizontalFlip(),
-        T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
         T.ToTensor(),
+        ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
         Lighting(0.1),
         normalize,
     ])

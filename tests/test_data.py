@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import shutil
 import subprocess
 import sys
@@ -126,6 +127,10 @@ def test_imagefolder_sets(imagefolder_dir, name):
     _check_items(splits.val, (3, 224, 224), 3, n=2)
     _check_items(splits.test, (3, 224, 224), 3, n=2)
     np.testing.assert_array_equal(splits.train_labels, _item_labels(splits.train))
+    steps = image_data._imagenet_transforms(224)[0].transforms
+    assert [type(t).__name__ for t in steps] == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor",
+                                                 "ColorJitter", "Lighting", "Normalize"]  # the authors' order
+    assert isinstance(steps[3], image_data.ColorJitter)  # theirs, on the tensor: not torchvision's
 
 
 def test_img_size_sets_a_folders_crops(imagefolder_dir):
@@ -163,6 +168,62 @@ def test_lighting_adds_one_colour_shift_per_image():
     shift = Lighting(0.1)(img) - img
     assert shift.abs().max() > 0
     torch.testing.assert_close(shift, shift[:, :1, :1].expand_as(shift))
+
+
+class _AuthorsJitter:
+    """The PS-KD authors' utils/custom_transform.py, as written there (their Grayscale,
+    Brightness, Contrast, Saturation), with the drawn weight passed in."""
+
+    @staticmethod
+    def grayscale(img):
+        gs = img.clone()
+        gs[0].mul_(0.299).add_(gs[1], alpha=0.587).add_(gs[2], alpha=0.114)
+        gs[1].copy_(gs[0])
+        gs[2].copy_(gs[0])
+        return gs
+
+    @classmethod
+    def step(cls, img, which, alpha):
+        if which == 0:  # Brightness
+            gs = img.new().resize_as_(img).zero_()
+        elif which == 1:  # Contrast
+            gs = cls.grayscale(img)
+            gs.fill_(gs.mean())
+        else:  # Saturation
+            gs = cls.grayscale(img)
+        return img.lerp(gs, alpha)
+
+
+@pytest.mark.parametrize("steps", list(itertools.permutations(range(3))) + [[1], [2, 0]])
+def test_colour_jitter_is_the_authors_bit_for_bit_and_clamps_nothing(steps):
+    from pskd_store.image_data import ColorJitter
+
+    generator = torch.Generator().manual_seed(len(steps) * 10 + steps[0])
+    img = torch.rand(3, 224, 200, generator=generator)
+    weights = (torch.rand(len(steps), generator=generator) * 0.8 - 0.4).tolist()
+    expected = img
+    for which, alpha in zip(steps, weights):
+        expected = _AuthorsJitter.step(expected, which, alpha)
+    assert torch.equal(ColorJitter.blend(img, steps, weights), expected)
+    grey = torch.full((3, 2, 2), 0.9)
+    torch.testing.assert_close(ColorJitter.blend(grey, [0], [-0.4]), torch.full((3, 2, 2), 1.26))  # not clamped to 1
+
+
+def test_colour_jitter_draws_each_order_and_weights_within_the_strengths(monkeypatch):
+    from pskd_store.image_data import ColorJitter
+
+    seen = []
+    monkeypatch.setattr(ColorJitter, "blend", staticmethod(lambda img, steps, weights: seen.append((steps, weights))))
+    torch.manual_seed(0)
+    jitter = ColorJitter(brightness=0.4, contrast=0.2, saturation=0.0)
+    for _ in range(200):
+        jitter(torch.rand(3, 4, 4))
+    assert {tuple(steps) for steps, _ in seen} == {(0, 1), (1, 0)}  # saturation 0: not a step, as theirs
+    for steps, weights in seen:
+        for step, weight in zip(steps, weights):
+            assert abs(weight) <= (0.4, 0.2)[step]
+    assert max(abs(w) for steps, weights in seen for s, w in zip(steps, weights) if s == 0) > 0.35
+    assert repr(jitter) == "ColorJitter(brightness=0.4, contrast=0.2, saturation=0.0)"
 
 
 # ---------------------------------------------------------------- MNIST-1D
