@@ -47,12 +47,15 @@ def _save(fig: Figure, path: Path) -> Path:
 
 def _draw_samples(ax: Axes, epochs: np.ndarray, values: np.ndarray) -> None:
     """One thin line per sample (columns of ``values``) and their mean in bold. Epochs in
-    which a sample was not predicted (NaN: carried forward) are gaps, left out of the mean."""
+    which a sample was not predicted (NaN: carried forward) are gaps, left out of the mean;
+    every point is marked, so that an epoch predicted between two gaps (half of each batch
+    under --aug) is seen, and the x axis spans every epoch of the run."""
     alpha = float(np.clip(8 / values.shape[1], 0.08, 0.6))
-    ax.plot(epochs, values, color="tab:blue", linewidth=0.6, alpha=alpha)
+    ax.plot(epochs, values, color="tab:blue", linewidth=0.6, alpha=alpha, marker=".", markersize=3)
     seen = np.isfinite(values).sum(axis=1)
     mean = np.where(seen > 0, np.nansum(values, axis=1) / np.maximum(seen, 1), np.nan)
-    ax.plot(epochs, mean, color="black", linewidth=2.5, label="mean")
+    ax.plot(epochs, mean, color="black", linewidth=2.5, marker="o", markersize=4, label="mean")
+    ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
 
 
 def plot_trajectories(runs: list[RunRecord], ids: np.ndarray, path: Path, title: str) -> Path:

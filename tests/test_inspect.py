@@ -326,3 +326,26 @@ def test_long_run_names_fit_their_titles(inches):
     extent = text.get_window_extent(renderer)
     assert 0 <= extent.x0 and extent.x1 <= figure.bbox.width
     assert len(title.splitlines()) > 2  # a single line would not have fitted
+
+
+def test_an_epoch_predicted_between_two_gaps_is_drawn_and_every_epoch_is_on_the_axis():
+    """Under --aug half of each batch is recorded: a sample predicted in epoch 2 alone, with
+    gaps around it, shows as a point, and the axis runs to the last epoch though no plotted
+    sample was predicted there."""
+    from pskd_store.plots import _draw_samples
+
+    epochs = np.arange(1, 9)
+    values = np.full((8, 2), np.nan, dtype=np.float32)
+    values[1, 0], values[4, 1] = 0.5, 0.25  # epoch 2 of one sample, epoch 5 of the other
+    figure = Figure(figsize=(4, 3))
+    ax = figure.subplots()
+    ax.set_ylim(0, 1)
+    _draw_samples(ax, epochs, values)
+    canvas = FigureCanvasAgg(figure)
+    canvas.draw()
+    pixels = np.asarray(canvas.buffer_rgba())[..., :3]
+    height = pixels.shape[0]
+    for epoch, value in ((2, 0.5), (5, 0.25)):
+        x, y = ax.transData.transform((epoch, value))
+        assert pixels[int(height - y), int(x)].max() < 200  # drawn: not the white background
+    assert ax.get_xlim()[0] < 1 and ax.get_xlim()[1] > 8
