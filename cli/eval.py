@@ -22,13 +22,14 @@ def checkpoint_path(path: str) -> Path:
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Where the data set is, if not where the run found it.")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
-@click.option("--ece-bins", type=int, default=10, show_default=True)
+@click.option("--ece-bins", type=int, default=None,
+              help="ECE's number of bins. Default: the first run's --ece-bins (10, the paper's, unless set).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Where to write per-sample probabilities (.npz); default RUN/eval/<split>_probs.npz "
                    "of the first run (<checkpoint>_<split>_probs.npz for a checkpoint other than the "
                    "run's last, ensemble_<split>_probs.npz for several models).")
-def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str, ece_bins: int,
+def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str, ece_bins: int | None,
                  device: str, output: str | None) -> None:
     """Evaluate CHECKPOINTS (run directories or .pt files) on the test split.
 

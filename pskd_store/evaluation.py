@@ -15,15 +15,17 @@ from .recipe import TrainConfig
 
 def evaluate_checkpoints(
     paths: list[Path], *, split: str = "test", data_dir: str | None = None,
-    device: str = "auto", ece_bins: int = 10,
+    device: str = "auto", ece_bins: int | None = None,
 ) -> tuple[dict[str, float], Predictions]:
     """Metrics and predictions of ``paths`` on ``split``: one checkpoint's, or the average
-    of their probabilities (an ensemble's, whose NLL comes from them: it has no logits)."""
+    of their probabilities (an ensemble's, whose NLL comes from them: it has no logits).
+    ECE takes the first run's ``ece_bins`` unless given, as its training metrics and
+    ``inspect`` do."""
     states = [load_checkpoint(path) for path in paths]
     configs = [TrainConfig(**state["config"]) for state in states]
-    if len({(c.dataset, c.train_subset, c.val_split, c.seed if c.val_split else 0, c.img_size)
-            for c in configs}) > 1:
-        raise ValueError("an ensemble needs checkpoints trained on the same data set and split")
+    if len({_samples_of(config, split) for config in configs}) > 1:
+        raise ValueError(f"an ensemble needs checkpoints trained on the same data set, whose {split} split "
+                         "holds the same samples")
     first = configs[0]
     splits = build_datasets(first.dataset, data_dir or first.data_dir, val_split=first.val_split,
                             seed=first.seed, download=False, img_size=first.img_size,
@@ -42,4 +44,13 @@ def evaluate_checkpoints(
         predictions = members[0]
     else:
         predictions = Predictions(sum(member.probs for member in members) / len(members), members[0].labels, None)
-    return evaluate(*predictions, n_bins=ece_bins), predictions
+    return evaluate(*predictions, n_bins=first.ece_bins if ece_bins is None else ece_bins), predictions
+
+
+def _samples_of(config: TrainConfig, split: str) -> tuple:
+    """What decides the samples of ``split`` and how they are shown to a model: the test
+    split is the data set's own, whatever the training subset, hold-out or seed; the
+    validation split is drawn from the training set by those."""
+    if split == "test":
+        return config.dataset, config.img_size
+    return config.dataset, config.train_subset, config.val_split, config.seed, config.img_size

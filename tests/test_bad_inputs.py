@@ -549,14 +549,37 @@ def test_a_checkpoint_of_another_world_size_is_refused(tmp_path, trained_run, da
 def test_an_ensemble_of_other_data_or_a_split_never_held_out_is_refused(tmp_path, trained_run):
     from pskd_store.evaluation import evaluate_checkpoints
 
-    state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=False)
-    state["config"] = {**state["config"], "val_split": 0.1}
-    other = tmp_path / "other.pt"
-    torch.save(state, other)
-    with pytest.raises(ValueError, match="an ensemble needs checkpoints trained on the same data set and split"):
-        evaluate_checkpoints([trained_run / "checkpoints" / "last.pt", other])
+    last = trained_run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=False)
+
+    def variant(name: str, **config) -> Path:
+        torch.save({**state, "config": {**state["config"], **config}}, tmp_path / name)
+        return tmp_path / name
+
+    # the test split is the data set's own: seeds, hold-outs and training subsets ensemble
+    held_out = variant("held_out.pt", val_split=0.1, seed=1, train_subset=4000)
+    alone, _ = evaluate_checkpoints([last])
+    together, _ = evaluate_checkpoints([last, held_out])
+    assert together["top1_err"] == alone["top1_err"] and together["ece"] == pytest.approx(alone["ece"], abs=1e-9)
+    with pytest.raises(ValueError, match="on the same data set, whose test split holds the same samples"):
+        evaluate_checkpoints([last, variant("other_data.pt", dataset="fashionmnist")])
+    with pytest.raises(ValueError, match="on the same data set, whose val split holds the same samples"):
+        evaluate_checkpoints([held_out, variant("other_seed.pt", val_split=0.1, seed=2)], split="val")
     with pytest.raises(ValueError, match="these runs held out no validation split"):
-        evaluate_checkpoints([trained_run / "checkpoints" / "last.pt"], split="val")
+        evaluate_checkpoints([last], split="val")
+
+
+@pytest.mark.slow
+def test_eval_takes_the_runs_ece_bins_unless_given(tmp_path, trained_run):
+    from pskd_store.evaluation import evaluate_checkpoints
+    from pskd_store.metrics import evaluate
+
+    state = torch.load(trained_run / "checkpoints" / "last.pt", weights_only=False)
+    torch.save({**state, "config": {**state["config"], "ece_bins": 15}}, tmp_path / "bins15.pt")
+    metrics, predictions = evaluate_checkpoints([tmp_path / "bins15.pt"])
+    fifteen, ten = (evaluate(*predictions, n_bins=n)["ece"] for n in (15, 10))
+    assert metrics["ece"] == fifteen != ten
+    assert evaluate_checkpoints([tmp_path / "bins15.pt"], ece_bins=10)[0]["ece"] == ten
 
 
 # -- damaged or missing store metadata, checkpoints, permissions ---------------------------------
