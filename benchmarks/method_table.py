@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--alpha-T", dest="alpha_T", type=float, help="PS-KD's alpha_T in the table (a tuned value)")
     parser.add_argument("--tfkd-multiplier", type=float, help="TF-KD's multiplier in the table (a tuned value)")
     parser.add_argument("--cskd-weight", type=float, help="CS-KD's weight in the table (a tuned value)")
+    parser.add_argument("--store-dtype", choices=("float32", "float16"), help="teacher rows (default: the recipe's)")
     parser.add_argument("--out", default="runs/method_table")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -103,7 +104,7 @@ def main() -> None:
         for value in (float(v) for v in values.split(",") if v)}
     base = {k: v for k, v in dict(dataset=args.dataset, data_dir=args.data_dir, arch=args.arch,
                                    epochs=args.epochs, workers=0, train_subset=args.train_subset,
-                                   crop_flip=args.crop_flip).items()
+                                   crop_flip=args.crop_flip, store_dtype=args.store_dtype).items()
             if v is not None}
     out = Path(args.out)
     started = time.time()

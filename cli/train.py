@@ -126,8 +126,9 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
 @click.option("--steps-per-epoch", type=int, help="Stop each epoch after this many steps (smoke tests).")
 @click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default=DEFAULTS["store_dtype"],
               show_default=True,
-              help="How past predictions are stored: float16 halves the store and its memory map (each "
-                   "probability rounded to 11 significant bits); float32 keeps what the authors' table keeps.")
+              help="How past predictions are stored: float32 keeps what the authors' table keeps; float16 "
+                   "(opt-in) halves the store and its memory map, each probability rounded to 11 significant "
+                   "bits (2^-25 apart below 2^-14).")
 @click.option("--store-topk", type=int, default=None, metavar="K",
               help="Store only the K largest probabilities of each prediction and their classes "
                    "(the rest of the mass spread evenly when a target is rebuilt): for large numbers "

@@ -149,11 +149,11 @@ def test_bad_topk_is_refused(tmp_path, labels):
 @pytest.mark.slow
 def test_train_with_store_topk_end_to_end(tmp_path, data_dir):
     run = tmp_path / "run"
-    pskd_in_process("train", "--store-topk", "3", "--epochs", "2", "--steps-per-epoch", "4", "--workers", "0",
-                    "--data-dir", str(data_dir), "-o", str(run), "-q", check=True)
+    pskd_in_process("train", "--store-topk", "3", "--store-dtype", "float16", "--epochs", "2", "--steps-per-epoch",
+                    "4", "--workers", "0", "--data-dir", str(data_dir), "-o", str(run), "-q", check=True)
     assert json.loads((run / "config.json").read_text())["store_topk"] == 3
     store = SoftTargetStore.open(run / "store")
-    assert store.topk == 3 and store.sealed_epochs == [1, 2]
+    assert store.topk == 3 and store.dtype == np.float16 and store.sealed_epochs == [1, 2]
     info = pskd_in_process("info", str(run))
     assert "top-3 float16 with uint8 class ids rows" in info.stdout
     assert pskd_in_process("verify", str(run)).returncode == 0
