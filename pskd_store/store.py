@@ -708,7 +708,8 @@ class SoftTargetStore:
         """Register a data set whose epoch every new writer must match (see :meth:`writer`)."""
         self._readers.add(dataset)
 
-    def seal(self, epoch: int, *, scratch_dir: str | Path | None = None, allow_empty: bool = False) -> dict[str, Any]:
+    def seal(self, epoch: int, *, scratch_dir: str | Path | None = None, allow_empty: bool = False,
+             schedule: dict[str, float] | None = None) -> dict[str, Any]:
         """Merge every writer's rows of ``epoch`` and publish it atomically.
 
         Coverage rules: an id written more than once keeps the value written last by its
@@ -721,17 +722,21 @@ class SoftTargetStore:
         Memory stays a few hundred MiB whatever the epoch's size; the merge needs up to one
         uncompressed epoch of free disk in ``scratch_dir`` (default: the temporary directory,
         ``$TMPDIR``), which should be a local disk, not a RAM-backed tmpfs.
+
+        ``schedule`` (e.g. alpha_T and the number of epochs) is kept in the epoch's
+        statistics, so that a loop resuming after it can refuse another schedule.
         """
         self._require_writable(f"seal epoch {epoch}")
         try:
-            return self._seal(epoch, scratch_dir, allow_empty)
+            return self._seal(epoch, scratch_dir, allow_empty, schedule)
         except OSError as err:
             raise StoreError(
                 f"cannot seal epoch {epoch}: {os_problem(err, self.url)}; nothing of it was published "
                 "(the previous sealed epoch is still the teacher), seal again once that is fixed"
             ) from err
 
-    def _seal(self, epoch: int, scratch_dir: str | Path | None, allow_empty: bool) -> dict[str, Any]:
+    def _seal(self, epoch: int, scratch_dir: str | Path | None, allow_empty: bool,
+              schedule: dict[str, float] | None) -> dict[str, Any]:
         staging = self.staging(epoch)
         parts = staging.parts()
         if not parts:
@@ -762,6 +767,7 @@ class SoftTargetStore:
             "nbytes": int(teacher.nbytes),
             "nbytes_stored": store_io.size_prefix(teacher.store, teacher.path),
             "digests": digests,
+            **({} if schedule is None else {"schedule": dict(schedule)}),
         }
         meta = dict(self._meta)
         meta["schema_version"] = SCHEMA_VERSION  # the epoch's trajectory: a schema 2 store is now 3

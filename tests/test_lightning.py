@@ -193,6 +193,23 @@ def test_resuming_what_cannot_be_resumed_is_refused(tmp_path):
                                                           ckpt_path=tmp_path / "without.ckpt")
 
 
+def test_a_resume_with_another_alpha_T_or_number_of_epochs_is_refused_before_the_store_changes(tmp_path):
+    pskd, loader = wrapped(tmp_path, keep_epochs=3)
+    epochs = ModelCheckpoint(dirpath=tmp_path / "epochs", filename="{epoch}", save_top_k=-1)
+    quiet_trainer(tmp_path, [pskd, epochs], max_epochs=3).fit(lightning_run.Classifier(), loader)
+    after_epoch_2 = tmp_path / "epochs" / "epoch=1.ckpt"
+    for alpha_T, max_epochs in ((0.8, 6), (0.3, 3)):  # max_epochs raised on a resume: T changes
+        pskd, loader = wrapped(tmp_path, alpha_T=alpha_T, keep_epochs=3)
+        with pytest.raises(StoreError, match=rf"trained with alpha_T=0.8 over 3 epochs, this one with "
+                                             rf"alpha_T={alpha_T} over {max_epochs}: .* from epoch 3 on"):
+            quiet_trainer(tmp_path, [pskd], max_epochs=max_epochs).fit(lightning_run.Classifier(), loader,
+                                                                       ckpt_path=after_epoch_2)
+        assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1, 2, 3]  # not rolled back
+    pskd, loader = wrapped(tmp_path, keep_epochs=3)
+    quiet_trainer(tmp_path, [pskd], max_epochs=3).fit(lightning_run.Classifier(), loader, ckpt_path=after_epoch_2)
+    assert SoftTargetStore.open(tmp_path / "store").epoch_info(3)["schedule"] == {"alpha_T": 0.8, "total_epochs": 3}
+
+
 def test_a_checkpoint_of_an_epochs_last_step_resumes_into_the_next_epoch(tmp_path):
     """``ModelCheckpoint(every_n_train_steps=...)`` runs after this callback, so a step that
     ends an epoch is saved after its seal: epoch 1 sealed, nothing being written. Lightning

@@ -85,6 +85,13 @@ def test_a_store_left_by_another_run_is_refused_naming_the_fix(tmp_path):
     fine_tune(tmp_path, epochs=1, workers=0, overwrite=True)
 
 
+def test_a_resume_over_another_number_of_epochs_is_refused(tmp_path):
+    fine_tune(tmp_path, epochs=2, workers=0)
+    with pytest.raises(StoreError, match=r"trained with alpha_T=0.8 over 2 epochs, this one with alpha_T=0.8 over 4"):
+        fine_tune(tmp_path, epochs=4, workers=0, resume=True)
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1, 2]
+
+
 def test_what_pskd_cannot_count_in_epochs_is_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # a Trainer made without arguments makes its default ./tmp_trainer
     with pytest.raises(ValueError, match="set num_train_epochs, not max_steps"):

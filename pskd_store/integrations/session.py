@@ -56,6 +56,7 @@ class StoreSession:
     def resume_after(self, epoch: int) -> None:
         """Forget what the store holds after ``epoch``, the last epoch sealed before the
         checkpoint being resumed (rank 0 rolls back while the other ranks wait)."""
+        self._require_the_schedule_of(epoch)  # before anything is rolled back
         if self.env.is_main:
             self.store.rollback(epoch)
         self.env.barrier()
@@ -64,6 +65,21 @@ class StoreSession:
             raise StoreError(f"the store at {self.store.url} has sealed epochs {self.store.sealed_epochs} but the "
                              f"checkpoint being resumed was taken after epoch {epoch}: resume with the run's own store")
         self.sealed = epoch
+
+    def _require_the_schedule_of(self, epoch: int) -> None:
+        """Refuse to resume after ``epoch`` with another alpha_T or number of epochs than
+        the run's (recorded when it sealed the epoch), as ``pskd-store train --resume`` does."""
+        recorded = self.store.epoch_info(epoch).get("schedule") if epoch in self.store.sealed_epochs else None
+        if recorded is not None and recorded != self._schedule():
+            raise StoreError(
+                f"the run being resumed trained with alpha_T={recorded['alpha_T']} over {recorded['total_epochs']} "
+                f"epochs, this one with alpha_T={self.data.alpha_T} over {self.data.total_epochs}: alpha_t = "
+                f"alpha_T·t/T would change every target from epoch {epoch + 1} on. Resume with the run's alpha_T "
+                "and number of epochs, or train a new run")
+
+    def _schedule(self) -> dict[str, float]:
+        """What alpha_t = alpha_T·t/T is made of: recorded with each sealed epoch."""
+        return {"alpha_T": self.data.alpha_T, "total_epochs": self.data.total_epochs}
 
     @property
     def epoch(self) -> int:
@@ -94,7 +110,7 @@ class StoreSession:
         self.env.barrier()
         if self.env.is_main:
             # a loop whose every batch recorded nothing (CutMix in the module) carries ids forward
-            self.store.seal(self.epoch, allow_empty=True)
+            self.store.seal(self.epoch, allow_empty=True, schedule=self._schedule())
         self.env.barrier()
         self.sealed = self.epoch
 
