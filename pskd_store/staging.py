@@ -5,7 +5,7 @@ Layout, under the store's root::
     staging/epoch_0008/writer_0003/ids       (capacity,) int64     ┐ the rows in write order,
     staging/epoch_0008/writer_0003/encoded   (capacity, width)     ┘ uncompressed, encoded as
                                                                     the store's rows (row_encoding.py)
-    staging/epoch_0008/writer_0003         attributes: owner, closed, rows (set by close)
+    staging/epoch_0008/writer_0003         attributes: owner, closed, world_size, rows (set by close)
     staging/epoch_0008/owners/writer_0003.2   claim 2 on that part: its owner, as JSON
 
 Staged rows live only until the seal, so they are stored uncompressed (with a crc32c
@@ -151,6 +151,7 @@ class StagedPart:
     rows: int
     ids: CheckedArray
     encoded: CheckedArray
+    world_size: int | None  # the number of writers its writer counted (None: not known)
 
 
 class EpochStaging:
@@ -256,7 +257,7 @@ class EpochStaging:
             path = f"{self.path}/{part_name(rank)}"
             ids, encoded = (CheckedArray(open_array(self.root, f"{path}/{name}"), what, self.url)
                             for name in ("ids", "encoded"))
-            parts.append(StagedPart(rank, int(attrs["rows"]), ids, encoded))
+            parts.append(StagedPart(rank, int(attrs["rows"]), ids, encoded, attrs.get("world_size")))
         return parts
 
     def remove(self) -> None:
@@ -330,12 +331,14 @@ class PartWriter:
         self._claim_key = claim_key
         self._path = f"{staging.path}/{part_name(rank)}"
 
-    def create(self, num_samples: int, width: int, chunk_rows: int, dtype: np.dtype) -> None:
+    def create(self, num_samples: int, width: int, chunk_rows: int, dtype: np.dtype,
+               world_size: int | None = None) -> None:
         """Make the part's arrays (replacing what a gone owner left), room for N stored rows
-        of ``width`` values each (row_encoding.py)."""
+        of ``width`` values each (row_encoding.py), and record the epoch's ``world_size``."""
         root = self._staging.root
         require_groups(root, self._staging.path)
-        group = create_group(root, self._path, attributes={"owner": asdict(self._owner), "closed": False})
+        self._world_size = world_size
+        group = create_group(root, self._path, attributes=self._attributes(closed=False))
         self._group = group
         self._ids = create_array(group, "ids", shape=(num_samples,), chunks=(chunk_rows,), dtype=np.int64,
                                  compressor=None)
@@ -363,9 +366,12 @@ class PartWriter:
 
     def close(self) -> None:
         """Mark the part complete: the seal takes it, and no writer may claim it again."""
-        set_group_attributes(self._group, {"owner": asdict(self._owner), "closed": True, "rows": self.rows})
+        set_group_attributes(self._group, {**self._attributes(closed=True), "rows": self.rows})
         self.closed = True
         _LIVE_CLAIMS.discard(self._owner.token)
+
+    def _attributes(self, closed: bool) -> dict:
+        return {"owner": asdict(self._owner), "closed": closed, "world_size": self._world_size}
 
     def release(self) -> None:
         """Give the part up unclosed: its rows are never sealed, and a new writer may claim it."""

@@ -743,6 +743,13 @@ class SoftTargetStore:
             raise StoreError(f"nothing was written for epoch {epoch}: no writer staged rows in {self.url}")
         if not allow_empty and not any(part.rows for part in parts):
             raise StoreError(f"nothing was written for epoch {epoch}: every writer closed empty")
+        if len({part.world_size for part in parts}) > 1:
+            counted = ", ".join(f"rank {part.rank} of {part.world_size or 'an unknown number of'}" for part in parts)
+            raise StoreError(
+                f"the staged parts of epoch {epoch} were written by writers that counted different numbers of "
+                f"writers ({counted}): some are left from an earlier try of the epoch. Nothing was sealed; "
+                f"discard them with store.discard_staging({epoch}) (or rank=...) and write the epoch again"
+            )
         latest = self.latest_sealed
         teacher = create_array(
             self._group, f"teacher/{epoch_key(epoch)}", shape=(self.num_samples, self.encoding.width),

@@ -305,7 +305,7 @@ def _train_epoch(model: torch.nn.Module, method: Method, loader: DataLoader, opt
     of every rank's shard."""
     steps = len(loader) if config.steps_per_epoch is None else min(len(loader), config.steps_per_epoch)
     started = time.perf_counter()
-    with store.writer(epoch, rank=env.rank) as writer:
+    with store.writer(epoch, rank=env.rank, world_size=env.world_size) as writer:
         totals = train_one_epoch(model, method, loader, optimizer, writer, device, epoch=epoch,
                                  epochs=config.epochs, steps=steps, augment=augment, amp=config.amp,
                                  channels_last=config.channels_last, quiet=quiet)

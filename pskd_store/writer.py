@@ -87,7 +87,12 @@ class PredictionWriter(ClosesOnSuccess):
     ``from_logits=False`` takes probabilities instead of logits. ``rank`` names this
     writer's staging part; under DDP give each rank its own and seal once, on one rank,
     after every writer has closed. A part has one writer: making a second one for a part
-    that a live writer holds, or that was closed, raises :class:`StoreError`. ``buffers``
+    that a live writer holds, or that was closed, raises :class:`StoreError`.
+    ``world_size``, the number of writers of the epoch (default: torch.distributed's when
+    it is initialized), is kept with the part: the seal refuses parts of writers that
+    counted different numbers, the closed parts of an earlier try of the epoch among
+    them (a DDP run restarted on fewer processes would otherwise seal its dead ranks'
+    rows over the new ones). ``buffers``
     chunk-sized host buffers bound the memory in flight; when all are waiting to be
     written, ``write`` waits. A context manager closes on success and abandons the
     unsealed rows on an exception.
@@ -99,11 +104,16 @@ class PredictionWriter(ClosesOnSuccess):
         epoch: int,
         *,
         rank: int = 0,
+        world_size: int | None = None,
         from_logits: bool = True,
         buffers: int = 3,
     ):
         if buffers < 1:
             raise ValueError(f"buffers must be at least 1 (chunk-sized host buffers the rows wait in), got {buffers}")
+        if world_size is None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            world_size = torch.distributed.get_world_size()
+        if world_size is not None and not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in [0, world_size={world_size}), got {rank}")
         self.store = store
         self.epoch = epoch
         self.from_logits = from_logits
@@ -128,7 +138,8 @@ class PredictionWriter(ClosesOnSuccess):
         self._closed = False
         self._queue: queue.Queue = queue.Queue()
         try:  # here, not in the background thread: on a CPU, that thread's work slows the steps it overlaps
-            self._part.create(self._num_samples, self._encoding.width, self._chunk_rows, self._encoding.stored_dtype)
+            self._part.create(self._num_samples, self._encoding.width, self._chunk_rows, self._encoding.stored_dtype,
+                              world_size)
         except Exception as err:
             self._part.release()  # so that a new writer of this rank may claim the part
             self._error = err

@@ -833,6 +833,43 @@ def test_a_claim_made_from_a_listing_that_stalled_loses_to_the_writer_claiming_m
     assert store.sealed_epochs == [1]
 
 
+def _gloo_writer_counts(url: str, init: str, queue) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    try:
+        store = SoftTargetStore.open(url)
+        store.writer(2).close()
+        queue.put(store.staging(2)._part_attrs(0)["world_size"])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_the_parts_of_a_try_of_the_epoch_on_more_processes_are_refused_at_the_seal(store, tmp_path):
+    """A DDP run crashed in epoch 1 after rank 1 closed its part, and the epoch was run again
+    on one process: rank 1's old rows would win every id over the new ones (higher rank)."""
+    old = store.writer(1, rank=1, world_size=2)
+    old.write(np.arange(N), torch.full((N, K), 5.0))
+    old.close()
+    store.writer(1, rank=0, world_size=2).abandon()  # rank 0 died in that try
+    again = store.writer(1)  # one process, no torch.distributed: how many writers is not known
+    again.write(np.arange(N), torch.zeros(N, K))
+    again.close()
+    with pytest.raises(StoreError, match=r"counted different numbers of writers \(rank 0 of an unknown number of, "
+                                         r"rank 1 of 2\): some are left from an earlier try.*discard_staging\(1\)"):
+        store.seal(1)
+    assert store.sealed_epochs == [] and store.staging(1)._ranks() == [0, 1]  # nothing sealed, nothing lost
+    store.discard_staging(1, rank=1)
+    store.seal(1)
+    np.testing.assert_array_equal(store.read_epoch(1), np.full((N, K), 1 / K, dtype=np.float16))
+    with pytest.raises(ValueError, match=r"rank must lie in \[0, world_size=2\), got 2"):
+        store.writer(2, rank=2, world_size=2)
+
+    queue = FORK.SimpleQueue()  # a loop under torch.distributed: its world size by default
+    child = FORK.Process(target=_gloo_writer_counts, args=(store.url, f"file://{tmp_path}/rendezvous", queue))
+    child.start()
+    child.join(60)
+    assert child.exitcode == 0 and queue.get() == 1
+
+
 def test_a_group_made_by_another_process_at_the_same_moment_is_used(store, monkeypatch):
     import zarr
 

@@ -93,7 +93,7 @@ class StoreSession:
         """Open this rank's writer for ``epoch``, serving its teacher first unless it already is."""
         if self.data.epoch != epoch:
             self.serve(epoch)
-        self.writer = self.store.writer(epoch, rank=self.env.rank)
+        self.writer = self.store.writer(epoch, rank=self.env.rank, world_size=self.env.world_size)
 
     def record(self, ids: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """This step's predictions of samples ``ids`` (no device sync: see the writer); a
