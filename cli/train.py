@@ -112,8 +112,9 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
 @click.option("--device", default=DEFAULTS["device"], show_default=True,
               help="auto, cpu, cuda or cuda:N. Under torchrun each process takes cuda:LOCAL_RANK.")
 @click.option("--cache-dir", type=click.Path(file_okay=False),
-              help="Node-local folder for the decoded teacher (one per node, shared by its ranks); "
-                   "default: beside the store when it is a local path.")
+              help="Node-local folder for the decoded teacher (one per node, shared by its ranks, and by "
+                   "other runs: each store decodes into its own subfolder); default: beside the store when "
+                   "it is a local path.")
 @click.option("--amp/--no-amp", default=DEFAULTS["amp"], show_default=True,
               help="bfloat16 mixed precision on a GPU (opt-in: the paper trains in fp32). The store still "
                    "records the softmax of fp32 logits.")

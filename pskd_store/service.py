@@ -47,7 +47,9 @@ class PredictionService:
     """
 
     def __init__(self, store: SoftTargetStore, cache_dir: str | Path | None = None):
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir(store)
+        # a folder given is shared, by the runs of a node say: each store decodes into its
+        # own subfolder, since a store drops every cached epoch it no longer keeps
+        self.cache_dir = Path(cache_dir) / store.store_id if cache_dir is not None else default_cache_dir(store)
         self.encoding = store.encoding  # what a stored row holds: lookup rebuilds top-k rows
         self._store: SoftTargetStore | None = store
         self._maps: dict[tuple[int, str], np.ndarray] = {}

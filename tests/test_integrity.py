@@ -181,9 +181,26 @@ def test_teacher_chunks_moved_after_the_seal_are_refused_where_training_reads_th
     not_sealed = r"the teacher of epoch 3 .* its chunks are not the ones sealed"
     with pytest.raises(StoreDamagedError, match=not_sealed):
         PredictionService(reopen(store), cache_dir=tmp_path / "cache").prepare(3)
-    assert list((tmp_path / "cache").iterdir()) == []  # nothing published, no temporary file left
+    assert list((tmp_path / "cache" / store.store_id).iterdir()) == []  # nothing published, no temporary file
     with pytest.raises(StoreDamagedError, match=not_sealed):
         reopen(store).read_epoch(3)
+
+
+def test_runs_sharing_a_cache_folder_keep_each_others_decoded_teachers(tmp_path, labels):
+    """Two runs of one node given one --cache-dir: the second's prepare dropped every cached
+    epoch its store does not keep, the first run's among them, and the first run's workers
+    (a pickled service) found no file to map."""
+    import pickle
+
+    stores = [SoftTargetStore.create(tmp_path / name, labels, K, chunk_rows=CHUNK_ROWS) for name in ("a", "b")]
+    probs = [write_epoch(store, 1) for store in stores]
+    services = [PredictionService(store, cache_dir=tmp_path / "cache") for store in stores]
+    tokens = [service.prepare(1) for service in services]  # b's after a's
+    ids = np.arange(N)
+    for service, token, expected in zip(services, tokens, probs):
+        worker = pickle.loads(pickle.dumps(service))
+        np.testing.assert_array_equal(worker.lookup(1, token, ids).numpy(), expected.astype(np.float16))
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == sorted(s.store_id for s in stores)
 
 
 def test_a_damaged_cache_file_is_decoded_again(store, caplog):
