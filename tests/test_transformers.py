@@ -16,7 +16,7 @@ pytest.importorskip("transformers", reason="the Hugging Face integration needs p
 pytest.importorskip("accelerate", reason="the Hugging Face integration needs pip install -e '.[transformers]'")
 
 from conftest import exit_code, forked  # noqa: E402
-from transformers_run import K, N, fine_tune  # noqa: E402  (tests/ is on the path)
+from transformers_run import K, N, fine_tune, tokenizer  # noqa: E402  (tests/ is on the path)
 
 from pskd_store import SoftTargetStore, StoreError  # noqa: E402
 from pskd_store.integrations.transformers import PSKDTrainer  # noqa: E402
@@ -269,6 +269,51 @@ def _trained_weights(trainer_class, model, arguments: dict, records: list, colla
                              disable_tqdm=True, **arguments)
     trainer_class(model=model, args=args, train_dataset=records, data_collator=collator, **pskd_options).train()
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
+
+
+def test_a_masked_lm_per_token_trains_each_position_on_its_own_label_as_the_plain_trainer(tmp_path):
+    """A masked LM's loss compares each position with its own label, a causal LM's with the
+    next one: shifted as a causal LM's, every target and every recorded row would be the
+    position before's. At alpha_T = 0 PS-KD's loss is BERT's own."""
+    from transformers import BertConfig, BertForMaskedLM, Trainer, default_data_collator
+
+    def model() -> BertForMaskedLM:
+        torch.manual_seed(0)
+        return BertForMaskedLM(BertConfig(vocab_size=30, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=64, max_position_embeddings=12, hidden_dropout_prob=0.0,
+                                          attention_probs_dropout_prob=0.0))
+
+    generator, records = torch.Generator().manual_seed(0), []
+    for i in range(16):
+        tokens = torch.randint(0, 29, (12,), generator=generator)
+        masked = torch.randperm(12, generator=generator)[:2 + i % 4]
+        labels = torch.full((12,), -100)
+        labels[masked] = tokens[masked]
+        tokens[masked] = 29  # the mask token
+        records.append({"input_ids": tokens, "attention_mask": torch.ones(12, dtype=torch.int64), "labels": labels})
+    arguments = {"per_device_train_batch_size": 4}
+    plain = _trained_weights(Trainer, model(), {"output_dir": str(tmp_path / "plain")} | arguments, records,
+                             default_data_collator)
+    pskd = _trained_weights(PSKDTrainer, model(), {"output_dir": str(tmp_path / "pskd")} | arguments, records,
+                            default_data_collator, pskd_store=tmp_path / "store", alpha_T=0.0, per_token=True)
+    for name, value in plain.items():
+        torch.testing.assert_close(pskd[name], value, rtol=0, atol=1e-6)
+    assert SoftTargetStore.open(tmp_path / "store").token_rows.num_rows == sum(int((r["labels"] >= 0).sum())
+                                                                              for r in records)
+
+
+def test_a_causal_lm_padded_on_the_left_is_refused_per_token(tmp_path):
+    from transformers import DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    left = tokenizer()
+    left.padding_side = "left"
+    records = [{"input_ids": [2, 3, 4], "labels": [2, 3, 4]}, {"input_ids": [5, 6], "labels": [5, 6]}]
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=30, n_positions=12, n_embd=16, n_layer=1, n_head=2))
+    arguments = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), report_to=[], use_cpu=True)
+    for collator, processing_class in ((DataCollatorForSeq2Seq(left), None), (None, left)):
+        with pytest.raises(ValueError, match="needs right padding: .* Set tokenizer.padding_side = 'right'"):
+            PSKDTrainer(model=model, args=arguments, train_dataset=records, data_collator=collator,
+                        processing_class=processing_class, pskd_store=tmp_path / "store", per_token=True)
 
 
 def test_per_token_with_alpha_T_0_trains_as_the_plain_trainer_under_gradient_accumulation(tmp_path):

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
 
 from ..distributed import Distributed, torchrun_environment
 from ..errors import StoreError
@@ -75,7 +76,13 @@ class PSKDTrainer(Trainer):
                              "compute_loss_func, or subclass PSKDTrainer to combine them deliberately")
         self.pskd_url = str(pskd_store)
         self.pskd_options = dict(alpha_T=alpha_T, overwrite=overwrite, cache_dir=cache_dir, **(store_options or {}))
-        self.pskd_shift = per_token and not getattr(self.model.config, "is_encoder_decoder", False)
+        self.pskd_shift = per_token and _predicts_the_next_token(self.model)
+        padder = getattr(self.data_collator, "tokenizer", None) or self.processing_class
+        if self.pskd_shift and getattr(padder, "padding_side", None) == "left":
+            raise ValueError(
+                "per-token PS-KD of a causal LM needs right padding: padded on the left, a record's first token "
+                "becomes a target (predicted from the padding) in some batches and not in others, so its tokens "
+                "have no fixed rows in the store. Set tokenizer.padding_side = 'right' for training")
         self.pskd_lengths = None
         if per_token:  # the targets of each record, as its model's loss sees them
             sequences = [record["labels"] for record in self.train_dataset] if labels is None else labels
@@ -169,6 +176,15 @@ class _StoreEpochs(TrainerCallback):
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         self.trainer.session.end_epoch()
+
+
+def _predicts_the_next_token(model: torch.nn.Module) -> bool:
+    """Whether the model's own loss compares position t's logits with token t + 1: its loss
+    function is the causal LM's (also what a model whose class names no loss type gets,
+    GPT2LMHeadModel's), and not an encoder-decoder's, whose decoder reads the labels shifted
+    instead. A masked LM or a token classifier compares each position with its own label."""
+    own_loss = LOSS_MAPPING.get(getattr(model, "loss_type", None), ForCausalLMLoss)  # PreTrainedModel.loss_function
+    return own_loss is ForCausalLMLoss and not getattr(model.config, "is_encoder_decoder", False)
 
 
 def _whole(value: float, what: str, advice: str = "PS-KD's alpha_t counts whole epochs") -> int:
