@@ -116,8 +116,8 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
                    "other runs: each store decodes into its own subfolder); default: beside the store when "
                    "it is a local path.")
 @click.option("--amp/--no-amp", default=DEFAULTS["amp"], show_default=True,
-              help="bfloat16 mixed precision on a GPU (opt-in: the paper trains in fp32). The store still "
-                   "records the softmax of fp32 logits.")
+              help="bfloat16 mixed precision on a GPU (opt-in: the paper trains in fp32). The store records "
+                   "the softmax of the bfloat16 logits upcast to fp32.")
 @click.option("--channels-last/--no-channels-last", default=DEFAULTS["channels_last"], show_default=True,
               help="channels_last memory format for image batches: faster convolutions on GPUs and on "
                    "CPUs (oneDNN); the same arithmetic.")
@@ -129,7 +129,7 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
               show_default=True,
               help="How past predictions are stored: float32 keeps what the authors' table keeps; float16 "
                    "(opt-in) halves the store and its memory map, each probability rounded to 11 significant "
-                   "bits (2^-25 apart below 2^-14).")
+                   "bits (2^-24 apart below 2^-14).")
 @click.option("--store-topk", type=int, default=None, metavar="K",
               help="Store only the K largest probabilities of each prediction and their classes "
                    "(the rest of the mass spread evenly when a target is rebuilt): for large numbers "

@@ -19,7 +19,7 @@ AUGMENTATIONS = {
     "none": "the data set's own augmentation only",
     "cutout": "Cutout, one 8x8 hole (8 samples of a 1-D signal): on every image with ce/ls/tfkd "
               "(cskd: and every partner); on half of each batch with pskd (PS-KD targets on the other half)",
-    "cutmix": "CutMix, Beta(1,1): on a whole batch with probability 0.5 with ce/ls/tfkd (cskd: partners "
+    "cutmix": "CutMix, Beta(1,1): on a whole batch with probability --cutmix-prob with ce/ls/tfkd (cskd: partners "
               "get their samples' box and mixed label); on half of each batch with pskd",
 }
 
