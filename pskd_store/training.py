@@ -211,7 +211,7 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
     for epoch in range(start, config.epochs + 1):
         started = time.perf_counter()
         sampler.set_epoch(epoch)
-        _set_teacher(run.train_data, env, directory, epoch)
+        _set_teacher(run.train_data, run.store, env, directory, epoch)
         train_stats = _train_epoch(run.model, run.method, loader, run.optimizer, run.store, config, env, device,
                                    epoch, augment, quiet)
         row = {"epoch": epoch, "alpha_t": run.method.alpha(epoch, config.epochs),
@@ -279,23 +279,35 @@ def train_loader(method: Method, data: SoftTargetDataset, splits: DataSplits, co
     return DataLoader(data, **batching, **common), sampler
 
 
-def _set_teacher(data: SoftTargetDataset, env: Distributed, directory: RunDirectory, epoch: int) -> None:
+def _set_teacher(data: SoftTargetDataset, store: SoftTargetStore, env: Distributed, directory: RunDirectory,
+                 epoch: int) -> None:
     """Point the data set at sealed epoch ``epoch - 1``: the node's local rank 0 decodes it
     into the node's cache first, then the node's other ranks map that same file. A damaged
     teacher stops the run with the one command that resumes it before that epoch."""
     try:
         local_main_first(env, lambda: data.set_epoch(epoch))
     except StoreDamagedError as err:
-        raise StoreDamagedError(f"{err}. {_teacher_advice(directory, epoch - 1)}") from err
+        raise StoreDamagedError(f"{err}. {_teacher_advice(directory, store, epoch - 1)}") from err
 
 
-def _teacher_advice(directory: RunDirectory, damaged: int) -> str:
+def _teacher_advice(directory: RunDirectory, store: SoftTargetStore, damaged: int) -> str:
     """How to go on when the teacher of epoch ``damaged`` cannot be read."""
     previous = directory.previous_checkpoint
     if previous.is_file() and checkpoint_problem(previous) is None and checkpoint_epoch(previous) == damaged - 1:
+        if not _predictions_kept(store, damaged - 1):
+            return (f"The checkpoint of epoch {damaged - 1} is kept, but not that epoch's predictions, which "
+                    f"resuming from it needs (the store keeps {store.teacher_epochs}): restore the store from a "
+                    "backup, or train the run anew")
         return (f"Train epoch {damaged} again from the checkpoint before it (the store keeps epoch "
                 f"{damaged - 1}'s teacher): pskd-store train --resume {directory.path} --from-epoch {damaged - 1}")
     return "No checkpoint of the epoch before it is kept: restore the store from a backup, or train the run anew"
+
+
+def _predictions_kept(store: SoftTargetStore, epoch: int) -> bool:
+    """Whether a run can resume from its checkpoint of ``epoch``: the next epoch trains on
+    that epoch's teacher, which a later seal may have pruned (``keep_epochs``)."""
+    store.refresh()
+    return epoch in store.teacher_epochs
 
 
 def _train_epoch(model: torch.nn.Module, method: Method, loader: DataLoader, optimizer: torch.optim.Optimizer,
@@ -328,7 +340,7 @@ def _restore(run: RunParts, directory: RunDirectory, env: Distributed, device: t
     try:
         state = load_checkpoint(path)
     except CheckpointDamagedError as err:
-        raise CheckpointDamagedError(f"{err}; {_resume_advice(directory, path)}") from err
+        raise CheckpointDamagedError(f"{err}; {_resume_advice(directory, run.store, path)}") from err
     _require_the_checkpoints_config(run.config, state["config"], directory, path)
     run.network.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -384,11 +396,15 @@ def _checkpoint_of(directory: RunDirectory, from_epoch: int | None) -> Path | No
     return kept[from_epoch]
 
 
-def _resume_advice(directory: RunDirectory, damaged: Path) -> str:
+def _resume_advice(directory: RunDirectory, store: SoftTargetStore, damaged: Path) -> str:
     """The one command that resumes past a damaged checkpoint, or what else to do."""
     previous = directory.previous_checkpoint
     if damaged != previous and previous.is_file() and checkpoint_problem(previous) is None:
         epoch = checkpoint_epoch(previous)
+        if not _predictions_kept(store, epoch):  # killed after the next seal pruned them, before its checkpoint
+            return (f"the checkpoint of epoch {epoch} is intact, but not that epoch's predictions, which resuming "
+                    f"from it needs (the store keeps {store.teacher_epochs}): restore it from a backup, or train "
+                    "the run anew into another --output")
         return (f"resume from epoch {epoch}, whose checkpoint is intact: "
                 f"pskd-store train --resume {directory.path} --from-epoch {epoch}")
     return "restore it from a backup, or delete it to train the run again from epoch 1"

@@ -808,6 +808,42 @@ def test_from_epoch_names_the_epochs_it_can_resume_from(tmp_path, trained_run):
 
 
 @pytest.mark.parametrize("damaged, advice", [
+    ("checkpoint", "the checkpoint of epoch 1 is intact, but not that epoch's predictions, which resuming from it "
+                   "needs (the store keeps [2, 3]): restore it from a backup, or train the run anew"),
+    ("teacher", "The checkpoint of epoch 1 is kept, but not that epoch's predictions, which resuming from it needs "
+                "(the store keeps [2]): restore the store from a backup, or train the run anew"),
+])
+def test_damage_after_a_seal_pruned_the_epoch_before_names_no_resume_that_cannot_be(
+        tmp_path, data_dir, monkeypatch, damaged, advice):
+    """Killed after epoch 3 was sealed (which pruned epoch 1's teacher) and before its
+    checkpoint; then the last checkpoint (epoch 2) or epoch 2's teacher is damaged. The
+    checkpoint of epoch 1 is intact, but resuming from it would need epoch 1's teacher."""
+    from pskd_store.training import train
+
+    append = RunDirectory.append_metrics
+
+    def killed_at_epoch_3(directory, row):
+        if row["epoch"] == 3:
+            raise KeyboardInterrupt
+        append(directory, row)
+    monkeypatch.setattr(RunDirectory, "append_metrics", killed_at_epoch_3)
+    run = tmp_path / "run"
+    config = TrainConfig(epochs=4, steps_per_epoch=2, workers=0, data_dir=str(data_dir)).resolved()
+    with pytest.raises(KeyboardInterrupt):
+        train(config, run, quiet=True)
+    monkeypatch.undo()
+    assert SoftTargetStore.open(run / "store").teacher_epochs == [2, 3]
+    path = run / "checkpoints" / "last.pt" if damaged == "checkpoint" else chunk_file(run / "store" / "teacher" /
+                                                                                     "epoch_0002")
+    shutil.rmtree(run / "store.mmap", ignore_errors=True)
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    refused = CliRunner().invoke(cli, ["train", "--resume", str(run), "-q"])
+    assert refused.exit_code == 1 and advice in refused.output and "--from-epoch" not in refused.output, refused.output
+
+
+@pytest.mark.parametrize("damaged, advice", [
     ("checkpoint", "restore it from a backup, or delete it to train the run again from epoch 1"),
     ("teacher", "No checkpoint of the epoch before it is kept: restore the store from a backup, or train the run anew"),
 ])
