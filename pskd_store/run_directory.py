@@ -135,17 +135,22 @@ class RunDirectory:
 
     # -- metrics.jsonl ---------------------------------------------------------------------
 
-    def metrics_rows(self) -> list[dict[str, Any]]:
-        """The rows of metrics.jsonl ([] when training has not written any)."""
+    def metrics_rows(self, *, torn_tail: bool = False) -> list[dict[str, Any]]:
+        """The rows of metrics.jsonl ([] when training has not written any). ``torn_tail``
+        skips a last line that an append cut short (no newline, not JSON)."""
         if not self.metrics.is_file():
             return []
+        text = self.metrics.read_text()
+        lines = text.splitlines()
         rows = []
-        for number, line in enumerate(self.metrics.read_text().splitlines(), start=1):
+        for number, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
+                if torn_tail and number == len(lines) and not text.endswith("\n"):
+                    break
                 raise RunError(
                     f"line {number} of {self.metrics} is not valid JSON ({err}): fix or delete that line"
                 ) from err
@@ -156,8 +161,10 @@ class RunDirectory:
             file.write(json.dumps(row) + "\n")
 
     def keep_metrics_through(self, epoch: int) -> None:
-        """Drop the rows of epochs after ``epoch`` (what a resumed run redoes)."""
-        rows = [row for row in self.metrics_rows() if row["epoch"] <= epoch]
+        """Drop the rows of epochs after ``epoch`` (what a resumed run redoes), a last row
+        cut short by a kill or a full disk included: a row is appended before its epoch's
+        checkpoint is written, so a torn one is never of an epoch resumed after."""
+        rows = [row for row in self.metrics_rows(torn_tail=True) if row["epoch"] <= epoch]
         with writing(self.metrics):  # renamed into place: a kill or a full disk leaves the old rows whole
             write_atomically(self.metrics, "".join(json.dumps(row) + "\n" for row in rows).encode())
 

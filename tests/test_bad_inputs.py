@@ -437,6 +437,24 @@ def test_running_out_of_room_is_one_line_naming_the_path(tmp_path, trained_run, 
         assert sealed_snapshot(run / "store") == before
 
 
+@pytest.mark.slow
+def test_a_metrics_row_cut_short_by_a_full_disk_is_dropped_on_resume_not_one_in_the_middle(tmp_path, trained_run):
+    """A row is appended before its checkpoint: one cut short is of an epoch that the resume
+    trains again. One that is not the last line, or that ends in a newline, was damaged
+    otherwise, and stays refused."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    lengthen_run(run, 3)
+    rows = (run / "metrics.jsonl").read_text()
+    for damaged in (rows + '{"epoch": 3, "alpha_t": 0.8, "lr"\n', rows.replace("}\n", "\n", 1)):
+        (run / "metrics.jsonl").write_text(damaged)
+        refused = pskd_in_process("train", "--resume", str(run), "-q")
+        assert refused.returncode == 1 and "is not valid JSON" in refused.stderr, refused.stderr
+    (run / "metrics.jsonl").write_text(rows + '{"epoch": 3, "alpha_t": 0.8, "lr"')
+    pskd_in_process("train", "--resume", str(run), "-q", check=True)
+    assert [row["epoch"] for row in RunDirectory(run).metrics_rows()] == [1, 2, 3]
+
+
 def test_a_full_scratch_disk_during_the_seal_loses_nothing_sealed(tmp_path, monkeypatch):
     """The seal's scratch file (80 KB) cannot grow: a clear error naming where it was, the
     previous teacher intact, and the epoch sealed once there is room."""
