@@ -243,9 +243,13 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
             save_checkpoint(directory.checkpoint, state, previous=directory.previous_checkpoint)
         _log_epoch(row, config.epochs)
     env.barrier()  # the last checkpoint is written before any rank leaves
+    if test_predictions is None and not directory.eval_probs().is_file():
+        # resumed with nothing left to train, killed after the last checkpoint and before this file
+        test_predictions = predict_sharded(run.network, run.test_loader, env=env, device=device, amp=config.amp,
+                                           channels_last=config.channels_last)
     if not env.is_main:
         return None
-    if test_predictions is not None:  # a resumed run that had nothing left to train keeps its file
+    if test_predictions is not None:  # else resumed with nothing left to train: the file is there
         directory.write_eval_probs(*test_predictions, sources=[str(directory.checkpoint)])
     summary = {"run": str(directory.path), "config": config.__dict__, "epochs": config.epochs,
                "world_size": env.world_size, **summarize_metrics(directory.metrics_rows()),

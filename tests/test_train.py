@@ -472,3 +472,18 @@ def test_eval_of_a_trained_run_repeats_its_final_test_metrics(trained_run, tmp_p
     assert json.loads(result.output)["probs"] == str(run / "eval" / "previous_test_probs.npz")
     assert json.loads(result.output)["nll"] == pytest.approx(metrics_rows(run)[0]["test"]["nll"], abs=1e-9)
     assert (run / "eval" / "test_probs.npz").read_bytes() == final
+
+
+@pytest.mark.slow
+def test_a_resume_after_the_last_checkpoint_writes_the_evaluation_a_kill_left_unwritten(tmp_path, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "eval" / "test_probs.npz").unlink()  # killed between the last checkpoint and this file
+    pskd_in_process("train", "--resume", str(run), "-q", check=True)
+    with np.load(run / "eval" / "test_probs.npz") as again, np.load(trained_run / "eval" / "test_probs.npz") as first:
+        for name in ("probs", "labels", "nll"):
+            np.testing.assert_array_equal(again[name], first[name])
+    written = (run / "eval" / "test_probs.npz").stat().st_mtime_ns
+    pskd_in_process("train", "--resume", str(run), "-q", check=True)
+    assert (run / "eval" / "test_probs.npz").stat().st_mtime_ns == written  # there: kept as it is
+
