@@ -213,11 +213,6 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
             config = TrainConfig(**options).resolved()
             stamp = time.strftime("%Y%m%d-%H%M%S")
             directory = Path(output or f"runs/{config.dataset}-{config.arch}-{config.method}-{stamp}")
-            if is_main and RunDirectory(directory).config.exists():
-                raise click.UsageError(
-                    f"{directory} already holds a run: continue it with --resume {directory}, "
-                    "or choose another --output"
-                )
         if is_main:  # one log, one progress bar: rank 0's
             setup_logging(RunDirectory(directory).log)
             logging.getLogger("pskd_store.train").info("run directory %s", directory)

@@ -194,6 +194,9 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
     if env.is_main:
         directory.remove_temporary_files()
         if not resume:
+            if directory.config.exists():
+                raise ValueError(f"{directory.path} already holds a run: continue it with --resume {directory.path} "
+                                 "(train(..., resume=True)), or choose another --output")
             _refuse_another_runs_store(config)
             with writing(directory.config):
                 config.save(directory.config)

@@ -455,6 +455,22 @@ def test_a_metrics_row_cut_short_by_a_full_disk_is_dropped_on_resume_not_one_in_
     assert [row["epoch"] for row in RunDirectory(run).metrics_rows()] == [1, 2, 3]
 
 
+@pytest.mark.slow
+def test_a_new_run_into_a_run_directory_is_refused_before_it_writes(tmp_path, trained_run):
+    from pskd_store.training import train
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = {path: path.read_bytes() for path in run.rglob("*") if path.is_file()}
+    config = TrainConfig(epochs=1, steps_per_epoch=2, workers=0, lr=0.5).resolved()
+    with pytest.raises(ValueError, match=f"{run} already holds a run: continue it with --resume {run}"):
+        train(config, run, quiet=True)
+    refused = pskd_in_process("train", "--epochs", "1", "-o", str(run), "-q")
+    assert refused.returncode == 1 and f"already holds a run: continue it with --resume {run}" in refused.stderr
+    after = {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != "train.log"}
+    assert after == before  # the command's log records the refusal; nothing else changed
+
+
 def test_a_full_scratch_disk_during_the_seal_loses_nothing_sealed(tmp_path, monkeypatch):
     """The seal's scratch file (80 KB) cannot grow: a clear error naming where it was, the
     previous teacher intact, and the epoch sealed once there is room."""
