@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
 from .accelerator import accelerator_for
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -71,14 +73,16 @@ class Distributed:
         return gathered
 
 
-def local_main_first(env: Distributed, action: Callable[[], Any]) -> None:
+def local_main_first(env: Distributed, action: Callable[[], T]) -> T:
     """Run ``action`` on each node's local rank 0, then, once it is done, on the node's other
-    ranks: the first decodes the teacher into the node's cache, the others map that file."""
+    ranks, and return what it returned: the first downloads the data set or decodes the
+    teacher into the node's files, the others read those."""
     if env.is_local_main:
-        action()
+        result = action()
     env.barrier()
     if not env.is_local_main:
-        action()
+        result = action()
+    return result
 
 
 def select_device(name: str) -> torch.device:

@@ -97,10 +97,10 @@ def build_run(config: TrainConfig, directory: RunDirectory, env: Distributed, de
     """Data, model, store and optimizer of a run on this rank (the store is created on
     first use, by rank 0). ``splits`` replaces the data set ``config`` names (benchmarks
     on synthetic data)."""
-    if splits is None:
-        splits = build_datasets(config.dataset, config.data_dir, val_split=config.val_split,
-                                train_subset=config.train_subset, crop_flip=config.crop_flip,
-                                seed=config.seed, download=config.download, img_size=config.img_size)
+    if splits is None:  # the node's first rank downloads or unpacks what is missing; the others then read it
+        splits = local_main_first(env, lambda: build_datasets(
+            config.dataset, config.data_dir, val_split=config.val_split, train_subset=config.train_subset,
+            crop_flip=config.crop_flip, seed=config.seed, download=config.download, img_size=config.img_size))
     if input_kind(config.arch) != splits.input_kind:
         raise ValueError(
             f"--arch {config.arch} takes {input_kind(config.arch)} inputs but {config.dataset} "
@@ -246,7 +246,7 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
             save_checkpoint(directory.checkpoint, state, previous=directory.previous_checkpoint)
         _log_epoch(row, config.epochs)
     env.barrier()  # the last checkpoint is written before any rank leaves
-    if test_predictions is None and not directory.eval_probs().is_file():
+    if start > config.epochs and not directory.eval_probs().is_file():  # every rank agrees: a collective
         # resumed with nothing left to train, killed after the last checkpoint and before this file
         test_predictions = predict_sharded(run.network, run.test_loader, env=env, device=device, amp=config.amp,
                                            channels_last=config.channels_last)

@@ -162,6 +162,41 @@ def test_every_rank_evaluates_its_shard_with_the_checkpointed_models_batchnorm_s
         np.testing.assert_allclose(trained["probs"][1::2], checkpointed[1::2], atol=1e-6)  # rank 1's
 
 
+def _build_a_run_recording_when_its_data_set_is_read(root: Path, data_dir: Path) -> None:
+    """A rank of :func:`gloo_ranks` building its run, with a data set that takes a moment
+    to come (a download, an archive unpacked): when each rank began and ended reading it."""
+    from pskd_store import training
+    from pskd_store.recipe import TrainConfig
+    from pskd_store.run_directory import RunDirectory
+
+    read = training.build_datasets
+
+    def downloading(*args, **kwargs):
+        began = time.time()
+        time.sleep(0.5)
+        splits = read(*args, **kwargs)
+        (root / f"read_by_{os.environ['RANK']}").write_text(f"{began} {time.time()}")
+        return splits
+
+    training.build_datasets = downloading
+    env, device = setup("cpu", timedelta(seconds=60))
+    try:
+        config = TrainConfig(epochs=1, workers=0, device="cpu", data_dir=str(data_dir)).resolved()
+        training.build_run(config, RunDirectory(root / "run"), env, device)
+    finally:
+        teardown()
+
+
+def test_a_nodes_first_rank_reads_the_data_set_before_the_others_into_the_same_files(tmp_path, data_dir):
+    """Every rank would otherwise download a missing CIFAR or unpack Fashion-MNIST into the
+    same files at once, each truncating what another is checking or extracting."""
+    ranks = gloo_ranks(2, _build_a_run_recording_when_its_data_set_is_read, tmp_path, data_dir)
+    assert [exit_code(rank, timeout=60) for rank in ranks] == [0, 0]
+    (began_0, ended_0), (began_1, _) = ([float(t) for t in (tmp_path / f"read_by_{rank}").read_text().split()]
+                                        for rank in (0, 1))
+    assert began_0 < ended_0 <= began_1
+
+
 def _write_a_shard(root: Path) -> None:
     """A rank of :func:`gloo_ranks`: writes DistributedSampler's shard of an odd N as training
     does, each row marking the rank that wrote it; rank 0 seals after a barrier."""
