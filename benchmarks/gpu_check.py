@@ -256,7 +256,7 @@ def check_syncs(tmp: Path, steps: int, device: str = "cuda", batch_size: int = 1
         augment = None
         if aug != "none":
             augment = BatchAugment(aug, K, cutmix_prob=config.cutmix_prob, seed=config.seed)
-        _set_teacher(run.train_data, env, directory, 1)
+        _set_teacher(run.train_data, run.store, env, directory, 1)
         train_epoch = functools.partial(_train_epoch, run.model, run.method, loader, run.optimizer, run.store, config,
                                         env, chosen)
         train_epoch(1, augment, quiet=True)  # warm-up: workers, cuDNN autotuning
@@ -267,7 +267,7 @@ def check_syncs(tmp: Path, steps: int, device: str = "cuda", batch_size: int = 1
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
-                    _set_teacher(run.train_data, env, directory, epoch)
+                    _set_teacher(run.train_data, run.store, env, directory, epoch)
                     train_epoch(epoch, augment, quiet=not bar)
                 finally:
                     torch.cuda.set_sync_debug_mode("default")
