@@ -826,7 +826,8 @@ class SoftTargetStore:
         meta = dict(self._meta)
         meta["sealed"] = remaining
         meta["epochs"] = {k: v for k, v in meta["epochs"].items() if int(k) <= last_kept}
-        meta["pruned_through"] = pruned_through
+        # epochs sealed again later get teachers of their own: pruned are only those kept epochs' before
+        meta["pruned_through"] = pruned_through if remaining else 0
         self._publish(meta)
         for epoch in dropped:
             for path in (f"teacher/{epoch_key(epoch)}", f"trajectory/{epoch_key(epoch)}"):

@@ -416,6 +416,16 @@ def test_after_a_rollback_a_pruned_teacher_is_not_counted_kept(store):
     assert reopen(store).teacher_epochs == [3, 4] and verify_path(store.url).ok
 
 
+def test_a_run_started_over_after_a_prune_seals_and_serves_its_epochs_again(store):
+    """rollback(0), what a resume without a checkpoint does, after epoch 1's teacher was
+    pruned: the epochs sealed again have teachers of their own, not counted as pruned."""
+    assert store.teacher_epochs == [2, 3] and store.rollback(0) == [1, 2, 3]
+    for epoch in (1, 2, 3):
+        written = write_epoch(store, epoch)
+        np.testing.assert_array_equal(reopen(store).read_epoch(epoch), written.astype(np.float16))
+    assert reopen(store).teacher_epochs == [2, 3] and verify_path(store.url).ok
+
+
 def test_a_rollback_that_cannot_write_names_the_store_and_changes_nothing(store, monkeypatch):
     def full_disk(self, meta):
         raise OSError(27, "File too large")  # what a write to an open file on a full disk carries: no name
