@@ -152,6 +152,7 @@ class StagedPart:
     ids: CheckedArray
     encoded: CheckedArray
     world_size: int | None  # the number of writers its writer counted (None: not known)
+    sum_tolerance: float | None  # how far from 1 its probability rows' sums were allowed (None: logits)
 
 
 class EpochStaging:
@@ -257,7 +258,8 @@ class EpochStaging:
             path = f"{self.path}/{part_name(rank)}"
             ids, encoded = (CheckedArray(open_array(self.root, f"{path}/{name}"), what, self.url)
                             for name in ("ids", "encoded"))
-            parts.append(StagedPart(rank, int(attrs["rows"]), ids, encoded, attrs.get("world_size")))
+            parts.append(StagedPart(rank, int(attrs["rows"]), ids, encoded, attrs.get("world_size"),
+                                    attrs.get("sum_tolerance")))
         return parts
 
     def remove(self) -> None:
@@ -364,9 +366,11 @@ class PartWriter:
                 files.write(chunk, values)
         self.rows = end
 
-    def close(self) -> None:
-        """Mark the part complete: the seal takes it, and no writer may claim it again."""
-        set_group_attributes(self._group, {**self._attributes(closed=True), "rows": self.rows})
+    def close(self, sum_tolerance: float | None = None) -> None:
+        """Mark the part complete: the seal takes it, and no writer may claim it again.
+        ``sum_tolerance``: how far from 1 the sums of the probability rows written were allowed."""
+        set_group_attributes(self._group, {**self._attributes(closed=True), "rows": self.rows,
+                                           "sum_tolerance": sum_tolerance})
         self.closed = True
         _LIVE_CLAIMS.discard(self._owner.token)
 

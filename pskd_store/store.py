@@ -64,7 +64,7 @@ from .local_store import LocalStore
 from .merge import merge_epoch
 from .row_encoding import UNREADABLE_ROWS, RowEncoding, row_encoding
 from .sequences import TokenRows
-from .staging import EpochStaging
+from .staging import EpochStaging, StagedPart
 from .store_keys import SEQUENCE_TRAJECTORY_FIELDS, TRAJECTORY_FIELDS, epoch_key, new_seal_token
 from .trajectory import RowTrajectory, SequenceTrajectory, pack_records, record_bytes, unpack_records
 from .zarr_sync import sync
@@ -169,6 +169,13 @@ def _with_checksum(meta: dict[str, Any]) -> dict[str, Any]:
     rest = {key: value for key, value in meta.items() if key != META_CHECKSUM}
     canonical = json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()
     return {**rest, META_CHECKSUM: google_crc32c.Checksum(canonical).hexdigest().decode()}
+
+
+def _loosest_sum_tolerance(parts: list[StagedPart]) -> dict[str, float]:
+    """``sum_tolerance``: how far from 1 the sums of the probability rows written were
+    allowed (bfloat16 probabilities: 2·2⁻⁷), for verify; nothing when all were logits."""
+    tolerances = [part.sum_tolerance for part in parts if part.sum_tolerance is not None]
+    return {"sum_tolerance": max(tolerances)} if tolerances else {}
 
 
 def _pruned_through(meta: dict[str, Any], keep_epochs: int) -> int:
@@ -775,6 +782,7 @@ class SoftTargetStore:
             "nbytes_stored": store_io.size_prefix(teacher.store, teacher.path),
             "digests": digests,
             **({} if schedule is None else {"schedule": dict(schedule)}),
+            **_loosest_sum_tolerance(parts),
         }
         meta = dict(self._meta)
         meta["schema_version"] = SCHEMA_VERSION  # the epoch's trajectory: a schema 2 store is now 3

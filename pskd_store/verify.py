@@ -169,6 +169,16 @@ def _check_trajectory(store: SoftTargetStore, epoch: int, report: Report) -> dic
     return None if damaged else store.trajectory_values(arrays)
 
 
+def _sum_tolerance(store: SoftTargetStore, epoch: int) -> float:
+    """How far from 1 a stored row may sum: the rounding to the store's dtype, plus how far
+    the probability rows given were allowed (the seal records it; nothing for logits)."""
+    try:
+        given = store.epoch_info(epoch).get("sum_tolerance", 0.0)
+    except KeyError:  # the epoch's statistics are lost: reported apart
+        given = 0.0
+    return max(1e-5, 2 * float(np.finfo(store.dtype).eps)) + given
+
+
 def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None,
                    trajectory: dict[str, np.ndarray] | None, cached: np.ndarray | None, report: Report) -> None:
     """Every chunk of the epoch's teacher: checksum, values, its trajectory record, its cache."""
@@ -185,7 +195,7 @@ def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None
     encoding = store.encoding
     row_bytes = encoding.width * encoding.stored_dtype.itemsize
     step = slice_rows(teacher.chunks[0], row_bytes)
-    tolerance = max(1e-5, 2 * float(np.finfo(store.dtype).eps))
+    tolerance = _sum_tolerance(store, epoch)
     sequences = None  # a sequence store's summaries, recomputed (its lengths were read with the labels)
     if labels is not None and trajectory is not None and store.token_rows is not None:
         sequences = SequenceTrajectory(store.token_rows)

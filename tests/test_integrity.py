@@ -534,6 +534,28 @@ def test_verify_finds_a_row_summing_to_a_few_epsilons_over_1(store, labels):
     assert not any("disagree with the teacher rows" in f for f in findings)
 
 
+@pytest.mark.parametrize("given, stored", [("bfloat16", "float32"), ("float32", "float16")])
+def test_probability_rows_the_writer_accepted_pass_verify(tmp_path, given, stored):
+    """bfloat16 probabilities sum to 1 within 2·2⁻⁷, which the writer allows; float32 ones
+    close to its float16 limit end past it once rounded to float16. verify allows the stored
+    rows what the writer allowed the rows given, plus the rounding, and no more."""
+    n, k = 64, 10
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.rand(n, k, generator=generator).to(getattr(torch, given))
+    probs = probs / probs.float().sum(1, keepdim=True).to(probs.dtype)  # rounded to the dtype: sums off by ~eps
+    if given == "float32":  # the writer's limit, 2·2⁻¹¹, nearly reached
+        probs = probs * (1 + 0.97 * 2 * float(np.finfo(np.float16).eps))
+    store = SoftTargetStore.create(tmp_path / "store", np.arange(n) % k, k, dtype=stored)
+    with store.writer(1, from_logits=False) as writer:
+        writer.write(torch.arange(n), probs)
+    store.seal(1)
+    stored_sums = store.read_epoch(1).astype(np.float32).sum(1)
+    assert np.abs(stored_sums - 1).max() > 2 * float(np.finfo(stored).eps)  # past the store's own rounding
+    assert verify_path(store.url).ok
+    _rewrite_rows(store, 1, lambda rows: rows.__setitem__((5, 0), rows[5, 0] + 0.05))
+    assert "rows 5-5 are not probability vectors" in " ".join(str(f) for f in verify_path(store.url).findings)
+
+
 def _rewrite_rows(store: SoftTargetStore, epoch: int, edit) -> None:
     """Rewrite teacher rows through zarr (valid checksums), as an editor with the right tools would."""
     teacher = zarr.open_array(Path(store.url) / f"teacher/{epoch_key(epoch)}", mode="r+")
