@@ -42,6 +42,9 @@ class Accelerator(Protocol):
     def record(self, device: torch.device) -> CopyEvent:
         """An event after everything queued so far on ``device``'s current stream."""
 
+    def synchronize(self, device: torch.device) -> None:
+        """Wait for everything queued so far on ``device``, on every stream."""
+
     def rng_state(self) -> torch.Tensor | None:
         """The current device's generator state, or None while the device is unused."""
 
@@ -65,9 +68,12 @@ class Cuda:
         host.copy_(tensor, non_blocking=True)
 
     def record(self, device: torch.device) -> CopyEvent:
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # its waiter sleeps in the driver instead of spinning a core
         event.record(torch.cuda.current_stream(device))
         return event
+
+    def synchronize(self, device: torch.device) -> None:
+        torch.cuda.synchronize(device)
 
     def rng_state(self) -> torch.Tensor | None:
         return torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .accelerator import accelerator_for
 from .errors import StoreError
 from .sequences import IGNORE_INDEX
 from .writer import ClosesOnSuccess, PredictionWriter
@@ -90,6 +91,9 @@ class TokenWriter(ClosesOnSuccess):
         complete). A sample whose labels hold another number of targets than its store rows
         abandons the epoch's rows and raises :class:`StoreError`."""
         if self._counts is not None:
+            accelerator = accelerator_for(self._counts.device)
+            if accelerator is not None:  # written on whichever streams were current: wait for them all
+                accelerator.synchronize(self._counts.device)
             counts = self._counts.cpu().numpy()
             wrong = np.flatnonzero((counts >= 0) & (counts != self._token_rows.lengths))
             if len(wrong):

@@ -33,6 +33,7 @@ class StandInAccelerator:
         self.process_groups: list[tuple[torch.device, timedelta]] = []
         self.generator = torch.Generator().manual_seed(0)  # the "device's" random generator
         self.copies = 0
+        self.synchronizations = 0
 
     def set_device(self, device: torch.device) -> None:
         self.devices.append(device)
@@ -54,6 +55,10 @@ class StandInAccelerator:
 
     def record(self, device: torch.device) -> StandInEvent:
         return StandInEvent(self.stream.submit(lambda: None))
+
+    def synchronize(self, device: torch.device) -> None:
+        self.stream.submit(lambda: None).result()
+        self.synchronizations += 1
 
     def rng_state(self) -> torch.Tensor:
         return self.generator.get_state()

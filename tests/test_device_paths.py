@@ -121,6 +121,23 @@ def test_the_device_path_checks_probability_rows_without_a_sync(tmp_path, device
             writer.write(torch.arange(N), good)
 
 
+def test_a_token_writer_waits_for_the_whole_device_before_it_reads_its_counts(tmp_path, device):
+    """Each sample's count of targets is written where the logits are, on whichever stream
+    was current at that write (a side stream, say); close() reads the counts once an epoch,
+    after waiting for the device, not only for the stream current at close."""
+    from pskd_store.sequences import token_labels
+
+    tokens, lengths = token_labels([np.array([1, 2, 3]), np.array([4, 5])])
+    store = SoftTargetStore.create(tmp_path / "store", tokens, 8, lengths=lengths)
+    writer = store.writer(1)
+    writer.write(torch.arange(2), torch.randn(2, 4, 8), torch.tensor([[1, 2, 3, -100], [4, 5, -100, -100]]))
+    waited = device.synchronizations
+    writer.close()
+    assert device.synchronizations == waited + 1
+    store.seal(1)
+    assert store.sealed_epochs == [1]
+
+
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
 def test_a_run_on_the_accelerator_paths_equals_a_cpu_run(tmp_path, data_dir, device):
     """The training loop with every accelerator path taken (the device set, pinned

@@ -67,6 +67,7 @@ def test_the_syncs_check_trains_through_the_real_loop_on_the_cpu(tmp_path, monke
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *args: None)
     monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
     result = gpu_check.check_syncs(tmp_path, 1, device="cpu", batch_size=4)
+    assert result.pop("ok") is True
     assert set(result) == {f"{aug}{bar}" for aug in ("none", "cutout", "cutmix") for bar in ("", "_progress_bar")}
     assert all(measured == {"syncs_per_step": 0.0, "syncs": 0, "steps": 1, "where": {}} for measured in result.values())
     assert modes == ["warn", "default"] * 6  # around each of the two measured epochs of each augmentation

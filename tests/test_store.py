@@ -493,7 +493,8 @@ def test_each_chunk_waits_for_the_device_copies_into_it(store, monkeypatch):
     class Event:
         made = 0
 
-        def __init__(self):
+        def __init__(self, blocking=False):
+            assert blocking, "the background thread would spin a core while it waits"
             Event.made += 1
             self.number = Event.made
 

@@ -96,8 +96,9 @@ class StoreSession:
         self.writer = self.store.writer(epoch, rank=self.env.rank, world_size=self.env.world_size)
 
     def record(self, ids: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor | None = None) -> None:
-        """This step's predictions of samples ``ids`` (no device sync: see the writer); a
-        sequence store's with the labels that mark their target positions."""
+        """This step's predictions of samples ``ids``; a sequence store's with the labels that
+        mark their target positions. The writer queues its copies without a device sync; ids
+        that a loop moved to the device are read back (Hugging Face's Trainer moves them)."""
         if labels is None:
             self.writer.write(ids, logits.detach())
         else:
