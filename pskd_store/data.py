@@ -151,7 +151,11 @@ def labels_of(dataset: Dataset) -> np.ndarray:
     labels = known_labels(dataset)
     if labels is not None:
         return labels
-    return np.fromiter((int(label) for _, label in dataset), dtype=np.int64, count=len(dataset))
+    try:
+        return np.fromiter((int(label) for _, label in dataset), dtype=np.int64, count=len(dataset))
+    except (TypeError, ValueError) as err:  # items that are no (input, label) pairs: a dict, a triple
+        raise TypeError(f"the labels of {type(dataset).__name__} cannot be read from its items ({err}): its items "
+                        "must be (input, label) pairs, or pass the labels in index order (labels=...)") from err
 
 
 def _split_indices(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

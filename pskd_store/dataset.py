@@ -12,16 +12,17 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 from .batch_transfer import handed_over_by_value
 from .data import known_labels
 from .loss import alpha_t, soft_target
-from .seeding import SAMPLE, draw_seed, host_generators_kept, seed_host_generators
+from .seeding import SAMPLE, Draw, draw_seed, host_generators_kept, seed_host_generators
 from .service import PredictionService
 from .store import SoftTargetStore, StoreError
 from .store_keys import token_from_int, token_to_int
 
 
 class SoftTargetBatch(Sequence):
-    """The items of one batch, ``(input, target, label, id)`` each, as any ``collate_fn``
-    takes them; built from batched tensors, which :func:`collate_soft_targets` hands on as
-    they are instead of splitting and stacking them again."""
+    """The items of one batch, ``(input, target, label, id)`` each, for a ``collate_fn`` that
+    indexes or iterates them (a sequence, not a ``list``: one that sorts in place takes
+    ``list(batch)``); built from batched tensors, which :func:`collate_soft_targets` hands on
+    as they are instead of splitting and stacking them again."""
 
     def __init__(self, inputs: list, targets: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor):
         self.inputs, self.targets, self.labels, self.ids = inputs, targets, labels, ids
@@ -141,7 +142,9 @@ class TeacherEpochDataset(Dataset, ABC):
         items = []
         with host_generators_kept(get_worker_info() is None):
             for i in indices:
-                seed_host_generators(draw_seed(SAMPLE, self.seed, self.rank, epoch, i, getattr(i, "repeat", 0)))
+                # a sampler's NumPy or tensor indices have a repeat() method, not a draw's repeat
+                repeat = i.repeat if isinstance(i, Draw) else 0
+                seed_host_generators(draw_seed(SAMPLE, self.seed, self.rank, epoch, int(i), repeat))
                 items.append(self.base[int(i)])
         return items
 
@@ -149,6 +152,21 @@ class TeacherEpochDataset(Dataset, ABC):
         state = self.__dict__.copy()
         state["_store"] = None  # workers read memory maps only, never the Zarr store
         return state
+
+
+def _require_pairs(items: list, indices: list) -> None:
+    """After a batch failed to unpack or to give its labels: refuse an item that is no
+    ``(input, label)`` pair (a dict, a triple), naming the fix, rather than by an error about
+    its contents. Run only then: a loop over the items would cost every batch."""
+    for index, item in zip(indices, items):
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(_not_a_pair(item, index))
+
+
+def _not_a_pair(item: object, index: int) -> str:
+    what = f"a {type(item).__name__}" + (f" of {len(item)}" if isinstance(item, (tuple, list)) else "")
+    return (f"item {int(index)} of the wrapped data set is {what}, not an (input, label) pair: wrap the data set "
+            "so that its items are (input, label), e.g. a Dataset whose __getitem__ returns (x, y)")
 
 
 class SoftTargetDataset(TeacherEpochDataset):
@@ -197,8 +215,12 @@ class SoftTargetDataset(TeacherEpochDataset):
         state = self._current()
         items = self._load(indices, state[0])
         ids = np.fromiter(indices, np.int64, len(indices))  # without the draws' repeats
-        inputs, labels = zip(*items) if items else ((), ())
-        labels = self._checked_labels(labels, ids)
+        try:
+            inputs, labels = zip(*items, strict=True) if items else ((), ())
+            labels = self._checked_labels(labels, ids)
+        except (TypeError, ValueError):
+            _require_pairs(items, indices)
+            raise
         return SoftTargetBatch(list(inputs), self._blend(labels, ids, *state), torch.from_numpy(labels),
                                torch.from_numpy(ids))
 

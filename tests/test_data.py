@@ -405,3 +405,17 @@ assert input_kind("tv_resnet18") == "224x224"
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_labels_of_items_that_are_no_pairs_name_the_fix():
+    class Dicts(torch.utils.data.Dataset):
+        def __len__(self):
+            return 3
+
+        def __getitem__(self, index):
+            return {"x": torch.zeros(2), "label": index}
+
+    with pytest.raises(TypeError, match=r"cannot be read from its items .*: its items must be \(input, label\) "
+                                        r"pairs, or pass the labels in index order \(labels=...\)"):
+        labels_of(Dicts())
+

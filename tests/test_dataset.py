@@ -254,3 +254,30 @@ def test_a_base_data_set_with_other_labels_is_refused(store, labels):
         data.__getitems__([39, 40])
     with pytest.raises(StoreError, match="sample 7 of the data set"):
         list(DataLoader(data, batch_size=16, num_workers=1))
+
+
+@pytest.mark.parametrize("item, what", [
+    (lambda x, y: (x, y, "a path"), "a tuple of 3"),
+    (lambda x, y: {"x": x, "label": y}, "a dict"),
+])
+def test_items_that_are_no_input_label_pairs_are_refused_naming_the_fix(store, labels, item, what):
+    class Items(torch.utils.data.Dataset):
+        targets = labels
+
+        def __len__(self):
+            return N
+
+        def __getitem__(self, index):
+            return item(torch.zeros(2), int(labels[index]))
+
+    data = SoftTargetDataset(Items(), store, ALPHA_T, T)
+    data.set_epoch(1)
+    with pytest.raises(TypeError, match=f"item 5 of the wrapped data set is {what}, not an \\(input, label\\) pair"):
+        next(iter(DataLoader(data, batch_size=4, sampler=[5, 6, 7, 8])))
+    mixed = SoftTargetDataset(TensorDataset(torch.zeros(N, 2), torch.from_numpy(labels)), store, ALPHA_T, T)
+    mixed.set_epoch(1)
+    mixed.base = type("Mixed", (), {"__getitem__": lambda self, i: mixed_items[i], "__len__": lambda self: N})()
+    mixed_items = {i: (torch.zeros(2), int(labels[i])) for i in range(N)} | {7: item(torch.zeros(2), int(labels[7]))}
+    with pytest.raises(TypeError, match=f"item 7 of the wrapped data set is {what}"):
+        mixed.__getitems__([5, 6, 7, 8])
+

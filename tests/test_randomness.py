@@ -96,6 +96,19 @@ def test_an_items_draws_depend_on_seed_rank_epoch_id_and_repeat_alone(tmp_path):
     assert all(_same(_draws(unseeded, ids), a))  # without a seed: the process's own generators
 
 
+def test_a_samplers_numpy_or_tensor_indices_draw_as_plain_ids(tmp_path):
+    """np.random.permutation, SubsetRandomSampler(np.arange(N)): indices with a repeat()
+    method, which is not a draw's repeat; their draws are those of the plain ids."""
+    data = SoftTargetDataset(Drawing(), _store(tmp_path), 0.8, 3, seed=7)
+    data.set_epoch(1)
+    ids = [3, 1, 4, 1]
+    plain = _draws(data, ids)
+    for indices in (list(np.array(ids)), list(torch.tensor(ids)), list(np.array(ids, dtype=np.int32))):
+        assert all(_same(_draws(data, indices), plain))
+    loader = DataLoader(data, batch_size=4, sampler=np.array(ids))
+    assert next(iter(loader))[3].tolist() == ids
+
+
 def test_the_worker_count_does_not_change_what_is_drawn(tmp_path):
     store = _store(tmp_path)
     data = SoftTargetDataset(Drawing(), store, 0.8, 3, seed=7)

@@ -114,7 +114,10 @@ class PSKD(pl.Callback):
         index order; per token: each sample's label sequence) spare reading every item when
         ``base`` has no ``targets``."""
         if self.data is not None:
-            raise RuntimeError("this PSKD callback already wraps a training data set: one callback per data set")
+            raise RuntimeError("this PSKD callback already wraps a training data set: wrap it once (in the "
+                               "module's or data module's __init__, not in train_dataloader() or setup(), which "
+                               "Lightning calls again) and build every DataLoader from what wrap() returned; "
+                               "one callback per data set")
         self.data = SoftTargets(base, labels, self.per_token)
         return self.data
 
