@@ -181,6 +181,9 @@ class RunDirectory:
         there are logits (``nll``; none for an ensemble); ``sources`` names the checkpoints
         they came from."""
         path = path if path is not None else self.eval_probs()
+        if path.exists() and path.parent != self.eval_probs().parent and not _holds_probabilities(path):
+            raise RunError(f"{path} exists and holds no evaluation's probabilities: refusing to write over it; "
+                           "pass another --output")
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = {} if sample_nll is None else {"nll": sample_nll}
         data = io.BytesIO()  # a file object: NumPy adds no .npz to the name given
@@ -201,3 +204,16 @@ class RunDirectory:
                 return data["probs"], data["labels"]
         except (ValueError, EOFError, zipfile.BadZipFile) as err:  # not an .npz, or half of one
             raise RunError(f"{path} cannot be read ({err}): rerun `pskd-store eval {self.path}`") from err
+
+
+def _holds_probabilities(path: Path) -> bool:
+    """Whether ``path`` is an earlier evaluation's probabilities (an .npz with ``probs``)."""
+    try:
+        data = np.load(path, mmap_mode="r")  # an .npy is mapped, not read
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+        return False
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        return False
+    with data:
+        return "probs" in data.files
+

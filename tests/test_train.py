@@ -472,6 +472,16 @@ def test_eval_of_a_trained_run_repeats_its_final_test_metrics(trained_run, tmp_p
     assert json.loads(result.output)["probs"] == str(run / "eval" / "previous_test_probs.npz")
     assert json.loads(result.output)["nll"] == pytest.approx(metrics_rows(run)[0]["test"]["nll"], abs=1e-9)
     assert (run / "eval" / "test_probs.npz").read_bytes() == final
+    # -o onto a file that is no evaluation's probabilities: refused, the file as it was
+    np.save(tmp_path / "features.npy", np.zeros(3))
+    for precious in (run / "checkpoints" / "last.pt", run / "config.json", tmp_path / "features.npy"):
+        before = precious.read_bytes()
+        result = CliRunner().invoke(cli, ["eval", str(run), "--device", "cpu", "-o", str(precious)])
+        assert result.exit_code == 1 and "holds no evaluation's probabilities: refusing" in result.output
+        assert precious.read_bytes() == before
+    for _ in range(2):  # an earlier evaluation's file is written again
+        result = CliRunner().invoke(cli, ["eval", str(run), "--device", "cpu", "-o", str(tmp_path / "mine.npz")])
+        assert result.exit_code == 0, result.output
 
 
 @pytest.mark.slow
