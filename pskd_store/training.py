@@ -343,6 +343,10 @@ def _restore(run: RunParts, directory: RunDirectory, env: Distributed, device: t
     run killed before its first checkpoint, which then starts over with an empty store."""
     path = _checkpoint_of(directory, from_epoch)
     if path is None:
+        if (run.store.latest_sealed or 0) > 1:  # epoch 1's checkpoint came before epoch 2's seal
+            raise ValueError(f"{directory.path} has no checkpoint, but its store has sealed epochs "
+                             f"{run.store.sealed_epochs}: its checkpoints were deleted or moved. Put them back "
+                             "in checkpoints/, or train the run anew into another --output")
         return _roll_back(run.store, directory, env, 0)
     try:
         state = load_checkpoint(path)
@@ -360,7 +364,20 @@ def _restore(run: RunParts, directory: RunDirectory, env: Distributed, device: t
             "random state and data shard carry on"
         )
     set_rng_state(rng[env.rank], device)
+    _require_the_metrics_of(directory, state["epoch"])
     return _roll_back(run.store, directory, env, state["epoch"], checkpoint=path)
+
+
+def _require_the_metrics_of(directory: RunDirectory, epoch: int) -> None:
+    """A resumed run's metrics.jsonl keeps the rows of the epochs its checkpoint trained, which
+    summary.json's best and final epochs are chosen from; refused, before anything changes,
+    when some were deleted."""
+    kept = {row.get("epoch") for row in directory.metrics_rows(torn_tail=True)}
+    missing = [e for e in range(1, epoch + 1) if e not in kept]
+    if missing:
+        raise ValueError(f"{directory.metrics} lacks the rows of epochs {missing}, which the checkpoint of epoch "
+                         f"{epoch} trained: put them back (a backup), or evaluate the checkpoint alone with "
+                         f"pskd-store eval {directory.path}")
 
 
 def _require_the_checkpoints_config(config: TrainConfig, saved: dict, directory: RunDirectory, path: Path) -> None:

@@ -471,6 +471,21 @@ def test_a_new_run_into_a_run_directory_is_refused_before_it_writes(tmp_path, tr
     assert after == before  # the command's log records the refusal; nothing else changed
 
 
+@pytest.mark.slow
+def test_a_resume_whose_metrics_lost_rows_of_trained_epochs_is_refused_before_anything_changes(tmp_path,
+                                                                                                trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    rows = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    for kept in ("", rows[1]):  # emptied; the first epoch's row deleted
+        (run / "metrics.jsonl").write_text(kept)
+        refused = pskd_in_process("train", "--resume", str(run), "-q")
+        missing = "[1, 2]" if not kept else "[1]"
+        assert refused.returncode == 1 and f"lacks the rows of epochs {missing}, which the checkpoint of epoch 2 " \
+                                           "trained" in refused.stderr, refused.stderr
+        assert SoftTargetStore.open(run / "store").sealed_epochs == [1, 2]
+
+
 def test_a_full_scratch_disk_during_the_seal_loses_nothing_sealed(tmp_path, monkeypatch):
     """The seal's scratch file (80 KB) cannot grow: a clear error naming where it was, the
     previous teacher intact, and the epoch sealed once there is room."""

@@ -180,10 +180,15 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over(tmp_path, data_dir
     pskd_in_process("train", "--epochs", "2", "--train-subset", "1000", "--data-dir", str(data_dir), "-q",
                     "-o", str(broken), check=True)
     whole = [without_timings(r) for r in metrics_rows(broken)]  # an uninterrupted run: what the new start repeats
-    # what a kill in epoch 1 leaves: no checkpoint yet, half-written temporary files, and
-    # here an epoch already sealed (the seal comes before the checkpoint)
     for checkpoint in ("last.pt", "previous.pt"):
         (broken / "checkpoints" / checkpoint).unlink()
+    # no checkpoint, and epoch 2 sealed: the checkpoints were lost, not never written
+    refused = pskd_in_process("train", "--resume", str(broken), "-q")
+    assert refused.returncode == 1 and "has no checkpoint, but its store has sealed epochs [1, 2]" in refused.stderr
+    assert SoftTargetStore.open(broken / "store").sealed_epochs == [1, 2]
+    # what a kill in epoch 1 leaves: no checkpoint yet, half-written temporary files, and
+    # here epoch 1 already sealed (the seal comes before the checkpoint)
+    SoftTargetStore.open(broken / "store").rollback(1)
     leftovers = [broken / "checkpoints" / ".last.pt.123.tmp", broken / "store.mmap" / "tmpab12.tmp"]
     for path in leftovers:
         path.write_bytes(b"half")
