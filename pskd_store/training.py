@@ -195,13 +195,14 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
         directory.remove_temporary_files()
         if not resume:
             if directory.config.exists():
-                raise ValueError(f"{directory.path} already holds a run: continue it with --resume {directory.path} "
-                                 "(train(..., resume=True)), or choose another --output")
+                raise ValueError(f"{directory.path} already holds a run: continue it with --resume {directory.path}, "
+                                 "or choose another --output")
             _refuse_another_runs_store(config)
-            with writing(directory.config):
-                config.save(directory.config)
     configure_determinism(config.deterministic)
     run = build_run(config, directory, env, device, splits)
+    if env.is_main and not resume:  # once the data set, the model and the store took the config
+        with writing(directory.config):
+            config.save(directory.config)
     start = 1
     if resume:
         start = _restore(run, directory, env, device, from_epoch) + 1

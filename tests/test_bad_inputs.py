@@ -301,6 +301,8 @@ pskd = partial(pskd, check=False)  # these commands are meant to fail
     (["--dataset", "fashionmnist", "--cutmix-prob", "1.5"], "--cutmix-prob must lie in [0, 1]"),
     (["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds"),
     (["--train-subset", "65"], "--train-subset must be a multiple of the 10 classes"),
+    (["--val-split", "1.0"], "val_split must be in [0, 1), got 1.0"),
+    (["--store-topk", "10"], "topk must lie in [1, K=10)"),
     pytest.param(["--device", "cuda:1"], "no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
@@ -309,6 +311,7 @@ def test_bad_train_arguments_are_refused_before_training(tmp_path, data_dir, arg
     result = pskd_in_process("train", *args, "--data-dir", str(data_dir), "-o", str(tmp_path / "run"))
     assert result.returncode != 0 and message in result.stderr
     assert not (tmp_path / "run" / "store").exists()  # refused before any training
+    assert not (tmp_path / "run" / "config.json").exists()  # the run can be started again, not "already holds a run"
 
 
 @pytest.mark.slow
