@@ -184,7 +184,7 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
     --batch-size is per process: the global batch is batch size x processes.
     """
     from pskd_store.distributed import launched_by_torchrun
-    from pskd_store.training import train  # torch/torchvision import only when training
+    from pskd_store.training import refuse_a_new_run_into, train  # torch/torchvision import only when training
 
     is_main = int(os.environ.get("RANK", "0")) == 0
     if from_epoch is not None and not resume:
@@ -213,6 +213,8 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
             config = TrainConfig(**options).resolved()
             stamp = time.strftime("%Y%m%d-%H%M%S")
             directory = Path(output or f"runs/{config.dataset}-{config.arch}-{config.method}-{stamp}")
+        if is_main and not resume:  # before the log is opened there
+            refuse_a_new_run_into(RunDirectory(directory))
         if is_main:  # one log, one progress bar: rank 0's
             setup_logging(RunDirectory(directory).log)
             logging.getLogger("pskd_store.train").info("run directory %s", directory)

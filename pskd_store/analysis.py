@@ -56,8 +56,9 @@ def load_run(path: str | Path) -> RunRecord:
     """Read a run directory without writing to it: config, trajectory tier, metrics, eval."""
     run = RunDirectory(Path(path))
     if not run.path.is_dir():
+        what = "is a file, not a run directory" if run.path.exists() else "does not exist"
         raise RunError(
-            f"run directory {run.path} does not exist: pass a directory written by "
+            f"run directory {run.path} {what}: pass a directory written by "
             "`pskd-store train` (it holds config.json and store/)"
         )
     try:

@@ -171,6 +171,20 @@ def _with_checksum(meta: dict[str, Any]) -> dict[str, Any]:
     return {**rest, META_CHECKSUM: google_crc32c.Checksum(canonical).hexdigest().decode()}
 
 
+def _enclosing_store(url: str) -> Path | None:
+    """The local pskd-store that a path lies inside (its teacher/ or trajectory/ folder, say)."""
+    if "://" in url:
+        return None
+    for parent in Path(url).absolute().parents:
+        try:
+            root = json.loads((parent / "zarr.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if ATTRS_KEY in root.get("attributes", {}):
+            return parent
+    return None
+
+
 def _loosest_sum_tolerance(parts: list[StagedPart]) -> dict[str, float]:
     """``sum_tolerance``: how far from 1 the sums of the probability rows written were
     allowed (bfloat16 probabilities: 2·2⁻⁷), for verify; nothing when all were logits."""
@@ -212,6 +226,9 @@ class SoftTargetStore:
         self.storage_options = storage_options
         meta = group.attrs.get(ATTRS_KEY)
         if meta is None:
+            enclosing = _enclosing_store(url)
+            if enclosing is not None:
+                raise StoreError(f"{url} is a part of the store at {enclosing}, not a store: pass {enclosing}")
             raise StoreError(f"{url} is a Zarr group but not a pskd-store (no '{ATTRS_KEY}' attributes): a store "
                              "whose creation was killed before its attributes were written holds nothing yet; "
                              "delete it and start again (SoftTargetStore.create with overwrite=True replaces it)")

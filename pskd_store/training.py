@@ -152,6 +152,17 @@ def _open_store(config: TrainConfig, directory: RunDirectory, splits: DataSplits
     return store or SoftTargetStore.open(url, labels=splits.train_labels, num_classes=splits.num_classes)
 
 
+def refuse_a_new_run_into(directory: RunDirectory) -> None:
+    """A new run goes into a directory that holds no run and is no store, refused before
+    anything is written there."""
+    if directory.config.exists():
+        raise ValueError(f"{directory.path} already holds a run: continue it with --resume {directory.path}, "
+                         "or choose another --output")
+    if (directory.path / "zarr.json").exists():
+        raise ValueError(f"{directory.path} is a store, not a run directory: choose another --output (a run keeps "
+                         "its store in RUN/store, or where --store says)")
+
+
 def _refuse_another_runs_store(config: TrainConfig) -> None:
     """A new run with ``--store`` needs a store of its own there, refused before the run
     directory holds anything: its seal would find another run's epochs, and a resume of a
@@ -194,9 +205,7 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
     if env.is_main:
         directory.remove_temporary_files()
         if not resume:
-            if directory.config.exists():
-                raise ValueError(f"{directory.path} already holds a run: continue it with --resume {directory.path}, "
-                                 "or choose another --output")
+            refuse_a_new_run_into(directory)
             _refuse_another_runs_store(config)
     configure_determinism(config.deterministic)
     run = build_run(config, directory, env, device, splits)

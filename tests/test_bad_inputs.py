@@ -470,8 +470,7 @@ def test_a_new_run_into_a_run_directory_is_refused_before_it_writes(tmp_path, tr
         train(config, run, quiet=True)
     refused = pskd_in_process("train", "--epochs", "1", "-o", str(run), "-q")
     assert refused.returncode == 1 and f"already holds a run: continue it with --resume {run}" in refused.stderr
-    after = {path: path.read_bytes() for path in run.rglob("*") if path.is_file() and path.name != "train.log"}
-    assert after == before  # the command's log records the refusal; nothing else changed
+    assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
 
 
 @pytest.mark.slow
@@ -487,6 +486,20 @@ def test_a_resume_whose_metrics_lost_rows_of_trained_epochs_is_refused_before_an
         assert refused.returncode == 1 and f"lacks the rows of epochs {missing}, which the checkpoint of epoch 2 " \
                                            "trained" in refused.stderr, refused.stderr
         assert SoftTargetStore.open(run / "store").sealed_epochs == [1, 2]
+
+
+@pytest.mark.slow
+def test_a_store_or_a_part_of_one_given_where_a_run_goes_is_named_as_such(tmp_path, trained_run):
+    store = trained_run / "store"
+    refused = pskd_in_process("train", "--epochs", "1", "-o", str(store), "-q")
+    assert refused.returncode == 1 and f"{store} is a store, not a run directory" in refused.stderr
+    assert not (store / "train.log").exists()
+    for command in ("info", "verify"):
+        part = pskd_in_process(command, str(store / "teacher"))
+        assert part.returncode != 0 and f"is a part of the store at {store}, not a store: pass {store}" in part.stderr
+        assert "delete it" not in part.stderr, part.stderr
+    inspected = pskd_in_process("inspect", str(trained_run / "config.json"), "--out", str(tmp_path / "out"))
+    assert inspected.returncode == 1 and "config.json is a file, not a run directory" in inspected.stderr
 
 
 def test_a_full_scratch_disk_during_the_seal_loses_nothing_sealed(tmp_path, monkeypatch):
