@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,7 +79,7 @@ def _read_run(run: RunDirectory) -> RunRecord:
     probs, labels = run.read_eval_probs()
     return RunRecord(
         path=run.path,
-        config=_read_json(run.config),
+        config=run.read_config(),
         labels=store.labels,
         trajectory=trajectory,
         metrics=run.metrics_rows(),
@@ -88,16 +87,6 @@ def _read_run(run: RunDirectory) -> RunRecord:
         eval_probs=probs,
         eval_labels=labels,
     )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object, or {} when the file is absent (a run made by hand may lack a config)."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise RunError(f"{path} is not valid JSON ({err}): fix or delete it") from err
 
 
 def correct_epochs(traj: dict[str, np.ndarray], labels: np.ndarray) -> np.ndarray:

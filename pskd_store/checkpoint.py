@@ -85,8 +85,12 @@ def checkpoint_problem(path: Path) -> str | None:
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
+            names = archive.namelist()
     except (zipfile.BadZipFile, OSError, EOFError) as err:
         return f"is not a readable checkpoint ({err}): it was cut short or damaged"
+    if not any(name.endswith("/data.pkl") for name in names):  # an .npz, say, written over it
+        return (f"is a zip archive of {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}, not a checkpoint "
+                "written by torch.save: another file was written over it, or this is not the checkpoint meant")
     if damaged is not None:
         return f"is damaged: its record {damaged} does not match the CRC-32 torch.save wrote for it (flipped bits)"
     return None

@@ -216,6 +216,6 @@ class TrainConfig:
     def load(cls, path: Path) -> TrainConfig:
         try:
             return cls(**json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
+        except (ValueError, TypeError) as err:  # not JSON, not text, or not a config's fields
             raise ValueError(f"{path} is not a config written by pskd-store train ({err}): restore it "
                              "from a backup, or start a new run") from err

@@ -60,14 +60,29 @@ class RunDirectory:
 
     def store_url(self) -> str:
         """Where the run's store is: ``store`` in config.json (``--store``), else RUN/store."""
-        if self.config.is_file():
-            try:
-                location = json.loads(self.config.read_text()).get("store")
-            except (json.JSONDecodeError, AttributeError):
-                location = None  # a damaged config is reported by whoever reads it in full
-            if location:
-                return str(location)
-        return str(self.store)
+        try:
+            location = self.read_config().get("store")
+        except RunError:
+            location = None  # a damaged config is reported by whoever reads it in full
+        return str(location) if location else str(self.store)
+
+    def read_config(self) -> dict[str, Any]:
+        """config.json as a dict, {} when there is none (a run made by hand may lack one)."""
+        if not self.config.is_file():
+            return {}
+        try:
+            config = json.loads(self.config.read_text())
+        except ValueError as err:  # not JSON, or not text (UnicodeDecodeError)
+            raise RunError(f"{self.config} is not valid JSON ({err}): restore it from a backup") from err
+        if not isinstance(config, dict):
+            raise RunError(f"{self.config} holds a JSON {type(config).__name__}, not a config's object: restore "
+                           "it from a backup")
+        return config
+
+    def missing_metrics(self, epoch: int) -> list[int]:
+        """The epochs up to ``epoch`` (a checkpoint's) whose metrics.jsonl rows are gone."""
+        kept = {row.get("epoch") for row in self.metrics_rows(torn_tail=True)}
+        return [e for e in range(1, epoch + 1) if e not in kept]
 
     def is_run(self) -> bool:
         """A directory written by `pskd-store train`: a config.json, or a store inside."""

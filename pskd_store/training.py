@@ -382,8 +382,7 @@ def _require_the_metrics_of(directory: RunDirectory, epoch: int) -> None:
     """A resumed run's metrics.jsonl keeps the rows of the epochs its checkpoint trained, which
     summary.json's best and final epochs are chosen from; refused, before anything changes,
     when some were deleted."""
-    kept = {row.get("epoch") for row in directory.metrics_rows(torn_tail=True)}
-    missing = [e for e in range(1, epoch + 1) if e not in kept]
+    missing = directory.missing_metrics(epoch)
     if missing:
         raise ValueError(f"{directory.metrics} lacks the rows of epochs {missing}, which the checkpoint of epoch "
                          f"{epoch} trained: put them back (a backup), or evaluate the checkpoint alone with "

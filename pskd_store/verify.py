@@ -22,7 +22,6 @@ again.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,8 +271,8 @@ def _cache_files(cache_dir: Path, store: SoftTargetStore, report: Report) -> dic
 
 def _run_config(run: RunDirectory) -> dict:
     try:
-        return json.loads(run.config.read_text()) if run.config.is_file() else {}
-    except json.JSONDecodeError:
+        return run.read_config()
+    except RunError:
         return {}  # reported by _check_run_files
 
 
@@ -281,11 +280,15 @@ def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) 
     from .checkpoint import checkpoint_epoch, checkpoint_problem  # imports torch
 
     report.checked.append("config.json")
-    if run.config.is_file():
-        try:
-            json.loads(run.config.read_text())
-        except json.JSONDecodeError as err:
-            report.add(str(run.config), f"is not valid JSON ({err})")
+    try:
+        run.read_config()
+    except RunError as err:
+        report.add(str(run.config), str(err).removeprefix(f"{run.config} "))
+    if not run.config.is_file() and run.checkpoint.is_file():  # made by train, which writes it first
+        report.add(str(run.config), "is missing: restore it from a backup")
+    if not run.checkpoint.is_file() and (store.latest_sealed or 0) > 1:  # epoch 1's came before epoch 2's seal
+        report.add(str(run.checkpoint), f"is missing, but the store has sealed epochs {store.sealed_epochs}: "
+                                        "the run cannot be resumed; restore its checkpoints from a backup")
     report.checked.append("metrics.jsonl")
     try:
         run.metrics_rows()
@@ -303,6 +306,13 @@ def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) 
         if checkpoint == run.checkpoint and epoch not in store.sealed_epochs:
             report.add(str(checkpoint), f"was written after epoch {epoch}, which the store has not sealed "
                                         f"(sealed: {store.sealed_epochs}): the store lost epochs the model trained on")
+        try:
+            missing = run.missing_metrics(epoch) if checkpoint == run.checkpoint else []
+        except RunError:  # a damaged line: reported above
+            missing = []
+        if missing:
+            report.add(str(run.metrics), f"lacks the rows of epochs {missing}, which the checkpoint of epoch "
+                                         f"{epoch} trained: restore it from a backup")
 
 
 # -- reporting -----------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -321,11 +322,21 @@ def test_the_console_script_refuses_in_one_line(tmp_path, data_dir):
     assert "Traceback" not in result.stderr and not (tmp_path / "run").exists()
 
 
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    """What `eval -o last.pt` once wrote over a checkpoint: a valid zip, not torch.save's."""
+    data = io.BytesIO()
+    np.savez(data, **arrays)
+    return data.getvalue()
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda run: (run / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 cut short"),
      "checkpoints/last.pt is not a readable checkpoint"),
     (lambda run: (run / "checkpoints" / "last.pt").write_bytes(b""),
      "checkpoints/last.pt is not a readable checkpoint"),
+    (lambda run: (run / "checkpoints" / "last.pt").write_bytes(_npz_bytes(probs=np.zeros(2))),
+     "checkpoints/last.pt is a zip archive of probs.npy, not a checkpoint written by torch.save"),
+    (lambda run: (run / "config.json").write_bytes(b"\xac\xed\x00"), "config.json is not a config"),
     (lambda run: (run / "config.json").write_text("{\"dataset\": "), "config.json is not a config"),
     (lambda run: (run / "metrics.jsonl").write_text("{\"epoch\": 1}\n{oops\n"), "line 2 of"),
 ])

@@ -501,6 +501,33 @@ def test_verify_checks_a_run_directorys_files(tmp_path, labels):
                for f in findings)
 
 
+def test_verify_names_the_run_files_that_are_missing_or_not_a_config(tmp_path, labels):
+    """A run made by train whose config.json, last checkpoint or metrics rows were deleted:
+    each named, as a resume would refuse them; config.json not text, or not an object."""
+    from pskd_store.checkpoint import save_checkpoint
+
+    run = tmp_path / "run"
+    store = SoftTargetStore.create(run / "store", labels, K, chunk_rows=CHUNK_ROWS)
+    for epoch in (1, 2):
+        write_epoch(store, epoch)
+    (run / "metrics.jsonl").write_text('{"epoch": 2}\n')
+    save_checkpoint(run / "checkpoints" / "last.pt", {"model": {}, "epoch": 2, "rng": []})
+    findings = {str(f) for f in verify_path(run).findings}
+    assert f"{run / 'config.json'}: is missing: restore it from a backup" in findings
+    assert f"{run / 'metrics.jsonl'}: lacks the rows of epochs [1], which the checkpoint of epoch 2 trained: " \
+           "restore it from a backup" in findings
+    (run / "checkpoints" / "last.pt").unlink()
+    findings = {str(f) for f in verify_path(run).findings}
+    assert f"{run / 'checkpoints' / 'last.pt'}: is missing, but the store has sealed epochs [1, 2]: the run cannot " \
+           "be resumed; restore its checkpoints from a backup" in findings
+    for written, problem in ((b"\xac\xed\x00", "is not valid JSON ('utf-8' codec can't decode"),
+                             (b"[]", "holds a JSON list, not a config's object")):
+        (run / "config.json").write_bytes(written)
+        assert any(f.startswith(f"{run / 'config.json'}: {problem}") for f in map(str, verify_path(run).findings))
+        inspected = pskd_in_process("inspect", str(run), "--out", str(tmp_path / "out"))
+        assert inspected.returncode == 1 and problem in inspected.stderr and "Traceback" not in inspected.stderr
+
+
 def test_staged_ids_rewritten_out_of_range_stop_the_seal(store):
     write_epoch(store, 4, seal=False)
     ids = zarr.open_array(Path(store.url) / "staging/epoch_0004/writer_0000/ids", mode="r+")
