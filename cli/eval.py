@@ -22,7 +22,7 @@ def checkpoint_path(path: str) -> Path:
 @click.option("--data-dir", type=click.Path(file_okay=False),
               help="Where the data set is, if not where the run found it.")
 @click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
-@click.option("--ece-bins", type=int, default=None,
+@click.option("--ece-bins", type=click.IntRange(min=1), default=None,
               help="ECE's number of bins. Default: the first run's --ece-bins (10, the paper's, unless set).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False),

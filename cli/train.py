@@ -92,11 +92,14 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
 @click.option("--epochs", type=int, help="Epochs T.")
 @click.option("-b", "--batch-size", type=int, help="Batch size.")
 @click.option("--lr", type=float, help="Initial learning rate (SGD).")
-@click.option("--momentum", type=float, default=DEFAULTS["momentum"], show_default=True)
-@click.option("--nesterov/--no-nesterov", default=DEFAULTS["nesterov"], show_default=True)
+@click.option("--momentum", type=float, default=DEFAULTS["momentum"], show_default=True,
+              help="SGD momentum (the paper's 0.9).")
+@click.option("--nesterov/--no-nesterov", default=DEFAULTS["nesterov"], show_default=True,
+              help="Nesterov momentum, as the authors' main.py sets it.")
 @click.option("--wd", "--weight-decay", "weight_decay", type=float, help="Weight decay.")
 @click.option("--milestones", help="Epochs at which lr is multiplied by --lr-gamma, e.g. 150,225.")
-@click.option("--lr-gamma", type=float, default=DEFAULTS["lr_gamma"], show_default=True)
+@click.option("--lr-gamma", type=float, default=DEFAULTS["lr_gamma"], show_default=True,
+              help="What the lr is multiplied by at each of --milestones (the paper's 0.1).")
 @click.option("--val-split", type=float, default=DEFAULTS["val_split"], show_default=True,
               help="Hold out this fraction of the training set (e.g. 0.1) to tune alpha_T.")
 @click.option("--train-subset", type=int,
@@ -106,7 +109,9 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
               help="The data set's random crop and flip (and ImageNet's colour changes) on training images. "
                    "--no-crop-flip trains on the images as they are: a departure from the recipes, to reach the "
                    "regime where a network memorises its labels.")
-@click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True)
+@click.option("--seed", type=int, default=DEFAULTS["seed"], show_default=True,
+              help="Seeds the initial weights, the data order, the hold-out split and every augmentation: the "
+                   "same seed on the same device repeats a run.")
 @click.option("-j", "--workers", type=int,
               help="DataLoader worker processes; default min(4, usable CPUs), 0 for MNIST-1D (in memory).")
 @click.option("--device", default=DEFAULTS["device"], show_default=True,
@@ -206,6 +211,7 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
                 if ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
                     setattr(config, name, options[name])  # where it runs, not what it computes
         else:
+            _refuse_settings_not_read(ctx, options["method"], options["aug"])
             output = options.pop("output")
             if output is None and launched_by_torchrun():
                 raise click.UsageError("under torchrun pass --output RUN_DIR: every process must write the same run")
@@ -218,7 +224,12 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
         if is_main:  # one log, one progress bar: rank 0's
             setup_logging(RunDirectory(directory).log)
             logging.getLogger("pskd_store.train").info("run directory %s", directory)
-        summary = train(config, directory, resume=bool(resume), from_epoch=from_epoch, quiet=quiet)
+        try:
+            summary = train(config, directory, resume=bool(resume), from_epoch=from_epoch, quiet=quiet)
+        except KeyboardInterrupt:
+            if is_main:
+                click.echo(f"interrupted: continue the run with pskd-store train --resume {directory}", err=True)
+            raise click.Abort() from None
     except (ValueError, OSError, StoreError) as err:  # each names its file and the fix
         raise click.ClickException(str(err)) from err
     if summary is None:  # another rank than 0 of a torchrun launch
@@ -238,3 +249,20 @@ def _parse_milestones(text: str | None) -> list[int] | None:
     except ValueError:
         raise click.BadParameter(f"expected comma-separated epochs such as 150,225, got {text!r}",
                                  param_hint="--milestones") from None
+
+
+def _refuse_settings_not_read(ctx: click.Context, method: str, aug: str) -> None:
+    """A setting given for another method (or augmentation) than the run's would change
+    nothing: a sweep over it would train the same run again and again."""
+    readers = {name: [m for m, cls in METHODS.items() if name in cls.settings]
+               for cls in METHODS.values() for name in cls.settings}
+    readers["cutmix_prob"] = [m for m, cls in METHODS.items() if cls.mixes_by_chance]  # with --aug cutmix
+    for name, methods in readers.items():
+        read = method in methods and (name != "cutmix_prob" or aug == "cutmix")
+        if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None) and not read:
+            flag = next(param.opts[0] for param in ctx.command.params if param.name == name)
+            by = " or ".join(f"--method {m}" for m in methods)
+            if name == "cutmix_prob":
+                by = f"--aug cutmix with {by}"
+            raise click.UsageError(f"{flag} is read by {by}, not by --method {method} --aug {aug}: drop it")
+

@@ -72,7 +72,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """The checkpoint at ``path``, after every record of it matched the CRC-32 that
     torch.save wrote beside it in the file (torch.load itself checks none)."""
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: pass a run directory or a .pt file written by train")
+        where = (f"{path.parent.parent} is a run directory without {path.parent.name}/{path.name}"
+                 if (path.parent.parent / "config.json").is_file() else f"no checkpoint at {path}")
+        raise FileNotFoundError(f"{where}: pass a run directory or a .pt file written by train")
     problem = checkpoint_problem(path)
     if problem:
         raise CheckpointDamagedError(f"{path} {problem}")
@@ -86,7 +88,12 @@ def checkpoint_problem(path: Path) -> str | None:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
             names = archive.namelist()
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
+    except OSError as err:  # a folder, no permission
+        return f"is not a readable checkpoint ({err})"
+    except (zipfile.BadZipFile, EOFError) as err:
+        with open(path, "rb") as file:
+            if file.read(2) not in (b"", b"PK"):  # torch.save writes a zip archive, which starts so
+                return "is not a checkpoint: not the zip archive torch.save writes (another kind of file?)"
         return f"is not a readable checkpoint ({err}): it was cut short or damaged"
     if not any(name.endswith("/data.pkl") for name in names):  # an .npz, say, written over it
         return (f"is a zip archive of {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}, not a checkpoint "

@@ -51,6 +51,8 @@ class Method:
 
     name: ClassVar[str]
     description: ClassVar[str]  # one line for ``--method``'s help
+    settings: ClassVar[tuple[str, ...]] = ()  # the TrainConfig fields from_config reads
+    mixes_by_chance: ClassVar[bool] = True  # --aug cutmix mixes a batch with probability --cutmix-prob
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> Method:
@@ -137,6 +139,9 @@ class ProgressiveSelfKd(Method):
     description: ClassVar[str] = "progressive self-knowledge distillation: targets blend in last epoch's predictions"
     teacher_weight: float = 0.8
 
+    settings: ClassVar[tuple[str, ...]] = ("alpha_T",)
+    mixes_by_chance: ClassVar[bool] = False  # the augmented half of every batch, always
+
     @classmethod
     def from_config(cls, config: TrainConfig) -> Method:
         return cls(config.alpha_T)
@@ -176,6 +181,8 @@ class TeacherFreeKd(Method):
                                   "smoothed label")
     regulariser: TfKd = TfKd()
 
+    settings: ClassVar[tuple[str, ...]] = ("tfkd_alpha", "tfkd_temperature", "tfkd_multiplier")
+
     @classmethod
     def from_config(cls, config: TrainConfig) -> Method:
         return cls(TfKd(config.tfkd_alpha, config.tfkd_temperature, config.tfkd_multiplier))
@@ -194,6 +201,8 @@ class ClassWiseKd(Method):
     description: ClassVar[str] = ("CS-KD (Yun et al. 2020): CE plus a KL term to another same-class sample's "
                                   "prediction")
     regulariser: CsKd = CsKd()
+
+    settings: ClassVar[tuple[str, ...]] = ("cskd_temperature", "cskd_weight")
 
     @classmethod
     def from_config(cls, config: TrainConfig) -> Method:

@@ -183,17 +183,21 @@ class TrainConfig:
             raise ValueError(f"--wd must be a non-negative number, got {self.weight_decay}")
         if any(m < 1 or m > self.epochs for m in self.milestones):
             raise ValueError(f"lr milestones {self.milestones} must lie within 1..{self.epochs}")
+        if len(set(self.milestones)) < len(self.milestones):  # MultiStepLR multiplies once per listing
+            raise ValueError(f"lr milestones {self.milestones} list an epoch twice, which multiplies the lr by "
+                             "--lr-gamma twice there: give each epoch once")
         if self.ece_bins < 1:
             raise ValueError(f"--ece-bins must be at least 1 (the paper uses 10), got {self.ece_bins}")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
             raise ValueError(f"--steps-per-epoch must be at least 1, got {self.steps_per_epoch}")
-        if not 0.0 <= self.tfkd_alpha <= 1.0 or self.tfkd_temperature <= 0 or self.tfkd_multiplier < 0:
+        if not (0.0 <= self.tfkd_alpha <= 1.0 and 0 < self.tfkd_temperature < math.inf
+                and 0 <= self.tfkd_multiplier < math.inf):  # NaN fails each comparison
             raise ValueError(
                 f"--tfkd-alpha must lie in [0, 1], --tfkd-temperature be positive and --tfkd-multiplier "
                 f"non-negative (defaults {TfKd.alpha:g}, {TfKd.temperature:g}, {TfKd.multiplier:g}), got "
                 f"{self.tfkd_alpha}, {self.tfkd_temperature}, {self.tfkd_multiplier}"
             )
-        if self.cskd_temperature <= 0 or self.cskd_weight < 0:
+        if not (0 < self.cskd_temperature < math.inf and 0 <= self.cskd_weight < math.inf):
             raise ValueError(f"--cskd-temperature must be positive and --cskd-weight non-negative (defaults "
                              f"{CsKd.temperature:g} and {CsKd.weight:g}), got {self.cskd_temperature} and "
                              f"{self.cskd_weight}")

@@ -151,8 +151,8 @@ def _open_root(zstore: zarr.abc.store.Store, url: str, read_only: bool) -> zarr.
                 "restore it from a backup; without it no teacher there can be trusted"
             ) from err
         raise StoreNotFoundError(
-            f"no pskd-store at {url}: check the path, or create one with "
-            "SoftTargetStore.create (the train command does so)"
+            f"no pskd-store at {url}: check the path (pskd-store train makes one in RUN/store; "
+            "SoftTargetStore.create in Python)"
         ) from err
     except (ValueError, TypeError, KeyError) as err:  # a zarr.json that is not JSON, or not zarr's
         raise StoreDamagedError(_root_damaged(url, f"{type(err).__name__}: {str(err)[:120]}")) from err
@@ -208,8 +208,8 @@ def _open_zarr_store(url: str | Path, read_only: bool, storage_options: dict | N
     if Path(text).exists() and not Path(text).is_dir():
         raise StoreError(f"{text} is a file, not a store (a directory): pass the store's directory")
     if must_exist and not Path(text).exists():  # a writable LocalStore would create the directory
-        raise StoreNotFoundError(f"no pskd-store at {text}: check the path, or create one with "
-                                 "SoftTargetStore.create (the train command does so)")
+        raise StoreNotFoundError(f"no pskd-store at {text}: check the path (pskd-store train makes one in "
+                                 "RUN/store; SoftTargetStore.create in Python)")
     return LocalStore(Path(text), read_only=read_only)
 
 

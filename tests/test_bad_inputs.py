@@ -34,7 +34,7 @@ from store_helpers import chunk_file, epoch_probs, make_labels, write_epoch
 from torch.utils.data import TensorDataset
 
 from pskd_store.augment import BatchAugment
-from pskd_store.checkpoint import load_checkpoint
+from pskd_store.checkpoint import checkpoint_problem, load_checkpoint
 from pskd_store.cli.main import cli
 from pskd_store.data import _split_indices
 from pskd_store.dataset import SoftTargetDataset
@@ -299,10 +299,22 @@ pskd = partial(pskd, check=False)  # these commands are meant to fail
     (["--lr-gamma", "1.5"], "--lr-gamma must lie in (0, 1]"),
     (["--lr-gamma", "0"], "--lr-gamma must lie in (0, 1]"),
     (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N"),
-    (["--dataset", "fashionmnist", "--cutmix-prob", "1.5"], "--cutmix-prob must lie in [0, 1]"),
+    (["--dataset", "fashionmnist", "--method", "ce", "--aug", "cutmix", "--cutmix-prob", "1.5"],
+     "--cutmix-prob must lie in [0, 1]"),
     (["--dist-timeout", "0"], "--dist-timeout must be a positive number of seconds"),
     (["--train-subset", "65"], "--train-subset must be a multiple of the 10 classes"),
     (["--val-split", "1.0"], "val_split must be in [0, 1), got 1.0"),
+    (["--method", "tfkd", "--tfkd-temperature", "nan"], "--tfkd-temperature be positive"),
+    (["--method", "tfkd", "--tfkd-multiplier", "inf"], "--tfkd-multiplier non-negative"),
+    (["--method", "cskd", "--cskd-temperature", "nan"], "--cskd-temperature must be positive"),
+    (["--epochs", "3", "--milestones", "2,2"], "list an epoch twice, which multiplies the lr by --lr-gamma twice"),
+    (["--method", "ce", "--alpha-T", "0.3"], "--alpha-T is read by --method pskd, not by --method ce --aug none"),
+    (["--tfkd-alpha", "0.5"], "--tfkd-alpha is read by --method tfkd, not by --method pskd"),
+    (["--method", "tfkd", "--cskd-weight", "3"], "--cskd-weight is read by --method cskd, not by --method tfkd"),
+    (["--dataset", "fashionmnist", "--method", "ce", "--cutmix-prob", "0.9"],
+     "--cutmix-prob is read by --aug cutmix with --method ce or --method ls or --method tfkd or --method cskd, not "
+     "by --method ce --aug none"),
+    (["--dataset", "fashionmnist", "--aug", "cutmix", "--cutmix-prob", "0.9"], "not by --method pskd --aug cutmix"),
     (["--store-topk", "10"], "topk must lie in [1, K=10)"),
     pytest.param(["--device", "cuda:1"], "no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
@@ -337,6 +349,8 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
     (lambda run: (run / "checkpoints" / "last.pt").write_bytes(_npz_bytes(probs=np.zeros(2))),
      "checkpoints/last.pt is a zip archive of probs.npy, not a checkpoint written by torch.save"),
     (lambda run: (run / "config.json").write_bytes(b"\xac\xed\x00"), "config.json is not a config"),
+    (lambda run: (run / "checkpoints" / "last.pt").write_text('{"epoch": 2}'),
+     "last.pt is not a checkpoint: not the zip archive torch.save writes"),
     (lambda run: (run / "config.json").write_text("{\"dataset\": "), "config.json is not a config"),
     (lambda run: (run / "metrics.jsonl").write_text("{\"epoch\": 1}\n{oops\n"), "line 2 of"),
 ])
@@ -590,11 +604,31 @@ LIBRARY_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("a validation split leaving nothing", lambda s, y, t: _split_indices(1, 0.5, 0), ValueError,
      "val_split=0.5 leaves no training samples out of 1"),
     ("no checkpoint there", lambda s, y, t: load_checkpoint(t / "last.pt"), FileNotFoundError, "no checkpoint at"),
+    ("a run without its last checkpoint", lambda s, y, t: _load_a_runs_missing_checkpoint(t), FileNotFoundError,
+     "run is a run directory without checkpoints/last.pt: pass a run directory or a .pt file"),
+    ("a folder for a checkpoint", lambda s, y, t: _raise(checkpoint_problem(_a_folder(t / "folder.pt"))),
+     ValueError, "is not a readable checkpoint ([Errno 21] Is a directory"),
     ("set_epoch in a DataLoader worker", lambda s, y, t: _set_epoch_in_a_worker(s, y), RuntimeError,
      "set_epoch() belongs in the main process"),
     ("prepare in a DataLoader worker", lambda s, y, t: _prepare_in_a_worker(s), RuntimeError,
      "prepare() runs in the main process"),
 ]
+
+
+def _load_a_runs_missing_checkpoint(tmp: Path) -> dict:
+    (tmp / "run").mkdir()
+    (tmp / "run" / "config.json").write_text("{}")
+    return load_checkpoint(tmp / "run" / "checkpoints" / "last.pt")
+
+
+def _raise(problem: str | None) -> None:
+    raise ValueError(problem)
+
+
+def _a_folder(path: Path) -> Path:
+    """A directory where a file is meant: what `is_file` refuses but a path can name."""
+    path.mkdir()
+    return path
 
 
 @pytest.mark.parametrize("action, error, message", [case[1:] for case in LIBRARY_CASES],

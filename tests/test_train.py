@@ -60,6 +60,20 @@ def test_a_redirected_log_has_epoch_lines_and_no_progress_frames(tmp_path, data_
 
 
 @pytest.mark.slow
+def test_ctrl_c_names_the_command_that_continues_the_run(tmp_path, data_dir):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([PSKD, "train", "--epochs", "50", "--data-dir", str(data_dir), "-o", str(run), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1 and f"interrupted: continue the run with pskd-store train --resume {run}" in \
+        stderr.decode(), stderr.decode()
+
+
+@pytest.mark.slow
 def test_a_terminal_gets_progress_bars(tmp_path, data_dir):
     """On a terminal (a pseudo-terminal here) each epoch draws its bar, with its running loss,
     error, alpha_t and speed."""
@@ -484,6 +498,8 @@ def test_eval_of_a_trained_run_repeats_its_final_test_metrics(trained_run, tmp_p
         result = CliRunner().invoke(cli, ["eval", str(run), "--device", "cpu", "-o", str(precious)])
         assert result.exit_code == 1 and "holds no evaluation's probabilities: refusing" in result.output
         assert precious.read_bytes() == before
+    result = CliRunner().invoke(cli, ["eval", str(run), "--ece-bins", "0"])
+    assert result.exit_code == 2 and "Invalid value for '--ece-bins'" in result.output
     for _ in range(2):  # an earlier evaluation's file is written again
         result = CliRunner().invoke(cli, ["eval", str(run), "--device", "cpu", "-o", str(tmp_path / "mine.npz")])
         assert result.exit_code == 0, result.output
