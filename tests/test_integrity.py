@@ -495,7 +495,7 @@ def test_verify_checks_a_run_directorys_files(tmp_path, labels):
     assert any(f.startswith(f"{run / 'metrics.jsonl'}: ") and "line 2" in f for f in findings)
     assert f"{run / 'checkpoints' / 'last.pt'}: was written after epoch 2, which the store has not sealed " \
            "(sealed: [1]): the store lost epochs the model trained on" in findings
-    (run / "checkpoints" / "last.pt").write_bytes(b"cut short")
+    (run / "checkpoints" / "last.pt").write_bytes(b"PK\x03\x04 cut short")  # a zip's start, no more
     findings = {str(f) for f in verify_path(run).findings}
     assert any(f.startswith(f"{run / 'checkpoints' / 'last.pt'}: ") and "not a readable checkpoint" in f
                for f in findings)

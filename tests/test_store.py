@@ -751,7 +751,7 @@ def test_read_only_store_refuses_writes(store):
 
 
 def test_missing_store_path(tmp_path):
-    with pytest.raises(StoreError, match=r"no pskd-store at .*missing.*create one"):
+    with pytest.raises(StoreError, match=r"no pskd-store at .*missing: check the path \(pskd-store train makes one"):
         SoftTargetStore.open(tmp_path / "missing")
 
 
