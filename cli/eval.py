@@ -41,12 +41,14 @@ def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str,
     from pskd_store.evaluation import evaluate_checkpoints
 
     paths = [checkpoint_path(p) for p in checkpoints]
+    run = RunDirectory(paths[0].parent.parent)
     try:
+        if output is not None:  # refused before the evaluation, not after it
+            run.require_room_for_probabilities(Path(output))
         metrics, predictions = evaluate_checkpoints(paths, split=split, data_dir=data_dir,
                                                     device=device, ece_bins=ece_bins)
-    except (ValueError, OSError, StoreError) as err:  # each names its file and the fix
+    except (ValueError, OSError, StoreError) as err:  # each names its file and the fix (RunError is one)
         raise click.ClickException(str(err)) from err
-    run = RunDirectory(paths[0].parent.parent)
     if output is None:
         output = run.eval_probs(split, ensemble=len(paths) > 1)
         if len(paths) == 1 and paths[0] != run.checkpoint:  # inspect's test_probs.npz stays the final model's

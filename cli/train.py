@@ -227,8 +227,10 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
         try:
             summary = train(config, directory, resume=bool(resume), from_epoch=from_epoch, quiet=quiet)
         except KeyboardInterrupt:
-            if is_main:
+            if is_main and RunDirectory(directory).config.is_file():
                 click.echo(f"interrupted: continue the run with pskd-store train --resume {directory}", err=True)
+            elif is_main:  # before the data set, the model and the store were made: nothing to resume
+                click.echo("interrupted before the run began: run the same command again", err=True)
             raise click.Abort() from None
     except (ValueError, OSError, StoreError) as err:  # each names its file and the fix
         raise click.ClickException(str(err)) from err

@@ -196,15 +196,20 @@ class RunDirectory:
         there are logits (``nll``; none for an ensemble); ``sources`` names the checkpoints
         they came from."""
         path = path if path is not None else self.eval_probs()
-        if path.exists() and path.parent != self.eval_probs().parent and not _holds_probabilities(path):
-            raise RunError(f"{path} exists and holds no evaluation's probabilities: refusing to write over it; "
-                           "pass another --output")
+        self.require_room_for_probabilities(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         extra = {} if sample_nll is None else {"nll": sample_nll}
         data = io.BytesIO()  # a file object: NumPy adds no .npz to the name given
         np.savez_compressed(data, probs=probs, labels=labels, checkpoints=np.array(sources), **extra)
         write_atomically(path, data.getvalue())  # renamed into place: never half a file
         return path
+
+    def require_room_for_probabilities(self, path: Path) -> None:
+        """Refuse ``path`` for probabilities when it holds something else (a checkpoint, a
+        config); the run's eval/ files, an empty file or an earlier evaluation's are written over."""
+        if path.exists() and path.parent != self.eval_probs().parent and not _may_write_over(path):
+            raise RunError(f"{path} exists and holds no evaluation's probabilities: refusing to write over it; "
+                           "pass another --output")
 
     def read_eval_probs(self) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Test probabilities and labels written by training or `pskd-store eval`, or (None, None)."""
@@ -221,8 +226,11 @@ class RunDirectory:
             raise RunError(f"{path} cannot be read ({err}): rerun `pskd-store eval {self.path}`") from err
 
 
-def _holds_probabilities(path: Path) -> bool:
-    """Whether ``path`` is an earlier evaluation's probabilities (an .npz with ``probs``)."""
+def _may_write_over(path: Path) -> bool:
+    """Whether ``path`` is an empty file or an earlier evaluation's probabilities (an .npz
+    with ``probs``)."""
+    if path.is_file() and path.stat().st_size == 0:  # mktemp's, say
+        return True
     try:
         data = np.load(path, mmap_mode="r")  # an .npy is mapped, not read
     except (OSError, ValueError, EOFError, zipfile.BadZipFile):

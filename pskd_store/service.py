@@ -47,9 +47,7 @@ class PredictionService:
     """
 
     def __init__(self, store: SoftTargetStore, cache_dir: str | Path | None = None):
-        # a folder given is shared, by the runs of a node say: each store decodes into its
-        # own subfolder, since a store drops every cached epoch it no longer keeps
-        self.cache_dir = Path(cache_dir) / store.store_id if cache_dir is not None else default_cache_dir(store)
+        self.cache_dir = cache_folder(store, cache_dir)
         self.encoding = store.encoding  # what a stored row holds: lookup rebuilds top-k rows
         self._store: SoftTargetStore | None = store
         self._maps: dict[tuple[int, str], np.ndarray] = {}
@@ -180,6 +178,13 @@ def _write_npy(file: BinaryIO, array: CheckedArray, encoding: RowEncoding) -> st
         checksum.update(rows)  # read-only rows: google_crc32c reads no others
         file.write(rows.data)
     return checksum.hexdigest().decode()
+
+
+def cache_folder(store: SoftTargetStore, cache_dir: str | Path | None = None) -> Path:
+    """Where ``store``'s epochs are decoded. A folder given is shared (by the runs of a
+    node, say): each store decodes into its own subfolder, since a store drops every cached
+    epoch it no longer keeps."""
+    return Path(cache_dir) / store.store_id if cache_dir is not None else default_cache_dir(store)
 
 
 def default_cache_dir(store: SoftTargetStore) -> Path:

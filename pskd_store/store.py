@@ -172,8 +172,9 @@ def _with_checksum(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _enclosing_store(url: str) -> Path | None:
-    """The local pskd-store that a path lies inside (its teacher/ or trajectory/ folder, say);
-    an object store's URL names no local folder, and finds none."""
+    """The local pskd-store that a path lies inside (its teacher/ or trajectory/ folder, say)."""
+    if "://" in url:  # an object store's: no local folder
+        return None
     for parent in Path(url).absolute().parents:
         try:
             root = json.loads((parent / "zarr.json").read_text())

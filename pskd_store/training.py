@@ -440,6 +440,8 @@ def _resume_advice(directory: RunDirectory, store: SoftTargetStore, damaged: Pat
                     "the run anew into another --output")
         return (f"resume from epoch {epoch}, whose checkpoint is intact: "
                 f"pskd-store train --resume {directory.path} --from-epoch {epoch}")
+    if (store.latest_sealed or 0) > 1:  # a run without checkpoints is refused then (_restore)
+        return "restore it from a backup, or train the run anew into another --output"
     return "restore it from a backup, or delete it to train the run again from epoch 1"
 
 

@@ -95,12 +95,12 @@ def verify_run(run: RunDirectory, *, progress: bool = False) -> Report:
 def verify_store(store: SoftTargetStore, *, cache_dir: str | Path | None = None, progress: bool = False,
                  target: str | None = None) -> Report:
     """Check every part of ``store`` (and its memory-map cache); writes nothing."""
-    from .service import default_cache_dir  # imports torch; only the cache check needs it
+    from .service import cache_folder  # imports torch; only the cache check needs it
 
     started = time.perf_counter()
     report = Report(target or store.url)
     labels = _check_sealed_list_and_labels(store, report)
-    cache = _cache_files(Path(cache_dir) if cache_dir else default_cache_dir(store), store, report)
+    cache = _cache_files(cache_folder(store, cache_dir or None), store, report)
     bar = tqdm(store.sealed_epochs, desc="verify", unit="epoch", disable=None if progress else True, leave=False)
     for epoch in bar:  # a bar on a terminal only (disable=None)
         trajectory = _check_trajectory(store, epoch, report)

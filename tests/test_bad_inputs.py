@@ -527,6 +527,21 @@ def test_a_store_or_a_part_of_one_given_where_a_run_goes_is_named_as_such(tmp_pa
     assert inspected.returncode == 1 and "config.json is a file, not a run directory" in inspected.stderr
 
 
+@pytest.mark.slow
+def test_both_checkpoints_damaged_after_epochs_past_the_first_name_no_start_over(tmp_path, data_dir):
+    """Deleting them would not start the run over: a run with epochs past the first sealed
+    and no checkpoint is refused."""
+    from pskd_store.training import train
+
+    run = tmp_path / "run"
+    train(TrainConfig(epochs=3, steps_per_epoch=2, workers=0, data_dir=str(data_dir)).resolved(), run, quiet=True)
+    for name in ("last.pt", "previous.pt"):
+        (run / "checkpoints" / name).write_bytes(b"PK\x03\x04 cut short")
+    refused = CliRunner().invoke(cli, ["train", "--resume", str(run), "-q"])
+    assert refused.exit_code == 1 and "restore it from a backup, or train the run anew into another --output" in \
+        refused.output and "delete it" not in refused.output, refused.output
+
+
 def test_a_full_scratch_disk_during_the_seal_loses_nothing_sealed(tmp_path, monkeypatch):
     """The seal's scratch file (80 KB) cannot grow: a clear error naming where it was, the
     previous teacher intact, and the epoch sealed once there is room."""

@@ -26,7 +26,7 @@ from pskd_store.integrity import CheckedArray, row_ranges
 from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from pskd_store.store_keys import epoch_key
-from pskd_store.verify import verify_path
+from pskd_store.verify import verify_path, verify_store
 
 N, K, CHUNK_ROWS = 96, 7, 16
 
@@ -479,6 +479,19 @@ def test_verify_compares_a_cache_with_a_valid_checksum_against_the_store(store):
     _rewrite_cache(cached, rows[:10])
     findings = [str(f) for f in verify_path(store.url).findings]
     assert findings == [f"memory-map cache {cached}: holds a float16 array of shape (10, {K})"]
+
+
+def test_verify_compares_the_cache_in_a_cache_folder_given(store, tmp_path):
+    """A run's --cache-dir: the store decodes into its own subfolder there, which verify reads."""
+    service = PredictionService(store, cache_dir=tmp_path / "cache")
+    cached = service.path(3, service.prepare(3))
+    assert cached.parent == tmp_path / "cache" / store.store_id
+    rows = np.load(cached)
+    rows[4] = rows[4][::-1]
+    _rewrite_cache(cached, rows)
+    findings = [str(f) for f in verify_store(reopen(store), cache_dir=tmp_path / "cache").findings]
+    assert findings == ["memory-map cache of epoch 3: rows 4-4 differ from the store (a cache: it is decoded "
+                        "again when deleted)"]
 
 
 def test_verify_checks_a_run_directorys_files(tmp_path, labels):

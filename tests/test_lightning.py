@@ -210,6 +210,12 @@ def test_a_resume_with_another_alpha_T_or_number_of_epochs_is_refused_before_the
     assert SoftTargetStore.open(tmp_path / "store").epoch_info(3)["schedule"] == {"alpha_T": 0.8, "total_epochs": 3}
 
 
+def test_a_numpy_alpha_T_is_recorded_as_a_number(tmp_path):
+    pskd, loader = wrapped(tmp_path, alpha_T=np.float32(0.5))
+    quiet_trainer(tmp_path, [pskd], max_epochs=1).fit(lightning_run.Classifier(), loader)
+    assert SoftTargetStore.open(tmp_path / "store").epoch_info(1)["schedule"] == {"alpha_T": 0.5, "total_epochs": 1}
+
+
 def test_a_checkpoint_of_an_epochs_last_step_resumes_into_the_next_epoch(tmp_path):
     """``ModelCheckpoint(every_n_train_steps=...)`` runs after this callback, so a step that
     ends an epoch is saved after its seal: epoch 1 sealed, nothing being written. Lightning

@@ -750,6 +750,16 @@ def test_read_only_store_refuses_writes(store):
         ro.seal(2)
 
 
+def test_a_zarr_group_at_a_url_is_named_no_store_not_a_part_of_a_local_one(tmp_path, monkeypatch):
+    import zarr
+
+    zarr.open_group("memory://bucket/group", mode="w")
+    write_epoch(SoftTargetStore.create(tmp_path / "store", make_labels(N, K), K), 1)
+    monkeypatch.chdir(tmp_path / "store" / "teacher")  # a local store around the working directory
+    with pytest.raises(StoreError, match="memory://bucket/group is a Zarr group but not a pskd-store"):
+        SoftTargetStore.open("memory://bucket/group")
+
+
 def test_missing_store_path(tmp_path):
     with pytest.raises(StoreError, match=r"no pskd-store at .*missing: check the path \(pskd-store train makes one"):
         SoftTargetStore.open(tmp_path / "missing")

@@ -73,6 +73,17 @@ def test_ctrl_c_names_the_command_that_continues_the_run(tmp_path, data_dir):
         stderr.decode(), stderr.decode()
 
 
+def test_ctrl_c_before_the_run_began_says_to_run_the_command_again(tmp_path, data_dir, monkeypatch):
+    import pskd_store.training as training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # while the data set downloads, say
+    monkeypatch.setattr(training, "build_run", interrupted)
+    result = CliRunner().invoke(cli, ["train", "--data-dir", str(data_dir), "-o", str(tmp_path / "run")])
+    assert result.exit_code == 1 and "interrupted before the run began: run the same command again" in result.output
+    assert not (tmp_path / "run" / "config.json").exists()
+
+
 @pytest.mark.slow
 def test_a_terminal_gets_progress_bars(tmp_path, data_dir):
     """On a terminal (a pseudo-terminal here) each epoch draws its bar, with its running loss,
@@ -500,7 +511,8 @@ def test_eval_of_a_trained_run_repeats_its_final_test_metrics(trained_run, tmp_p
         assert precious.read_bytes() == before
     result = CliRunner().invoke(cli, ["eval", str(run), "--ece-bins", "0"])
     assert result.exit_code == 2 and "Invalid value for '--ece-bins'" in result.output
-    for _ in range(2):  # an earlier evaluation's file is written again
+    (tmp_path / "mine.npz").write_bytes(b"")  # mktemp's: empty
+    for _ in range(2):  # then an earlier evaluation's file: each written over
         result = CliRunner().invoke(cli, ["eval", str(run), "--device", "cpu", "-o", str(tmp_path / "mine.npz")])
         assert result.exit_code == 0, result.output
 

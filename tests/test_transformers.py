@@ -303,17 +303,26 @@ def test_a_masked_lm_per_token_trains_each_position_on_its_own_label_as_the_plai
 
 
 def test_a_causal_lm_padded_on_the_left_is_refused_per_token(tmp_path):
-    from transformers import DataCollatorForSeq2Seq, GPT2Config, GPT2LMHeadModel, TrainingArguments
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        GPT2Config,
+        GPT2LMHeadModel,
+        TrainingArguments,
+        default_data_collator,
+    )
 
     left = tokenizer()
     left.padding_side = "left"
     records = [{"input_ids": [2, 3, 4], "labels": [2, 3, 4]}, {"input_ids": [5, 6], "labels": [5, 6]}]
     model = GPT2LMHeadModel(GPT2Config(vocab_size=30, n_positions=12, n_embd=16, n_layer=1, n_head=2))
     arguments = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), report_to=[], use_cpu=True)
-    for collator, processing_class in ((DataCollatorForSeq2Seq(left), None), (None, left)):
+    for collator, processing_class in ((DataCollatorForSeq2Seq(left), None), (None, left)):  # None: it pads
         with pytest.raises(ValueError, match="needs right padding: .* Set tokenizer.padding_side = 'right'"):
             PSKDTrainer(model=model, args=arguments, train_dataset=records, data_collator=collator,
                         processing_class=processing_class, pskd_store=tmp_path / "store", per_token=True)
+    blocks = [{"input_ids": [2, 3, 4, 5], "labels": [2, 3, 4, 5]}] * 2  # packed to one length: never padded
+    PSKDTrainer(model=model, args=arguments, train_dataset=blocks, data_collator=default_data_collator,
+                processing_class=left, pskd_store=tmp_path / "store", per_token=True)
 
 
 def test_per_token_with_alpha_T_0_trains_as_the_plain_trainer_under_gradient_accumulation(tmp_path):

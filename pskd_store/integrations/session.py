@@ -79,7 +79,7 @@ class StoreSession:
 
     def _schedule(self) -> dict[str, float]:
         """What alpha_t = alpha_T·t/T is made of: recorded with each sealed epoch."""
-        return {"alpha_T": self.data.alpha_T, "total_epochs": self.data.total_epochs}
+        return {"alpha_T": float(self.data.alpha_T), "total_epochs": int(self.data.total_epochs)}  # JSON's
 
     @property
     def epoch(self) -> int:

@@ -77,7 +77,7 @@ class PSKDTrainer(Trainer):
         self.pskd_url = str(pskd_store)
         self.pskd_options = dict(alpha_T=alpha_T, overwrite=overwrite, cache_dir=cache_dir, **(store_options or {}))
         self.pskd_shift = per_token and _predicts_the_next_token(self.model)
-        padder = getattr(self.data_collator, "tokenizer", None) or self.processing_class
+        padder = getattr(self.data_collator, "tokenizer", None)  # a collator that pads (packed blocks: none)
         if self.pskd_shift and getattr(padder, "padding_side", None) == "left":
             raise ValueError(
                 "per-token PS-KD of a causal LM needs right padding: padded on the left, a record's first token "
