@@ -212,11 +212,15 @@ def train_arm(arm: str, splits, args, workdir: Path) -> dict:
 
 def interleaved(splits, args, workdir: Path) -> dict[str, list[dict]]:
     """Every arm's epochs (as :func:`arm_epochs` yields them), the arms taking turns step by
-    step, in an order rotated each epoch."""
+    step, in an order rotated each epoch and reversed every other one: work an arm leaves
+    running after its turn (a thread, a worker, queued kernels) lands on the arm after it,
+    which is then not always the same one."""
     runs = {arm: arm_epochs(arm, splits, args, workdir, turns=True) for arm in ARMS}
     epochs: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for epoch in range(args.epochs):
         training = ARMS[epoch % len(ARMS):] + ARMS[:epoch % len(ARMS)]
+        if epoch % 2:
+            training = training[::-1]
         while training:
             for arm in training:
                 done = next(runs[arm])

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow  # six epochs of three arms: the full suite only
 
 
 @pytest.mark.parametrize("evaluate", [False, True], ids=["steps", "with-evaluation"])
-def test_the_arms_take_turns_step_by_step_in_an_order_rotated_each_epoch(data_dir, monkeypatch, capsys, evaluate):
+def test_the_arms_take_turns_step_by_step_in_an_order_rotated_and_reversed(data_dir, monkeypatch, capsys, evaluate):
     benchmark = benchmark_script("train_overhead")
     turns = []  # (arm, None) after each step, (arm, epoch) after each epoch
     real = benchmark.arm_epochs
@@ -32,10 +32,10 @@ def test_the_arms_take_turns_step_by_step_in_an_order_rotated_each_epoch(data_di
     benchmark.main()
     report = json.loads(capsys.readouterr().out)
     assert [turn for turn in turns if turn[1] is not None] == [
-        ("ce", 1), ("store", 1), ("teacher", 1), ("store", 2), ("teacher", 2), ("ce", 2)]
+        ("ce", 1), ("store", 1), ("teacher", 1), ("ce", 2), ("teacher", 2), ("store", 2)]
     steps = [arm for arm, epoch in turns if epoch is None]
     per_epoch = len(steps) // 6  # ceil(1000 / 128) batches of the subset
-    assert per_epoch == 8 and steps == ["ce", "store", "teacher"] * per_epoch + ["store", "teacher", "ce"] * per_epoch
+    assert per_epoch == 8 and steps == ["ce", "store", "teacher"] * per_epoch + ["ce", "teacher", "store"] * per_epoch
     assert report["machine"]["freed_memory_kept"] is (malloc == "keep")  # glibc, on this machine
     for arm, parts in report["parts_ms_per_epoch"].items():  # an arm's epoch is its own turns, not the others'
         assert 1000 * report["epoch_s"][arm] == pytest.approx(sum(parts.values()), rel=1e-9)
