@@ -17,6 +17,7 @@ that does not match is decoded again from the store, with a warning.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -184,7 +185,14 @@ def cache_folder(store: SoftTargetStore, cache_dir: str | Path | None = None) ->
     """Where ``store``'s epochs are decoded. A folder given is shared (by the runs of a
     node, say): each store decodes into its own subfolder, since a store drops every cached
     epoch it no longer keeps."""
-    return Path(cache_dir) / store.store_id if cache_dir is not None else default_cache_dir(store)
+    return Path(cache_dir) / _store_folder(store) if cache_dir is not None else default_cache_dir(store)
+
+
+def _store_folder(store: SoftTargetStore) -> str:
+    """A store's own cache subfolder: its id, and where it is (a copied store, a fork of a
+    run, keeps the id; its epochs then differ from the original's)."""
+    where = str(store.local_path.resolve()) if store.local_path is not None else store.url.rstrip("/")
+    return f"{store.store_id}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
 
 
 def default_cache_dir(store: SoftTargetStore) -> Path:
@@ -200,4 +208,4 @@ def default_cache_dir(store: SoftTargetStore) -> Path:
         if os.access(beside if beside.exists() else local.parent, os.W_OK, effective_ids=effective):
             return beside
     base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "pskd-store" / store.store_id
+    return base / "pskd-store" / _store_folder(store)

@@ -171,6 +171,12 @@ def _with_checksum(meta: dict[str, Any]) -> dict[str, Any]:
     return {**rest, META_CHECKSUM: google_crc32c.Checksum(canonical).hexdigest().decode()}
 
 
+def _bucket_root(url: str) -> bool:
+    """Whether ``url`` names an object store's bucket itself (``s3://bucket``), no prefix in it."""
+    scheme, _, rest = url.partition("://")
+    return bool(rest) and scheme != "file" and "/" not in rest.strip("/")
+
+
 def _enclosing_store(url: str) -> Path | None:
     """The local pskd-store that a path lies inside (its teacher/ or trajectory/ folder, say)."""
     if "://" in url:  # an object store's: no local folder
@@ -296,6 +302,10 @@ class SoftTargetStore:
         except ValueError as err:
             raise StoreError(str(err)) from err
         rows = chunk_rows or default_chunk_rows(encoding.width * encoding.stored_dtype.itemsize, len(labels))
+        if overwrite and _bucket_root(str(url)):
+            raise StoreError(f"{url} is the root of a bucket: overwriting a store there would delete the bucket "
+                             "(and, versioned, every version in it); keep the store under a prefix, e.g. "
+                             f"{str(url).rstrip('/')}/run/store")
         zstore = _open_zarr_store(url, read_only=False, storage_options=storage_options)
         try:
             group = zarr.open_group(zstore, mode="w" if overwrite else "w-")

@@ -413,7 +413,7 @@ def test_a_read_only_store_still_serves_teachers_from_a_writable_cache(shared_di
     expected = 0.8 * 2 / 10 * past
     expected[label] += 1 - 0.8 * 2 / 10
     np.testing.assert_allclose(target.numpy(), expected, rtol=1e-6)
-    assert list((cache_home / "pskd-store" / read_only.store_id).glob("epoch_0001-*.npy"))
+    assert list((cache_home / "pskd-store").glob(f"{read_only.store_id}-*/epoch_0001-*.npy"))
     assert not (shared_dir / "store.mmap").exists() or os.geteuid() != 0
     assert sealed_snapshot(shared_dir / "store") == before
 

@@ -23,7 +23,7 @@ from store_helpers import chunk_file, epoch_probs, write_epoch
 from pskd_store.array_files import ARRAY_CONFIG, codecs_with_checksum
 from pskd_store.errors import EpochNotSealedError, StoreDamagedError, StoreError
 from pskd_store.integrity import CheckedArray, row_ranges
-from pskd_store.service import PredictionService
+from pskd_store.service import PredictionService, cache_folder
 from pskd_store.store import SoftTargetStore
 from pskd_store.store_keys import epoch_key
 from pskd_store.verify import verify_path, verify_store
@@ -181,7 +181,7 @@ def test_teacher_chunks_moved_after_the_seal_are_refused_where_training_reads_th
     not_sealed = r"the teacher of epoch 3 .* its chunks are not the ones sealed"
     with pytest.raises(StoreDamagedError, match=not_sealed):
         PredictionService(reopen(store), cache_dir=tmp_path / "cache").prepare(3)
-    assert list((tmp_path / "cache" / store.store_id).iterdir()) == []  # nothing published, no temporary file
+    assert list(cache_folder(store, tmp_path / "cache").iterdir()) == []  # nothing published, no temporary file
     with pytest.raises(StoreDamagedError, match=not_sealed):
         reopen(store).read_epoch(3)
 
@@ -200,7 +200,12 @@ def test_runs_sharing_a_cache_folder_keep_each_others_decoded_teachers(tmp_path,
     for service, token, expected in zip(services, tokens, probs):
         worker = pickle.loads(pickle.dumps(service))
         np.testing.assert_array_equal(worker.lookup(1, token, ids).numpy(), expected.astype(np.float16))
-    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == sorted(s.store_id for s in stores)
+    assert sorted(path.name for path in (tmp_path / "cache").iterdir()) == sorted(
+        cache_folder(s, tmp_path / "cache").name for s in stores)
+    shutil.copytree(tmp_path / "a", tmp_path / "fork")  # a run forked by copying its store: the same store id
+    fork = SoftTargetStore.open(tmp_path / "fork")
+    assert fork.store_id == stores[0].store_id
+    assert cache_folder(fork, tmp_path / "cache") != cache_folder(stores[0], tmp_path / "cache")
 
 
 def test_a_damaged_cache_file_is_decoded_again(store, caplog):
@@ -485,7 +490,7 @@ def test_verify_compares_the_cache_in_a_cache_folder_given(store, tmp_path):
     """A run's --cache-dir: the store decodes into its own subfolder there, which verify reads."""
     service = PredictionService(store, cache_dir=tmp_path / "cache")
     cached = service.path(3, service.prepare(3))
-    assert cached.parent == tmp_path / "cache" / store.store_id
+    assert cached.parent == cache_folder(store, tmp_path / "cache") and cached.parent.parent == tmp_path / "cache"
     rows = np.load(cached)
     rows[4] = rows[4][::-1]
     _rewrite_cache(cached, rows)

@@ -207,3 +207,26 @@ def test_a_sequence_store_on_s3_seals_serves_rolls_back_and_verifies(s3, tmp_pat
     values, stored_classes = reopened.encoding.sparse(expected_rows(logits, labels, 4)[store.token_rows.rows([5])])
     np.testing.assert_array_equal(probs[item_labels != -100].numpy(), values)
     np.testing.assert_array_equal(classes[item_labels != -100].numpy(), stored_classes)
+
+
+def test_the_integrations_open_the_store_with_the_storage_options_they_create_it_with(s3, monkeypatch):
+    """Credentials given only as storage_options (none in the environment): the session's
+    store is created and opened with them, and opened again on a resume."""
+    from torch.utils.data import TensorDataset
+
+    from pskd_store.distributed import Distributed
+    from pskd_store.integrations.session import StoreSession
+
+    options = {"key": s3["AWS_ACCESS_KEY_ID"], "secret": s3["AWS_SECRET_ACCESS_KEY"]}
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name)
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    labels = np.arange(32) % 4
+    base = TensorDataset(torch.zeros(32, 2), torch.from_numpy(labels))
+    for resuming in (False, True):
+        session = StoreSession.open("s3://runs/options/store", base, labels, num_classes=4, alpha_T=0.8,
+                                    total_epochs=2, env=Distributed(), resuming=resuming, storage_options=options)
+        assert session.store.num_samples == 32
+

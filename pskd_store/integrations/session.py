@@ -48,7 +48,8 @@ class StoreSession:
         if env.is_main and not resuming:
             _create(url, labels, num_classes, overwrite, {**create_kwargs, "lengths": lengths})
         env.barrier()
-        store = SoftTargetStore.open(url, labels=labels, num_classes=num_classes, lengths=lengths)
+        store = SoftTargetStore.open(url, labels=labels, num_classes=num_classes, lengths=lengths,
+                                     storage_options=create_kwargs.get("storage_options"))
         served = SoftTargetDataset if lengths is None else TokenTargetDataset
         data = served(base, store, alpha_T, total_epochs, cache_dir=cache_dir, seed=seed, rank=env.rank)
         return cls(store, data, env, sealed=0)
