@@ -172,9 +172,10 @@ def _with_checksum(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bucket_root(url: str) -> bool:
-    """Whether ``url`` names an object store's bucket itself (``s3://bucket``), no prefix in it."""
+    """Whether ``url`` names an object store's bucket itself (``s3://bucket``), no prefix in it
+    (fsspec's file systems without buckets: a folder, which an overwrite may empty)."""
     scheme, _, rest = url.partition("://")
-    return bool(rest) and scheme != "file" and "/" not in rest.strip("/")
+    return bool(rest) and scheme not in ("file", "local", "memory") and "/" not in rest.strip("/")
 
 
 def _enclosing_store(url: str) -> Path | None:

@@ -166,12 +166,15 @@ def refuse_a_new_run_into(directory: RunDirectory) -> None:
 def _refuse_another_runs_store(config: TrainConfig) -> None:
     """A new run with ``--store`` needs a store of its own there, refused before the run
     directory holds anything: its seal would find another run's epochs, and a resume of a
-    run without a checkpoint rolls its store back to nothing, that run's epochs with it."""
+    run without a checkpoint rolls its store back to nothing, that run's epochs with it. A
+    store with nothing sealed (made by this command, interrupted before it began) is taken."""
     if config.store is None:  # RUN/store, in a directory that holds no run yet
         return
     try:
-        SoftTargetStore.open(config.store, read_only=True)
+        store = SoftTargetStore.open(config.store, read_only=True)
     except StoreNotFoundError:
+        return
+    if not store.sealed_epochs:  # no run's predictions yet: made by a run interrupted before its first seal
         return
     raise StoreExistsError(f"a store already exists at {config.store}, another run's: give this run one of its "
                            "own (another --store, or none for RUN/store), or continue the run that made it with "

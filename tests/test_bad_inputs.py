@@ -770,6 +770,9 @@ def test_a_new_run_is_refused_another_runs_store_before_it_writes_anything(tmp_p
 
     _refuse_another_runs_store(TrainConfig(store=str(tmp_path / "fresh")))  # nothing there: the run may make it
     assert not (tmp_path / "fresh").exists()
+    # a store with nothing sealed, left by a run interrupted before it began: the same command again takes it
+    SoftTargetStore.create(tmp_path / "empty", SoftTargetStore.open(run / "store").labels, 10)
+    _refuse_another_runs_store(TrainConfig(store=str(tmp_path / "empty")))
 
 
 @pytest.mark.slow

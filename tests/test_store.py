@@ -760,12 +760,18 @@ def test_a_zarr_group_at_a_url_is_named_no_store_not_a_part_of_a_local_one(tmp_p
         SoftTargetStore.open("memory://bucket/group")
 
 
-@pytest.mark.parametrize("url", ["memory://bucket", "memory://bucket/", "s3://bucket"])
+@pytest.mark.parametrize("url", ["s3://bucket", "s3://bucket/", "gs://bucket"])
 def test_overwriting_a_store_at_a_buckets_root_is_refused(url):
     """zarr's overwrite deletes the store's folder: at a bucket's root, s3fs deletes the bucket."""
     with pytest.raises(StoreError, match=r"is the root of a bucket: overwriting a store there would delete the "
                                          r"bucket .* keep the store under a prefix, e.g. .*bucket/run/store"):
         SoftTargetStore.create(url, make_labels(N, K), K, overwrite=True)
+
+
+def test_a_store_at_the_top_of_a_file_system_without_buckets_is_overwritten():
+    for _ in range(2):
+        SoftTargetStore.create("memory://top-store", make_labels(N, K), K, overwrite=True)
+    assert SoftTargetStore.open("memory://top-store").sealed_epochs == []
 
 
 def test_missing_store_path(tmp_path):
