@@ -81,6 +81,12 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
+def checkpointed(sealed_epochs: list[int]) -> bool:
+    """Whether a run whose store sealed ``sealed_epochs`` wrote a checkpoint: epoch 1's is
+    written before epoch 2 is sealed, so a run without one lost it."""
+    return bool(sealed_epochs) and sealed_epochs[-1] > 1
+
+
 def checkpoint_problem(path: Path) -> str | None:
     """What is wrong with the checkpoint file at ``path``, or None when it is whole: torch.save
     writes a zip archive whose every record carries a CRC-32, checked here record by record."""

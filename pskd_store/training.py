@@ -41,6 +41,7 @@ from .checkpoint import (
     CheckpointDamagedError,
     checkpoint_epoch,
     checkpoint_problem,
+    checkpointed,
     link_into_place,
     load_checkpoint,
     rng_state,
@@ -356,7 +357,7 @@ def _restore(run: RunParts, directory: RunDirectory, env: Distributed, device: t
     run killed before its first checkpoint, which then starts over with an empty store."""
     path = _checkpoint_of(directory, from_epoch)
     if path is None:
-        if (run.store.latest_sealed or 0) > 1:  # epoch 1's checkpoint came before epoch 2's seal
+        if checkpointed(run.store.sealed_epochs):
             raise ValueError(f"{directory.path} has no checkpoint, but its store has sealed epochs "
                              f"{run.store.sealed_epochs}: its checkpoints were deleted or moved. Put them back "
                              "in checkpoints/, or train the run anew into another --output")
@@ -443,7 +444,7 @@ def _resume_advice(directory: RunDirectory, store: SoftTargetStore, damaged: Pat
                     "the run anew into another --output")
         return (f"resume from epoch {epoch}, whose checkpoint is intact: "
                 f"pskd-store train --resume {directory.path} --from-epoch {epoch}")
-    if (store.latest_sealed or 0) > 1:  # a run without checkpoints is refused then (_restore)
+    if checkpointed(store.sealed_epochs):  # a run without checkpoints is refused then (_restore)
         return "restore it from a backup, or train the run anew into another --output"
     return "restore it from a backup, or delete it to train the run again from epoch 1"
 

@@ -277,7 +277,7 @@ def _run_config(run: RunDirectory) -> dict:
 
 
 def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) -> None:
-    from .checkpoint import checkpoint_epoch, checkpoint_problem  # imports torch
+    from .checkpoint import checkpoint_epoch, checkpoint_problem, checkpointed  # imports torch
 
     report.checked.append("config.json")
     try:
@@ -286,7 +286,7 @@ def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) 
         report.add(str(run.config), str(err).removeprefix(f"{run.config} "))
     if not run.config.is_file() and run.checkpoint.is_file():  # made by train, which writes it first
         report.add(str(run.config), "is missing: restore it from a backup")
-    if not run.checkpoint.is_file() and (store.latest_sealed or 0) > 1:  # epoch 1's came before epoch 2's seal
+    if not run.checkpoint.is_file() and checkpointed(store.sealed_epochs):
         report.add(str(run.checkpoint), f"is missing, but the store has sealed epochs {store.sealed_epochs}: "
                                         "the run cannot be resumed; restore its checkpoints from a backup")
     report.checked.append("metrics.jsonl")

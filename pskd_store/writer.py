@@ -136,9 +136,6 @@ class PredictionWriter(ClosesOnSuccess):
         # buffer are converted alike (cast into it, softmaxed or encoded), so a kind is not mixed
         self._kind: tuple[str, torch.dtype] | None = None
         self._closed = False
-        # probabilities (from_logits=False): the loosest sum check their rows passed, which the
-        # seal records so that verify allows their stored rows as much (bfloat16 rows: 1.6%)
-        self._sum_tolerance: float | None = None
         self._queue: queue.Queue = queue.Queue()
         try:  # here, not in the background thread: on a CPU, that thread's work slows the steps it overlaps
             self._part.create(self._num_samples, self._encoding.width, self._chunk_rows, self._encoding.stored_dtype,
@@ -195,8 +192,6 @@ class PredictionWriter(ClosesOnSuccess):
             )
         accelerator = accelerator_for(outputs.device)
         tolerance = _sum_tolerance(outputs.dtype, self._torch_dtype)
-        if not self.from_logits:
-            self._sum_tolerance = max(self._sum_tolerance or 0.0, tolerance)
         check = None
         # stored rows made where the outputs are: on a device, half the copy (far less for top-k);
         # for top-k on the host, a buffer of k-wide rows instead of K-wide logits (a vocabulary's)
@@ -252,7 +247,15 @@ class PredictionWriter(ClosesOnSuccess):
         self._raise_if_failed()
         self._warn_if_probabilities()
         if not self._part.closed:
-            self._part.close(self._sum_tolerance)
+            self._part.close(self._given_sum_tolerance())
+
+    def _given_sum_tolerance(self) -> float | None:
+        """For probabilities (from_logits=False): how far from 1 their rows' sums were allowed,
+        one dtype every write, which the seal records so that verify allows the stored rows as
+        much (bfloat16 rows: 1.6%); None for logits."""
+        if self.from_logits or self._kind is None:
+            return None
+        return _sum_tolerance(self._kind[1], self._torch_dtype)
 
     def abandon(self) -> None:
         """Stop without closing: the epoch's rows stay unsealed and invisible to readers,
