@@ -96,8 +96,9 @@ class TeacherEpochDataset(Dataset, ABC):
         self.service = PredictionService(store, cache_dir)
         self._store = store
         store.add_reader(self)  # the store's writers refuse an epoch this data set is not set to
-        # [epoch, teacher epoch or 0, seal token as int]: written by set_epoch, read by workers
-        self._state = torch.zeros(3, dtype=torch.int64).share_memory_()
+        # [epoch, teacher epoch or 0, seal token as int, set_epoch calls]: written by set_epoch,
+        # read by workers (the count: a worker maps the teacher again after each, service.py)
+        self._state = torch.zeros(4, dtype=torch.int64).share_memory_()
 
     @abstractmethod
     def _require_same_data(self, base: Dataset, store: SoftTargetStore) -> None:
@@ -121,17 +122,19 @@ class TeacherEpochDataset(Dataset, ABC):
             token = token_to_int(self.service.prepare(teacher))
         self._state[1] = teacher
         self._state[2] = token
+        self._state[3] += 1
         self._state[0] = epoch
 
     def __getitem__(self, index: int) -> tuple:
         return self.__getitems__([index])[0]
 
-    def _current(self) -> tuple[int, int, int]:
-        """(epoch, teacher epoch or 0, seal token as int), in one read of what set_epoch wrote."""
-        epoch, teacher, token = self._state.tolist()
+    def _current(self) -> tuple[int, int, int, int]:
+        """(epoch, teacher epoch or 0, seal token as int, set_epoch calls), in one read of
+        what set_epoch wrote."""
+        epoch, teacher, token, prepared = self._state.tolist()
         if epoch == 0:
             raise RuntimeError(f"call set_epoch(epoch) before iterating a {type(self).__name__}")
-        return epoch, teacher, token
+        return epoch, teacher, token, prepared
 
     def _load(self, indices: list[int], epoch: int) -> list[tuple]:
         """The base data set's items; with a seed, each drawn from generators seeded by
@@ -230,20 +233,22 @@ class SoftTargetDataset(TeacherEpochDataset):
         ids = torch.as_tensor(ids).cpu().numpy()
         return self._blend(self._checked_labels(torch.as_tensor(labels).tolist(), ids), ids, *self._current())
 
-    def _blend(self, labels: np.ndarray, ids: np.ndarray, epoch: int, teacher: int, token: int) -> torch.Tensor:
+    def _blend(self, labels: np.ndarray, ids: np.ndarray, epoch: int, teacher: int, token: int,
+               prepared: int) -> torch.Tensor:
         if teacher == 0:
             return torch.nn.functional.one_hot(torch.from_numpy(labels), self.num_classes).float()
-        table = self._targets_table(epoch, teacher, token)
+        table = self._targets_table(epoch, teacher, token, prepared)
         if table is not None:
             return torch.from_numpy(table.take(ids, axis=0))
-        return self._blended(labels, ids, epoch, teacher, token)
+        return self._blended(labels, ids, epoch, teacher, token, prepared)
 
-    def _blended(self, labels: np.ndarray, ids: np.ndarray, epoch: int, teacher: int, token: int) -> torch.Tensor:
+    def _blended(self, labels: np.ndarray, ids: np.ndarray, epoch: int, teacher: int, token: int,
+                 prepared: int) -> torch.Tensor:
         """(1 - a_t)·onehot(labels) + a_t·p_{t-1}(ids), p read from the memory map."""
-        past = self.service.lookup(teacher, token_from_int(token), ids)
+        past = self.service.lookup(teacher, token_from_int(token), ids, prepared)
         return soft_target(torch.from_numpy(labels), past, alpha_t(epoch, self.total_epochs, self.alpha_T))
 
-    def _targets_table(self, epoch: int, teacher: int, token: int) -> np.ndarray | None:
+    def _targets_table(self, epoch: int, teacher: int, token: int, prepared: int) -> np.ndarray | None:
         """Every sample's target at this epoch, blended by the main process once per epoch
         when they take at most ``TABLE_BYTES`` (the class docstring says why); None in a
         worker and for larger ones. Made again when anything the blend reads changes: the
@@ -253,7 +258,8 @@ class SoftTargetDataset(TeacherEpochDataset):
             return self._table[1]
         if get_worker_info() is not None or len(self._labels) * self.num_classes * 4 > self.TABLE_BYTES:
             return None
-        self._table = (state, self._blended(self._labels, np.arange(len(self._labels)), epoch, teacher, token).numpy())
+        self._table = (state, self._blended(self._labels, np.arange(len(self._labels)), epoch, teacher, token,
+                                            prepared).numpy())
         return self._table[1]
 
     def _checked_labels(self, labels: Sequence, ids: np.ndarray) -> np.ndarray:

@@ -63,7 +63,7 @@ class PredictionService:
         try:
             if not self._intact(path):
                 self._decode(store.teacher_array(epoch), path)
-                self._maps.pop((epoch, token), None)  # a map of the file it replaced still reads that one
+                self._maps.clear()  # a map of the file it replaced still reads that one
             self._drop_stale(store)
         except OSError as err:
             raise StoreError(
@@ -97,9 +97,12 @@ class PredictionService:
     def path(self, epoch: int, token: str) -> Path:
         return self.cache_dir / cache_file_name(epoch, token)
 
-    def view(self, epoch: int, token: str) -> np.ndarray:
-        """The read-only (N, K) memory map of a prepared epoch, opened once per process."""
-        key = (epoch, token)
+    def view(self, epoch: int, token: str, prepared: int = 0) -> np.ndarray:
+        """The read-only (N, K) memory map of a prepared epoch, opened once per process for
+        each ``prepared``: a count of :meth:`prepare` calls, by which another process (a
+        persistent DataLoader worker) maps the file again after each, since ``prepare`` may
+        have decoded a new file in place of the one that process mapped."""
+        key = (epoch, token, prepared)
         view = self._maps.get(key)
         if view is None:
             try:
@@ -113,14 +116,15 @@ class PredictionService:
             self._maps = {key: view}  # one epoch mapped at a time per process
         return view
 
-    def lookup(self, epoch: int, token: str, ids: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Predictions of ``ids`` at ``epoch`` as a float32 (B, K) tensor (top-k rows rebuilt)."""
-        rows = self.encoding.expand(self.stored_rows(epoch, token, ids))
+    def lookup(self, epoch: int, token: str, ids: np.ndarray | torch.Tensor, prepared: int = 0) -> torch.Tensor:
+        """Predictions of ``ids`` at ``epoch`` as a float32 (B, K) tensor (top-k rows rebuilt);
+        ``prepared``: :meth:`view`."""
+        rows = self.encoding.expand(self.stored_rows(epoch, token, ids, prepared))
         return torch.from_numpy(rows).float()  # torch widens float16 4x faster than NumPy
 
-    def stored_rows(self, epoch: int, token: str, ids: np.ndarray | torch.Tensor) -> np.ndarray:
-        """Rows ``ids`` of a prepared epoch as stored (row_encoding.py)."""
-        return self.view(epoch, token).take(np.asarray(ids), axis=0)  # faster than fancy indexing
+    def stored_rows(self, epoch: int, token: str, ids: np.ndarray | torch.Tensor, prepared: int = 0) -> np.ndarray:
+        """Rows ``ids`` of a prepared epoch as stored (row_encoding.py); ``prepared``: :meth:`view`."""
+        return self.view(epoch, token, prepared).take(np.asarray(ids), axis=0)  # faster than fancy indexing
 
     def _require_store(self) -> SoftTargetStore:
         if self._store is None:

@@ -45,12 +45,12 @@ class TokenTargetDataset(TeacherEpochDataset):
                              f"{store.token_rows.num_sequences}: use the store of this data set")
 
     def __getitems__(self, indices: list[int]) -> TokenTargetItems:
-        epoch, teacher, token = self._current()
+        epoch, teacher, token, prepared = self._current()
         items = self._load(indices, epoch)
         ids = np.array([int(i) for i in indices], dtype=np.int64)
         labels = [torch.as_tensor(label) for _, label in items]
         targets = [label != self.ignore_index for label in labels]
-        probs, classes, alpha = self._lookup(ids, labels, targets, epoch, teacher, token)
+        probs, classes, alpha = self._lookup(ids, labels, targets, epoch, teacher, token, prepared)
         out, at = [], 0
         for (input, _), label, target, i in zip(items, labels, targets, ids):
             n = int(target.sum())
@@ -77,12 +77,13 @@ class TokenTargetDataset(TeacherEpochDataset):
         return batch_probs, batch_classes, alpha
 
     def _lookup(self, ids: np.ndarray, labels: list[torch.Tensor], targets: list[torch.Tensor], epoch: int,
-                teacher: int, token: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+                teacher: int, token: int, prepared: int) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(probabilities, classes) of every target position of ``ids`` in row order, and a_t."""
         rows = self._check_tokens(ids, labels, targets)
         if teacher == 0:
             return torch.zeros((len(rows), self._width)), torch.zeros((len(rows), self._width), dtype=torch.int64), 0.0
-        probs, classes = self.service.encoding.sparse(self.service.stored_rows(teacher, token_from_int(token), rows))
+        probs, classes = self.service.encoding.sparse(self.service.stored_rows(teacher, token_from_int(token), rows,
+                                                                               prepared))
         return torch.from_numpy(probs), torch.from_numpy(classes), alpha_t(epoch, self.total_epochs, self.alpha_T)
 
     def _check_tokens(self, ids: np.ndarray, labels: list[torch.Tensor], targets: list[torch.Tensor]) -> np.ndarray:

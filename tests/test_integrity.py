@@ -211,14 +211,18 @@ def test_runs_sharing_a_cache_folder_keep_each_others_decoded_teachers(tmp_path,
 def test_a_damaged_cache_file_is_decoded_again(store, caplog):
     service = PredictionService(store)
     token = service.prepare(3)
+    service.lookup(3, token, np.arange(N))  # mapped in this process
     cached = service.path(3, token)
     flip_byte(cached, at=0.9)
+    expected = epoch_probs(3, N, K).astype(np.float16).astype(np.float32)
     fresh = PredictionService(reopen(store))  # another process: nothing mapped yet
     with caplog.at_level(logging.WARNING, logger="pskd_store.service"):
         assert fresh.prepare(3) == token
     assert "does not match its checksum: decoding it again" in caplog.text
-    np.testing.assert_array_equal(fresh.lookup(3, token, np.arange(N)).numpy(),
-                                  epoch_probs(3, N, K).astype(np.float16).astype(np.float32))
+    np.testing.assert_array_equal(fresh.lookup(3, token, np.arange(N)).numpy(), expected)
+    flip_byte(cached, at=0.9)
+    assert service.prepare(3) == token  # decoded again: this process's map of the damaged file is dropped
+    np.testing.assert_array_equal(service.lookup(3, token, np.arange(N)).numpy(), expected)
     cached.with_name(cached.name + ".crc32c").unlink()  # no checksum: not trusted either
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pskd_store.service"):
@@ -247,6 +251,32 @@ def test_a_cache_file_that_rots_while_mapped_is_not_served_after_it_is_decoded_a
     data.set_epoch(4)
     past = torch.from_numpy(epoch_probs(3, N, K).astype(np.float16).astype(np.float32))
     assert torch.equal(data.__getitems__(ids).targets, soft_target(torch.from_numpy(labels), past, 0.8))
+
+
+@pytest.mark.slow
+def test_a_persistent_worker_maps_the_file_decoded_again_for_the_same_epoch(store, labels):
+    """The same as above with a persistent DataLoader worker, which mapped the damaged file
+    in the first pass: after ``set_epoch`` decoded it again (a new file in its place), the
+    worker must map the new file, not keep serving its map of the damaged one."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pskd_store.dataset import SoftTargetDataset, collate_soft_targets
+    from pskd_store.loss import soft_target
+
+    data = SoftTargetDataset(TensorDataset(torch.zeros(N, 1), torch.from_numpy(labels)), store, 0.8, 4)
+    loader = DataLoader(data, batch_size=N, num_workers=1, persistent_workers=True, collate_fn=collate_soft_targets,
+                        multiprocessing_context="fork")
+    data.set_epoch(4)  # the teacher: epoch 3
+    cached = data.service.path(3, store.epoch_info(3)["seal_token"])
+    with open(cached, "r+b") as file:  # in place: the same file, which the worker then maps
+        file.seek(-N * K * 2, 2)
+        file.write(bytes(N * K * 2))
+    (_, targets, _, _), = loader
+    assert targets.max() <= 0.2 + 1e-6  # (1 - a_t)·onehot, and zeros for p_3: the worker read the damage
+    data.set_epoch(4)
+    (_, targets, _, _), = loader
+    past = torch.from_numpy(epoch_probs(3, N, K).astype(np.float16).astype(np.float32))
+    assert torch.equal(targets, soft_target(torch.from_numpy(labels), past, 0.8))
 
 
 def test_verify_a_clean_store(store):

@@ -338,6 +338,31 @@ def test_rollback_and_the_memory_map_work_on_token_rows(tmp_path):
     np.testing.assert_array_equal(view, expected_rows(logits * 3, labels, 4))
 
 
+@pytest.mark.slow
+def test_a_persistent_worker_maps_token_rows_decoded_again_for_the_same_epoch(tmp_path):
+    """A cache file damaged in place, read by a persistent worker, then decoded again by the
+    next ``set_epoch`` of the same epoch: the worker serves the new file's rows."""
+    labels = padded_labels()
+    store = sequence_store(tmp_path, labels, None)
+    logits = torch.randn(S, L, V, generator=torch.Generator().manual_seed(9))
+    write_tokens(store, 1, logits, labels)
+    data = TokenTargetDataset(Sequences(labels), store, 0.8, 4)
+    loader = DataLoader(data, batch_size=S, num_workers=1, persistent_workers=True, collate_fn=collate_soft_targets,
+                        multiprocessing_context="fork")
+    targets = torch.from_numpy(labels != IGNORE_INDEX)
+    data.set_epoch(2)
+    cached = data.service.path(1, store.epoch_info(1)["seal_token"])
+    rows = int(targets.sum())
+    with open(cached, "r+b") as file:  # in place: the same file, which the worker then maps
+        file.seek(-rows * V * 2, 2)
+        file.write(bytes(rows * V * 2))
+    (_, _, probs, _, _, _), = loader
+    assert not probs.any()  # the worker read the damage
+    data.set_epoch(2)
+    (_, _, probs, _, _, _), = loader
+    np.testing.assert_array_equal(probs[targets].numpy(), expected_rows(logits, labels, None))
+
+
 def test_info_and_verify_commands_read_a_sequence_store(tmp_path):
     labels = padded_labels()
     store = sequence_store(tmp_path, labels, 4)
