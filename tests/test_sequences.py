@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from conftest import benchmark_script, pskd_in_process
 from torch.utils.data import DataLoader
 
+from pskd_store.analysis import correct_epochs
 from pskd_store.dataset import collate_soft_targets
 from pskd_store.errors import StoreDamagedError
 from pskd_store.loss import soft_target, token_soft_cross_entropy
@@ -156,6 +157,26 @@ def test_the_trajectory_tier_holds_per_sample_summaries(tmp_path):
     assert trajectory["token_accuracy"][0, 3] == 1.0  # every position of sample 3 predicts its target
     assert not trajectory["written"][1, 1] and np.isnan(trajectory["true_prob"][1, 1])
     assert (trajectory["written"][1] == (token_rows.lengths > 0) & (np.arange(S) != 1)).all()
+    assert verify_store(store).ok
+
+
+def test_a_sequence_right_at_just_under_half_its_tokens_is_not_counted_right(tmp_path):
+    """2,048 of 4,097 tokens right is under half, though float16's nearest value to it is 0.5:
+    the stored token accuracy is rounded down, so "at least half right" reads true counts."""
+    length, right = 4097, 2048
+    labels = np.zeros((2, length), dtype=np.int64)
+    labels[1, 4:] = IGNORE_INDEX  # a second, short sequence: 3 of its 4 tokens right
+    tokens, lengths = token_labels(labels)
+    store = SoftTargetStore.create(tmp_path / "store", tokens, 3, lengths=lengths)
+    logits = torch.zeros(2, length, 3)
+    logits[0, :right, 0] = logits[1, :3, 0] = 5  # the label, 0: right
+    logits[0, right:, 1] = logits[1, 3:, 1] = 5  # wrong
+    with store.writer(1) as writer:
+        writer.write(torch.arange(2), logits, torch.from_numpy(labels))
+    store.seal(1)
+    trajectory = store.trajectory()
+    assert trajectory["token_accuracy"][0].tolist() == [np.float16(0.49976), 0.75]
+    assert correct_epochs(trajectory, store.labels).tolist() == [0, 1]
     assert verify_store(store).ok
 
 
