@@ -264,9 +264,9 @@ def test_a_translation_model_trains_on_per_token_targets_with_padded_labels(tmp_
 def _trained_weights(trainer_class, model, arguments: dict, records: list, collator, **pskd_options) -> dict:
     from transformers import TrainingArguments
 
-    args = TrainingArguments(num_train_epochs=1, optim="sgd", learning_rate=0.5, gradient_accumulation_steps=2,
-                             save_strategy="no", logging_strategy="no", report_to=[], seed=0, use_cpu=True,
-                             disable_tqdm=True, **arguments)
+    args = TrainingArguments(**{"num_train_epochs": 1, "optim": "sgd", "learning_rate": 0.5,
+                                "gradient_accumulation_steps": 2, "save_strategy": "no", "logging_strategy": "no",
+                                "report_to": [], "seed": 0, "use_cpu": True, "disable_tqdm": True} | arguments)
     trainer_class(model=model, args=args, train_dataset=records, data_collator=collator, **pskd_options).train()
     return {name: value.detach().clone() for name, value in model.state_dict().items()}
 
@@ -300,6 +300,83 @@ def test_a_masked_lm_per_token_trains_each_position_on_its_own_label_as_the_plai
         torch.testing.assert_close(pskd[name], value, rtol=0, atol=1e-6)
     assert SoftTargetStore.open(tmp_path / "store").token_rows.num_rows == sum(int((r["labels"] >= 0).sum())
                                                                               for r in records)
+
+
+def _masked_records(count: int, vocabulary: int, length: int, seed: int = 0) -> list[dict]:
+    """Records with 2-5 positions of each masked (the last token of the vocabulary) and labelled."""
+    generator, records = torch.Generator().manual_seed(seed), []
+    for i in range(count):
+        tokens = torch.randint(0, vocabulary - 1, (length,), generator=generator)
+        masked = torch.randperm(length, generator=generator)[:2 + i % 4]
+        labels = torch.full((length,), -100)
+        labels[masked] = tokens[masked]
+        tokens[masked] = vocabulary - 1
+        records.append({"input_ids": tokens, "attention_mask": torch.ones(length, dtype=torch.int64), "labels": labels})
+    return records
+
+
+def test_a_model_computing_a_loss_of_its_own_needs_shift_labels_per_token(tmp_path):
+    """XLM's LM head names no loss type and computes its own loss (each position against its
+    own label): taken for a causal LM, every target and recorded row would be the position
+    before's. Refused until ``shift_labels`` says; with False, PS-KD at alpha_T = 0 trains as
+    the plain Trainer."""
+    from transformers import Trainer, XLMConfig, XLMWithLMHeadModel, default_data_collator
+
+    def model() -> XLMWithLMHeadModel:
+        torch.manual_seed(0)
+        return XLMWithLMHeadModel(XLMConfig(vocab_size=30, emb_dim=16, n_layers=1, n_heads=2, dropout=0.0,
+                                            attention_dropout=0.0, max_position_embeddings=12, use_lang_emb=False))
+
+    records = [{k: v for k, v in r.items() if k != "attention_mask"} for r in _masked_records(16, 30, 12)]
+    # one micro-batch a step: XLM's forward takes **kwargs, so the Trainer leaves it to normalise
+    # by the step's target count, which its own loss (a mean) ignores
+    arguments = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1}
+    with pytest.raises(ValueError, match="XLMWithLMHeadModel computes a loss of its own.* pass shift_labels=True or "
+                                         "shift_labels=False"):
+        _trained_weights(PSKDTrainer, model(), {"output_dir": str(tmp_path / "refused")} | arguments, records,
+                         default_data_collator, pskd_store=tmp_path / "refused", alpha_T=0.0, per_token=True)
+    plain = _trained_weights(Trainer, model(), {"output_dir": str(tmp_path / "plain")} | arguments, records,
+                             default_data_collator)
+    pskd = _trained_weights(PSKDTrainer, model(), {"output_dir": str(tmp_path / "pskd")} | arguments, records,
+                            default_data_collator, pskd_store=tmp_path / "store", alpha_T=0.0, per_token=True,
+                            shift_labels=False)
+    for name, value in plain.items():
+        torch.testing.assert_close(pskd[name], value, rtol=0, atol=1e-6)
+
+
+def test_a_token_classifier_per_token_trains_on_its_labels_as_the_plain_trainer(tmp_path):
+    """A token classifier's logits have num_labels classes, not the vocabulary's: the store
+    is made for them, and at alpha_T = 0 PS-KD trains as the plain Trainer."""
+    from transformers import BertConfig, BertForTokenClassification, Trainer, default_data_collator
+
+    def model() -> BertForTokenClassification:
+        torch.manual_seed(0)
+        return BertForTokenClassification(BertConfig(
+            vocab_size=30, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=12, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=5))
+
+    records = _masked_records(16, 30, 12)
+    for record in records:
+        record["labels"] = torch.where(record["labels"] >= 0, record["labels"] % 5, -100)
+    arguments = {"per_device_train_batch_size": 4}
+    plain = _trained_weights(Trainer, model(), {"output_dir": str(tmp_path / "plain")} | arguments, records,
+                             default_data_collator)
+    pskd = _trained_weights(PSKDTrainer, model(), {"output_dir": str(tmp_path / "pskd")} | arguments, records,
+                            default_data_collator, pskd_store=tmp_path / "store", alpha_T=0.0, per_token=True)
+    for name, value in plain.items():
+        torch.testing.assert_close(pskd[name], value, rtol=0, atol=1e-6)
+    assert SoftTargetStore.open(tmp_path / "store").num_classes == 5
+
+
+def test_per_token_records_without_labels_are_refused_naming_the_fix(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=30, n_positions=12, n_embd=16, n_layer=1, n_head=2))
+    arguments = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match="reads each training record's 'labels'.* add 'labels' to the records, or "
+                                         r"pass labels=\[...\]"):
+        PSKDTrainer(model=model, args=arguments, train_dataset=[{"input_ids": [2, 3, 4]}] * 2,
+                    pskd_store=tmp_path / "store", per_token=True)
 
 
 def test_a_causal_lm_padded_on_the_left_is_refused_per_token(tmp_path):

@@ -16,12 +16,14 @@ batches (no ``pskd_id``) keep the model's own loss.
 
 With ``per_token=True`` the store is a sequence store (sequences.py): a row per target token
 (a record's ``labels`` other than -100; a causal LM's labels shifted by one, as its own loss
-shifts them), top-k rows chosen where the logits are, and the loss
-:func:`~pskd_store.loss.token_soft_cross_entropy` rebuilds each target on the device.
+shifts them: ``shift_labels`` says so for a model whose class does not tell), top-k rows
+chosen where the logits are, and the loss :func:`~pskd_store.loss.token_soft_cross_entropy`
+rebuilds each target on the device.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,13 +63,17 @@ class PSKDTrainer(Trainer):
     ``pskd_store``. ``labels`` (index order) spare reading every record's ``labels``/``label``;
     ``num_classes`` defaults to ``model.config.num_labels``; ``overwrite`` replaces a store left
     by an earlier run; ``store_options`` go to :meth:`SoftTargetStore.create` (``{"topk": 8}``
-    for a vocabulary). ``per_token`` trains a language or translation model on per-token
-    targets (``num_classes`` then defaults to ``model.config.vocab_size``)."""
+    for a vocabulary). ``per_token`` trains a language or translation model, or a token
+    classifier, on per-token targets (``num_classes`` then defaults to
+    ``model.config.vocab_size``, a token classifier's to ``num_labels``); ``shift_labels``
+    (True: position t predicts token t + 1, as a causal LM's loss has it; False: each
+    position its own label) is needed only for a model whose own loss cannot be told from its
+    class (XLM's, XLNet's)."""
 
     def __init__(self, *args: Any, pskd_store: str | Path, alpha_T: float = 0.8,
                  labels: Sequence[int] | np.ndarray | None = None, num_classes: int | None = None,
                  overwrite: bool = False, cache_dir: str | None = None, store_options: dict | None = None,
-                 per_token: bool = False, **kwargs: Any):
+                 per_token: bool = False, shift_labels: bool | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         if self.train_dataset is None:
             raise ValueError("PSKDTrainer needs a train_dataset: its row indices are the store's sample ids")
@@ -76,7 +82,7 @@ class PSKDTrainer(Trainer):
                              "compute_loss_func, or subclass PSKDTrainer to combine them deliberately")
         self.pskd_url = str(pskd_store)
         self.pskd_options = dict(alpha_T=alpha_T, overwrite=overwrite, cache_dir=cache_dir, **(store_options or {}))
-        self.pskd_shift = per_token and _predicts_the_next_token(self.model)
+        self.pskd_shift = per_token and _predicts_the_next_token(self.model, shift_labels)
         padder = getattr(self.data_collator, "tokenizer", None)  # a collator that pads (packed blocks: none)
         if self.pskd_shift and getattr(padder, "padding_side", None) == "left":
             raise ValueError(
@@ -85,12 +91,12 @@ class PSKDTrainer(Trainer):
                 "have no fixed rows in the store. Set tokenizer.padding_side = 'right' for training")
         self.pskd_lengths = None
         if per_token:  # the targets of each record, as its model's loss sees them
-            sequences = [record["labels"] for record in self.train_dataset] if labels is None else labels
+            sequences = _token_labels_of(self.train_dataset) if labels is None else labels
             self.pskd_labels, self.pskd_lengths = token_labels(
                 np.asarray(sequence)[1:] if self.pskd_shift else sequence for sequence in sequences)
         else:
             self.pskd_labels = _labels_of(self.train_dataset) if labels is None else np.asarray(labels, dtype=np.int64)
-        self.pskd_classes = num_classes or (self.model.config.vocab_size if per_token else self.model.config.num_labels)
+        self.pskd_classes = num_classes or (_token_classes(self.model) if per_token else self.model.config.num_labels)
         self.pskd_base = self.train_dataset
         self.train_dataset = WithSampleIds(self.train_dataset)
         self.session: StoreSession | None = None
@@ -178,13 +184,45 @@ class _StoreEpochs(TrainerCallback):
         self.trainer.session.end_epoch()
 
 
-def _predicts_the_next_token(model: torch.nn.Module) -> bool:
-    """Whether the model's own loss compares position t's logits with token t + 1: its loss
-    function is the causal LM's (also what a model whose class names no loss type gets,
-    GPT2LMHeadModel's), and not an encoder-decoder's, whose decoder reads the labels shifted
-    instead. A masked LM or a token classifier compares each position with its own label."""
-    own_loss = LOSS_MAPPING.get(getattr(model, "loss_type", None), ForCausalLMLoss)  # PreTrainedModel.loss_function
+def _predicts_the_next_token(model: torch.nn.Module, shift_labels: bool | None) -> bool:
+    """Whether the model's own loss compares position t's logits with token t + 1
+    (``shift_labels`` when given): its loss function is the causal LM's, and not an
+    encoder-decoder's, whose decoder reads the labels shifted instead. A masked LM or a
+    token classifier compares each position with its own label. The loss function is the
+    one its class names (``PreTrainedModel.loss_type``), or, for a class that names none and
+    whose ``forward`` calls ``self.loss_function`` (GPT2LMHeadModel), the causal LM's, that
+    property's default; a class that does neither computes a loss of its own, which is refused."""
+    if shift_labels is not None:
+        return shift_labels
+    loss_type = getattr(model, "loss_type", None)
+    if loss_type in LOSS_MAPPING:
+        own_loss = LOSS_MAPPING[loss_type]
+    elif "loss_function" in inspect.unwrap(type(model).forward).__code__.co_names:
+        own_loss = ForCausalLMLoss
+    else:
+        raise ValueError(
+            f"{type(model).__name__} computes a loss of its own, so PSKDTrainer cannot tell whether it compares "
+            "position t's logits with token t + 1 (a causal LM's) or with token t (a masked LM's): pass "
+            "shift_labels=True or shift_labels=False")
     return own_loss is ForCausalLMLoss and not getattr(model.config, "is_encoder_decoder", False)
+
+
+def _token_classes(model: torch.nn.Module) -> int:
+    """The width of a model's per-token logits: a token classifier's labels, else the vocabulary."""
+    token_classifier = getattr(model, "loss_type", None) == "ForTokenClassification"
+    return model.config.num_labels if token_classifier else model.config.vocab_size
+
+
+def _token_labels_of(records: Dataset) -> list:
+    """Each record's ``labels`` sequence, in index order."""
+    try:
+        return [record["labels"] for record in records]
+    except KeyError as err:
+        raise ValueError(
+            "per-token PS-KD reads each training record's 'labels' (its target tokens, -100 where none) to make "
+            "the store's rows, but a record has none (a collator that makes them, as "
+            "DataCollatorForLanguageModeling, runs too late): add 'labels' to the records, or pass labels=[...] "
+            "(one sequence per record)") from err
 
 
 def _whole(value: float, what: str, advice: str = "PS-KD's alpha_t counts whole epochs") -> int:
