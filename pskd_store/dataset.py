@@ -157,7 +157,7 @@ class TeacherEpochDataset(Dataset, ABC):
         return state
 
 
-def _require_pairs(items: list, indices: list) -> None:
+def require_pairs(items: list, indices: list) -> None:
     """After a batch failed to unpack or to give its labels: refuse an item that is no
     ``(input, label)`` pair (a dict, a triple), naming the fix, rather than by an error about
     its contents. Run only then: a loop over the items would cost every batch."""
@@ -222,7 +222,7 @@ class SoftTargetDataset(TeacherEpochDataset):
             inputs, labels = zip(*items, strict=True) if items else ((), ())
             labels = self._checked_labels(labels, ids)
         except (TypeError, ValueError):
-            _require_pairs(items, indices)
+            require_pairs(items, indices)
             raise
         return SoftTargetBatch(list(inputs), self._blend(labels, ids, *state), torch.from_numpy(labels),
                                torch.from_numpy(ids))

@@ -88,7 +88,10 @@ def token_soft_cross_entropy(
     of the mass, 1 - sum(probs), spread evenly over the other V - w classes (as
     ``TopKRows.expand`` rebuilds a row). The cross-entropy is taken against that target
     from the log-softmax, without building the (B, L, V) target; ``alpha`` is a float or
-    (B,), as TokenTargetDataset's items carry it.
+    (B,), as TokenTargetDataset's items carry it. That rest also lands on a class the model
+    masks (a logit of -inf), where the model's own softmax put none: the loss is then inf,
+    as cross-entropy against that target is (its gradient stays finite); a model that masks
+    vocabulary entries trains on a dense store, or on k large enough that the rest is 0.
     """
     log_probs = logits.float().log_softmax(dim=-1)
     vocabulary, width = log_probs.shape[-1], teacher_classes.shape[-1]

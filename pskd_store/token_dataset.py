@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .dataset import TeacherEpochDataset, TokenTargetItems
+from .dataset import TeacherEpochDataset, TokenTargetItems, require_pairs
 from .loss import alpha_t
 from .sequences import IGNORE_INDEX
 from .store import SoftTargetStore, StoreError
@@ -48,7 +48,11 @@ class TokenTargetDataset(TeacherEpochDataset):
         epoch, teacher, token, prepared = self._current()
         items = self._load(indices, epoch)
         ids = np.array([int(i) for i in indices], dtype=np.int64)
-        labels = [torch.as_tensor(label) for _, label in items]
+        try:
+            labels = [torch.as_tensor(label) for _, label in items]
+        except (TypeError, ValueError):
+            require_pairs(items, indices)
+            raise
         targets = [label != self.ignore_index for label in labels]
         probs, classes, alpha = self._lookup(ids, labels, targets, epoch, teacher, token, prepared)
         out, at = [], 0

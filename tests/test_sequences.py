@@ -321,6 +321,23 @@ def test_a_changed_tokenisation_is_refused_and_nothing_of_the_epoch_is_kept(tmp_
         data.__getitems__([4])
 
 
+@pytest.mark.parametrize("item, what", [
+    (lambda x, y: (x, y, "a path"), "a tuple of 3"),
+    (lambda x, y: {"input_ids": x, "labels": y}, "a dict"),
+])
+def test_items_that_are_no_input_labels_pairs_are_refused_naming_the_fix(tmp_path, item, what):
+    labels = padded_labels()
+
+    class Items(Sequences):
+        def __getitem__(self, i: int):
+            return item(*super().__getitem__(i))
+
+    data = TokenTargetDataset(Items(labels), sequence_store(tmp_path, labels, 4), 0.8, 4)
+    data.set_epoch(1)
+    with pytest.raises(TypeError, match=f"item 5 of the wrapped data set is {what}, not an \\(input, label\\) pair"):
+        data.__getitems__([5, 6])
+
+
 def test_stores_of_the_other_kind_are_refused_naming_the_fix(tmp_path):
     labels = padded_labels()
     tokens, lengths = token_labels(labels)
