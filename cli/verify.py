@@ -37,6 +37,7 @@ def verify_command(path: str, as_json: bool) -> None:
     else:
         for finding in report.findings:
             click.echo(f"DAMAGED  {finding}")
+        click.echo("".join(f"SKIPPED  {skipped}\n" for skipped in report.skipped), nl=False)
         click.echo(f"{'ok' if report.ok else f'{len(report.findings)} problem(s)'}: checked "
                    f"{len(report.checked)} parts of {report.target} in {report.seconds:.2f} s")
     if not report.ok:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +19,10 @@ import zarr
 
 from . import store_io
 from .array_files import ChunkFiles, checksum_matches, codecs_problem, open_array
-from .errors import StoreDamagedError
+from .errors import EpochNotSealedError, StoreDamagedError, StoreError
 
 READ_BACK_BATCH = 32  # chunks fetched at once by stored_digest: tens of MiB, parallel requests to an object store
+MovedOn = Callable[[], "str | None"]  # CheckedArray's moved_on
 
 
 @dataclass(frozen=True)
@@ -36,33 +37,42 @@ class CheckedArray:
     """Row slices of a stored array, returned whole and exactly as written, or an error.
 
     ``what`` names the array in messages ("the teacher of epoch 7"); ``url`` is the store's,
-    for the `pskd-store verify` hint.
+    for the `pskd-store verify` hint. ``moved_on``, asked when rows cannot be read as sealed,
+    says (a message) whether another process pruned, rolled back or sealed the epoch again
+    since this one opened it: then that is the error, not damage.
     """
 
-    def __init__(self, array: zarr.Array, what: str, url: str, *, sealed_digest: str | None = None):
-        problem = codecs_problem(array)  # before any chunk is decoded by them
-        if problem:
-            raise StoreDamagedError(_message(what, url, f"the metadata of {array.path} was changed: {problem}"))
-        self.array = array
+    def __init__(self, array: zarr.Array, what: str, url: str, *, sealed_digest: str | None = None,
+                 moved_on: MovedOn | None = None):
         self.what = what
         self.url = url
+        self.moved_on = moved_on
+        problem = codecs_problem(array)  # before any chunk is decoded by them
+        if problem:
+            raise self.damaged(f"the metadata of {array.path} was changed: {problem}")
+        self.array = array
         self.sealed_digest = sealed_digest  # stored_digest's at the seal, which whole() compares
         self._present: set[int] | None = None
         self._files = ChunkFiles(array)  # chunks read by their keys: a missing one is an error, never zeros
 
     @classmethod
     def open(cls, group: zarr.Group, path: str, what: str, url: str, *, shape: tuple[int, ...],
-             dtype: np.dtype, chunk_rows: int | None = None, sealed_digest: str | None = None) -> CheckedArray:
+             dtype: np.dtype, chunk_rows: int | None = None, sealed_digest: str | None = None,
+             moved_on: MovedOn | None = None) -> CheckedArray:
         """The array at ``path``, refused unless its metadata (shape, dtype, chunks, codecs)
         is what the store made."""
         try:
             array = open_array(group, path)
         except Exception as err:  # a deleted or unreadable zarr.json
-            raise StoreDamagedError(_message(what, url, f"its array {path} cannot be opened ({_reason(err)})")) from err
+            raise _damaged(what, url, f"its array {path} cannot be opened ({_reason(err)})", moved_on) from err
         problem = _metadata_problem(array, shape, np.dtype(dtype), chunk_rows)
         if problem:
-            raise StoreDamagedError(_message(what, url, f"the metadata of {path} was changed: {problem}"))
-        return cls(array, what, url, sealed_digest=sealed_digest)
+            raise _damaged(what, url, f"the metadata of {path} was changed: {problem}", moved_on)
+        return cls(array, what, url, sealed_digest=sealed_digest, moved_on=moved_on)
+
+    def damaged(self, problem: str) -> StoreError:
+        """The error for rows that cannot be read as sealed (``problem`` says how)."""
+        return _damaged(self.what, self.url, problem, self.moved_on)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -84,16 +94,13 @@ class CheckedArray:
         start, stop, _ = rows.indices(len(self))
         missing = [c for c in self._chunk_range(start, stop) if c not in self.present_chunks()]
         if missing:
-            raise StoreDamagedError(_message(
-                self.what, self.url, f"rows {_ranges([self._rows(c) for c in missing])} are missing "
-                "(their chunk files were deleted)"))
+            raise self.damaged(f"rows {_ranges([self._rows(c) for c in missing])} are missing "
+                               "(their chunk files were deleted)")
         try:
             return self._files.read_rows(start, stop)
         except Exception as err:  # a checksum mismatch, a chunk that does not decode or went missing
             damaged = list(self.damaged_chunks(start, stop)) or [DamagedChunk((start, stop), _chunk_problem(err))]
-            raise StoreDamagedError(_message(
-                self.what, self.url, f"rows {_ranges([d.rows for d in damaged])} "
-                f"{damaged[0].problem}")) from err
+            raise self.damaged(f"rows {_ranges([d.rows for d in damaged])} {damaged[0].problem}") from err
 
     def whole(self) -> Iterator[tuple[int, np.ndarray]]:
         """Every row, a chunk at a time in order: ``(first row, rows)``, read-only. Each chunk
@@ -109,13 +116,11 @@ class CheckedArray:
             try:
                 rows = self._files.decode(data)
             except Exception as err:  # a checksum that holds over bytes that do not decompress
-                raise StoreDamagedError(_message(self.what, self.url, f"rows {_ranges([(lo, hi)])} "
-                                                 f"{_chunk_problem(err)}")) from err
+                raise self.damaged(f"rows {_ranges([(lo, hi)])} {_chunk_problem(err)}") from err
             yield lo, rows[:hi - lo]
         if self.sealed_digest is not None and digest.hexdigest() != self.sealed_digest:
-            raise StoreDamagedError(_message(
-                self.what, self.url, "its chunks are not the ones sealed: their keys and checksums do not match "
-                "the digest recorded at the seal (chunk files swapped, copied or rewritten after it)"))
+            raise self.damaged("its chunks are not the ones sealed: their keys and checksums do not match the "
+                               "digest recorded at the seal (chunk files swapped, copied or rewritten after it)")
 
     def reject(self, bad: np.ndarray, start: int, problem: str) -> None:
         """Raise :class:`StoreDamagedError` naming the rows ``start + i`` where ``bad[i]``:
@@ -123,7 +128,7 @@ class CheckedArray:
         rows = np.flatnonzero(bad)
         if len(rows):
             ranges = [(start + int(r), start + int(r) + 1) for r in rows]
-            raise StoreDamagedError(_message(self.what, self.url, f"rows {_ranges(ranges)} {problem}"))
+            raise self.damaged(f"rows {_ranges(ranges)} {problem}")
 
     def damaged_chunks(self, start: int = 0, stop: int | None = None) -> Iterator[DamagedChunk]:
         """Every chunk of rows ``start:stop`` that is missing or does not decode, read one
@@ -184,10 +189,10 @@ def _stored_chunks(checked: CheckedArray, missing: str) -> Iterator[tuple[int, s
         for coord, key, data in zip(coords[lo:lo + READ_BACK_BATCH], batch, store_io.get_many(array.store, batch)):
             rows = checked._rows(coord[0])
             if data is None:
-                raise StoreDamagedError(_message(checked.what, checked.url, f"rows {_ranges([rows])} {missing}"))
+                raise checked.damaged(f"rows {_ranges([rows])} {missing}")
             if not checksum_matches(data):
-                raise StoreDamagedError(_message(checked.what, checked.url, f"rows {_ranges([rows])} do not match "
-                                                 "their checksum (their bytes changed after they were written)"))
+                raise checked.damaged(f"rows {_ranges([rows])} do not match their checksum (their bytes changed "
+                                      "after they were written)")
             yield coord[0], key, data
 
 
@@ -233,6 +238,13 @@ def row_ranges(ranges: list[tuple[int, int]]) -> list[str]:
 
 def _ranges(ranges: list[tuple[int, int]]) -> str:
     return ", ".join(row_ranges(ranges))
+
+
+def _damaged(what: str, url: str, problem: str, moved_on: MovedOn | None) -> StoreError:
+    """:class:`EpochNotSealedError` when another process moved the store on past what was
+    being read (``moved_on`` says so), else :class:`StoreDamagedError` naming ``problem``."""
+    moved = moved_on() if moved_on is not None else None
+    return EpochNotSealedError(moved) if moved else StoreDamagedError(_message(what, url, problem))
 
 
 def _message(what: str, url: str, problem: str) -> str:

@@ -37,6 +37,7 @@ import json
 import secrets
 import warnings
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -585,8 +586,25 @@ class SoftTargetStore:
         return CheckedArray.open(
             self._group, f"teacher/{epoch_key(epoch)}", self._teacher_what(epoch), self.url,
             shape=(self.num_samples, self.encoding.width), dtype=self.encoding.stored_dtype, chunk_rows=self.chunk_rows,
-            sealed_digest=self.sealed_digest(epoch, "teacher"),
+            sealed_digest=self.sealed_digest(epoch, "teacher"), moved_on=self._moved_on(epoch, teacher=True),
         )
+
+    def _moved_on(self, epoch: int, *, teacher: bool) -> Callable[[], str | None]:
+        """What a reader of ``epoch`` (its teacher, or its trajectory) asks when its rows
+        cannot be read as sealed: a message when another process has since pruned the epoch,
+        rolled it back or sealed it again (the rows it reads are then gone, not damaged)."""
+        token = (self._meta["epochs"].get(str(epoch)) or {}).get("seal_token")
+
+        def moved_on() -> str | None:
+            self.refresh()
+            kept = self.teacher_epochs if teacher else self.sealed_epochs
+            if epoch in kept and self._meta["epochs"].get(str(epoch), {}).get("seal_token") == token:
+                return None
+            return (f"epoch {epoch} of {self.url} was pruned, rolled back or sealed again by another process "
+                    f"while this one read its {'teacher' if teacher else 'trajectory'}: read it again "
+                    f"(sealed epochs now: {self.sealed_epochs or 'none'}; teachers kept: {self.teacher_epochs})")
+
+        return moved_on
 
     def sealed_digest(self, epoch: int, tier: str) -> str | None:
         """The digest of ``tier``'s chunks recorded at ``epoch``'s seal; None for an epoch
@@ -600,16 +618,17 @@ class SoftTargetStore:
 
     def _trajectory(self, epoch: int) -> list[CheckedArray]:
         path = f"trajectory/{epoch_key(epoch)}"
+        moved_on = self._moved_on(epoch, teacher=False)
         try:
             return [CheckedArray.open(self._group, path, self._trajectory_what(epoch), self.url,
                                       shape=(self._trajectory_rows, record_bytes(self.trajectory_fields)),
-                                      dtype=np.uint8)]
+                                      dtype=np.uint8, moved_on=moved_on)]
         except StoreDamagedError:
             if group_attributes(self._group.store, path) is None:  # damage, not the layout before
                 raise
         # sealed by schema 2: a group of an array per field (looked for only when no array is there)
         return [CheckedArray.open(self._group, f"{path}/{field}", self._trajectory_what(epoch, field), self.url,
-                                  shape=(self._trajectory_rows,), dtype=dtype)
+                                  shape=(self._trajectory_rows,), dtype=dtype, moved_on=moved_on)
                 for field, dtype in self.trajectory_fields.items()]
 
     @staticmethod

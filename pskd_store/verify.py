@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .errors import StoreDamagedError, StoreError
+from .errors import EpochNotSealedError, StoreDamagedError, StoreError
 from .integrity import DamagedChunk, row_ranges
 from .run_directory import RunDirectory, RunError
 from .store import SoftTargetStore
@@ -52,11 +52,13 @@ class Finding:
 
 @dataclass
 class Report:
-    """What `verify` checked, what it found, and how long it took."""
+    """What `verify` checked, what it found, what it could not check (epochs another process
+    pruned, rolled back or sealed again while they were read: no damage), and how long it took."""
 
     target: str
     checked: list[str] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
     @property
@@ -67,8 +69,8 @@ class Report:
         self.findings.append(Finding(part, problem))
 
     def as_dict(self) -> dict:
-        return {"target": self.target, "ok": self.ok, "checked": self.checked, "seconds": self.seconds,
-                "findings": [{"part": f.part, "problem": f.problem} for f in self.findings]}
+        return {"target": self.target, "ok": self.ok, "checked": self.checked, "skipped": self.skipped,
+                "seconds": self.seconds, "findings": [{"part": f.part, "problem": f.problem} for f in self.findings]}
 
 
 def verify_path(path: str | Path, *, progress: bool = False) -> Report:
@@ -103,11 +105,14 @@ def verify_store(store: SoftTargetStore, *, cache_dir: str | Path | None = None,
     cache = _cache_files(cache_folder(store, cache_dir or None), store, report)
     bar = tqdm(store.sealed_epochs, desc="verify", unit="epoch", disable=None if progress else True, leave=False)
     for epoch in bar:  # a bar on a terminal only (disable=None)
-        trajectory = _check_trajectory(store, epoch, report)
-        _check_digest(store, epoch, "trajectory", report)
-        if epoch in store.teacher_epochs:
-            _check_teacher(store, epoch, labels, trajectory, cache.pop(epoch, None), report)
-            _check_digest(store, epoch, "teacher", report)
+        try:
+            trajectory = _check_trajectory(store, epoch, report)
+            _check_digest(store, epoch, "trajectory", report)
+            if epoch in store.teacher_epochs:
+                _check_teacher(store, epoch, labels, trajectory, cache.pop(epoch, None), report)
+                _check_digest(store, epoch, "teacher", report)
+        except EpochNotSealedError as moved:  # a training run moved the store on: not damage (integrity.py)
+            report.skipped.append(f"epoch {epoch}: {moved}")
     report.seconds = time.perf_counter() - started
     return report
 
@@ -160,7 +165,7 @@ def _check_trajectory(store: SoftTargetStore, epoch: int, report: Report) -> dic
     report.checked.append(part)
     try:
         arrays = store.trajectory_arrays(epoch)
-    except StoreError as err:
+    except StoreDamagedError as err:
         report.add(part, _problem(err))
         return None
     damaged = [chunk for array in arrays for chunk in array.damaged_chunks()]
@@ -184,7 +189,7 @@ def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None
     part = f"teacher of epoch {epoch}"
     try:
         teacher = store.teacher_array(epoch)
-    except StoreError as err:
+    except StoreDamagedError as err:
         report.add(part, _problem(err))
         return
     report.checked.append(part)

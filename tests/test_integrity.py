@@ -279,6 +279,61 @@ def test_a_persistent_worker_maps_the_file_decoded_again_for_the_same_epoch(stor
     assert torch.equal(targets, soft_target(torch.from_numpy(labels), past, 0.8))
 
 
+def _prune_epoch_2(store: SoftTargetStore) -> None:
+    write_epoch(store, 4)  # keeps the teachers of 3 and 4
+
+
+def _roll_epoch_3_back(store: SoftTargetStore) -> None:
+    store.rollback(2)
+
+
+def _seal_epoch_3_again(store: SoftTargetStore) -> None:
+    store.rollback(2)
+    with store.writer(3, from_logits=False) as writer:  # the same epoch, sealed anew with other rows
+        writer.write(torch.arange(N), torch.from_numpy(epoch_probs(9, N, K)))
+    store.seal(3)
+
+
+@pytest.mark.parametrize("change, epoch, reads", [
+    (_prune_epoch_2, 2, ["rows", "whole", "read_epoch", "prepare"]),
+    (_roll_epoch_3_back, 3, ["rows", "whole", "read_epoch", "trajectory"]),
+    # rows read a chunk at a time may be the new seal's; a whole epoch's read never mixes them
+    (_seal_epoch_3_again, 3, ["whole", "read_epoch", "prepare"]),
+])
+def test_rows_another_process_pruned_or_sealed_again_while_they_were_read_are_no_damage(store, change, epoch, reads):
+    """A read-only reader (inspect, verify, another run's service) opened an epoch; a
+    training process then pruned it, rolled it back, or sealed it anew. Its rows are gone,
+    not damaged: the reader is told so, and to read again, whichever read finds it."""
+    reader = reopen(store)
+    teacher, trajectory = reader.teacher_array(epoch), reader.trajectory_arrays(epoch)
+    stale = {read: reopen(store) for read in ("read_epoch", "prepare")}  # still listing the epoch as it was
+    change(store)
+    moved = fr"epoch {epoch} of .* was pruned, rolled back or sealed again by another process while this one read"
+    for read in reads:
+        with pytest.raises(EpochNotSealedError, match=moved):
+            {"rows": lambda: teacher[0:16], "whole": lambda: list(teacher.whole()),
+             "read_epoch": lambda: stale["read_epoch"].read_epoch(epoch),
+             "prepare": lambda: PredictionService(stale["prepare"], Path(store.url).parent / "cache").prepare(epoch),
+             "trajectory": lambda: reader.trajectory_values(trajectory)}[read]()
+    kept = store.teacher_epochs[-1]
+    flip_byte(chunk(store, f"teacher/{epoch_key(kept)}", 2))  # damage is still damage
+    with pytest.raises(StoreDamagedError, match=f"the teacher of epoch {kept} .* is damaged"):
+        reopen(store).read_epoch(kept)
+
+
+@pytest.mark.parametrize("change, gone, kept", [(_prune_epoch_2, 2, 3), (_roll_epoch_3_back, 3, 2)])
+def test_verify_skips_an_epoch_pruned_while_it_ran_and_finds_no_damage(store, change, gone, kept):
+    """verify of a store a training run is sealing or rolling back: an epoch whose teacher
+    or trajectory went after verify listed it is no damage (the report stays ok) and is
+    named as not checked."""
+    listed = reopen(store)  # what verify read before the training run changed the store
+    change(store)
+    report = verify_store(listed)
+    assert report.ok, report.findings
+    assert len(report.skipped) == 1 and report.skipped[0].startswith(f"epoch {gone}: epoch {gone} of ")
+    assert f"teacher of epoch {kept}" in report.checked and f"teacher of epoch {gone}" not in report.checked
+
+
 def test_verify_a_clean_store(store):
     report = verify_path(store.url)
     assert report.ok, report.findings
