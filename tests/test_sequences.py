@@ -336,6 +336,10 @@ def test_items_that_are_no_input_labels_pairs_are_refused_naming_the_fix(tmp_pat
     data.set_epoch(1)
     with pytest.raises(TypeError, match=f"item 5 of the wrapped data set is {what}, not an \\(input, label\\) pair"):
         data.__getitems__([5, 6])
+    data.base = [(torch.zeros(L), ["a label"] * L)] * S  # pairs, whose labels are no numbers: not blamed on the pairs
+    with pytest.raises((TypeError, ValueError)) as raised:
+        data.__getitems__([5, 6])
+    assert "pair" not in str(raised.value)
 
 
 def test_stores_of_the_other_kind_are_refused_naming_the_fix(tmp_path):
