@@ -30,6 +30,22 @@ def test_every_partner_is_of_the_same_class_and_every_id_comes_once():
     assert np.mean(np.asarray(firsts) == np.asarray(partners)) < 0.3  # mostly another sample
 
 
+def test_a_partner_is_drawn_uniformly_from_the_whole_class_the_sample_itself_included():
+    """The authors' rule (random.choice over the class's ids): a class of one pairs its sample
+    with itself; in a class of four, a sample is its own partner a quarter of the time and
+    every member is drawn alike."""
+    labels = np.array([0, 1, 1, 1, 1, 2, 2])  # class 0 has one sample, class 1 four
+    sampler = ClassPairBatchSampler(labels, 7, seed=0)
+    drawn = np.array([batches(sampler, epoch)[0] for epoch in range(1, 2001)])  # one batch of 7 + 7 an epoch
+    firsts, partners = drawn[:, :7], drawn[:, 7:]
+    assert (partners[firsts == 0] == 0).all()
+    of_class_1 = labels[firsts] == 1
+    rate = np.mean(firsts[of_class_1] == partners[of_class_1])  # 8,000 draws: 0.25 +- 0.005 (one sigma)
+    assert 0.235 < rate < 0.265
+    counts = np.bincount(partners[of_class_1], minlength=5)[1:]
+    assert counts.min() > 0.94 * counts.mean()
+
+
 def test_batches_follow_seed_and_epoch():
     sampler = ClassPairBatchSampler(LABELS, 16, seed=3)
     assert batches(sampler, 2) == batches(ClassPairBatchSampler(LABELS, 16, seed=3), 2)
