@@ -96,3 +96,43 @@ def test_cskd_regulariser_is_the_authors_kdloss(temperature, weight):
     assert got.item() == pytest.approx(expected.item(), rel=1e-6)
     assert CsKd().regulariser(logits.float(), partner.float()).item() == pytest.approx(
         KDLoss(4.0)(logits, partner).item(), rel=1e-6)  # the defaults: temp 4, lamda 1
+
+
+def test_a_cskd_step_is_the_authors_train_step(tmp_path):
+    """One step of ``train_one_epoch`` with CS-KD on a pair batch against the authors' loop
+    (alinlab/cs-kd, train.py, ``--cls``): CE on the first half; the second half forwarded
+    after it, in train mode, without gradient; lamda times KDLoss of the first half's logits
+    against it. Same weights and batch-norm statistics after the step."""
+    import copy
+
+    from pskd_store.engine import train_one_epoch
+    from pskd_store.methods import ClassWiseKd
+    from pskd_store.store import SoftTargetStore
+
+    torch.manual_seed(0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 5))
+    authors = copy.deepcopy(model)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    inputs = torch.randn(12, 8, generator=torch.Generator().manual_seed(1))  # 6 samples, then their partners
+    ids = torch.arange(12) % 6
+    store = SoftTargetStore.create(tmp_path / "store", labels.numpy(), 5)
+    method = ClassWiseKd(CsKd(4.0, 2.0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    with store.writer(1) as writer:
+        train_one_epoch(model, method, [(inputs, labels.repeat(2), labels.repeat(2), ids)], optimizer, writer,
+                        torch.device("cpu"), epoch=1, epochs=1, steps=1, augment=None, amp=False,
+                        channels_last=False, quiet=True)
+
+    optimizer = torch.optim.SGD(authors.parameters(), lr=0.5)
+    batch_size, targets = 12, labels.repeat(2)
+    outputs = authors(inputs[:batch_size // 2])
+    loss = torch.mean(torch.nn.CrossEntropyLoss(reduction="none")(outputs, targets[:batch_size // 2]))
+    with torch.no_grad():
+        outputs_cls = authors(inputs[batch_size // 2:])
+    loss += 2.0 * KDLoss(4.0)(outputs[:batch_size // 2], outputs_cls.detach())
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    for (name, got), want in zip(model.state_dict().items(), authors.state_dict().values()):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6, msg=name)
