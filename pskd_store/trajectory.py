@@ -69,15 +69,22 @@ class SequenceTrajectory:
         """The fields, one value per sample; a sample without target positions was never
         predicted (NaN, not written)."""
         lengths = self.token_rows.lengths
-
-        def mean(total: np.ndarray) -> np.ndarray:
-            out = np.full(len(total), np.nan)
-            np.divide(total, lengths, out=out, where=lengths > 0)
-            return out
-
-        return {"true_prob": mean(self._true).astype(np.float16), "max_prob": mean(self._max).astype(np.float16),
-                "token_accuracy": _float16_toward_zero(mean(self._correct.astype(np.float64))),
+        return {"true_prob": self._mean(self._true).astype(np.float16),
+                "max_prob": self._mean(self._max).astype(np.float16),
+                "token_accuracy": _float16_toward_zero(self._mean(self._correct)),
                 "written": (lengths > 0) & (self._written == lengths)}
+
+    def token_accuracy_to_nearest(self) -> np.ndarray:
+        """The token accuracy rounded to the nearest float16, as epochs sealed before it was
+        rounded down hold it (``verify`` accepts either)."""
+        return self._mean(self._correct).astype(np.float16)
+
+    def _mean(self, total: np.ndarray) -> np.ndarray:
+        """Per sample, ``total`` over its target positions (float64; NaN without any)."""
+        lengths = self.token_rows.lengths
+        out = np.full(len(total), np.nan)
+        np.divide(total, lengths, out=out, where=lengths > 0)
+        return out
 
 
 def _float16_toward_zero(fractions: np.ndarray) -> np.ndarray:

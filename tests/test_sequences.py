@@ -193,6 +193,24 @@ def test_verify_names_the_samples_whose_summaries_disagree_with_their_rows(tmp_p
     assert any(f.part == "trajectory of epoch 1" and "samples 5" in f.problem for f in report.findings), report.findings
 
 
+def test_verify_passes_token_accuracies_an_earlier_pskd_store_rounded_to_the_nearest(tmp_path, monkeypatch):
+    """Epochs sealed before the token accuracy was rounded down hold it rounded to the
+    nearest float16 (3 of 5 tokens: 0.6001, not 0.5996): verify takes either rounding."""
+    import pskd_store.trajectory
+
+    labels = padded_labels()
+    store = sequence_store(tmp_path, labels, 4)
+    logits = torch.randn(S, L, V, generator=torch.Generator().manual_seed(3))
+    logits.scatter_add_(2, torch.from_numpy(labels).clamp(min=0)[..., None], torch.full((S, L, 1), 2.5))  # many right
+    with monkeypatch.context() as earlier:
+        earlier.setattr(pskd_store.trajectory, "_float16_toward_zero", lambda fractions: fractions.astype(np.float16))
+        write_tokens(store, 1, logits, labels)
+    write_tokens(store, 2, logits, labels)
+    trajectory = store.trajectory()["token_accuracy"]
+    assert (trajectory[0] > trajectory[1]).any()  # some fractions rounded up in epoch 1, down in epoch 2
+    assert verify_store(store).ok, verify_store(store).findings
+
+
 @pytest.mark.parametrize("topk, collate", [(None, None), (4, None), (4, collate_soft_targets)])
 def test_items_carry_each_target_positions_stored_teacher(tmp_path, topk, collate):
     labels = padded_labels()

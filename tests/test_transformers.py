@@ -344,6 +344,21 @@ def test_a_model_computing_a_loss_of_its_own_needs_shift_labels_per_token(tmp_pa
         torch.testing.assert_close(pskd[name], value, rtol=0, atol=1e-6)
 
 
+def test_an_encoder_decoder_computing_a_loss_of_its_own_is_not_shifted(tmp_path):
+    """Marian names no loss type and computes its own loss, but an encoder-decoder's decoder
+    reads the labels shifted itself: its logits are the labels' own, whatever its class."""
+    from transformers import MarianConfig, MarianMTModel, TrainingArguments
+
+    model = MarianMTModel(MarianConfig(vocab_size=30, d_model=16, encoder_layers=1, decoder_layers=1,
+                                       encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                       decoder_ffn_dim=32, pad_token_id=0, decoder_start_token_id=0))
+    arguments = TrainingArguments(output_dir=str(tmp_path / "checkpoints"), report_to=[], use_cpu=True)
+    records = [{"input_ids": [2, 3, 4], "labels": [5, 6, 7]}] * 2
+    trainer = PSKDTrainer(model=model, args=arguments, train_dataset=records, pskd_store=tmp_path / "store",
+                          per_token=True)
+    assert trainer.pskd_shift is False and trainer.pskd_lengths.tolist() == [3, 3]
+
+
 def test_a_token_classifier_per_token_trains_on_its_labels_as_the_plain_trainer(tmp_path):
     """A token classifier's logits have num_labels classes, not the vocabulary's: the store
     is made for them, and at alpha_T = 0 PS-KD trains as the plain Trainer."""

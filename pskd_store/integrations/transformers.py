@@ -194,6 +194,8 @@ def _predicts_the_next_token(model: torch.nn.Module, shift_labels: bool | None) 
     property's default; a class that does neither computes a loss of its own, which is refused."""
     if shift_labels is not None:
         return shift_labels
+    if getattr(model.config, "is_encoder_decoder", False):
+        return False
     loss_type = getattr(model, "loss_type", None)
     if loss_type in LOSS_MAPPING:
         own_loss = LOSS_MAPPING[loss_type]
@@ -204,7 +206,7 @@ def _predicts_the_next_token(model: torch.nn.Module, shift_labels: bool | None) 
             f"{type(model).__name__} computes a loss of its own, so PSKDTrainer cannot tell whether it compares "
             "position t's logits with token t + 1 (a causal LM's) or with token t (a masked LM's): pass "
             "shift_labels=True or shift_labels=False")
-    return own_loss is ForCausalLMLoss and not getattr(model.config, "is_encoder_decoder", False)
+    return own_loss is ForCausalLMLoss
 
 
 def _token_classes(model: torch.nn.Module) -> int:
