@@ -195,8 +195,7 @@ def cache_folder(store: SoftTargetStore, cache_dir: str | Path | None = None) ->
 def _store_folder(store: SoftTargetStore) -> str:
     """A store's own cache subfolder: its id, and where it is (a copied store, a fork of a
     run, keeps the id; its epochs then differ from the original's)."""
-    where = str(store.local_path.resolve()) if store.local_path is not None else store.url.rstrip("/")
-    return f"{store.store_id}-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
+    return f"{store.store_id}-{hashlib.sha256(store.location.encode()).hexdigest()[:8]}"
 
 
 def default_cache_dir(store: SoftTargetStore) -> Path:

@@ -139,6 +139,10 @@ def default_chunk_rows(row_bytes: int, num_rows: int) -> int:
 
 # Blosc/zstd with bit-shuffle: probabilities compress well at little CPU cost.
 DEFAULT_BLOSC = {"cname": "zstd", "clevel": 3, "shuffle": "bitshuffle"}
+# the newest data set reading each store in this process, by (store id, location): a loop
+# that opens the store twice (its data set on one object, its writer on another) is checked
+# too, and a data set made anew (a loop started again) replaces the one it abandoned
+_READERS: dict[tuple[str, str], weakref.ref] = {}
 
 
 def _open_root(zstore: zarr.abc.store.Store, url: str, read_only: bool) -> zarr.Group:
@@ -249,7 +253,6 @@ class SoftTargetStore:
         self._meta = meta
         self._labels: np.ndarray | None = None
         self._token_rows: TokenRows | None = None
-        self._readers: weakref.WeakSet = weakref.WeakSet()  # SoftTargetDatasets reading this store
 
     # -- creating and opening -------------------------------------------------------------
 
@@ -485,6 +488,12 @@ class SoftTargetStore:
     def local_path(self) -> Path | None:
         """The store's directory when it is on the local file system."""
         return None if "://" in self.url else Path(self.url)
+
+    @property
+    def location(self) -> str:
+        """Where the store is, one string for every way of naming it (a resolved local path,
+        or the URL): with ``store_id``, what tells this store from a copy of it elsewhere."""
+        return str(self.local_path.resolve()) if self.local_path is not None else self.url.rstrip("/")
 
     def refresh(self) -> None:
         """Re-read the attributes, to see epochs sealed by another process."""
@@ -737,21 +746,23 @@ class SoftTargetStore:
         """A :class:`~pskd_store.writer.PredictionWriter` for ``epoch`` (see its options); for a
         sequence store, a :class:`~pskd_store.token_writer.TokenWriter`.
 
-        Refused while a :class:`SoftTargetDataset` reading this store object is set to
-        another epoch: the predictions of epoch t must come from the steps that trained on
-        epoch t's targets (call ``dataset.set_epoch(epoch)`` first).
+        Refused while the newest :class:`SoftTargetDataset` of this process reading this
+        store (through this store object or another one) is set to another epoch: the
+        predictions of epoch t must come from the steps that trained on epoch t's targets
+        (call ``dataset.set_epoch(epoch)`` first).
         """
         # imported here: the writer imports torch, reading a store does not
         from .token_writer import TokenWriter
         from .writer import PredictionWriter
 
-        for dataset in list(self._readers):
-            if dataset.epoch != epoch:
-                raise StoreError(
-                    f"cannot write epoch {epoch}: the SoftTargetDataset on this store is set to "
-                    f"{f'epoch {dataset.epoch}' if dataset.epoch else 'no epoch'}, so its targets are not "
-                    f"epoch {epoch}'s. Call dataset.set_epoch({epoch}) before training the epoch"
-                )
+        reader = _READERS.get((self.store_id, self.location))
+        dataset = None if reader is None else reader()
+        if dataset is not None and dataset.epoch != epoch:
+            raise StoreError(
+                f"cannot write epoch {epoch}: the SoftTargetDataset on this store is set to "
+                f"{f'epoch {dataset.epoch}' if dataset.epoch else 'no epoch'}, so its targets are not "
+                f"epoch {epoch}'s. Call dataset.set_epoch({epoch}) before training the epoch"
+            )
         try:
             return (PredictionWriter if self.token_rows is None else TokenWriter)(self, epoch, **kwargs)
         except OSError as err:  # claiming the part writes to the store: a read-only file system, say
@@ -759,8 +770,10 @@ class SoftTargetStore:
                              "writable, or keep the store elsewhere (--store)") from err
 
     def add_reader(self, dataset: Any) -> None:
-        """Register a data set whose epoch every new writer must match (see :meth:`writer`)."""
-        self._readers.add(dataset)
+        """Register the data set whose epoch every new writer of this store must match (see
+        :meth:`writer`), whichever store object of this process makes the writer; it
+        replaces the data set registered before."""
+        _READERS[(self.store_id, self.location)] = weakref.ref(dataset)
 
     def seal(self, epoch: int, *, scratch_dir: str | Path | None = None, allow_empty: bool = False,
              schedule: dict[str, float] | None = None) -> dict[str, Any]:

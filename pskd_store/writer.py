@@ -13,8 +13,8 @@ refused, so writers never read-modify-write a chunk that another one writes.
 
 Value errors (ids out of range, NaN/inf, with ``from_logits=False`` rows that are not
 probability vectors) are found by the background thread, so that no device tensor is ever
-synchronised; they are raised by the next ``write`` or ``close``. Logits that already look
-like probability rows (softmax applied twice would flatten them) get one warning.
+synchronised; they are raised by the next ``write`` or ``close``. So are logits that already
+look like probability rows in the first chunk (a softmax applied twice would flatten them).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import queue
 import threading
-import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -129,8 +128,6 @@ class PredictionWriter(ClosesOnSuccess):
         self._allocated = 0
         self._current: _ChunkBuffer | None = None
         self._error: BaseException | None = None
-        self._warned = False  # logits that look like probabilities: warned once
-        self._probabilities_seen = False  # set by the background thread, warned by this one
         self._first_chunk = True  # the background thread's: logits are checked for looking like probabilities
         # the (device type, dtype) of the first write's outputs, every write's: the rows of a
         # buffer are converted alike (cast into it, softmaxed or encoded), so a kind is not mixed
@@ -179,7 +176,6 @@ class PredictionWriter(ClosesOnSuccess):
         count = outputs.shape[0]
         if not count:  # nothing to record (a batch whose rows were all mixed): no device work
             return
-        self._warn_if_probabilities()
         outputs = outputs.detach()
         first_write, kind = self._kind is None, (outputs.device.type, outputs.dtype)
         if first_write:
@@ -245,7 +241,6 @@ class PredictionWriter(ClosesOnSuccess):
         if self._error is not None:
             self._part.release()
         self._raise_if_failed()
-        self._warn_if_probabilities()
         if not self._part.closed:
             self._part.close(self._given_sum_tolerance())
 
@@ -304,15 +299,6 @@ class PredictionWriter(ClosesOnSuccess):
             self._queue.put(_CLOSE)
             self._thread.join()
 
-    def _warn_if_probabilities(self) -> None:
-        if self._probabilities_seen and not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"the outputs written for epoch {self.epoch} look like probabilities (non-negative rows "
-                "summing to 1), but the writer applies a softmax to them: pass from_logits=False when "
-                "writing probabilities, or pass the logits", UserWarning, stacklevel=3,
-            )
-
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             error = self._error
@@ -349,8 +335,12 @@ class PredictionWriter(ClosesOnSuccess):
         else:  # logits that look like probabilities: misuse of a whole run, seen in its first chunk
             all_probabilities = self._first_chunk and bool(_probability_rows(values, buffer.tolerance))
         self._first_chunk = False
-        if self.from_logits and all_probabilities:
-            self._probabilities_seen = True
+        if self.from_logits and all_probabilities:  # softmaxed again, they would be flattened toward uniform
+            raise ValueError(
+                f"the outputs written for epoch {self.epoch} look like probabilities (non-negative rows summing "
+                "to 1), but the writer applies a softmax to them: pass from_logits=False when writing "
+                "probabilities, or pass the logits; nothing of this epoch will be sealed"
+            )
         rows = (self._to_rows(values) if buffer.raw else values).numpy()
         ids = buffer.ids[:buffer.filled].numpy()
         if ids.min() < 0 or ids.max() >= self._num_samples:

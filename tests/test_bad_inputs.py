@@ -114,6 +114,13 @@ def dataset_set_once(store: SoftTargetStore, labels: np.ndarray) -> None:
     store.writer(2)
 
 
+def dataset_on_another_store_object(store: SoftTargetStore, labels: np.ndarray) -> None:
+    """The same, with the data set on a store object of its own (opened twice by the loop)."""
+    data = SoftTargetDataset(base(labels), SoftTargetStore.open(store.url), 0.8, 10)
+    data.set_epoch(1)
+    SoftTargetStore.open(Path(store.url).parent / ".." / Path(store.url).parent.name / Path(store.url).name).writer(2)
+
+
 def file_at(path: Path) -> Path:
     path.write_text("not a store")
     return path
@@ -177,6 +184,9 @@ API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
      TypeError, "floating-point probabilities, got dtype torch.complex64"),
     ("NaN logits", lambda s, y, t: write_and_close(s, torch.full((N, K), float("nan")), from_logits=True),
      StoreError, "the model diverged"),
+    ("probabilities written as logits", lambda s, y, t: write_and_close(s, probs(), from_logits=True),
+     StoreError, "look like probabilities (non-negative rows summing to 1), but the writer applies a softmax to "
+     "them: pass from_logits=False"),
     ("ids out of range", lambda s, y, t: write_and_close(s, probs(2), from_logits=False, ids=torch.tensor([0, N])),
      StoreError, f"ids out of range: [{N}] not in [0, N={N})"),
     ("float ids", lambda s, y, t: write_and_close(s, probs(2), from_logits=False, ids=torch.tensor([0.0, 1.0])),
@@ -193,6 +203,8 @@ API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("second writer of a part", lambda s, y, t: second_writer(s), StoreError, "rank 0 of epoch 2 already has a writer"),
     ("dataset set_epoch only once", lambda s, y, t: dataset_set_once(s, y), StoreError,
      "the SoftTargetDataset on this store is set to epoch 1"),
+    ("dataset set_epoch only once, on another store object", lambda s, y, t: dataset_on_another_store_object(s, y),
+     StoreError, "the SoftTargetDataset on this store is set to epoch 1"),
     ("dataset with other labels (targets attribute)", lambda s, y, t: SoftTargetDataset(
         with_targets(base((y + 1) % K), (y + 1) % K), s, 0.8, 10), StoreError, "sample 0 of the data set has label"),
     ("dataset with other labels (seen per batch)", lambda s, y, t: first_item(base((y + 1) % K), s), StoreError,
@@ -257,19 +269,26 @@ def test_api_misuse_is_refused_and_nothing_sealed_changes(store, labels, tmp_pat
         action(store, labels, tmp_path)
     assert message in str(caught.value)
     assert sealed_snapshot(Path(store.url)) == before
+    del caught  # its traceback holds what the action made: a data set set to another epoch would refuse the writer
     write_epoch(SoftTargetStore.open(store.url), 2)  # the store is still usable: epoch 2 seals
 
 
-def test_logits_that_look_like_probabilities_warn_once(store):
-    with pytest.warns(UserWarning, match="look like probabilities .* pass from_logits=False") as caught:
-        with store.writer(2) as writer:
-            writer.write(torch.arange(N), probs())
-            writer.write(torch.arange(N), probs())
-    assert len([w for w in caught if "look like probabilities" in str(w.message)]) == 1
+def test_a_data_set_made_anew_replaces_the_one_a_loop_abandoned(store, labels):
+    """A loop started again (a notebook cell run twice) makes a new data set on a new store
+    object while the old data set, set to a later epoch, is still referenced: the writer
+    follows the new one."""
+    abandoned = SoftTargetDataset(base(labels), store, 0.8, 10)
+    abandoned.set_epoch(2)
+    again = SoftTargetStore.open(store.url)
+    again.rollback(0)
+    data = SoftTargetDataset(base(labels), again, 0.8, 10)
+    data.set_epoch(1)
+    write_epoch(again, 1)
+    assert abandoned.epoch == 2 and again.sealed_epochs == [1]
 
 
 @pytest.mark.filterwarnings("error")
-def test_real_logits_and_probabilities_with_rounding_do_not_warn(store):
+def test_real_logits_and_probabilities_with_rounding_are_taken_without_a_warning(store):
     with store.writer(2) as writer:
         writer.write(torch.arange(N), torch.randn(N, K))
     store.seal(2)

@@ -103,7 +103,7 @@ def test_an_empty_write_is_a_no_op_on_every_path(tmp_path, device):
 
 def test_the_device_path_checks_probability_rows_without_a_sync(tmp_path, device):
     """from_logits=False rows are checked on the device; the flag lands with the rows and
-    the background thread refuses them. Logits that look like probabilities warn."""
+    the background thread refuses them, and logits that look like probabilities."""
     labels = make_labels(N, K)
     store = SoftTargetStore.create(tmp_path / "store", labels, K)
     writer = store.writer(1, from_logits=False)
@@ -116,9 +116,10 @@ def test_the_device_path_checks_probability_rows_without_a_sync(tmp_path, device
         writer.close()
 
     second = SoftTargetStore.create(tmp_path / "second", labels, K)
-    with pytest.warns(UserWarning, match="look like probabilities"):
-        with second.writer(1) as writer:
-            writer.write(torch.arange(N), good)
+    writer = second.writer(1)
+    writer.write(torch.arange(N), good)
+    with pytest.raises(StoreError, match="look like probabilities"):
+        writer.close()
 
 
 def test_a_token_writer_waits_for_the_whole_device_before_it_reads_its_counts(tmp_path, device):
