@@ -62,7 +62,7 @@ from .array_files import (
 from .errors import EpochNotSealedError, StoreDamagedError, StoreError, StoreExistsError, StoreNotFoundError, os_problem
 from .integrity import CheckedArray, stored_digest
 from .local_store import LocalStore
-from .merge import merge_epoch
+from .merge import Merged, merge_epoch
 from .row_encoding import UNREADABLE_ROWS, RowEncoding, row_encoding
 from .sequences import TokenRows
 from .staging import EpochStaging, StagedPart
@@ -209,6 +209,19 @@ def _pruned_through(meta: dict[str, Any], keep_epochs: int) -> int:
     ``keep_epochs``, or those a rollback recorded, which it left among the last ones."""
     expired = meta["sealed"][:-keep_epochs]
     return max(meta.get("pruned_through", 0), expired[-1] if expired else 0)
+
+
+def _warn_if_ids_look_like_positions(epoch: int, merged: Merged, rows: int) -> None:
+    """Most rows written for a few ids, most ids never written: what a loop writing batch
+    positions (or labels) instead of the data set's ids does, which no single write shows
+    (positions are valid ids). Warned, not refused: a sampler may repeat a subset by design."""
+    if 2 * merged.ids_written < merged.rows_written and merged.carried_forward > merged.ids_written:
+        warnings.warn(
+            f"epoch {epoch}: {merged.rows_written} rows were written for only {merged.ids_written} of the {rows} "
+            f"ids, and {merged.carried_forward} ids carry an earlier prediction forward: if the ids written are batch "
+            "positions or labels, pass the data set's ids instead (the last item of SoftTargetDataset's batches)",
+            RuntimeWarning, stacklevel=4,
+        )
 
 
 def _open_zarr_store(url: str | Path, read_only: bool, storage_options: dict | None, *, must_exist: bool = False):
@@ -827,6 +840,7 @@ class SoftTargetStore:
             parts, teacher, None if latest is None else self.teacher_array(latest), self.labels, self.encoding,
             self._trajectory_record(), scratch_dir
         )
+        _warn_if_ids_look_like_positions(epoch, merged, self.num_samples)
         trajectory = self._write_trajectory(epoch, merged.trajectory)
         # every chunk read back as stored before the epoch is published: a chunk lost or
         # damaged while sealing (an object store's, say) stops the seal, not the next epoch

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable
 from functools import partial
@@ -285,6 +286,28 @@ def test_a_data_set_made_anew_replaces_the_one_a_loop_abandoned(store, labels):
     data.set_epoch(1)
     write_epoch(again, 1)
     assert abandoned.epoch == 2 and again.sealed_epochs == [1]
+
+
+def _written(store: SoftTargetStore, batches: list[torch.Tensor]) -> None:
+    with store.writer(2) as writer:
+        for ids in batches:
+            writer.write(ids, torch.randn(len(ids), K))
+
+
+@pytest.mark.parametrize("batches, warned", [
+    ([torch.arange(4)] * 4, True),  # batch positions: ids 0-3 four times, the rest never
+    ([torch.tensor([0, 1, 2, 3])] * 2 + [torch.tensor([0, 1, 2, 3, 4])], True),
+    ([torch.arange(N)] * 3, False),  # every id three times (repeated augmentation)
+    ([torch.arange(N // 2)], False),  # half of each batch mixed (CutMix): the rest carried forward
+    ([torch.arange(N), torch.arange(2)], False),  # DistributedSampler's padding
+])
+def test_ids_that_look_like_batch_positions_warn_at_the_seal(store, batches, warned):
+    _written(store, batches)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        store.seal(2)
+    positions = [w for w in caught if "if the ids written are batch positions or labels" in str(w.message)]
+    assert len(positions) == warned and all(w.filename == __file__ for w in positions)
 
 
 @pytest.mark.filterwarnings("error")
