@@ -251,9 +251,61 @@ def test_a_callback_without_its_data_set_or_epochs_is_refused(tmp_path):
         pskd.wrap(lightning_run.blobs())
     with pytest.raises(ValueError, match="set L.Trainer\\(max_epochs=T\\)"):
         quiet_trainer(tmp_path, [pskd], max_epochs=-1, max_steps=4).fit(lightning_run.Classifier(), loader)
+    with pytest.warns(UserWarning, match="Setting it to 1000"):  # Lightning's T when max_epochs is not given
+        with pytest.raises(ValueError, match="max_epochs is 1000, what Lightning sets when max_epochs is not given: "
+                                             ".* also PSKD\\(..., epochs=1000\\)"):
+            quiet_trainer(tmp_path, [pskd]).fit(lightning_run.Classifier(), loader)
+    pskd, loader = wrapped(tmp_path / "two", epochs=3)
+    with pytest.raises(ValueError, match="PSKD\\(epochs=3\\) but L.Trainer\\(max_epochs=2\\)"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(lightning_run.Classifier(), loader)
+    pskd, loader = wrapped(tmp_path / "three", epochs=2)
+    quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(lightning_run.Classifier(), loader)
+    assert SoftTargetStore.open(tmp_path / "three" / "store").epoch_info(2)["schedule"]["total_epochs"] == 2
     bare = PSKD(tmp_path / "bare", num_classes=K)
     with pytest.raises(RuntimeError, match="wrap the training data set"):
         quiet_trainer(tmp_path, [bare], max_epochs=1).fit(lightning_run.Classifier(), loader)
+
+
+class Skips(lightning_run.Classifier):
+    """Returns None from training_step (Lightning's skip) at the second step of epoch 2."""
+
+    def training_step(self, batch, batch_idx):
+        step = super().training_step(batch, batch_idx)
+        return None if self.current_epoch == 1 and batch_idx == 1 else step
+
+
+def test_a_skipped_batch_records_nothing_and_its_samples_carry_forward(tmp_path):
+    pskd, loader = wrapped(tmp_path)
+    quiet_trainer(tmp_path, [pskd], max_epochs=3).fit(Skips(), loader)
+    store = SoftTargetStore.open(tmp_path / "store")
+    assert store.sealed_epochs == [1, 2, 3]
+    assert [store.epoch_info(epoch)["ids_written"] for epoch in (1, 2, 3)] == [96, 80, 96]
+
+
+def test_a_second_fit_of_the_same_trainer_is_refused_before_the_store_changes(tmp_path):
+    pskd, loader = wrapped(tmp_path, overwrite=True)
+    trainer = quiet_trainer(tmp_path, [pskd], max_epochs=2)
+    trainer.fit(lightning_run.Classifier(), loader)
+    trainer.fit_loop.max_epochs = 4  # the way Lightning's users train on
+    with pytest.raises(StoreError, match="this Trainer already trained 2 epochs: PS-KD goes on with a run only from "
+                                         "its checkpoint"):
+        trainer.fit(lightning_run.Classifier(), loader)
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1, 2]
+
+
+class TrainsOnTheFirst(lightning_run.Classifier):
+    """Given several training DataLoaders, trains on the first one's batch."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step(next(iter(batch.values())) if isinstance(batch, dict) else batch[0], batch_idx)
+
+
+def test_several_training_dataloaders_are_refused_naming_why(tmp_path):
+    for several in (lambda loader: [loader, loader], lambda loader: {"a": loader}):
+        pskd, loader = wrapped(tmp_path, overwrite=True)
+        loaders = several(loader)
+        with pytest.raises(ValueError, match="PSKD serves one training DataLoader.* several training DataLoaders"):
+            quiet_trainer(tmp_path, [pskd], max_epochs=1).fit(TrainsOnTheFirst(), loaders)
 
 
 class Unreadable(torch.utils.data.Dataset):

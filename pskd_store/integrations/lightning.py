@@ -86,7 +86,10 @@ class PSKD(pl.Callback):
 
     ``logits_key`` names the entry of ``training_step``'s returned dict that holds the
     batch's logits (B, K); a batch whose entry is ``None`` records nothing (its samples
-    carry their previous prediction forward), e.g. one mixed by CutMix. ``per_token``: a
+    carry their previous prediction forward), e.g. one mixed by CutMix, and so does a batch
+    whose ``training_step`` returns ``None`` (Lightning's way to skip it). ``epochs``: the
+    run's T, needed only for ``max_epochs=1000``, which Lightning also sets when
+    ``max_epochs`` is not given. ``per_token``: a
     sequence model's per-token targets (logits (B, L, V), ``num_classes`` the vocabulary
     size; ``store_options`` ``topk=8`` keeps a vocabulary's rows small). ``overwrite``
     replaces a store left at ``store`` by an earlier run; ``store_options`` go to
@@ -95,7 +98,7 @@ class PSKD(pl.Callback):
 
     def __init__(self, store: str | Path, num_classes: int, alpha_T: float = 0.8, *, logits_key: str = "logits",
                  overwrite: bool = False, cache_dir: str | None = None, seed: int | None = None,
-                 per_token: bool = False, **store_options: Any):
+                 per_token: bool = False, epochs: int | None = None, **store_options: Any):
         self.url = str(store)
         self.num_classes = num_classes
         self.alpha_T = alpha_T
@@ -105,6 +108,7 @@ class PSKD(pl.Callback):
         self.seed = seed
         self.store_options = store_options
         self.per_token = per_token
+        self.epochs = epochs
         self.data: SoftTargets | None = None
         self.session: StoreSession | None = None
         self._resumed: dict | None = None  # the callback's state in the checkpoint being resumed
@@ -128,9 +132,13 @@ class PSKD(pl.Callback):
         ``on_train_epoch_start``."""
         if self.data is None:
             raise RuntimeError("wrap the training data set with pskd.wrap(train_set) and train on that")
-        if trainer.max_epochs is None or trainer.max_epochs < 1:
-            raise ValueError("PS-KD's alpha_t = alpha_T·t/T needs the number of epochs: set L.Trainer(max_epochs=T)")
+        _require_epochs(trainer, self.epochs)
         resuming = trainer.ckpt_path is not None
+        if not resuming and trainer.current_epoch > 0:
+            raise StoreError(
+                f"this Trainer already trained {trainer.current_epoch} epochs: PS-KD goes on with a run only from "
+                "its checkpoint (trainer.fit(..., ckpt_path=...), under the same max_epochs), or trains a new run "
+                "with a new Trainer")
         if resuming and self._resumed is None:
             raise StoreError(f"the checkpoint {trainer.ckpt_path} holds no PSKD state: resume a run that trained "
                              "with the PSKD callback (strategies that restore checkpoints after on_fit_start, "
@@ -162,10 +170,16 @@ class PSKD(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if not isinstance(outputs, Mapping) or self.logits_key not in outputs:
+        skipped = isinstance(outputs, Mapping) and not outputs  # training_step returned None
+        if not skipped and (not isinstance(outputs, Mapping) or self.logits_key not in outputs):
             raise ValueError(f"training_step must return a dict with the batch's logits under {self.logits_key!r} "
-                             f"(e.g. return {{'loss': loss, {self.logits_key!r}: logits}}) for PS-KD to record them")
-        logits = outputs[self.logits_key]
+                             f"(e.g. return {{'loss': loss, {self.logits_key!r}: logits}}) for PS-KD to record them, "
+                             "or None to skip the batch")
+        if not isinstance(batch, (tuple, list)) or len(batch) != (6 if self.per_token else 4):
+            raise ValueError("PSKD serves one training DataLoader, whose batches are the items of the data set "
+                             "pskd.wrap() returned, collated as they are: several training DataLoaders (a list "
+                             "or dict of them, a CombinedLoader) are not supported")
+        logits = None if skipped else outputs[self.logits_key]
         if logits is not None and self.per_token:
             self.session.record(batch[5], logits, batch[1])
         elif logits is not None:
@@ -191,6 +205,20 @@ class PSKD(pl.Callback):
             raise StoreError(f"the checkpoint's run kept its predictions in {state_dict['store']}, not in "
                              f"{self.url}: resume with PSKD({state_dict['store']!r}, ...)")
         self._resumed = state_dict
+
+
+def _require_epochs(trainer: pl.Trainer, epochs: int | None) -> None:
+    """PS-KD's T: the Trainer's ``max_epochs``, which 1000 may only be when ``epochs`` says
+    so (Lightning sets it when ``max_epochs`` is not given, and a_t would be alpha_T·t/1000)."""
+    if trainer.max_epochs is None or trainer.max_epochs < 1:
+        raise ValueError("PS-KD's alpha_t = alpha_T·t/T needs the number of epochs: set L.Trainer(max_epochs=T)")
+    if epochs is not None and epochs != trainer.max_epochs:
+        raise ValueError(f"PSKD(epochs={epochs}) but L.Trainer(max_epochs={trainer.max_epochs}): PS-KD's T is the "
+                         "run's number of epochs; give both the same")
+    if epochs is None and trainer.max_epochs == 1000 and trainer.max_steps == -1:
+        raise ValueError("max_epochs is 1000, what Lightning sets when max_epochs is not given: PS-KD's alpha_t = "
+                         "alpha_T·t/T needs the run's real length; set L.Trainer(max_epochs=T) (a run of 1000 "
+                         "epochs: also PSKD(..., epochs=1000))")
 
 
 def _ranks(trainer: pl.Trainer) -> Distributed:
