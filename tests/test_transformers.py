@@ -275,7 +275,7 @@ def test_a_masked_lm_per_token_trains_each_position_on_its_own_label_as_the_plai
     """A masked LM's loss compares each position with its own label, a causal LM's with the
     next one: shifted as a causal LM's, every target and every recorded row would be the
     position before's. At alpha_T = 0 PS-KD's loss is BERT's own."""
-    from transformers import BertConfig, BertForMaskedLM, Trainer, default_data_collator
+    from transformers import BertConfig, BertForMaskedLM
 
     def model() -> BertForMaskedLM:
         torch.manual_seed(0)
@@ -283,23 +283,25 @@ def test_a_masked_lm_per_token_trains_each_position_on_its_own_label_as_the_plai
                                           intermediate_size=64, max_position_embeddings=12, hidden_dropout_prob=0.0,
                                           attention_probs_dropout_prob=0.0))
 
-    generator, records = torch.Generator().manual_seed(0), []
-    for i in range(16):
-        tokens = torch.randint(0, 29, (12,), generator=generator)
-        masked = torch.randperm(12, generator=generator)[:2 + i % 4]
-        labels = torch.full((12,), -100)
-        labels[masked] = tokens[masked]
-        tokens[masked] = 29  # the mask token
-        records.append({"input_ids": tokens, "attention_mask": torch.ones(12, dtype=torch.int64), "labels": labels})
-    arguments = {"per_device_train_batch_size": 4}
+    records = _masked_records(16, 30, 12)
+    _assert_trains_as_the_plain_trainer(tmp_path, model, records, {"per_device_train_batch_size": 4})
+    assert SoftTargetStore.open(tmp_path / "store").token_rows.num_rows == sum(int((r["labels"] >= 0).sum())
+                                                                              for r in records)
+
+
+def _assert_trains_as_the_plain_trainer(tmp_path: Path, model, records: list, arguments: dict,
+                                        **pskd_options) -> None:
+    """PS-KD at alpha_T = 0 (every target one-hot) trains ``model()`` into the plain
+    Trainer's weights: the same positions against the same labels, the same loss."""
+    from transformers import Trainer, default_data_collator
+
     plain = _trained_weights(Trainer, model(), {"output_dir": str(tmp_path / "plain")} | arguments, records,
                              default_data_collator)
     pskd = _trained_weights(PSKDTrainer, model(), {"output_dir": str(tmp_path / "pskd")} | arguments, records,
-                            default_data_collator, pskd_store=tmp_path / "store", alpha_T=0.0, per_token=True)
+                            default_data_collator, pskd_store=tmp_path / "store", alpha_T=0.0, per_token=True,
+                            **pskd_options)
     for name, value in plain.items():
         torch.testing.assert_close(pskd[name], value, rtol=0, atol=1e-6)
-    assert SoftTargetStore.open(tmp_path / "store").token_rows.num_rows == sum(int((r["labels"] >= 0).sum())
-                                                                              for r in records)
 
 
 def _masked_records(count: int, vocabulary: int, length: int, seed: int = 0) -> list[dict]:
@@ -320,7 +322,7 @@ def test_a_model_computing_a_loss_of_its_own_needs_shift_labels_per_token(tmp_pa
     own label): taken for a causal LM, every target and recorded row would be the position
     before's. Refused until ``shift_labels`` says; with False, PS-KD at alpha_T = 0 trains as
     the plain Trainer."""
-    from transformers import Trainer, XLMConfig, XLMWithLMHeadModel, default_data_collator
+    from transformers import XLMConfig, XLMWithLMHeadModel, default_data_collator
 
     def model() -> XLMWithLMHeadModel:
         torch.manual_seed(0)
@@ -335,13 +337,7 @@ def test_a_model_computing_a_loss_of_its_own_needs_shift_labels_per_token(tmp_pa
                                          "shift_labels=False"):
         _trained_weights(PSKDTrainer, model(), {"output_dir": str(tmp_path / "refused")} | arguments, records,
                          default_data_collator, pskd_store=tmp_path / "refused", alpha_T=0.0, per_token=True)
-    plain = _trained_weights(Trainer, model(), {"output_dir": str(tmp_path / "plain")} | arguments, records,
-                             default_data_collator)
-    pskd = _trained_weights(PSKDTrainer, model(), {"output_dir": str(tmp_path / "pskd")} | arguments, records,
-                            default_data_collator, pskd_store=tmp_path / "store", alpha_T=0.0, per_token=True,
-                            shift_labels=False)
-    for name, value in plain.items():
-        torch.testing.assert_close(pskd[name], value, rtol=0, atol=1e-6)
+    _assert_trains_as_the_plain_trainer(tmp_path, model, records, arguments, shift_labels=False)
 
 
 def test_an_encoder_decoder_computing_a_loss_of_its_own_is_not_shifted(tmp_path):
@@ -362,7 +358,7 @@ def test_an_encoder_decoder_computing_a_loss_of_its_own_is_not_shifted(tmp_path)
 def test_a_token_classifier_per_token_trains_on_its_labels_as_the_plain_trainer(tmp_path):
     """A token classifier's logits have num_labels classes, not the vocabulary's: the store
     is made for them, and at alpha_T = 0 PS-KD trains as the plain Trainer."""
-    from transformers import BertConfig, BertForTokenClassification, Trainer, default_data_collator
+    from transformers import BertConfig, BertForTokenClassification
 
     def model() -> BertForTokenClassification:
         torch.manual_seed(0)
@@ -373,13 +369,7 @@ def test_a_token_classifier_per_token_trains_on_its_labels_as_the_plain_trainer(
     records = _masked_records(16, 30, 12)
     for record in records:
         record["labels"] = torch.where(record["labels"] >= 0, record["labels"] % 5, -100)
-    arguments = {"per_device_train_batch_size": 4}
-    plain = _trained_weights(Trainer, model(), {"output_dir": str(tmp_path / "plain")} | arguments, records,
-                             default_data_collator)
-    pskd = _trained_weights(PSKDTrainer, model(), {"output_dir": str(tmp_path / "pskd")} | arguments, records,
-                            default_data_collator, pskd_store=tmp_path / "store", alpha_T=0.0, per_token=True)
-    for name, value in plain.items():
-        torch.testing.assert_close(pskd[name], value, rtol=0, atol=1e-6)
+    _assert_trains_as_the_plain_trainer(tmp_path, model, records, {"per_device_train_batch_size": 4})
     assert SoftTargetStore.open(tmp_path / "store").num_classes == 5
 
 
