@@ -266,6 +266,16 @@ def test_a_callback_without_its_data_set_or_epochs_is_refused(tmp_path):
         quiet_trainer(tmp_path, [bare], max_epochs=1).fit(lightning_run.Classifier(), loader)
 
 
+def test_gradient_accumulation_records_every_micro_batch_and_serves_eq6(tmp_path):
+    pskd, loader = wrapped(tmp_path)
+    module = lightning_run.Classifier()
+    quiet_trainer(tmp_path, [pskd], max_epochs=EPOCHS, accumulate_grad_batches=2).fit(module, loader)
+    assert assert_targets_are_eq6(module.seen) == (EPOCHS - 1) * lightning_run.N
+    final = last_predictions(module.seen, EPOCHS)
+    stored = SoftTargetStore.open(tmp_path / "store").read_epoch(EPOCHS)
+    np.testing.assert_array_equal(stored, torch.stack([final[i] for i in range(lightning_run.N)]).half().numpy())
+
+
 class Skips(lightning_run.Classifier):
     """Returns None from training_step (Lightning's skip) at the second step of epoch 2."""
 
@@ -301,7 +311,7 @@ class TrainsOnTheFirst(lightning_run.Classifier):
 
 
 def test_several_training_dataloaders_are_refused_naming_why(tmp_path):
-    for several in (lambda loader: [loader, loader], lambda loader: {"a": loader}):
+    for several in (lambda loader: [loader, loader], lambda loader: [loader] * 4, lambda loader: {"a": loader}):
         pskd, loader = wrapped(tmp_path, overwrite=True)
         loaders = several(loader)
         with pytest.raises(ValueError, match="PSKD serves one training DataLoader.* several training DataLoaders"):

@@ -37,6 +37,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
 from ..data import labels_of
@@ -175,15 +176,12 @@ class PSKD(pl.Callback):
             raise ValueError(f"training_step must return a dict with the batch's logits under {self.logits_key!r} "
                              f"(e.g. return {{'loss': loss, {self.logits_key!r}: logits}}) for PS-KD to record them, "
                              "or None to skip the batch")
-        if not isinstance(batch, (tuple, list)) or len(batch) != (6 if self.per_token else 4):
-            raise ValueError("PSKD serves one training DataLoader, whose batches are the items of the data set "
-                             "pskd.wrap() returned, collated as they are: several training DataLoaders (a list "
-                             "or dict of them, a CombinedLoader) are not supported")
+        ids = _ids_of(batch, self.per_token)
         logits = None if skipped else outputs[self.logits_key]
         if logits is not None and self.per_token:
-            self.session.record(batch[5], logits, batch[1])
+            self.session.record(ids, logits, batch[1])
         elif logits is not None:
-            self.session.record(batch[3], logits)
+            self.session.record(ids, logits)
         if batch_idx + 1 == trainer.num_training_batches:
             self.session.end_epoch()
 
@@ -205,6 +203,19 @@ class PSKD(pl.Callback):
             raise StoreError(f"the checkpoint's run kept its predictions in {state_dict['store']}, not in "
                              f"{self.url}: resume with PSKD({state_dict['store']!r}, ...)")
         self._resumed = state_dict
+
+
+def _ids_of(batch: Any, per_token: bool) -> torch.Tensor:
+    """The store ids of a batch of the wrapped data set (its items collated as they are:
+    ``(inputs, targets, labels, ids)``, per token six fields, ids last), or an error naming why
+    not: several training DataLoaders give a list or dict of such batches."""
+    fields = 6 if per_token else 4
+    ids = batch[fields - 1] if isinstance(batch, (tuple, list)) and len(batch) == fields else None
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 1 or ids.dtype.is_floating_point:
+        raise ValueError("PSKD serves one training DataLoader, whose batches are the items of the data set "
+                         "pskd.wrap() returned, collated as they are: several training DataLoaders (a list "
+                         "or dict of them, a CombinedLoader) are not supported")
+    return ids
 
 
 def _require_epochs(trainer: pl.Trainer, epochs: int | None) -> None:
