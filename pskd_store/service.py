@@ -57,6 +57,7 @@ class PredictionService:
         """Materialise sealed ``epoch`` (once; again when the cached file fails its
         checksum) and return its seal token for :meth:`lookup`."""
         store = self._require_store()
+        store.refresh()  # another store object (a loop's writer, another process) may have sealed it anew
         store.require_sealed(epoch)
         token = store.epoch_info(epoch)["seal_token"]
         path = self.path(epoch, token)

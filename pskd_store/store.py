@@ -211,6 +211,19 @@ def _pruned_through(meta: dict[str, Any], keep_epochs: int) -> int:
     return max(meta.get("pruned_through", 0), expired[-1] if expired else 0)
 
 
+def _require_every_rank(epoch: int, parts: list[StagedPart]) -> None:
+    """Parts that counted ``world_size`` writers come from every rank below it: a rank whose
+    process died before it made its writer would otherwise have its ids carried forward."""
+    world_size = parts[0].world_size
+    missing = sorted(set(range(world_size or 0)) - {part.rank for part in parts})
+    if missing:
+        raise StoreError(
+            f"epoch {epoch} was written by {world_size} writers, but ranks {missing} staged nothing (their "
+            "processes stopped before making their writers): nothing was sealed; rerun the epoch on every rank, "
+            f"or discard the staged rows with store.discard_staging({epoch}) and write it again"
+        )
+
+
 def _warn_if_ids_look_like_positions(epoch: int, merged: Merged, rows: int) -> None:
     """Most rows written for a few ids, most ids never written: what a loop writing batch
     positions (or labels) instead of the data set's ids does, which no single write shows
@@ -830,6 +843,7 @@ class SoftTargetStore:
                 f"writers ({counted}): some are left from an earlier try of the epoch. Nothing was sealed; "
                 f"discard them with store.discard_staging({epoch}) (or rank=...) and write the epoch again"
             )
+        _require_every_rank(epoch, parts)
         latest = self.latest_sealed
         teacher = create_array(
             self._group, f"teacher/{epoch_key(epoch)}", shape=(self.num_samples, self.encoding.width),

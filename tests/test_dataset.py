@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pskd_store.dataset import SoftTargetDataset, collate_soft_targets
 from pskd_store.service import PredictionService
-from pskd_store.store import EpochNotSealedError, StoreError
+from pskd_store.store import EpochNotSealedError, SoftTargetStore, StoreError
 
 N, K, T, ALPHA_T = 96, 5, 3, 0.8
 LABEL_SEED, CHUNK_ROWS = 3, 16
@@ -207,6 +207,25 @@ def test_service_never_serves_a_stale_epoch_after_rollback(store):
     new = service.prepare(2)
     assert new != old and not service.path(2, old).exists()
     np.testing.assert_allclose(service.lookup(2, new, np.arange(3)).numpy(), 1.0 / K, atol=1e-3)
+
+
+def test_a_teacher_sealed_anew_through_another_store_object_is_served_anew(store, labels):
+    """The data set on one store object, the loop's writes and seals on another: epoch 2
+    redone (rolled back, written again, sealed anew) must be epoch 3's teacher, not the
+    cached decode of its first seal, whose token the data set's store object still holds."""
+    data = SoftTargetDataset(base_dataset(labels), SoftTargetStore.open(store.url), ALPHA_T, T)
+    for epoch in (1, 2):
+        data.set_epoch(epoch)
+        write_epoch(store, epoch)
+    data.set_epoch(3)
+    store.rollback(1)
+    data.set_epoch(2)
+    with store.writer(2, from_logits=False) as writer:
+        writer.write(torch.arange(N), torch.full((N, K), 1.0 / K))
+    store.seal(2)
+    data.set_epoch(3)
+    past = (data[0][1].numpy() - (1 - ALPHA_T) * np.eye(K)[labels[0]]) / ALPHA_T  # a_3 = alpha_T: T = 3
+    np.testing.assert_allclose(past, 1.0 / K, atol=1e-3)
 
 
 def test_set_epoch_needs_the_previous_epoch_sealed(store, labels):

@@ -868,6 +868,20 @@ def _gloo_writer_counts(url: str, init: str, queue) -> None:
         torch.distributed.destroy_process_group()
 
 
+def test_an_epoch_missing_a_ranks_part_is_refused_at_the_seal(store):
+    """Rank 0 of two wrote its shard; rank 1's process died before it made its writer. Sealed,
+    rank 1's ids would carry their earlier predictions (or one-hot labels) forward."""
+    with store.writer(1, rank=0, world_size=2) as writer:
+        writer.write(np.arange(0, N, 2), torch.randn(N // 2, K))
+    with pytest.raises(StoreError, match=r"epoch 1 was written by 2 writers, but ranks \[1\] staged nothing.*"
+                                         r"discard_staging\(1\)"):
+        store.seal(1)
+    assert store.sealed_epochs == [] and store.staging(1)._ranks() == [0]  # nothing sealed, nothing lost
+    with store.writer(1, rank=1, world_size=2) as writer:  # rank 1 runs the epoch again
+        writer.write(np.arange(1, N, 2), torch.randn(N // 2, K))
+    assert store.seal(1)["ids_written"] == N
+
+
 def test_the_parts_of_a_try_of_the_epoch_on_more_processes_are_refused_at_the_seal(store, tmp_path):
     """A DDP run crashed in epoch 1 after rank 1 closed its part, and the epoch was run again
     on one process: rank 1's old rows would win every id over the new ones (higher rank)."""
