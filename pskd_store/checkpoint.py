@@ -111,4 +111,11 @@ def checkpoint_problem(path: Path) -> str | None:
 
 def checkpoint_epoch(path: Path) -> int:
     """The epoch a checkpoint was written after, read without loading its tensors."""
-    return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True)["epoch"])
+    return checkpoint_seal(path)[0]
+
+
+def checkpoint_seal(path: Path) -> tuple[int, str | None]:
+    """The epoch a checkpoint was written after and the seal token of that epoch it recorded
+    (None in a checkpoint from before they were), read without loading its tensors."""
+    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return int(state["epoch"]), state.get("seal_token")

@@ -256,7 +256,8 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
         directory.append_metrics(row)
         with writing(directory.checkpoint):
             state = dict(model=run.network.state_dict(), optimizer=run.optimizer.state_dict(),
-                         scheduler=run.scheduler.state_dict(), epoch=epoch, config=config.__dict__, rng=rng)
+                         scheduler=run.scheduler.state_dict(), epoch=epoch, config=config.__dict__, rng=rng,
+                         seal_token=run.store.epoch_info(epoch)["seal_token"])
             save_checkpoint(directory.checkpoint, state, previous=directory.previous_checkpoint)
         _log_epoch(row, config.epochs)
     env.barrier()  # the last checkpoint is written before any rank leaves
@@ -367,6 +368,7 @@ def _restore(run: RunParts, directory: RunDirectory, env: Distributed, device: t
     except CheckpointDamagedError as err:
         raise CheckpointDamagedError(f"{err}; {_resume_advice(directory, run.store, path)}") from err
     _require_the_checkpoints_config(run.config, state["config"], directory, path)
+    _require_the_epoch_it_sealed(run.store, state, path)
     run.network.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
@@ -380,6 +382,23 @@ def _restore(run: RunParts, directory: RunDirectory, env: Distributed, device: t
     set_rng_state(rng[env.rank], device)
     _require_the_metrics_of(directory, state["epoch"])
     return _roll_back(run.store, directory, env, state["epoch"], checkpoint=path)
+
+
+def _require_the_epoch_it_sealed(store: SoftTargetStore, state: dict, path: Path) -> None:
+    """The store's epoch a checkpoint was saved after is the one its run sealed (the seal
+    token it recorded): another run writing into the same --store may have rolled it back
+    and sealed its own, whose teacher this run would train on. Refused before anything
+    changes; a checkpoint from before tokens were recorded is taken as it is."""
+    epoch, token = state["epoch"], state.get("seal_token")
+    if token is None or epoch not in store.sealed_epochs:  # a store behind the checkpoint: _roll_back says so
+        return
+    sealed = store.epoch_info(epoch)["seal_token"]
+    if sealed != token:
+        raise StoreError(
+            f"epoch {epoch} of {store.url} is not the one this run sealed before its checkpoint {path} (seal token "
+            f"{sealed}, the checkpoint's {token}): another run has sealed epochs into this store (two runs given "
+            "one --store?), and its teachers are not this run's. Nothing was changed; train this run anew with a "
+            "store of its own")
 
 
 def _require_the_metrics_of(directory: RunDirectory, epoch: int) -> None:

@@ -173,6 +173,13 @@ def _check_trajectory(store: SoftTargetStore, epoch: int, report: Report) -> dic
     return None if damaged else store.trajectory_values(arrays)
 
 
+def _seal_token(store: SoftTargetStore, epoch: int) -> str | None:
+    try:
+        return store.epoch_info(epoch).get("seal_token")
+    except KeyError:  # the epoch's statistics are lost: reported apart
+        return None
+
+
 def _sum_tolerance(store: SoftTargetStore, epoch: int) -> float:
     """How far from 1 a stored row may sum: the rounding to the store's dtype, plus how far
     the probability rows given were allowed (the seal records it; nothing for logits)."""
@@ -287,7 +294,7 @@ def _run_config(run: RunDirectory) -> dict:
 
 
 def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) -> None:
-    from .checkpoint import checkpoint_epoch, checkpoint_problem, checkpointed  # imports torch
+    from .checkpoint import checkpoint_problem, checkpoint_seal, checkpointed  # imports torch
 
     report.checked.append("config.json")
     try:
@@ -312,10 +319,14 @@ def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) 
         if problem:
             report.add(str(checkpoint), problem)
             continue
-        epoch = checkpoint_epoch(checkpoint)
+        epoch, token = checkpoint_seal(checkpoint)
         if checkpoint == run.checkpoint and epoch not in store.sealed_epochs:
             report.add(str(checkpoint), f"was written after epoch {epoch}, which the store has not sealed "
                                         f"(sealed: {store.sealed_epochs}): the store lost epochs the model trained on")
+        elif checkpoint == run.checkpoint and token not in (None, _seal_token(store, epoch)):
+            report.add(str(checkpoint), f"was written after epoch {epoch} as this run sealed it, but the store's "
+                                        "epoch of that number was sealed by another (its seal token differs): "
+                                        "another run has sealed epochs into this store")
         try:
             missing = run.missing_metrics(epoch) if checkpoint == run.checkpoint else []
         except RunError:  # a damaged line: reported above

@@ -29,6 +29,7 @@ from pskd_store.run_directory import RunDirectory
 from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from pskd_store.training import train
+from pskd_store.verify import verify_path
 
 
 def metrics_rows(run: Path) -> list[dict]:
@@ -235,6 +236,28 @@ def test_a_resume_refuses_a_config_edited_since_its_checkpoint(tmp_path, trained
             "alpha_T 0.5 (trained with 0.8), epochs 4 (trained with 2); a resumed run trains on as it began") \
         in result.stderr
     assert SoftTargetStore.open(run / "store").sealed_epochs == [1, 2] and len(metrics_rows(run)) == 2
+
+
+def test_a_resume_refuses_a_store_another_run_sealed_its_checkpoints_epoch_into(tmp_path, trained_run):
+    """Two runs given one --store: the other rolled epoch 2 back and sealed its own. Resumed,
+    this run would train epoch 3 on the other run's teacher."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    store = SoftTargetStore.open(run / "store")
+    store.rollback(1)
+    with store.writer(2) as writer:
+        writer.write(torch.arange(store.num_samples), torch.zeros(store.num_samples, store.num_classes))
+    token = store.seal(2)["seal_token"]
+    result = pskd_in_process("train", "--resume", str(run), "-q")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"epoch 2 of {run / 'store'} is not the one this run sealed before its checkpoint "
+            f"{run / 'checkpoints' / 'last.pt'} (seal token {token}, the checkpoint's ") in result.stderr
+    assert "two runs given one --store?" in result.stderr
+    assert SoftTargetStore.open(run / "store").epoch_info(2)["seal_token"] == token and len(metrics_rows(run)) == 2
+    report = verify_path(run)
+    assert [str(f) for f in report.findings] == [
+        f"{run / 'checkpoints' / 'last.pt'}: was written after epoch 2 as this run sealed it, but the store's epoch of "
+        "that number was sealed by another (its seal token differs): another run has sealed epochs into this store"]
 
 
 def test_a_run_whose_last_checkpoint_was_deleted_is_not_started_over(tmp_path, trained_run):
