@@ -66,7 +66,7 @@ from .merge import Merged, merge_epoch
 from .row_encoding import UNREADABLE_ROWS, RowEncoding, row_encoding
 from .sequences import TokenRows
 from .staging import EpochStaging, StagedPart
-from .store_keys import SEQUENCE_TRAJECTORY_FIELDS, TRAJECTORY_FIELDS, epoch_key, new_seal_token
+from .store_keys import RUN_KEY, SEQUENCE_TRAJECTORY_FIELDS, TRAJECTORY_FIELDS, epoch_key, new_seal_token
 from .trajectory import RowTrajectory, SequenceTrajectory, pack_records, record_bytes, unpack_records
 from .zarr_sync import sync
 
@@ -416,6 +416,21 @@ class SoftTargetStore:
             return cls.create(url, labels, num_classes, **create_kwargs)
 
     # -- what the store is ----------------------------------------------------------------
+
+    @property
+    def run(self) -> str | None:
+        """The run that trains into this store, as :meth:`claim_run` recorded it; None when
+        none did (a store made through the API, or before runs were recorded)."""
+        data = store_io.get(self._group.store, RUN_KEY)
+        return None if data is None else json.loads(data)["run"]
+
+    def claim_run(self, run: str) -> str:
+        """Record ``run`` (``pskd-store train``'s run directory) as the one training into this
+        store, unless one is recorded already; returns the one recorded. Two runs given one
+        ``--store`` would roll each other's epochs back and train on each other's teachers."""
+        self._require_writable("record its run")
+        store_io.put_if_absent(self._group.store, RUN_KEY, json.dumps({"run": run}).encode())
+        return self.run
 
     @property
     def num_samples(self) -> int:

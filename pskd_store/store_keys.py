@@ -18,6 +18,7 @@ SEQUENCE_TRAJECTORY_FIELDS = {
     "written": np.bool_,           # it has target positions and every one was written this epoch
 }
 SLICE_BYTES = 32 << 20  # rows held at a time while an epoch is merged, decoded or verified
+RUN_KEY = "run.json"  # which run trains into the store (SoftTargetStore.claim_run): a plain key zarr never reads
 
 
 def epoch_key(epoch: int) -> str:

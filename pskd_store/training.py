@@ -149,6 +149,10 @@ def _open_store(config: TrainConfig, directory: RunDirectory, splits: DataSplits
     elif env.is_main:
         store = SoftTargetStore.open_or_create(
             url, splits.train_labels, splits.num_classes, dtype=config.store_dtype, topk=config.store_topk)
+        if config.store is not None:  # a store of its own, recorded as this run's (_refuse_another_runs_store)
+            owner = store.claim_run(_run_id(directory))
+            if owner != _run_id(directory):
+                raise StoreExistsError(_another_runs_store(config.store, owner))
     env.barrier()
     return store or SoftTargetStore.open(url, labels=splits.train_labels, num_classes=splits.num_classes)
 
@@ -164,22 +168,33 @@ def refuse_a_new_run_into(directory: RunDirectory) -> None:
                          "its store in RUN/store, or where --store says)")
 
 
-def _refuse_another_runs_store(config: TrainConfig) -> None:
+def _refuse_another_runs_store(config: TrainConfig, directory: RunDirectory) -> None:
     """A new run with ``--store`` needs a store of its own there, refused before the run
     directory holds anything: its seal would find another run's epochs, and a resume of a
-    run without a checkpoint rolls its store back to nothing, that run's epochs with it. A
-    store with nothing sealed (made by this command, interrupted before it began) is taken."""
+    run without a checkpoint rolls its store back to nothing, that run's epochs with it. The
+    store records the run that first trains into it (``SoftTargetStore.claim_run``); one that
+    records this run (the same command, interrupted), or none and has nothing sealed, is taken."""
     if config.store is None:  # RUN/store, in a directory that holds no run yet
         return
     try:
         store = SoftTargetStore.open(config.store, read_only=True)
     except StoreNotFoundError:
         return
-    if not store.sealed_epochs:  # no run's predictions yet: made by a run interrupted before its first seal
+    owner = store.run
+    if owner == _run_id(directory) or (owner is None and not store.sealed_epochs):
         return
-    raise StoreExistsError(f"a store already exists at {config.store}, another run's: give this run one of its "
-                           "own (another --store, or none for RUN/store), or continue the run that made it with "
-                           "--resume")
+    raise StoreExistsError(_another_runs_store(config.store, owner))
+
+
+def _run_id(directory: RunDirectory) -> str:
+    """How a store records the run that trains into it: its directory."""
+    return str(directory.path.resolve())
+
+
+def _another_runs_store(url: str, owner: str | None) -> str:
+    run = f"the run in {owner}" if owner else "another run"
+    return (f"a store already exists at {url}, {run}'s: give this run one of its own (another --store, or none "
+            f"for RUN/store), or continue {run} with --resume{f' {owner}' if owner else ''}")
 
 
 def _shard(data: Dataset, env: Distributed) -> Dataset:
@@ -210,7 +225,7 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
         directory.remove_temporary_files()
         if not resume:
             refuse_a_new_run_into(directory)
-            _refuse_another_runs_store(config)
+            _refuse_another_runs_store(config, directory)
     configure_determinism(config.deterministic)
     run = build_run(config, directory, env, device, splits)
     if env.is_main and not resume:  # once the data set, the model and the store took the config

@@ -808,13 +808,31 @@ def test_a_new_run_is_refused_another_runs_store_before_it_writes_anything(tmp_p
     assert f"a store already exists at {run / 'store'}, another run's: give this run one of its own" in result.stderr
     assert not (tmp_path / "other" / "config.json").exists()
     assert SoftTargetStore.open(run / "store").sealed_epochs == sealed == [1, 2]
-    from pskd_store.training import _refuse_another_runs_store
+    from types import SimpleNamespace
 
-    _refuse_another_runs_store(TrainConfig(store=str(tmp_path / "fresh")))  # nothing there: the run may make it
+    from pskd_store.distributed import Distributed
+    from pskd_store.errors import StoreExistsError
+    from pskd_store.training import _open_store, _refuse_another_runs_store
+
+    new = RunDirectory(tmp_path / "new")
+    _refuse_another_runs_store(TrainConfig(store=str(tmp_path / "fresh")), new)  # nothing there: the run may make it
     assert not (tmp_path / "fresh").exists()
     # a store with nothing sealed, left by a run interrupted before it began: the same command again takes it
-    SoftTargetStore.create(tmp_path / "empty", SoftTargetStore.open(run / "store").labels, 10)
-    _refuse_another_runs_store(TrainConfig(store=str(tmp_path / "empty")))
+    labels = SoftTargetStore.open(run / "store").labels
+    empty = SoftTargetStore.create(tmp_path / "empty", labels, 10)
+    config = TrainConfig(store=str(tmp_path / "empty"))
+    _refuse_another_runs_store(config, new)
+    # a run that began training into it (killed before its first seal), then another run: the first run's
+    first = RunDirectory(tmp_path / "first")
+    assert empty.claim_run(str(first.path.resolve())) == str(first.path.resolve())
+    _refuse_another_runs_store(config, first)  # the same command again
+    refused = f"a store already exists at {tmp_path / 'empty'}, the run in {first.path}'s: .* --resume {first.path}"
+    with pytest.raises(StoreExistsError, match=refused):
+        _refuse_another_runs_store(config, new)
+    splits = SimpleNamespace(train_labels=labels, num_classes=10)
+    with pytest.raises(StoreExistsError, match=refused):  # two runs started at once: the first claim wins
+        _open_store(config, new, splits, Distributed())
+    assert _open_store(config, first, splits, Distributed()).run == str(first.path.resolve())
 
 
 @pytest.mark.slow
