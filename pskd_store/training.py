@@ -402,10 +402,16 @@ def _restore(run: RunParts, directory: RunDirectory, env: Distributed, device: t
 def _require_the_epoch_it_sealed(store: SoftTargetStore, state: dict, path: Path) -> None:
     """The store's epoch a checkpoint was saved after is the one its run sealed (the seal
     token it recorded): another run writing into the same --store may have rolled it back
-    and sealed its own, whose teacher this run would train on. Refused before anything
-    changes; a checkpoint from before tokens were recorded is taken as it is."""
+    and sealed its own, whose teacher this run would train on; a store that lost the epoch
+    has no teacher for the next. Refused before anything changes; a checkpoint from before
+    tokens were recorded is checked for its epoch only."""
     epoch, token = state["epoch"], state.get("seal_token")
-    if token is None or epoch not in store.sealed_epochs:  # a store behind the checkpoint: _roll_back says so
+    if epoch not in store.sealed_epochs:
+        raise StoreError(
+            f"{store.url} has sealed epochs {store.sealed_epochs}, but the checkpoint {path} was taken after epoch "
+            f"{epoch}: the store lost epochs this run trained on. Nothing was changed; restore the store from a "
+            "backup, or resume from the kept checkpoint of an epoch it holds (--from-epoch)")
+    if token is None:
         return
     sealed = store.epoch_info(epoch)["seal_token"]
     if sealed != token:

@@ -323,7 +323,7 @@ def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) 
         if checkpoint == run.checkpoint and epoch not in store.sealed_epochs:
             report.add(str(checkpoint), f"was written after epoch {epoch}, which the store has not sealed "
                                         f"(sealed: {store.sealed_epochs}): the store lost epochs the model trained on")
-        elif checkpoint == run.checkpoint and token not in (None, _seal_token(store, epoch)):
+        elif checkpoint == run.checkpoint and token is not None and _seal_token(store, epoch) not in (None, token):
             report.add(str(checkpoint), f"was written after epoch {epoch} as this run sealed it, but the store's "
                                         "epoch of that number was sealed by another (its seal token differs): "
                                         "another run has sealed epochs into this store")

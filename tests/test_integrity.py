@@ -534,8 +534,6 @@ def test_rolling_back_past_the_kept_teachers_is_refused(store):
     assert reopen(store).sealed_epochs == [1, 2, 3]
 
 
-
-
 def test_verify_reports_edited_statistics_damaged_labels_and_a_lost_trajectory_array(store):
     _edit_root(store, lambda meta: meta["epochs"].pop("2"))
     flip_byte(chunk(store, "labels"))
@@ -545,6 +543,16 @@ def test_verify_reports_edited_statistics_damaged_labels_and_a_lost_trajectory_a
     assert any(f.startswith("labels: the labels array") for f in findings)
     assert any(f.startswith("trajectory of epoch 1: ") and "its array trajectory/epoch_0001 cannot be opened" in f
                for f in findings), findings
+
+
+def test_verify_of_a_run_whose_checkpointed_epoch_lost_its_statistics(tmp_path, trained_run):
+    """The checkpoint's seal token is compared with the store's only where the store still
+    has it: edited statistics are one finding, not a crash."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    _edit_root(SoftTargetStore.open(run / "store"), lambda meta: meta["epochs"].pop("2"))
+    findings = [str(f) for f in verify_path(run).findings]
+    assert findings == ["epoch 2: is sealed but has no statistics or seal token: the root metadata was edited"]
 
 
 def _rewrite_cache(path: Path, array: np.ndarray) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import PSKD, exit_code, pskd, pskd_forked, pskd_in_process
+from conftest import PSKD, exit_code, lengthen_run, pskd, pskd_forked, pskd_in_process
 from store_helpers import write_epoch
 
 from pskd_store.augment import CUTOUT_HOLE
@@ -258,6 +258,30 @@ def test_a_resume_refuses_a_store_another_run_sealed_its_checkpoints_epoch_into(
     assert [str(f) for f in report.findings] == [
         f"{run / 'checkpoints' / 'last.pt'}: was written after epoch 2 as this run sealed it, but the store's epoch of "
         "that number was sealed by another (its seal token differs): another run has sealed epochs into this store"]
+
+
+def test_a_resume_refuses_a_store_that_lost_its_checkpoints_epoch(tmp_path, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    lengthen_run(run, 3)
+    SoftTargetStore.open(run / "store").rollback(1)
+    result = pskd_in_process("train", "--resume", str(run), "-q")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"{run / 'store'} has sealed epochs [1], but the checkpoint {run / 'checkpoints' / 'last.pt'} was taken "
+            "after epoch 2: the store lost epochs this run trained on") in result.stderr
+    assert SoftTargetStore.open(run / "store").sealed_epochs == [1] and len(metrics_rows(run)) == 2
+
+
+def test_a_checkpoint_from_before_seal_tokens_resumes(tmp_path, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    lengthen_run(run, 3)
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=False)
+    del state["seal_token"]
+    torch.save(state, run / "checkpoints" / "last.pt")
+    result = pskd_in_process("train", "--resume", str(run), "-q")
+    assert result.returncode == 0, result.stderr
+    assert SoftTargetStore.open(run / "store").sealed_epochs == [1, 2, 3] and len(metrics_rows(run)) == 3
 
 
 def test_a_run_whose_last_checkpoint_was_deleted_is_not_started_over(tmp_path, trained_run):
