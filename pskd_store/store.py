@@ -211,16 +211,19 @@ def _pruned_through(meta: dict[str, Any], keep_epochs: int) -> int:
     return max(meta.get("pruned_through", 0), expired[-1] if expired else 0)
 
 
-def _require_every_rank(epoch: int, parts: list[StagedPart]) -> None:
-    """Parts that counted ``world_size`` writers come from every rank below it: a rank whose
-    process died before it made its writer would otherwise have its ids carried forward."""
+def _require_every_rank(epoch: int, parts: list[StagedPart], merged: Merged) -> None:
+    """Parts that counted ``world_size`` writers, some rank's missing, and ids that nobody
+    wrote: that rank's process died before it made its writer, and its ids would be carried
+    forward. (One process writing every rank's rows, gathered, leaves no id unwritten.)"""
     world_size = parts[0].world_size
     missing = sorted(set(range(world_size or 0)) - {part.rank for part in parts})
-    if missing:
+    if missing and merged.carried_forward:
         raise StoreError(
-            f"epoch {epoch} was written by {world_size} writers, but ranks {missing} staged nothing (their "
-            "processes stopped before making their writers): nothing was sealed; rerun the epoch on every rank, "
-            f"or discard the staged rows with store.discard_staging({epoch}) and write it again"
+            f"epoch {epoch} was written by {world_size} writers, but ranks {missing} staged nothing and "
+            f"{merged.carried_forward} ids were not written (their processes stopped before making their "
+            "writers?): nothing was sealed; rerun the epoch on every rank, or discard the staged rows with "
+            f"store.discard_staging({epoch}) and write it again (a loop whose one process writes every rank's "
+            "rows makes its writer with world_size=1)"
         )
 
 
@@ -858,7 +861,6 @@ class SoftTargetStore:
                 f"writers ({counted}): some are left from an earlier try of the epoch. Nothing was sealed; "
                 f"discard them with store.discard_staging({epoch}) (or rank=...) and write the epoch again"
             )
-        _require_every_rank(epoch, parts)
         latest = self.latest_sealed
         teacher = create_array(
             self._group, f"teacher/{epoch_key(epoch)}", shape=(self.num_samples, self.encoding.width),
@@ -869,6 +871,7 @@ class SoftTargetStore:
             parts, teacher, None if latest is None else self.teacher_array(latest), self.labels, self.encoding,
             self._trajectory_record(), scratch_dir
         )
+        _require_every_rank(epoch, parts, merged)  # before anything is published
         _warn_if_ids_look_like_positions(epoch, merged, self.num_samples)
         trajectory = self._write_trajectory(epoch, merged.trajectory)
         # every chunk read back as stored before the epoch is published: a chunk lost or

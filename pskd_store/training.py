@@ -149,7 +149,8 @@ def _open_store(config: TrainConfig, directory: RunDirectory, splits: DataSplits
     elif env.is_main:
         store = SoftTargetStore.open_or_create(
             url, splits.train_labels, splits.num_classes, dtype=config.store_dtype, topk=config.store_topk)
-        if config.store is not None:  # a store of its own, recorded as this run's (_refuse_another_runs_store)
+        if config.store is not None and not directory.config.exists():
+            # a new run (its config.json comes after the store): the store is recorded as its own
             owner = store.claim_run(_run_id(directory))
             if owner != _run_id(directory):
                 raise StoreExistsError(_another_runs_store(config.store, owner))
@@ -180,10 +181,9 @@ def _refuse_another_runs_store(config: TrainConfig, directory: RunDirectory) -> 
         store = SoftTargetStore.open(config.store, read_only=True)
     except StoreNotFoundError:
         return
-    owner = store.run
-    if owner == _run_id(directory) or (owner is None and not store.sealed_epochs):
+    if not store.sealed_epochs and store.run in (None, _run_id(directory)):
         return
-    raise StoreExistsError(_another_runs_store(config.store, owner))
+    raise StoreExistsError(_another_runs_store(config.store, store.run))
 
 
 def _run_id(directory: RunDirectory) -> str:

@@ -836,6 +836,32 @@ def test_a_new_run_is_refused_another_runs_store_before_it_writes_anything(tmp_p
 
 
 @pytest.mark.slow
+def test_a_store_is_its_runs_whether_the_run_moves_or_its_directory_is_made_again(tmp_path, data_dir):
+    """A run killed before its first checkpoint, moved, resumes into its store; a new run
+    into a directory made again where a run with sealed epochs was is refused up front."""
+    store = tmp_path / "store"
+    args = ["--store", str(store), "--epochs", "1", "--steps-per-epoch", "2", "--workers", "0",
+            "--data-dir", str(data_dir), "-q"]
+    assert pskd_in_process("train", "-o", str(tmp_path / "a"), *args).returncode == 0
+    shutil.rmtree(tmp_path / "a")  # the run's directory deleted, its store kept (sealed: [1])
+    result = pskd_in_process("train", "-o", str(tmp_path / "a"), *args)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"a store already exists at {store}, the run in {tmp_path / 'a'}'s" in result.stderr
+    assert not (tmp_path / "a" / "config.json").exists() and SoftTargetStore.open(store).sealed_epochs == [1]
+
+    assert pskd_in_process("train", "-o", str(tmp_path / "b"), "--store", str(tmp_path / "other"),
+                           *args[2:]).returncode == 0
+    for checkpoint in (tmp_path / "b" / "checkpoints").glob("*.pt"):  # killed before its first checkpoint
+        checkpoint.unlink()
+    SoftTargetStore.open(tmp_path / "other").rollback(0)
+    (tmp_path / "b" / "metrics.jsonl").unlink()
+    shutil.move(tmp_path / "b", tmp_path / "moved")
+    result = pskd_in_process("train", "--resume", str(tmp_path / "moved"), "-q")
+    assert result.returncode == 0, result.stderr
+    assert SoftTargetStore.open(tmp_path / "other").sealed_epochs == [1]
+
+
+@pytest.mark.slow
 def test_a_flipped_bit_in_the_checkpoints_weights_is_one_line_naming_the_command_that_resumes(
         tmp_path, trained_run):
     run = tmp_path / "run"

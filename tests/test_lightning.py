@@ -292,6 +292,26 @@ def test_a_skipped_batch_records_nothing_and_its_samples_carry_forward(tmp_path)
     assert [store.epoch_info(epoch)["ids_written"] for epoch in (1, 2, 3)] == [96, 80, 96]
 
 
+class StepsByHand(lightning_run.Classifier):
+    """Manual optimization, as Lightning's examples write it: training_step returns nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(super().training_step(batch, batch_idx)["loss"])
+        optimizer.step()
+
+
+def test_manual_optimization_returning_nothing_is_refused_not_taken_for_skipped_batches(tmp_path):
+    pskd, loader = wrapped(tmp_path)
+    with pytest.raises(ValueError, match="training_step must return a dict with the batch's logits under 'logits'"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(StepsByHand(), loader)
+
+
 def test_a_second_fit_of_the_same_trainer_is_refused_before_the_store_changes(tmp_path):
     pskd, loader = wrapped(tmp_path, overwrite=True)
     trainer = quiet_trainer(tmp_path, [pskd], max_epochs=2)

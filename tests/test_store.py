@@ -880,6 +880,9 @@ def test_an_epoch_missing_a_ranks_part_is_refused_at_the_seal(store):
     with store.writer(1, rank=1, world_size=2) as writer:  # rank 1 runs the epoch again
         writer.write(np.arange(1, N, 2), torch.randn(N // 2, K))
     assert store.seal(1)["ids_written"] == N
+    with store.writer(2, rank=0, world_size=2) as writer:  # rank 0 writes every rank's rows, gathered
+        writer.write(np.arange(N), torch.randn(N, K))
+    assert store.seal(2)["ids_written"] == N
 
 
 def test_the_parts_of_a_try_of_the_epoch_on_more_processes_are_refused_at_the_seal(store, tmp_path):

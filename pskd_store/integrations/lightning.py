@@ -171,7 +171,8 @@ class PSKD(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        skipped = isinstance(outputs, Mapping) and not outputs  # training_step returned None
+        # training_step returned None: Lightning's skip (under manual optimization, what every step returns)
+        skipped = pl_module.automatic_optimization and isinstance(outputs, Mapping) and not outputs
         if not skipped and (not isinstance(outputs, Mapping) or self.logits_key not in outputs):
             raise ValueError(f"training_step must return a dict with the batch's logits under {self.logits_key!r} "
                              f"(e.g. return {{'loss': loss, {self.logits_key!r}: logits}}) for PS-KD to record them, "
