@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 from torchvision.datasets.utils import extract_archive
 from torchvision.datasets.vision import StandardTransform, VisionDataset
 
@@ -216,6 +217,12 @@ def _load_cifar(
         raise FileNotFoundError(f"{cls.__name__} data not found: looked in {folder}; {fix}") from err
 
 
+def _visible_image(path: str) -> bool:
+    """An image file ImageFolder would take, unless hidden: a Mac copying a tree writes a
+    ``._NAME.JPEG`` of metadata beside each image, which no image decoder reads."""
+    return not Path(path).name.startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+
 def _load_image_folders(
     root: Path, test_dirs: tuple[str, ...], train_tf: Callable, eval_tf: Callable
 ) -> tuple[ImageFolder, ImageFolder]:
@@ -227,7 +234,8 @@ def _load_image_folders(
             f"expected ImageFolder trees {wanted} (one subfolder per class) in {root}; "
             "pass --data-dir pointing at the folder that holds them"
         )
-    train, test = ImageFolder(train_dir, transform=train_tf), ImageFolder(test_dir, transform=eval_tf)
+    train = ImageFolder(train_dir, transform=train_tf, is_valid_file=_visible_image)
+    test = ImageFolder(test_dir, transform=eval_tf, is_valid_file=_visible_image)
     if train.classes != test.classes:
         raise ValueError(
             f"class folders differ between {train_dir} and {test_dir}, so their labels would disagree"

@@ -133,6 +133,18 @@ def test_imagefolder_sets(imagefolder_dir, name):
     assert isinstance(steps[3], image_data.ColorJitter)  # theirs, on the tensor: not torchvision's
 
 
+def test_hidden_files_in_a_folder_tree_are_no_samples(imagefolder_dir):
+    """A Mac copying the tree writes ``._0.png`` (metadata) beside each image: not a sample,
+    in training or evaluation, where torchvision's ImageFolder takes any name by its extension."""
+    for image in list(imagefolder_dir.glob("*/*/*.png")):
+        image.with_name("._" + image.name).write_bytes(b"\x00\x05\x16\x07 Mac OS X metadata")
+    (imagefolder_dir / "train" / "ant" / "notes.txt").write_text("no image either")
+    splits = build_datasets("folder", imagefolder_dir)
+    assert (len(splits.train), len(splits.test)) == (12, 6)
+    assert not any("/._" in path for path, _ in splits.train.samples + splits.test.samples)
+    _check_items(splits.train, (3, 224, 224), 3, n=12)
+
+
 def test_img_size_sets_a_folders_crops(imagefolder_dir):
     """--img-size: small images are cropped at their own scale, not upsampled to 224; the
     evaluation resize follows it (size / 0.875, as 256 for 224)."""
