@@ -148,6 +148,8 @@ class TrainConfig:
         values = {k: (defaults[k] if getattr(self, k) is None and k in defaults else getattr(self, k))
                   for k in (f.name for f in dataclasses.fields(self))}
         values["arch"] = arch
+        # absolute: a resume run from another directory reads the same data, not a copy there
+        values["data_dir"] = str(Path(values["data_dir"]).expanduser().resolve())
         if values["workers"] is None:
             values["workers"] = default_workers()
         if self.milestones is None:

@@ -272,6 +272,21 @@ def test_a_resume_refuses_a_store_that_lost_its_checkpoints_epoch(tmp_path, trai
     assert SoftTargetStore.open(run / "store").sealed_epochs == [1] and len(metrics_rows(run)) == 2
 
 
+def test_a_relative_data_dir_is_kept_absolute_so_a_resume_elsewhere_reads_the_same_data(
+        tmp_path, data_dir, monkeypatch):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "data").symlink_to(data_dir)
+    monkeypatch.chdir(tmp_path / "a")
+    args = ["--epochs", "2", "--steps-per-epoch", "2", "--workers", "0", "--data-dir", "data", "-q"]
+    assert pskd_in_process("train", "-o", str(tmp_path / "run"), *args).returncode == 0
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_dir"] == str(data_dir.resolve())
+    lengthen_run(tmp_path / "run", 3)
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "b")
+    assert pskd_in_process("train", "--resume", str(tmp_path / "run"), "-q").returncode == 0
+    assert not (tmp_path / "b" / "data").exists()  # not made again (MNIST-1D generated) where the resume ran
+
+
 def test_a_checkpoint_from_before_seal_tokens_resumes(tmp_path, trained_run):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
