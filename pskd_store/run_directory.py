@@ -178,10 +178,16 @@ class RunDirectory:
     def keep_metrics_through(self, epoch: int) -> None:
         """Drop the rows of epochs after ``epoch`` (what a resumed run redoes), a last row
         cut short by a kill or a full disk included: a row is appended before its epoch's
-        checkpoint is written, so a torn one is never of an epoch resumed after."""
-        rows = [row for row in self.metrics_rows(torn_tail=True) if row["epoch"] <= epoch]
+        checkpoint is written, so a torn one is never of an epoch resumed after. When rows
+        of later epochs go, so do ``summary.json`` and the final model's probabilities in
+        ``eval/``: that model is gone (the run writes them again when it ends)."""
+        every = self.metrics_rows(torn_tail=True)
+        rows = [row for row in every if row["epoch"] <= epoch]
         with writing(self.metrics):  # renamed into place: a kill or a full disk leaves the old rows whole
             write_atomically(self.metrics, "".join(json.dumps(row) + "\n" for row in rows).encode())
+        if len(rows) < len(every):
+            for result in (self.summary, self.eval_probs("test"), self.eval_probs("val")):
+                result.unlink(missing_ok=True)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         with writing(self.summary):

@@ -287,6 +287,20 @@ def test_a_relative_data_dir_is_kept_absolute_so_a_resume_elsewhere_reads_the_sa
     assert not (tmp_path / "b" / "data").exists()  # not made again (MNIST-1D generated) where the resume ran
 
 
+def test_a_rollback_past_the_final_epoch_drops_the_summary_and_probabilities_of_its_model(tmp_path, trained_run):
+    """--from-epoch 1 of a finished run, interrupted in epoch 2: summary.json and
+    eval/test_probs.npz described the epoch-2 model, which is gone, not the run as it stands."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    directory = RunDirectory(run)
+    directory.keep_metrics_through(2)  # nothing dropped: the final model stands
+    assert directory.summary.is_file() and directory.eval_probs().is_file()
+    directory.keep_metrics_through(1)
+    assert not directory.summary.exists() and not directory.eval_probs().exists()
+    assert [row["epoch"] for row in metrics_rows(run)] == [1]
+    assert "final test    epoch 1" in pskd_in_process("inspect", str(run), "--out", str(tmp_path / "plots")).stdout
+
+
 def test_a_checkpoint_from_before_seal_tokens_resumes(tmp_path, trained_run):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
