@@ -20,8 +20,9 @@ def checkpoint_path(path: str) -> Path:
 @click.command("eval")
 @click.argument("checkpoints", nargs=-1, required=True)
 @click.option("--data-dir", type=click.Path(file_okay=False),
-              help="Where the data set is, if not where the run found it.")
-@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True)
+              help="Where the data set is, if not where the run found it (for every model of an ensemble).")
+@click.option("--split", type=click.Choice(["test", "val"]), default="test", show_default=True,
+              help="The data set's test split, or the validation split the runs held out (--val-split).")
 @click.option("--ece-bins", type=click.IntRange(min=1), default=None,
               help="ECE's number of bins. Default: the first run's --ece-bins (10, the paper's, unless set).")
 @click.option("--device", default="auto", show_default=True)
@@ -31,7 +32,7 @@ def checkpoint_path(path: str) -> Path:
                    "run's last, ensemble_<split>_probs.npz for several models).")
 def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str, ece_bins: int | None,
                  device: str, output: str | None) -> None:
-    """Evaluate CHECKPOINTS (run directories or .pt files) on the test split.
+    """Evaluate CHECKPOINTS (run directories or .pt files) on the test split (or --split val).
 
     Several checkpoints are an ensemble: their softmax outputs are averaged, as in the
     paper's ensemble results. Prints top-1/top-5 error, NLL, ECE and AURC/E-AURC as JSON and

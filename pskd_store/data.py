@@ -31,6 +31,7 @@ DATASETS: dict[str, str] = {
     "imagenet": "ImageNet as ImageFolder trees --data-dir/train and --data-dir/val",
     "folder": "any ImageFolder tree with train/ and val/ (or test/) subfolders, ImageNet transforms",
 }
+FOLDER_DATASETS = ("imagenet", "folder")  # whose samples are the files of their directory's trees
 
 # Generation parameters of the offline default, merged over mnist1d's own defaults.
 # Tune them here: the cache file name is keyed by the merged parameters. The package's

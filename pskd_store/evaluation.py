@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
-from .data import build_datasets
+from .data import FOLDER_DATASETS, build_datasets
 from .distributed import select_device
 from .engine import Predictions, eval_loader, predict
 from .metrics import evaluate
@@ -23,9 +23,9 @@ def evaluate_checkpoints(
     ``inspect`` do."""
     states = [load_checkpoint(path) for path in paths]
     configs = [TrainConfig(**state["config"]) for state in states]
-    if len({_samples_of(config, split) for config in configs}) > 1:
+    if len({_samples_of(config, split, data_dir is None) for config in configs}) > 1:
         raise ValueError(f"an ensemble needs checkpoints trained on the same data set, whose {split} split "
-                         "holds the same samples")
+                         "holds the same samples (image folders: in the same directory, or name it with --data-dir)")
     first = configs[0]
     splits = build_datasets(first.dataset, data_dir or first.data_dir, val_split=first.val_split,
                             seed=first.seed, download=False, img_size=first.img_size,
@@ -36,9 +36,13 @@ def evaluate_checkpoints(
     torch_device = select_device(device)
     loader = eval_loader(data, 2 * first.batch_size, first.workers, torch_device)
     members = []
-    for state, config in zip(states, configs):
+    for path, state, config in zip(paths, states, configs):
         model = create_model(config.arch, splits.num_classes).to(torch_device)
-        model.load_state_dict(state["model"])
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as err:  # a classifier of another number of classes than the data's
+            raise ValueError(f"{path} does not fit the {splits.num_classes} classes of the data in "
+                             f"{data_dir or first.data_dir}: evaluate it on the data it was trained on") from err
         members.append(predict(model, loader, torch_device, amp=config.amp, channels_last=config.channels_last))
     if len(members) == 1:  # a model's NLL from its logits; an ensemble's from its averaged probabilities
         predictions = members[0]
@@ -47,10 +51,12 @@ def evaluate_checkpoints(
     return evaluate(*predictions, n_bins=first.ece_bins if ece_bins is None else ece_bins), predictions
 
 
-def _samples_of(config: TrainConfig, split: str) -> tuple:
+def _samples_of(config: TrainConfig, split: str, own_data: bool) -> tuple:
     """What decides the samples of ``split`` and how they are shown to a model: the test
     split is the data set's own, whatever the training subset, hold-out or seed; the
-    validation split is drawn from the training set by those."""
+    validation split is drawn from the training set by those. An image-folder set is its
+    directory's (``own_data``: each run's, none being named for all)."""
+    where = str(Path(config.data_dir).resolve()) if own_data and config.dataset in FOLDER_DATASETS else None
     if split == "test":
-        return config.dataset, config.img_size
-    return config.dataset, config.train_subset, config.val_split, config.seed, config.img_size
+        return config.dataset, config.img_size, where
+    return config.dataset, config.train_subset, config.val_split, config.seed, config.img_size, where

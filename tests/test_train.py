@@ -398,6 +398,21 @@ def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):
     ])
     assert result.exit_code == 0, result.output
     assert metrics_rows(run)[0]["test"]["n"] == 6
+    # an ensemble of runs on two image trees: refused, unless --data-dir names one for all
+    from pskd_store.evaluation import evaluate_checkpoints
+
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=False)
+    other_tree = tmp_path / "other_tree"
+    shutil.copytree(imagefolder_dir, other_tree)
+    torch.save({**state, "config": {**state["config"], "data_dir": str(other_tree)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="holds the same samples \\(image folders: in the same directory"):
+        evaluate_checkpoints([last, tmp_path / "other.pt"])
+    assert evaluate_checkpoints([last, tmp_path / "other.pt"], data_dir=str(other_tree))[0]["n"] == 6
+    for split in ("train", "val"):  # a fourth class: the model's three classes do not fit it
+        shutil.copytree(other_tree / split / "ant", other_tree / split / "dog")
+    with pytest.raises(ValueError, match=f"{last} does not fit the 4 classes of the data in {other_tree}"):
+        evaluate_checkpoints([last], data_dir=str(other_tree))
 
 
 @pytest.mark.slow
