@@ -66,6 +66,7 @@ class DataSplits:
     train_labels: np.ndarray
     input_kind: str
     random_transforms: bool = True
+    train_names: list[str] | None = None  # an image tree's files, in index order: the store's fingerprint
 
 
 def build_datasets(
@@ -114,7 +115,8 @@ def build_datasets(
         train_idx, val_idx = _split_indices(len(train), val_split, seed)
         train, val = Subset(train, train_idx.tolist()), Subset(eval_view, val_idx.tolist())
     return DataSplits(train, val, test, num_classes, labels_of(train), input_kind,
-                      random_transforms=name != "mnist1d" and crop_flip)  # MNIST-1D: fixed signals
+                      random_transforms=name != "mnist1d" and crop_flip,  # MNIST-1D: fixed signals
+                      train_names=file_names(train))
 
 
 def balanced_subset(labels: np.ndarray, size: int, num_classes: int) -> np.ndarray:
@@ -145,6 +147,16 @@ def known_labels(dataset: Dataset) -> np.ndarray | None:
         if values is not None and not callable(values):
             return np.asarray(values, dtype=np.int64)
     return None
+
+
+def file_names(dataset: Dataset) -> list[str] | None:
+    """The files of an image tree's samples in index order, relative to its root (through
+    Subsets); None for a data set of no files (CIFAR's arrays, MNIST-1D's signals)."""
+    if isinstance(dataset, Subset):
+        names = file_names(dataset.dataset)
+        return None if names is None else [names[i] for i in dataset.indices]
+    samples, root = getattr(dataset, "samples", None), getattr(dataset, "root", None)
+    return None if samples is None or root is None else [os.path.relpath(path, root) for path, _ in samples]
 
 
 def labels_of(dataset: Dataset) -> np.ndarray:

@@ -89,16 +89,20 @@ def _sha256(values: np.ndarray) -> str:
 @dataclass(frozen=True)
 class Fingerprint:
     """What makes two data sets interchangeable for a store: N, K and the labels (and, for
-    a sequence store, how its rows divide into samples)."""
+    a sequence store, how its rows divide into samples; for samples with names, such as an
+    image tree's files, their names in order, which labels alone do not tell apart)."""
 
     num_samples: int
     num_classes: int
     labels_sha256: str
     lengths_sha256: str | None = None
+    names_sha256: str | None = None
 
     @classmethod
-    def of(cls, labels: np.ndarray, num_classes: int, lengths: np.ndarray | None = None) -> Fingerprint:
-        return cls(len(labels), int(num_classes), _sha256(labels), None if lengths is None else _sha256(lengths))
+    def of(cls, labels: np.ndarray, num_classes: int, lengths: np.ndarray | None = None,
+           names: list[str] | None = None) -> Fingerprint:
+        return cls(len(labels), int(num_classes), _sha256(labels), None if lengths is None else _sha256(lengths),
+                   None if names is None else hashlib.sha256("\n".join(names).encode()).hexdigest())
 
     def mismatch(self, other: Fingerprint) -> str | None:
         """A sentence describing how ``other`` differs, or None when they agree."""
@@ -113,6 +117,9 @@ class Fingerprint:
                 return ("one of the store and the data set holds sequences (a row per target position), "
                         "the other a row per sample")
             return "the data set's samples have other numbers of target positions than the store's"
+        if None not in (self.names_sha256, other.names_sha256) and self.names_sha256 != other.names_sha256:
+            return ("the data set's samples (files) differ from the ones the store was made for, in the same classes "
+                    "(an image renamed, added or replaced): each position's teacher would be another sample's")
         return None
 
 
@@ -298,10 +305,12 @@ class SoftTargetStore:
         keep_epochs: int = 2,
         topk: int | None = None,
         lengths: np.ndarray | None = None,
+        names: list[str] | None = None,
         overwrite: bool = False,
         storage_options: dict | None = None,
     ) -> SoftTargetStore:
-        """Make a new, empty store for a data set with these labels.
+        """Make a new, empty store for a data set with these labels (and, with ``names``,
+        these samples' names in order: an image tree's files, which open() then checks).
 
         ``blosc`` holds Blosc options (cname, clevel, shuffle; default zstd level 3 with
         bit-shuffle); Blosc's type size follows each array's dtype. ``keep_epochs`` teacher
@@ -362,7 +371,7 @@ class SoftTargetStore:
                 "lengths", data=np.asarray(lengths, dtype=np.int64), chunks=(len(lengths),),
                 compressors=codecs_with_checksum(codec), chunk_key_encoding=CHUNK_KEYS, config=ARRAY_CONFIG,
             )
-        fingerprint = Fingerprint.of(labels, num_classes, lengths)
+        fingerprint = Fingerprint.of(labels, num_classes, lengths, names)
         group.attrs[ATTRS_KEY] = _with_checksum({
             "schema_version": SCHEMA_VERSION,
             "store_id": secrets.token_hex(8),
@@ -388,15 +397,17 @@ class SoftTargetStore:
         labels: np.ndarray | None = None,
         num_classes: int | None = None,
         lengths: np.ndarray | None = None,
+        names: list[str] | None = None,
         read_only: bool = False,
         storage_options: dict | None = None,
     ) -> SoftTargetStore:
         """Open an existing store; with ``labels`` (and ``num_classes``, a sequence store's
-        ``lengths``), refuse other data."""
+        ``lengths``, the samples' ``names`` when the store recorded them), refuse other data."""
         zstore = _open_zarr_store(url, read_only=read_only, storage_options=storage_options, must_exist=True)
         store = cls(_open_root(zstore, str(url), read_only), str(url), storage_options)
         if labels is not None:
-            expected = Fingerprint.of(labels, num_classes if num_classes is not None else store.num_classes, lengths)
+            expected = Fingerprint.of(labels, num_classes if num_classes is not None else store.num_classes, lengths,
+                                      names)
             problem = store.fingerprint.mismatch(expected)
             if problem:
                 raise StoreError(
@@ -413,7 +424,7 @@ class SoftTargetStore:
         try:
             return cls.open(
                 url, labels=labels, num_classes=num_classes, lengths=create_kwargs.get("lengths"),
-                storage_options=create_kwargs.get("storage_options"),
+                names=create_kwargs.get("names"), storage_options=create_kwargs.get("storage_options"),
             )
         except StoreNotFoundError:
             return cls.create(url, labels, num_classes, **create_kwargs)

@@ -141,21 +141,23 @@ def _open_store(config: TrainConfig, directory: RunDirectory, splits: DataSplits
     store = None
     if env.is_main and directory.checkpoint.is_file():
         try:
-            store = SoftTargetStore.open(url, labels=splits.train_labels, num_classes=splits.num_classes)
+            store = SoftTargetStore.open(url, labels=splits.train_labels, num_classes=splits.num_classes,
+                                         names=splits.train_names)
         except StoreNotFoundError as err:
             raise StoreError(f"{directory.path} is checkpointed and continues from the teachers of its store, "
                              f"which is gone from {url}: restore the store there, or train the run anew into "
                              "another --output") from err
     elif env.is_main:
-        store = SoftTargetStore.open_or_create(
-            url, splits.train_labels, splits.num_classes, dtype=config.store_dtype, topk=config.store_topk)
+        store = SoftTargetStore.open_or_create(url, splits.train_labels, splits.num_classes, names=splits.train_names,
+                                               dtype=config.store_dtype, topk=config.store_topk)
         if config.store is not None and not directory.config.exists():
             # a new run (its config.json comes after the store): the store is recorded as its own
             owner = store.claim_run(_run_id(directory))
             if owner != _run_id(directory):
                 raise StoreExistsError(_another_runs_store(config.store, owner))
     env.barrier()
-    return store or SoftTargetStore.open(url, labels=splits.train_labels, num_classes=splits.num_classes)
+    return store or SoftTargetStore.open(url, labels=splits.train_labels, num_classes=splits.num_classes,
+                                         names=splits.train_names)
 
 
 def refuse_a_new_run_into(directory: RunDirectory) -> None:

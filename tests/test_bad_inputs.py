@@ -829,7 +829,7 @@ def test_a_new_run_is_refused_another_runs_store_before_it_writes_anything(tmp_p
     refused = f"a store already exists at {tmp_path / 'empty'}, the run in {first.path}'s: .* --resume {first.path}"
     with pytest.raises(StoreExistsError, match=refused):
         _refuse_another_runs_store(config, new)
-    splits = SimpleNamespace(train_labels=labels, num_classes=10)
+    splits = SimpleNamespace(train_labels=labels, num_classes=10, train_names=None)
     with pytest.raises(StoreExistsError, match=refused):  # two runs started at once: the first claim wins
         _open_store(config, new, splits, Distributed())
     assert _open_store(config, first, splits, Distributed()).run == str(first.path.resolve())

@@ -127,6 +127,10 @@ def test_imagefolder_sets(imagefolder_dir, name):
     _check_items(splits.val, (3, 224, 224), 3, n=2)
     _check_items(splits.test, (3, 224, 224), 3, n=2)
     np.testing.assert_array_equal(splits.train_labels, _item_labels(splits.train))
+    # the files the store fingerprints, in the training split's order: each in its label's class folder
+    folders = [name.split("/")[0] for name in splits.train_names]
+    assert folders == [("ant", "bee", "cat")[y] for y in splits.train_labels]
+    assert len(set(splits.train_names)) == 9
     steps = image_data._imagenet_transforms(224)[0].transforms
     assert [type(t).__name__ for t in steps] == ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor",
                                                  "ColorJitter", "Lighting", "Normalize"]  # the authors' order

@@ -413,6 +413,13 @@ def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):
         shutil.copytree(other_tree / split / "ant", other_tree / split / "dog")
     with pytest.raises(ValueError, match=f"{last} does not fit the 4 classes of the data in {other_tree}"):
         evaluate_checkpoints([last], data_dir=str(other_tree))
+    # an image renamed in its class: the same labels, but every later image would get its neighbour's teacher
+    assert SoftTargetStore.open(run / "store").fingerprint.names_sha256 is not None
+    lengthen_run(run, 2)
+    (imagefolder_dir / "train" / "ant" / "0.png").rename(imagefolder_dir / "train" / "ant" / "9.png")
+    resumed = CliRunner().invoke(cli, ["train", "--resume", str(run), "-q"])
+    assert resumed.exit_code == 1
+    assert "was made for another data set: the data set's samples (files) differ" in resumed.output
 
 
 @pytest.mark.slow
