@@ -154,6 +154,12 @@ def check_same_samples(first: RunRecord, other: RunRecord) -> None:
             f"{other.path} and {first.path} hold N={first.num_samples} samples with different "
             "labels: inspect together only runs trained on the same data set and split"
         )
+    names = [run.store_summary["fingerprint"].get("names_sha256") for run in (first, other)]
+    if None not in names and names[0] != names[1]:  # image trees: the same labels, other files
+        raise RunError(
+            f"{other.path} and {first.path} were trained on different image files with the same labels: "
+            "inspect together only runs trained on the same data set and split"
+        )
 
 
 def metric_series(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:

@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from pskd_store.analysis import hard_samples, load_run
+from pskd_store.analysis import RunRecord, check_same_samples, hard_samples, load_run
 from pskd_store.cli.inspect import inspect_command
 from pskd_store.metrics import evaluate
 from pskd_store.plots import fit_title
-from pskd_store.run_directory import RunDirectory
+from pskd_store.run_directory import RunDirectory, RunError
 from pskd_store.store import SoftTargetStore
 
 N, K, EPOCHS = 40, 4, 6
@@ -349,3 +349,18 @@ def test_an_epoch_predicted_between_two_gaps_is_drawn_and_every_epoch_is_on_the_
         x, y = ax.transData.transform((epoch, value))
         assert pixels[int(height - y), int(x)].max() < 200  # drawn: not the white background
     assert ax.get_xlim()[0] < 1 and ax.get_xlim()[1] > 8
+
+
+def test_runs_on_two_image_trees_with_the_same_labels_are_not_inspected_together():
+    """Two image trees with the same classes and counts have the same labels: their stores'
+    fingerprints of the files tell them apart (a store without names is not checked)."""
+
+    def run(name: str, names_sha256: str | None) -> RunRecord:
+        return RunRecord(path=Path(name), config={}, labels=np.zeros(4, dtype=np.int64),
+                         trajectory={"written": np.ones((2, 4), dtype=bool)}, metrics=[],
+                         store_summary={"fingerprint": {"names_sha256": names_sha256}})
+
+    check_same_samples(run("a", "files of a"), run("b", "files of a"))
+    check_same_samples(run("a", None), run("b", "files of b"))
+    with pytest.raises(RunError, match="b and a were trained on different image files with the same labels"):
+        check_same_samples(run("a", "files of a"), run("b", "files of b"))
