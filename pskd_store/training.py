@@ -152,8 +152,9 @@ def _open_store(config: TrainConfig, directory: RunDirectory, splits: DataSplits
                                                dtype=config.store_dtype, topk=config.store_topk)
         if config.store is not None and not directory.config.exists():
             # a new run (its config.json comes after the store): the store is recorded as its own
-            owner = store.claim_run(_run_id(directory))
-            if owner != _run_id(directory):
+            run = _run_id(directory)
+            owner = store.claim_run(run)
+            if owner != run:
                 raise StoreExistsError(_another_runs_store(config.store, owner))
     env.barrier()
     return store or SoftTargetStore.open(url, labels=splits.train_labels, num_classes=splits.num_classes,

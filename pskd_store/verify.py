@@ -173,21 +173,18 @@ def _check_trajectory(store: SoftTargetStore, epoch: int, report: Report) -> dic
     return None if damaged else store.trajectory_values(arrays)
 
 
-def _seal_token(store: SoftTargetStore, epoch: int) -> str | None:
+def _statistics(store: SoftTargetStore, epoch: int) -> dict:
+    """What the seal recorded of ``epoch``; {} when the statistics are lost (reported apart)."""
     try:
-        return store.epoch_info(epoch).get("seal_token")
-    except KeyError:  # the epoch's statistics are lost: reported apart
-        return None
+        return store.epoch_info(epoch)
+    except KeyError:
+        return {}
 
 
 def _sum_tolerance(store: SoftTargetStore, epoch: int) -> float:
     """How far from 1 a stored row may sum: the rounding to the store's dtype, plus how far
     the probability rows given were allowed (the seal records it; nothing for logits)."""
-    try:
-        given = store.epoch_info(epoch).get("sum_tolerance", 0.0)
-    except KeyError:  # the epoch's statistics are lost: reported apart
-        given = 0.0
-    return max(1e-5, 2 * float(np.finfo(store.dtype).eps)) + given
+    return max(1e-5, 2 * float(np.finfo(store.dtype).eps)) + _statistics(store, epoch).get("sum_tolerance", 0.0)
 
 
 def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None,
@@ -323,7 +320,8 @@ def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) 
         if checkpoint == run.checkpoint and epoch not in store.sealed_epochs:
             report.add(str(checkpoint), f"was written after epoch {epoch}, which the store has not sealed "
                                         f"(sealed: {store.sealed_epochs}): the store lost epochs the model trained on")
-        elif checkpoint == run.checkpoint and token is not None and _seal_token(store, epoch) not in (None, token):
+        elif (checkpoint == run.checkpoint and token is not None
+              and _statistics(store, epoch).get("seal_token") not in (None, token)):
             report.add(str(checkpoint), f"was written after epoch {epoch} as this run sealed it, but the store's "
                                         "epoch of that number was sealed by another (its seal token differs): "
                                         "another run has sealed epochs into this store")
