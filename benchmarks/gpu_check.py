@@ -68,6 +68,7 @@ from train_overhead import ARMS, build_parser, measure, train_arm  # noqa: E402
 from pskd_store.augment import BatchAugment  # noqa: E402
 from pskd_store.data import DataSplits  # noqa: E402
 from pskd_store.distributed import setup  # noqa: E402
+from pskd_store.engine import float32_precision  # noqa: E402
 from pskd_store.methods import METHODS  # noqa: E402
 from pskd_store.recipe import AUGMENTATIONS, TrainConfig  # noqa: E402
 from pskd_store.run_directory import RunDirectory  # noqa: E402
@@ -404,7 +405,7 @@ def main() -> None:
                    ("train", lambda tmp: check_train(tmp, args.samples))]
     if args.checks:
         checks = [(name, check) for name, check in checks if name in args.checks.split(",")]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, float32_precision(False):  # as pskd-store train runs
         for name, check in checks:
             started = time.perf_counter()
             (Path(tmp) / name).mkdir()

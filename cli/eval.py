@@ -12,9 +12,9 @@ from pskd_store.store import StoreError
 
 
 def checkpoint_path(path: str) -> Path:
-    """A run directory stands for its last checkpoint."""
-    candidate = RunDirectory(Path(path)).checkpoint
-    return candidate if candidate.is_file() else Path(path)
+    """A run directory stands for its last checkpoint (whether or not it wrote one yet)."""
+    run = RunDirectory(Path(path))
+    return run.checkpoint if run.checkpoint.is_file() or run.config.is_file() else Path(path)
 
 
 @click.command("eval")
@@ -29,7 +29,8 @@ def checkpoint_path(path: str) -> Path:
 @click.option("-o", "--output", type=click.Path(dir_okay=False),
               help="Where to write per-sample probabilities (.npz); default RUN/eval/<split>_probs.npz "
                    "of the first run (<checkpoint>_<split>_probs.npz for a checkpoint other than the "
-                   "run's last, ensemble_<split>_probs.npz for several models).")
+                   "run's last, ensemble_<split>_probs.npz for several models), or beside a checkpoint "
+                   "that is in no run directory.")
 def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str, ece_bins: int | None,
                  device: str, output: str | None) -> None:
     """Evaluate CHECKPOINTS (run directories or .pt files) on the test split (or --split val).
@@ -50,7 +51,9 @@ def eval_command(checkpoints: tuple[str, ...], data_dir: str | None, split: str,
                                                     device=device, ece_bins=ece_bins)
     except (ValueError, OSError, StoreError) as err:  # each names its file and the fix (RunError is one)
         raise click.ClickException(str(err)) from err
-    if output is None:
+    if output is None and not run.config.is_file():  # a checkpoint outside its run: beside it
+        output = paths[0].with_name(f"{paths[0].stem}_{run.eval_probs(split, len(paths) > 1).name}")
+    elif output is None:
         output = run.eval_probs(split, ensemble=len(paths) > 1)
         if len(paths) == 1 and paths[0] != run.checkpoint:  # inspect's test_probs.npz stays the final model's
             output = output.with_name(f"{paths[0].stem}_{output.name}")

@@ -47,7 +47,7 @@ def _choose_ids(
     chosen = hard_samples(first.trajectory, first.labels, top, max_correct_fraction)
     return chosen, (
         f"{len(chosen)} hardest samples of {first.name} "
-        f"(right in < {max_correct_fraction:.0%} of its {first.num_epochs} epochs)"
+        f"(right in < {max_correct_fraction:.0%} of the epochs that predicted them)"
     )
 
 
@@ -70,7 +70,8 @@ def _echo_summary(summary: dict[str, Any], chosen_how: str) -> None:
     click.echo(f"{summary['name']}  [{summary['run']}]")
     click.echo(f"  epochs        {summary['epochs']}   (N={summary['num_samples']} samples)")
     click.echo(
-        f"  hard samples  {summary['hard_found']} found (right in < {summary['max_correct_fraction']:.0%} of epochs)"
+        f"  hard samples  {summary['hard_found']} found (right in < {summary['max_correct_fraction']:.0%} "
+        "of the epochs that predicted them)"
     )
     mean = summary["mean_final_true_prob"]
     click.echo(
@@ -104,7 +105,8 @@ def _echo_summary(summary: dict[str, Any], chosen_how: str) -> None:
               help="Print the summary numbers as JSON (one object, one entry per run) instead of text.")
 @click.option("--max-correct-fraction", default=0.5, show_default=True,
               type=click.FloatRange(0, 1, min_open=True),
-              help="A sample is hard when it was predicted correctly in fewer than this fraction of the epochs.")
+              help="A sample is hard when it was right in fewer than this fraction of the epochs that "
+                   "predicted it (the epochs whose training pass wrote its row, not carried it forward).")
 def inspect_command(
     runs: tuple[str, ...], top: int, ids: list[int] | None, out: Path | None, as_json: bool,
     max_correct_fraction: float,

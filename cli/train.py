@@ -21,6 +21,7 @@ from pskd_store.recipe import (
     PLACEMENT_OPTIONS,
     TFKD_DEFAULTS,
     TrainConfig,
+    absolute_if_local,
 )
 from pskd_store.run_directory import RunDirectory
 from pskd_store.store import StoreError
@@ -90,7 +91,9 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
 @click.option("--aug", type=click.Choice(list(AUGMENTATIONS)), default=DEFAULTS["aug"], show_default=True,
               help=_choices(AUGMENTATIONS))
 @click.option("--epochs", type=int, help="Epochs T.")
-@click.option("-b", "--batch-size", type=int, help="Batch size.")
+@click.option("-b", "--batch-size", type=int,
+              help="Batch size of each process; default: the recipe's batch, split among torchrun's "
+                   "processes (as the authors' code splits it among its GPUs).")
 @click.option("--lr", type=float, help="Initial learning rate (SGD).")
 @click.option("--momentum", type=float, default=DEFAULTS["momentum"], show_default=True,
               help="SGD momentum (the paper's 0.9).")
@@ -123,9 +126,13 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
 @click.option("--amp/--no-amp", default=DEFAULTS["amp"], show_default=True,
               help="bfloat16 mixed precision on a GPU (opt-in: the paper trains in fp32). The store records "
                    "the softmax of the bfloat16 logits upcast to fp32.")
+@click.option("--tf32/--no-tf32", default=DEFAULTS["tf32"], show_default=True,
+              help="TensorFloat-32 convolutions and matrix products on Ampere and later GPUs (opt-in: "
+                   "faster, with 10 of float32's 23 mantissa bits; the paper's runs had none). Off, "
+                   "they run in full float32, which PyTorch's cuDNN default does not.")
 @click.option("--channels-last/--no-channels-last", default=DEFAULTS["channels_last"], show_default=True,
               help="channels_last memory format for image batches: faster convolutions on GPUs and on "
-                   "CPUs (oneDNN); the same arithmetic.")
+                   "CPUs (oneDNN); the same network (sums may round differently in the last bit).")
 @click.option("--deterministic", is_flag=True,
               help="PyTorch's deterministic algorithms, no cuDNN autotuning (on by default otherwise): "
                    "a resumed run then repeats an uninterrupted one bit for bit on the same GPU.")
@@ -186,7 +193,8 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
     \b
     Several GPUs or machines: launch with torchrun, e.g.
       torchrun --nproc-per-node 4 --no-python pskd-store train --dataset cifar100 -o runs/c100
-    --batch-size is per process: the global batch is batch size x processes.
+    Left out, --batch-size splits the recipe's batch among the processes; given, it is
+    each process's (the global batch is then batch size x processes).
     """
     from pskd_store.distributed import launched_by_torchrun
     from pskd_store.training import refuse_a_new_run_into, train  # torch/torchvision import only when training
@@ -208,15 +216,15 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
                 raise click.UsageError(f"{resume} has no config.json: is it a run directory made by train?")
             config = TrainConfig.load(config_path)
             for name in PLACEMENT_OPTIONS:
-                if ctx.get_parameter_source(name) != ParameterSource.DEFAULT:
-                    setattr(config, name, options[name])  # where it runs, not what it computes
+                if ctx.get_parameter_source(name) != ParameterSource.DEFAULT:  # where it runs, not what it computes
+                    setattr(config, name, absolute_if_local(options[name]) if name == "cache_dir" else options[name])
         else:
             _refuse_settings_not_read(ctx, options["method"], options["aug"])
             output = options.pop("output")
             if output is None and launched_by_torchrun():
                 raise click.UsageError("under torchrun pass --output RUN_DIR: every process must write the same run")
             options["milestones"] = _parse_milestones(options["milestones"])
-            config = TrainConfig(**options).resolved()
+            config = TrainConfig(**options).resolved()  # the recipe's batch split among torchrun's processes
             stamp = time.strftime("%Y%m%d-%H%M%S")
             directory = Path(output or f"runs/{config.dataset}-{config.arch}-{config.method}-{stamp}")
         if is_main and not resume:  # before the log is opened there

@@ -68,24 +68,25 @@ def load_run(path: str | Path) -> RunRecord:
 
 def _read_run(run: RunDirectory) -> RunRecord:
     if not run.is_run():
-        raise RunError(f"no store in {run.path}: was it made by `pskd-store train`?")
+        inside = " (a store: pass the run directory that holds it)" if (run.path / "zarr.json").is_file() else ""
+        raise RunError(f"no store in {run.path}{inside}: was it made by `pskd-store train`?")
     try:
         store = SoftTargetStore.open(run.store_url(), read_only=True)
-        trajectory = store.trajectory()
+        trajectory, labels, summary = store.trajectory(), store.labels, store.summary()
     except StoreError as err:
         raise RunError(f"cannot read the store of {run.path}: {err}") from err
     if len(trajectory["epochs"]) == 0:
         raise RunError(f"the store in {run.path} has no sealed epoch yet: train at least one epoch first")
-    probs, labels = run.read_eval_probs()
+    eval_probs, eval_labels = run.read_eval_probs()
     return RunRecord(
         path=run.path,
         config=run.read_config(),
-        labels=store.labels,
+        labels=labels,
         trajectory=trajectory,
         metrics=run.metrics_rows(),
-        store_summary=store.summary(),
-        eval_probs=probs,
-        eval_labels=labels,
+        store_summary=summary,
+        eval_probs=eval_probs,
+        eval_labels=eval_labels,
     )
 
 

@@ -78,7 +78,17 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     problem = checkpoint_problem(path)
     if problem:
         raise CheckpointDamagedError(f"{path} {problem}")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return _written_by_train(torch.load(path, map_location="cpu", weights_only=False), path)
+
+
+def _written_by_train(state: Any, path: Path) -> dict[str, Any]:
+    """``state`` when it is what `pskd-store train` saves; a Lightning ``.ckpt`` or a bare
+    state dict is refused in one line, not by a KeyError."""
+    if not isinstance(state, dict) or not {"epoch", "config", "model"} <= state.keys():
+        keys = f" of {', '.join(map(str, list(state)[:4]))}" if isinstance(state, dict) else ""
+        raise CheckpointDamagedError(f"{path} is not a checkpoint written by pskd-store train (a "
+                                     f"{type(state).__name__}{keys}): pass a run directory or its checkpoints/last.pt")
+    return state
 
 
 def checkpointed(sealed_epochs: list[int]) -> bool:
@@ -117,5 +127,5 @@ def checkpoint_epoch(path: Path) -> int:
 def checkpoint_seal(path: Path) -> tuple[int, str | None]:
     """The epoch a checkpoint was written after and the seal token of that epoch it recorded
     (None in a checkpoint from before they were), read without loading its tensors."""
-    state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    state = _written_by_train(torch.load(path, map_location="cpu", weights_only=False, mmap=True), path)
     return int(state["epoch"]), state.get("seal_token")

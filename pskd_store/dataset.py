@@ -88,8 +88,9 @@ class TeacherEpochDataset(Dataset, ABC):
         self._labels = store.labels  # every batch's labels are checked against the store's
         self._require_same_data(base, store)
         self.base = base
-        self.alpha_T = alpha_T
-        self.total_epochs = total_epochs
+        # [alpha_T, total_epochs], shared like the epoch: a loop that sets either reaches the
+        # workers started before (persistent_workers=True) at their next batch
+        self._schedule = torch.tensor([alpha_T, total_epochs], dtype=torch.float64).share_memory_()
         self.num_classes = store.num_classes
         self.seed = seed
         self.rank = rank
@@ -111,13 +112,37 @@ class TeacherEpochDataset(Dataset, ABC):
     def epoch(self) -> int:
         return int(self._state[0])
 
+    @property
+    def alpha_T(self) -> float:
+        return float(self._schedule[0])
+
+    @alpha_T.setter
+    def alpha_T(self, value: float) -> None:
+        alpha_t(max(self.epoch, 1), self.total_epochs, value)  # validates it
+        self._schedule[0] = value
+
+    @property
+    def total_epochs(self) -> int:
+        return int(self._schedule[1])
+
+    @total_epochs.setter
+    def total_epochs(self, value: int) -> None:
+        alpha_t(max(self.epoch, 1), value, self.alpha_T)  # the epoch set must lie within it
+        self._schedule[1] = value
+
     def set_epoch(self, epoch: int) -> None:
         """Use the predictions of sealed epoch ``epoch - 1`` (none for epoch 1)."""
         alpha_t(epoch, self.total_epochs, self.alpha_T)
+        if get_worker_info() is not None:  # forked or spawned: its epoch is the main process's
+            raise RuntimeError("set_epoch() belongs in the main process, not in a DataLoader worker")
+        if self._store is None:  # a pickled copy, whose state is the original's
+            raise RuntimeError(
+                f"this {type(self).__name__} is a pickled copy (handed to torch.multiprocessing.spawn, say), which "
+                "reads no store and shares its epoch with the original: make the data set inside each training "
+                "process"
+            )
         teacher, token = 0, 0
         if epoch > 1 and self.alpha_T > 0:
-            if self._store is None:
-                raise RuntimeError("set_epoch() belongs in the main process, not in a DataLoader worker")
             teacher = epoch - 1
             token = token_to_int(self.service.prepare(teacher))
         self._state[1] = teacher
@@ -127,6 +152,11 @@ class TeacherEpochDataset(Dataset, ABC):
 
     def __getitem__(self, index: int) -> tuple:
         return self.__getitems__([index])[0]
+
+    def _alpha(self, epoch: int) -> float:
+        """a_t, from one read of the shared schedule (two would cost a batch 6 µs)."""
+        alpha_T, total_epochs = self._schedule.tolist()
+        return alpha_t(epoch, int(total_epochs), alpha_T)
 
     def _current(self) -> tuple[int, int, int, int]:
         """(epoch, teacher epoch or 0, seal token as int, set_epoch calls), in one read of
@@ -246,14 +276,14 @@ class SoftTargetDataset(TeacherEpochDataset):
                  prepared: int) -> torch.Tensor:
         """(1 - a_t)·onehot(labels) + a_t·p_{t-1}(ids), p read from the memory map."""
         past = self.service.lookup(teacher, token_from_int(token), ids, prepared)
-        return soft_target(torch.from_numpy(labels), past, alpha_t(epoch, self.total_epochs, self.alpha_T))
+        return soft_target(torch.from_numpy(labels), past, self._alpha(epoch))
 
     def _targets_table(self, epoch: int, teacher: int, token: int, prepared: int) -> np.ndarray | None:
         """Every sample's target at this epoch, blended by the main process once per epoch
         when they take at most ``TABLE_BYTES`` (the class docstring says why); None in a
         worker and for larger ones. Made again when anything the blend reads changes: the
         epoch, the teacher's seal, or ``alpha_T``/``total_epochs`` set by a loop mid-epoch."""
-        state = (epoch, teacher, token, self.alpha_T, self.total_epochs)
+        state = (epoch, teacher, token, *self._schedule.tolist())
         if self._table is not None and self._table[0] == state:
             return self._table[1]
         if get_worker_info() is not None or len(self._labels) * self.num_classes * 4 > self.TABLE_BYTES:

@@ -5,6 +5,8 @@ arrives as an explicit argument, as in torchvision's ``references/classification
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import numpy as np
@@ -31,6 +33,25 @@ def autocast(device: torch.device, amp: bool) -> torch.autocast:
     """bfloat16 mixed precision (no loss scaling needed) on the training device, GPU or
     CPU, with ``amp``; full precision without."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
+
+
+@contextmanager
+def float32_precision(tf32: bool) -> Iterator[None]:
+    """Convolutions and matrix products in full float32 inside the block, as the paper's runs
+    (PyTorch 1.6, before TensorFloat-32) computed them; PyTorch's cuDNN default would run
+    every convolution in TF32 on Ampere and later GPUs, with 10 of float32's 23 mantissa
+    bits. ``tf32`` opts in to TF32 for both (faster, not the paper's arithmetic). torch 2.9's
+    settings, put back afterwards: set, they leave torch's older ``allow_tf32`` getters
+    refusing to read them, which a caller's later code may do."""
+    settings = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
+    kept = [setting.fp32_precision for setting in settings]
+    for setting in settings:
+        setting.fp32_precision = "tf32" if tf32 else "ieee"
+    try:
+        yield
+    finally:
+        for setting, value in zip(settings, kept):
+            setting.fp32_precision = value
 
 
 def train_one_epoch(model: torch.nn.Module, method: Method, loader: DataLoader, optimizer: torch.optim.Optimizer,

@@ -7,7 +7,7 @@ from pathlib import Path
 from .checkpoint import load_checkpoint
 from .data import FOLDER_DATASETS, build_datasets
 from .distributed import select_device
-from .engine import Predictions, eval_loader, predict
+from .engine import Predictions, eval_loader, float32_precision, predict
 from .metrics import evaluate
 from .models import create_model
 from .recipe import TrainConfig
@@ -43,7 +43,8 @@ def evaluate_checkpoints(
         except RuntimeError as err:  # a classifier of another number of classes than the data's
             raise ValueError(f"{path} does not fit the {splits.num_classes} classes of the data in "
                              f"{data_dir or first.data_dir}: evaluate it on the data it was trained on") from err
-        members.append(predict(model, loader, torch_device, amp=config.amp, channels_last=config.channels_last))
+        with float32_precision(config.tf32):  # as it trained: full float32 unless --tf32
+            members.append(predict(model, loader, torch_device, amp=config.amp, channels_last=config.channels_last))
     if len(members) == 1:  # a model's NLL from its logits; an ensemble's from its averaged probabilities
         predictions = members[0]
     else:

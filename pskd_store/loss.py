@@ -4,6 +4,7 @@ class-wise regulariser."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,10 @@ def alpha_t(epoch: int, total_epochs: int, alpha_T: float) -> float:
     """
     if not 0.0 <= alpha_T <= 1.0:
         raise ValueError(f"alpha_T must lie in [0, 1], got {alpha_T}")
+    for name, value in (("epoch", epoch), ("total_epochs", total_epochs)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be a whole number of epochs (an int; epochs count from 1), got {value!r}: "
+                             f"pass int({name})")
     if not 1 <= epoch <= total_epochs:
         raise ValueError(f"epoch must lie in [1, total_epochs={total_epochs}], got {epoch}")
     return alpha_T * epoch / total_epochs

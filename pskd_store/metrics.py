@@ -4,7 +4,9 @@ All metrics are returned in the paper's units: error rates and ECE in percent,
 AURC and E-AURC multiplied by 10^3. ECE, AURC and E-AURC compute exactly what the
 PS-KD authors' code computes (``metric_ece_aurc_eaurc``, ``compute_bin`` and
 ``calc_aurc`` in ``utils/metric.py`` of lgcnsai/PS-KD-Pytorch), bin edges and
-sort order included, so numbers are comparable with the paper's tables.
+sort included, so numbers are comparable with the paper's tables. (Their CIFAR test
+loader shuffles, so the order of exactly tied confidences in AURC is random there and the
+data set's order here: a difference only where many samples share one confidence.)
 
 Definitions: ECE is Naeini et al. (AAAI 2015) as used by Guo et al. (ICML 2017);
 AURC and E-AURC are Geifman et al., "Bias-Reduced Uncertainty Estimation for Deep
@@ -165,8 +167,9 @@ def reliability_bins(probs: ArrayLike, labels: ArrayLike, n_bins: int = 10) -> R
 def _aurc_eaurc(conf: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
     """AURC and E-AURC as fractions, exactly as the authors' ``calc_aurc``.
 
-    Samples are taken most-confident first (``np.argsort(conf)`` reversed, so equal
-    confidences keep the authors' order); the risk at coverage i/N is the error rate
+    Samples are taken most-confident first (``np.argsort(conf)`` reversed, as the authors
+    sort; equal confidences then depend on the samples' order, which is the data set's here
+    and random in the authors' shuffled CIFAR test loader); the risk at coverage i/N is the error rate
     among those first i samples, and AURC is the mean of these risks. E-AURC subtracts
     the AURC of the optimal ranking of the same predictions (every error last), the
     finite sum ``(1/N) sum_{i=1..E} i / (N - E + i)`` over the E errors.

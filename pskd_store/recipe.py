@@ -31,7 +31,7 @@ def default_workers() -> int:
 
 
 # Settings that say where and how fast a run computes, not what: a resumed run may change them.
-PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "channels_last", "dist_timeout")
+PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "tf32", "channels_last", "dist_timeout")
 
 
 # The paper's recipes, each value with its source. "Paper" is Kim et al., ICCV 2021,
@@ -93,6 +93,22 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
 DIST_TIMEOUT_S = 3600.0
 
 
+def absolute_if_local(path: str | None) -> str | None:
+    """A local path made absolute (an object store's URL as it is): a resume, ``info`` or
+    ``verify`` run from another directory then reads the run's data, store and cache, not
+    whatever lies at that relative path there."""
+    if path is None or "://" in path:
+        return path
+    return str(Path(path).expanduser().resolve())
+
+
+def _split_batch(batch: int, world_size: int) -> int:
+    if batch % world_size:
+        raise ValueError(f"the recipe's batch of {batch} does not split evenly among {world_size} processes: "
+                         "pass --batch-size, the batch of each process")
+    return batch // world_size
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run; saved as ``config.json`` in the run directory."""
@@ -120,7 +136,8 @@ class TrainConfig:
     device: str = "auto"
     cache_dir: str | None = None  # the decoded teacher's node-local cache; None: beside a local store
     amp: bool = False  # the paper trains in fp32; bfloat16 autocast is opt-in (--amp)
-    channels_last: bool = True  # memory layout of image batches: the same arithmetic, faster convolutions
+    tf32: bool = False  # the paper's fp32 has no TensorFloat-32; opt-in (--tf32) on Ampere and later GPUs
+    channels_last: bool = True  # memory layout of image batches: faster convolutions, the same network
     deterministic: bool = False  # False: cudnn.benchmark, as the authors' main.py sets
     steps_per_epoch: int | None = None
     store_dtype: str = "float32"  # the authors keep float32 predictions; float16 (opt-in) halves the store
@@ -138,8 +155,13 @@ class TrainConfig:
     cskd_weight: float = CsKd.weight
     ece_bins: int = 10  # the authors' metric_ece_aurc_eaurc(bin_size=0.1)
 
-    def resolved(self) -> TrainConfig:
-        """Fill every unset value from the data set's and the architecture's defaults."""
+    def resolved(self, world_size: int | None = None) -> TrainConfig:
+        """Fill every unset value from the data set's and the architecture's defaults. The
+        recipe's batch is the global batch, split among ``world_size`` processes (default:
+        torchrun's) as the authors' main.py splits it among its GPUs; a batch size given is
+        per process."""
+        if world_size is None:
+            world_size = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else 1
         if self.dataset not in DATASET_DEFAULTS:
             raise ValueError(f"unknown data set {self.dataset!r}; choose one of {', '.join(DATASET_DEFAULTS)}")
         defaults = {**TFKD_DEFAULTS, **DATASET_DEFAULTS[self.dataset]}
@@ -148,8 +170,10 @@ class TrainConfig:
         values = {k: (defaults[k] if getattr(self, k) is None and k in defaults else getattr(self, k))
                   for k in (f.name for f in dataclasses.fields(self))}
         values["arch"] = arch
-        # absolute: a resume run from another directory reads the same data, not a copy there
-        values["data_dir"] = str(Path(values["data_dir"]).expanduser().resolve())
+        if self.batch_size is None:
+            values["batch_size"] = _split_batch(defaults["batch_size"], world_size)
+        for name in ("data_dir", "store", "cache_dir"):
+            values[name] = absolute_if_local(values[name])
         if values["workers"] is None:
             values["workers"] = default_workers()
         if self.milestones is None:

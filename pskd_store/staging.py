@@ -44,6 +44,7 @@ import os
 import re
 import secrets
 import socket
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -71,7 +72,9 @@ STAGING = "staging"
 _EPOCH = re.compile(r"epoch_(\d+)")  # an epoch's name in staging/
 _PART = re.compile(r"writer_(\d+)")  # a part's name in the epoch's staging
 _CLAIM = re.compile(r"writer_(\d+)\.(\d+)")  # a claim's name in owners/ (a store's temporary files are not)
-_LIVE_CLAIMS: set[str] = set()  # tokens of the claims this process's open writers hold
+# this process's open writers by their claims' tokens: a writer dropped unclosed (its loop
+# failed and made a new one) is gone with its object, and its part may be claimed again
+_LIVE_CLAIMS: weakref.WeakValueDictionary[str, PartWriter] = weakref.WeakValueDictionary()
 
 
 def part_name(rank: int) -> str:
@@ -197,8 +200,8 @@ class EpochStaging:
         except StoreError:
             store_io.delete(self.root.store, key)
             raise
-        _LIVE_CLAIMS.add(me.token)
-        return PartWriter(self, rank, me, key)
+        part = _LIVE_CLAIMS[me.token] = PartWriter(self, rank, me, key)
+        return part
 
     def _clear_other_claims(self, rank: int, number: int) -> None:
         """Delete the part's other claims, whose owners are gone, or lose to one that may run.
@@ -232,7 +235,8 @@ class EpochStaging:
         if state == "alive":
             raise StoreError(
                 f"rank {rank} of epoch {self.epoch} already has a writer: {owner} is writing it now. "
-                "Give this writer another rank (one per DDP process), or close that writer first"
+                "Give this writer another rank (one per DDP process), or close that writer first (its "
+                "close(), or abandon() to give its rows up)"
             )
         if state == "unknown":
             raise StoreError(
@@ -252,7 +256,8 @@ class EpochStaging:
             if not attrs.get("closed"):
                 raise StoreError(
                     f"writer {rank} of epoch {self.epoch} was never closed (it crashed or is still "
-                    "running): close every writer before sealing, or rerun the epoch"
+                    "running): close every writer before sealing, or rerun the epoch; the part of a writer "
+                    f"that is gone stays until store.discard_staging({self.epoch}, rank={rank}) removes it"
                 )
             what = f"the staged rows of writer {rank}, epoch {self.epoch},"
             path = f"{self.path}/{part_name(rank)}"
@@ -265,6 +270,16 @@ class EpochStaging:
     def remove(self) -> None:
         """Delete every staged row of the epoch (after its seal)."""
         delete_node(self.root, self.path)
+
+    def abandoned(self) -> bool:
+        """Whether every part and claim of the epoch was left by a writer that is gone: none
+        closed (rows waiting for their seal), none of an owner alive or on another machine."""
+        for rank in sorted(set(self._ranks()) | set(self._claimed_ranks())):
+            claims = self._claims(rank)
+            owner = self._owner(rank, claims[-1]) if claims else None
+            if self._part_attrs(rank).get("closed") or (owner is not None and owner.state() != "gone"):
+                return False
+        return True
 
     def discard(self, rank: int | None = None) -> None:
         """Forget part ``rank`` (every part when None) so that it can be written again.
@@ -369,10 +384,12 @@ class PartWriter:
     def close(self, sum_tolerance: float | None = None) -> None:
         """Mark the part complete: the seal takes it, and no writer may claim it again.
         ``sum_tolerance``: how far from 1 the sums of the probability rows written were allowed."""
+        if not self._held:  # given up: another writer may hold the part now
+            raise StoreError(f"{self._path} was given up by this writer; a new writer writes it again")
         set_group_attributes(self._group, {**self._attributes(closed=True), "rows": self.rows,
                                            "sum_tolerance": sum_tolerance})
         self.closed = True
-        _LIVE_CLAIMS.discard(self._owner.token)
+        _LIVE_CLAIMS.pop(self._owner.token, None)
 
     def _attributes(self, closed: bool) -> dict:
         return {"owner": asdict(self._owner), "closed": closed, "world_size": self._world_size}
@@ -381,5 +398,5 @@ class PartWriter:
         """Give the part up unclosed: its rows are never sealed, and a new writer may claim it."""
         if self._held:
             self._held = False
-            _LIVE_CLAIMS.discard(self._owner.token)
+            _LIVE_CLAIMS.pop(self._owner.token, None)
             store_io.delete(self._staging.root.store, self._claim_key)

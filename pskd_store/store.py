@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import google_crc32c
+import numcodecs.blosc
 import numpy as np
 import zarr
 import zarr.codecs
@@ -68,7 +69,6 @@ from .sequences import TokenRows
 from .staging import EpochStaging, StagedPart
 from .store_keys import RUN_KEY, SEQUENCE_TRAJECTORY_FIELDS, TRAJECTORY_FIELDS, epoch_key, new_seal_token
 from .trajectory import RowTrajectory, SequenceTrajectory, pack_records, record_bytes, unpack_records
-from .zarr_sync import sync
 
 if TYPE_CHECKING:
     from .token_writer import TokenWriter
@@ -157,7 +157,7 @@ def _open_root(zstore: zarr.abc.store.Store, url: str, read_only: bool) -> zarr.
     try:
         return zarr.open_group(zstore, mode="r" if read_only else "r+")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError) as err:
-        if not sync(zstore.is_empty("")):
+        if _STORE_ENTRIES.intersection(store_io.list_dir(zstore, "")):  # a store's arrays, not any folder's files
             raise StoreDamagedError(
                 f"{url} holds arrays but no root metadata (zarr.json, which lists the sealed epochs): "
                 "restore it from a backup; without it no teacher there can be trusted"
@@ -181,6 +181,28 @@ def _with_checksum(meta: dict[str, Any]) -> dict[str, Any]:
     rest = {key: value for key, value in meta.items() if key != META_CHECKSUM}
     canonical = json.dumps(rest, sort_keys=True, separators=(",", ":")).encode()
     return {**rest, META_CHECKSUM: google_crc32c.Checksum(canonical).hexdigest().decode()}
+
+
+# what a store holds at its top level (a half-made one included): a store is made, or made
+# anew (overwrite=True empties the folder or prefix), only where nothing else is
+_STORE_ENTRIES = frozenset({"zarr.json", "labels", "lengths", "teacher", "trajectory", "staging", RUN_KEY})
+
+
+def _entries(zstore: zarr.abc.store.Store, url: str) -> set[str]:
+    """The names at ``url``: a store's entries, hidden files (.DS_Store) and a publication's
+    leftovers; anything else is refused, named."""
+    names = set(store_io.list_dir(zstore, ""))
+    if "" in names:  # what an object store lists for a key that is an object
+        raise StoreError(f"{url} is an object, not a prefix: give the store a path of its own")
+    others = sorted(name for name in names - _STORE_ENTRIES
+                    if not name.startswith(".") and not name.endswith(".partial"))
+    if others:
+        raise StoreError(
+            f"{url} holds {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}, which is no part of a "
+            "pskd-store: give the store a path of its own, new or empty (pskd-store train keeps it in RUN/store); "
+            "overwrite=True deletes only a store"
+        )
+    return names
 
 
 def _bucket_root(url: str) -> bool:
@@ -325,9 +347,13 @@ class SoftTargetStore:
         labels = np.asarray(labels)
         if labels.ndim != 1 or len(labels) == 0 or not np.issubdtype(labels.dtype, np.integer):
             raise StoreError("labels must be a non-empty 1-D array of integer class indices")
-        for name, value in (("num_classes", num_classes), ("chunk_rows", chunk_rows), ("keep_epochs", keep_epochs)):
+        for name, value in (("num_classes", num_classes), ("chunk_rows", chunk_rows), ("keep_epochs", keep_epochs),
+                            ("topk", topk)):
             if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
                 raise StoreError(f"{name} must be an integer, got {value!r}")
+        # Python ints from here on (labels.max() + 1 is NumPy's): they go into the JSON attributes
+        num_classes, keep_epochs = int(num_classes), int(keep_epochs)
+        chunk_rows, topk = (None if value is None else int(value) for value in (chunk_rows, topk))
         if chunk_rows is not None and chunk_rows < 1:
             raise StoreError(f"chunk_rows must be at least 1 (or None for ~1 MiB chunks), got {chunk_rows}")
         if num_classes < 1 or labels.min() < 0 or labels.max() >= num_classes:
@@ -345,23 +371,30 @@ class SoftTargetStore:
         except ValueError as err:
             raise StoreError(str(err)) from err
         rows = chunk_rows or default_chunk_rows(encoding.width * encoding.stored_dtype.itemsize, len(labels))
+        blosc = dict(DEFAULT_BLOSC if blosc is None else blosc)
+        try:  # before anything is written: a refused store leaves nothing behind
+            codec = zarr.codecs.BloscCodec(**blosc)
+        except (TypeError, ValueError) as err:
+            raise StoreError(f"bad Blosc options {blosc}: {err}") from err
+        built_in = numcodecs.blosc.list_compressors()  # zarr takes other names, and any level, till it compresses
+        if codec.cname.value not in built_in or not 0 <= codec.clevel <= 9:
+            raise StoreError(f"bad Blosc options {blosc}: cname must be one of {', '.join(built_in)} (this Blosc's) "
+                             f"and clevel lie in 0..9, got {codec.cname.value!r} and {codec.clevel}")
         if overwrite and _bucket_root(str(url)):
             raise StoreError(f"{url} is the root of a bucket: overwriting a store there would delete the bucket "
                              "(and, versioned, every version in it); keep the store under a prefix, e.g. "
                              f"{str(url).rstrip('/')}/run/store")
         zstore = _open_zarr_store(url, read_only=False, storage_options=storage_options)
+        entries = _entries(zstore, str(url))
+        # zarr's "w-" refuses a folder that holds anything: beside hidden files alone, "a" makes the group
+        mode = "w" if overwrite else "a" if entries and not entries & _STORE_ENTRIES else "w-"
         try:
-            group = zarr.open_group(zstore, mode="w" if overwrite else "w-")
+            group = zarr.open_group(zstore, mode=mode)
         except (FileExistsError, zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as err:
             raise StoreExistsError(
                 f"a store already exists at {url}: open it with SoftTargetStore.open, "
                 "or pass overwrite=True to start over"
             ) from err
-        blosc = dict(DEFAULT_BLOSC if blosc is None else blosc)
-        try:
-            codec = zarr.codecs.BloscCodec(**blosc)
-        except (TypeError, ValueError) as err:
-            raise StoreError(f"bad Blosc options {blosc}: {err}") from err
         group.create_array(
             "labels", data=labels.astype(np.int64), chunks=(len(labels),),
             compressors=codecs_with_checksum(codec), chunk_key_encoding=CHUNK_KEYS, config=ARRAY_CONFIG,
@@ -420,14 +453,24 @@ class SoftTargetStore:
     def open_or_create(
         cls, url: str | Path, labels: np.ndarray, num_classes: int, **create_kwargs: Any
     ) -> SoftTargetStore:
-        """Open the store at ``url`` if one is there (checking the fingerprint), else create it."""
+        """Open the store at ``url`` if one is there (checking the fingerprint, and that it keeps
+        rows as ``create_kwargs`` ask: dtype, top-k, epochs kept, chunks), else create it."""
         try:
-            return cls.open(
+            store = cls.open(
                 url, labels=labels, num_classes=num_classes, lengths=create_kwargs.get("lengths"),
                 names=create_kwargs.get("names"), storage_options=create_kwargs.get("storage_options"),
             )
         except StoreNotFoundError:
             return cls.create(url, labels, num_classes, **create_kwargs)
+        kept = {"dtype": str(store.dtype), "topk": store.topk, "keep_epochs": store.keep_epochs,
+                "chunk_rows": store.chunk_rows}
+        asked = {name: create_kwargs[name] for name in kept  # chunk_rows=None: whatever create() would choose
+                 if name in create_kwargs and (name != "chunk_rows" or create_kwargs[name] is not None)}
+        different = [f"{name}={asked[name]!r} (it has {kept[name]!r})" for name in asked if asked[name] != kept[name]]
+        if different:
+            raise StoreError(f"the store at {url} keeps its rows otherwise than asked: {', '.join(different)}; "
+                             "ask for what it keeps, or use a new store path")
+        return store
 
     # -- what the store is ----------------------------------------------------------------
 
@@ -908,8 +951,7 @@ class SoftTargetStore:
         self._require_unchanged(epoch)
         self._publish(meta)  # the seal
         try:
-            staging.remove()
-            self._prune()
+            self._remove_what_sealed_epochs_left()
         except OSError as err:  # sealed all the same: what failed leaves files behind, never a wrong row
             warnings.warn(
                 f"epoch {epoch} is sealed, but removing what it no longer needs failed: {os_problem(err, self.url)}. "
@@ -1008,8 +1050,13 @@ class SoftTargetStore:
         self._group = set_group_attributes(self._group, {**self._group.attrs, ATTRS_KEY: meta}, compact=True)
         self._meta = meta
 
-    def _prune(self) -> None:
-        """Drop the teacher that the newly sealed epoch pushed beyond ``keep_epochs``."""
-        expired = self.sealed_epochs[:-self.keep_epochs]
-        if expired:  # earlier seals pruned the ones before it
-            delete_node(self._group, f"teacher/{epoch_key(expired[-1])}")
+    def _remove_what_sealed_epochs_left(self) -> None:
+        """Remove the staged rows of sealed epochs and the teachers beyond ``keep_epochs``:
+        the newly sealed epoch's, and what a seal killed after its publication left."""
+        sealed = set(self.sealed_epochs)
+        for staging in EpochStaging.all_epochs(self._group):
+            if staging.epoch in sealed:
+                staging.remove()
+        pruned = {epoch_key(epoch) for epoch in sealed.difference(self.teacher_epochs)}
+        for name in pruned.intersection(store_io.list_dir(self._group.store, "teacher")):
+            delete_node(self._group, f"teacher/{name}")

@@ -7,7 +7,6 @@ import torch
 from torch.utils.data import Dataset
 
 from .dataset import TeacherEpochDataset, TokenTargetItems, require_pairs
-from .loss import alpha_t
 from .sequences import IGNORE_INDEX
 from .store import SoftTargetStore, StoreError
 from .store_keys import token_from_int
@@ -88,7 +87,7 @@ class TokenTargetDataset(TeacherEpochDataset):
             return torch.zeros((len(rows), self._width)), torch.zeros((len(rows), self._width), dtype=torch.int64), 0.0
         probs, classes = self.service.encoding.sparse(self.service.stored_rows(teacher, token_from_int(token), rows,
                                                                                prepared))
-        return torch.from_numpy(probs), torch.from_numpy(classes), alpha_t(epoch, self.total_epochs, self.alpha_T)
+        return torch.from_numpy(probs), torch.from_numpy(classes), self._alpha(epoch)
 
     def _check_tokens(self, ids: np.ndarray, labels: list[torch.Tensor], targets: list[torch.Tensor]) -> np.ndarray:
         """The store rows of ``ids``, once their target positions and tokens are the ones the

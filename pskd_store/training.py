@@ -51,7 +51,7 @@ from .checkpoint import (
 from .data import DataSplits, build_datasets
 from .dataset import SoftTargetDataset, collate_soft_targets
 from .distributed import Distributed, local_main_first, setup, teardown
-from .engine import eval_loader, predict_sharded, train_one_epoch
+from .engine import eval_loader, float32_precision, predict_sharded, train_one_epoch
 from .errors import StoreDamagedError, StoreError, StoreExistsError, StoreNotFoundError
 from .methods import Method, create_method
 from .metrics import evaluate
@@ -74,6 +74,7 @@ def configure_determinism(deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
     if deterministic != torch.are_deterministic_algorithms_enabled():  # the call imports inductor: 1 s
         torch.use_deterministic_algorithms(deterministic)
+
 
 
 @dataclass
@@ -215,7 +216,7 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, from_ep
     env, device = setup(config.device, timedelta(seconds=config.dist_timeout))
     run_directory = RunDirectory(Path(directory))
     try:
-        with run_directory.lock() if env.is_main else nullcontext():
+        with run_directory.lock() if env.is_main else nullcontext(), float32_precision(config.tf32):
             return _train(config, run_directory, env, device, resume=resume or from_epoch is not None,
                           from_epoch=from_epoch, quiet=quiet or not env.is_main, splits=splits)
     finally:

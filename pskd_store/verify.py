@@ -89,7 +89,9 @@ def verify_run(run: RunDirectory, *, progress: bool = False) -> Report:
     config = _run_config(run)
     cache_dir = config.get("cache_dir") or None
     report = verify_store(store, cache_dir=cache_dir, progress=progress, target=str(run.path))
-    _check_run_files(run, store, report)
+    # train's run; a loop's store in RUN/store (its own checkpoints beside it, if any) is checked alone
+    if run.config.is_file() or run.checkpoint.is_file() or run.previous_checkpoint.is_file():
+        _check_run_files(run, store, report)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -291,7 +293,7 @@ def _run_config(run: RunDirectory) -> dict:
 
 
 def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) -> None:
-    from .checkpoint import checkpoint_problem, checkpoint_seal, checkpointed  # imports torch
+    from .checkpoint import CheckpointDamagedError, checkpoint_problem, checkpoint_seal, checkpointed  # imports torch
 
     report.checked.append("config.json")
     try:
@@ -316,7 +318,13 @@ def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) 
         if problem:
             report.add(str(checkpoint), problem)
             continue
-        epoch, token = checkpoint_seal(checkpoint)
+        try:
+            epoch, token = checkpoint_seal(checkpoint)
+        except CheckpointDamagedError as err:  # another program's file in its place
+            report.add(str(checkpoint), str(err).removeprefix(f"{checkpoint} "))
+            continue
+        if checkpoint == run.checkpoint:  # read after it: an epoch a run still training sealed since is listed
+            store.refresh()
         if checkpoint == run.checkpoint and epoch not in store.sealed_epochs:
             report.add(str(checkpoint), f"was written after epoch {epoch}, which the store has not sealed "
                                         f"(sealed: {store.sealed_epochs}): the store lost epochs the model trained on")

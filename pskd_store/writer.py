@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import queue
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -133,6 +134,7 @@ class PredictionWriter(ClosesOnSuccess):
         # buffer are converted alike (cast into it, softmaxed or encoded), so a kind is not mixed
         self._kind: tuple[str, torch.dtype] | None = None
         self._closed = False
+        self._abandoned = False
         self._queue: queue.Queue = queue.Queue()
         try:  # here, not in the background thread: on a CPU, that thread's work slows the steps it overlaps
             self._part.create(self._num_samples, self._encoding.width, self._chunk_rows, self._encoding.stored_dtype,
@@ -232,8 +234,14 @@ class PredictionWriter(ClosesOnSuccess):
     def close(self) -> None:
         """Write every buffered row and mark this writer's part complete (idempotent).
 
-        A writer that failed gives its part up instead, so that the rank can be rewritten.
+        A writer that failed gives its part up instead, so that the rank can be rewritten;
+        an abandoned one refuses, so that an epoch it gave up is never sealed short of rows.
         """
+        if self._abandoned:
+            raise StoreError(
+                f"this writer of epoch {self.epoch} was abandoned: the rows it was given are not kept, and "
+                "closing it would seal the epoch without them; write the epoch again with a new writer"
+            )
         if not self._closed:
             self._stop()  # the chunks handed over are written first, in order
             if self._current is not None and self._error is None:
@@ -256,6 +264,7 @@ class PredictionWriter(ClosesOnSuccess):
         """Stop without closing: the epoch's rows stay unsealed and invisible to readers,
         and the part is given up, so that a new writer of the same rank may redo it."""
         if not self._closed:
+            self._abandoned = True
             self._stop()
             self._part.release()
 
@@ -289,18 +298,25 @@ class PredictionWriter(ClosesOnSuccess):
     def _submit(self) -> None:
         buffer, self._current = self._current, None
         if self._thread is None:
-            self._thread = threading.Thread(target=self._drain, name=f"pskd-writer-{self.epoch}", daemon=True)
-            self._thread.start()
+            thread = threading.Thread(target=_drain, args=(weakref.ref(self), self._queue),
+                                      name=f"pskd-writer-{self.epoch}", daemon=True)
+            thread.start()  # first: a thread that cannot start leaves the writer as it was
+            self._thread, self._stops_with_it = thread, weakref.finalize(self, self._queue.put, _CLOSE)
         self._queue.put(buffer)
 
     def _stop(self) -> None:
         self._closed = True
         if self._thread is not None:
+            self._stops_with_it.detach()
             self._queue.put(_CLOSE)
             self._thread.join()
 
     def _raise_if_failed(self) -> None:
+        """Raise the first error of this writer, its part given up: nothing more is written to
+        it, and a loop that drops the failed writer and makes a new one may claim it at once
+        (the error's traceback holds the writer until a garbage collection)."""
         if self._error is not None:
+            self._part.release()
             error = self._error
             problem = os_problem(error, self.store.url) if isinstance(error, OSError) else str(error)
             raise StoreError(f"the prediction writer of epoch {self.epoch} failed: {problem}") from error
@@ -311,17 +327,17 @@ class PredictionWriter(ClosesOnSuccess):
         """Outputs -> stored rows (row_encoding.py): the softmax of fp32 logits, or the probabilities."""
         return self._encoding.encode(outputs.float().softmax(dim=1) if self.from_logits else outputs)
 
-    def _drain(self) -> None:
-        while (buffer := self._queue.get()) is not _CLOSE:
-            if self._error is None:
-                try:
-                    self._write_chunk(buffer)
-                except BaseException as err:  # reported to the training thread
-                    self._error = err
-            buffer.filled = buffer.checked = 0
-            buffer.copies.clear()
-            buffer.tolerance = 0.0
-            self._free.put(buffer)  # also after an error, so write() never waits forever
+    def _written(self, buffer: _ChunkBuffer) -> None:
+        """The background thread's work on one buffer, which it then hands back."""
+        if self._error is None:
+            try:
+                self._write_chunk(buffer)
+            except BaseException as err:  # reported to the training thread
+                self._error = err
+        buffer.filled = buffer.checked = 0
+        buffer.copies.clear()
+        buffer.tolerance = 0.0
+        self._free.put(buffer)  # also after an error, so write() never waits forever
 
     def _write_chunk(self, buffer: _ChunkBuffer) -> None:
         for copied in buffer.copies:  # every copy into this buffer has landed
@@ -360,6 +376,15 @@ class PredictionWriter(ClosesOnSuccess):
                 "(negative, or not summing to 1): pass logits with from_logits=True, or softmax the outputs"
             )
         self._part.append(ids, rows)
+
+
+def _drain(writer: weakref.ref[PredictionWriter], buffers: queue.Queue) -> None:
+    """The background thread: writes each buffer handed over. It holds the writer only while
+    it writes one, so that a writer a loop dropped unclosed is freed with its part's claim
+    (staging.py), and the writer's finalizer then stops it."""
+    while (buffer := buffers.get()) is not _CLOSE and (live := writer()) is not None:
+        live._written(buffer)
+        del live
 
 
 @functools.lru_cache(maxsize=None)  # called on every write: the training thread's time

@@ -34,11 +34,13 @@ from conftest import exit_code, forked, lengthen_run, pskd, pskd_in_process
 from store_helpers import chunk_file, epoch_probs, make_labels, write_epoch
 from torch.utils.data import TensorDataset
 
+from pskd_store import evaluation
 from pskd_store.augment import BatchAugment
 from pskd_store.checkpoint import checkpoint_problem, load_checkpoint
 from pskd_store.cli.main import cli
 from pskd_store.data import _split_indices
 from pskd_store.dataset import SoftTargetDataset
+from pskd_store.engine import predict
 from pskd_store.errors import EpochNotSealedError, StoreError
 from pskd_store.metrics import evaluate
 from pskd_store.models import create_model
@@ -124,6 +126,21 @@ def dataset_on_another_store_object(store: SoftTargetStore, labels: np.ndarray) 
 
 def file_at(path: Path) -> Path:
     path.write_text("not a store")
+    return path
+
+
+def shortened_below_its_epoch(store: SoftTargetStore, labels: np.ndarray) -> None:
+    data = SoftTargetDataset(base(labels), store, 0.8, 10)
+    data.set_epoch(2)
+    try:
+        data.total_epochs = 1  # every next batch, in every worker, would fail
+    finally:
+        assert data.total_epochs == 10
+
+
+def run_directory_at(path: Path) -> Path:
+    (path / "checkpoints").mkdir(parents=True)
+    (path / "config.json").write_text("{}")
     return path
 
 
@@ -215,6 +232,8 @@ API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("set_epoch before the teacher is sealed",
      lambda s, y, t: SoftTargetDataset(base(y), s, 0.8, 10).set_epoch(3), EpochNotSealedError,
      "epoch 2 was never sealed"),
+    ("total_epochs set below the epoch", lambda s, y, t: shortened_below_its_epoch(s, y), ValueError,
+     "epoch must lie in [1, total_epochs=1], got 2"),
     ("alpha_T above 1", lambda s, y, t: SoftTargetDataset(base(y), s, 1.5, 10), ValueError,
      "alpha_T must lie in [0, 1]"),
     ("reading an unsealed epoch", lambda s, y, t: s.read_epoch(2), EpochNotSealedError, "epoch 2 was never sealed"),
@@ -231,6 +250,8 @@ API_CASES: list[tuple[str, Callable, type[Exception], str]] = [
     ("no store there", lambda s, y, t: SoftTargetStore.open(t / "nowhere"), StoreError, "no pskd-store at"),
     ("a file for a store", lambda s, y, t: SoftTargetStore.open(file_at(t / "afile")), StoreError,
      "is a file, not a store (a directory)"),
+    ("a run directory for a store", lambda s, y, t: SoftTargetStore.open(run_directory_at(t / "run")), StoreError,
+     "no pskd-store at"),
     ("an empty directory for a store", lambda s, y, t: SoftTargetStore.open(Path(tempfile.mkdtemp(dir=t))),
      StoreError, "no pskd-store at"),
     ("a fractional number of classes", lambda s, y, t: SoftTargetStore.create(t / "other", y, 10.0), StoreError,
@@ -621,8 +642,25 @@ def _worker_copy(obj):
     return pickle.loads(pickle.dumps(obj))
 
 
+class _SetsTheEpochWhenRead(torch.utils.data.Dataset):
+    def __init__(self, data: SoftTargetDataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> str:
+        try:
+            self.data.set_epoch(2)
+        except RuntimeError as err:  # handed back as the item: the worker ends as it ends after a batch
+            return str(err)
+        return "set"
+
+
 def _set_epoch_in_a_worker(store: SoftTargetStore, labels: np.ndarray) -> None:
-    _worker_copy(SoftTargetDataset(base(labels), store, 0.8, 10)).set_epoch(2)
+    data = _SetsTheEpochWhenRead(SoftTargetDataset(base(labels), store, 0.8, 10))
+    loader = torch.utils.data.DataLoader(data, num_workers=1, multiprocessing_context="fork")
+    raise RuntimeError(next(iter(loader))[0])
 
 
 def _prepare_in_a_worker(store: SoftTargetStore) -> None:
@@ -667,6 +705,10 @@ LIBRARY_CASES: list[tuple[str, Callable, type[Exception], str]] = [
      ValueError, "is not a readable checkpoint ([Errno 21] Is a directory"),
     ("set_epoch in a DataLoader worker", lambda s, y, t: _set_epoch_in_a_worker(s, y), RuntimeError,
      "set_epoch() belongs in the main process"),
+    ("set_epoch on a pickled copy", lambda s, y, t: _worker_copy(SoftTargetDataset(base(y), s, 0.8, 10)).set_epoch(1),
+     RuntimeError, "this SoftTargetDataset is a pickled copy (handed to torch.multiprocessing.spawn, say)"),
+    ("a fractional epoch", lambda s, y, t: SoftTargetDataset(base(y), s, 0.8, 10).set_epoch(2.0), ValueError,
+     "epoch must be a whole number of epochs (an int; epochs count from 1), got 2.0: pass int(epoch)"),
     ("prepare in a DataLoader worker", lambda s, y, t: _prepare_in_a_worker(s), RuntimeError,
      "prepare() runs in the main process"),
 ]
@@ -819,7 +861,7 @@ def test_a_new_run_is_refused_another_runs_store_before_it_writes_anything(tmp_p
     assert not (tmp_path / "fresh").exists()
     # a store with nothing sealed, left by a run interrupted before it began: the same command again takes it
     labels = SoftTargetStore.open(run / "store").labels
-    empty = SoftTargetStore.create(tmp_path / "empty", labels, 10)
+    empty = SoftTargetStore.create(tmp_path / "empty", labels, 10, dtype="float32")  # as train makes it
     config = TrainConfig(store=str(tmp_path / "empty"))
     _refuse_another_runs_store(config, new)
     # a run that began training into it (killed before its first seal), then another run: the first run's
@@ -1068,3 +1110,76 @@ def test_damage_with_no_earlier_checkpoint_says_what_else_to_do(tmp_path, data_d
     _train_until_then_damage(config, run, 1, damaged, monkeypatch)
     refused = CliRunner().invoke(cli, ["train", "--resume", str(run), "-q"])
     assert refused.exit_code == 1 and advice in refused.output, refused.output
+
+
+@pytest.mark.slow
+def test_files_other_programs_saved_with_torch_are_one_line_in_eval_and_verify(tmp_path, trained_run):
+    """A Lightning ``.ckpt`` or a bare state dict is a whole zip archive torch.save wrote:
+    refused for what it holds, not by a KeyError, and never verified as a checkpoint."""
+    lightning = tmp_path / "model.ckpt"
+    torch.save({"state_dict": {}, "epoch": 3}, lightning)
+    result = pskd_in_process("eval", str(lightning))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert (f"{lightning} is not a checkpoint written by pskd-store train (a dict of state_dict, epoch): pass a run "
+            "directory or its checkpoints/last.pt") in result.stderr
+    for foreign in ({"state_dict": {}, "epoch": 3}, {"model": {}}):
+        run = tmp_path / f"run{len(foreign)}"
+        shutil.copytree(trained_run, run)
+        torch.save(foreign, run / "checkpoints" / "last.pt")
+        result = pskd_in_process("verify", str(run))
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert f"{run / 'checkpoints' / 'last.pt'}: is not a checkpoint written by pskd-store train" in result.stdout
+
+
+@pytest.mark.slow
+def test_eval_writes_beside_a_checkpoint_outside_a_run_and_names_a_run_without_one(tmp_path, trained_run,
+                                                                                   monkeypatch):
+    models = tmp_path / "models"
+    models.mkdir()
+    shutil.copy(trained_run / "checkpoints" / "last.pt", models / "best.pt")
+    predicted_in = []  # the precision of float32 convolutions as eval predicts: the run's, not cuDNN's TF32
+    monkeypatch.setattr(evaluation, "predict", lambda *args, **kwargs: (
+        predicted_in.append(torch.backends.cudnn.conv.fp32_precision), predict(*args, **kwargs))[1])
+    result = pskd_in_process("eval", str(models / "best.pt"), check=True)
+    assert predicted_in == ["ieee"]
+    assert json.loads(result.stdout)["probs"] == str(models / "best_test_probs.npz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # no eval/ beside models/
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.rmtree(run / "checkpoints")
+    result = pskd_in_process("eval", str(run))
+    assert result.returncode == 1
+    assert f"{run} is a run directory without checkpoints/last.pt: pass a run directory" in result.stderr
+
+
+def test_verify_of_a_loops_directory_checks_the_store_in_it_alone(tmp_path, labels):
+    """A store made through the API, Lightning or Transformers in RUN/store, beside the loop's
+    own files: no train checkpoints or metrics are looked for."""
+    write_epoch(SoftTargetStore.create(tmp_path / "loop" / "store", labels, K), 1)
+    write_epoch(SoftTargetStore.open(tmp_path / "loop" / "store"), 2)
+    (tmp_path / "loop" / "checkpoints").mkdir()
+    (tmp_path / "loop" / "checkpoints" / "last.ckpt").write_bytes(b"Lightning's")
+    result = pskd_in_process("verify", str(tmp_path / "loop"))
+    assert result.returncode == 0 and "ok" in result.stdout, result.stdout
+
+
+@pytest.mark.slow
+def test_inspect_of_a_store_whose_labels_are_damaged_is_one_line(tmp_path, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    labels_chunk = chunk_file(run / "store" / "labels")
+    data = bytearray(labels_chunk.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    labels_chunk.write_bytes(bytes(data))
+    result = pskd_in_process("inspect", str(run), "--out", str(tmp_path / "out"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cannot read the store of {run}: the labels array" in result.stderr
+    result = pskd_in_process("inspect", str(trained_run / "store"))
+    assert f"no store in {trained_run / 'store'} (a store: pass the run directory that holds it)" in result.stderr
+
+
+def test_a_relative_store_and_cache_are_kept_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = TrainConfig(store="stores/run", cache_dir="cache").resolved()
+    assert (config.store, config.cache_dir) == (str(tmp_path / "stores" / "run"), str(tmp_path / "cache"))
+    assert TrainConfig(store="s3://bucket/run/store").resolved().store == "s3://bucket/run/store"

@@ -144,6 +144,13 @@ def test_persistent_workers_follow_the_teacher_epoch(store, labels, start_method
             seen += len(index)
         assert seen == N
         write_epoch(store, epoch)
+    data.alpha_T, data.total_epochs = 0.3, 2 * T  # set in the main process: the workers' next batches follow
+    data.set_epoch(4)
+    a = 0.3 * 4 / (2 * T)
+    for _, target, label, index in loader:
+        expected = [(1 - a) * np.eye(K)[int(y)] + a * epoch_probs(3, N, K)[int(i)].astype(np.float16).astype(float)
+                    for i, y in zip(index, label)]
+        np.testing.assert_allclose(target.numpy(), np.stack(expected), atol=1e-6)
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -20,10 +20,11 @@ import torch
 import torch.distributed as dist
 from store_helpers import make_labels
 
+from pskd_store import training
 from pskd_store.accelerator import ACCELERATORS, accelerator_for
 from pskd_store.checkpoint import rng_state, set_rng_state
 from pskd_store.distributed import setup, teardown
-from pskd_store.engine import autocast
+from pskd_store.engine import autocast, train_one_epoch
 from pskd_store.recipe import TrainConfig
 from pskd_store.store import SoftTargetStore, StoreError
 from pskd_store.training import train
@@ -140,12 +141,17 @@ def test_a_token_writer_waits_for_the_whole_device_before_it_reads_its_counts(tm
 
 
 @pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
-def test_a_run_on_the_accelerator_paths_equals_a_cpu_run(tmp_path, data_dir, device):
+def test_a_run_on_the_accelerator_paths_equals_a_cpu_run(tmp_path, data_dir, device, monkeypatch):
     """The training loop with every accelerator path taken (the device set, pinned
     loaders, rows made on the device and copied late, the device generator checkpointed)
     trains, records and reports exactly what the CPU run does."""
     config = TrainConfig(epochs=2, steps_per_epoch=8, aug="cutout", data_dir=str(data_dir)).resolved()
+    trained_in = []  # the precision of float32 convolutions as each epoch trains: not cuDNN's default TF32
+    monkeypatch.setattr(training, "train_one_epoch", lambda *args, **kwargs: (
+        trained_in.append(torch.backends.cudnn.conv.fp32_precision), train_one_epoch(*args, **kwargs))[1])
     train(config, tmp_path / "device", quiet=True)
+    monkeypatch.undo()
+    assert trained_in == ["ieee", "ieee"] and torch.backends.cudnn.conv.fp32_precision == "tf32"  # put back
     assert device.devices == [torch.device("cpu", 0)] and device.copies > 0  # set with its index
     device_state = torch.load(tmp_path / "device" / "checkpoints" / "last.pt", weights_only=False)["rng"][0]["cpu"]
     assert torch.equal(device_state, device.generator.get_state())

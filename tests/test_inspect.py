@@ -188,7 +188,7 @@ def test_two_runs_side_by_side_use_the_first_runs_hard_samples(runs, tmp_path):
 def test_text_summary_writes_to_run_inspect_by_default(runs):
     code, output = invoke(runs["pskd"])
     assert code == 0, output
-    assert "hard samples  1 found (right in < 50% of epochs)" in output
+    assert "hard samples  1 found (right in < 50% of the epochs that predicted them)" in output
     assert "plotted       1 samples (hardest of pskd/mlp (pskd)), mean final true-class prob 0.300" in output
     assert f"final test    epoch {EPOCHS}: top-1 err 24.00%" in output
     (pskd,) = inspect_json(runs["pskd"], "--out", runs["pskd"] / "inspect")["runs"]

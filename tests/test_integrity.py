@@ -599,7 +599,7 @@ def test_verify_checks_a_run_directorys_files(tmp_path, labels):
     write_epoch(store, 1)
     (run / "config.json").write_text("{\"dataset\": ")
     (run / "metrics.jsonl").write_text("{\"epoch\": 1}\n{oops\n")
-    save_checkpoint(run / "checkpoints" / "last.pt", {"model": {}, "epoch": 2, "rng": []})
+    save_checkpoint(run / "checkpoints" / "last.pt", {"model": {}, "config": {}, "epoch": 2, "rng": []})
     findings = {str(f) for f in verify_path(run).findings}
     assert any(f.startswith(f"{run / 'config.json'}: is not valid JSON") for f in findings)
     assert any(f.startswith(f"{run / 'metrics.jsonl'}: ") and "line 2" in f for f in findings)
@@ -621,12 +621,13 @@ def test_verify_names_the_run_files_that_are_missing_or_not_a_config(tmp_path, l
     for epoch in (1, 2):
         write_epoch(store, epoch)
     (run / "metrics.jsonl").write_text('{"epoch": 2}\n')
-    save_checkpoint(run / "checkpoints" / "last.pt", {"model": {}, "epoch": 2, "rng": []})
+    save_checkpoint(run / "checkpoints" / "last.pt", {"model": {}, "config": {}, "epoch": 2, "rng": []})
     findings = {str(f) for f in verify_path(run).findings}
     assert f"{run / 'config.json'}: is missing: restore it from a backup" in findings
     assert f"{run / 'metrics.jsonl'}: lacks the rows of epochs [1], which the checkpoint of epoch 2 trained: " \
            "restore it from a backup" in findings
     (run / "checkpoints" / "last.pt").unlink()
+    (run / "config.json").write_text("{}")  # train's run; with neither, the store alone is verified (a loop's)
     findings = {str(f) for f in verify_path(run).findings}
     assert f"{run / 'checkpoints' / 'last.pt'}: is missing, but the store has sealed epochs [1, 2]: the run cannot " \
            "be resumed; restore its checkpoints from a backup" in findings
@@ -804,3 +805,25 @@ def test_an_array_of_other_codecs_is_refused_before_a_chunk_is_read(tmp_path):
                        r"bytes -> gzip -> crc32c, expected bytes \(little-endian\) -> blosc \(or none\) -> crc32c"):
         CheckedArray(array, "the test array", str(tmp_path))
 
+
+
+@pytest.mark.slow
+def test_verify_of_a_run_that_trains_on_while_it_reads_finds_no_damage(tmp_path, trained_run, monkeypatch):
+    """Training seals an epoch, then checkpoints it: a checkpoint read after verify's pass
+    over the store may be of an epoch sealed during it, which the store is read again for."""
+    import pskd_store.verify
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    lengthen_run(run, 3)
+    pass_over_the_store = pskd_store.verify.verify_store
+
+    def training_goes_on(*args, **kwargs):
+        report = pass_over_the_store(*args, **kwargs)
+        pskd_in_process("train", "--resume", str(run), "-q", check=True)  # seals epoch 3, then checkpoints it
+        return report
+
+    monkeypatch.setattr(pskd_store.verify, "verify_store", training_goes_on)
+    report = verify_path(run)
+    assert report.ok, report.findings
+    assert SoftTargetStore.open(run / "store").sealed_epochs == [1, 2, 3]

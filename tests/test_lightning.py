@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
 from lightning_run import K, fit  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from pskd_store import SoftTargetStore, StoreError  # noqa: E402
+from pskd_store import SoftTargetStore, StoreError, collate_soft_targets  # noqa: E402
 from pskd_store.integrations.lightning import PSKD  # noqa: E402
 from pskd_store.loss import token_soft_cross_entropy  # noqa: E402
 from pskd_store.row_encoding import row_encoding  # noqa: E402
@@ -81,7 +81,8 @@ def test_one_process_with_workers_serves_eq6_and_checkpoints_the_store(tmp_path,
                                rtol=0, atol=0)
     for epoch in range(EPOCHS):  # Lightning's checkpoint of each epoch carries the callback's state
         state = torch.load(tmp_path / "checkpoints" / f"epoch={epoch}.ckpt", weights_only=False)["callbacks"]
-        assert state["PSKD"] == {"store": str(tmp_path / "store"), "sealed": epoch + 1, "writing": False}
+        assert state["PSKD"] == {"store": str(tmp_path / "store"), "sealed": epoch + 1, "writing": False,
+                                 "seal_token": store.epoch_info(epoch + 1)["seal_token"]}
 
 
 @pytest.mark.slow
@@ -141,14 +142,14 @@ def wrapped(root: Path, **options) -> tuple[PSKD, DataLoader]:
 
 
 class StopsIn(lightning_run.Classifier):
-    """Fails (``fail``) or asks the Trainer to stop (``stop``) at the third step of epoch 2."""
+    """Fails (``fail``) or asks the Trainer to stop (``stop``) at the third step of ``epoch``."""
 
-    def __init__(self, how: str):
+    def __init__(self, how: str, epoch: int = 2):
         super().__init__()
-        self.how = how
+        self.how, self.epoch = how, epoch
 
     def training_step(self, batch, batch_idx):
-        if self.current_epoch == 1 and batch_idx == 2:
+        if self.current_epoch + 1 == self.epoch and batch_idx == 2:
             if self.how == "fail":
                 raise RuntimeError("a failing step")
             self.trainer.should_stop = True
@@ -163,6 +164,49 @@ def test_a_failed_step_gives_its_part_up_unsealed(tmp_path):
     assert store.sealed_epochs == [1]
     store.writer(2).close()  # the failed writer's part is free: epoch 2 can be written again
     assert store.seal(2, allow_empty=True)["ids_written"] == 0  # none of the failed writer's rows
+
+
+def test_a_fresh_start_takes_over_a_store_its_first_try_sealed_nothing_into(tmp_path):
+    """A job that dies in epoch 1, before any checkpoint, is launched again as it was: there
+    is nothing to resume, and the store it made is its own; not while another run's part of
+    epoch 1 waits for its seal."""
+    pskd, loader = wrapped(tmp_path)
+    with pytest.raises(RuntimeError, match="a failing step"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(StopsIn("fail", epoch=1), loader)
+    assert exit_code(forked(_close_a_part_of_epoch_1, tmp_path / "store")) == 0  # another run's ranks, closed
+    pskd, loader = wrapped(tmp_path)
+    with pytest.raises(StoreError, match="already exists .*\\(if a run is writing its first epoch there now, it is "
+                                         "that run's"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(lightning_run.Classifier(), loader)
+    assert SoftTargetStore.open(tmp_path / "store").staging(1).parts()[0].rows == 4  # left as it was
+    SoftTargetStore.open(tmp_path / "store").discard_staging(1)
+    pskd, loader = wrapped(tmp_path)
+    with pytest.raises(RuntimeError, match="a failing step"):  # the job dies in its first epoch
+        quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(StopsIn("fail", epoch=1), loader)
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == []
+    pskd, loader = wrapped(tmp_path)  # and is launched again
+    quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(lightning_run.Classifier(), loader)
+    assert SoftTargetStore.open(tmp_path / "store").epoch_info(1)["ids_written"] == lightning_run.N
+
+
+def _close_a_part_of_epoch_1(url: Path) -> None:
+    with SoftTargetStore.open(url).writer(1) as writer:
+        writer.write(torch.arange(4), torch.randn(4, K))
+
+
+def test_a_resume_refuses_a_store_another_run_sealed_into_since(tmp_path):
+    """Run A checkpoints epoch 2; run B trains into the same store (overwrite=True); A's
+    resume would serve B's predictions as its teachers."""
+    pskd, loader = wrapped(tmp_path)
+    epochs = ModelCheckpoint(dirpath=tmp_path / "a", filename="{epoch}", save_top_k=-1)
+    quiet_trainer(tmp_path, [pskd, epochs], max_epochs=3).fit(StopsIn("stop", epoch=3), loader)
+    pskd, loader = wrapped(tmp_path, overwrite=True)
+    quiet_trainer(tmp_path / "b", [pskd], max_epochs=3).fit(lightning_run.Classifier(), loader)
+    pskd, loader = wrapped(tmp_path)
+    with pytest.raises(StoreError, match="holds an epoch 2 that another run sealed .* Resume with the run's own store"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=3).fit(lightning_run.Classifier(), loader,
+                                                          ckpt_path=tmp_path / "a" / "epoch=1.ckpt")
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1, 2, 3]  # B's, not rolled back
 
 
 def test_an_epoch_stopped_early_is_sealed_with_the_rows_it_trained(tmp_path):
@@ -255,6 +299,8 @@ def test_a_callback_without_its_data_set_or_epochs_is_refused(tmp_path):
         with pytest.raises(ValueError, match="max_epochs is 1000, what Lightning sets when max_epochs is not given: "
                                              ".* also PSKD\\(..., epochs=1000\\)"):
             quiet_trainer(tmp_path, [pskd]).fit(lightning_run.Classifier(), loader)
+    with pytest.raises(ValueError, match="max_steps=5\\) may stop the run before max_epochs"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=3, max_steps=5).fit(lightning_run.Classifier(), loader)
     pskd, loader = wrapped(tmp_path / "two", epochs=3)
     with pytest.raises(ValueError, match="PSKD\\(epochs=3\\) but L.Trainer\\(max_epochs=2\\)"):
         quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(lightning_run.Classifier(), loader)
@@ -330,12 +376,26 @@ class TrainsOnTheFirst(lightning_run.Classifier):
         return super().training_step(next(iter(batch.values())) if isinstance(batch, dict) else batch[0], batch_idx)
 
 
-def test_several_training_dataloaders_are_refused_naming_why(tmp_path):
-    for several in (lambda loader: [loader, loader], lambda loader: [loader] * 4, lambda loader: {"a": loader}):
+def _as_dict(batch) -> dict:
+    return dict(zip(("inputs", "targets", "labels", "ids"), collate_soft_targets(batch)))
+
+
+class ReadsDictBatches(lightning_run.Classifier):
+    def training_step(self, batch, batch_idx):
+        return super().training_step(tuple(batch.values()), batch_idx)
+
+
+def test_several_training_dataloaders_and_dict_batches_are_refused_naming_why(tmp_path):
+    refused = "PSKD reads each training batch as .* a tuple of 4 fields, the ids last; this one is a {}"
+    for several, kind, module in (
+            (lambda loader: [loader, loader], "list", TrainsOnTheFirst), (lambda loader: [loader] * 4, "list",
+                                                                           TrainsOnTheFirst),
+            (lambda loader: {"a": loader}, "dict", TrainsOnTheFirst),
+            (lambda loader: DataLoader(loader.dataset, batch_size=16, collate_fn=_as_dict), "dict", ReadsDictBatches)):
         pskd, loader = wrapped(tmp_path, overwrite=True)
         loaders = several(loader)
-        with pytest.raises(ValueError, match="PSKD serves one training DataLoader.* several training DataLoaders"):
-            quiet_trainer(tmp_path, [pskd], max_epochs=1).fit(TrainsOnTheFirst(), loaders)
+        with pytest.raises(ValueError, match=refused.format(kind)):
+            quiet_trainer(tmp_path, [pskd], max_epochs=1).fit(module(), loaders)
 
 
 class Unreadable(torch.utils.data.Dataset):

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from pskd_store.engine import float32_precision
 from pskd_store.recipe import TrainConfig, default_workers
 from pskd_store.training import configure_determinism
 
@@ -93,6 +94,36 @@ def test_cudnn_autotuning_by_default_deterministic_on_request():
         configure_determinism(False)
 
 
+def test_the_recipes_batch_is_split_among_processes_and_a_given_batch_is_each_processs(monkeypatch):
+    """The authors' main.py divides --batch_size by its GPUs: the paper's batch is the global one."""
+    assert TrainConfig(dataset="cifar100").resolved(world_size=4).batch_size == 32
+    assert TrainConfig(dataset="imagenet").resolved(world_size=8).batch_size == 32
+    assert TrainConfig(dataset="cifar100", batch_size=64).resolved(world_size=4).batch_size == 64
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")  # what torchrun tells each process: the default
+    assert TrainConfig(dataset="cifar100").resolved().batch_size == 32
+    with pytest.raises(ValueError, match="the recipe's batch of 128 does not split evenly among 3 processes: "
+                                         "pass --batch-size"):
+        TrainConfig(dataset="cifar100").resolved(world_size=3)
+
+
+def _fp32_precisions() -> list[str]:
+    return [settings.fp32_precision for settings in (torch.backends.cudnn.conv, torch.backends.cudnn.rnn,
+                                                     torch.backends.cuda.matmul)]
+
+
+def test_float32_math_is_full_float32_unless_tf32_is_asked_for():
+    """The paper's fp32: cuDNN's default TF32 convolutions (10 mantissa bits) turned off
+    inside the block, and PyTorch's settings put back after it (its older getters read them)."""
+    assert TrainConfig().resolved().tf32 is False
+    before = _fp32_precisions()
+    for tf32, inside in ((True, {"tf32"}), (False, {"ieee"})):
+        with float32_precision(tf32):
+            assert set(_fp32_precisions()) == inside
+        assert _fp32_precisions() == before
+    assert torch.backends.cudnn.allow_tf32 is (before[0] == "tf32")  # readable again
+
+
 @pytest.mark.parametrize("dataset, probability", [
     ("cifar100", 0.5), ("cifar10", 0.5), ("fashionmnist", 0.5),  # clovaai/CutMix-PyTorch: CIFAR command
     ("imagenet", 1.0), ("folder", 1.0),                          # ... and its ImageNet command
@@ -151,7 +182,7 @@ def test_readmes_recipe_table_is_recipe_py():
     assert rows["optimizer"] == f"SGD, momentum {_short(c.momentum)}, {'Nesterov' if c.nesterov else 'no Nesterov'}"
     assert rows["ECE bins"] == str(c.ece_bins)
     assert rows["`--dist-timeout`"].startswith(f"{c.dist_timeout:.0f} s:")
-    assert not c.amp and rows["precision"].startswith("fp32;")
+    assert not c.amp and not c.tf32 and rows["precision"].startswith("fp32, TensorFloat-32 off")
     cutmix = {name: TrainConfig(dataset=name).resolved().cutmix_prob
               for name in ("cifar10", "cifar100", "mnist1d", "fashionmnist", "imagenet", "folder")}
     assert rows["CutMix probability (`--cutmix-prob`, CE/LS/TF-KD/CS-KD)"].startswith(

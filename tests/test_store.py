@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -390,6 +391,82 @@ def test_an_abandoned_or_failed_writer_gives_its_part_up(store):
     np.testing.assert_allclose(store.read_epoch(1), p1, atol=1e-3)
 
 
+def test_an_abandoned_writer_refuses_to_close(store):
+    """A loop's ``except: writer.abandon()`` then ``finally: writer.close()`` must not seal
+    the epoch short of the rows the abandon dropped, nor close a part a new writer took over."""
+    logits = torch.randn(N, K)
+    writer = store.writer(1)
+    writer.write(torch.arange(N - 4), logits[:N - 4])
+    writer.abandon()
+    with pytest.raises(StoreError, match="this writer of epoch 1 was abandoned: the rows it was given are not kept"):
+        writer.close()
+    with pytest.raises(StoreError, match="never closed"):
+        store.seal(1)
+    again = store.writer(1)
+    again.write(torch.arange(N), logits)
+    again.close()
+    with pytest.raises(StoreError, match="was abandoned"):
+        writer.close()  # the stale writer, closed late
+    store.seal(1)
+    np.testing.assert_array_equal(store.read_epoch(1), logits.softmax(1).to(torch.float16).numpy())
+    part = store.staging(2).claim(0)
+    part.create(N, K, store.chunk_rows, np.dtype(np.float16))
+    part.release()
+    with pytest.raises(StoreError, match="was given up by this writer; a new writer writes it again"):
+        part.close()
+
+
+def test_a_writer_dropped_unclosed_gives_its_part_up(store):
+    """A loop whose write raised and that made a new writer without closing the old one:
+    the dropped writer's claim goes with it, so the rank is written again; a writer whose
+    background thread had started (more than a chunk written) stops that thread too."""
+    threads = []
+
+    def a_loop_that_fails(rows: int) -> None:
+        writer = store.writer(1)
+        try:
+            for start in range(0, rows, 11):
+                writer.write(torch.arange(start, min(start + 11, rows)), torch.randn(min(11, rows - start), K))
+            while rows > CHUNK_ROWS and writer._free.empty():  # the thread wrote the chunk and waits for more
+                time.sleep(0.001)
+            threads.append(writer._thread)
+            writer.write(torch.arange(4), torch.zeros(4, K, dtype=torch.int64))  # not logits
+        except TypeError:
+            return  # the writer is dropped, neither closed nor abandoned
+
+    for rows in (0, CHUNK_ROWS + 1):
+        a_loop_that_fails(rows)
+    assert threads[0] is None  # no chunk handed over: no thread
+    threads[1].join(30)  # the dropped writer's finalizer stops its thread
+    assert not threads[1].is_alive()
+    gc.disable()  # a failed writer is held by its error's traceback till a collection: its part is given up first
+    try:
+        failed = store.writer(1)
+        failed.write(torch.arange(N, N + CHUNK_ROWS), torch.randn(CHUNK_ROWS, K))  # ids out of range: the thread's
+        with pytest.raises(StoreError, match="ids out of range"):
+            while True:
+                failed.write(torch.arange(4), torch.randn(4, K))
+        del failed
+        p1 = write_epoch(store, 1)
+    finally:
+        gc.enable()
+    np.testing.assert_allclose(store.read_epoch(1), p1, atol=1e-3)
+
+
+def test_a_writer_whose_thread_cannot_start_is_abandoned_and_its_part_claimed_again(store, monkeypatch):
+    def cannot_start(thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    writer = store.writer(1)
+    monkeypatch.setattr(threading.Thread, "start", cannot_start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        writer.write(torch.arange(CHUNK_ROWS + 1), torch.randn(CHUNK_ROWS + 1, K))  # a chunk for the thread
+    monkeypatch.undo()
+    writer.abandon()
+    p1 = write_epoch(store, 1)
+    np.testing.assert_allclose(store.read_epoch(1), p1, atol=1e-3)
+
+
 def _hold_part(url: str, held, release) -> None:
     """Hold rank 0's part of epoch 1 from ``held`` until ``release``, then close it."""
     writer = SoftTargetStore.open(url).writer(1, rank=0)
@@ -768,10 +845,73 @@ def test_overwriting_a_store_at_a_buckets_root_is_refused(url):
         SoftTargetStore.create(url, make_labels(N, K), K, overwrite=True)
 
 
+def test_a_store_is_not_made_at_an_object_stores_key_that_is_an_object():
+    import fsspec
+
+    fsspec.filesystem("memory").pipe("/bucket/an-object", b"data")
+    with pytest.raises(StoreError, match="memory://bucket/an-object is an object, not a prefix"):
+        SoftTargetStore.create("memory://bucket/an-object", make_labels(N, K), K)
+
+
 def test_a_store_at_the_top_of_a_file_system_without_buckets_is_overwritten():
     for _ in range(2):
         SoftTargetStore.create("memory://top-store", make_labels(N, K), K, overwrite=True)
     assert SoftTargetStore.open("memory://top-store").sealed_epochs == []
+
+
+def test_overwrite_deletes_a_store_and_nothing_else(tmp_path):
+    """overwrite=True given a run directory or a data folder instead of the store in it
+    refuses, naming what is there, and deletes nothing; a store, a half-made one (its
+    creation killed before its attributes) and a publication's leftover are overwritten."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "train.csv").write_text("id,label\n")
+    for overwrite in (True, False):  # without: not "a store already exists" (and overwrite=True named)
+        with pytest.raises(StoreError, match=r"run holds checkpoints, train.csv, which is no part of a pskd-store: "
+                                             r"give the store a path of its own, new or empty .* overwrite=True "
+                                             r"deletes only a store"):
+            SoftTargetStore.create(run, make_labels(N, K), K, overwrite=overwrite)
+        with pytest.raises(StoreError, match="which is no part of a pskd-store"):
+            SoftTargetStore.open_or_create(run, make_labels(N, K), K)
+    assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "train.csv"]
+    store = SoftTargetStore.create(tmp_path / "store", make_labels(N, K), K)
+    write_epoch(store, 1)
+    store.claim_run("a-run")
+    (tmp_path / "store" / "zarr.json.0123456789abcdef.partial").write_text("{}")
+    (tmp_path / "store" / ".DS_Store").write_bytes(b"a copy on a Mac")
+    assert SoftTargetStore.create(tmp_path / "store", make_labels(N, K), K, overwrite=True).sealed_epochs == []
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / ".gitkeep").write_text("")  # hidden files alone: a store is made beside them
+    assert SoftTargetStore.open_or_create(tmp_path / "kept", make_labels(N, K), K).sealed_epochs == []
+    half_made = zarr.open_group(tmp_path / "half", mode="w")
+    half_made.create_array("labels", data=make_labels(N, K))
+    assert SoftTargetStore.create(tmp_path / "half", make_labels(N, K), K, overwrite=True).sealed_epochs == []
+
+
+def test_numpy_integers_make_a_store_and_refused_options_leave_nothing_behind(tmp_path):
+    labels = make_labels(N, K)
+    for options in ({}, {"keep_epochs": np.int64(3), "chunk_rows": np.int64(16)}, {"topk": np.int64(2)}):
+        store = SoftTargetStore.create(tmp_path / str(len(options)) / "store", labels, labels.max() + 1, **options)
+        write_epoch(store, 1)
+        attributes = json.loads((tmp_path / str(len(options)) / "store" / "zarr.json").read_text())
+        assert attributes["attributes"]["pskd_store"]["num_classes"] == K
+    for blosc in ({"cname": "nope"}, {"clevel": 99}, {"cname": "snappy"}):  # zarr takes the last two, then fails
+        with pytest.raises(StoreError, match="bad Blosc options"):
+            SoftTargetStore.create(tmp_path / "refused", labels, K, blosc=blosc)
+    SoftTargetStore.create(tmp_path / "refused", labels, K)  # nothing was made there
+
+
+def test_open_or_create_refuses_a_store_that_keeps_rows_otherwise(tmp_path):
+    """An existing store is not silently used in another dtype, top-k or retention than asked."""
+    labels, url = make_labels(N, K), tmp_path / "store"
+    SoftTargetStore.create(url, labels, K, topk=2, chunk_rows=CHUNK_ROWS)
+    same = SoftTargetStore.open_or_create(url, labels, K, dtype="float16", topk=2, keep_epochs=2, chunk_rows=None)
+    assert same.topk == 2 and same.chunk_rows == CHUNK_ROWS
+    with pytest.raises(StoreError, match=r"keeps its rows otherwise than asked: topk=None \(it has 2\); ask for"):
+        SoftTargetStore.open_or_create(url, labels, K, topk=None)
+    with pytest.raises(StoreError, match=r"dtype='float32' \(it has 'float16'\), keep_epochs=3 \(it has 2\), "
+                                         r"chunk_rows=8 \(it has 32\)"):
+        SoftTargetStore.open_or_create(url, labels, K, dtype="float32", topk=2, keep_epochs=3, chunk_rows=8)
 
 
 def test_missing_store_path(tmp_path):
@@ -789,6 +929,36 @@ def test_create_over_existing_store_is_refused(store, labels):
 def test_bad_labels_at_create(tmp_path):
     with pytest.raises(StoreError, match=r"labels must lie in \[0, num_classes=3\)"):
         SoftTargetStore.create(tmp_path / "s", np.array([0, 1, 5]), 3)
+
+
+def test_an_epoch_is_abandoned_only_when_every_writer_of_it_is_gone(store, monkeypatch):
+    """What a fresh run may take over (integrations/session.py): not a part being written here
+    or on another machine, nor one closed and waiting for its seal."""
+    from pskd_store import staging
+
+    assert store.staging(1).abandoned()  # nothing staged
+    live = store.writer(1)
+    assert not store.staging(1).abandoned()
+    live.abandon()
+    assert store.staging(1).abandoned()
+    with store.writer(1, from_logits=False) as closed:
+        closed.write(torch.arange(N), torch.full((N, K), 1.0 / K))
+    assert not store.staging(1).abandoned()
+    store.discard_staging(1)
+    assert exit_code(forked(_write_until_killed_at_once, store.url)) == -signal.SIGKILL
+    assert store.staging(1).abandoned()  # its writer's process is gone
+    store.discard_staging(1)
+    real_machine = staging._machine
+    monkeypatch.setattr(staging, "_machine", lambda: "other-host|boot|pid:[1]")
+    store.staging(1).claim(0).create(N, K, store.chunk_rows, store.dtype)  # as a process elsewhere would
+    monkeypatch.setattr(staging, "_machine", real_machine)
+    assert not store.staging(1).abandoned()
+
+
+def _write_until_killed_at_once(url: str) -> None:
+    writer = SoftTargetStore.open(url).writer(1)
+    writer.write(torch.arange(4), torch.randn(4, K))
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 # -- claims racing with other processes (the moments a real race would hit, made to happen) ----
@@ -1009,6 +1179,35 @@ def test_staging_chunks_written_directly_are_the_bytes_zarr_writes(store, tmp_pa
     np.testing.assert_array_equal(direct._ids[:N], ids)
 
 
+def _seal_and_die_once_published(url: str, epoch: int) -> None:
+    store = SoftTargetStore.open(url)
+    publish = store._publish
+
+    def published_then_killed(meta: dict) -> None:
+        publish(meta)
+        os.kill(os.getpid(), signal.SIGKILL)  # before the seal removes the staged rows and prunes
+
+    store._publish = published_then_killed
+    store.seal(epoch)
+
+
+def test_the_next_seal_removes_what_a_seal_killed_after_publishing_left(tmp_path, labels):
+    """A seal killed between its publication and its clean-up leaves its epoch's staged rows
+    and the teacher it was to prune; the next seal removes them."""
+    store = SoftTargetStore.create(tmp_path / "store", labels, K, keep_epochs=1)
+    write_epoch(store, 1)
+    write_epoch(store, 2, seal=False)
+    assert exit_code(forked(_seal_and_die_once_published, store.url, 2)) == -signal.SIGKILL
+    store = SoftTargetStore.open(store.url)
+    assert store.sealed_epochs == [1, 2] and store.teacher_epochs == [2]
+    def on_disk(tier: str) -> list[str]:
+        return sorted(p.name for p in (tmp_path / "store" / tier).iterdir() if p.name != "zarr.json")
+
+    assert on_disk("staging") == ["epoch_0002"] and on_disk("teacher") == ["epoch_0001", "epoch_0002"]
+    write_epoch(store, 3)
+    assert on_disk("teacher") == ["epoch_0003"] and on_disk("staging") == []
+
+
 def test_a_file_a_kill_left_in_the_staging_area_raises_no_zarr_warning(store):
     """zarr warns about objects under a group that are no nodes; a `.partial` file a killed
     write left is expected here, and the seal says nothing about it."""
@@ -1064,7 +1263,8 @@ def test_a_part_killed_while_it_was_made_stops_the_seal(store):
     part with no document: the seal refuses the epoch as unclosed, not seals it without it."""
     write_epoch(store, 1, seal=False)
     (Path(store.url) / "staging" / "epoch_0001" / "writer_0001").mkdir()
-    with pytest.raises(StoreError, match="writer 1 of epoch 1 was never closed"):
+    with pytest.raises(StoreError, match=r"writer 1 of epoch 1 was never closed .* the part of a writer that is "
+                                         r"gone stays until store.discard_staging\(1, rank=1\) removes it"):
         store.seal(1)
     store.discard_staging(1, rank=1)
     store.seal(1)

@@ -4,6 +4,7 @@ workers; a run killed mid-epoch resumes from its checkpoint into an uninterrupte
 
 from __future__ import annotations
 
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -83,6 +84,82 @@ def test_a_store_left_by_another_run_is_refused_naming_the_fix(tmp_path):
     with pytest.raises(StoreError, match="already exists.*overwrite=True"):
         fine_tune(tmp_path, epochs=1, workers=0)
     fine_tune(tmp_path, epochs=1, workers=0, overwrite=True)
+
+
+def test_a_resume_refuses_a_store_another_run_sealed_into_since(tmp_path):
+    """Run A's checkpoint of epoch 2, resumed after run B trained into the same store
+    (overwrite=True): B's predictions are not A's teachers."""
+    fine_tune(tmp_path, epochs=EPOCHS, workers=0)
+    after_epoch_2 = sorted((tmp_path / "checkpoints").iterdir(), key=lambda path: int(path.name.split("-")[1]))[1]
+    shutil.copytree(after_epoch_2, tmp_path / "a_after_epoch_2")
+    fine_tune(tmp_path, epochs=EPOCHS, workers=0, overwrite=True)
+    with pytest.raises(StoreError, match="holds an epoch 2 that another run sealed .* Resume with the run's own store"):
+        fine_tune(tmp_path, epochs=EPOCHS, workers=0, resume=str(tmp_path / "a_after_epoch_2"))
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1, 2, 3]  # B's, not rolled back
+    fine_tune(tmp_path, epochs=EPOCHS, workers=0, resume=str(after_epoch_2))  # B's own checkpoint resumes
+
+
+def test_a_run_killed_before_its_first_seal_is_started_again_into_its_store(tmp_path):
+    """Nothing sealed, no checkpoint: the same command again takes the store over, the dead
+    writer's rows given up."""
+    assert exit_code(forked(fine_tune, tmp_path, epochs=1, workers=0, kill_at_step=2)) == -signal.SIGKILL
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == []
+    fine_tune(tmp_path, epochs=1, workers=0)
+    assert SoftTargetStore.open(tmp_path / "store").epoch_info(1)["ids_written"] == N
+
+
+class OutOfMemoryOnce(PSKDTrainer):
+    """Fails its second step as a GPU out of memory does; auto_find_batch_size then trains
+    again, in this process, with a smaller batch."""
+
+    failed = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self.state.global_step == 1 and not self.failed:
+            OutOfMemoryOnce.failed = True
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def test_a_retry_with_a_smaller_batch_trains_into_the_store_the_failed_try_made(tmp_path):
+    trainer = fine_tune(tmp_path, train=False, arguments={"auto_find_batch_size": True, "num_train_epochs": 2})
+    retrying = OutOfMemoryOnce(model=trainer.model, args=trainer.args, train_dataset=trainer.pskd_base,
+                               data_collator=trainer.data_collator, pskd_store=tmp_path / "store")
+    retrying.train()
+    assert retrying._train_batch_size < 16 and OutOfMemoryOnce.failed  # accelerate took 10% off
+    assert SoftTargetStore.open(tmp_path / "store").epoch_info(1)["ids_written"] == N
+
+
+def test_evaluating_the_training_set_keeps_the_models_own_loss_and_records_nothing(tmp_path):
+    trainer = fine_tune(tmp_path, epochs=2, workers=0)
+    store = SoftTargetStore.open(tmp_path / "store")
+    before = store.epoch_info(2)["seal_token"]
+    metrics = trainer.evaluate(trainer.train_dataset)
+    assert metrics["eval_loss"] > 0 and SoftTargetStore.open(tmp_path / "store").epoch_info(2)["seal_token"] == before
+
+
+@pytest.mark.parametrize("returns", ["tuple", "logits", "scores"])
+def test_a_model_returning_a_tuple_or_its_logits_trains(tmp_path, returns):
+    trainer = fine_tune(tmp_path, train=False, arguments={"remove_unused_columns": False})  # forward(**inputs)
+
+    class Plain(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, **inputs):
+            logits = self.model(**inputs).logits
+            return {"tuple": (logits,), "logits": logits, "scores": {"scores": logits}}[returns]
+
+    plain = PSKDTrainer(model=Plain(trainer.model), args=trainer.args, train_dataset=trainer.pskd_base,
+                        data_collator=trainer.data_collator, pskd_store=tmp_path / "store", num_classes=K)
+    if returns == "scores":
+        with pytest.raises(TypeError, match="PSKDTrainer reads the model's logits from its output, a dict with no "
+                                            "'logits'"):
+            plain.train()
+        return
+    plain.train()
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1, 2, 3]
 
 
 def test_a_resume_over_another_number_of_epochs_is_refused(tmp_path):

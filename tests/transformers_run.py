@@ -58,14 +58,16 @@ def sentences(count: int, seed: int) -> list[dict]:
 class Recording(PSKDTrainer):
     """Keeps what each training step saw, for the test to recompute PS-KD's loss."""
 
-    def __init__(self, *args, kill_in_epoch: int | None = None, **kwargs):
+    def __init__(self, *args, kill_in_epoch: int | None = None, kill_at_step: int | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.seen: list[tuple] = []
         if kill_in_epoch is not None:
             self.add_callback(KillInEpoch(kill_in_epoch))
+        if kill_at_step is not None:
+            self.add_callback(KillAtStep(kill_at_step))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ids = inputs.get(SAMPLE_ID)
+        ids = inputs.get(SAMPLE_ID) if model.training else None
         loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         if ids is not None:
             self.seen.append((self.session.epoch, ids.clone(), outputs["logits"].detach().clone(), loss.detach()))
@@ -81,9 +83,18 @@ class KillInEpoch(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class KillAtStep(TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 def fine_tune(root: Path, *, epochs: int = 3, workers: int = 2, kill_in_epoch: int | None = None,
-              resume: bool | str = False, train: bool = True, arguments: dict | None = None,
-              **pskd_options) -> Recording:
+              kill_at_step: int | None = None, resume: bool | str = False, train: bool = True,
+              arguments: dict | None = None, **pskd_options) -> Recording:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     config = BertConfig(vocab_size=len(tokenizer()), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -96,7 +107,8 @@ def fine_tune(root: Path, *, epochs: int = 3, workers: int = 2, kill_in_epoch: i
     trainer = Recording(model=BertForSequenceClassification(config), args=args, train_dataset=sentences(N, 1),
                         eval_dataset=sentences(32, 2),
                         data_collator=DataCollatorWithPadding(tokenizer()), pskd_store=root / "store", alpha_T=0.8,
-                        store_options={"chunk_rows": 16}, kill_in_epoch=kill_in_epoch, **pskd_options)
+                        store_options={"chunk_rows": 16}, kill_in_epoch=kill_in_epoch, kill_at_step=kill_at_step,
+                        **pskd_options)
     if not train:
         return trainer
     trainer.train(resume_from_checkpoint=resume or None)

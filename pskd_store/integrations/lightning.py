@@ -154,8 +154,8 @@ class PSKD(pl.Callback):
             total_epochs=trainer.max_epochs, env=_ranks(trainer), resuming=resuming, overwrite=self.overwrite,
             cache_dir=self.cache_dir, seed=self.seed, lengths=self.data.lengths, **self.store_options,
         )
-        if resuming:
-            self.session.resume_after(self._resumed["sealed"])
+        if resuming:  # a checkpoint from before seal tokens were recorded has none
+            self.session.resume_after(self._resumed["sealed"], self._resumed.get("seal_token"))
         self.data.served = self.session.data
         self.session.serve(self.session.sealed + 1)
 
@@ -197,6 +197,7 @@ class PSKD(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         session = self.session  # None before fit() starts
         return {"store": self.url, "sealed": session.sealed if session else 0,
+                "seal_token": session.seal_token if session else None,
                 "writing": session is not None and session.writer is not None}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -213,9 +214,10 @@ def _ids_of(batch: Any, per_token: bool) -> torch.Tensor:
     fields = 6 if per_token else 4
     ids = batch[fields - 1] if isinstance(batch, (tuple, list)) and len(batch) == fields else None
     if not isinstance(ids, torch.Tensor) or ids.ndim != 1 or ids.dtype.is_floating_point:
-        raise ValueError("PSKD serves one training DataLoader, whose batches are the items of the data set "
-                         "pskd.wrap() returned, collated as they are: several training DataLoaders (a list "
-                         "or dict of them, a CombinedLoader) are not supported")
+        raise ValueError(f"PSKD reads each training batch as the items of the data set pskd.wrap() returned, "
+                         f"collated as they are: a tuple of {fields} fields, the ids last; this one is a "
+                         f"{type(batch).__name__}. A collate_fn that makes a dict, or several training "
+                         "DataLoaders (a list or dict of them, a CombinedLoader), are not supported")
     return ids
 
 
@@ -227,7 +229,10 @@ def _require_epochs(trainer: pl.Trainer, epochs: int | None) -> None:
     if epochs is not None and epochs != trainer.max_epochs:
         raise ValueError(f"PSKD(epochs={epochs}) but L.Trainer(max_epochs={trainer.max_epochs}): PS-KD's T is the "
                          "run's number of epochs; give both the same")
-    if epochs is None and trainer.max_epochs == 1000 and trainer.max_steps == -1:
+    if trainer.max_steps != -1:
+        raise ValueError(f"L.Trainer(max_steps={trainer.max_steps}) may stop the run before max_epochs: PS-KD's "
+                         "alpha_t = alpha_T·t/T counts whole epochs; leave max_steps unset")
+    if epochs is None and trainer.max_epochs == 1000:
         raise ValueError("max_epochs is 1000, what Lightning sets when max_epochs is not given: PS-KD's alpha_t = "
                          "alpha_T·t/T needs the run's real length; set L.Trainer(max_epochs=T) (a run of 1000 "
                          "epochs: also PSKD(..., epochs=1000))")

@@ -33,6 +33,7 @@ class StoreSession:
                  sealed: int):
         self.store, self.data, self.env = store, data, env
         self.sealed = sealed  # the last epoch sealed, 0 before the first: what a checkpoint records
+        self.seal_token: str | None = None  # which seal of ``sealed`` the checkpoint's run made
         self.writer: PredictionWriter | TokenWriter | None = None
 
     @classmethod
@@ -54,10 +55,12 @@ class StoreSession:
         data = served(base, store, alpha_T, total_epochs, cache_dir=cache_dir, seed=seed, rank=env.rank)
         return cls(store, data, env, sealed=0)
 
-    def resume_after(self, epoch: int) -> None:
+    def resume_after(self, epoch: int, seal_token: str | None = None) -> None:
         """Forget what the store holds after ``epoch``, the last epoch sealed before the
-        checkpoint being resumed (rank 0 rolls back while the other ranks wait)."""
+        checkpoint being resumed (rank 0 rolls back while the other ranks wait); with the
+        ``seal_token`` the checkpoint recorded, refuse a store whose epoch another run sealed."""
         self._require_the_schedule_of(epoch)  # before anything is rolled back
+        self._require_the_seal_of(epoch, seal_token)
         if self.env.is_main:
             self.store.rollback(epoch)
         self.env.barrier()
@@ -65,7 +68,17 @@ class StoreSession:
         if (self.store.latest_sealed or 0) != epoch:
             raise StoreError(f"the store at {self.store.url} has sealed epochs {self.store.sealed_epochs} but the "
                              f"checkpoint being resumed was taken after epoch {epoch}: resume with the run's own store")
-        self.sealed = epoch
+        self.sealed, self.seal_token = epoch, seal_token
+
+    def _require_the_seal_of(self, epoch: int, seal_token: str | None) -> None:
+        """A checkpoint's epoch sealed anew by another run (trained into the same store with
+        overwrite=True, say) would serve that run's predictions as this one's teachers."""
+        stored = self.store.epoch_info(epoch).get("seal_token") if epoch in self.store.sealed_epochs else None
+        if None not in (seal_token, stored) and stored != seal_token:
+            raise StoreError(
+                f"the store at {self.store.url} holds an epoch {epoch} that another run sealed (its seal token "
+                "differs from the one the checkpoint recorded): another run trained into this store since, and its "
+                "predictions are not this run's teachers. Resume with the run's own store, or train a new run")
 
     def _require_the_schedule_of(self, epoch: int) -> None:
         """Refuse to resume after ``epoch`` with another alpha_T or number of epochs than
@@ -114,7 +127,8 @@ class StoreSession:
             # a loop whose every batch recorded nothing (CutMix in the module) carries ids forward
             self.store.seal(self.epoch, allow_empty=True, schedule=self._schedule())
         self.env.barrier()
-        self.sealed = self.epoch
+        self.store.refresh()  # rank 0's seal: every rank's checkpoint (one per node, say) records its token
+        self.sealed, self.seal_token = self.epoch, self.store.epoch_info(self.epoch)["seal_token"]
 
     def abandon(self) -> None:
         """After a failed step: give this rank's part up, unsealed, so a resume can redo it."""
@@ -127,5 +141,11 @@ def _create(url: str | Path, labels: np.ndarray, num_classes: int, overwrite: bo
     try:
         SoftTargetStore.create(url, labels, num_classes, overwrite=overwrite, **options)
     except StoreExistsError as err:
-        raise StoreExistsError(f"a store already exists at {url}: to continue its run, resume from the run's "
-                               "checkpoint; to train anew, give a new store URL or pass overwrite=True") from err
+        store = SoftTargetStore.open_or_create(url, labels, num_classes, **options)  # this data, these rows
+        if store.sealed_epochs or not store.staging(1).abandoned():
+            raise StoreExistsError(f"a store already exists at {url}: to continue its run, resume from the run's "
+                                   "checkpoint; to train anew, give a new store URL or pass overwrite=True (if a "
+                                   "run is writing its first epoch there now, it is that run's)") from err
+        # a run that sealed nothing and whose writers are all gone (killed in epoch 1, before any
+        # checkpoint), started again: its store is taken over, its staged rows given up
+        store.discard_staging(1)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+from transformers.trainer_callback import ExportableState
 
 from ..distributed import Distributed, torchrun_environment
 from ..errors import StoreError
@@ -101,6 +102,7 @@ class PSKDTrainer(Trainer):
         self.train_dataset = WithSampleIds(self.train_dataset)
         self.session: StoreSession | None = None
         self.add_callback(_StoreEpochs(self))
+        self.add_callback(SealRecord())
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -109,19 +111,20 @@ class PSKDTrainer(Trainer):
 
     def compute_loss(self, model: torch.nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        if SAMPLE_ID not in inputs:
-            if model.training:  # trained on the model's own loss, nothing recorded: refuse it
-                raise StoreError(f"a training batch came without {SAMPLE_ID!r}, the store ids PSKDTrainer adds "
-                                 "to every record: use a data collator that keeps extra columns "
-                                 "(DataCollatorWithPadding, DataCollatorForSeq2Seq with a tokenizer, "
-                                 "default_data_collator)")
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)  # evaluation
+        if not model.training:  # evaluation, of any data set (the training set's ids too): the model's own loss
+            inputs.pop(SAMPLE_ID, None)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if SAMPLE_ID not in inputs:  # trained on the model's own loss, nothing recorded: refused
+            raise StoreError(f"a training batch came without {SAMPLE_ID!r}, the store ids PSKDTrainer adds "
+                             "to every record: use a data collator that keeps extra columns "
+                             "(DataCollatorWithPadding, DataCollatorForSeq2Seq with a tokenizer, "
+                             "default_data_collator)")
         ids, labels = inputs.pop(SAMPLE_ID), inputs.pop("labels")
         if self.pskd_lengths is not None and self.model.config.is_encoder_decoder and "decoder_input_ids" not in inputs:
             # what the model does with labels it is given: its decoder reads them shifted right
             inputs["decoder_input_ids"] = self.model.prepare_decoder_input_ids_from_labels(labels=labels)
         outputs = model(**inputs)
-        logits = outputs["logits"]
+        logits = _logits_of(outputs)
         # normalised as the Trainer has the model's own loss normalised: by the targets of the
         # whole accumulated step when the model takes num_items_in_batch (training_step then
         # leaves the loss as it is), else by this micro-batch's (training_step divides it)
@@ -145,10 +148,15 @@ class PSKDTrainer(Trainer):
                            else self.args.n_gpu)
         return (loss, outputs) if return_outputs else loss
 
-    def open_store(self, epochs_done: int) -> None:
+    def open_store(self, epochs_done: int, seal_token: str | None = None) -> None:
         """Open the store, rolled back to ``epochs_done`` on a resume (each epoch's teacher is
-        served when the epoch begins)."""
+        served when the epoch begins); ``seal_token``: the checkpoint's, of that epoch."""
         options = dict(self.pskd_options)
+        if self.session is not None and self.session.writer is not None:
+            # this trainer's try failed mid-epoch and trains again (auto_find_batch_size's retry): from
+            # step 0, into the store made anew, whatever that try sealed
+            self.session.abandon()
+            options["overwrite"] = options["overwrite"] or epochs_done == 0
         self.session = StoreSession.open(
             self.pskd_url, self.pskd_base, self.pskd_labels, num_classes=self.pskd_classes,
             alpha_T=options.pop("alpha_T"), total_epochs=_whole(self.args.num_train_epochs, "num_train_epochs"),
@@ -156,7 +164,19 @@ class PSKDTrainer(Trainer):
             **options,
         )
         if epochs_done > 0:
-            self.session.resume_after(epochs_done)
+            self.session.resume_after(epochs_done, seal_token)
+
+
+class SealRecord(TrainerCallback, ExportableState):
+    """What a checkpoint records of the store (in trainer_state.json, as the Trainer saves
+    the state of such callbacks): the last epoch sealed and which seal of it, so that a
+    resume refuses a store that another run sealed that epoch into since."""
+
+    def __init__(self, sealed: int = 0, seal_token: str | None = None):
+        self.sealed, self.seal_token = sealed, seal_token
+
+    def state(self) -> dict:
+        return {"args": {"sealed": self.sealed, "seal_token": self.seal_token}, "attributes": {}}
 
 
 class _StoreEpochs(TrainerCallback):
@@ -172,7 +192,8 @@ class _StoreEpochs(TrainerCallback):
             raise ValueError("PS-KD's alpha_t = alpha_T·t/T counts whole epochs: set num_train_epochs, not max_steps")
         epochs_done = _whole(state.epoch or 0, "the resumed checkpoint's epoch",
                              "PS-KD resumes from a checkpoint taken at an epoch's end: save_strategy='epoch'")
-        self.trainer.open_store(epochs_done)
+        recorded = state.stateful_callbacks.setdefault(SealRecord.__name__, SealRecord().state())["args"]
+        self.trainer.open_store(epochs_done, recorded["seal_token"] if recorded["sealed"] == epochs_done else None)
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
@@ -181,7 +202,10 @@ class _StoreEpochs(TrainerCallback):
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
-        self.trainer.session.end_epoch()
+        session = self.trainer.session
+        session.end_epoch()
+        record = next(c for c in self.trainer.callback_handler.callbacks if isinstance(c, SealRecord))
+        record.sealed, record.seal_token = session.sealed, session.seal_token  # saved with the epoch's checkpoint
 
 
 def _predicts_the_next_token(model: torch.nn.Module, shift_labels: bool | None) -> bool:
@@ -207,6 +231,17 @@ def _predicts_the_next_token(model: torch.nn.Module, shift_labels: bool | None) 
             "position t's logits with token t + 1 (a causal LM's) or with token t (a masked LM's): pass "
             "shift_labels=True or shift_labels=False")
     return own_loss is ForCausalLMLoss
+
+
+def _logits_of(outputs: Any) -> torch.Tensor:
+    """The logits of a model's output: a ModelOutput's (or dict's) ``logits``, a tuple's first
+    item (``return_dict=False``, no labels passed), or the output itself (a plain module's)."""
+    logits = outputs["logits"] if isinstance(outputs, Mapping) and "logits" in outputs else (
+        outputs[0] if isinstance(outputs, tuple) and outputs else outputs)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"PSKDTrainer reads the model's logits from its output, a {type(outputs).__name__} with no "
+                        "'logits': return a ModelOutput (or dict) with 'logits', a tuple of them first, or the logits")
+    return logits
 
 
 def _token_classes(model: torch.nn.Module) -> int:
