@@ -24,8 +24,11 @@ alternated batch by batch would warm each other's caches): ``warm`` (nothing bet
 
 The other way round, ``next_step``: in as many more epochs as each way had, a training
 step timed after the store's batch and ``write()`` (``after_store_us``) and after CE's
-batch (``after_ce_us``), in turn each batch; ``step_after_store_extra_us`` is the median of
-each batch's difference, what the store's work costs the step that follows it.
+batch (``after_ce_us``), in turn each batch, the store's first in even batches and CE's
+first in odd ones (of two steps in a row the first runs slower whatever precedes it: an
+order effect of 10–40 µs on the reference VM, which a fixed order would count as the
+store's); ``step_after_store_extra_us`` is the median of each batch's difference, what the
+store's work costs the step that follows it.
 
     python benchmarks/batch_work_after_step.py
     python benchmarks/batch_work_after_step.py --arch mnist1d_mlp --flush-mb 256
@@ -117,14 +120,16 @@ def measure(args: argparse.Namespace, root: Path) -> dict[str, dict[str, list[fl
         order = torch.randperm(samples)
         data.set_epoch(epoch)
         with store.writer(epoch) as writer:
-            for lo in range(0, samples, args.batch_size):
+            for batch, lo in enumerate(range(0, samples, args.batch_size)):
                 ids = order[lo:lo + args.batch_size]
                 items = ids.tolist()
-                collate_soft_targets(data.__getitems__(items))
-                writer.write(ids, logits[ids])
-                timed("next_step", "after_store_us", step)
-                default_collate([base[i] for i in items])
-                timed("next_step", "after_ce_us", step)
+                store_work = ("after_store_us", lambda: (collate_soft_targets(data.__getitems__(items)),
+                                                         writer.write(ids, logits[ids])))
+                ce_work = ("after_ce_us", lambda: default_collate([base[i] for i in items]))
+                # which comes first alternates: the first of two steps in a row runs slower by itself
+                for piece, work in (store_work, ce_work) if batch % 2 == 0 else (ce_work, store_work):
+                    work()
+                    timed("next_step", piece, step)
         store.seal(epoch)
     return spent
 
@@ -149,6 +154,8 @@ def main() -> None:
     parser.add_argument("--flush-mb", type=int, default=64, help="memory summed before each after_flush piece")
     parser.add_argument("--threads", type=int, default=1, help="torch compute threads")
     args = parser.parse_args()
+    if args.epochs < 3 or args.epochs % 3:
+        parser.error(f"--epochs must be a positive multiple of 3 (each way's), got {args.epochs}")
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         spent = measure(args, Path(tmp))

@@ -171,6 +171,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20, help="epochs 3.. are reported")
     parser.add_argument("--window", type=int, default=10, help="epochs in each of ms_first_and_last's medians")
     args = parser.parse_args()
+    if args.epochs < 3:
+        parser.error(f"--epochs must be at least 3 (epochs 3.. are reported), got {args.epochs}")
     with tempfile.TemporaryDirectory() as tmp:
         spent, refresh_ms = cycle(args, Path(tmp))
         baseline = baseline_ms(args, Path(tmp))

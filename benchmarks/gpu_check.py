@@ -63,7 +63,7 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_overhead import ARMS, build_parser, measure, train_arm  # noqa: E402
+from train_overhead import ARMS, build_parser, keep_freed_memory, measure, train_arm  # noqa: E402
 
 from pskd_store.augment import BatchAugment  # noqa: E402
 from pskd_store.data import DataSplits  # noqa: E402
@@ -394,6 +394,7 @@ def main() -> None:
                      "torch": torch.__version__, "cuda": torch.version.cuda, "platform": platform.platform()}
     print(json.dumps(results), flush=True)
     configure_determinism(False)
+    results["freed_memory_kept"] = keep_freed_memory()  # as train_overhead.py measures
     checks = [("matrix", lambda tmp: check_matrix(tmp, args.device, args.matrix_steps, args.matrix_batch,
                                                   args.matrix_workers)),
               ("rank_draws", lambda tmp: check_rank_draws(tmp, args.device))]

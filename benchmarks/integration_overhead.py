@@ -5,7 +5,7 @@ Each loop trains the same model on the same data twice, alternating (plain, pskd
   * Lightning: ``mnist1d_cnn`` on MNIST-1D (``--copies`` of it); ``plain`` is an unchanged ``LightningModule``
     on one-hot labels, ``pskd`` the same module with the ``PSKD`` callback (its data set
     wrapped, its ``training_step`` returning the logits);
-  * Hugging Face: a one-layer BERT built from a config on the test suite's synthetic text
+  * Hugging Face: a two-layer BERT built from a config on the test suite's synthetic text
     set (tests/transformers_run.py); ``plain`` is ``transformers.Trainer``, ``pskd`` is
     ``PSKDTrainer``.
 An epoch is timed from its start to the next one's (the seal and the next teacher's

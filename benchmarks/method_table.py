@@ -20,6 +20,7 @@ so `pskd-store inspect` can look at any of them afterwards.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -28,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from pskd_store.recipe import TrainConfig
+from pskd_store.recipe import PLACEMENT_OPTIONS, TrainConfig
 from pskd_store.run_directory import RunDirectory
 from pskd_store.training import train
 
@@ -51,11 +52,24 @@ COLUMNS = {"train_err": "Train err (%)", "top1_err": "Top-1 err (%)", "top5_err"
 
 def run_one(base: dict, overrides: dict, seed: int, directory: Path, split: str) -> dict:
     config = TrainConfig(**{**base, **overrides, "seed": seed}).resolved()
-    if not (directory / "summary.json").is_file():
+    if (directory / "summary.json").is_file():  # a finished run: reused for the configuration it trained only
+        require_the_config_of(directory, config)
+    else:
         train(config, directory, quiet=True)
     final = json.loads((directory / "summary.json").read_text())["final"][split]
     # the last epoch's error on its own (augmented) training passes: ~0 once the network memorises
     return {**final, "train_err": RunDirectory(directory).metrics_rows()[-1]["train"]["top1_err"]}
+
+
+def require_the_config_of(directory: Path, config: TrainConfig) -> None:
+    """A table printed from runs of another configuration (other epochs, subset, dtype) under
+    the same --out would show their numbers as this one's."""
+    saved = json.loads(RunDirectory(directory).config.read_text())
+    differing = sorted(name for name, value in dataclasses.asdict(config).items()
+                       if name not in PLACEMENT_OPTIONS and saved.get(name) != value)
+    if differing:
+        raise SystemExit(f"{directory} holds a run of another configuration ({', '.join(differing)} differ): pass "
+                         "another --out, or delete that run to train it again")
 
 
 def mean_std(rows: list[dict]) -> dict:

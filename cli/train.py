@@ -153,8 +153,8 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
                    "to a node-local cache (--cache-dir, default ~/.cache/pskd-store).")
 @click.option("--img-size", type=int,
               help="imagenet/folder: side of the training crop and the evaluation centre crop (evaluation "
-                   "resizes to img-size/0.875 first); 224 by default. Set it to a folder's image size "
-                   "(e.g. 32 or 64) so small images are not upsampled.")
+                   "resizes to img-size/0.875 first, as the authors' 256 for 224); 224 by default. Set it "
+                   "near a folder's image size (e.g. 32 or 64) so small images are not upsampled to 224.")
 @click.option("--cutmix-prob", type=float,
               help="--aug cutmix with ce/ls/tfkd/cskd: chance that a batch is mixed; CutMix's authors' value "
                    f"per data set by default ({_per_dataset('cutmix_prob')}).")

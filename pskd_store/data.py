@@ -29,7 +29,7 @@ DATASETS: dict[str, str] = {
     "cifar10": "CIFAR-10 in torchvision's format (--data-dir holds cifar-10-batches-py/)",
     "cifar100": "CIFAR-100 in torchvision's format (--data-dir holds cifar-100-python/)",
     "imagenet": "ImageNet as ImageFolder trees --data-dir/train and --data-dir/val",
-    "folder": "any ImageFolder tree with train/ and val/ (or test/) subfolders, ImageNet transforms",
+    "folder": "any ImageFolder tree with train/ and test/ (or val/) subfolders, ImageNet transforms",
 }
 FOLDER_DATASETS = ("imagenet", "folder")  # whose samples are the files of their directory's trees
 
@@ -151,10 +151,13 @@ def known_labels(dataset: Dataset) -> np.ndarray | None:
 
 def file_names(dataset: Dataset) -> list[str] | None:
     """The files of an image tree's samples in index order, relative to its root (through
-    Subsets); None for a data set of no files (CIFAR's arrays, MNIST-1D's signals)."""
+    Subsets), or a generated set's sample names (MNIST-1D's); None for a data set of
+    neither (CIFAR's arrays)."""
     if isinstance(dataset, Subset):
         names = file_names(dataset.dataset)
         return None if names is None else [names[i] for i in dataset.indices]
+    if getattr(dataset, "sample_names", None) is not None:
+        return dataset.sample_names
     samples, root = getattr(dataset, "samples", None), getattr(dataset, "root", None)
     return None if samples is None or root is None else [os.path.relpath(path, root) for path, _ in samples]
 
@@ -180,11 +183,14 @@ def _split_indices(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.
 
 
 class _Mnist1D(Dataset):
-    """In-memory MNIST-1D split; items are ((1, 40) float32 tensor, int label)."""
+    """In-memory MNIST-1D split; items are ((1, 40) float32 tensor, int label). Its samples'
+    names carry the generator's version and settings: signals generated otherwise, with the
+    same labels, are other samples to a store (data.file_names)."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, name: str) -> None:
         self.inputs = torch.from_numpy(x).unsqueeze(1)
         self.targets = y
+        self.sample_names = [f"{name}/{i}" for i in range(len(y))]
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -194,11 +200,19 @@ class _Mnist1D(Dataset):
 
 
 def _mnist1d(root: Path) -> tuple[_Mnist1D, _Mnist1D]:
-    arrays = _mnist1d_arrays(root)
-    return _Mnist1D(arrays["x"], arrays["y"]), _Mnist1D(arrays["x_test"], arrays["y_test"])
+    key = _mnist1d_key()
+    arrays = _mnist1d_arrays(root, key)
+    return (_Mnist1D(arrays["x"], arrays["y"], f"mnist1d-{key}/train"),
+            _Mnist1D(arrays["x_test"], arrays["y_test"], f"mnist1d-{key}/test"))
 
 
-def _mnist1d_arrays(root: Path) -> dict[str, np.ndarray]:
+def _mnist1d_key() -> str:
+    """The generator's version and ``MNIST1D_VARIANT``, hashed: what decides the signals."""
+    generator = {"mnist1d": importlib.metadata.version("mnist1d"), **MNIST1D_VARIANT}
+    return hashlib.sha1(json.dumps(generator, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _mnist1d_arrays(root: Path, key: str) -> dict[str, np.ndarray]:
     """Generate MNIST-1D offline (never the package's downloader) and cache it as .npz.
 
     The cache is named by the generator's version and ``MNIST1D_VARIANT`` (its defaults are
@@ -207,8 +221,6 @@ def _mnist1d_arrays(root: Path) -> dict[str, np.ndarray]:
     seeds numpy's and Python's global RNGs; their states are restored so callers'
     randomness is untouched.
     """
-    generator = {"mnist1d": importlib.metadata.version("mnist1d"), **MNIST1D_VARIANT}
-    key = hashlib.sha1(json.dumps(generator, sort_keys=True).encode()).hexdigest()[:12]
     path = root / f"mnist1d-{key}.npz"
     if path.is_file():
         with np.load(path) as cached:

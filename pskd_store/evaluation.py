@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from .checkpoint import load_checkpoint
-from .data import FOLDER_DATASETS, build_datasets
+from .data import FOLDER_DATASETS, DataSplits, build_datasets
 from .distributed import select_device
 from .engine import Predictions, eval_loader, float32_precision, predict
 from .metrics import evaluate
 from .models import create_model
 from .recipe import TrainConfig
+from .run_directory import RunDirectory, RunError
+from .store import Fingerprint, SoftTargetStore, StoreError
 
 
 def evaluate_checkpoints(
@@ -33,6 +35,9 @@ def evaluate_checkpoints(
     data = splits.test if split == "test" else splits.val
     if data is None:
         raise ValueError("these runs held out no validation split (train with --val-split)")
+    if split == "val":
+        for path in paths:
+            _require_the_training_set_of(RunDirectory(path.parent.parent), splits)
     torch_device = select_device(device)
     loader = eval_loader(data, 2 * first.batch_size, first.workers, torch_device)
     members = []
@@ -50,6 +55,22 @@ def evaluate_checkpoints(
     else:
         predictions = Predictions(sum(member.probs for member in members) / len(members), members[0].labels, None)
     return evaluate(*predictions, n_bins=first.ece_bins if ece_bins is None else ece_bins), predictions
+
+
+def _require_the_training_set_of(run: RunDirectory, splits: DataSplits) -> None:
+    """The validation split is drawn from the training set by position: from a training set
+    changed since the run (an image added), it would hold samples the model trained on. The
+    run's store fingerprints the training set it trained on; a run whose store is out of
+    reach (a loose checkpoint, an object store without credentials) is not checked."""
+    try:
+        store = SoftTargetStore.open(run.store_url(), read_only=True)
+    except (StoreError, RunError, OSError):
+        return
+    problem = store.fingerprint.mismatch(Fingerprint.of(splits.train_labels, splits.num_classes,
+                                                        names=splits.train_names))
+    if problem:
+        raise ValueError(f"the training set is not the one {run.path} trained on ({problem}): its validation "
+                         "split would now hold samples the model trained on; evaluate on the run's data")
 
 
 def _samples_of(config: TrainConfig, split: str, own_data: bool) -> tuple:

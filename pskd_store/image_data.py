@@ -6,6 +6,9 @@ for those sets, because torchvision takes seconds to import and the offline defa
 from __future__ import annotations
 
 import copy
+import gzip
+import os
+import shutil
 from http.client import HTTPException
 from pathlib import Path
 from typing import Callable, Sequence
@@ -15,7 +18,6 @@ from torch import Tensor, nn
 from torchvision import transforms as T
 from torchvision.datasets import CIFAR10, CIFAR100, FashionMNIST, ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
-from torchvision.datasets.utils import extract_archive
 from torchvision.datasets.vision import StandardTransform, VisionDataset
 
 # Normalisation constants of the authors' loader (loader/custom_dataloader.py of
@@ -123,7 +125,7 @@ def image_sets(
         input_kind = "32x32"
     else:
         train_tf, eval_tf = _imagenet_transforms(img_size or 224)
-        test_dirs = ("val",) if name == "imagenet" else ("val", "test")
+        test_dirs = ("val",) if name == "imagenet" else ("test", "val")  # a tree with both: test/ is the test set
         train, test = _load_image_folders(root, test_dirs, train_tf, eval_tf)
         input_kind = "224x224"
     eval_view = _with_transform(train, eval_tf)
@@ -165,16 +167,28 @@ def _load_fashion_mnist(root: Path, *, train: bool, transform: Callable, downloa
     if not all((raw / Path(name).stem).is_file() for name in wanted) and system_copy.is_dir():
         raw.mkdir(parents=True, exist_ok=True)
         for name in wanted:
-            if (system_copy / name).is_file():
-                extract_archive(str(system_copy / name), str(raw))
+            if (system_copy / name).is_file() and not (raw / Path(name).stem).is_file():
+                _unpack_beside(system_copy / name, raw / Path(name).stem)
     try:
         return FashionMNIST(root, train=train, transform=transform, download=download)
-    except (RuntimeError, OSError, HTTPException) as err:  # files missing, or the download failed
+    except (RuntimeError, OSError, HTTPException, ValueError) as err:
+        if all((raw / Path(name).stem).is_file() for name in wanted):  # there, but cut short or no idx files
+            raise ValueError(f"the Fashion-MNIST files in {raw} are unreadable ({err}): delete that folder, and "
+                             "they are unpacked (or downloaded) again") from err
         raise FileNotFoundError(
             f"Fashion-MNIST data not found in {raw}: install Debian's dataset-fashion-mnist package "
             f"(apt-get install dataset-fashion-mnist), put the four idx files there, or allow the "
             f"download ({err})"
         ) from err
+
+
+def _unpack_beside(archive: Path, target: Path) -> None:
+    """Unpack a .gz into a file of this process's beside ``target``, then rename it into place:
+    a run started beside this one reads the whole file or none."""
+    partial = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    with gzip.open(archive) as source, open(partial, "wb") as unpacked:
+        shutil.copyfileobj(source, unpacked)
+    os.replace(partial, target)
 
 
 def _imagenet_transforms(size: int) -> tuple[Callable, Callable]:

@@ -1183,3 +1183,18 @@ def test_a_relative_store_and_cache_are_kept_absolute(tmp_path, monkeypatch):
     config = TrainConfig(store="stores/run", cache_dir="cache").resolved()
     assert (config.store, config.cache_dir) == (str(tmp_path / "stores" / "run"), str(tmp_path / "cache"))
     assert TrainConfig(store="s3://bucket/run/store").resolved().store == "s3://bucket/run/store"
+
+
+@pytest.mark.slow
+def test_the_method_table_reuses_a_finished_run_only_for_the_configuration_it_trained(trained_run, data_dir):
+    from conftest import benchmark_script
+
+    table = benchmark_script("method_table")
+    base = dict(epochs=2, steps_per_epoch=4, workers=0, data_dir=str(data_dir))  # trained_run's
+    reused = table.run_one(base, {}, 0, trained_run, "test")
+    assert reused["top1_err"] == json.loads((trained_run / "summary.json").read_text())["final"]["test"]["top1_err"]
+    with pytest.raises(SystemExit, match=f"{trained_run} holds a run of another configuration \\(epochs differ\\): "
+                                         "pass another --out"):
+        table.run_one({**base, "epochs": 3}, {}, 0, trained_run, "test")
+    with pytest.raises(SystemExit, match="\\(alpha_T differ\\)"):
+        table.run_one(base, {"alpha_T": 0.5}, 0, trained_run, "test")

@@ -149,6 +149,22 @@ def test_hidden_files_in_a_folder_tree_are_no_samples(imagefolder_dir):
     _check_items(splits.train, (3, 224, 224), 3, n=12)
 
 
+def test_a_folder_tree_with_val_and_test_is_tested_on_test(imagefolder_dir):
+    shutil.copytree(imagefolder_dir / "val", imagefolder_dir / "test")
+    (imagefolder_dir / "test" / "ant" / "0.png").unlink()
+    assert len(build_datasets("folder", imagefolder_dir).test) == 5  # test/'s, not val/'s 6
+    assert len(build_datasets("imagenet", imagefolder_dir).test) == 6  # ImageNet's is val/
+
+
+def test_mnist1d_samples_are_named_by_their_generator(data_dir):
+    """Signals generated otherwise (another mnist1d release, other MNIST1D_VARIANT settings)
+    have the same labels: their names tell a store they are other samples."""
+    splits = build_datasets("mnist1d", data_dir, val_split=0.25)
+    names = data.file_names(splits.train.dataset)
+    assert names[:2] == [f"mnist1d-{data._mnist1d_key()}/train/{i}" for i in range(2)]
+    assert splits.train_names == [names[i] for i in splits.train.indices]
+
+
 def test_img_size_sets_a_folders_crops(imagefolder_dir):
     """--img-size: small images are cropped at their own scale, not upsampled to 224; the
     evaluation resize follows it (size / 0.875, as 256 for 224)."""
@@ -327,6 +343,11 @@ def test_fashion_mnist_is_unpacked_from_the_system_copy_and_read_by_torchvision(
     np.testing.assert_array_equal(np.asarray(test[0][0]), first)
     assert sorted(p.name for p in (root / "FashionMNIST" / "raw").iterdir()) == [
         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+    images = root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    images.write_bytes(images.read_bytes()[:-16])  # cut short, as an interrupted copy leaves it
+    with pytest.raises(ValueError, match=r"the Fashion-MNIST files in .*raw are unreadable \(.*\): delete that "
+                                         r"folder, and they are unpacked \(or downloaded\) again"):
+        _load_fashion_mnist(root, train=True, transform=None, download=False, system_copy=fashion_mnist_gz)
 
 
 def test_fashion_mnist_splits_and_a_clear_error_when_missing(tmp_path, fashion_mnist_gz, monkeypatch):

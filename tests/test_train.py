@@ -394,7 +394,7 @@ def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):
     run = tmp_path / "run"
     result = CliRunner().invoke(cli, [
         "train", "--dataset", "folder", "--arch", "tv_resnet18", "--data-dir", str(imagefolder_dir),
-        "--epochs", "1", "-b", "4", "-j", "0", "-o", str(run), "-q",
+        "--epochs", "1", "-b", "4", "-j", "0", "--val-split", "0.25", "-o", str(run), "-q",
     ])
     assert result.exit_code == 0, result.output
     assert metrics_rows(run)[0]["test"]["n"] == 6
@@ -420,6 +420,15 @@ def test_folder_data_set_with_a_torchvision_model(tmp_path, imagefolder_dir):
     resumed = CliRunner().invoke(cli, ["train", "--resume", str(run), "-q"])
     assert resumed.exit_code == 1
     assert "was made for another data set: the data set's samples (files) differ" in resumed.output
+    # the validation split, drawn from the changed training set by position, would hold trained samples
+    with pytest.raises(ValueError, match=f"the training set is not the one {run} trained on .* its validation "
+                                         "split would now hold samples the model trained on"):
+        evaluate_checkpoints([last], split="val")
+    (imagefolder_dir / "train" / "ant" / "9.png").rename(imagefolder_dir / "train" / "ant" / "0.png")
+    assert evaluate_checkpoints([last], split="val")[0]["n"] == 3
+    (tmp_path / "loose" / "models").mkdir(parents=True)  # a checkpoint in no run: no store to check against
+    shutil.copy(last, tmp_path / "loose" / "models" / "best.pt")
+    assert evaluate_checkpoints([tmp_path / "loose" / "models" / "best.pt"], split="val")[0]["n"] == 3
 
 
 @pytest.mark.slow
