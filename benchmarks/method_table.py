@@ -65,8 +65,8 @@ def require_the_config_of(directory: Path, config: TrainConfig) -> None:
     """A table printed from runs of another configuration (other epochs, subset, dtype) under
     the same --out would show their numbers as this one's."""
     saved = json.loads(RunDirectory(directory).config.read_text())
-    differing = sorted(name for name, value in dataclasses.asdict(config).items()
-                       if name not in PLACEMENT_OPTIONS and saved.get(name) != value)
+    differing = sorted(name for name, value in dataclasses.asdict(config).items()  # a field newer than the
+                       if name not in PLACEMENT_OPTIONS and name in saved and saved[name] != value)  # run: its default
     if differing:
         raise SystemExit(f"{directory} holds a run of another configuration ({', '.join(differing)} differ): pass "
                          "another --out, or delete that run to train it again")

@@ -29,7 +29,7 @@ DATASETS: dict[str, str] = {
     "cifar10": "CIFAR-10 in torchvision's format (--data-dir holds cifar-10-batches-py/)",
     "cifar100": "CIFAR-100 in torchvision's format (--data-dir holds cifar-100-python/)",
     "imagenet": "ImageNet as ImageFolder trees --data-dir/train and --data-dir/val",
-    "folder": "any ImageFolder tree with train/ and test/ (or val/) subfolders, ImageNet transforms",
+    "folder": "any ImageFolder tree with train/ and val/ (or test/) subfolders, ImageNet transforms",
 }
 FOLDER_DATASETS = ("imagenet", "folder")  # whose samples are the files of their directory's trees
 

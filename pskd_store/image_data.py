@@ -125,7 +125,7 @@ def image_sets(
         input_kind = "32x32"
     else:
         train_tf, eval_tf = _imagenet_transforms(img_size or 224)
-        test_dirs = ("val",) if name == "imagenet" else ("test", "val")  # a tree with both: test/ is the test set
+        test_dirs = ("val",) if name == "imagenet" else ("val", "test")  # a tree with both: val/, as runs had it
         train, test = _load_image_folders(root, test_dirs, train_tf, eval_tf)
         input_kind = "224x224"
     eval_view = _with_transform(train, eval_tf)
@@ -171,7 +171,8 @@ def _load_fashion_mnist(root: Path, *, train: bool, transform: Callable, downloa
                 _unpack_beside(system_copy / name, raw / Path(name).stem)
     try:
         return FashionMNIST(root, train=train, transform=transform, download=download)
-    except (RuntimeError, OSError, HTTPException, ValueError) as err:
+    # torchvision asserts an idx file's magic number: AssertionError for a page saved in its place
+    except (RuntimeError, OSError, HTTPException, ValueError, AssertionError, TypeError) as err:
         if all((raw / Path(name).stem).is_file() for name in wanted):  # there, but cut short or no idx files
             raise ValueError(f"the Fashion-MNIST files in {raw} are unreadable ({err}): delete that folder, and "
                              "they are unpacked (or downloaded) again") from err

@@ -1186,7 +1186,8 @@ def test_a_relative_store_and_cache_are_kept_absolute(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_method_table_reuses_a_finished_run_only_for_the_configuration_it_trained(trained_run, data_dir):
+def test_the_method_table_reuses_a_finished_run_only_for_the_configuration_it_trained(trained_run, data_dir,
+                                                                                      tmp_path):
     from conftest import benchmark_script
 
     table = benchmark_script("method_table")
@@ -1198,3 +1199,9 @@ def test_the_method_table_reuses_a_finished_run_only_for_the_configuration_it_tr
         table.run_one({**base, "epochs": 3}, {}, 0, trained_run, "test")
     with pytest.raises(SystemExit, match="\\(alpha_T differ\\)"):
         table.run_one(base, {"alpha_T": 0.5}, 0, trained_run, "test")
+    older = tmp_path / "older"  # a run from before a field: it trained that field's default
+    shutil.copytree(trained_run, older)
+    config = json.loads((older / "config.json").read_text())
+    del config["tf32"]
+    (older / "config.json").write_text(json.dumps(config))
+    assert table.run_one(base, {}, 0, older, "test") == reused

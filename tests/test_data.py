@@ -149,11 +149,12 @@ def test_hidden_files_in_a_folder_tree_are_no_samples(imagefolder_dir):
     _check_items(splits.train, (3, 224, 224), 3, n=12)
 
 
-def test_a_folder_tree_with_val_and_test_is_tested_on_test(imagefolder_dir):
+def test_a_folder_tree_with_val_and_test_is_tested_on_val_as_runs_have_been(imagefolder_dir):
     shutil.copytree(imagefolder_dir / "val", imagefolder_dir / "test")
     (imagefolder_dir / "test" / "ant" / "0.png").unlink()
-    assert len(build_datasets("folder", imagefolder_dir).test) == 5  # test/'s, not val/'s 6
-    assert len(build_datasets("imagenet", imagefolder_dir).test) == 6  # ImageNet's is val/
+    assert len(build_datasets("folder", imagefolder_dir).test) == 6  # val/'s, not test/'s 5
+    shutil.rmtree(imagefolder_dir / "val")
+    assert len(build_datasets("folder", imagefolder_dir).test) == 5  # test/ where there is no val/
 
 
 def test_mnist1d_samples_are_named_by_their_generator(data_dir):
@@ -344,10 +345,11 @@ def test_fashion_mnist_is_unpacked_from_the_system_copy_and_read_by_torchvision(
     assert sorted(p.name for p in (root / "FashionMNIST" / "raw").iterdir()) == [
         "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
     images = root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
-    images.write_bytes(images.read_bytes()[:-16])  # cut short, as an interrupted copy leaves it
-    with pytest.raises(ValueError, match=r"the Fashion-MNIST files in .*raw are unreadable \(.*\): delete that "
-                                         r"folder, and they are unpacked \(or downloaded\) again"):
-        _load_fashion_mnist(root, train=True, transform=None, download=False, system_copy=fashion_mnist_gz)
+    for unreadable in (images.read_bytes()[:-16], b"<html>a proxy's page</html>"):  # cut short; another file
+        images.write_bytes(unreadable)
+        with pytest.raises(ValueError, match=r"the Fashion-MNIST files in .*raw are unreadable \(.*\): delete "
+                                             r"that folder, and they are unpacked \(or downloaded\) again"):
+            _load_fashion_mnist(root, train=True, transform=None, download=False, system_copy=fashion_mnist_gz)
 
 
 def test_fashion_mnist_splits_and_a_clear_error_when_missing(tmp_path, fashion_mnist_gz, monkeypatch):
