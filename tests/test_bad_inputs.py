@@ -1202,6 +1202,6 @@ def test_the_method_table_reuses_a_finished_run_only_for_the_configuration_it_tr
     older = tmp_path / "older"  # a run from before a field: it trained that field's default
     shutil.copytree(trained_run, older)
     config = json.loads((older / "config.json").read_text())
-    del config["tf32"]
+    del config["crop_flip"]
     (older / "config.json").write_text(json.dumps(config))
     assert table.run_one(base, {}, 0, older, "test") == reused
