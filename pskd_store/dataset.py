@@ -132,7 +132,7 @@ class TeacherEpochDataset(Dataset, ABC):
 
     def set_epoch(self, epoch: int) -> None:
         """Use the predictions of sealed epoch ``epoch - 1`` (none for epoch 1)."""
-        alpha_t(epoch, self.total_epochs, self.alpha_T)
+        self._alpha(epoch)  # validates the epoch
         if get_worker_info() is not None:  # forked or spawned: its epoch is the main process's
             raise RuntimeError("set_epoch() belongs in the main process, not in a DataLoader worker")
         if self._store is None:  # a pickled copy, whose state is the original's

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .distributed import torchrun_environment
 from .loss import CsKd, TfKd
 from .methods import METHODS
 from .models import input_kind
@@ -161,7 +162,8 @@ class TrainConfig:
         torchrun's) as the authors' main.py splits it among its GPUs; a batch size given is
         per process."""
         if world_size is None:
-            world_size = int(os.environ["WORLD_SIZE"]) if "RANK" in os.environ and "WORLD_SIZE" in os.environ else 1
+            env = torchrun_environment()
+            world_size = env.world_size if env else 1
         if self.dataset not in DATASET_DEFAULTS:
             raise ValueError(f"unknown data set {self.dataset!r}; choose one of {', '.join(DATASET_DEFAULTS)}")
         defaults = {**TFKD_DEFAULTS, **DATASET_DEFAULTS[self.dataset]}
