@@ -19,6 +19,7 @@ from .accelerator import accelerator_for
 from .augment import BatchAugment
 from .distributed import Distributed
 from .methods import Method
+from .metrics import true_class_rank
 from .writer import PredictionWriter
 
 
@@ -115,26 +116,32 @@ class Predictions(NamedTuple):
     labels: np.ndarray  # (N,) int64
     nll: np.ndarray | None  # (N,) float32 cross-entropy of the fp32 logits, which the authors' NLL
     # averages; None for probabilities without logits (an ensemble's average)
+    rank: np.ndarray | None  # (N,) int64 rank of the true class among the logits, which the authors'
+    # top-1/top-5 count; None without logits
 
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, loader: DataLoader, device: torch.device, *, amp: bool,
             channels_last: bool) -> Predictions:
-    """Softmax probabilities, labels and each sample's cross-entropy of ``loader``'s data, in
-    order. The cross-entropy comes from the logits, as ``nn.CrossEntropyLoss`` takes it in
-    the authors' ``main.py``: a probability that underflows to 0 in float32 still has it."""
+    """Softmax probabilities, labels, each sample's cross-entropy and its true class's rank,
+    of ``loader``'s data, in order. The cross-entropy and the rank come from the logits, as
+    the authors' ``main.py`` takes them (``nn.CrossEntropyLoss``, ``output.topk``): a
+    probability that underflows to 0 in float32 still has its loss and its place."""
     model.eval()
-    probs, labels, nll = [], [], []
+    probs, labels, nll, rank = [], [], [], []
     for inputs, target in loader:
         with autocast(device, amp):
-            logits = model(to_device(inputs, device, channels_last))
+            logits = model(to_device(inputs, device, channels_last)).float()
         target = torch.as_tensor(target)
-        probs.append(logits.float().softmax(1).cpu())
-        nll.append(F.cross_entropy(logits.float(), target.to(logits.device), reduction="none").cpu())
+        probs.append(logits.softmax(1).cpu())
+        nll.append(F.cross_entropy(logits, target.to(logits.device), reduction="none").cpu())
+        rank.append(true_class_rank(logits.cpu().numpy(), target.numpy()))
         labels.append(target)
     if not probs:  # an empty shard of a set smaller than the world
-        return Predictions(np.empty((0, 0), np.float32), np.empty(0, np.int64), np.empty(0, np.float32))
-    return Predictions(torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(nll).numpy())
+        return Predictions(np.empty((0, 0), np.float32), np.empty(0, np.int64), np.empty(0, np.float32),
+                           np.empty(0, np.int64))
+    return Predictions(torch.cat(probs).numpy(), torch.cat(labels).numpy(), torch.cat(nll).numpy(),
+                       np.concatenate(rank))
 
 
 def predict_sharded(model: torch.nn.Module, loader: DataLoader, env: Distributed, device: torch.device, *,
@@ -147,7 +154,7 @@ def predict_sharded(model: torch.nn.Module, loader: DataLoader, env: Distributed
         return None
     size = sum(len(shard.labels) for shard in shards)
     whole = Predictions(np.empty((size, shards[0].probs.shape[1]), dtype=np.float32), np.empty(size, dtype=np.int64),
-                        np.empty(size, dtype=np.float32))
+                        np.empty(size, dtype=np.float32), np.empty(size, dtype=np.int64))
     for rank, shard in enumerate(shards):
         if not len(shard.labels):
             continue

@@ -20,7 +20,7 @@ def evaluate_checkpoints(
     device: str = "auto", ece_bins: int | None = None,
 ) -> tuple[dict[str, float], Predictions]:
     """Metrics and predictions of ``paths`` on ``split``: one checkpoint's, or the average
-    of their probabilities (an ensemble's, whose NLL comes from them: it has no logits).
+    of their probabilities (an ensemble's, whose NLL and top-k come from them: it has no logits).
     ECE takes the first run's ``ece_bins`` unless given, as its training metrics and
     ``inspect`` do."""
     states = [load_checkpoint(path) for path in paths]
@@ -53,7 +53,7 @@ def evaluate_checkpoints(
     if len(members) == 1:  # a model's NLL from its logits; an ensemble's from its averaged probabilities
         predictions = members[0]
     else:
-        predictions = Predictions(sum(member.probs for member in members) / len(members), members[0].labels, None)
+        predictions = Predictions(sum(member.probs for member in members) / len(members), members[0].labels, None, None)
     return evaluate(*predictions, n_bins=first.ece_bins if ece_bins is None else ece_bins), predictions
 
 

@@ -107,17 +107,25 @@ def _prepare(probs: ArrayLike, labels: ArrayLike) -> tuple[np.ndarray, np.ndarra
     return p, y
 
 
-def _true_class_rank(p: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """0-based rank of the true class per sample, ties going to the lower index.
+def true_class_rank(scores: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """0-based rank of the true class per sample among ``scores`` (logits or
+    probabilities, (N, K)), ties going to the lower index.
 
     The tie rule matches ``argmax`` (first maximum wins), so rank 0 is exactly
     "top-1 prediction is correct" and top-1 and top-k agree with each other.
     """
-    p_true = p[np.arange(len(y)), y][:, None]
-    classes = np.arange(p.shape[1])[None, :]
-    higher = p > p_true
-    tied_before = (p == p_true) & (classes < y[:, None])
+    true = scores[np.arange(len(y)), y][:, None]
+    classes = np.arange(scores.shape[1])[None, :]
+    higher = scores > true
+    tied_before = (scores == true) & (classes < y[:, None])
     return np.sum(higher | tied_before, axis=1)
+
+
+def _per_sample(values: ArrayLike, y: np.ndarray, name: str) -> np.ndarray:
+    values = _to_numpy(values)
+    if values.shape != y.shape:
+        raise ValueError(f"{name} must have shape {y.shape}, one per label, got {values.shape}")
+    return values
 
 
 def _bin_bounds(n_bins: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +169,7 @@ def reliability_bins(probs: ArrayLike, labels: ArrayLike, n_bins: int = 10) -> R
     """
     _check_n_bins(n_bins)
     p, y = _prepare(probs, labels)
-    return _reliability(p.max(axis=1), _true_class_rank(p, y) == 0, n_bins)
+    return _reliability(p.max(axis=1), true_class_rank(p, y) == 0, n_bins)
 
 
 def _aurc_eaurc(conf: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
@@ -183,7 +191,7 @@ def _aurc_eaurc(conf: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
 
 
 def evaluate(probs: ArrayLike, labels: ArrayLike, sample_nll: ArrayLike | None = None,
-             n_bins: int = 10) -> dict[str, float]:
+             sample_rank: ArrayLike | None = None, n_bins: int = 10) -> dict[str, float]:
     """Compute the PS-KD paper's metrics for predicted probabilities.
 
     Returns ``top1_err`` and ``top5_err`` (percent; top-5 uses min(5, K)
@@ -194,21 +202,25 @@ def evaluate(probs: ArrayLike, labels: ArrayLike, sample_nll: ArrayLike | None =
     mean is the authors' NLL (``nn.CrossEntropyLoss`` on the logits). Without it (an
     ensemble's averaged probabilities, which have no logits) the NLL is the mean of
     -log p_true with p_true floored at ``NLL_EPS``: a float32 probability can underflow to 0.
+
+    ``sample_rank``: each sample's true-class rank among its logits (``engine.predict``),
+    which top-1 and top-5 count, as the authors' ``accuracy()`` ranks ``output.topk`` of the
+    logits; without it the probabilities are ranked. The two differ only where probabilities
+    underflow to 0 and tie. ECE and AURC take the probabilities' argmax, as the authors' do.
     """
     _check_n_bins(n_bins)
     p, y = _prepare(probs, labels)
     if sample_nll is not None:
-        sample_nll = _to_numpy(sample_nll)
-        if sample_nll.shape != y.shape:
-            raise ValueError(f"sample_nll must have shape {y.shape}, one per label, got {sample_nll.shape}")
+        sample_nll = _per_sample(sample_nll, y, "sample_nll")
     n, k = p.shape
-    rank = _true_class_rank(p, y)
-    correct = rank == 0
+    rank_of_probs = true_class_rank(p, y)
+    correct = rank_of_probs == 0  # the probabilities' argmax, which ECE and AURC take
+    rank = rank_of_probs if sample_rank is None else _per_sample(sample_rank, y, "sample_rank")
     conf = p.max(axis=1)
     p_true = p[np.arange(n), y]
     aurc, eaurc = _aurc_eaurc(conf, correct)
     return {
-        "top1_err": 100.0 * float(np.mean(~correct)),
+        "top1_err": 100.0 * float(np.mean(rank != 0)),
         "top5_err": 100.0 * float(np.mean(rank >= min(5, k))),
         "nll": float(np.mean(sample_nll, dtype=np.float64) if sample_nll is not None
                      else -np.mean(np.log(np.clip(p_true, NLL_EPS, 1.0)))),

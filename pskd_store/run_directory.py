@@ -195,16 +195,17 @@ class RunDirectory:
 
     # -- per-sample probabilities ------------------------------------------------------------
 
-    def write_eval_probs(self, probs: np.ndarray, labels: np.ndarray, sample_nll: np.ndarray | None = None, *,
-                         sources: list[str], path: Path | None = None) -> Path:
+    def write_eval_probs(self, probs: np.ndarray, labels: np.ndarray, sample_nll: np.ndarray | None = None,
+                         sample_rank: np.ndarray | None = None, *, sources: list[str],
+                         path: Path | None = None) -> Path:
         """Save per-sample probabilities where `inspect` reads them (``eval/test_probs.npz``
-        unless ``path`` says otherwise), with each sample's cross-entropy of its logits when
-        there are logits (``nll``; none for an ensemble); ``sources`` names the checkpoints
-        they came from."""
+        unless ``path`` says otherwise), with each sample's cross-entropy of its logits and
+        its true class's rank among them when there are logits (``nll``, ``rank``; none for
+        an ensemble); ``sources`` names the checkpoints they came from."""
         path = path if path is not None else self.eval_probs()
         self.require_room_for_probabilities(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        extra = {} if sample_nll is None else {"nll": sample_nll}
+        extra = {name: values for name, values in (("nll", sample_nll), ("rank", sample_rank)) if values is not None}
         data = io.BytesIO()  # a file object: NumPy adds no .npz to the name given
         np.savez_compressed(data, probs=probs, labels=labels, checkpoints=np.array(sources), **extra)
         write_atomically(path, data.getvalue())  # renamed into place: never half a file

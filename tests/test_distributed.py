@@ -107,7 +107,7 @@ def test_two_ranks_train_one_run(two_rank_run, data_dir):
     assert test["n"] == 2000
     with np.load(run / "eval" / "test_probs.npz") as trained:
         trained_probs, trained_labels = trained["probs"], trained["labels"]
-        assert evaluate(trained_probs, trained_labels, trained["nll"]) == pytest.approx(test, abs=1e-9)
+        assert evaluate(trained_probs, trained_labels, trained["nll"], trained["rank"]) == pytest.approx(test, abs=1e-9)
     evaluated = json.loads(pskd_in_process("eval", str(run)).stdout)
     for key in ("top1_err", "top5_err", "nll", "ece", "aurc", "eaurc"):
         assert evaluated[key] == pytest.approx(test[key], abs=1e-9), key

@@ -194,9 +194,30 @@ def test_a_models_nll_is_the_cross_entropy_of_its_logits_as_the_authors_take_it(
     assert evaluate(predictions.probs, predictions.labels)["nll"] < authors - 20  # what the floor made of it
 
 
-def test_sample_nll_of_another_length_is_refused():
-    with pytest.raises(ValueError, match=r"sample_nll must have shape \(5,\), one per label, got \(4,\)"):
-        evaluate(PROBS, LABELS, np.zeros(4))
+def test_top5_ranks_the_logits_as_the_authors_accuracy_does():
+    """The authors' top-1/top-5 count ``output.topk`` of the logits. Behind a logit of 200,
+    every other class's float32 probability underflows to 0, and zeros tie: ranked by its
+    probability, label 5 (the second logit of six) comes after classes 1-4, out of the top
+    five. ``engine.predict`` keeps each sample's rank among its logits."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pskd_store.engine import predict
+
+    logits = torch.tensor([[200.0, 10.0, 20.0, 30.0, 40.0, 50.0, 0.0], [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    labels = torch.tensor([5, 1])
+    predictions = predict(torch.nn.Identity(), DataLoader(TensorDataset(logits, labels)), torch.device("cpu"),
+                          amp=False, channels_last=False)
+    _, top5 = logits.topk(5, 1, True, True)  # the authors' accuracy()
+    authors = 100.0 - 100.0 * top5.eq(labels[:, None]).any(dim=1).float().mean().item()
+    assert evaluate(*predictions)["top5_err"] == authors == 50.0
+    assert evaluate(predictions.probs, predictions.labels)["top5_err"] == 100.0  # ranked by probability
+    assert evaluate(*predictions)["top1_err"] == 100.0
+
+
+@pytest.mark.parametrize("name", ["sample_nll", "sample_rank"])
+def test_per_sample_values_of_another_length_are_refused(name):
+    with pytest.raises(ValueError, match=rf"{name} must have shape \(5,\), one per label, got \(4,\)"):
+        evaluate(PROBS, LABELS, **{name: np.zeros(4)})
 
 
 def test_top5_differs_from_top1():

@@ -136,7 +136,7 @@ def test_train_then_eval_on_the_offline_default(tmp_path, data_dir):
 
     # training leaves the final model's test probabilities where inspect reads them
     with np.load(run / "eval" / "test_probs.npz") as trained:
-        from_the_file = evaluate(trained["probs"], trained["labels"], trained["nll"])
+        from_the_file = evaluate(trained["probs"], trained["labels"], trained["nll"], trained["rank"])
         assert from_the_file == pytest.approx(rows[-1]["test"], abs=1e-9)
         assert str(trained["checkpoints"][0]).endswith("last.pt")
     first_look = json.loads(pskd_in_process("inspect", str(run), "--json", "--out", str(tmp_path / "look")).stdout)
