@@ -135,7 +135,9 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
                    "CPUs (oneDNN); the same network (sums may round differently in the last bit).")
 @click.option("--deterministic", is_flag=True,
               help="PyTorch's deterministic algorithms, no cuDNN autotuning (on by default otherwise): "
-                   "a resumed run then repeats an uninterrupted one bit for bit on the same GPU.")
+                   "a resumed run then repeats an uninterrupted one bit for bit on the same GPU. On a GPU, "
+                   "torch stops networks with an operation it has no deterministic kernel for (the "
+                   "7x7 adaptive pooling of tv_vgg* and tv_alexnet) at their first step.")
 @click.option("--steps-per-epoch", type=int, help="Stop each epoch after this many steps (smoke tests).")
 @click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default=DEFAULTS["store_dtype"],
               show_default=True,

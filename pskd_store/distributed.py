@@ -97,6 +97,19 @@ def select_device(name: str) -> torch.device:
     return device
 
 
+def use_device(name: str) -> torch.device:
+    """The device the user asked for (:func:`select_device`), made this process's current
+    one where it is an accelerator, so that streams, events, pinned memory and the
+    DataLoader's pin thread use it rather than device 0; named with its index."""
+    chosen = select_device(name)
+    accelerator = accelerator_for(chosen)
+    if accelerator is not None:
+        if chosen.index is None:  # "cuda": torch.cuda.set_device refuses a device without its index
+            chosen = torch.device(chosen.type, 0)
+        accelerator.set_device(chosen)
+    return chosen
+
+
 def launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -119,15 +132,11 @@ def setup(device: str, timeout: timedelta) -> tuple[Distributed, torch.device]:
     bounds every collective, the barriers at which ranks wait for rank 0's seal included
     (``--dist-timeout``; recipe.DIST_TIMEOUT_S says why an hour).
     """
-    chosen = select_device(device)
-    accelerator = accelerator_for(chosen)
     env = torchrun_environment()
     if env is None:
-        if accelerator is not None:
-            if chosen.index is None:  # "cuda": torch.cuda.set_device refuses a device without its index
-                chosen = torch.device(chosen.type, 0)
-            accelerator.set_device(chosen)  # so streams, events and pinned memory use this device
-        return Distributed(), chosen
+        return Distributed(), use_device(device)
+    chosen = select_device(device)
+    accelerator = accelerator_for(chosen)
     if accelerator is not None:
         chosen = torch.device(chosen.type, env.local_rank)
         accelerator.set_device(chosen)

@@ -36,23 +36,43 @@ def autocast(device: torch.device, amp: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)
 
 
+# torch's float32 precision settings of cuDNN's convolutions and RNNs and of cuBLAS's matrix products
+_PRECISION_SETTINGS = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
+_TF32_FLAGS = (torch.backends.cudnn, torch.backends.cuda.matmul)  # their older, one-flag switches
+
+
 @contextmanager
 def float32_precision(tf32: bool) -> Iterator[None]:
     """Convolutions and matrix products in full float32 inside the block, as the paper's runs
     (PyTorch 1.6, before TensorFloat-32) computed them; PyTorch's cuDNN default would run
     every convolution in TF32 on Ampere and later GPUs, with 10 of float32's 23 mantissa
-    bits. ``tf32`` opts in to TF32 for both (faster, not the paper's arithmetic). torch 2.9's
-    settings, put back afterwards: set, they leave torch's older ``allow_tf32`` getters
-    refusing to read them, which a caller's later code may do."""
-    settings = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
-    kept = [setting.fp32_precision for setting in settings]
-    for setting in settings:
-        setting.fp32_precision = "tf32" if tf32 else "ieee"
+    bits. ``tf32`` opts in to TF32 for both (faster, not the paper's arithmetic).
+
+    Set through torch's ``allow_tf32`` flags, which set torch 2.9's ``fp32_precision``
+    settings too and keep both readable: set alone, the newer settings leave the older
+    getters raising, and torch's TunableOp and other libraries read those. Put back
+    afterwards: the newer settings as found, the older flags where they were readable."""
+    kept = [setting.fp32_precision for setting in _PRECISION_SETTINGS]
+    flags = [_readable_flag(switch) for switch in _TF32_FLAGS]
+    for switch in _TF32_FLAGS:
+        switch.allow_tf32 = tf32
     try:
         yield
     finally:
-        for setting, value in zip(settings, kept):
+        for switch, flag in zip(_TF32_FLAGS, flags):
+            if flag is not None:
+                switch.allow_tf32 = flag
+        for setting, value in zip(_PRECISION_SETTINGS, kept):
             setting.fp32_precision = value
+
+
+def _readable_flag(switch) -> bool | None:
+    """``switch.allow_tf32``; None where the caller set the newer settings alone, which
+    leaves it unreadable."""
+    try:
+        return switch.allow_tf32
+    except RuntimeError:
+        return None
 
 
 def train_one_epoch(model: torch.nn.Module, method: Method, loader: DataLoader, optimizer: torch.optim.Optimizer,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from .checkpoint import load_checkpoint
 from .data import FOLDER_DATASETS, DataSplits, build_datasets
-from .distributed import select_device
+from .distributed import use_device
 from .engine import Predictions, eval_loader, float32_precision, predict
 from .metrics import evaluate
 from .models import create_model
@@ -38,7 +38,7 @@ def evaluate_checkpoints(
     if split == "val":
         for path in paths:
             _require_the_training_set_of(RunDirectory(path.parent.parent), splits)
-    torch_device = select_device(device)
+    torch_device = use_device(device)
     loader = eval_loader(data, 2 * first.batch_size, first.workers, torch_device)
     members = []
     for path, state, config in zip(paths, states, configs):

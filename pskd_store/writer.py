@@ -133,6 +133,7 @@ class PredictionWriter(ClosesOnSuccess):
         # the (device type, dtype) of the first write's outputs, every write's: the rows of a
         # buffer are converted alike (cast into it, softmaxed or encoded), so a kind is not mixed
         self._kind: tuple[str, torch.dtype] | None = None
+        self._device: torch.device | None = None  # the first write's outputs', where their copies are queued
         self._closed = False
         self._abandoned = False
         self._queue: queue.Queue = queue.Queue()
@@ -152,7 +153,9 @@ class PredictionWriter(ClosesOnSuccess):
     def write(self, ids: torch.Tensor | np.ndarray, outputs: torch.Tensor | np.ndarray) -> None:
         """Record one batch: ``ids`` (B,) dataset indices, ``outputs`` (B, K) logits.
 
-        Never synchronises an accelerator: device tensors are copied without blocking.
+        Never synchronises an accelerator: device tensors are copied without blocking, on
+        the current stream. Call it on the stream that made ``outputs`` (or after the current
+        stream waits for that one), as any consumer of a tensor on another stream must.
         """
         self._raise_if_failed()
         if self._closed:
@@ -181,7 +184,7 @@ class PredictionWriter(ClosesOnSuccess):
         outputs = outputs.detach()
         first_write, kind = self._kind is None, (outputs.device.type, outputs.dtype)
         if first_write:
-            self._kind = kind
+            self._kind, self._device = kind, outputs.device
         elif kind != self._kind:
             raise TypeError(
                 f"outputs of {outputs.dtype} on {outputs.device.type} after outputs of {self._kind[1]} on "
@@ -220,7 +223,7 @@ class PredictionWriter(ClosesOnSuccess):
             elif accelerator is None:
                 buffer.ids[rows].copy_(ids[done:done + n])
                 buffer.values[rows].copy_(outputs[done:done + n])
-            else:  # queued on the stream that made the outputs; an event marks when they land
+            else:  # queued on the current stream (write()'s docstring); an event marks when they land
                 if check is not None:
                     accelerator.copy_to_host(buffer.checks[buffer.checked:buffer.checked + 1], check)
                     buffer.checked += 1
@@ -298,7 +301,7 @@ class PredictionWriter(ClosesOnSuccess):
     def _submit(self) -> None:
         buffer, self._current = self._current, None
         if self._thread is None:
-            thread = threading.Thread(target=_drain, args=(weakref.ref(self), self._queue),
+            thread = threading.Thread(target=_drain, args=(weakref.ref(self), self._queue, self._device),
                                       name=f"pskd-writer-{self.epoch}", daemon=True)
             thread.start()  # first: a thread that cannot start leaves the writer as it was
             self._thread, self._stops_with_it = thread, weakref.finalize(self, self._queue.put, _CLOSE)
@@ -378,10 +381,17 @@ class PredictionWriter(ClosesOnSuccess):
         self._part.append(ids, rows)
 
 
-def _drain(writer: weakref.ref[PredictionWriter], buffers: queue.Queue) -> None:
+def _drain(writer: weakref.ref[PredictionWriter], buffers: queue.Queue, device: torch.device) -> None:
     """The background thread: writes each buffer handed over. It holds the writer only while
     it writes one, so that a writer a loop dropped unclosed is freed with its part's claim
-    (staging.py), and the writer's finalizer then stops it."""
+    (staging.py), and the writer's finalizer then stops it.
+
+    On an accelerator it first makes the outputs' device its own, as torch's DataLoader pin
+    thread does: CUDA's current device is a thread's, and a thread left on device 0 that
+    waits for an event makes a context there (about 0.5 GiB of rank 0's GPU per rank)."""
+    accelerator = accelerator_for(device)
+    if accelerator is not None:
+        accelerator.set_device(device)
     while (buffer := buffers.get()) is not _CLOSE and (live := writer()) is not None:
         live._written(buffer)
         del live

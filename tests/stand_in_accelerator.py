@@ -9,6 +9,7 @@ event would find zeros or stale rows, so tests that compare stored rows see it.
 
 from __future__ import annotations
 
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
@@ -30,6 +31,7 @@ class StandInAccelerator:
         self.delay = delay  # seconds before each copy lands
         self.stream = ThreadPoolExecutor(1, thread_name_prefix="stand-in-stream")
         self.devices: list[torch.device] = []  # set_device calls, in order
+        self.threads_setting_devices: list[str] = []  # and the names of the threads that made them
         self.process_groups: list[tuple[torch.device, timedelta]] = []
         self.generator = torch.Generator().manual_seed(0)  # the "device's" random generator
         self.copies = 0
@@ -37,6 +39,7 @@ class StandInAccelerator:
 
     def set_device(self, device: torch.device) -> None:
         self.devices.append(device)
+        self.threads_setting_devices.append(threading.current_thread().name)
 
     def init_process_group(self, device: torch.device, timeout: timedelta) -> None:
         self.process_groups.append((device, timeout))

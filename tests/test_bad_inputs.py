@@ -1139,9 +1139,9 @@ def test_eval_writes_beside_a_checkpoint_outside_a_run_and_names_a_run_without_o
     shutil.copy(trained_run / "checkpoints" / "last.pt", models / "best.pt")
     predicted_in = []  # the precision of float32 convolutions as eval predicts: the run's, not cuDNN's TF32
     monkeypatch.setattr(evaluation, "predict", lambda *args, **kwargs: (
-        predicted_in.append(torch.backends.cudnn.conv.fp32_precision), predict(*args, **kwargs))[1])
+        predicted_in.append(torch.backends.cudnn.allow_tf32), predict(*args, **kwargs))[1])
     result = pskd_in_process("eval", str(models / "best.pt"), check=True)
-    assert predicted_in == ["ieee"]
+    assert predicted_in == [False]
     assert json.loads(result.stdout)["probs"] == str(models / "best_test_probs.npz")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # no eval/ beside models/
     run = tmp_path / "run"

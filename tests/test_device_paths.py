@@ -25,6 +25,7 @@ from pskd_store.accelerator import ACCELERATORS, accelerator_for
 from pskd_store.checkpoint import rng_state, set_rng_state
 from pskd_store.distributed import setup, teardown
 from pskd_store.engine import autocast, train_one_epoch
+from pskd_store.evaluation import evaluate_checkpoints
 from pskd_store.recipe import TrainConfig
 from pskd_store.store import SoftTargetStore, StoreError
 from pskd_store.training import train
@@ -78,6 +79,9 @@ def test_rows_made_on_the_device_are_the_rows_made_on_the_host(tmp_path, device,
     # that the logits do not look like probabilities
     assert device.copies == 2 * 15 + 1
     np.testing.assert_array_equal(on_device, on_host)
+    # the writer's thread, which waits for the copies' events, on the outputs' device (CUDA's
+    # current device is a thread's: waiting from device 0 would make a context there)
+    assert device.devices == [logits.device] and device.threads_setting_devices == ["pskd-writer-1"]
 
 
 def test_an_empty_write_is_a_no_op_on_every_path(tmp_path, device):
@@ -148,10 +152,10 @@ def test_a_run_on_the_accelerator_paths_equals_a_cpu_run(tmp_path, data_dir, dev
     config = TrainConfig(epochs=2, steps_per_epoch=8, aug="cutout", data_dir=str(data_dir)).resolved()
     trained_in = []  # the precision of float32 convolutions as each epoch trains: not cuDNN's default TF32
     monkeypatch.setattr(training, "train_one_epoch", lambda *args, **kwargs: (
-        trained_in.append(torch.backends.cudnn.conv.fp32_precision), train_one_epoch(*args, **kwargs))[1])
+        trained_in.append(torch.backends.cudnn.allow_tf32), train_one_epoch(*args, **kwargs))[1])
     train(config, tmp_path / "device", quiet=True)
     monkeypatch.undo()
-    assert trained_in == ["ieee", "ieee"] and torch.backends.cudnn.conv.fp32_precision == "tf32"  # put back
+    assert trained_in == [False, False] and torch.backends.cudnn.conv.fp32_precision == "tf32"  # put back
     assert device.devices == [torch.device("cpu", 0)] and device.copies > 0  # set with its index
     device_state = torch.load(tmp_path / "device" / "checkpoints" / "last.pt", weights_only=False)["rng"][0]["cpu"]
     assert torch.equal(device_state, device.generator.get_state())
@@ -166,6 +170,10 @@ def test_a_run_on_the_accelerator_paths_equals_a_cpu_run(tmp_path, data_dir, dev
     stores = [SoftTargetStore.open(tmp_path / run / "store", read_only=True) for run in ("device", "host")]
     for epoch in (1, 2):
         np.testing.assert_array_equal(stores[0].read_epoch(epoch), stores[1].read_epoch(epoch))
+    # eval makes its device the current one too (else the loader's pin thread runs on device 0)
+    metrics, _ = evaluate_checkpoints([tmp_path / "device" / "checkpoints" / "last.pt"], device="cpu")
+    assert device.devices[-1] == torch.device("cpu", 0) and len(device.devices) == 2
+    assert metrics == strip[-1]["test"]
 
 
 def _rows(run) -> list[dict]:

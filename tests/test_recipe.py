@@ -112,16 +112,30 @@ def _fp32_precisions() -> list[str]:
                                                      torch.backends.cuda.matmul)]
 
 
-def test_float32_math_is_full_float32_unless_tf32_is_asked_for():
+def _tf32_flags() -> tuple:
+    """torch's older readings of the same settings, which raise where the newer were set alone."""
+    return (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+            torch.get_float32_matmul_precision())
+
+
+@pytest.mark.parametrize("callers", ["torch's defaults", "the newer settings alone"])
+def test_float32_math_is_full_float32_unless_tf32_is_asked_for(callers, monkeypatch):
     """The paper's fp32: cuDNN's default TF32 convolutions (10 mantissa bits) turned off
-    inside the block, and PyTorch's settings put back after it (its older getters read them)."""
+    inside the block, TF32 everywhere with ``tf32``; both of torch's ways of reading the
+    settings agree inside (torch's TunableOp reads the older), and the caller's settings
+    are put back after it."""
     assert TrainConfig().resolved().tf32 is False
+    if callers == "the newer settings alone":
+        for setting in (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul):
+            monkeypatch.setattr(setting, "fp32_precision", "ieee")  # put back after the test
     before = _fp32_precisions()
-    for tf32, inside in ((True, {"tf32"}), (False, {"ieee"})):
+    for tf32, inside, flags in ((True, ["tf32"] * 3, (True, True, "high")),
+                                (False, ["none", "none", "ieee"], (False, False, "highest"))):
         with float32_precision(tf32):
-            assert set(_fp32_precisions()) == inside
+            assert _fp32_precisions() == inside and _tf32_flags() == flags
         assert _fp32_precisions() == before
-    assert torch.backends.cudnn.allow_tf32 is (before[0] == "tf32")  # readable again
+    if callers == "torch's defaults":
+        assert _tf32_flags() == (True, False, "highest")  # readable again, as they were
 
 
 @pytest.mark.parametrize("dataset, probability", [
