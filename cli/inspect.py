@@ -119,8 +119,8 @@ def inspect_command(
     on stores with many epochs; nothing in RUN is changed except the --out directory.
 
     Hard samples follow the PS-KD paper (Figure 2): training samples predicted correctly
-    in fewer than --max-correct-fraction of the epochs, hardest first (fewest correct
-    epochs, then lowest final true-class probability). With several runs, the hard
+    in fewer than --max-correct-fraction of the epochs that predicted them, hardest first
+    (the smallest fraction right, then the lowest final true-class probability). With several runs, the hard
     samples are chosen on the FIRST run (e.g. the cross-entropy baseline) and the same
     ids are plotted for every run; all runs must hold the same training samples.
 

@@ -83,7 +83,7 @@ def _read_run(run: RunDirectory) -> RunRecord:
         config=run.read_config(),
         labels=labels,
         trajectory=trajectory,
-        metrics=run.metrics_rows(),
+        metrics=run.metrics_rows(torn_tail=True),  # a row a kill cut short: its epoch is trained again
         store_summary=summary,
         eval_probs=eval_probs,
         eval_labels=eval_labels,
@@ -122,12 +122,15 @@ def hard_samples(
 ) -> np.ndarray:
     """Ids of the ``top`` hardest samples, hardest first.
 
-    Hardest means fewest correct epochs; ties go to the lower final true-class probability,
+    Hardest means right in the smallest fraction of the epochs that predicted it (as
+    :func:`hard_mask` judges: with ``--aug`` or ``--steps-per-epoch`` samples are predicted
+    in different numbers of epochs); ties go to the lower final true-class probability,
     then the lower id, so the choice is deterministic.
     """
     ids = np.flatnonzero(hard_mask(traj, labels, max_correct_fraction))
     final_true = last_written(traj, "true_prob")[ids]
-    order = np.lexsort((ids, final_true, correct_epochs(traj, labels)[ids]))
+    right = correct_epochs(traj, labels)[ids] / np.count_nonzero(traj["written"][:, ids], axis=0)
+    order = np.lexsort((ids, final_true, right))
     return ids[order][:top]
 
 

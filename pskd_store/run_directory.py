@@ -34,6 +34,46 @@ class RunError(ValueError):
     """A run directory that cannot be read: the message names the problem and the fix."""
 
 
+_HELD_LOCKS: set[int] = set()  # the file descriptors of the run locks this process holds
+
+
+def _release_inherited_locks() -> None:
+    """In a forked child: let go of the run locks it inherited. An flock belongs to the open
+    file, which a child shares; a DataLoader worker that outlives its killed trainer (stuck
+    writing a batch into a pipe nobody reads) would hold the run, and every `--resume` be
+    refused, for good. /dev/null takes each descriptor's place: the child's copy of the
+    lock's file object closes it harmlessly, should it ever close it."""
+    if _HELD_LOCKS:
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in _HELD_LOCKS:
+            os.dup2(null, fd)
+        os.close(null)
+        _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_release_inherited_locks)
+
+
+def _held_by(holder: str, lock: Path) -> str:
+    """The refusal of a run that another process holds, from what it wrote into the lock."""
+    message = f"{lock.parent} is being trained by {holder or 'another process'}: wait for it to finish or stop it"
+    pid, _, node = holder.removeprefix("process ").partition(" on ")
+    if node == os.uname().nodename and pid.isdigit() and not _alive(int(pid)):
+        message = (f"{lock.parent} is held by a process that {holder} started, which has ended: stop it "
+                   f"(`fuser {lock}` names it)")
+    return message + ", or train into another --output"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        pass
+    return True
+
+
 @contextlib.contextmanager
 def writing(path: Path, then: str = "--resume the run") -> Iterator[None]:
     """Turn a failed write (permission denied, read-only file system, full disk) into one
@@ -114,7 +154,8 @@ class RunDirectory:
     def lock(self) -> Iterator[None]:
         """Hold the run for this process: a second `train` or `--resume` of a live run is
         refused, naming the process. The operating system releases the lock when the
-        process ends, however it ends (no stale lock after a SIGKILL)."""
+        process ends, however it ends (no stale lock after a SIGKILL): processes it forks
+        (DataLoader workers) do not hold it (:func:`_release_inherited_locks`)."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             file = open(self.path / ".lock", "a+")
@@ -126,15 +167,15 @@ class RunDirectory:
                 fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 file.seek(0)
-                holder = file.read().strip() or "another process"
-                raise RunError(
-                    f"{self.path} is being trained by {holder}: wait for it to finish or stop it, "
-                    "or train into another --output"
-                ) from None
+                raise RunError(_held_by(file.read().strip(), self.path / ".lock")) from None
             file.truncate(0)
             file.write(f"process {os.getpid()} on {os.uname().nodename}\n")
             file.flush()
-            yield
+            _HELD_LOCKS.add(file.fileno())
+            try:
+                yield
+            finally:
+                _HELD_LOCKS.discard(file.fileno())
 
     def remove_temporary_files(self) -> list[Path]:
         """Half-written files a killed process left behind (checkpoints, decoded teachers
@@ -225,12 +266,26 @@ class RunDirectory:
             return None, None
         try:
             with np.load(path) as data:
-                missing = {"probs", "labels"} - set(data.files)
-                if missing:
-                    raise RunError(f"{path} lacks {sorted(missing)}: rerun `pskd-store eval {self.path}`")
-                return data["probs"], data["labels"]
+                arrays = {name: data[name] for name in ("probs", "labels") if name in data.files}
         except (ValueError, EOFError, zipfile.BadZipFile) as err:  # not an .npz, or half of one
             raise RunError(f"{path} cannot be read ({err}): rerun `pskd-store eval {self.path}`") from err
+        problem = _eval_probs_problem(**arrays)
+        if problem:
+            raise RunError(f"{path} {problem}: rerun `pskd-store eval {self.path}`")
+        return arrays["probs"], arrays["labels"]
+
+
+def _eval_probs_problem(probs: np.ndarray | None = None, labels: np.ndarray | None = None) -> str | None:
+    """What makes an evaluation's file no (samples, K) probabilities with a label each."""
+    if probs is None or labels is None:
+        return f"lacks {[name for name, array in (('probs', probs), ('labels', labels)) if array is None]}"
+    if probs.ndim != 2 or not np.issubdtype(probs.dtype, np.floating):
+        return f"holds {probs.dtype} probabilities of shape {probs.shape}, not (samples, classes) floats"
+    if labels.shape != (len(probs),) or not np.issubdtype(labels.dtype, np.integer):
+        return f"holds {labels.dtype} labels of shape {labels.shape} for {len(probs)} samples"
+    if len(labels) and (labels.min() < 0 or labels.max() >= probs.shape[1]):
+        return f"holds labels outside [0, {probs.shape[1]})"
+    return None
 
 
 def _may_write_over(path: Path) -> bool:

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from .errors import EpochNotSealedError, StoreDamagedError, StoreError
 from .integrity import DamagedChunk, row_ranges
+from .row_encoding import summation_slack
 from .run_directory import RunDirectory, RunError
 from .store import SoftTargetStore
 from .store_keys import TRAJECTORY_FIELDS, cache_file_name, slice_rows
@@ -184,9 +185,11 @@ def _statistics(store: SoftTargetStore, epoch: int) -> dict:
 
 
 def _sum_tolerance(store: SoftTargetStore, epoch: int) -> float:
-    """How far from 1 a stored row may sum: the rounding to the store's dtype, plus how far
-    the probability rows given were allowed (the seal records it; nothing for logits)."""
-    return max(1e-5, 2 * float(np.finfo(store.dtype).eps)) + _statistics(store, epoch).get("sum_tolerance", 0.0)
+    """How far from 1 a stored row may sum: the rounding to the store's dtype and float32's
+    summation of K terms, plus how far the probability rows given were allowed (the seal
+    records it; nothing for logits)."""
+    return (max(1e-5, 2 * float(np.finfo(store.dtype).eps)) + summation_slack(store.num_classes)
+            + _statistics(store, epoch).get("sum_tolerance", 0.0))
 
 
 def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None,
@@ -307,7 +310,7 @@ def _check_run_files(run: RunDirectory, store: SoftTargetStore, report: Report) 
                                         "the run cannot be resumed; restore its checkpoints from a backup")
     report.checked.append("metrics.jsonl")
     try:
-        run.metrics_rows()
+        run.metrics_rows(torn_tail=True)  # a row a kill cut short is no damage: the resume trains its epoch again
     except RunError as err:
         report.add(str(run.metrics), str(err))
     for checkpoint in (run.checkpoint, run.previous_checkpoint):

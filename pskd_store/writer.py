@@ -33,6 +33,7 @@ import torch
 
 from .accelerator import Accelerator, accelerator_for
 from .errors import StoreError, os_problem
+from .row_encoding import summation_slack
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing's from Python 3.11
@@ -192,7 +193,7 @@ class PredictionWriter(ClosesOnSuccess):
                 "dtype on one device every step (e.g. outputs.float())"
             )
         accelerator = accelerator_for(outputs.device)
-        tolerance = _sum_tolerance(outputs.dtype, self._torch_dtype)
+        tolerance = _sum_tolerance(self.num_classes, outputs.dtype, self._torch_dtype)
         check = None
         # stored rows made where the outputs are: on a device, half the copy (far less for top-k);
         # for top-k on the host, a buffer of k-wide rows instead of K-wide logits (a vocabulary's)
@@ -261,7 +262,7 @@ class PredictionWriter(ClosesOnSuccess):
         much (bfloat16 rows: 1.6%); None for logits."""
         if self.from_logits or self._kind is None:
             return None
-        return _sum_tolerance(self._kind[1], self._torch_dtype)
+        return _sum_tolerance(self.num_classes, self._kind[1], self._torch_dtype)
 
     def abandon(self) -> None:
         """Stop without closing: the epoch's rows stay unsealed and invisible to readers,
@@ -330,10 +331,13 @@ class PredictionWriter(ClosesOnSuccess):
         """Outputs -> stored rows (row_encoding.py): the softmax of fp32 logits, or the probabilities."""
         return self._encoding.encode(outputs.float().softmax(dim=1) if self.from_logits else outputs)
 
-    def _written(self, buffer: _ChunkBuffer) -> None:
-        """The background thread's work on one buffer, which it then hands back."""
+    def _written(self, buffer: _ChunkBuffer, failed: BaseException | None = None) -> None:
+        """The background thread's work on one buffer, which it then hands back (``failed``:
+        the thread's own error, which stops it writing)."""
         if self._error is None:
             try:
+                if failed is not None:
+                    raise failed
                 self._write_chunk(buffer)
             except BaseException as err:  # reported to the training thread
                 self._error = err
@@ -389,19 +393,23 @@ def _drain(writer: weakref.ref[PredictionWriter], buffers: queue.Queue, device: 
     On an accelerator it first makes the outputs' device its own, as torch's DataLoader pin
     thread does: CUDA's current device is a thread's, and a thread left on device 0 that
     waits for an event makes a context there (about 0.5 GiB of rank 0's GPU per rank)."""
-    accelerator = accelerator_for(device)
-    if accelerator is not None:
-        accelerator.set_device(device)
+    failed = None
+    try:
+        if (accelerator := accelerator_for(device)) is not None:
+            accelerator.set_device(device)
+    except BaseException as err:  # reported to the training thread, as a write's error is
+        failed = err
     while (buffer := buffers.get()) is not _CLOSE and (live := writer()) is not None:
-        live._written(buffer)
+        live._written(buffer, failed)
         del live
 
 
 @functools.lru_cache(maxsize=None)  # called on every write: the training thread's time
-def _sum_tolerance(*dtypes: torch.dtype) -> float:
+def _sum_tolerance(num_classes: int, *dtypes: torch.dtype) -> float:
     """How far from 1 a probability row's sum may be: rounding each value to the coarsest
-    of ``dtypes`` moves the sum by at most half an epsilon; twice that, at least 1e-5."""
-    return max(1e-5, *(2 * torch.finfo(dtype).eps for dtype in dtypes))
+    of ``dtypes`` moves the sum by at most half an epsilon (twice that, at least 1e-5), and
+    float32's summation of K terms by :func:`row_encoding.summation_slack`."""
+    return max(1e-5, *(2 * torch.finfo(dtype).eps for dtype in dtypes)) + summation_slack(num_classes)
 
 
 def _probability_rows(values: torch.Tensor, tolerance: float) -> torch.Tensor:

@@ -49,6 +49,7 @@ from pskd_store.run_directory import RunDirectory, RunError
 from pskd_store.sampler import ClassPairBatchSampler
 from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
+from pskd_store.verify import verify_path
 
 N, K, CHUNK_ROWS = 64, 5, 16
 
@@ -542,6 +543,8 @@ def test_a_metrics_row_cut_short_by_a_full_disk_is_dropped_on_resume_not_one_in_
         refused = pskd_in_process("train", "--resume", str(run), "-q")
         assert refused.returncode == 1 and "is not valid JSON" in refused.stderr, refused.stderr
     (run / "metrics.jsonl").write_text(rows + '{"epoch": 3, "alpha_t": 0.8, "lr"')
+    assert not [finding for finding in verify_path(run).findings if "metrics.jsonl" in str(finding)]
+    pskd_in_process("inspect", str(run), "--out", str(tmp_path / "inspected"), check=True)
     pskd_in_process("train", "--resume", str(run), "-q", check=True)
     assert [row["epoch"] for row in RunDirectory(run).metrics_rows()] == [1, 2, 3]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import socket
+import threading
 from contextlib import contextmanager, nullcontext
 from datetime import timedelta
 
@@ -174,6 +175,33 @@ def test_a_run_on_the_accelerator_paths_equals_a_cpu_run(tmp_path, data_dir, dev
     metrics, _ = evaluate_checkpoints([tmp_path / "device" / "checkpoints" / "last.pt"], device="cpu")
     assert device.devices[-1] == torch.device("cpu", 0) and len(device.devices) == 2
     assert metrics == strip[-1]["test"]
+
+
+def test_a_writer_thread_that_cannot_take_the_device_fails_the_writer(tmp_path, device, monkeypatch):
+    """The writer's thread sets the outputs' device before it writes: where that fails, the
+    error reaches the training thread, as a write's does, instead of leaving write() waiting
+    for buffers that thread never gives back."""
+    def unavailable(chosen):
+        raise RuntimeError(f"{chosen} is unavailable")
+
+    monkeypatch.setattr(device, "set_device", unavailable)
+    store = SoftTargetStore.create(tmp_path / "store", make_labels(N, K), K, chunk_rows=32)
+    failed = []
+
+    def write_and_close() -> None:
+        writer = store.writer(1, buffers=2)
+        try:
+            for ids, outputs in _batches(torch.randn(N, K), [100, 100, 100]):
+                writer.write(ids, outputs)
+            writer.close()
+        except StoreError as err:
+            failed.append(str(err))
+
+    training = threading.Thread(target=write_and_close, daemon=True)
+    training.start()
+    training.join(60)
+    assert not training.is_alive(), "write() waits for buffers the writer's thread never gives back"
+    assert failed == ["the prediction writer of epoch 1 failed: cpu is unavailable"]
 
 
 def _rows(run) -> list[dict]:

@@ -258,6 +258,17 @@ def test_carried_rows_are_not_predictions(tmp_path):
     assert_pngs(report["files"], {"trajectories.png"})  # NaN gaps plot
 
 
+def test_hard_samples_are_ranked_by_the_fraction_of_their_predicted_epochs_they_were_right_in():
+    """Sample 0 is right in 1 of the 3 epochs that predicted it (a third), sample 1 in 2 of
+    10 (a fifth): sample 1 is the harder, though right in more epochs."""
+    written = np.zeros((10, 2), dtype=bool)
+    written[:3, 0] = written[:, 1] = True
+    argmax = np.where(written, 1, -1)
+    argmax[0, 0] = argmax[:2, 1] = 0
+    trajectory = {"written": written, "argmax": argmax, "true_prob": np.where(written, 0.2, np.nan)}
+    assert hard_samples(trajectory, np.array([0, 0])).tolist() == [1, 0]
+
+
 def test_a_directory_that_is_no_run_is_refused(tmp_path):
     code, output = invoke(tmp_path)
     assert code == 1 and f"no store in {tmp_path}: was it made by `pskd-store train`?" in output
@@ -285,9 +296,16 @@ def test_blank_lines_in_metrics_are_skipped_and_a_partial_eval_file_is_named(run
     with open(run / "metrics.jsonl", "a") as metrics:
         metrics.write("\n\n")
     assert len(load_run(run).metrics) == EPOCHS
-    np.savez(run / "eval" / "test_probs.npz", probs=np.ones((2, K), np.float32))
-    code, output = invoke(run, "--out", tmp_path / "out")
-    assert code == 1 and "test_probs.npz lacks ['labels']: rerun `pskd-store eval" in output
+    for written, problem in (({"probs": np.ones((2, K), np.float32)}, "lacks ['labels']"),
+                             ({"probs": np.ones((3, K), np.float32), "labels": np.array([0, 1, K])},
+                              f"holds labels outside [0, {K})"),
+                             ({"probs": np.ones((3, K), np.float32), "labels": np.zeros(2, np.int64)},
+                              "holds int64 labels of shape (2,) for 3 samples"),
+                             ({"probs": np.ones(3, np.float32), "labels": np.zeros(3, np.int64)},
+                              "holds float32 probabilities of shape (3,), not (samples, classes) floats")):
+        np.savez(run / "eval" / "test_probs.npz", **written)
+        code, output = invoke(run, "--out", tmp_path / "out")
+        assert code == 1 and f"test_probs.npz {problem}: rerun `pskd-store eval" in output and "Traceback" not in output
     written = RunDirectory(run).write_eval_probs(np.full((4, K), 1 / K, np.float32), np.zeros(4, np.int64),
                                                  sources=["a checkpoint"])
     written.write_bytes(written.read_bytes()[:100])  # what a full disk or a kill made of it, before it was atomic

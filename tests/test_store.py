@@ -594,6 +594,8 @@ def test_each_chunk_waits_for_the_device_copies_into_it(store, monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "Event", Event)
     monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: log.append(
+        ("set_device", torch.device(device), threading.current_thread().name)))
     monkeypatch.setattr(torch, "zeros", lambda *a, pin_memory=False, **k: real_zeros(*a, **k))
     monkeypatch.setattr(torch.Tensor, "numpy", numpy)
     real_append = PartWriter.append
@@ -607,6 +609,12 @@ def test_each_chunk_waits_for_the_device_copies_into_it(store, monkeypatch):
 
     records = [entry for entry in log if entry[0] == "record"]
     assert records == [("record", n, torch.device("cuda", 1)) for n in range(1, 7)]  # one per copy
+    # the background thread makes the logits' device its current one before it waits on any
+    # event (CUDA's current device is a thread's: from device 0, a wait makes a context there)
+    set_device = ("set_device", torch.device("cuda", 1), "pskd-writer-1")
+    assert [entry for entry in log if entry[0] == "set_device"] == [set_device]
+    assert log.index(set_device) < log.index(("wait", 1))
+    log.remove(set_device)
     chunks, entries = [], []  # what the background thread did for each chunk, up to its append
     for entry in log:
         if entry[0] == "append":

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import fcntl
 import json
+import multiprocessing
 import os
+import re
 import shutil
 import signal
 import struct
@@ -25,7 +27,7 @@ from pskd_store.augment import CUTOUT_HOLE
 from pskd_store.cli.main import cli
 from pskd_store.metrics import evaluate
 from pskd_store.recipe import TrainConfig
-from pskd_store.run_directory import RunDirectory
+from pskd_store.run_directory import RunDirectory, RunError
 from pskd_store.service import PredictionService
 from pskd_store.store import SoftTargetStore
 from pskd_store.training import train
@@ -330,18 +332,74 @@ def test_a_run_whose_last_checkpoint_was_deleted_is_not_started_over(tmp_path, t
 
 @pytest.mark.slow
 def test_a_live_run_is_locked_and_a_killed_one_is_not(tmp_path, data_dir):
+    """Killed alone, the trainer leaves its DataLoader workers running for a while (or for
+    good, stuck writing a batch): they do not hold the run."""
     run = tmp_path / "run"
-    first = pskd_forked("train", "--epochs", "40", "--data-dir", str(data_dir), "-o", str(run), "-q")
+    first = pskd_forked("train", "--epochs", "40", "--workers", "2", "--data-dir", str(data_dir), "-o", str(run),
+                        "-q")
     deadline = time.time() + 120
     while time.time() < deadline and not (run / "checkpoints" / "last.pt").exists():
         time.sleep(0.02)
     second = pskd_in_process("train", "--resume", str(run), "-q")
     assert second.returncode != 0 and f"is being trained by process {first.pid}" in second.stderr
     assert "Traceback" not in second.stderr
-    os.killpg(first.pid, signal.SIGKILL)
-    assert exit_code(first, timeout=60) == -signal.SIGKILL
-    with RunDirectory(run).lock():  # the dead process left no stale lock (the resume takes this lock)
-        pass
+    os.kill(first.pid, signal.SIGKILL)  # the trainer alone
+    try:
+        assert exit_code(first, timeout=60) == -signal.SIGKILL
+        assert subprocess.run(["pgrep", "-s", str(first.pid)], capture_output=True).stdout, "its workers live on"
+        with RunDirectory(run).lock():  # no stale lock (the resume takes this lock)
+            pass
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+
+
+def test_a_run_held_by_a_process_whose_trainer_ended_says_so(tmp_path):
+    """What the next `train` says where a process the trainer started holds the run's lock
+    itself after the trainer ended: that it ended, and how to find the holder."""
+    run = RunDirectory(tmp_path / "run")
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    trainer = f"process {ended.pid}"  # a trainer that has ended
+    fork = multiprocessing.get_context("fork")
+    holding, release = fork.Event(), fork.Event()
+
+    def hold() -> None:
+        with open(run.path / ".lock", "a+") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)
+            file.write(f"{trainer} on {os.uname().nodename}\n")
+            file.flush()
+            holding.set()
+            release.wait(30)
+
+    run.path.mkdir()
+    holder = fork.Process(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(30)
+        with pytest.raises(RunError, match=re.escape(
+                f"{run.path} is held by a process that {trainer} on {os.uname().nodename} started, which has "
+                f"ended: stop it (`fuser {run.path / '.lock'}` names it), or train into another --output")):
+            with run.lock():
+                pass
+    finally:
+        release.set()
+        holder.join(30)
+
+
+def test_processes_forked_by_the_trainer_do_not_hold_the_run(tmp_path):
+    run = RunDirectory(tmp_path / "run")
+    fork = multiprocessing.get_context("fork")
+    working = fork.Event()
+    with run.lock():
+        worker = fork.Process(target=lambda: (working.set(), time.sleep(30)))
+        worker.start()
+        assert working.wait(30)  # forked, and running its own code
+    try:
+        with run.lock():  # the trainer let go; its worker, alive, holds nothing
+            pass
+    finally:
+        worker.kill()
+        worker.join()
 
 
 @pytest.mark.parametrize("arch, method, aug, recorded_per_step", [
