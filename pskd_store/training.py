@@ -450,6 +450,11 @@ def _require_the_checkpoints_config(config: TrainConfig, saved: dict, directory:
         raise ValueError(f"{directory.config} differs from the run its checkpoint {path} trained: {differences}; "
                          "a resumed run trains on as it began: restore config.json, or train a new run with "
                          "these settings")
+    arithmetic = [key for key in ("amp", "tf32") if key in saved and saved[key] != resumed[key]]
+    if arithmetic:  # allowed (a run moved to another machine), but it no longer repeats an uninterrupted one
+        _logger.warning("resuming with %s: the epochs from here compute otherwise than those before, which "
+                        "trained with %s", ", ".join(f"{key}={resumed[key]}" for key in arithmetic),
+                        ", ".join(f"{key}={saved[key]}" for key in arithmetic))
 
 
 def _checkpoint_of(directory: RunDirectory, from_epoch: int | None) -> Path | None:

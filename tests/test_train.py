@@ -493,6 +493,10 @@ def test_resume_refuses_new_run_options_and_existing_output_needs_resume(tmp_pat
     assert again.returncode != 0 and f"continue it with --resume {run}" in again.stderr
     resumed = pskd_in_process("train", "--resume", str(run), "--lr", "0.3")
     assert resumed.returncode != 0 and "drop --lr" in resumed.stderr
+    lengthen_run(run, 2)  # where it computes may change, and a change of its arithmetic is said
+    pskd_in_process("train", "--resume", str(run), "--tf32", "-q", check=True)
+    assert ("resuming with tf32=True: the epochs from here compute otherwise than those before, which trained "
+            "with tf32=False") in (run / "train.log").read_text()
 
 
 @pytest.mark.slow
