@@ -66,11 +66,10 @@ def _held_by(holder: str, lock: Path) -> str:
 
 def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        with contextlib.suppress(PermissionError):  # another user's, alive
+            os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's
-        pass
     return True
 
 
