@@ -192,10 +192,10 @@ def _entries(zstore: zarr.abc.store.Store, url: str) -> set[str]:
     """The names at ``url``: a store's entries, hidden files (.DS_Store) and a publication's
     leftovers; anything else is refused, named."""
     names = set(store_io.list_dir(zstore, ""))
-    if "" in names:  # what an object store lists for a key that is an object
+    if "" in names and store_io.is_object(zstore):  # else a folder marker, as a hidden file is
         raise StoreError(f"{url} is an object, not a prefix: give the store a path of its own")
     others = sorted(name for name in names - _STORE_ENTRIES
-                    if not name.startswith(".") and not name.endswith(".partial"))
+                    if name and not name.startswith(".") and not name.endswith(".partial"))
     if others:
         raise StoreError(
             f"{url} holds {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}, which is no part of a "

@@ -103,6 +103,14 @@ def list_dir(store: Store, prefix: str) -> list[str]:
     return sync(names())
 
 
+def is_object(store: Store) -> bool:
+    """Whether an object store's own key is an object, not a prefix. Its listing names such
+    a key "", as it names a folder marker (the empty ``prefix/`` object that S3's console
+    makes for a folder); only the first is no place for a store."""
+    fs, path = getattr(store, "fs", None), getattr(store, "path", None)
+    return fs is not None and sync(fs._isfile(path))
+
+
 def list_prefix(store: Store, prefix: str) -> list[str]:
     """Every key under ``prefix`` (keys, not names: ``prefix`` included)."""
     root = local_root(store)

@@ -110,6 +110,27 @@ def test_a_damaged_object_is_an_error_naming_the_rows(s3):
     assert any("rows 32-47 do not match" in f for f in findings)
 
 
+def test_a_store_is_made_in_a_folder_that_s3s_console_made_and_never_at_an_objects_key(s3):
+    """S3's console makes a folder as an empty object named ``prefix/``, which the prefix's
+    listing names as it names the key of an object: the store is made in the folder, and
+    still refused at an object's key."""
+    import boto3
+
+    from pskd_store.errors import StoreError
+
+    boto3.client("s3").put_object(Bucket="runs", Key="console-folder/", Body=b"")
+    boto3.client("s3").put_object(Bucket="runs", Key="an-object", Body=b"data")
+    labels = np.arange(64) % 4
+    for overwrite in (False, True):
+        store = SoftTargetStore.create("s3://runs/console-folder", labels, 4, overwrite=overwrite)
+        with store.writer(1) as writer:
+            writer.write(torch.arange(64), torch.randn(64, 4))
+        store.seal(1)
+        assert verify_path(store.url).ok and SoftTargetStore.open(store.url).sealed_epochs == [1]
+    with pytest.raises(StoreError, match="s3://runs/an-object is an object, not a prefix"):
+        SoftTargetStore.create("s3://runs/an-object", labels, 4)
+
+
 def test_a_claim_on_s3_is_a_conditional_put_that_a_second_writer_cannot_overwrite(s3, monkeypatch):
     """If-None-Match: * on the PUT: the server keeps the first record of a key even when the
     second writer looked before the first one's PUT landed (zarr's own check-then-write
