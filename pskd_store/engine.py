@@ -5,9 +5,9 @@ arrives as an explicit argument, as in torchvision's ``references/classification
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -21,6 +21,8 @@ from .distributed import Distributed
 from .methods import Method
 from .metrics import true_class_rank
 from .writer import PredictionWriter
+
+T = TypeVar("T")
 
 
 def to_device(inputs: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
@@ -38,7 +40,6 @@ def autocast(device: torch.device, amp: bool) -> torch.autocast:
 
 # torch's float32 precision settings of cuDNN's convolutions and RNNs and of cuBLAS's matrix products
 _PRECISION_SETTINGS = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
-_TF32_FLAGS = (torch.backends.cudnn, torch.backends.cuda.matmul)  # their older, one-flag switches
 
 
 @contextmanager
@@ -48,29 +49,34 @@ def float32_precision(tf32: bool) -> Iterator[None]:
     every convolution in TF32 on Ampere and later GPUs, with 10 of float32's 23 mantissa
     bits. ``tf32`` opts in to TF32 for both (faster, not the paper's arithmetic).
 
-    Set through torch's ``allow_tf32`` flags, which set torch 2.9's ``fp32_precision``
-    settings too and keep both readable: set alone, the newer settings leave the older
-    getters raising, and torch's TunableOp and other libraries read those. Put back
-    afterwards: the newer settings as found, the older flags where they were readable."""
+    torch keeps two sets of switches: the older flags (``cudnn.allow_tf32``, the matmul
+    precision), which its TunableOp and other libraries read, and torch 2.9's per-operation
+    ``fp32_precision``. Set alone, the newer leave the older unreadable; so both are set,
+    each operation's explicitly (an unset one inherits a caller's backend-wide setting).
+    Put back afterwards: the newer as found, the older where they were readable."""
     kept = [setting.fp32_precision for setting in _PRECISION_SETTINGS]
-    flags = [_readable_flag(switch) for switch in _TF32_FLAGS]
-    for switch in _TF32_FLAGS:
-        switch.allow_tf32 = tf32
+    cudnn_flag = _readable(lambda: torch.backends.cudnn.allow_tf32)
+    matmul = _readable(torch.get_float32_matmul_precision)
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    for setting in _PRECISION_SETTINGS:
+        setting.fp32_precision = "tf32" if tf32 else "ieee"
     try:
         yield
     finally:
-        for switch, flag in zip(_TF32_FLAGS, flags):
-            if flag is not None:
-                switch.allow_tf32 = flag
+        if cudnn_flag is not None:
+            torch.backends.cudnn.allow_tf32 = cudnn_flag
+        if matmul is not None:
+            torch.set_float32_matmul_precision(matmul)
         for setting, value in zip(_PRECISION_SETTINGS, kept):
             setting.fp32_precision = value
 
 
-def _readable_flag(switch) -> bool | None:
-    """``switch.allow_tf32``; None where the caller set the newer settings alone, which
-    leaves it unreadable."""
+def _readable(getter: Callable[[], T]) -> T | None:
+    """One of torch's older precision flags; None where the caller set the newer settings
+    alone, which leaves it unreadable."""
     try:
-        return switch.allow_tf32
+        return getter()
     except RuntimeError:
         return None
 

@@ -90,7 +90,8 @@ class RowEncoding(ABC):
 
     @abstractmethod
     def trajectory(self, rows: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
-        """True-class probability, max probability and argmax of each row (first max wins)."""
+        """True-class probability, max probability and argmax of each row (a dense row's first
+        maximum; a top-k row's first class, which among tied values is torch.topk's choice)."""
 
     @abstractmethod
     def unreadable(self, rows: np.ndarray) -> np.ndarray:
@@ -222,9 +223,8 @@ class TopKRows(RowEncoding):
         hit = classes == labels[:, None]
         rest = np.clip(1 - values.astype(np.float32).sum(axis=1), 0, None) / (self.num_classes - self.topk)
         true_prob = np.where(hit.any(axis=1), values[np.arange(len(rows)), hit.argmax(axis=1)], rest)
-        # the first maximum, as a dense row's: the lowest class among those that tie with the largest
-        argmax = np.where(values == values[:, :1], classes, self.num_classes).min(axis=1).astype(np.int64)
-        return {"argmax": argmax, "max_prob": values[:, 0], "true_prob": true_prob}
+        # torch.topk's first (among tied values, its order, which sealed epochs record and verify expects)
+        return {"argmax": classes[:, 0].astype(np.int64), "max_prob": values[:, 0], "true_prob": true_prob}
 
     def valid(self, rows: np.ndarray, tolerance: float) -> np.ndarray:
         """Values finite, non-negative, largest first, summing to at most 1; classes in

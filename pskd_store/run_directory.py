@@ -21,13 +21,14 @@ import json
 import os
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .local_store import write_atomically
+from .staging import Owner
 
 
 class RunError(ValueError):
@@ -54,23 +55,24 @@ def _release_inherited_locks() -> None:
 os.register_at_fork(after_in_child=_release_inherited_locks)
 
 
-def _held_by(holder: str, lock: Path) -> str:
-    """The refusal of a run that another process holds, from what it wrote into the lock."""
-    message = f"{lock.parent} is being trained by {holder or 'another process'}: wait for it to finish or stop it"
-    pid, _, node = holder.removeprefix("process ").partition(" on ")
-    if node == os.uname().nodename and pid.isdigit() and not _alive(int(pid)):
-        message = (f"{lock.parent} is held by a process that {holder} started, which has ended: stop it "
-                   f"(`fuser {lock}` names it)")
-    return message + ", or train into another --output"
+def _held_by(written: str, lock: Path) -> str:
+    """The refusal of a run that another process holds, from what its trainer wrote into the lock."""
+    holder, _, record = written.partition("\n")
+    if _ended(record):
+        return (f"{lock.parent} is held by a process that {holder} started, which has ended: stop it "
+                f"(`fuser {lock}` names it), or train into another --output")
+    return (f"{lock.parent} is being trained by {holder or 'another process'}: wait for it to finish or stop it, "
+            "or train into another --output")
 
 
-def _alive(pid: int) -> bool:
+def _ended(record: str) -> bool:
+    """Whether the trainer that a lock's record names has ended: known on its machine alone
+    (host, boot and pid namespace), and for a lock written with the record."""
     try:
-        with contextlib.suppress(PermissionError):  # another user's, alive
-            os.kill(pid, 0)
-    except ProcessLookupError:
+        owner = Owner(**json.loads(record))
+    except (ValueError, TypeError):
         return False
-    return True
+    return owner.pid != os.getpid() and owner.state() == "gone"
 
 
 @contextlib.contextmanager
@@ -168,7 +170,8 @@ class RunDirectory:
                 file.seek(0)
                 raise RunError(_held_by(file.read().strip(), self.path / ".lock")) from None
             file.truncate(0)
-            file.write(f"process {os.getpid()} on {os.uname().nodename}\n")
+            owner = Owner.this_process()  # and what tells, on this machine, whether it still runs
+            file.write(f"process {owner.pid} on {owner.host}\n{json.dumps(asdict(owner))}\n")
             file.flush()
             _HELD_LOCKS.add(file.fileno())
             try:

@@ -76,7 +76,6 @@ def configure_determinism(deterministic: bool) -> None:
         torch.use_deterministic_algorithms(deterministic)
 
 
-
 @dataclass
 class RunParts:
     """What one training run is made of, built from its config, on one rank."""
@@ -387,6 +386,8 @@ def _restore(run: RunParts, directory: RunDirectory, env: Distributed, device: t
     except CheckpointDamagedError as err:
         raise CheckpointDamagedError(f"{err}; {_resume_advice(directory, run.store, path)}") from err
     _require_the_checkpoints_config(run.config, state["config"], directory, path)
+    if env.is_main:
+        _say_what_computes_otherwise(state["config"], run.config, device)
     _require_the_epoch_it_sealed(run.store, state, path)
     run.network.load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
@@ -450,11 +451,20 @@ def _require_the_checkpoints_config(config: TrainConfig, saved: dict, directory:
         raise ValueError(f"{directory.config} differs from the run its checkpoint {path} trained: {differences}; "
                          "a resumed run trains on as it began: restore config.json, or train a new run with "
                          "these settings")
-    arithmetic = [key for key in ("amp", "tf32") if key in saved and saved[key] != resumed[key]]
-    if arithmetic:  # allowed (a run moved to another machine), but it no longer repeats an uninterrupted one
+
+
+def _say_what_computes_otherwise(saved: dict, config: TrainConfig, device: torch.device) -> None:
+    """A resume may change --amp and --tf32 (a run moved to another machine), but the epochs
+    after it then compute otherwise than those before: the log says so. TF32 exists on an
+    accelerator alone, where runs made before --tf32 ran cuDNN's TF32 convolutions."""
+    before = {"amp": saved.get("amp", False)}
+    if accelerator_for(device) is not None:
+        before["tf32"] = saved.get("tf32", True)
+    changed = [key for key, value in before.items() if value != getattr(config, key)]
+    if changed:
         _logger.warning("resuming with %s: the epochs from here compute otherwise than those before, which "
-                        "trained with %s", ", ".join(f"{key}={resumed[key]}" for key in arithmetic),
-                        ", ".join(f"{key}={saved[key]}" for key in arithmetic))
+                        "trained with %s", ", ".join(f"{key}={getattr(config, key)}" for key in changed),
+                        ", ".join(f"{key}={before[key]}" for key in changed))
 
 
 def _checkpoint_of(directory: RunDirectory, from_epoch: int | None) -> Path | None:

@@ -8,7 +8,7 @@ everything and reports every problem by what it is (epoch, array) and row range:
 - every chunk of every kept teacher epoch and of the whole trajectory tier: present and
   matching its crc32c checksum;
 - the values: every teacher row finite, non-negative and summing to 1 (within the
-  storage dtype's rounding; a top-k row: largest first, at most 1, distinct classes in
+  storage dtype's rounding and float32's sum of K terms; a top-k row: largest first, at most 1, distinct classes in
   [0, K)), and the trajectory record equal to what the teacher row says (true-class
   probability, max probability, argmax);
 - the memory-map cache: each file against its checksum and, for kept epochs, against the
@@ -185,11 +185,12 @@ def _statistics(store: SoftTargetStore, epoch: int) -> dict:
 
 
 def _sum_tolerance(store: SoftTargetStore, epoch: int) -> float:
-    """How far from 1 a stored row may sum: the rounding to the store's dtype and float32's
-    summation of K terms, plus how far the probability rows given were allowed (the seal
-    records it; nothing for logits)."""
-    return (max(1e-5, 2 * float(np.finfo(store.dtype).eps)) + summation_slack(store.num_classes)
-            + _statistics(store, epoch).get("sum_tolerance", 0.0))
+    """How far from 1 a stored row may sum: the rounding to the store's dtype, plus how far
+    the probability rows given were allowed (the seal records it), or for logits float32's
+    summation of K terms in the writer's softmax."""
+    given = _statistics(store, epoch).get("sum_tolerance")
+    return max(1e-5, 2 * float(np.finfo(store.dtype).eps)) + (summation_slack(store.num_classes) if given is None
+                                                               else given)
 
 
 def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None,

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import lengthen_run
 from store_helpers import make_labels
 
 from pskd_store import training
@@ -175,6 +176,31 @@ def test_a_run_on_the_accelerator_paths_equals_a_cpu_run(tmp_path, data_dir, dev
     metrics, _ = evaluate_checkpoints([tmp_path / "device" / "checkpoints" / "last.pt"], device="cpu")
     assert device.devices[-1] == torch.device("cpu", 0) and len(device.devices) == 2
     assert metrics == strip[-1]["test"]
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true but no accelerator")
+def test_a_resume_on_an_accelerator_says_when_tf32_changes(tmp_path, data_dir, device, caplog):
+    """TF32 exists on an accelerator: a resume there that changes --tf32 says that the epochs
+    after it compute otherwise, and so does one of a run made before --tf32 (whose config
+    lacks it), which trained with cuDNN's TF32 convolutions and resumes in full float32."""
+    config = TrainConfig(epochs=1, steps_per_epoch=2, data_dir=str(data_dir)).resolved()
+    run = tmp_path / "run"
+    train(config, run, quiet=True)
+    for epochs, change in ((2, {"tf32": True}), (3, "no tf32 in its config")):
+        lengthen_run(run, epochs)
+        if change == "no tf32 in its config":
+            for checkpoint in (run / "checkpoints").glob("*.pt"):
+                state = torch.load(checkpoint, weights_only=False)
+                del state["config"]["tf32"]
+                torch.save(state, checkpoint)
+        resumed = TrainConfig(**{**config.__dict__, "epochs": epochs, **(change if isinstance(change, dict) else {})})
+        caplog.clear()
+        train(resumed, run, resume=True, quiet=True)
+        said = [record.getMessage() for record in caplog.records if "compute otherwise" in record.getMessage()]
+        before, after = (False, True) if isinstance(change, dict) else (True, False)
+        assert said == [f"resuming with tf32={after}: the epochs from here compute otherwise than those before, "
+                        f"which trained with tf32={before}"]
 
 
 def test_a_writer_thread_that_cannot_take_the_device_fails_the_writer(tmp_path, device, monkeypatch):

@@ -113,29 +113,50 @@ def _fp32_precisions() -> list[str]:
 
 
 def _tf32_flags() -> tuple:
-    """torch's older readings of the same settings, which raise where the newer were set alone."""
-    return (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
-            torch.get_float32_matmul_precision())
+    """torch's older readings of the same settings (None where unreadable: the newer set alone)."""
+    readings = []
+    for read in (lambda: torch.backends.cudnn.allow_tf32, lambda: torch.backends.cuda.matmul.allow_tf32,
+                 torch.get_float32_matmul_precision):
+        try:
+            readings.append(read())
+        except RuntimeError:
+            readings.append(None)
+    return tuple(readings)
 
 
-@pytest.mark.parametrize("callers", ["torch's defaults", "the newer settings alone"])
-def test_float32_math_is_full_float32_unless_tf32_is_asked_for(callers, monkeypatch):
+_SETTINGS = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
+CALLERS = {  # what a caller may have set before
+    "torch's defaults": lambda: None,
+    "the newer settings alone": lambda: [setattr(setting, "fp32_precision", "ieee") for setting in _SETTINGS],
+    "TF32 backend-wide": lambda: setattr(torch.backends.cudnn, "fp32_precision", "tf32"),
+    "a medium matrix-product precision": lambda: torch.set_float32_matmul_precision("medium"),
+}
+
+
+@pytest.mark.parametrize("callers", sorted(CALLERS))
+def test_float32_math_is_full_float32_unless_tf32_is_asked_for(callers):
     """The paper's fp32: cuDNN's default TF32 convolutions (10 mantissa bits) turned off
-    inside the block, TF32 everywhere with ``tf32``; both of torch's ways of reading the
+    inside the block, each operation's setting explicitly (an unset one would inherit a
+    backend-wide TF32); TF32 everywhere with ``tf32``. Both of torch's ways of reading the
     settings agree inside (torch's TunableOp reads the older), and the caller's settings
-    are put back after it."""
+    are put back after it: the newer as they were, the older where they were readable."""
     assert TrainConfig().resolved().tf32 is False
-    if callers == "the newer settings alone":
-        for setting in (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul):
-            monkeypatch.setattr(setting, "fp32_precision", "ieee")  # put back after the test
-    before = _fp32_precisions()
-    for tf32, inside, flags in ((True, ["tf32"] * 3, (True, True, "high")),
-                                (False, ["none", "none", "ieee"], (False, False, "highest"))):
-        with float32_precision(tf32):
-            assert _fp32_precisions() == inside and _tf32_flags() == flags
-        assert _fp32_precisions() == before
-    if callers == "torch's defaults":
-        assert _tf32_flags() == (True, False, "highest")  # readable again, as they were
+    defaults = _fp32_precisions(), torch.backends.cudnn.fp32_precision
+    CALLERS[callers]()
+    try:
+        before, flags_before = _fp32_precisions(), _tf32_flags()
+        for tf32, inside, flags in ((True, ["tf32"] * 3, (True, True, "high")),
+                                    (False, ["ieee"] * 3, (False, False, "highest"))):
+            with float32_precision(tf32):
+                assert _fp32_precisions() == inside and _tf32_flags() == flags
+            assert _fp32_precisions() == before
+            assert all(after == flag for after, flag in zip(_tf32_flags(), flags_before) if flag is not None)
+    finally:  # torch's defaults again, for the tests after this one
+        torch.backends.cudnn.allow_tf32 = True
+        torch.set_float32_matmul_precision("highest")
+        torch.backends.cudnn.fp32_precision = defaults[1]
+        for setting, value in zip(_SETTINGS, defaults[0]):
+            setting.fp32_precision = value
 
 
 @pytest.mark.parametrize("dataset, probability", [

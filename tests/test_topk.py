@@ -110,21 +110,6 @@ def test_carried_rows_and_trajectory(store, logits, labels):
     assert verify_path(store.url).ok
 
 
-def test_the_argmax_of_tied_rows_is_the_first_maximum_as_in_a_dense_store(tmp_path, labels):
-    """torch.topk orders equal values as it likes; the trajectory's argmax is the lowest
-    class among those tied for the largest value, as a dense row's argmax is."""
-    probs = torch.full((N, K), 0.1 / (K - 3))
-    probs[:, [5, 100, 200]] = 0.3  # tied: torch.topk lists 200 first
-    stores = [SoftTargetStore.create(tmp_path / f"store_{topk}", labels, K, topk=topk) for topk in (TOPK, None)]
-    for store in stores:
-        with store.writer(1, from_logits=False) as writer:
-            writer.write(torch.arange(N), probs)
-        store.seal(1)
-    topk, dense = (store.trajectory()["argmax"][0] for store in stores)
-    np.testing.assert_array_equal(topk, dense)
-    assert (topk == 5).all()
-
-
 def test_soft_targets_through_dataloader_workers(store, logits, labels):
     with store.writer(1) as writer:
         writer.write(torch.arange(N), logits)

@@ -3,6 +3,7 @@ in-process (click's runner) where torchvision's CIFAR checksums must be swapped.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import multiprocessing
@@ -29,6 +30,7 @@ from pskd_store.metrics import evaluate
 from pskd_store.recipe import TrainConfig
 from pskd_store.run_directory import RunDirectory, RunError
 from pskd_store.service import PredictionService
+from pskd_store.staging import Owner
 from pskd_store.store import SoftTargetStore
 from pskd_store.training import train
 from pskd_store.verify import verify_path
@@ -346,20 +348,25 @@ def test_a_live_run_is_locked_and_a_killed_one_is_not(tmp_path, data_dir):
         pass
 
 
-def test_a_run_held_by_a_process_whose_trainer_ended_says_so(tmp_path):
+@pytest.mark.parametrize("lock_says", ["its trainer, ended", "its trainer, in a lock of older runs"])
+def test_a_run_held_by_a_process_whose_trainer_ended_says_so(tmp_path, lock_says):
     """What the next `train` says where a process the trainer started holds the run's lock
-    itself after the trainer ended: that it ended, and how to find the holder."""
+    itself after the trainer ended: that it ended, and how to find the holder (where the
+    lock records what tells it: older runs' locks name the trainer alone)."""
     run = RunDirectory(tmp_path / "run")
     ended = subprocess.Popen(["true"])
     ended.wait()
-    trainer = f"process {ended.pid}"  # a trainer that has ended
+    trainer = dataclasses.replace(Owner.this_process(), pid=ended.pid)  # a trainer, here, that has ended
+    written = f"process {trainer.pid} on {trainer.host}\n"
+    if lock_says == "its trainer, ended":
+        written += json.dumps(dataclasses.asdict(trainer)) + "\n"
     fork = multiprocessing.get_context("fork")
     holding, release = fork.Event(), fork.Event()
 
     def hold() -> None:
         with open(run.path / ".lock", "a+") as file:
             fcntl.flock(file, fcntl.LOCK_EX)
-            file.write(f"{trainer} on {os.uname().nodename}\n")
+            file.write(written)
             file.flush()
             holding.set()
             release.wait(30)
@@ -369,9 +376,11 @@ def test_a_run_held_by_a_process_whose_trainer_ended_says_so(tmp_path):
     holder.start()
     try:
         assert holding.wait(30)
-        with pytest.raises(RunError, match=re.escape(
-                f"{run.path} is held by a process that {trainer} on {os.uname().nodename} started, which has "
-                f"ended: stop it (`fuser {run.path / '.lock'}` names it), or train into another --output")):
+        refusal = (f"{run.path} is held by a process that process {ended.pid} on {trainer.host} started, which has "
+                   f"ended: stop it (`fuser {run.path / '.lock'}` names it)" if lock_says == "its trainer, ended" else
+                   f"{run.path} is being trained by process {ended.pid} on {trainer.host}: wait for it to finish or "
+                   "stop it")
+        with pytest.raises(RunError, match=re.escape(refusal + ", or train into another --output")):
             with run.lock():
                 pass
     finally:
@@ -494,9 +503,12 @@ def test_resume_refuses_new_run_options_and_existing_output_needs_resume(tmp_pat
     resumed = pskd_in_process("train", "--resume", str(run), "--lr", "0.3")
     assert resumed.returncode != 0 and "drop --lr" in resumed.stderr
     lengthen_run(run, 2)  # where it computes may change, and a change of its arithmetic is said
-    pskd_in_process("train", "--resume", str(run), "--tf32", "-q", check=True)
-    assert ("resuming with tf32=True: the epochs from here compute otherwise than those before, which trained "
-            "with tf32=False") in (run / "train.log").read_text()
+    pskd_in_process("train", "--resume", str(run), "--tf32", "-q", check=True)  # no TF32 on a CPU: the same
+    assert "compute otherwise" not in (run / "train.log").read_text()
+    lengthen_run(run, 3)
+    pskd_in_process("train", "--resume", str(run), "--amp", "-q", check=True)
+    assert ("resuming with amp=True: the epochs from here compute otherwise than those before, which trained "
+            "with amp=False") in (run / "train.log").read_text()
 
 
 @pytest.mark.slow
