@@ -69,7 +69,7 @@ def _ended(record: str) -> bool:
     """Whether the trainer that a lock's record names has ended: known on its machine alone
     (host, boot and pid namespace), and for a lock written with the record."""
     try:
-        owner = Owner(**json.loads(record))
+        owner = Owner(**json.loads(record), token="")
     except (ValueError, TypeError):
         return False
     return owner.pid != os.getpid() and owner.state() == "gone"
@@ -170,8 +170,9 @@ class RunDirectory:
                 file.seek(0)
                 raise RunError(_held_by(file.read().strip(), self.path / ".lock")) from None
             file.truncate(0)
-            owner = Owner.this_process()  # and what tells, on this machine, whether it still runs
-            file.write(f"process {owner.pid} on {owner.host}\n{json.dumps(asdict(owner))}\n")
+            owner = asdict(Owner.this_process())  # and what tells, on this machine, whether it still runs
+            del owner["token"]  # a claim's, among one process's claims
+            file.write(f"process {owner['pid']} on {owner['host']}\n{json.dumps(owner)}\n")
             file.flush()
             _HELD_LOCKS.add(file.fileno())
             try:
