@@ -50,3 +50,7 @@ def cli() -> None:
     pskd-store info RUN_DIR/store         what a store holds
     pskd-store verify RUN_DIR             every checksum and value; exit 1 if damaged
     """
+
+
+if __name__ == "__main__":  # python -m pskd_store.cli.main, as torchrun -m runs it
+    cli()

@@ -122,7 +122,8 @@ class TrainConfig:
     alpha_T: float = 0.8  # paper Sec. 4.1 (CIFAR-100) and the authors' --alpha_T default
     aug: str = "none"
     epochs: int | None = None
-    batch_size: int | None = None
+    batch_size: int | None = None  # per process
+    world_size: int | None = None  # the processes it trains in (resolved() sets it): a resume needs as many
     lr: float | None = None
     momentum: float = 0.9  # paper; authors: SGD(momentum=0.9, nesterov=True)
     nesterov: bool = True  # authors' SGD(nesterov=True)
@@ -174,6 +175,7 @@ class TrainConfig:
         values["arch"] = arch
         if self.batch_size is None:
             values["batch_size"] = _split_batch(defaults["batch_size"], world_size)
+        values["world_size"] = world_size
         for name in ("data_dir", "store", "cache_dir"):
             values[name] = absolute_if_local(values[name])
         if values["workers"] is None:

@@ -224,6 +224,12 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, from_ep
 
 def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, device: torch.device, *,
            resume: bool, from_epoch: int | None, quiet: bool, splits: DataSplits | None) -> dict | None:
+    if config.world_size not in (None, env.world_size):  # None: a config made before the field, or by hand
+        raise ValueError(
+            f"the run in {directory.path} trains in {config.world_size} process(es) with a batch of "
+            f"{config.batch_size} each (world_size in its config): run it in as many (torchrun --nproc-per-node "
+            f"{config.world_size}), not {env.world_size}, or its batch of {config.world_size * config.batch_size} "
+            "would change")
     if env.is_main:
         directory.remove_temporary_files()
         if not resume:

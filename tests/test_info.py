@@ -32,6 +32,13 @@ def test_info_prints_the_store_summary(tmp_path):
     assert missing.returncode == 1 and "no pskd-store at" in missing.stderr
 
 
+def test_the_command_line_runs_as_a_module_as_torchrun_m_runs_it(tmp_path):
+    store = SoftTargetStore.create(tmp_path / "store", make_labels(20, 3), 3)
+    shown = subprocess.run([sys.executable, "-m", "pskd_store.cli.main", "info", str(store.url)],
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "samples      N=20  classes K=3" in shown.stdout, shown.stdout + shown.stderr
+
+
 def test_help_lists_every_subcommand_without_importing_one():
     """A newcomer's first command: it imports no subcommand, hence no torch (seconds)."""
     script = """

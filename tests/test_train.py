@@ -389,6 +389,19 @@ def test_a_run_held_by_a_process_whose_trainer_ended_says_so(tmp_path, lock_says
         holder.join(30)
 
 
+def test_a_run_is_refused_in_another_number_of_processes_than_it_trains_in(tmp_path, data_dir):
+    """A run killed before its first checkpoint leaves its config.json alone: resumed in
+    another number of processes, its batch per process would make another global batch."""
+    run = tmp_path / "run"
+    run.mkdir()
+    TrainConfig(epochs=2, data_dir=str(data_dir)).resolved(world_size=2).save(run / "config.json")
+    resumed = pskd_in_process("train", "--resume", str(run), "-q")
+    assert resumed.returncode == 1 and "Traceback" not in resumed.stderr
+    assert (f"the run in {run} trains in 2 process(es) with a batch of 64 each (world_size in its config): run it "
+            "in as many (torchrun --nproc-per-node 2), not 1, or its batch of 128 would change") in resumed.stderr
+    assert not (run / "store").exists() and not (run / "checkpoints").exists()
+
+
 def test_processes_forked_by_the_trainer_do_not_hold_the_run(tmp_path):
     """DataLoader workers are forked: one that outlives its killed trainer (stuck writing a
     batch into the pipe nobody reads) would keep the run, and every resume refused."""
