@@ -40,6 +40,8 @@ def autocast(device: torch.device, amp: bool) -> torch.autocast:
 
 # torch's float32 precision settings of cuDNN's convolutions and RNNs and of cuBLAS's matrix products
 _PRECISION_SETTINGS = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
+# and of oneDNN's (CPU) matrix products, which torch.set_float32_matmul_precision sets with cuBLAS's
+_CPU_MATMUL = torch.backends.mkldnn.matmul
 
 
 @contextmanager
@@ -53,12 +55,14 @@ def float32_precision(tf32: bool) -> Iterator[None]:
     precision), which its TunableOp and other libraries read, and torch 2.9's per-operation
     ``fp32_precision``. Set alone, the newer leave the older unreadable; so both are set,
     each operation's explicitly (an unset one inherits a caller's backend-wide setting).
-    Put back afterwards: the newer as found, the older where they were readable."""
-    kept = [setting.fp32_precision for setting in _PRECISION_SETTINGS]
+    The CPU's (oneDNN's) are left as they are (where a caller set them, torch's one matmul
+    precision reading, which folds in both, is unreadable inside). Put back afterwards: the
+    newer settings as found, the older where they were readable."""
+    kept = [setting.fp32_precision for setting in (*_PRECISION_SETTINGS, _CPU_MATMUL)]
     cudnn_flag = _readable(lambda: torch.backends.cudnn.allow_tf32)
+    matmul_flag = _readable(lambda: torch.backends.cuda.matmul.allow_tf32)
     matmul = _readable(torch.get_float32_matmul_precision)
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
     for setting in _PRECISION_SETTINGS:
         setting.fp32_precision = "tf32" if tf32 else "ieee"
     try:
@@ -66,9 +70,11 @@ def float32_precision(tf32: bool) -> Iterator[None]:
     finally:
         if cudnn_flag is not None:
             torch.backends.cudnn.allow_tf32 = cudnn_flag
-        if matmul is not None:
+        if matmul_flag is not None:
+            torch.backends.cuda.matmul.allow_tf32 = matmul_flag
+        if matmul is not None:  # after the flag, which it implies where both were readable
             torch.set_float32_matmul_precision(matmul)
-        for setting, value in zip(_PRECISION_SETTINGS, kept):
+        for setting, value in zip((*_PRECISION_SETTINGS, _CPU_MATMUL), kept):
             setting.fp32_precision = value
 
 

@@ -164,20 +164,21 @@ class RunDirectory:
             raise RunError(f"cannot write to {self.path} ({err.strerror}): make it writable, or train "
                            "into another --output") from err
         with file:
+            _HELD_LOCKS.add(file.fileno())  # before the lock: a process forked from here on never holds it
             try:
-                fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                file.seek(0)
-                raise RunError(_held_by(file.read().strip(), self.path / ".lock")) from None
-            file.truncate(0)
-            owner = asdict(Owner.this_process())  # and what tells, on this machine, whether it still runs
-            del owner["token"]  # a claim's, among one process's claims
-            file.write(f"process {owner['pid']} on {owner['host']}\n{json.dumps(owner)}\n")
-            file.flush()
-            _HELD_LOCKS.add(file.fileno())
-            try:
+                try:
+                    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    file.seek(0)
+                    raise RunError(_held_by(file.read().strip(), self.path / ".lock")) from None
+                file.truncate(0)
+                owner = asdict(Owner.this_process())  # and what tells, on this machine, whether it still runs
+                del owner["token"]  # a claim's, among one process's claims
+                file.write(f"process {owner['pid']} on {owner['host']}\n{json.dumps(owner)}\n")
+                file.flush()
                 yield
             finally:
+                fcntl.flock(file, fcntl.LOCK_UN)  # also from the copies a fork made while it was released
                 _HELD_LOCKS.discard(file.fileno())
 
     def remove_temporary_files(self) -> list[Path]:

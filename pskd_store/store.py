@@ -226,10 +226,12 @@ def _enclosing_store(url: str) -> Path | None:
     return None
 
 
-def _loosest_sum_tolerance(parts: list[StagedPart]) -> dict[str, float]:
+def _loosest_sum_tolerance(parts: list[StagedPart], carried: float | None = None) -> dict[str, float]:
     """``sum_tolerance``: how far from 1 the sums of the probability rows written were
-    allowed (bfloat16 probabilities: 2·2⁻⁷), for verify; nothing when all were logits."""
+    allowed (bfloat16 probabilities: 2·2⁻⁷), and those of the rows ``carried`` forward, for
+    verify; nothing when all were logits."""
     tolerances = [part.sum_tolerance for part in parts if part.sum_tolerance is not None]
+    tolerances += [] if carried is None else [carried]
     return {"sum_tolerance": max(tolerances)} if tolerances else {}
 
 
@@ -942,7 +944,9 @@ class SoftTargetStore:
             "nbytes_stored": store_io.size_prefix(teacher.store, teacher.path),
             "digests": digests,
             **({} if schedule is None else {"schedule": dict(schedule)}),
-            **_loosest_sum_tolerance(parts),
+            # rows carried forward keep their sums: the loosest allowance of them too
+            **_loosest_sum_tolerance(parts, self._meta["epochs"].get(str(latest), {}).get("sum_tolerance")
+                                     if merged.carried_forward else None),
         }
         meta = dict(self._meta)
         meta["schema_version"] = SCHEMA_VERSION  # the epoch's trajectory: a schema 2 store is now 3

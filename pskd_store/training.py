@@ -225,6 +225,11 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, from_ep
 def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, device: torch.device, *,
            resume: bool, from_epoch: int | None, quiet: bool, splits: DataSplits | None) -> dict | None:
     if config.world_size not in (None, env.world_size):  # None: a config made before the field, or by hand
+        if not resume:
+            raise ValueError(
+                f"this config was resolved for {config.world_size} process(es) (a batch of {config.batch_size} "
+                f"each), but trains in {env.world_size}: resolve it in each process (TrainConfig.resolved() reads "
+                f"torchrun's environment), or with resolved(world_size={env.world_size})")
         raise ValueError(
             f"the run in {directory.path} trains in {config.world_size} process(es) with a batch of "
             f"{config.batch_size} each (world_size in its config): run it in as many (torchrun --nproc-per-node "
@@ -462,15 +467,18 @@ def _require_the_checkpoints_config(config: TrainConfig, saved: dict, directory:
 def _say_what_computes_otherwise(saved: dict, config: TrainConfig, device: torch.device) -> None:
     """A resume may change --amp and --tf32 (a run moved to another machine), but the epochs
     after it then compute otherwise than those before: the log says so. TF32 exists on an
-    accelerator alone, where runs made before --tf32 ran cuDNN's TF32 convolutions."""
-    before = {"amp": saved.get("amp", False)}
-    if accelerator_for(device) is not None:
-        before["tf32"] = saved.get("tf32", True)
-    changed = [key for key, value in before.items() if value != getattr(config, key)]
-    if changed:
-        _logger.warning("resuming with %s: the epochs from here compute otherwise than those before, which "
-                        "trained with %s", ", ".join(f"{key}={getattr(config, key)}" for key in changed),
-                        ", ".join(f"{key}={before[key]}" for key in changed))
+    accelerator alone (NVIDIA's from Ampere on), where runs made before --tf32 ran cuDNN's
+    TF32 convolutions and full-float32 matrix products: neither setting resumes them as they were."""
+    changes = []
+    if saved.get("amp", False) != config.amp:
+        changes.append(f"amp={config.amp} (trained with amp={saved.get('amp', False)})")
+    if accelerator_for(device) is not None and saved.get("tf32") != config.tf32:
+        before = "TF32 convolutions and float32 matrix products, made before --tf32" if "tf32" not in saved else \
+            f"tf32={saved['tf32']}"
+        changes.append(f"tf32={config.tf32} (trained with {before}; on GPUs with TF32, Ampere and later)")
+    if changes:
+        _logger.warning("resuming with %s: the epochs from here compute otherwise than those before",
+                        "; ".join(changes))
 
 
 def _checkpoint_of(directory: RunDirectory, from_epoch: int | None) -> Path | None:

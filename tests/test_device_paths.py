@@ -198,9 +198,10 @@ def test_a_resume_on_an_accelerator_says_when_tf32_changes(tmp_path, data_dir, d
         caplog.clear()
         train(resumed, run, resume=True, quiet=True)
         said = [record.getMessage() for record in caplog.records if "compute otherwise" in record.getMessage()]
-        before, after = (False, True) if isinstance(change, dict) else (True, False)
-        assert said == [f"resuming with tf32={after}: the epochs from here compute otherwise than those before, "
-                        f"which trained with tf32={before}"]
+        before = "tf32=False" if isinstance(change, dict) else \
+            "TF32 convolutions and float32 matrix products, made before --tf32"
+        assert said == [f"resuming with tf32={resumed.tf32} (trained with {before}; on GPUs with TF32, Ampere and "
+                        "later): the epochs from here compute otherwise than those before"]
 
 
 def test_a_writer_thread_that_cannot_take_the_device_fails_the_writer(tmp_path, device, monkeypatch):

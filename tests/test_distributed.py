@@ -93,7 +93,8 @@ def test_two_ranks_train_one_run(two_rank_run, data_dir):
     assert all(r["train"]["samples"] == 2000 for r in rows(run))
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt", "previous.pt"]
     assert json.loads((run / "summary.json").read_text())["world_size"] == 2
-    assert json.loads((run / "config.json").read_text())["batch_size"] == 64  # the recipe's 128 in all
+    config = json.loads((run / "config.json").read_text())
+    assert (config["batch_size"], config["world_size"]) == (64, 2)  # the recipe's 128 in all, which resumes keep
     store = SoftTargetStore.open(run / "store", read_only=True)
     assert store.num_samples == 1999 and store.sealed_epochs == [1, 2, 3]
     for epoch in (1, 2, 3):

@@ -356,6 +356,20 @@ def test_a_vocabularys_float32_rows_are_probability_vectors_to_the_writer_and_to
     assert str(verify_path(store.url).findings[0]).startswith("teacher of epoch 1: rows 3-3 are not probability")
 
 
+def test_rows_carried_forward_keep_the_allowance_their_sums_were_given(tmp_path):
+    """bfloat16 probabilities may sum to 1 within 2^-6; an epoch that predicts half of them
+    anew from logits carries the others forward with their sums, which verify allows them."""
+    store = SoftTargetStore.create(tmp_path / "store", np.arange(64) % 4, 4)
+    with store.writer(1, from_logits=False) as writer:
+        writer.write(torch.arange(64), torch.tensor([[0.5, 0.2, 0.2, 0.11]] * 64, dtype=torch.bfloat16))
+    store.seal(1)
+    with store.writer(2) as writer:
+        writer.write(torch.arange(32), torch.randn(32, 4))
+    store.seal(2)
+    assert store.epoch_info(2)["sum_tolerance"] == store.epoch_info(1)["sum_tolerance"] == 2 * 2**-7 + 4 * 2**-24
+    assert verify_path(store.url).ok
+
+
 def test_verify_names_every_damage_by_epoch_and_rows(store, labels):
     PredictionService(store).prepare(3)
     flip_byte(chunk(store, "teacher/epoch_0003", 2))

@@ -108,8 +108,9 @@ def test_the_recipes_batch_is_split_among_processes_and_a_given_batch_is_each_pr
 
 
 def _fp32_precisions() -> list[str]:
+    """cuDNN's convolutions and RNNs, cuBLAS's and the CPU's (oneDNN's) matrix products."""
     return [settings.fp32_precision for settings in (torch.backends.cudnn.conv, torch.backends.cudnn.rnn,
-                                                     torch.backends.cuda.matmul)]
+                                                     torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)]
 
 
 def _tf32_flags() -> tuple:
@@ -124,12 +125,14 @@ def _tf32_flags() -> tuple:
     return tuple(readings)
 
 
-_SETTINGS = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul)
+_SETTINGS = (torch.backends.cudnn.conv, torch.backends.cudnn.rnn, torch.backends.cuda.matmul,
+             torch.backends.mkldnn.matmul)
 CALLERS = {  # what a caller may have set before
     "torch's defaults": lambda: None,
-    "the newer settings alone": lambda: [setattr(setting, "fp32_precision", "ieee") for setting in _SETTINGS],
+    "the newer settings alone": lambda: [setattr(setting, "fp32_precision", "ieee") for setting in _SETTINGS[:3]],
     "TF32 backend-wide": lambda: setattr(torch.backends.cudnn, "fp32_precision", "tf32"),
     "a medium matrix-product precision": lambda: torch.set_float32_matmul_precision("medium"),
+    "the CPU's bfloat16 matrix products": lambda: setattr(torch.backends.mkldnn.matmul, "fp32_precision", "bf16"),
 }
 
 
@@ -147,8 +150,10 @@ def test_float32_math_is_full_float32_unless_tf32_is_asked_for(callers):
         before, flags_before = _fp32_precisions(), _tf32_flags()
         for tf32, inside, flags in ((True, ["tf32"] * 3, (True, True, "high")),
                                     (False, ["ieee"] * 3, (False, False, "highest"))):
-            with float32_precision(tf32):
-                assert _fp32_precisions() == inside and _tf32_flags() == flags
+            with float32_precision(tf32):  # the CPU's as the caller left it, which torch's one matmul
+                # precision reading then refuses to fold in with cuBLAS's unless the caller left it unset
+                readable = flags if before[3] == "none" else (*flags[:2], None)
+                assert _fp32_precisions() == [*inside, before[3]] and _tf32_flags() == readable
             assert _fp32_precisions() == before
             assert all(after == flag for after, flag in zip(_tf32_flags(), flags_before) if flag is not None)
     finally:  # torch's defaults again, for the tests after this one

@@ -400,15 +400,46 @@ def test_a_run_is_refused_in_another_number_of_processes_than_it_trains_in(tmp_p
     assert (f"the run in {run} trains in 2 process(es) with a batch of 64 each (world_size in its config): run it "
             "in as many (torchrun --nproc-per-node 2), not 1, or its batch of 128 would change") in resumed.stderr
     assert not (run / "store").exists() and not (run / "checkpoints").exists()
+    with pytest.raises(ValueError, match=re.escape(  # a new run from a config resolved in another process
+            "this config was resolved for 2 process(es) (a batch of 64 each), but trains in 1: resolve it in each "
+            "process (TrainConfig.resolved() reads torchrun's environment), or with resolved(world_size=1)")):
+        train(TrainConfig(epochs=1, data_dir=str(data_dir)).resolved(world_size=2), tmp_path / "new", quiet=True)
 
 
-def test_processes_forked_by_the_trainer_do_not_hold_the_run(tmp_path):
-    """DataLoader workers are forked: one that outlives its killed trainer (stuck writing a
-    batch into the pipe nobody reads) would keep the run, and every resume refused."""
+def test_a_process_forked_as_the_lock_is_let_go_does_not_keep_it(tmp_path, monkeypatch):
+    """A fork from another thread while the trainer lets the run go, once it no longer
+    counts the lock as its own, copies the lock's file: letting go unlocks every copy."""
+    from pskd_store import run_directory
+
     run = RunDirectory(tmp_path / "run")
     fork = multiprocessing.get_context("fork")
     working = fork.Event()
     with run.lock():
+        monkeypatch.setattr(run_directory, "_HELD_LOCKS", set())  # that moment: no longer counted
+        worker = fork.Process(target=lambda: (working.set(), time.sleep(30)))
+        worker.start()
+        assert working.wait(30)
+    try:
+        with run.lock():
+            pass
+    finally:
+        worker.kill()
+        worker.join()
+
+
+def test_processes_forked_by_the_trainer_do_not_hold_the_run(tmp_path):
+    """DataLoader workers are forked: one that outlives its killed trainer (stuck writing a
+    batch into the pipe nobody reads) would keep the run, and every resume refused. The lock
+    names its trainer and what tells, on its machine, whether it still runs."""
+    run = RunDirectory(tmp_path / "run")
+    fork = multiprocessing.get_context("fork")
+    working = fork.Event()
+    with run.lock():
+        holder, record = (run.path / ".lock").read_text().splitlines()
+        this_process = Owner.this_process()
+        assert holder == f"process {os.getpid()} on {this_process.host}"
+        assert json.loads(record) == {key: value for key, value in dataclasses.asdict(this_process).items()
+                                      if key != "token"}
         worker = fork.Process(target=lambda: (working.set(), time.sleep(30)))
         worker.start()
         assert working.wait(30)  # forked, and running its own code
@@ -521,8 +552,8 @@ def test_resume_refuses_new_run_options_and_existing_output_needs_resume(tmp_pat
     assert "compute otherwise" not in (run / "train.log").read_text()
     lengthen_run(run, 3)
     pskd_in_process("train", "--resume", str(run), "--amp", "-q", check=True)
-    assert ("resuming with amp=True: the epochs from here compute otherwise than those before, which trained "
-            "with amp=False") in (run / "train.log").read_text()
+    assert ("resuming with amp=True (trained with amp=False): the epochs from here compute otherwise than those "
+            "before") in (run / "train.log").read_text()
 
 
 @pytest.mark.slow
