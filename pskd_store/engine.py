@@ -57,7 +57,9 @@ def float32_precision(tf32: bool) -> Iterator[None]:
     each operation's explicitly (an unset one inherits a caller's backend-wide setting).
     The CPU's (oneDNN's) are left as they are (where a caller set them, torch's one matmul
     precision reading, which folds in both, is unreadable inside). Put back afterwards: the
-    newer settings as found, the older where they were readable."""
+    newer settings as found, the older where they were readable. (torch reads back what a
+    setting resolves to: one that followed a backend-wide setting before is set to that
+    value after, and no longer follows a later change of it.)"""
     kept = [setting.fp32_precision for setting in (*_PRECISION_SETTINGS, _CPU_MATMUL)]
     cudnn_flag = _readable(lambda: torch.backends.cudnn.allow_tf32)
     matmul_flag = _readable(lambda: torch.backends.cuda.matmul.allow_tf32)

@@ -178,7 +178,8 @@ class RunDirectory:
                 file.flush()
                 yield
             finally:
-                fcntl.flock(file, fcntl.LOCK_UN)  # also from the copies a fork made while it was released
+                with contextlib.suppress(OSError):  # a file system without locks: none to let go
+                    fcntl.flock(file, fcntl.LOCK_UN)  # also from the copies a fork made while it was released
                 _HELD_LOCKS.discard(file.fileno())
 
     def remove_temporary_files(self) -> list[Path]:

@@ -228,8 +228,8 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
         if not resume:
             raise ValueError(
                 f"this config was resolved for {config.world_size} process(es) (a batch of {config.batch_size} "
-                f"each), but trains in {env.world_size}: resolve it in each process (TrainConfig.resolved() reads "
-                f"torchrun's environment), or with resolved(world_size={env.world_size})")
+                f"each), but trains in {env.world_size}: build and resolve it in each process "
+                "(TrainConfig(...).resolved() reads torchrun's environment)")
         raise ValueError(
             f"the run in {directory.path} trains in {config.world_size} process(es) with a batch of "
             f"{config.batch_size} each (world_size in its config): run it in as many (torchrun --nproc-per-node "

@@ -4,6 +4,7 @@ in-process (click's runner) where torchvision's CIFAR checksums must be swapped.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
 import multiprocessing
@@ -401,12 +402,12 @@ def test_a_run_is_refused_in_another_number_of_processes_than_it_trains_in(tmp_p
             "in as many (torchrun --nproc-per-node 2), not 1, or its batch of 128 would change") in resumed.stderr
     assert not (run / "store").exists() and not (run / "checkpoints").exists()
     with pytest.raises(ValueError, match=re.escape(  # a new run from a config resolved in another process
-            "this config was resolved for 2 process(es) (a batch of 64 each), but trains in 1: resolve it in each "
-            "process (TrainConfig.resolved() reads torchrun's environment), or with resolved(world_size=1)")):
+            "this config was resolved for 2 process(es) (a batch of 64 each), but trains in 1: build and resolve it "
+            "in each process (TrainConfig(...).resolved() reads torchrun's environment)")):
         train(TrainConfig(epochs=1, data_dir=str(data_dir)).resolved(world_size=2), tmp_path / "new", quiet=True)
 
 
-def test_a_process_forked_as_the_lock_is_let_go_does_not_keep_it(tmp_path, monkeypatch):
+def test_a_process_forked_as_the_lock_is_let_go_does_not_keep_it(tmp_path):
     """A fork from another thread while the trainer lets the run go, once it no longer
     counts the lock as its own, copies the lock's file: letting go unlocks every copy."""
     from pskd_store import run_directory
@@ -415,7 +416,7 @@ def test_a_process_forked_as_the_lock_is_let_go_does_not_keep_it(tmp_path, monke
     fork = multiprocessing.get_context("fork")
     working = fork.Event()
     with run.lock():
-        monkeypatch.setattr(run_directory, "_HELD_LOCKS", set())  # that moment: no longer counted
+        run_directory._HELD_LOCKS.clear()  # that moment: no longer counted
         worker = fork.Process(target=lambda: (working.set(), time.sleep(30)))
         worker.start()
         assert working.wait(30)
@@ -425,6 +426,24 @@ def test_a_process_forked_as_the_lock_is_let_go_does_not_keep_it(tmp_path, monke
     finally:
         worker.kill()
         worker.join()
+
+
+def test_the_lock_is_counted_before_it_is_taken_and_not_after_it_fails(tmp_path, monkeypatch):
+    """Counted first, a process forked while the lock is being taken holds nothing; a file
+    system without locks (ENOLCK) leaves nothing counted that a later fork would close."""
+    from pskd_store import run_directory
+
+    counted = []
+
+    def no_locks(file, operation) -> None:
+        counted.append(file.fileno() in run_directory._HELD_LOCKS)
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(OSError, match="No locks available"):
+        with RunDirectory(tmp_path / "run").lock():
+            pass
+    assert counted == [True, True] and not run_directory._HELD_LOCKS  # taking it, then letting it go
 
 
 def test_processes_forked_by_the_trainer_do_not_hold_the_run(tmp_path):
