@@ -171,6 +171,9 @@ class RunDirectory:
                 except BlockingIOError:
                     file.seek(0)
                     raise RunError(_held_by(file.read().strip(), self.path / ".lock")) from None
+                except OSError as err:  # ENOLCK, EOPNOTSUPP: a network or FUSE file system without locks
+                    raise RunError(f"cannot lock {self.path / '.lock'} ({err.strerror}): its file system takes no "
+                                   "locks; train into a directory on one that does (a local disk)") from err
                 file.truncate(0)
                 owner = asdict(Owner.this_process())  # and what tells, on this machine, whether it still runs
                 del owner["token"]  # a claim's, among one process's claims

@@ -430,7 +430,8 @@ def test_a_process_forked_as_the_lock_is_let_go_does_not_keep_it(tmp_path):
 
 def test_the_lock_is_counted_before_it_is_taken_and_not_after_it_fails(tmp_path, monkeypatch):
     """Counted first, a process forked while the lock is being taken holds nothing; a file
-    system without locks (ENOLCK) leaves nothing counted that a later fork would close."""
+    system without locks (ENOLCK) is named, and leaves nothing counted that a later fork
+    would close."""
     from pskd_store import run_directory
 
     counted = []
@@ -440,7 +441,9 @@ def test_the_lock_is_counted_before_it_is_taken_and_not_after_it_fails(tmp_path,
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(fcntl, "flock", no_locks)
-    with pytest.raises(OSError, match="No locks available"):
+    with pytest.raises(RunError, match=re.escape(
+            f"cannot lock {tmp_path / 'run' / '.lock'} (No locks available): its file system takes no locks; train "
+            "into a directory on one that does (a local disk)")):
         with RunDirectory(tmp_path / "run").lock():
             pass
     assert counted == [True, True] and not run_directory._HELD_LOCKS  # taking it, then letting it go
