@@ -256,7 +256,8 @@ def check_syncs(tmp: Path, steps: int, device: str = "cuda", batch_size: int = 1
         loader, _ = train_loader(run.method, run.train_data, splits, config, env, chosen)
         augment = None
         if aug != "none":
-            augment = BatchAugment(aug, K, cutmix_prob=config.cutmix_prob, seed=config.seed)
+            augment = BatchAugment(aug, K, cutmix_prob=config.cutmix_prob, cutout_hole=config.cutout_hole,
+                                   seed=config.seed)
         _set_teacher(run.train_data, run.store, env, directory, 1)
         train_epoch = functools.partial(_train_epoch, run.model, run.method, loader, run.optimizer, run.store, config,
                                         env, chosen)

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .seeding import STEP, draw_seed
 
-CUTOUT_HOLE = 8  # pixels: the paper's Cutout setting (and DeVries & Taylor's for CIFAR-100)
+CUTOUT_HOLE = 8  # pixels: the paper's Cutout setting (and DeVries & Taylor's for CIFAR-100; recipe.py: per data set)
 CUTMIX_BETA = 1.0  # lambda ~ Beta(1, 1): Yun et al.'s setting on CIFAR and ImageNet
 
 
@@ -63,12 +63,14 @@ class BatchAugment:
     """Cutout or CutMix for one training step. ``cutmix_prob`` is the chance that a batch
     is mixed, unless the call says ``always`` (PS-KD's augmented half)."""
 
-    def __init__(self, kind: str, num_classes: int, *, cutmix_prob: float = 0.5, seed: int = 0, rank: int = 0):
+    def __init__(self, kind: str, num_classes: int, *, cutmix_prob: float = 0.5, cutout_hole: int = CUTOUT_HOLE,
+                 seed: int = 0, rank: int = 0):
         if kind not in ("cutout", "cutmix"):
             raise ValueError(f"unknown augmentation {kind!r}; choose cutout or cutmix")
         self.kind = kind
         self.num_classes = num_classes
         self.cutmix_prob = cutmix_prob
+        self.cutout_hole = cutout_hole
         self.seed = seed
         self.rank = rank
         self._cutmix = None
@@ -95,8 +97,8 @@ class BatchAugment:
     def _augment(self, inputs: Tensor, targets: Tensor, labels: Tensor, partners: Tensor | None,
                  holes: torch.Generator, always: bool) -> Augmented:
         if self.kind == "cutout":
-            cut_partners = None if partners is None else cutout(partners, generator=holes)
-            return Augmented(cutout(inputs, generator=holes), targets, cut_partners, mixed=False)
+            cut_partners = None if partners is None else cutout(partners, self.cutout_hole, holes)
+            return Augmented(cutout(inputs, self.cutout_hole, holes), targets, cut_partners, mixed=False)
         if not always and torch.rand(()) >= self.cutmix_prob:
             return Augmented(inputs, targets, partners, mixed=False)
         if partners is None:

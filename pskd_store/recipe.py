@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .augment import CUTOUT_HOLE
 from .distributed import torchrun_environment
 from .loss import CsKd, TfKd
 from .methods import METHODS
@@ -18,7 +19,7 @@ from .models import input_kind
 
 AUGMENTATIONS = {
     "none": "the data set's own augmentation only",
-    "cutout": "Cutout, one 8x8 hole (8 samples of a 1-D signal): on every image with ce/ls/tfkd "
+    "cutout": "Cutout, one 8x8 hole (16x16 on cifar10, 8 samples of a 1-D signal): on every image with ce/ls/tfkd "
               "(cskd: and every partner); on half of each batch with pskd (PS-KD targets on the other half)",
     "cutmix": "CutMix, Beta(1,1): on a whole batch with probability --cutmix-prob with ce/ls/tfkd (cskd: partners "
               "get their samples' box and mixed label); on half of each batch with pskd",
@@ -43,6 +44,9 @@ PLACEMENT_OPTIONS = ("workers", "device", "cache_dir", "amp", "tf32", "channels_
 # CutMix's chance of mixing a batch (CE/LS/TF-KD/CS-KD): clovaai/CutMix-PyTorch's README
 # commands, --cutmix_prob 0.5 for CIFAR and 1.0 for ImageNet (both --beta 1.0). The
 # offline sets take CIFAR's value, ImageFolder trees ImageNet's.
+#
+# Cutout's hole: DeVries & Taylor's side per data set (uoguelph-mlrg/Cutout: 16 for
+# CIFAR-10, 8 for CIFAR-100, the PS-KD paper's); the rest take CIFAR-100's (CUTOUT_HOLE).
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # Offline default (this project's, not the paper's): a small MLP that over-fits
     # MNIST-1D within minutes on a CPU; in-memory tensors, so no worker processes.
@@ -56,7 +60,7 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     # --weight_decay 5e-4, --lr_decay_schedule 150 225, --lr_decay_rate 0.1).
     # Default arch: the authors' --classifier_type ResNet18 (PreAct ResNet-18).
     "cifar10": dict(arch="preact_resnet18", epochs=300, batch_size=128, lr=0.1, weight_decay=5e-4,
-                    milestones=[0.5, 0.75], cutmix_prob=0.5),
+                    milestones=[0.5, 0.75], cutmix_prob=0.5, cutout_hole=16),
     "cifar100": dict(arch="preact_resnet18", epochs=300, batch_size=128, lr=0.1, weight_decay=5e-4,
                      milestones=[0.5, 0.75], cutmix_prob=0.5),
     # ImageNet: paper (ResNet-152, 90 epochs, batch 256, lr 0.1 x0.1 at 30 and 60, weight
@@ -146,6 +150,9 @@ class TrainConfig:
     store_topk: int | None = None  # None: all K probabilities; k: the k largest and their classes
     store: str | None = None  # the store's URL (e.g. s3://bucket/run/store); None: RUN/store
     cutmix_prob: float | None = None  # None: per data set (DATASET_DEFAULTS)
+    # Cutout's side; None: per data set (DATASET_DEFAULTS), and in a config from before the field
+    # the CUTOUT_HOLE it trained with
+    cutout_hole: int | None = None
     img_size: int | None = None  # imagenet/folder: the crop's side (timm's --img-size); None: 224
     dist_timeout: float = DIST_TIMEOUT_S
     # TF-KD (loss.TfKd); None: per architecture (TFKD_DEFAULTS, ARCH_DEFAULTS)
@@ -167,7 +174,7 @@ class TrainConfig:
             world_size = env.world_size if env else 1
         if self.dataset not in DATASET_DEFAULTS:
             raise ValueError(f"unknown data set {self.dataset!r}; choose one of {', '.join(DATASET_DEFAULTS)}")
-        defaults = {**TFKD_DEFAULTS, **DATASET_DEFAULTS[self.dataset]}
+        defaults = {**TFKD_DEFAULTS, "cutout_hole": CUTOUT_HOLE, **DATASET_DEFAULTS[self.dataset]}
         arch = self.arch or defaults["arch"]
         defaults.update(ARCH_DEFAULTS.get(arch, {}))
         values = {k: (defaults[k] if getattr(self, k) is None and k in defaults else getattr(self, k))

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from .accelerator import accelerator_for
-from .augment import BatchAugment
+from .augment import CUTOUT_HOLE, BatchAugment
 from .checkpoint import (
     CheckpointDamagedError,
     checkpoint_epoch,
@@ -252,6 +252,7 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
     augment = None
     if config.aug != "none":
         augment = BatchAugment(config.aug, run.splits.num_classes, cutmix_prob=config.cutmix_prob,
+                               cutout_hole=CUTOUT_HOLE if config.cutout_hole is None else config.cutout_hole,
                                seed=config.seed, rank=env.rank)
     test_predictions = None
     for epoch in range(start, config.epochs + 1):
