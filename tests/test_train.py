@@ -615,7 +615,6 @@ def test_cskd_pairs_the_training_subset_and_augments_partners_too(tmp_path, data
     the data set itself, and both forwards of a step (the trained half's, the partners')
     see Cutout's holes."""
     import pskd_store.methods as methods
-    import pskd_store.training as training
     from pskd_store.data import build_datasets
 
     batches: list[list[int]] = []
@@ -626,16 +625,8 @@ def test_cskd_pairs_the_training_subset_and_augments_partners_too(tmp_path, data
                 batches.append(list(batch))
                 yield batch
 
-    forwards: list[torch.Tensor] = []
-    create_model = training.create_model
-
-    def recording_model(name: str, num_classes: int) -> torch.nn.Module:
-        model = create_model(name, num_classes)
-        model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].clone()) if m.training else None)
-        return model
-
+    forwards = _training_forwards(monkeypatch)
     monkeypatch.setattr(methods, "ClassPairBatchSampler", RecordingPairs)
-    monkeypatch.setattr(training, "create_model", recording_model)
     config = TrainConfig(method="cskd", aug="cutout", val_split=0.25, epochs=1, steps_per_epoch=4,
                          batch_size=32, data_dir=str(data_dir)).resolved()
     train(config, tmp_path / "run", quiet=True)
@@ -648,6 +639,22 @@ def test_cskd_pairs_the_training_subset_and_augments_partners_too(tmp_path, data
     assert len(forwards) == 8  # per step: the trained half, then its partners
     for inputs in forwards:
         assert ((inputs == 0).flatten(1).sum(1) >= CUTOUT_HOLE // 2).all()
+
+
+def _training_forwards(monkeypatch: pytest.MonkeyPatch) -> list[torch.Tensor]:
+    """The inputs of every training-mode forward of the models `train` builds from now on."""
+    import pskd_store.training as training
+
+    forwards: list[torch.Tensor] = []
+    create_model = training.create_model
+
+    def recording_model(name: str, num_classes: int) -> torch.nn.Module:
+        model = create_model(name, num_classes)
+        model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].clone()) if m.training else None)
+        return model
+
+    monkeypatch.setattr(training, "create_model", recording_model)
+    return forwards
 
 
 def _hole_sides(model_inputs: list[torch.Tensor]) -> set[int]:
@@ -664,17 +671,7 @@ def _hole_sides(model_inputs: list[torch.Tensor]) -> set[int]:
 def test_cutout_cuts_the_hole_of_its_data_set_and_old_runs_keep_theirs(tmp_path, cifar10_dir, data_dir, monkeypatch):
     """DeVries & Taylor's side per data set: 16 on CIFAR-10 (8 on CIFAR-100, the recipe's
     for the rest); a config from before the setting trains on with the 8 it had."""
-    import pskd_store.training as training
-
-    forwards: list[torch.Tensor] = []
-    create_model = training.create_model
-
-    def recording_model(name: str, num_classes: int) -> torch.nn.Module:
-        model = create_model(name, num_classes)
-        model.register_forward_pre_hook(lambda m, args: forwards.append(args[0].clone()) if m.training else None)
-        return model
-
-    monkeypatch.setattr(training, "create_model", recording_model)
+    forwards = _training_forwards(monkeypatch)
     config = TrainConfig(dataset="cifar10", data_dir=str(cifar10_dir), method="ce", aug="cutout", epochs=1,
                          steps_per_epoch=2, batch_size=32, workers=0).resolved()
     assert config.cutout_hole == 16
