@@ -34,6 +34,12 @@ def _torch_dtype(dtype: np.dtype) -> torch.dtype:
 UNREADABLE_ROWS = "name class ids outside [0, K): their chunks were rewritten with valid checksums"
 
 
+def rounding_tolerance(*epsilons: float) -> float:
+    """How far from 1 rounding a probability row to the coarsest of the dtypes with these
+    machine ``epsilons`` may move its sum: at most half an epsilon; twice that, at least 1e-5."""
+    return max(1e-5, *(2 * float(eps) for eps in epsilons))
+
+
 def summation_slack(num_classes: int) -> float:
     """How far float32 arithmetic alone may move the sum of a softmax row of
     ``num_classes`` probabilities from 1: its denominator sums K terms, each addition off

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from .errors import EpochNotSealedError, StoreDamagedError, StoreError
 from .integrity import DamagedChunk, row_ranges
-from .row_encoding import summation_slack
+from .row_encoding import rounding_tolerance, summation_slack
 from .run_directory import RunDirectory, RunError
 from .store import SoftTargetStore
 from .store_keys import TRAJECTORY_FIELDS, cache_file_name, slice_rows
@@ -189,8 +189,8 @@ def _sum_tolerance(store: SoftTargetStore, epoch: int) -> float:
     the probability rows given were allowed (the seal records it), or for logits float32's
     summation of K terms in the writer's softmax."""
     given = _statistics(store, epoch).get("sum_tolerance")
-    return max(1e-5, 2 * float(np.finfo(store.dtype).eps)) + (summation_slack(store.num_classes) if given is None
-                                                               else given)
+    return rounding_tolerance(np.finfo(store.dtype).eps) + (summation_slack(store.num_classes) if given is None
+                                                            else given)
 
 
 def _check_teacher(store: SoftTargetStore, epoch: int, labels: np.ndarray | None,

@@ -33,7 +33,7 @@ import torch
 
 from .accelerator import Accelerator, accelerator_for
 from .errors import StoreError, os_problem
-from .row_encoding import summation_slack
+from .row_encoding import rounding_tolerance, summation_slack
 
 if TYPE_CHECKING:
     from typing_extensions import Self  # typing's from Python 3.11
@@ -406,10 +406,9 @@ def _drain(writer: weakref.ref[PredictionWriter], buffers: queue.Queue, device: 
 
 @functools.lru_cache(maxsize=None)  # called on every write: the training thread's time
 def _sum_tolerance(num_classes: int, *dtypes: torch.dtype) -> float:
-    """How far from 1 a probability row's sum may be: rounding each value to the coarsest
-    of ``dtypes`` moves the sum by at most half an epsilon (twice that, at least 1e-5), and
-    float32's summation of K terms by :func:`row_encoding.summation_slack`."""
-    return max(1e-5, *(2 * torch.finfo(dtype).eps for dtype in dtypes)) + summation_slack(num_classes)
+    """How far from 1 a probability row's sum may be: the rounding to the coarsest of
+    ``dtypes`` and float32's summation of K terms (row_encoding.py)."""
+    return rounding_tolerance(*(torch.finfo(dtype).eps for dtype in dtypes)) + summation_slack(num_classes)
 
 
 def _probability_rows(values: torch.Tensor, tolerance: float) -> torch.Tensor:
