@@ -73,11 +73,19 @@ class Distributed:
         return gathered
 
 
-def local_main_first(env: Distributed, action: Callable[[], T]) -> T:
+def local_main_first(env: Distributed, action: Callable[[], T], *, shared_between_nodes: bool = False) -> T:
     """Run ``action`` on each node's local rank 0, then, once it is done, on the node's other
     ranks, and return what it returned: the first downloads the data set or decodes the
-    teacher into the node's files, the others read those."""
-    if env.is_local_main:
+    teacher into the node's files, the others read those. With ``shared_between_nodes`` (a
+    data folder that several nodes may see, on a network file system) rank 0 runs it alone
+    before the other nodes' first ranks, so that one process downloads into the folder and
+    the others find it whole; a node-local folder is still filled by its node's first rank."""
+    done = False
+    if shared_between_nodes and env.spans_nodes:
+        if env.is_main:
+            result, done = action(), True
+        env.barrier()
+    if env.is_local_main and not done:
         result = action()
     env.barrier()
     if not env.is_local_main:

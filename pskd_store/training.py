@@ -98,10 +98,11 @@ def build_run(config: TrainConfig, directory: RunDirectory, env: Distributed, de
     """Data, model, store and optimizer of a run on this rank (the store is created on
     first use, by rank 0). ``splits`` replaces the data set ``config`` names (benchmarks
     on synthetic data)."""
-    if splits is None:  # the node's first rank downloads or unpacks what is missing; the others then read it
+    if splits is None:  # one rank downloads or unpacks what is missing; the others then read it
         splits = local_main_first(env, lambda: build_datasets(
             config.dataset, config.data_dir, val_split=config.val_split, train_subset=config.train_subset,
-            crop_flip=config.crop_flip, seed=config.seed, download=config.download, img_size=config.img_size))
+            crop_flip=config.crop_flip, seed=config.seed, download=config.download, img_size=config.img_size),
+            shared_between_nodes=True)
     if input_kind(config.arch) != splits.input_kind:
         raise ValueError(
             f"--arch {config.arch} takes {input_kind(config.arch)} inputs but {config.dataset} "

@@ -45,17 +45,20 @@ def torchrun(nproc: int, *args: str, check: bool = True, timeout: float = 120) -
     return result
 
 
-def gloo_ranks(world_size: int, rank_main, *args) -> list[multiprocessing.Process]:
+def gloo_ranks(world_size: int, rank_main, *args,
+               ranks_per_node: int | None = None) -> list[multiprocessing.Process]:
     """``rank_main(*args)`` in ``world_size`` children forked from this process, each with the
-    environment torchrun gives its ranks on one node: real processes in a real gloo group,
-    without torchrun's and each rank's Python start (3-5 s of CPU each). For tests of what
-    ranks do together; training under torchrun itself is launched by torchrun."""
+    environment torchrun gives its ranks (all on one node, or ``ranks_per_node`` to a node):
+    real processes in a real gloo group, without torchrun's and each rank's Python start (3-5
+    s of CPU each). For tests of what ranks do together; training under torchrun itself is
+    launched by torchrun."""
     assert not dist.is_initialized(), "a forked rank would inherit this process's group"
     port = str(_free_port())
+    per_node = ranks_per_node or world_size
 
     def as_rank(rank: int) -> None:
-        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                          LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank % per_node), WORLD_SIZE=str(world_size),
+                          LOCAL_WORLD_SIZE=str(per_node), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         rank_main(*args)
 
     return [forked(as_rank, rank) for rank in range(world_size)]
@@ -189,10 +192,13 @@ def _build_a_run_recording_when_its_data_set_is_read(root: Path, data_dir: Path)
         teardown()
 
 
-def test_a_nodes_first_rank_reads_the_data_set_before_the_others_into_the_same_files(tmp_path, data_dir):
+@pytest.mark.parametrize("ranks_per_node", [2, 1])
+def test_one_rank_reads_the_data_set_before_the_others_into_the_same_files(tmp_path, data_dir, ranks_per_node):
     """Every rank would otherwise download a missing CIFAR or unpack Fashion-MNIST into the
-    same files at once, each truncating what another is checking or extracting."""
-    ranks = gloo_ranks(2, _build_a_run_recording_when_its_data_set_is_read, tmp_path, data_dir)
+    same files at once, each truncating what another is checking or extracting: the ranks of
+    one node, and the first ranks of nodes that share the data folder (two "nodes" here)."""
+    ranks = gloo_ranks(2, _build_a_run_recording_when_its_data_set_is_read, tmp_path, data_dir,
+                       ranks_per_node=ranks_per_node)
     assert [exit_code(rank, timeout=60) for rank in ranks] == [0, 0]
     (began_0, ended_0), (began_1, _) = ([float(t) for t in (tmp_path / f"read_by_{rank}").read_text().split()]
                                         for rank in (0, 1))

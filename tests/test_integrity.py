@@ -725,6 +725,26 @@ def test_probability_rows_the_writer_accepted_pass_verify(tmp_path, given, store
     assert "rows 5-5 are not probability vectors" in " ".join(str(f) for f in verify_path(store.url).findings)
 
 
+@pytest.mark.parametrize("off, taken", [(8e-6, True), (3e-5, False)])
+def test_float32_rows_are_allowed_the_stores_1e_5_and_no_more(tmp_path, off, taken):
+    """Below float16, twice the dtype's epsilon is tighter than the 1e-5 every store has
+    allowed a row's sum (float32: 2.4e-7): rows within it, which stores sealed before took,
+    are still probabilities to the writer and to verify; rows past it are refused."""
+    n, k = 32, 10
+    probs = torch.rand(n, k, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    probs = (probs / probs.sum(1, keepdim=True) * (1 + off)).float()
+    store = SoftTargetStore.create(tmp_path / "store", np.arange(n) % k, k, dtype="float32")
+    if not taken:
+        with pytest.raises(ValueError, match="rows written for epoch 1 are not"):
+            with store.writer(1, from_logits=False) as writer:
+                writer.write(torch.arange(n), probs)
+        return
+    with store.writer(1, from_logits=False) as writer:
+        writer.write(torch.arange(n), probs)
+    store.seal(1)
+    assert verify_path(store.url).ok
+
+
 def _rewrite_rows(store: SoftTargetStore, epoch: int, edit) -> None:
     """Rewrite teacher rows through zarr (valid checksums), as an editor with the right tools would."""
     teacher = zarr.open_array(Path(store.url) / f"teacher/{epoch_key(epoch)}", mode="r+")
