@@ -156,7 +156,8 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
 @click.option("--img-size", type=int,
               help="imagenet/folder: side of the training crop and the evaluation centre crop (evaluation "
                    "resizes to img-size/0.875 first, as the authors' 256 for 224); 224 by default. Set it "
-                   "near a folder's image size (e.g. 32 or 64) so small images are not upsampled to 224.")
+                   "near a folder's image size (e.g. 32 or 64) so small images are not upsampled to 224; at 32 "
+                   "the 32x32 (CIFAR) models take them too.")
 @click.option("--cutmix-prob", type=float,
               help="--aug cutmix with ce/ls/tfkd/cskd: chance that a batch is mixed; CutMix's authors' value "
                    f"per data set by default ({_per_dataset('cutmix_prob')}).")

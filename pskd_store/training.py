@@ -103,10 +103,12 @@ def build_run(config: TrainConfig, directory: RunDirectory, env: Distributed, de
             config.dataset, config.data_dir, val_split=config.val_split, train_subset=config.train_subset,
             crop_flip=config.crop_flip, seed=config.seed, download=config.download, img_size=config.img_size),
             shared_between_nodes=True)
-    if input_kind(config.arch) != splits.input_kind:
+    model_kind = input_kind(config.arch)
+    if model_kind != splits.input_kind and not (model_kind == "32x32" and config.img_size == 32):
+        crop = " (or --img-size 32 for its 32-pixel crops)" if model_kind == "32x32" and config.img_size else ""
         raise ValueError(
-            f"--arch {config.arch} takes {input_kind(config.arch)} inputs but {config.dataset} "
-            f"has {splits.input_kind} inputs; see `pskd-store train --help` for the models of each"
+            f"--arch {config.arch} takes {model_kind} inputs but {config.dataset} has {splits.input_kind} "
+            f"inputs; see `pskd-store train --help` for the models of each{crop}"
         )
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     network = create_model(config.arch, splits.num_classes).to(device)

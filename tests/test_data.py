@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import shutil
 import subprocess
@@ -408,18 +409,28 @@ def test_no_crop_flip_trains_on_the_images_as_the_evaluation_sees_them(tmp_path,
     assert not runs[False].splits.random_transforms and runs[True].splits.random_transforms
 
 
-def test_a_runs_data_follow_its_img_size(imagefolder_dir, tmp_path):
-    """`train --dataset folder --img-size 32` crops the training and test images to 32 pixels."""
+@pytest.mark.parametrize("arch", ["tv_resnet18", "preact_resnet18"])
+def test_a_runs_data_follow_its_img_size(imagefolder_dir, tmp_path, arch):
+    """`train --dataset folder --img-size 32` crops the training and test images to 32 pixels,
+    which an ImageNet model and a CIFAR model (built for 32 pixels) both take; at another
+    size the CIFAR model is refused, naming the size it takes."""
     from pskd_store.distributed import Distributed
     from pskd_store.run_directory import RunDirectory
     from pskd_store.training import build_run
 
-    config = TrainConfig(dataset="folder", data_dir=str(imagefolder_dir), arch="tv_resnet18", img_size=32,
+    config = TrainConfig(dataset="folder", data_dir=str(imagefolder_dir), arch=arch, img_size=32,
                          workers=0, batch_size=4).resolved()
     run = build_run(config, RunDirectory(tmp_path / "run"), Distributed(), torch.device("cpu"))
     run.train_data.set_epoch(1)
-    assert run.train_data[0][0].shape == (3, 32, 32)
+    inputs = torch.stack([run.train_data[i][0] for i in range(4)])
+    assert inputs.shape == (4, 3, 32, 32)
     assert next(iter(run.test_loader))[0].shape[1:] == (3, 32, 32)
+    assert run.model(inputs).shape == (4, 3)
+    if arch.startswith("tv_"):
+        return
+    with pytest.raises(ValueError, match=r"takes 32x32 inputs but folder has 224x224 inputs; .* \(or --img-size 32"):
+        build_run(dataclasses.replace(config, img_size=64), RunDirectory(tmp_path / "other"), Distributed(),
+                  torch.device("cpu"))
 
 
 def test_the_offline_default_never_imports_torchvision(data_dir) -> None:
