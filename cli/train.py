@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from pskd_store.augment import CUTOUT_HOLE
 from pskd_store.data import DATASETS
 from pskd_store.methods import METHODS
 from pskd_store.models import available_models, input_kind
@@ -56,8 +57,12 @@ def _per_dataset(field: str) -> str:
 
 
 def _per_arch(field: str) -> str:
-    special = [f"{arch} {defaults[field]:g}" for arch, defaults in ARCH_DEFAULTS.items() if field in defaults]
-    return ", ".join(special + [f"else {TFKD_DEFAULTS[field]:g}"])
+    return _where_set(ARCH_DEFAULTS, field, TFKD_DEFAULTS[field])
+
+
+def _where_set(table: dict[str, dict], field: str, otherwise: float) -> str:
+    special = [f"{name} {defaults[field]:g}" for name, defaults in table.items() if field in defaults]
+    return ", ".join(special + [f"else {otherwise:g}"])
 
 
 # Every default is TrainConfig's: the options below only point at it.
@@ -72,7 +77,8 @@ def _choices(options: dict[str, str]) -> str:
 RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "aug", "epochs",
                "batch_size", "lr", "momentum", "nesterov", "weight_decay", "milestones", "lr_gamma",
                "val_split", "train_subset", "crop_flip", "seed", "deterministic", "steps_per_epoch", "store_dtype",
-               "store_topk", "store", "ece_bins", "cutmix_prob", "img_size", "tfkd_alpha", "tfkd_temperature",
+               "store_topk", "store", "ece_bins", "cutmix_prob", "cutout_hole", "img_size", "tfkd_alpha",
+               "tfkd_temperature",
                "tfkd_multiplier", "cskd_temperature", "cskd_weight", "output")
 
 
@@ -161,6 +167,10 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
 @click.option("--cutmix-prob", type=float,
               help="--aug cutmix with ce/ls/tfkd/cskd: chance that a batch is mixed; CutMix's authors' value "
                    f"per data set by default ({_per_dataset('cutmix_prob')}).")
+@click.option("--cutout-hole", type=int, metavar="PIXELS",
+              help="--aug cutout: side of the hole (samples of a 1-D signal); DeVries & Taylor's per data set "
+                   f"by default ({_where_set(DATASET_DEFAULTS, 'cutout_hole', CUTOUT_HOLE)}); an odd side cuts one "
+                   "less, as their code does. Scale it with --img-size on imagenet/folder.")
 @click.option("--tfkd-alpha", type=float,
               help="--method tfkd: weight of the virtual teacher's KL term (authors' reg_alpha); their value "
                    f"per architecture by default ({_per_arch('tfkd_alpha')}).")
@@ -270,12 +280,16 @@ def _refuse_settings_not_read(ctx: click.Context, method: str, aug: str) -> None
     readers = {name: [m for m, cls in METHODS.items() if name in cls.settings]
                for cls in METHODS.values() for name in cls.settings}
     readers["cutmix_prob"] = [m for m, cls in METHODS.items() if cls.mixes_by_chance]  # with --aug cutmix
+    readers["cutout_hole"] = list(METHODS)  # with --aug cutout
+    augmentation = {"cutmix_prob": "cutmix", "cutout_hole": "cutout"}  # the --aug a setting needs
     for name, methods in readers.items():
-        read = method in methods and (name != "cutmix_prob" or aug == "cutmix")
+        read = method in methods and augmentation.get(name, aug) == aug
         if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None) and not read:
             flag = next(param.opts[0] for param in ctx.command.params if param.name == name)
             by = " or ".join(f"--method {m}" for m in methods)
-            if name == "cutmix_prob":
-                by = f"--aug cutmix with {by}"
+            if name == "cutout_hole":
+                by = "--aug cutout"
+            elif name in augmentation:
+                by = f"--aug {augmentation[name]} with {by}"
             raise click.UsageError(f"{flag} is read by {by}, not by --method {method} --aug {aug}: drop it")
 

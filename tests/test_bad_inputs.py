@@ -380,6 +380,8 @@ pskd = partial(pskd, check=False)  # these commands are meant to fail
      "by --method ce --aug none"),
     (["--dataset", "fashionmnist", "--aug", "cutmix", "--cutmix-prob", "0.9"], "not by --method pskd --aug cutmix"),
     (["--store-topk", "10"], "topk must lie in [1, K=10)"),
+    (["--cutout-hole", "4"], "--cutout-hole is read by --aug cutout, not by --method pskd --aug none"),
+    (["--aug", "cutout", "--cutout-hole", "0"], "--cutout-hole must be at least 1 pixel"),
     pytest.param(["--device", "cuda:1"], "no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
@@ -389,6 +391,17 @@ def test_bad_train_arguments_are_refused_before_training(tmp_path, data_dir, arg
     assert result.returncode != 0 and message in result.stderr
     assert not (tmp_path / "run" / "store").exists()  # refused before any training
     assert not (tmp_path / "run" / "config.json").exists()  # the run can be started again, not "already holds a run"
+
+
+def test_every_train_option_is_taken_from_the_run_or_from_the_command_on_resume():
+    """--resume takes what a run computes from its config.json, refusing it given again, and
+    where it runs from the command: an option in neither list would be dropped on resume."""
+    from pskd_store.cli.train import RUN_OPTIONS, train_command
+    from pskd_store.recipe import PLACEMENT_OPTIONS
+
+    options = {param.name for param in train_command.params} - {"resume", "from_epoch", "quiet"}
+    assert options == set(RUN_OPTIONS) | set(PLACEMENT_OPTIONS)
+    assert not set(RUN_OPTIONS) & set(PLACEMENT_OPTIONS)
 
 
 @pytest.mark.slow

@@ -670,7 +670,8 @@ def _hole_sides(model_inputs: list[torch.Tensor]) -> set[int]:
 @pytest.mark.slow
 def test_cutout_cuts_the_hole_of_its_data_set_and_old_runs_keep_theirs(tmp_path, cifar10_dir, data_dir, monkeypatch):
     """DeVries & Taylor's side per data set: 16 on CIFAR-10 (8 on CIFAR-100, the recipe's
-    for the rest); a config from before the setting trains on with the 8 it had."""
+    for the rest); a config from before the setting trains on with the 8 it had; a side
+    given is the side cut."""
     forwards = _training_forwards(monkeypatch)
     config = TrainConfig(dataset="cifar10", data_dir=str(cifar10_dir), method="ce", aug="cutout", epochs=1,
                          steps_per_epoch=2, batch_size=32, workers=0).resolved()
@@ -683,6 +684,9 @@ def test_cutout_cuts_the_hole_of_its_data_set_and_old_runs_keep_theirs(tmp_path,
         cutout_hole=None)
     train(before_the_setting, tmp_path / "mnist1d", quiet=True)
     assert max(_hole_sides(forwards)) == CUTOUT_HOLE == 8
+    forwards.clear()
+    train(dataclasses.replace(before_the_setting, cutout_hole=6), tmp_path / "given", quiet=True)  # --cutout-hole 6
+    assert max(_hole_sides(forwards)) == 6
 
 
 def test_each_epoch_sees_a_new_sample_order_that_a_rerun_repeats(tmp_path, data_dir, monkeypatch):
