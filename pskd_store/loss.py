@@ -93,11 +93,14 @@ def token_soft_cross_entropy(
     of the mass, 1 - sum(probs), spread evenly over the other V - w classes (as
     ``TopKRows.expand`` rebuilds a row). The cross-entropy is taken against that target
     from the log-softmax, without building the (B, L, V) target; ``alpha`` is a float or
-    (B,), as TokenTargetDataset's items carry it. That rest also lands on a class the model
-    masks (a logit of -inf), where the model's own softmax put none: the loss is then inf,
-    as cross-entropy against that target is (its gradient stays finite); a model that masks
-    vocabulary entries trains on a dense store, or on k large enough that the rest is 0.
+    (B,), as TokenTargetDataset's items carry it; every other tensor has the labels' shape,
+    and the teacher's one more dimension, w wide (flattened tokens, (N,) labels, take a float
+    or an (N,) ``alpha``). That rest also lands on a class the model masks (a logit of
+    -inf) outside the teacher's w, where the model's own softmax put none: the loss is then
+    inf, as cross-entropy against that target is (its gradient stays finite); a model that
+    masks vocabulary entries trains on a dense store.
     """
+    _require_token_shapes(logits, labels, teacher_probs, teacher_classes, alpha)
     log_probs = logits.float().log_softmax(dim=-1)
     vocabulary, width = log_probs.shape[-1], teacher_classes.shape[-1]
     targets = labels != ignore_index
@@ -110,12 +113,32 @@ def token_soft_cross_entropy(
     teacher_term = torch.where(teacher_probs > 0, teacher_probs * at_teacher, 0).sum(dim=-1)
     if width < vocabulary:
         rest = (1 - teacher_probs.sum(dim=-1)).clamp(min=0) / (vocabulary - width)
-        teacher_term = teacher_term + torch.where(rest > 0, rest * (log_probs.sum(dim=-1) - at_teacher.sum(dim=-1)), 0)
+        # the classes outside the teacher's: its own are zeroed, not subtracted from the whole
+        # row's sum, which a masked class among them would make -inf - (-inf), NaN
+        outside = log_probs.scatter(-1, teacher_classes, 0.0).sum(dim=-1)
+        teacher_term = teacher_term + torch.where(rest > 0, rest * outside, 0)
     alpha = torch.as_tensor(alpha, dtype=log_probs.dtype, device=log_probs.device)
-    alpha = alpha.reshape(-1, 1) if alpha.ndim else alpha
+    alpha = alpha.reshape(alpha.shape + (1,) * (labels.ndim - 1)) if alpha.ndim else alpha
     per_position = -((1 - alpha) * true_class + torch.where(alpha > 0, alpha * teacher_term, 0))
     count = targets.sum().clamp(min=1) if num_items is None else num_items
     return torch.where(targets, per_position, 0).sum() / count
+
+
+def _require_token_shapes(logits: torch.Tensor, labels: torch.Tensor, teacher_probs: torch.Tensor,
+                          teacher_classes: torch.Tensor, alpha: torch.Tensor | float) -> None:
+    """Tensors that broadcast against each other in another layout would give a loss of
+    other numbers, not an error: flattened logits with the items' (B,) ``alpha`` would
+    weigh every position with every sample's a."""
+    if (logits.shape[:-1] != labels.shape or teacher_probs.shape != teacher_classes.shape
+            or teacher_probs.shape[:-1] != labels.shape):
+        raise ValueError(f"token_soft_cross_entropy takes logits and teacher rows of the labels' shape plus one "
+                         f"dimension, (V,) and (w,); got labels {tuple(labels.shape)}, logits {tuple(logits.shape)}, "
+                         f"teacher {tuple(teacher_probs.shape)} and {tuple(teacher_classes.shape)}")
+    shape = tuple(torch.as_tensor(alpha).shape)
+    if shape not in ((), tuple(labels.shape[:1])):
+        raise ValueError(f"token_soft_cross_entropy takes alpha as a float or one per sample, "
+                         f"{tuple(labels.shape[:1])}, got {shape}: flattened tokens take a float, or alpha "
+                         "repeated per position")
 
 
 @dataclass(frozen=True)

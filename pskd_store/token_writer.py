@@ -48,7 +48,8 @@ class TokenWriter(ClosesOnSuccess):
         self.ignore_index = ignore_index
         self._token_rows = token_rows
         self._writer = PredictionWriter(store, epoch, **options)
-        self._counts: torch.Tensor | None = None  # (S,) targets each written sample had, -1: not written
+        self._mismatches: torch.Tensor | None = None  # (S,) copies written with another number of targets
+        self._counts: torch.Tensor | None = None  # (S,) targets of a copy of each sample, for the error message
 
     def write(self, ids: torch.Tensor | np.ndarray, logits: torch.Tensor, labels: torch.Tensor) -> None:
         """Record one batch. ``ids`` are dataset indices on the host (as a DataLoader gives
@@ -77,33 +78,42 @@ class TokenWriter(ClosesOnSuccess):
         batch_index, position = np.nonzero(np.arange(length)[None, :] < expected[:, None])
         batch_index = torch.from_numpy(batch_index).to(logits.device, non_blocking=True)
         position = targets_first[batch_index, torch.from_numpy(position).to(logits.device, non_blocking=True)]
-        self._record_counts(ids, length - padding.sum(dim=1))
+        self._record_counts(ids, length - padding.sum(dim=1), expected)
         rows = torch.from_numpy(self._token_rows.rows(ids.numpy()))
         self._writer.write(rows, logits[batch_index, position])
 
-    def _record_counts(self, ids: torch.Tensor, counts: torch.Tensor) -> None:
-        if self._counts is None:
-            self._counts = torch.full((self._token_rows.num_sequences,), -1, dtype=torch.int32, device=counts.device)
-        self._counts[ids.to(counts.device, non_blocking=True)] = counts.to(torch.int32)
+    def _record_counts(self, ids: torch.Tensor, counts: torch.Tensor, expected: np.ndarray) -> None:
+        """Count, on the labels' device, the copies of each sample whose targets differ from its
+        store rows: accumulated, so that a sample twice in a batch is checked in each copy
+        (an accelerator's index_put keeps an unspecified one of the duplicates)."""
+        device = counts.device
+        if self._mismatches is None:
+            self._mismatches = torch.zeros(self._token_rows.num_sequences, dtype=torch.int32, device=device)
+            self._counts = torch.zeros(self._token_rows.num_sequences, dtype=torch.int32, device=device)
+        ids = ids.to(device, non_blocking=True)
+        counts = counts.to(torch.int32)
+        wrong = counts != torch.from_numpy(expected).to(device, non_blocking=True)
+        self._mismatches.index_put_((ids,), wrong.to(torch.int32), accumulate=True)
+        self._counts[ids] = counts
 
     def close(self) -> None:
         """Check every written sample's number of targets, then close the writer (its part is
         complete). A sample whose labels hold another number of targets than its store rows
         abandons the epoch's rows and raises :class:`StoreError`."""
-        if self._counts is not None:
-            accelerator = accelerator_for(self._counts.device)
+        if self._mismatches is not None:
+            accelerator = accelerator_for(self._mismatches.device)
             if accelerator is not None:  # written on whichever streams were current: wait for them all
-                accelerator.synchronize(self._counts.device)
-            counts = self._counts.cpu().numpy()
-            wrong = np.flatnonzero((counts >= 0) & (counts != self._token_rows.lengths))
+                accelerator.synchronize(self._mismatches.device)
+            wrong = np.flatnonzero(self._mismatches.cpu().numpy())
             if len(wrong):
                 self._writer.abandon()
                 sample = int(wrong[0])
+                stored, count = self._token_rows.lengths[sample], int(self._counts[sample])
+                had = f"{count} target positions" if count != stored else "another number of target positions"
                 raise StoreError(
-                    f"sample {sample} had {counts[sample]} target positions (labels other than {self.ignore_index}) "
-                    f"in epoch {self.epoch} but the store was made with {self._token_rows.lengths[sample]} "
-                    f"({len(wrong)} samples differ): the tokenisation must stay fixed for a run; nothing of epoch "
-                    f"{self.epoch} was kept"
+                    f"sample {sample} had {had} (labels other than {self.ignore_index}) in epoch {self.epoch} but "
+                    f"the store was made with {stored} ({len(wrong)} samples differ): the tokenisation must stay "
+                    f"fixed for a run; nothing of epoch {self.epoch} was kept"
                 )
         self._writer.close()
 

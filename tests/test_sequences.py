@@ -312,6 +312,76 @@ def test_masked_vocabulary_entries_and_non_finite_padding_leave_the_loss_finite(
     assert epoch_one.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_a_sample_twice_in_a_batch_is_checked_in_each_copy(tmp_path):
+    """Each copy of a sample is checked against its store rows, not one of them: an
+    accelerator's scatter keeps an unspecified one of duplicates. A copy with fewer targets
+    (its rows would be padding's logits) refuses the epoch, the right copy written after it."""
+    labels = padded_labels()
+    store = sequence_store(tmp_path, labels, 4)
+    logits = torch.randn(S, L, V)
+    write_tokens(store, 1, logits, labels)
+    shorter = labels[9].copy()
+    shorter[np.flatnonzero(shorter != IGNORE_INDEX)[-1]] = IGNORE_INDEX
+    twice = torch.from_numpy(np.stack([shorter, labels[9]]))
+    writer = store.writer(2)
+    writer.write(torch.arange(S), logits, torch.from_numpy(labels))
+    writer.write(torch.tensor([9, 9]), logits[[9, 9]], twice)
+    with pytest.raises(StoreError, match="sample 9 had another number of target positions .* made with 9 "
+                                         r"\(1 samples differ\)"):
+        writer.close()
+    assert store.sealed_epochs == [1]
+
+
+def test_a_masked_entry_among_the_teachers_classes_leaves_the_rest_to_the_others():
+    """A top-k row may hold a masked class (probability 0, as the model's softmax gave it)
+    while the rest of its mass, above 0 after rounding, goes to the classes outside the row:
+    the loss is the cross-entropy over those, finite, not NaN. Where a masked class is
+    outside the row, the rest lands on it, and the loss is inf, as against that target."""
+    labels = torch.from_numpy(padded_labels())
+    masked = int(np.flatnonzero(np.bincount(padded_labels()[padded_labels() != IGNORE_INDEX], minlength=V) == 0)[0])
+    student = torch.randn(S, L, V, generator=torch.Generator().manual_seed(8))
+    student[..., masked] = float("-inf")
+    others = [c for c in range(V) if c != masked]
+    probs = torch.tensor([0.5, 0.2, 0.1, 0.0]).expand(S, L, 4)  # the rest, 0.2, over the V - 4 classes outside
+    inside = torch.tensor(others[:3] + [masked]).expand(S, L, 4)
+    dense = torch.zeros(V)
+    dense[others[3:]] = 0.2 / (V - 4)
+    dense[others[:3]] = torch.tensor([0.5, 0.2, 0.1])
+    log_probs = student.log_softmax(-1)
+    at_label = log_probs.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    by_hand = -(0.2 * at_label + 0.8 * (log_probs[..., others] * dense[others]).sum(-1))
+    loss = token_soft_cross_entropy(student, labels, probs, inside, 0.8)
+    assert loss.item() == pytest.approx(by_hand[labels != IGNORE_INDEX].mean().item(), rel=1e-6)
+    outside = torch.tensor(others[:4]).expand(S, L, 4)
+    assert token_soft_cross_entropy(student, labels, probs, outside, 0.8).item() == float("inf")
+
+
+def test_flattened_tokens_give_the_same_loss_and_misplaced_shapes_are_refused():
+    """Flattened tokens ((N, V) logits, (N,) labels) are the same positions: the same loss
+    with a float alpha. The items' per-sample alpha with flattened tokens, which would
+    broadcast into every pair of sample and position, is refused, as are mismatched shapes."""
+    labels = torch.from_numpy(padded_labels())
+    student = torch.randn(S, L, V, generator=torch.Generator().manual_seed(9))
+    probs = torch.softmax(torch.randn(S, L, 4), -1) * 0.9
+    classes = torch.randint(0, V, (S, L, 4), generator=torch.Generator().manual_seed(10))
+    loss = token_soft_cross_entropy(student, labels, probs, classes, 0.8)
+    flat = token_soft_cross_entropy(student.reshape(-1, V), labels.reshape(-1), probs.reshape(-1, 4),
+                                    classes.reshape(-1, 4), 0.8)
+    assert flat.item() == pytest.approx(loss.item(), rel=1e-6)
+    per_position = token_soft_cross_entropy(student.reshape(-1, V), labels.reshape(-1), probs.reshape(-1, 4),
+                                            classes.reshape(-1, 4), torch.full((S * L,), 0.8))
+    assert per_position.item() == pytest.approx(loss.item(), rel=1e-6)
+    per_sample = torch.full((S,), 0.8)
+    assert token_soft_cross_entropy(student, labels, probs, classes, per_sample).item() == pytest.approx(loss.item())
+    with pytest.raises(ValueError, match=rf"alpha as a float or one per sample, \({S * L},\), got \({S},\)"):
+        token_soft_cross_entropy(student.reshape(-1, V), labels.reshape(-1), probs.reshape(-1, 4),
+                                 classes.reshape(-1, 4), per_sample)
+    with pytest.raises(ValueError, match="logits and teacher rows of the labels' shape plus one dimension"):
+        token_soft_cross_entropy(student.reshape(-1, V), labels, probs, classes, 0.8)
+    with pytest.raises(ValueError, match="logits and teacher rows of the labels' shape plus one dimension"):
+        token_soft_cross_entropy(student, labels, probs.reshape(-1, 4), classes, 0.8)
+
+
 def test_a_changed_tokenisation_is_refused_and_nothing_of_the_epoch_is_kept(tmp_path):
     labels = padded_labels()
     store = sequence_store(tmp_path, labels, 4)
