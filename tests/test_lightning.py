@@ -19,7 +19,7 @@ pytest.importorskip("lightning", reason="the Lightning integration needs pip ins
 import lightning.pytorch as pl  # noqa: E402
 import lightning_run  # noqa: E402  (tests/ is on the path)
 from conftest import exit_code, forked  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint  # noqa: E402
 from lightning_run import K, fit  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
@@ -164,6 +164,21 @@ def test_a_failed_step_gives_its_part_up_unsealed(tmp_path):
     assert store.sealed_epochs == [1]
     store.writer(2).close()  # the failed writer's part is free: epoch 2 can be written again
     assert store.seal(2, allow_empty=True)["ids_written"] == 0  # none of the failed writer's rows
+
+
+def test_the_checkpoint_lightning_saves_on_an_exception_is_refused_as_mid_epoch(tmp_path):
+    """OnExceptionCheckpoint saves after this callback gave the epoch's part up: resumed, the
+    epoch would be sealed with the rows trained after the resume, the rest carried forward
+    from the epoch before, as if they were this epoch's."""
+    pskd, loader = wrapped(tmp_path)
+    on_exception = OnExceptionCheckpoint(dirpath=tmp_path / "exception")
+    with pytest.raises(RuntimeError, match="a failing step"):
+        quiet_trainer(tmp_path, [pskd, on_exception], max_epochs=3).fit(StopsIn("fail"), loader)
+    pskd, loader = wrapped(tmp_path)
+    with pytest.raises(StoreError, match="taken during epoch 2: PS-KD resumes from a checkpoint taken at an epoch"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=3).fit(lightning_run.Classifier(), loader,
+                                                          ckpt_path=tmp_path / "exception" / "on_exception.ckpt")
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1]
 
 
 def test_a_fresh_start_takes_over_a_store_its_first_try_sealed_nothing_into(tmp_path):

@@ -130,6 +130,34 @@ def test_a_retry_with_a_smaller_batch_trains_into_the_store_the_failed_try_made(
     assert SoftTargetStore.open(tmp_path / "store").epoch_info(1)["ids_written"] == N
 
 
+class FailsInEpoch2(PSKDTrainer):
+    """Fails its eighth step (the second of epoch 2, six steps an epoch) once, as an
+    interrupted notebook cell does."""
+
+    failed = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self.state.global_step == 7 and not FailsInEpoch2.failed:
+            FailsInEpoch2.failed = True
+            raise KeyboardInterrupt
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def test_train_called_again_after_a_try_that_sealed_epochs_is_refused_keeping_them(tmp_path):
+    """The epochs the failed try sealed are the teachers its checkpoints resume with: a
+    start from step 0 into the store is refused as any start into another run's store is."""
+    trainer = fine_tune(tmp_path, train=False, workers=0)
+    again = FailsInEpoch2(model=trainer.model, args=trainer.args, train_dataset=trainer.pskd_base,
+                          data_collator=trainer.data_collator, pskd_store=tmp_path / "store")
+    with pytest.raises(KeyboardInterrupt):
+        again.train()
+    with pytest.raises(StoreError, match="already exists.*overwrite=True"):
+        again.train()
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1]
+    again.train(resume_from_checkpoint=str(tmp_path / "checkpoints" / "checkpoint-6"))
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1, 2, 3]
+
+
 def test_evaluating_the_training_set_keeps_the_models_own_loss_and_records_nothing(tmp_path):
     trainer = fine_tune(tmp_path, epochs=2, workers=0)
     store = SoftTargetStore.open(tmp_path / "store")
@@ -160,6 +188,38 @@ def test_a_model_returning_a_tuple_or_its_logits_trains(tmp_path, returns):
         return
     plain.train()
     assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1, 2, 3]
+
+
+@pytest.mark.parametrize("average", [True, False])
+def test_under_data_parallel_the_loss_is_the_batchs_mean_cross_entropy(tmp_path, average):
+    """With several GPUs and no torchrun the Trainer wraps the model in DataParallel: its
+    outputs are the whole batch's, gathered, the Trainer hands the targets' count once per
+    GPU, (n_gpu, 1), each the step's (its n-th, not averaged across devices), and averages
+    what compute_loss returns. That is still the batch's mean cross-entropy (epoch 1: one-hot)."""
+    trainer = fine_tune(tmp_path, epochs=1, workers=0, train=False,
+                        arguments={"average_tokens_across_devices": average})
+    trainer.open_store(0)
+    trainer.session.begin_epoch(1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.args._n_gpu = 2  # what TrainingArguments finds on a machine with two GPUs
+    count = torch.tensor(len(batch["labels"]))
+    num_items = (count if average else count // 2).unsqueeze(0).expand(2, -1)
+    with torch.no_grad():
+        logits = trainer.model.train()(**{k: v for k, v in batch.items() if k not in ("labels", "pskd_id")}).logits
+        loss = trainer.compute_loss(trainer.model, dict(batch), num_items_in_batch=num_items).mean()  # training_step's
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, batch["labels"]).item(), rel=1e-6)
+    trainer.session.abandon()
+
+
+def test_a_resume_with_another_number_of_steps_an_epoch_is_refused(tmp_path):
+    """Resumed with a larger batch, the Trainer would count the checkpoint's 12 steps as 3
+    of its epochs of 4 steps, and PS-KD 2: their epochs would part, a_t and the seals with them."""
+    fine_tune(tmp_path, epochs=EPOCHS, workers=0)
+    with pytest.raises(ValueError, match="after 12 steps, but this Trainer takes 4 steps an epoch .* resume with the "
+                                         "run's batch size"):
+        fine_tune(tmp_path, epochs=EPOCHS, workers=0, resume=str(tmp_path / "checkpoints" / "checkpoint-12"),
+                  arguments={"per_device_train_batch_size": 24})
+    assert SoftTargetStore.open(tmp_path / "store").sealed_epochs == [1, 2, 3]  # not rolled back
 
 
 def test_a_resume_over_another_number_of_epochs_is_refused(tmp_path):

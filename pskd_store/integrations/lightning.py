@@ -113,6 +113,7 @@ class PSKD(pl.Callback):
         self.data: SoftTargets | None = None
         self.session: StoreSession | None = None
         self._resumed: dict | None = None  # the callback's state in the checkpoint being resumed
+        self._failed_mid_epoch = False  # an exception abandoned an epoch's writer: later checkpoints are mid-epoch
 
     def wrap(self, base: Dataset, labels: Sequence[int] | np.ndarray | None = None) -> SoftTargets:
         """The training data set to build the Trainer's DataLoader from. ``labels`` (in
@@ -149,6 +150,7 @@ class PSKD(pl.Callback):
             raise StoreError(f"the checkpoint {trainer.ckpt_path} was taken during epoch {epoch}: "
                              "PS-KD resumes from a checkpoint taken at an epoch's end (ModelCheckpoint's default), "
                              "whose predictions are all sealed; resume from one of those")
+        self._failed_mid_epoch = False
         self.session = StoreSession.open(
             self.url, self.data.base, self.data.labels, num_classes=self.num_classes, alpha_T=self.alpha_T,
             total_epochs=trainer.max_epochs, env=_ranks(trainer), resuming=resuming, overwrite=self.overwrite,
@@ -191,14 +193,17 @@ class PSKD(pl.Callback):
             self.session.end_epoch()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """Give the epoch's part up unsealed. Lightning calls checkpoint callbacks after this
+        one (OnExceptionCheckpoint saves here): their checkpoint is still mid-epoch."""
         if self.session is not None:
+            self._failed_mid_epoch = self.session.writer is not None
             self.session.abandon()
 
     def state_dict(self) -> dict[str, Any]:
         session = self.session  # None before fit() starts
         return {"store": self.url, "sealed": session.sealed if session else 0,
                 "seal_token": session.seal_token if session else None,
-                "writing": session is not None and session.writer is not None}
+                "writing": session is not None and (session.writer is not None or self._failed_mid_epoch)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["store"] != self.url:

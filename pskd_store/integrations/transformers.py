@@ -129,6 +129,11 @@ class PSKDTrainer(Trainer):
         # whole accumulated step when the model takes num_items_in_batch (training_step then
         # leaves the loss as it is), else by this micro-batch's (training_step divides it)
         num_items = num_items_in_batch if self.model_accepts_loss_kwargs else None
+        if num_items is not None and self.args.n_gpu > 1:
+            # DataParallel: the outputs are the whole batch's, gathered, and the Trainer hands the
+            # count once per GPU, each the step's (or its n-th, not averaged across devices)
+            per_device = 1 if self.args.average_tokens_across_devices else self.args.n_gpu
+            num_items = num_items.reshape(-1)[0] * per_device
         if self.pskd_lengths is None:
             targets = self.session.data.targets(labels, ids).to(logits.device, non_blocking=True)
             loss = F.cross_entropy(logits.float(), targets, reduction="sum") / (
@@ -141,11 +146,10 @@ class PSKDTrainer(Trainer):
             loss = token_soft_cross_entropy(logits, labels, probs.to(logits.device, non_blocking=True),
                                             classes.to(logits.device, non_blocking=True), alpha, num_items=num_items)
             self.session.record(ids, logits, labels)
-        if num_items is not None and self.args.average_tokens_across_devices:
+        if num_items is not None and self.args.average_tokens_across_devices and self.args.n_gpu <= 1:
             # num_items counts every process's targets, and DDP averages the processes' gradients
             # (Trainer.compute_loss scales the model's own loss so)
-            loss = loss * (self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1
-                           else self.args.n_gpu)
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return (loss, outputs) if return_outputs else loss
 
     def open_store(self, epochs_done: int, seal_token: str | None = None) -> None:
@@ -153,10 +157,10 @@ class PSKDTrainer(Trainer):
         served when the epoch begins); ``seal_token``: the checkpoint's, of that epoch."""
         options = dict(self.pskd_options)
         if self.session is not None and self.session.writer is not None:
-            # this trainer's try failed mid-epoch and trains again (auto_find_batch_size's retry): from
-            # step 0, into the store made anew, whatever that try sealed
+            # this trainer's try failed mid-epoch and trains again (auto_find_batch_size's retry, or
+            # train() called again): its part given up, the store taken over as any start takes it,
+            # if that try sealed nothing (the epochs it sealed are its checkpoints' teachers)
             self.session.abandon()
-            options["overwrite"] = options["overwrite"] or epochs_done == 0
         self.session = StoreSession.open(
             self.pskd_url, self.pskd_base, self.pskd_labels, num_classes=self.pskd_classes,
             alpha_T=options.pop("alpha_T"), total_epochs=_whole(self.args.num_train_epochs, "num_train_epochs"),
@@ -192,6 +196,12 @@ class _StoreEpochs(TrainerCallback):
             raise ValueError("PS-KD's alpha_t = alpha_T·t/T counts whole epochs: set num_train_epochs, not max_steps")
         epochs_done = _whole(state.epoch or 0, "the resumed checkpoint's epoch",
                              "PS-KD resumes from a checkpoint taken at an epoch's end: save_strategy='epoch'")
+        steps_per_epoch = state.max_steps // _whole(args.num_train_epochs, "num_train_epochs")
+        if state.global_step != epochs_done * steps_per_epoch:  # the Trainer would go on from another epoch
+            raise ValueError(
+                f"the checkpoint was taken at the end of epoch {epochs_done}, after {state.global_step} steps, but "
+                f"this Trainer takes {steps_per_epoch} steps an epoch and would go on from step {state.global_step} of "
+                "its own epochs: resume with the run's batch size, gradient accumulation and number of processes")
         recorded = state.stateful_callbacks.setdefault(SealRecord.__name__, SealRecord().state())["args"]
         self.trainer.open_store(epochs_done, recorded["seal_token"] if recorded["sealed"] == epochs_done else None)
 
