@@ -444,8 +444,9 @@ def test_damaged_or_unwritable_run_files_are_one_line(tmp_path, trained_run, dam
 
 @contextlib.contextmanager
 def unprivileged():
-    """Act as an ordinary user: as root, drop the effective uid to nobody for the block
-    (permissions do not stop root)."""
+    """Act as a user whom permission bits stop (they do not stop root): as root, with the
+    effective uid of nobody for the block; as anyone else, as that user. The tests take a
+    permission from everyone, the owner too, so that both ways are stopped."""
     if os.geteuid() != 0:
         yield
         return
@@ -456,18 +457,30 @@ def unprivileged():
         os.seteuid(0)
 
 
+def without_write(tree: Path) -> None:
+    """Take the write permission of every file and directory under ``tree`` from everyone."""
+    for path in [tree, *tree.rglob("*")]:
+        path.chmod(path.stat().st_mode & ~0o222)
+
+
 @pytest.fixture
 def shared_dir():
-    """A directory outside pytest's private tmp (0700 for root), so that nobody can reach it."""
+    """A directory outside pytest's private tmp (0700 for root), so that nobody can reach it;
+    removed with whatever permissions a test took from it."""
     path = Path(tempfile.mkdtemp(prefix="pskd-perm-"))
     path.chmod(0o755)
     yield path
+    path.chmod(0o755)
+    for folder, children, _ in os.walk(path):
+        for child in children:
+            os.chmod(os.path.join(folder, child), 0o755)
     shutil.rmtree(path, ignore_errors=True)
 
 
 def test_a_run_directory_without_write_permission_is_named(shared_dir):
     run = RunDirectory(shared_dir / "run")
     run.path.mkdir()
+    run.path.chmod(0o555)
     with unprivileged(), pytest.raises(RunError, match=f"cannot write to {run.path}.*Permission denied"):
         with run.lock():
             pass
@@ -481,6 +494,8 @@ def test_a_read_only_store_still_serves_teachers_from_a_writable_cache(shared_di
     cache_home.chmod(0o777)
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
     before = sealed_snapshot(shared_dir / "store")
+    without_write(shared_dir / "store")
+    shared_dir.chmod(0o555)  # no cache beside the store either
     with unprivileged():
         read_only = SoftTargetStore.open(shared_dir / "store", read_only=True)
         data = SoftTargetDataset(base(labels), read_only, 0.8, 10)
@@ -491,8 +506,10 @@ def test_a_read_only_store_still_serves_teachers_from_a_writable_cache(shared_di
     expected[label] += 1 - 0.8 * 2 / 10
     np.testing.assert_allclose(target.numpy(), expected, rtol=1e-6)
     assert list((cache_home / "pskd-store").glob(f"{read_only.store_id}-*/epoch_0001-*.npy"))
-    assert not (shared_dir / "store.mmap").exists() or os.geteuid() != 0
+    assert not (shared_dir / "store.mmap").exists()
     assert sealed_snapshot(shared_dir / "store") == before
+    with unprivileged(), pytest.raises(StoreError, match="cannot write epoch 2 into the store: .*Permission denied"):
+        SoftTargetStore.open(shared_dir / "store").writer(2)
 
 
 @contextlib.contextmanager
@@ -982,7 +999,7 @@ def test_a_run_that_cannot_be_read_is_one_line(shared_dir, trained_run, command)
     importlib.import_module(f"pskd_store.cli.{command}")  # its imports read files nobody may not
     run = shared_dir / "run"
     shutil.copytree(trained_run, run)
-    (run / "store").chmod(0o700)
+    (run / "store").chmod(0o000)
     with unprivileged():
         result = CliRunner().invoke(cli, [command, str(run)])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
