@@ -173,6 +173,11 @@ def refuse_a_new_run_into(directory: RunDirectory) -> None:
     if (directory.path / "zarr.json").exists():
         raise ValueError(f"{directory.path} is a store, not a run directory: choose another --output (a run keeps "
                          "its store in RUN/store, or where --store says)")
+    written = [path.name for path in (directory.metrics, directory.summary, directory.checkpoint.parent,
+                                      directory.eval_probs().parent) if path.exists()]
+    if written:  # a user's files, or a run's whose config.json is gone: the run would write over them
+        raise ValueError(f"{directory.path} holds {', '.join(written)} but no run (no config.json): a new run "
+                         "would write over them; choose another --output, or move them away")
 
 
 def _refuse_another_runs_store(config: TrainConfig, directory: RunDirectory) -> None:

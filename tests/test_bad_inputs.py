@@ -594,6 +594,30 @@ def test_a_new_run_into_a_run_directory_is_refused_before_it_writes(tmp_path, tr
     assert {path: path.read_bytes() for path in run.rglob("*") if path.is_file()} == before
 
 
+@pytest.mark.parametrize("kept", ["summary.json", "metrics.jsonl", "eval/test_probs.npz", "checkpoints/last.pt"])
+def test_a_new_run_into_a_folder_holding_what_a_run_writes_is_refused_keeping_it(tmp_path, data_dir, kept):
+    """A user's files under the names a run writes, or a run's whose config.json is gone:
+    a new run there would write over them."""
+    folder = tmp_path / "mine"
+    (folder / kept).parent.mkdir(parents=True)
+    (folder / kept).write_text("the user's")
+    (folder / "notes.txt").write_text("the user's")
+    refused = pskd_in_process("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(folder), "-q")
+    assert refused.returncode == 1
+    assert f"{folder} holds {kept.split('/')[0]} but no run (no config.json): a new run would write over them" in (
+        refused.stderr)
+    assert (folder / kept).read_text() == "the user's" and not (folder / "store").exists()
+
+
+def test_a_new_run_goes_into_a_folder_holding_other_files(tmp_path, data_dir):
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("the user's")
+    pskd_in_process("train", "--epochs", "1", "--steps-per-epoch", "2", "--data-dir", str(data_dir), "-o",
+                    str(folder), "-q", check=True)
+    assert (folder / "notes.txt").read_text() == "the user's" and (folder / "config.json").is_file()
+
+
 @pytest.mark.slow
 def test_a_resume_whose_metrics_lost_rows_of_trained_epochs_is_refused_before_anything_changes(tmp_path,
                                                                                                 trained_run):
