@@ -32,12 +32,13 @@ or a deleted chunk raises :class:`StoreDamagedError` (integrity.py); `pskd-store
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import secrets
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -274,15 +275,34 @@ def _warn_if_ids_look_like_positions(epoch: int, merged: Merged, rows: int) -> N
 def _open_zarr_store(url: str | Path, read_only: bool, storage_options: dict | None, *, must_exist: bool = False):
     text = str(url)
     if "://" in text:
-        return zarr.storage.FsspecStore.from_url(
-            text, storage_options=storage_options, read_only=read_only
-        )
+        try:
+            return zarr.storage.FsspecStore.from_url(text, storage_options=storage_options, read_only=read_only)
+        except (ImportError, ValueError) as err:  # fsspec's: a protocol it does not know, or whose package is absent
+            raise StoreError(f"cannot open {text}: {err} (s3:// takes pip install -e \".[s3]\"; another "
+                             "protocol, the fsspec package that implements it)") from err
     if Path(text).exists() and not Path(text).is_dir():
         raise StoreError(f"{text} is a file, not a store (a directory): pass the store's directory")
     if must_exist and not Path(text).exists():  # a writable LocalStore would create the directory
         raise StoreNotFoundError(f"no pskd-store at {text}: check the path (pskd-store train makes one in "
                                  "RUN/store; SoftTargetStore.create in Python)")
     return LocalStore(Path(text), read_only=read_only)
+
+
+@contextlib.contextmanager
+def _client_errors(url: str) -> Iterator[None]:
+    """An object store client's error (botocore's: no credentials, an endpoint it cannot
+    reach) as one line naming where the client reads them; the file system's own errors
+    (OSError, which s3fs makes of a refused request) stay their callers'."""
+    try:
+        yield
+    except Exception as err:
+        if not type(err).__module__.startswith(("botocore", "aiobotocore")):
+            raise
+        raise StoreError(
+            f"cannot reach the store at {url} ({type(err).__name__}: {err}): give the object store's client its "
+            "credentials and endpoint where it reads them (AWS_PROFILE, or AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY; AWS_ENDPOINT_URL for a server other than AWS), or pass storage_options"
+        ) from err
 
 
 class SoftTargetStore:
@@ -387,7 +407,8 @@ class SoftTargetStore:
                              "(and, versioned, every version in it); keep the store under a prefix, e.g. "
                              f"{str(url).rstrip('/')}/run/store")
         zstore = _open_zarr_store(url, read_only=False, storage_options=storage_options)
-        entries = _entries(zstore, str(url))
+        with _client_errors(str(url)):
+            entries = _entries(zstore, str(url))
         # zarr's "w-" refuses a folder that holds anything: beside hidden files alone, "a" makes the group
         mode = "w" if overwrite else "a" if entries and not entries & _STORE_ENTRIES else "w-"
         try:
@@ -439,7 +460,8 @@ class SoftTargetStore:
         """Open an existing store; with ``labels`` (and ``num_classes``, a sequence store's
         ``lengths``, the samples' ``names`` when the store recorded them), refuse other data."""
         zstore = _open_zarr_store(url, read_only=read_only, storage_options=storage_options, must_exist=True)
-        store = cls(_open_root(zstore, str(url), read_only), str(url), storage_options)
+        with _client_errors(str(url)):
+            store = cls(_open_root(zstore, str(url), read_only), str(url), storage_options)
         if labels is not None:
             expected = Fingerprint.of(labels, num_classes if num_classes is not None else store.num_classes, lengths,
                                       names)

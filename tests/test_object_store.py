@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import exit_code, pskd_forked, pskd_in_process
 
-from pskd_store.errors import StoreDamagedError
+from pskd_store.errors import StoreDamagedError, StoreError
 from pskd_store.store import SoftTargetStore
 from pskd_store.verify import verify_path
 
@@ -251,3 +251,34 @@ def test_the_integrations_open_the_store_with_the_storage_options_they_create_it
                                     total_epochs=2, env=Distributed(), resuming=resuming, storage_options=options)
         assert session.store.num_samples == 32
 
+
+
+def test_a_client_without_credentials_or_a_protocol_without_its_package_is_one_line(s3, tmp_path, data_dir,
+                                                                                   monkeypatch):
+    """botocore's NoCredentialsError, fsspec's unknown protocol and missing package: one line
+    each naming where the fix goes, from the API and from each command, before a run starts."""
+    import s3fs
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # no instance to ask either
+    s3fs.S3FileSystem.clear_instance_cache()
+    try:
+        url = "s3://runs/no-credentials/store"
+        for make in (SoftTargetStore.open, lambda url: SoftTargetStore.create(url, np.arange(4), 4)):
+            with pytest.raises(StoreError, match=f"cannot reach the store at {url} \\(NoCredentialsError: .*\\): give "
+                                                 "the object store's client its credentials"):
+                make(url)
+        for command in (["info", url], ["verify", url],
+                        ["train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(tmp_path / "run"), "--store",
+                         url]):
+            result = pskd_in_process(*command)
+            error = result.stderr.strip().splitlines()[-1]  # after train's "run directory" log line
+            assert result.returncode == 1 and error.startswith(f"Error: cannot reach the store at {url}"), error
+            assert "AWS_ACCESS_KEY_ID" in error and "Traceback" not in result.stderr
+    finally:
+        s3fs.S3FileSystem.clear_instance_cache()  # the next test's client has credentials
+    result = pskd_in_process("info", "foo://bucket/store")
+    assert result.returncode == 1 and "cannot open foo://bucket/store: Protocol not known: foo" in result.stderr
