@@ -11,7 +11,7 @@ def setup_logging(log_file: Path | None = None) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
+        handlers.append(logging.FileHandler(log_file, delay=True))  # made by the first line logged
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
                         handlers=handlers, force=True)
     logging.getLogger("pskd_store").setLevel(logging.INFO)

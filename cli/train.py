@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -215,6 +216,7 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
     is_main = int(os.environ.get("RANK", "0")) == 0
     if from_epoch is not None and not resume:
         raise click.UsageError("--from-epoch goes with --resume RUN: it picks the checkpoint to continue from")
+    directory, made = None, False
     try:
         if resume:
             given = [name for name in RUN_OPTIONS if ctx.get_parameter_source(name) != ParameterSource.DEFAULT]
@@ -240,20 +242,23 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
             config = TrainConfig(**options).resolved()  # the recipe's batch split among torchrun's processes
             stamp = time.strftime("%Y%m%d-%H%M%S")
             directory = Path(output or f"runs/{config.dataset}-{config.arch}-{config.method}-{stamp}")
+            made = not directory.exists()
         if is_main and not resume:  # before the log is opened there
             refuse_a_new_run_into(RunDirectory(directory))
-        if is_main:  # one log, one progress bar: rank 0's
+        if is_main:  # one log, one progress bar: rank 0's; the file opened by train's first line, once it holds the run
             setup_logging(RunDirectory(directory).log)
-            logging.getLogger("pskd_store.train").info("run directory %s", directory)
         try:
             summary = train(config, directory, resume=bool(resume), from_epoch=from_epoch, quiet=quiet)
         except KeyboardInterrupt:
             if is_main and RunDirectory(directory).config.is_file():
                 click.echo(f"interrupted: continue the run with pskd-store train --resume {directory}", err=True)
             elif is_main:  # before the data set, the model and the store were made: nothing to resume
+                _after_a_stop(RunDirectory(directory), made, None)
                 click.echo("interrupted before the run began: run the same command again", err=True)
             raise click.Abort() from None
     except (ValueError, OSError, StoreError) as err:  # each names its file and the fix
+        if is_main and directory is not None:
+            _after_a_stop(RunDirectory(directory), made, str(err))
         raise click.ClickException(str(err)) from err
     if summary is None:  # another rank than 0 of a torchrun launch
         return
@@ -262,6 +267,21 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
         f"done: {directory}  test top-1 err {test['top1_err']:.2f}%  nll {test['nll']:.4f}  "
         f"ece {test['ece']:.2f}%  aurc {test['aurc']:.2f}"
     )
+
+
+def _after_a_stop(run: RunDirectory, made: bool, error: str | None) -> None:
+    """The error goes into the run's log, if this process opened it (it held the run: a resume
+    refused because another process trains the run writes nothing there); a directory this
+    command made for a run that never began (no config.json) is removed, log and all."""
+    root = logging.getLogger()
+    for handler in [handler for handler in root.handlers if isinstance(handler, logging.FileHandler)]:
+        if error is not None and handler.stream is not None:
+            handler.emit(logging.LogRecord("pskd_store.train", logging.ERROR, __file__, 0, "stopped: %s", (error,),
+                                           None))
+        root.removeHandler(handler)  # and never opened again
+        handler.close()
+    if made and not run.config.exists():
+        shutil.rmtree(run.path, ignore_errors=True)
 
 
 def _parse_milestones(text: str | None) -> list[int] | None:

@@ -244,6 +244,7 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
             f"{config.world_size}), not {env.world_size}, or its batch of {config.world_size * config.batch_size} "
             "would change")
     if env.is_main:
+        _logger.info("run directory %s", directory.path)  # the log's first line, once this process holds the run
         directory.remove_temporary_files()
         if not resume:
             refuse_a_new_run_into(directory)

@@ -609,6 +609,28 @@ def test_a_new_run_into_a_folder_holding_what_a_run_writes_is_refused_keeping_it
     assert (folder / kept).read_text() == "the user's" and not (folder / "store").exists()
 
 
+@pytest.mark.parametrize("output", [True, False])
+def test_a_run_refused_before_it_began_leaves_no_folder(tmp_path, data_dir, monkeypatch, output):
+    """A refusal found once the command made the run directory (a model that does not fit
+    the data is found as the data set is read) removes what the command made: no folder
+    per failed command under runs/, none that inspect then takes for a run."""
+    monkeypatch.chdir(tmp_path)
+    given = ["-o", str(tmp_path / "run")] if output else []
+    refused = pskd_in_process("train", "--arch", "fmnist_cnn", "--data-dir", str(data_dir), *given)
+    assert refused.returncode == 1 and "takes 28x28 inputs but mnist1d has mnist1d inputs" in refused.stderr
+    assert not (tmp_path / "run").exists() and not list(tmp_path.glob("runs/*"))
+
+
+def test_an_error_that_stops_a_run_goes_into_its_log(tmp_path, trained_run):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "checkpoints" / "last.pt").write_bytes(b"")
+    refused = pskd_in_process("train", "--resume", str(run), "-q")
+    assert refused.returncode == 1
+    last = (run / "train.log").read_text().splitlines()[-1]
+    assert "stopped: " in last and last.split("stopped: ")[1] in refused.stderr
+
+
 def test_a_new_run_goes_into_a_folder_holding_other_files(tmp_path, data_dir):
     folder = tmp_path / "mine"
     folder.mkdir()

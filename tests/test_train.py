@@ -346,6 +346,8 @@ def test_a_live_run_is_locked_and_a_killed_one_is_not(tmp_path, data_dir):
     assert "Traceback" not in second.stderr
     os.killpg(first.pid, signal.SIGKILL)
     assert exit_code(first, timeout=60) == -signal.SIGKILL
+    log = (run / "train.log").read_text()
+    assert log.count("run directory") == 1 and "stopped" not in log  # the refused resume wrote nothing there
     with RunDirectory(run).lock():  # the dead process left no stale lock (the resume takes this lock)
         pass
 
