@@ -176,10 +176,11 @@ def _load_fashion_mnist(root: Path, *, train: bool, transform: Callable, downloa
         if all((raw / Path(name).stem).is_file() for name in wanted):  # there, but cut short or no idx files
             raise ValueError(f"the Fashion-MNIST files in {raw} are unreadable ({err}): delete that folder, and "
                              "they are unpacked (or downloaded) again") from err
+        failed = " ".join(str(err).split())  # torchvision's download error spans lines
         raise FileNotFoundError(
             f"Fashion-MNIST data not found in {raw}: install Debian's dataset-fashion-mnist package "
-            f"(apt-get install dataset-fashion-mnist), put the four idx files there, or allow the "
-            f"download ({err})"
+            f"(apt-get install dataset-fashion-mnist) or put the four idx files there"
+            + (f" (the download failed: {failed})" if download else ", or allow the download (--download)")
         ) from err
 
 

@@ -361,8 +361,18 @@ def test_fashion_mnist_splits_and_a_clear_error_when_missing(tmp_path, fashion_m
     image, label = splits.train[0]
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32
     monkeypatch.setattr(image_data, "DEBIAN_FASHION_MNIST", tmp_path / "not-installed")
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+    with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist\) or put the four idx files "
+                                                r"there, or allow the download \(--download\)$"):
         data.build_datasets("fashionmnist", tmp_path / "empty", download=False)
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no route to host")
+
+    monkeypatch.setattr("torchvision.datasets.mnist.download_and_extract_archive", offline)
+    with pytest.raises(FileNotFoundError, match=r"there \(the download failed: Error downloading .*no route to host") \
+            as failed:  # torchvision's message, on one line
+        data.build_datasets("fashionmnist", tmp_path / "empty", download=True)
+    assert "\n" not in str(failed.value) and "allow the download" not in str(failed.value)
 
 
 def test_a_train_subset_is_balanced_the_same_for_every_seed_and_split_after(tmp_path, fashion_mnist_gz,
