@@ -89,7 +89,8 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
 @click.option("--data-dir", default=DEFAULTS["data_dir"], show_default=True, type=click.Path(file_okay=False),
               help="Where the data set is (or is downloaded / generated to).")
 @click.option("--download/--no-download", default=DEFAULTS["download"], show_default=True,
-              help="Let torchvision download CIFAR when it is missing.")
+              help="Let torchvision download CIFAR or Fashion-MNIST when missing (Fashion-MNIST is first "
+                   "unpacked from Debian's dataset-fashion-mnist when installed).")
 @click.option("--arch", help="Model (see below); default: per data set.")
 @click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULTS["method"], show_default=True,
               help=_choices({name: method.description for name, method in METHODS.items()}))
@@ -131,8 +132,8 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
                    "other runs: each store decodes into its own subfolder); default: beside the store when "
                    "it is a local path.")
 @click.option("--amp/--no-amp", default=DEFAULTS["amp"], show_default=True,
-              help="bfloat16 mixed precision on a GPU (opt-in: the paper trains in fp32). The store records "
-                   "the softmax of the bfloat16 logits upcast to fp32.")
+              help="bfloat16 autocast (opt-in: the paper trains in fp32), on a GPU; a CPU runs it too, usually "
+                   "slower. The store records the softmax of the bfloat16 logits upcast to fp32.")
 @click.option("--tf32/--no-tf32", default=DEFAULTS["tf32"], show_default=True,
               help="TensorFloat-32 convolutions and matrix products on Ampere and later GPUs (opt-in: "
                    "faster, with 10 of float32's 23 mantissa bits; the paper's runs had none). Off, "
@@ -158,8 +159,9 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
 @click.option("--store", "store", default=None, metavar="URL",
               help="Keep the store elsewhere than RUN/store: a path or an fsspec URL such as "
                    "s3://bucket/run/store (pip install 's3fs'; credentials and endpoint from the usual "
-                   "AWS_* environment or config, never stored in the run). The decoded teacher goes "
-                   "to a node-local cache (--cache-dir, default ~/.cache/pskd-store).")
+                   "AWS_* environment or config, never stored in the run). The decoded teacher goes beside "
+                   "a local store (STORE.mmap) and, for a URL, to a node-local cache (--cache-dir, default "
+                   "~/.cache/pskd-store).")
 @click.option("--img-size", type=int,
               help="imagenet/folder: side of the training crop and the evaluation centre crop (evaluation "
                    "resizes to img-size/0.875 first, as the authors' 256 for 224); 224 by default. Set it "

@@ -93,7 +93,7 @@ def build_datasets(
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
     if not 0.0 <= val_split < 1.0:
-        raise ValueError(f"val_split must be in [0, 1), got {val_split}")
+        raise ValueError(f"--val-split (val_split) must lie in [0, 1), got {val_split}")
     root = Path(data_dir).expanduser()
 
     if name == "mnist1d":
@@ -123,7 +123,7 @@ def balanced_subset(labels: np.ndarray, size: int, num_classes: int) -> np.ndarr
     """Sorted indices of ``size / num_classes`` samples of each class, the first of each in
     one fixed permutation (seed 0): every run and seed trains on the same subset."""
     if size < num_classes or size % num_classes:
-        raise ValueError(f"--train-subset must be a multiple of the {num_classes} classes "
+        raise ValueError(f"--train-subset must be a positive multiple of the {num_classes} classes "
                          f"(as many samples of each), got {size}")
     per_class = size // num_classes
     order = np.random.default_rng(0).permutation(len(labels))

@@ -219,9 +219,9 @@ class TrainConfig:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"--wd must be a non-negative number, got {self.weight_decay}")
         if any(m < 1 or m > self.epochs for m in self.milestones):
-            raise ValueError(f"lr milestones {self.milestones} must lie within 1..{self.epochs}")
+            raise ValueError(f"--milestones {self.milestones} must lie within the epochs, 1..{self.epochs}")
         if len(set(self.milestones)) < len(self.milestones):  # MultiStepLR multiplies once per listing
-            raise ValueError(f"lr milestones {self.milestones} list an epoch twice, which multiplies the lr by "
+            raise ValueError(f"--milestones {self.milestones} list an epoch twice, which multiplies the lr by "
                              "--lr-gamma twice there: give each epoch once")
         if self.ece_bins < 1:
             raise ValueError(f"--ece-bins must be at least 1 (the paper uses 10), got {self.ece_bins}")

@@ -159,7 +159,8 @@ class TopKRows(RowEncoding):
     def __init__(self, num_classes: int, dtype: str | np.dtype, topk: int):
         super().__init__(num_classes, dtype)
         if not 1 <= topk < num_classes:
-            raise ValueError(f"topk must lie in [1, K={num_classes}) (K itself is a dense store), got {topk}")
+            raise ValueError(f"--store-topk (topk) must lie in [1, K={num_classes}) (K itself is a dense store), "
+                             f"got {topk}")
         self.topk = topk
         self.class_dtype = next(np.dtype(t) for t in ("uint8", "uint16", "uint32")
                                 if num_classes <= np.iinfo(t).max + 1)

@@ -201,7 +201,7 @@ def _entries(zstore: zarr.abc.store.Store, url: str) -> set[str]:
         raise StoreError(
             f"{url} holds {', '.join(others[:5])}{', ...' if len(others) > 5 else ''}, which is no part of a "
             "pskd-store: give the store a path of its own, new or empty (pskd-store train keeps it in RUN/store); "
-            "overwrite=True deletes only a store"
+            "SoftTargetStore.create(..., overwrite=True) deletes only a store, not these"
         )
     return names
 

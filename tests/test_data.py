@@ -390,7 +390,7 @@ def test_a_train_subset_is_balanced_the_same_for_every_seed_and_split_after(tmp_
         held_out = [split.val.dataset.indices[i] for i in split.val.indices]
         assert sorted(kept + held_out) == subset.train.indices
         assert split.val[0][0].shape == (1, 28, 28)  # the held-out images through the eval transform
-    with pytest.raises(ValueError, match="must be a multiple of the 10 classes"):
+    with pytest.raises(ValueError, match="must be a positive multiple of the 10 classes"):
         data.build_datasets("fashionmnist", tmp_path / "data", download=False, train_subset=65)
     with pytest.raises(ValueError, match="needs 13 samples of each class, but class 0 has 12: ask for at most 120"):
         data.build_datasets("fashionmnist", tmp_path / "data", download=False, train_subset=130)

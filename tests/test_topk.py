@@ -142,7 +142,7 @@ def test_verify_finds_invalid_top_k_rows(store, logits):
 
 def test_bad_topk_is_refused(tmp_path, labels):
     for topk in (0, K, K + 1):
-        with pytest.raises(StoreError, match=rf"topk must lie in \[1, K={K}\)"):
+        with pytest.raises(StoreError, match=rf"\(topk\) must lie in \[1, K={K}\)"):
             SoftTargetStore.create(tmp_path / f"bad{topk}", labels, K, topk=topk)
 
 
