@@ -353,6 +353,21 @@ def test_a_skipped_batch_records_nothing_and_its_samples_carry_forward(tmp_path)
     assert [store.epoch_info(epoch)["ids_written"] for epoch in (1, 2, 3)] == [96, 80, 96]
 
 
+class LogitsNone(lightning_run.Classifier):
+    """Returns its loss and, by mistake, no logits: Lightning trains on, nothing is recorded."""
+
+    def training_step(self, batch, batch_idx):
+        return {**super().training_step(batch, batch_idx), "logits": None}
+
+
+def test_an_epoch_that_recorded_nothing_is_sealed_and_said(tmp_path):
+    pskd, loader = wrapped(tmp_path)
+    with pytest.warns(RuntimeWarning, match="epoch 1 recorded no predictions: .* PS-KD trains as cross-entropy"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(LogitsNone(), loader)
+    store = SoftTargetStore.open(tmp_path / "store")
+    assert [store.epoch_info(epoch)["ids_written"] for epoch in (1, 2)] == [0, 0]
+
+
 class StepsByHand(lightning_run.Classifier):
     """Manual optimization, as Lightning's examples write it: training_step returns nothing."""
 

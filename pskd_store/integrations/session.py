@@ -9,6 +9,7 @@ between barriers.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -124,8 +125,14 @@ class StoreSession:
         self.writer = None
         self.env.barrier()
         if self.env.is_main:
-            # a loop whose every batch recorded nothing (CutMix in the module) carries ids forward
-            self.store.seal(self.epoch, allow_empty=True, schedule=self._schedule())
+            # a loop whose every batch recorded nothing carries ids forward, but says so: most
+            # likely its logits never reached the writer, and PS-KD trains as cross-entropy
+            sealed = self.store.seal(self.epoch, allow_empty=True, schedule=self._schedule())
+            if not sealed["ids_written"]:
+                warnings.warn(f"epoch {self.epoch} recorded no predictions: every sample's teacher carries forward "
+                              "from the epoch before (its one-hot label after epoch 1), so PS-KD trains as "
+                              "cross-entropy; record each batch's logits (Lightning: return them from "
+                              "training_step, not None)", RuntimeWarning, stacklevel=2)
         self.env.barrier()
         self.store.refresh()  # rank 0's seal: every rank's checkpoint (one per node, say) records its token
         self.sealed, self.seal_token = self.epoch, self.store.epoch_info(self.epoch)["seal_token"]
