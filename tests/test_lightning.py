@@ -314,8 +314,11 @@ def test_a_callback_without_its_data_set_or_epochs_is_refused(tmp_path):
         with pytest.raises(ValueError, match="max_epochs is 1000, what Lightning sets when max_epochs is not given: "
                                              ".* also PSKD\\(..., epochs=1000\\)"):
             quiet_trainer(tmp_path, [pskd]).fit(lightning_run.Classifier(), loader)
-    with pytest.raises(ValueError, match="max_steps=5\\) may stop the run before max_epochs"):
+    with pytest.raises(ValueError, match="max_steps=5 may stop the run before max_epochs"):
         quiet_trainer(tmp_path, [pskd], max_epochs=3, max_steps=5).fit(lightning_run.Classifier(), loader)
+    with pytest.raises(ValueError, match="max_steps=1 may stop .*\\(fast_dev_run and Tuner.lr_find set it: run those "
+                                         "without the PSKD callback"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=3, fast_dev_run=True).fit(lightning_run.Classifier(), loader)
     pskd, loader = wrapped(tmp_path / "two", epochs=3)
     with pytest.raises(ValueError, match="PSKD\\(epochs=3\\) but L.Trainer\\(max_epochs=2\\)"):
         quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(lightning_run.Classifier(), loader)

@@ -235,8 +235,9 @@ def _require_epochs(trainer: pl.Trainer, epochs: int | None) -> None:
         raise ValueError(f"PSKD(epochs={epochs}) but L.Trainer(max_epochs={trainer.max_epochs}): PS-KD's T is the "
                          "run's number of epochs; give both the same")
     if trainer.max_steps != -1:
-        raise ValueError(f"L.Trainer(max_steps={trainer.max_steps}) may stop the run before max_epochs: PS-KD's "
-                         "alpha_t = alpha_T·t/T counts whole epochs; leave max_steps unset")
+        raise ValueError(f"max_steps={trainer.max_steps} may stop the run before max_epochs: PS-KD's alpha_t = "
+                         "alpha_T·t/T counts whole epochs; leave max_steps unset (fast_dev_run and Tuner.lr_find set "
+                         "it: run those without the PSKD callback)")
     if epochs is None and trainer.max_epochs == 1000:
         raise ValueError("max_epochs is 1000, what Lightning sets when max_epochs is not given: PS-KD's alpha_t = "
                          "alpha_T·t/T needs the run's real length; set L.Trainer(max_epochs=T) (a run of 1000 "
