@@ -876,8 +876,8 @@ def test_overwrite_deletes_a_store_and_nothing_else(tmp_path):
     (run / "train.csv").write_text("id,label\n")
     for overwrite in (True, False):  # without: not "a store already exists" (and overwrite=True named)
         with pytest.raises(StoreError, match=r"run holds checkpoints, train.csv, which is no part of a pskd-store: "
-                                             r"give the store a path of its own, new or empty .* overwrite=True "
-                                             r"deletes only a store"):
+                                             r"give the store a path of its own, new or empty .* overwrite=True\) "
+                                             r"deletes only a store, not these"):
             SoftTargetStore.create(run, make_labels(N, K), K, overwrite=overwrite)
         with pytest.raises(StoreError, match="which is no part of a pskd-store"):
             SoftTargetStore.open_or_create(run, make_labels(N, K), K)
