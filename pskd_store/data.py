@@ -113,6 +113,9 @@ def build_datasets(
     val: Dataset | None = None
     if val_split > 0:
         train_idx, val_idx = _split_indices(len(train), val_split, seed)
+        if len(train_idx) < num_classes:
+            raise ValueError(f"--val-split {val_split} leaves {len(train_idx)} training samples for {num_classes} "
+                             "classes: hold out less")
         train, val = Subset(train, train_idx.tolist()), Subset(eval_view, val_idx.tolist())
     return DataSplits(train, val, test, num_classes, labels_of(train), input_kind,
                       random_transforms=name != "mnist1d" and crop_flip,  # MNIST-1D: fixed signals

@@ -369,6 +369,7 @@ pskd = partial(pskd, check=False)  # these commands are meant to fail
     (["--train-subset", "65"], "--train-subset must be a positive multiple of the 10 classes"),
     (["--train-subset", "0"], "--train-subset must be a positive multiple of the 10 classes"),
     (["--val-split", "1.0"], "--val-split (val_split) must lie in [0, 1), got 1.0"),
+    (["--val-split", "0.9999"], "--val-split 0.9999 leaves 1 training samples for 10 classes: hold out less"),
     (["--method", "tfkd", "--tfkd-temperature", "nan"], "--tfkd-temperature be positive"),
     (["--method", "tfkd", "--tfkd-multiplier", "inf"], "--tfkd-multiplier non-negative"),
     (["--method", "cskd", "--cskd-temperature", "nan"], "--cskd-temperature must be positive"),
