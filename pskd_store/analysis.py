@@ -151,7 +151,8 @@ def check_same_samples(first: RunRecord, other: RunRecord) -> None:
     if other.num_samples != first.num_samples:
         raise RunError(
             f"{other.path} holds N={other.num_samples} samples but {first.path} holds "
-            f"N={first.num_samples}: inspect together only runs trained on the same data set"
+            f"N={first.num_samples}: inspect together only runs trained on the same samples (the same data "
+            "set, --train-subset and --val-split)"
         )
     if not np.array_equal(other.labels, first.labels):
         raise RunError(

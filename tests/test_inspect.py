@@ -328,6 +328,10 @@ def test_runs_with_other_labels_are_refused(runs, tmp_path):
     other = make_run(tmp_path, "shifted", {}, "ce", labels=(LABELS + 1) % K)
     code, output = invoke(runs["ce"], other, "--out", tmp_path / "out")
     assert code == 1 and "with different labels" in output and "same data set and split" in output
+    fewer = make_run(tmp_path, "subset", {}, "ce", labels=LABELS[:-1])
+    code, output = invoke(runs["ce"], fewer, "--out", tmp_path / "out")
+    assert code == 1 and f"holds N={len(LABELS) - 1} samples but" in output
+    assert "the same samples (the same data set, --train-subset and --val-split)" in output
 
 
 @pytest.mark.parametrize("inches", [3.6, 4.2, 9.0])
