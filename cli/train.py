@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -25,7 +26,7 @@ from pskd_store.recipe import (
     TrainConfig,
     absolute_if_local,
 )
-from pskd_store.run_directory import RunDirectory
+from pskd_store.run_directory import RunDirectory, RunError
 from pskd_store.store import StoreError
 
 from .logs import setup_logging
@@ -160,8 +161,8 @@ RUN_OPTIONS = ("dataset", "data_dir", "download", "arch", "method", "alpha_T", "
               help="Keep the store elsewhere than RUN/store: a path or an fsspec URL such as "
                    "s3://bucket/run/store (pip install 's3fs'; credentials and endpoint from the usual "
                    "AWS_* environment or config, never stored in the run). The decoded teacher goes beside "
-                   "a local store (STORE.mmap) and, for a URL, to a node-local cache (--cache-dir, default "
-                   "~/.cache/pskd-store).")
+                   "a local store (STORE.mmap) when its folder is writable and the run on one node, else (a "
+                   "URL, say) to a node-local cache (--cache-dir, default ~/.cache/pskd-store).")
 @click.option("--img-size", type=int,
               help="imagenet/folder: side of the training crop and the evaluation centre crop (evaluation "
                    "resizes to img-size/0.875 first, as the authors' 256 for 224); 224 by default. Set it "
@@ -244,7 +245,7 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
             config = TrainConfig(**options).resolved()  # the recipe's batch split among torchrun's processes
             stamp = time.strftime("%Y%m%d-%H%M%S")
             directory = Path(output or f"runs/{config.dataset}-{config.arch}-{config.method}-{stamp}")
-            made = not directory.exists()
+            made = is_main and _make(directory)
         if is_main and not resume:  # before the log is opened there
             refuse_a_new_run_into(RunDirectory(directory))
         if is_main:  # one log, one progress bar: rank 0's; the file opened by train's first line, once it holds the run
@@ -274,7 +275,8 @@ def train_command(ctx: click.Context, resume: str | None, from_epoch: int | None
 def _after_a_stop(run: RunDirectory, made: bool, error: str | None) -> None:
     """The error goes into the run's log, if this process opened it (it held the run: a resume
     refused because another process trains the run writes nothing there); a directory this
-    command made for a run that never began (no config.json) is removed, log and all."""
+    command made for a run that never began (no config.json) is removed, log and all, unless
+    another process holds it by then."""
     root = logging.getLogger()
     for handler in [handler for handler in root.handlers if isinstance(handler, logging.FileHandler)]:
         if error is not None and handler.stream is not None:
@@ -282,8 +284,20 @@ def _after_a_stop(run: RunDirectory, made: bool, error: str | None) -> None:
                                            None))
         root.removeHandler(handler)  # and never opened again
         handler.close()
-    if made and not run.config.exists():
-        shutil.rmtree(run.path, ignore_errors=True)
+    if made:
+        with contextlib.suppress(RunError), run.lock():  # another process's run, if it holds it now: left alone
+            if not run.config.exists():
+                shutil.rmtree(run.path, ignore_errors=True)
+
+
+def _make(directory: Path) -> bool:
+    """Make the run directory; whether this command made it (of two commands given the same
+    one at once, one does)."""
+    try:
+        directory.mkdir(parents=True)
+    except FileExistsError:
+        return False
+    return True
 
 
 def _parse_milestones(text: str | None) -> list[int] | None:

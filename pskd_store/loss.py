@@ -100,6 +100,7 @@ def token_soft_cross_entropy(
     inf, as cross-entropy against that target is (its gradient stays finite); a model that
     masks vocabulary entries trains on a dense store.
     """
+    alpha = _per_sample(torch.as_tensor(alpha, dtype=torch.float32, device=logits.device), len(labels))
     _require_token_shapes(logits, labels, teacher_probs, teacher_classes, alpha)
     log_probs = logits.float().log_softmax(dim=-1)
     vocabulary, width = log_probs.shape[-1], teacher_classes.shape[-1]
@@ -117,15 +118,21 @@ def token_soft_cross_entropy(
         # row's sum, which a masked class among them would make -inf - (-inf), NaN
         outside = log_probs.scatter(-1, teacher_classes, 0.0).sum(dim=-1)
         teacher_term = teacher_term + torch.where(rest > 0, rest * outside, 0)
-    alpha = torch.as_tensor(alpha, dtype=log_probs.dtype, device=log_probs.device)
     alpha = alpha.reshape(alpha.shape + (1,) * (labels.ndim - 1)) if alpha.ndim else alpha
     per_position = -((1 - alpha) * true_class + torch.where(alpha > 0, alpha * teacher_term, 0))
     count = targets.sum().clamp(min=1) if num_items is None else num_items
     return torch.where(targets, per_position, 0).sum() / count
 
 
+def _per_sample(alpha: torch.Tensor, samples: int) -> torch.Tensor:
+    """``alpha`` as one value, (), or one per sample, (B,): a (1,) or (B, 1) tensor is one of those."""
+    if alpha.numel() == 1:
+        return alpha.reshape(())
+    return alpha.reshape(samples) if alpha.shape == (samples, 1) else alpha
+
+
 def _require_token_shapes(logits: torch.Tensor, labels: torch.Tensor, teacher_probs: torch.Tensor,
-                          teacher_classes: torch.Tensor, alpha: torch.Tensor | float) -> None:
+                          teacher_classes: torch.Tensor, alpha: torch.Tensor) -> None:
     """Tensors that broadcast against each other in another layout would give a loss of
     other numbers, not an error: flattened logits with the items' (B,) ``alpha`` would
     weigh every position with every sample's a."""
@@ -134,7 +141,7 @@ def _require_token_shapes(logits: torch.Tensor, labels: torch.Tensor, teacher_pr
         raise ValueError(f"token_soft_cross_entropy takes logits and teacher rows of the labels' shape plus one "
                          f"dimension, (V,) and (w,); got labels {tuple(labels.shape)}, logits {tuple(logits.shape)}, "
                          f"teacher {tuple(teacher_probs.shape)} and {tuple(teacher_classes.shape)}")
-    shape = tuple(torch.as_tensor(alpha).shape)
+    shape = tuple(alpha.shape)
     if shape not in ((), tuple(labels.shape[:1])):
         raise ValueError(f"token_soft_cross_entropy takes alpha as a float or one per sample, "
                          f"{tuple(labels.shape[:1])}, got {shape}: flattened tokens take a float, or alpha "

@@ -240,8 +240,8 @@ class TrainConfig:
                              f"{self.cskd_weight}")
         if not 0.0 <= self.cutmix_prob <= 1.0:
             raise ValueError(f"--cutmix-prob must lie in [0, 1] (CIFAR 0.5, ImageNet 1.0), got {self.cutmix_prob}")
-        if self.cutout_hole is not None and self.cutout_hole < 1:
-            raise ValueError(f"--cutout-hole must be at least 1 pixel (CIFAR-100 8, CIFAR-10 16), got "
+        if self.cutout_hole is not None and self.cutout_hole < 2:  # a side of 1 cuts hole // 2 = 0 each way
+            raise ValueError(f"--cutout-hole must be at least 2 pixels (CIFAR-100 8, CIFAR-10 16), got "
                              f"{self.cutout_hole}")
         if not (math.isfinite(self.dist_timeout) and self.dist_timeout > 0):
             raise ValueError(f"--dist-timeout must be a positive number of seconds (default "

@@ -189,7 +189,8 @@ class RunDirectory:
         """Half-written files a killed process left behind (checkpoints, decoded teachers
         and zarr's chunks in the run's store are written to a temporary name, then renamed)."""
         leftovers = [*self.checkpoint.parent.glob(".*.tmp"), *self.path.glob("store.mmap/*.tmp"),
-                     *self.path.glob("*.partial"), *self.path.glob("eval/*.partial"), *self.store.rglob("*.partial")]
+                     *self.path.glob(f"{self.metrics.name}.*.partial"), *self.path.glob("eval/*.partial"),
+                     *self.store.rglob("*.partial")]  # the run's own names: a user's files beside them stay
         for path in leftovers:
             path.unlink(missing_ok=True)
         return leftovers

@@ -38,6 +38,7 @@ every process its own rank never races.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -45,6 +46,7 @@ import re
 import secrets
 import socket
 import weakref
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,9 +74,10 @@ STAGING = "staging"
 _EPOCH = re.compile(r"epoch_(\d+)")  # an epoch's name in staging/
 _PART = re.compile(r"writer_(\d+)")  # a part's name in the epoch's staging
 _CLAIM = re.compile(r"writer_(\d+)\.(\d+)")  # a claim's name in owners/ (a store's temporary files are not)
+_SEAL_CLAIM = re.compile(r"seal\.(\d+)")  # a seal's claim in owners/
 # this process's open writers by their claims' tokens: a writer dropped unclosed (its loop
 # failed and made a new one) is gone with its object, and its part may be claimed again
-_LIVE_CLAIMS: weakref.WeakValueDictionary[str, PartWriter] = weakref.WeakValueDictionary()
+_LIVE_CLAIMS: weakref.WeakValueDictionary[str, PartWriter | _Sealing] = weakref.WeakValueDictionary()
 
 
 def part_name(rank: int) -> str:
@@ -247,6 +250,48 @@ class EpochStaging:
 
     # -- the seal's side -------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def sealing(self) -> Iterator[None]:
+        """Hold the epoch's seal for this process while it runs. A second seal of the epoch
+        at the same time (each rank of a hand-written loop sealing, say) is refused before it
+        writes anything: its arrays would replace the ones the first published. A claim whose
+        owner is gone (a seal killed) is removed; of two claims made at once, whichever is
+        checked second refuses, as a part's claims do."""
+        me, hold = Owner.this_process(), _Sealing()
+        _LIVE_CLAIMS[me.token] = hold
+        require_groups(self.root, self.path)
+        number = max(self._seal_claims(), default=-1) + 1
+        key = self._seal_key(number)
+        _store_set_if_absent(self.root.store, key, json.dumps(asdict(me)).encode())
+        mine = self._seal_owner(number) == me
+        try:
+            for other in self._seal_claims():
+                owner = None if mine and other == number else self._seal_owner(other)
+                if owner is not None and owner.state() != "gone":
+                    raise StoreError(
+                        f"epoch {self.epoch} is being sealed by {owner} at the same time: seal each epoch in one "
+                        "process (rank 0 of a DDP loop, once every rank closed its writer)"
+                        + ("" if owner.state() == "alive" else
+                           f"; if that process is gone, delete {self.url}/{self._seal_key(other)}"))
+                if other != number:
+                    store_io.delete(self.root.store, self._seal_key(other))
+            yield
+        finally:
+            del _LIVE_CLAIMS[me.token]
+            if mine:  # after a seal the staging, this claim with it, is gone already
+                store_io.delete(self.root.store, key)
+
+    def _seal_key(self, number: int) -> str:
+        return f"{self.path}/owners/seal.{number}"
+
+    def _seal_claims(self) -> list[int]:
+        names = store_io.list_dir(self.root.store, f"{self.path}/owners")
+        return sorted(int(m[1]) for m in map(_SEAL_CLAIM.fullmatch, names) if m)
+
+    def _seal_owner(self, number: int) -> Owner | None:
+        data = _store_get(self.root.store, self._seal_key(number))
+        return None if data is None else Owner(**json.loads(data))
+
     def parts(self) -> list[StagedPart]:
         """Every part, by rank; refuses an epoch with a part that was never closed (a part
         whose writer was killed while making it included)."""
@@ -333,6 +378,10 @@ class EpochStaging:
         """The owner claim ``number`` names; None once it was released."""
         data = _store_get(self.root.store, self._claim_key(rank, number))
         return None if data is None else Owner(**json.loads(data))
+
+
+class _Sealing:
+    """A seal's hold on its epoch: its claim is alive while this is referenced (Owner.state)."""
 
 
 class PartWriter:

@@ -268,7 +268,7 @@ def _warn_if_ids_look_like_positions(epoch: int, merged: Merged, rows: int) -> N
             f"epoch {epoch}: {merged.rows_written} rows were written for only {merged.ids_written} of the {rows} "
             f"ids, and {merged.carried_forward} ids carry an earlier prediction forward: if the ids written are batch "
             "positions or labels, pass the data set's ids instead (the last item of SoftTargetDataset's batches)",
-            RuntimeWarning, stacklevel=4,
+            RuntimeWarning, stacklevel=5,
         )
 
 
@@ -927,6 +927,12 @@ class SoftTargetStore:
     def _seal(self, epoch: int, scratch_dir: str | Path | None, allow_empty: bool,
               schedule: dict[str, float] | None) -> dict[str, Any]:
         staging = self.staging(epoch)
+        with staging.sealing():
+            self.require_next(epoch)  # sealed by another process before this one held the epoch
+            return self._seal_held(epoch, staging, scratch_dir, allow_empty, schedule)
+
+    def _seal_held(self, epoch: int, staging: EpochStaging, scratch_dir: str | Path | None, allow_empty: bool,
+                   schedule: dict[str, float] | None) -> dict[str, Any]:
         parts = staging.parts()
         if not parts:
             raise StoreError(f"nothing was written for epoch {epoch}: no writer staged rows in {self.url}")
@@ -982,7 +988,7 @@ class SoftTargetStore:
             warnings.warn(
                 f"epoch {epoch} is sealed, but removing what it no longer needs failed: {os_problem(err, self.url)}. "
                 f"Training can go on; delete {self.url}/{staging.path} (and any teacher/ epoch not among "
-                f"{self.teacher_epochs}) by hand to reclaim the space", RuntimeWarning, stacklevel=3,
+                f"{self.teacher_epochs}) by hand to reclaim the space", RuntimeWarning, stacklevel=4,
             )
         return info
 

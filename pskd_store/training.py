@@ -106,9 +106,10 @@ def build_run(config: TrainConfig, directory: RunDirectory, env: Distributed, de
     model_kind = input_kind(config.arch)
     if model_kind != splits.input_kind and not (model_kind == "32x32" and config.img_size == 32):
         crop = " (or --img-size 32 for its 32-pixel crops)" if model_kind == "32x32" and config.img_size else ""
+        inputs = f"{config.img_size}x{config.img_size}" if config.img_size else splits.input_kind
         raise ValueError(
-            f"--arch {config.arch} takes {model_kind} inputs but {config.dataset} has {splits.input_kind} "
-            f"inputs; see `pskd-store train --help` for the models of each{crop}"
+            f"--arch {config.arch} takes {model_kind} inputs but {config.dataset} has {inputs} inputs; see "
+            f"`pskd-store train --help` for the models of each{crop}"
         )
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     network = create_model(config.arch, splits.num_classes).to(device)
@@ -232,6 +233,8 @@ def train(config: TrainConfig, directory: Path, *, resume: bool = False, from_ep
 
 def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, device: torch.device, *,
            resume: bool, from_epoch: int | None, quiet: bool, splits: DataSplits | None) -> dict | None:
+    if env.is_main:
+        _logger.info("run directory %s", directory.path)  # the log's first line, once this process holds the run
     if config.world_size not in (None, env.world_size):  # None: a config made before the field, or by hand
         if not resume:
             raise ValueError(
@@ -244,7 +247,6 @@ def _train(config: TrainConfig, directory: RunDirectory, env: Distributed, devic
             f"{config.world_size}), not {env.world_size}, or its batch of {config.world_size * config.batch_size} "
             "would change")
     if env.is_main:
-        _logger.info("run directory %s", directory.path)  # the log's first line, once this process holds the run
         directory.remove_temporary_files()
         if not resume:
             refuse_a_new_run_into(directory)

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 import warnings
 import zipfile
 from collections.abc import Callable
@@ -383,7 +384,7 @@ pskd = partial(pskd, check=False)  # these commands are meant to fail
     (["--dataset", "fashionmnist", "--aug", "cutmix", "--cutmix-prob", "0.9"], "not by --method pskd --aug cutmix"),
     (["--store-topk", "10"], "--store-topk (topk) must lie in [1, K=10)"),
     (["--cutout-hole", "4"], "--cutout-hole is read by --aug cutout, not by --method pskd --aug none"),
-    (["--aug", "cutout", "--cutout-hole", "0"], "--cutout-hole must be at least 1 pixel"),
+    (["--aug", "cutout", "--cutout-hole", "1"], "--cutout-hole must be at least 2 pixels"),
     pytest.param(["--device", "cuda:1"], "no CUDA GPU is visible",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")),
 ])
@@ -623,6 +624,39 @@ def test_a_run_refused_before_it_began_leaves_no_folder(tmp_path, data_dir, monk
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob("runs/*"))
 
 
+def _hold_a_run_being_built(path: Path, ready: Path) -> None:
+    with RunDirectory(path).lock():
+        (path / "store").mkdir()
+        (path / "store" / "zarr.json").write_text("{}")  # its store, being made: no config.json yet
+        ready.touch()
+        time.sleep(60)
+
+
+def test_a_refused_command_leaves_a_run_that_another_process_holds(tmp_path, data_dir, monkeypatch):
+    """Two commands given the same --output at once: this one made the folder, the other took
+    the run first, and this one is refused by the run's lock. What it made is the other's run
+    now: kept, though it has no config.json yet."""
+    import pskd_store.training as training
+
+    run, ready, refuse = tmp_path / "run", tmp_path / "ready", training.refuse_a_new_run_into
+    holders = []
+
+    def another_command_takes_the_run(directory):
+        refuse(directory)
+        holders.append(forked(_hold_a_run_being_built, run, ready))
+        while not ready.exists():
+            time.sleep(0.02)
+
+    monkeypatch.setattr(training, "refuse_a_new_run_into", another_command_takes_the_run)
+    try:
+        refused = pskd_in_process("train", "--epochs", "1", "--data-dir", str(data_dir), "-o", str(run), "-q")
+        assert refused.returncode == 1 and "is being trained by process" in refused.stderr
+        assert (run / "store" / "zarr.json").is_file()
+    finally:
+        for holder in holders:
+            holder.kill()
+
+
 def test_an_error_that_stops_a_run_goes_into_its_log(tmp_path, trained_run):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
@@ -637,9 +671,11 @@ def test_a_new_run_goes_into_a_folder_holding_other_files(tmp_path, data_dir):
     folder = tmp_path / "mine"
     folder.mkdir()
     (folder / "notes.txt").write_text("the user's")
+    (folder / "download.partial").write_text("the user's")  # a name like the run's temporary files'
     pskd_in_process("train", "--epochs", "1", "--steps-per-epoch", "2", "--data-dir", str(data_dir), "-o",
                     str(folder), "-q", check=True)
-    assert (folder / "notes.txt").read_text() == "the user's" and (folder / "config.json").is_file()
+    assert (folder / "notes.txt").read_text() == (folder / "download.partial").read_text() == "the user's"
+    assert (folder / "config.json").is_file()
 
 
 @pytest.mark.slow
@@ -1076,8 +1112,10 @@ def test_files_a_kill_left_in_the_store_are_removed_on_resume(tmp_path, trained_
     chunk = chunk_file(run / "store" / "teacher" / "epoch_0002")
     partial = chunk.with_name(f"{chunk.name}.3f2a9c.partial")
     partial.write_bytes(b"half a chunk")
+    metrics = run / "metrics.jsonl.3f2a9c0d1e2b4a5c.partial"  # its metrics, rewritten as a kill came
+    metrics.write_text("{}")
     pskd_in_process("train", "--resume", str(run), "-q", check=True)
-    assert not partial.exists()
+    assert not partial.exists() and not metrics.exists()
 
 
 def _without_timings(rows: list[dict]) -> list[dict]:

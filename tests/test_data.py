@@ -438,7 +438,7 @@ def test_a_runs_data_follow_its_img_size(imagefolder_dir, tmp_path, arch):
     assert run.model(inputs).shape == (4, 3)
     if arch.startswith("tv_"):
         return
-    with pytest.raises(ValueError, match=r"takes 32x32 inputs but folder has 224x224 inputs; .* \(or --img-size 32"):
+    with pytest.raises(ValueError, match=r"takes 32x32 inputs but folder has 64x64 inputs; .* \(or --img-size 32"):
         build_run(dataclasses.replace(config, img_size=64), RunDirectory(tmp_path / "other"), Distributed(),
                   torch.device("cpu"))
 

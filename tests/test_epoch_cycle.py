@@ -27,10 +27,11 @@ def test_an_epoch_on_a_local_store_makes_few_round_trips_through_zarr(monkeypatc
     # Files opened for writing: the decoded teacher (a temporary file, made, then opened as a
     # file object) and its checksum; the staging epoch's and the part's group documents, the
     # claim and the two arrays' documents (and owners/ had one); their chunks and the part's
-    # closing document; the teacher's document and chunk, the trajectory's, the root.
+    # closing document; the seal's claim, the teacher's document and chunk, the trajectory's,
+    # the root.
     assert report["directories_made"] == {"set_epoch": 0, "writer_open": 5, "write": 0, "writer_close": 0, "seal": 2}
-    assert report["files_written"] == {"set_epoch": 3, "writer_open": 5, "write": 0, "writer_close": 3, "seal": 5}
-    assert report["directories_made_per_epoch"] == 7 and report["files_written_per_epoch"] == 16
+    assert report["files_written"] == {"set_epoch": 3, "writer_open": 5, "write": 0, "writer_close": 3, "seal": 6}
+    assert report["directories_made_per_epoch"] == 7 and report["files_written_per_epoch"] == 17
     assert report["zarr_round_trips"] == dict.fromkeys(report["ms"], 0)  # 59 an epoch before store_io.py
     # two timed epochs (3 and 4), a window of one: the first is epoch 3's time, the last epoch 4's
     first, last = report["ms_first_and_last"]["first"], report["ms_first_and_last"]["last"]

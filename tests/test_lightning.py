@@ -363,12 +363,22 @@ class LogitsNone(lightning_run.Classifier):
         return {**super().training_step(batch, batch_idx), "logits": None}
 
 
+class LogitsNoneInEpoch2(lightning_run.Classifier):
+    def training_step(self, batch, batch_idx):
+        step = super().training_step(batch, batch_idx)
+        return {**step, "logits": None} if self.current_epoch == 1 else step
+
+
 def test_an_epoch_that_recorded_nothing_is_sealed_and_said(tmp_path):
     pskd, loader = wrapped(tmp_path)
-    with pytest.warns(RuntimeWarning, match="epoch 1 recorded no predictions: .* PS-KD trains as cross-entropy"):
+    with pytest.warns(RuntimeWarning, match="epoch 1 recorded no predictions: .* one-hot label, so PS-KD trains as "
+                                            "cross-entropy"):
         quiet_trainer(tmp_path, [pskd], max_epochs=2).fit(LogitsNone(), loader)
     store = SoftTargetStore.open(tmp_path / "store")
     assert [store.epoch_info(epoch)["ids_written"] for epoch in (1, 2)] == [0, 0]
+    pskd, loader = wrapped(tmp_path / "later", overwrite=True)
+    with pytest.warns(RuntimeWarning, match="epoch 2 recorded no predictions: .* blend epoch 1's predictions again"):
+        quiet_trainer(tmp_path, [pskd], max_epochs=3).fit(LogitsNoneInEpoch2(), loader)
 
 
 class StepsByHand(lightning_run.Classifier):

@@ -372,7 +372,8 @@ def test_flattened_tokens_give_the_same_loss_and_misplaced_shapes_are_refused():
                                             classes.reshape(-1, 4), torch.full((S * L,), 0.8))
     assert per_position.item() == pytest.approx(loss.item(), rel=1e-6)
     per_sample = torch.full((S,), 0.8)
-    assert token_soft_cross_entropy(student, labels, probs, classes, per_sample).item() == pytest.approx(loss.item())
+    for alpha in (per_sample, per_sample[:, None], torch.tensor([0.8])):  # (B,), (B, 1), (1,)
+        assert token_soft_cross_entropy(student, labels, probs, classes, alpha).item() == pytest.approx(loss.item())
     with pytest.raises(ValueError, match=rf"alpha as a float or one per sample, \({S * L},\), got \({S},\)"):
         token_soft_cross_entropy(student.reshape(-1, V), labels.reshape(-1), probs.reshape(-1, 4),
                                  classes.reshape(-1, 4), per_sample)

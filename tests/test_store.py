@@ -1156,8 +1156,9 @@ def test_a_seal_whose_clean_up_fails_is_sealed_and_says_what_is_left(tmp_path, l
 
     monkeypatch.setattr(EpochStaging, "remove", read_only)
     with pytest.warns(RuntimeWarning, match=r"epoch 2 is sealed, but removing what it no longer needs failed: "
-                                            r"Read-only file system .*staging/epoch_0002.* Training can go on"):
+                                            r"Read-only file system .*staging/epoch_0002.* Training can go on") as said:
         second = write_epoch(store, 2)
+    assert Path(said[0].filename).name == "store_helpers.py"  # the caller of seal() is named
     monkeypatch.undo()
     reopened = SoftTargetStore.open(tmp_path / "s")
     assert reopened.sealed_epochs == [1, 2] and reopened.teacher_epochs == [2]
@@ -1277,3 +1278,53 @@ def test_a_part_killed_while_it_was_made_stops_the_seal(store):
     store.discard_staging(1, rank=1)
     store.seal(1)
     assert store.sealed_epochs == [1]
+
+
+def test_a_second_seal_of_an_epoch_at_the_same_time_is_refused_before_it_writes(tmp_path, labels, monkeypatch):
+    """Each rank of a hand-written loop sealing: the second seal's arrays would replace the
+    teacher the first published. It is refused while the first holds the epoch, and once the
+    first published, as sealed; the first's teacher is whole."""
+    import pskd_store.store as store_module
+    from pskd_store.verify import verify_path
+
+    store = SoftTargetStore.create(tmp_path / "s", labels, K, chunk_rows=CHUNK_ROWS)
+    written = write_epoch(store, 1, seal=False)
+    other = SoftTargetStore.open(tmp_path / "s")  # another process's
+    create, refusals = store_module.create_array, []
+
+    def the_other_seals_meanwhile(group, path, **options):
+        if path.startswith("teacher/") and not refusals:
+            with pytest.raises(StoreError, match="epoch 1 is being sealed by process .* at the same time: seal each "
+                                                 "epoch in one process") as refused:
+                other.seal(1)
+            refusals.append(refused)
+        return create(group, path, **options)
+
+    monkeypatch.setattr(store_module, "create_array", the_other_seals_meanwhile)
+    store.seal(1)
+    monkeypatch.undo()
+    assert refusals
+    with pytest.raises(StoreError, match="epoch 1 is already sealed"):
+        other.seal(1)
+    np.testing.assert_array_equal(SoftTargetStore.open(tmp_path / "s").read_epoch(1), written.astype(np.float16))
+    assert verify_path(store.url).ok
+
+
+def test_the_seal_of_a_process_that_is_gone_is_taken_over_and_one_elsewhere_named(tmp_path, labels):
+    import dataclasses
+
+    from pskd_store.staging import Owner
+
+    store = SoftTargetStore.create(tmp_path / "s", labels, K, chunk_rows=CHUNK_ROWS)
+    write_epoch(store, 1, seal=False)
+    claims = tmp_path / "s" / "staging" / "epoch_0001" / "owners"
+    me = Owner.this_process()
+    elsewhere = dataclasses.replace(me, machine="another machine", host="node7")
+    (claims / "seal.0").write_text(json.dumps(dataclasses.asdict(elsewhere)))
+    with pytest.raises(StoreError, match=f"being sealed by process {me.pid} on node7 at the same time: .*; if that "
+                                         f"process is gone, delete {tmp_path / 's'}/staging/epoch_0001/owners/seal.0"):
+        store.seal(1)
+    gone = dataclasses.replace(me, pid=2 ** 22 + 1, started="1")  # no such process
+    (claims / "seal.0").write_text(json.dumps(dataclasses.asdict(gone)))  # a seal killed
+    store.seal(1)
+    assert store.sealed_epochs == [1] and not claims.exists()

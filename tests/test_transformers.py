@@ -109,25 +109,28 @@ def test_a_run_killed_before_its_first_seal_is_started_again_into_its_store(tmp_
 
 
 class OutOfMemoryOnce(PSKDTrainer):
-    """Fails its second step as a GPU out of memory does; auto_find_batch_size then trains
-    again, in this process, with a smaller batch."""
+    """Fails its step ``at_step`` once as a GPU out of memory does; auto_find_batch_size then
+    trains again, in this process, with a smaller batch, from step 0."""
 
-    failed = False
+    at_step, failed = 1, False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training and self.state.global_step == 1 and not self.failed:
-            OutOfMemoryOnce.failed = True
+        if model.training and self.state.global_step == self.at_step and not self.failed:
+            self.failed = True
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
-def test_a_retry_with_a_smaller_batch_trains_into_the_store_the_failed_try_made(tmp_path):
+@pytest.mark.parametrize("at_step", [1, 7])  # in epoch 1; in epoch 2, epoch 1 sealed
+def test_a_retry_with_a_smaller_batch_trains_into_the_store_the_failed_try_made(tmp_path, at_step):
     trainer = fine_tune(tmp_path, train=False, arguments={"auto_find_batch_size": True, "num_train_epochs": 2})
     retrying = OutOfMemoryOnce(model=trainer.model, args=trainer.args, train_dataset=trainer.pskd_base,
                                data_collator=trainer.data_collator, pskd_store=tmp_path / "store")
+    retrying.at_step = at_step
     retrying.train()
-    assert retrying._train_batch_size < 16 and OutOfMemoryOnce.failed  # accelerate took 10% off
-    assert SoftTargetStore.open(tmp_path / "store").epoch_info(1)["ids_written"] == N
+    assert retrying._train_batch_size < 16 and retrying.failed  # accelerate took 10% off
+    store = SoftTargetStore.open(tmp_path / "store")
+    assert store.sealed_epochs == [1, 2] and store.epoch_info(1)["ids_written"] == N
 
 
 class FailsInEpoch2(PSKDTrainer):

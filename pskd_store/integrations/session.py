@@ -129,10 +129,12 @@ class StoreSession:
             # likely its logits never reached the writer, and PS-KD trains as cross-entropy
             sealed = self.store.seal(self.epoch, allow_empty=True, schedule=self._schedule())
             if not sealed["ids_written"]:
-                warnings.warn(f"epoch {self.epoch} recorded no predictions: every sample's teacher carries forward "
-                              "from the epoch before (its one-hot label after epoch 1), so PS-KD trains as "
-                              "cross-entropy; record each batch's logits (Lightning: return them from "
-                              "training_step, not None)", RuntimeWarning, stacklevel=2)
+                recorded = [e for e in self.store.sealed_epochs if self.store.epoch_info(e)["ids_written"]]
+                then = (f"epoch {recorded[-1]}'s predictions again" if recorded else
+                        "every sample's one-hot label, so PS-KD trains as cross-entropy")
+                warnings.warn(f"epoch {self.epoch} recorded no predictions: every sample's teacher carries forward, "
+                              f"and the next epoch's targets blend {then}; record each batch's logits "
+                              "(Lightning: return them from training_step, not None)", RuntimeWarning, stacklevel=2)
         self.env.barrier()
         self.store.refresh()  # rank 0's seal: every rank's checkpoint (one per node, say) records its token
         self.sealed, self.seal_token = self.epoch, self.store.epoch_info(self.epoch)["seal_token"]

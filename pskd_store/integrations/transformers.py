@@ -101,8 +101,15 @@ class PSKDTrainer(Trainer):
         self.pskd_base = self.train_dataset
         self.train_dataset = WithSampleIds(self.train_dataset)
         self.session: StoreSession | None = None
+        self._train_calls = self._session_opened_in = 0  # which train() call opened the session
         self.add_callback(_StoreEpochs(self))
         self.add_callback(SealRecord())
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; each call counted, so that a retry within one (auto_find_batch_size's,
+        after an out-of-memory) is told from a new call after a failure."""
+        self._train_calls += 1
+        return super().train(*args, **kwargs)
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -156,17 +163,21 @@ class PSKDTrainer(Trainer):
         """Open the store, rolled back to ``epochs_done`` on a resume (each epoch's teacher is
         served when the epoch begins); ``seal_token``: the checkpoint's, of that epoch."""
         options = dict(self.pskd_options)
-        if self.session is not None and self.session.writer is not None:
-            # this trainer's try failed mid-epoch and trains again (auto_find_batch_size's retry, or
-            # train() called again): its part given up, the store taken over as any start takes it,
-            # if that try sealed nothing (the epochs it sealed are its checkpoints' teachers)
-            self.session.abandon()
+        if self.session is not None:
+            self.session.abandon()  # a try that failed mid-epoch: its part given up
+            if self._session_opened_in == self._train_calls:
+                # auto_find_batch_size's retry, within this train() call: from step 0 (or the same
+                # checkpoint), into the store made anew, whatever the failed try sealed. A new
+                # call after a failure takes the store over only if that try sealed nothing: the
+                # epochs it sealed are its checkpoints' teachers
+                options["overwrite"] = options["overwrite"] or epochs_done == 0
         self.session = StoreSession.open(
             self.pskd_url, self.pskd_base, self.pskd_labels, num_classes=self.pskd_classes,
             alpha_T=options.pop("alpha_T"), total_epochs=_whole(self.args.num_train_epochs, "num_train_epochs"),
             env=torchrun_environment() or Distributed(), resuming=epochs_done > 0, lengths=self.pskd_lengths,
             **options,
         )
+        self._session_opened_in = self._train_calls
         if epochs_done > 0:
             self.session.resume_after(epochs_done, seal_token)
 
