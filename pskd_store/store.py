@@ -626,7 +626,11 @@ class SoftTargetStore:
             if meta is None:
                 raise StoreDamagedError(_root_damaged(self.url, f"its '{ATTRS_KEY}' attributes are gone"))
         if meta != self._meta:  # equal ones were checked when read or written: checking again
-            self._meta = self._checked(meta)  # serialises them all: 0.6 of 1.2 ms at 300 sealed epochs
+            meta = self._checked(meta)  # serialises them all: 0.6 of 1.2 ms at 300 sealed epochs
+            if meta.get("store_id") != self._meta.get("store_id"):  # its labels, caches, readers: another's
+                raise StoreError(f"the store at {self.url} was made anew (overwrite=True) since this process opened "
+                                 "it: open it again, and train the run that made it anew, or restore this one")
+            self._meta = meta
 
     def _root_attributes(self) -> dict[str, Any] | None:
         """The attributes read straight from the root document, twice a training epoch

@@ -1328,3 +1328,15 @@ def test_the_seal_of_a_process_that_is_gone_is_taken_over_and_one_elsewhere_name
     (claims / "seal.0").write_text(json.dumps(dataclasses.asdict(gone)))  # a seal killed
     store.seal(1)
     assert store.sealed_epochs == [1] and not claims.exists()
+
+
+def test_a_store_made_anew_under_an_open_one_is_refused_not_taken_for_it(tmp_path, labels):
+    """Made again with overwrite=True while this process had it open: its labels, its
+    teachers' cache and the data sets reading it are the old store's."""
+    store = SoftTargetStore.create(tmp_path / "s", labels, K, chunk_rows=CHUNK_ROWS)
+    write_epoch(store, 1)
+    SoftTargetStore.create(tmp_path / "s", labels, K, chunk_rows=CHUNK_ROWS, overwrite=True)
+    with pytest.raises(StoreError, match="was made anew \\(overwrite=True\\) since this process opened it"):
+        store.refresh()
+    with pytest.raises(StoreError, match="was made anew"):
+        store.writer(2)
