@@ -30,13 +30,20 @@
 7. ``train``: a 3-epoch ``train()`` of the CIFAR recipe (preact_resnet18, fp32) on
    CIFAR-shaped random data, and its fixed cost per epoch (seal and evaluation).
 
-On a machine without a CUDA GPU it says so and exits 0; ``--device cpu`` runs the checks
-that do not need CUDA (1 and 4, on gloo) there, to try the script itself. On an H200 the
-checks took 25 s (matrix, 2 steps), 19 s (syncs, 20 steps), 121 s (throughput, 6,400
-samples), 82 s (overhead, 12,800 samples) and 7 s (train, 6,400 samples); the defaults
-give throughput and train twice those samples.
+They run in that order, but for ``train``, which runs before the long 5 and 6. On a
+machine without a CUDA GPU it says so and exits 0; ``--device cpu`` runs the checks that do
+not need CUDA (1 and 4, on gloo) there, to try the script itself. On an H200 (TF32
+convolutions then) the checks took 25 s (matrix, 2 steps), 19 s (syncs, 20 steps), 121 s
+(throughput, 6,400 samples), 82 s (overhead, 12,800 samples) and 7 s (train, 6,400
+samples); in full float32 at the default 12,800 samples, throughput and overhead may take
+several minutes each, so on a short lease run it in two calls. The report is written to
+``--out`` at the start and after every check; the exit status is 1 when a check failed.
+The repository needs no install (its root is put on the path); the machine needs torch,
+torchvision, zarr, numcodecs, google-crc32c, donfig and tqdm.
 
-    python benchmarks/gpu_check.py [--samples 12800] [--out gpu_check.json]
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --checks matrix,writer,write_time,tokens,syncs,train \
+        --out "$OUT/gpu_check.json"
+    PYTHONPATH=. python3 benchmarks/gpu_check.py --checks throughput,overhead --out "$OUT/gpu_perf.json"
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import io
 import json
 import platform
 import shutil
@@ -53,6 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -61,10 +70,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, TensorDataset
 from torchvision import transforms as T
+from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]  # no install needed
 from train_overhead import ARMS, build_parser, keep_freed_memory, measure, train_arm  # noqa: E402
 
+from pskd_store import engine  # noqa: E402
 from pskd_store.augment import BatchAugment  # noqa: E402
 from pskd_store.data import DataSplits  # noqa: E402
 from pskd_store.distributed import setup  # noqa: E402
@@ -133,23 +144,43 @@ def check_matrix(tmp: Path, device: str, steps: int, batch_size: int, workers: i
             try:
                 train(config, tmp / name, quiet=True, splits=splits)
                 store = SoftTargetStore.open(tmp / name / "store", read_only=True)
-                result[name] = {"ok": store.sealed_epochs == [1, 2],
-                                "ids_written": [store.epoch_info(e)["ids_written"] for e in (1, 2)]}
+                written = [store.epoch_info(e)["ids_written"] for e in (1, 2)]
+                expected = _recorded_per_epoch(method, aug, steps, batch_size)
+                result[name] = {"ok": store.sealed_epochs == [1, 2] and all(
+                    count == expected if expected is not None else count % batch_size == 0 for count in written),
+                    "ids_written": written, "expected": expected}
             except Exception as err:  # the point of the check: which combination fails, and how
-                result[name] = {"ok": False, "error": f"{type(err).__name__}: {err}"}
+                result[name] = {"ok": False, "error": _error(err)}
             finally:  # one run's checkpoints (~85 MB each) on disk at a time, not fifteen runs'
                 shutil.rmtree(tmp / name, ignore_errors=True)
     result["ok"] = all(r["ok"] for r in result.values())
     return result
 
 
+def _recorded_per_epoch(method: str, aug: str, steps: int, batch_size: int) -> int | None:
+    """The ids a matrix run records an epoch: every sample trained on its own, but PS-KD under
+    --aug only its PS-KD half; None where CutMix mixes a whole batch by chance (a mixed batch
+    records nothing: a multiple of the batch)."""
+    if method == "pskd":
+        return steps * batch_size // (1 if aug == "none" else 2)
+    return None if aug == "cutmix" else steps * batch_size
+
+
+def _error(err: BaseException) -> str:
+    """An error as the report keeps it: its type, message and where (a GPU run is rare)."""
+    return f"{type(err).__name__}: {err}\n{traceback.format_exc()[-3000:]}"
+
+
 # -- 2. the writer on a GPU ---------------------------------------------------------------
 
 def _write_epoch(store: SoftTargetStore, batches: list[torch.Tensor], logits: torch.Tensor,
-                 stream: torch.cuda.Stream | None) -> np.ndarray:
+                 stream: torch.cuda.Stream | None) -> tuple[np.ndarray, bool]:
     """Write one epoch batch by batch, each batch's logits made behind a long kernel on
-    ``stream`` (None: the logits are on the CPU); return the sealed rows."""
+    ``stream`` (None: the logits are on the CPU); return the sealed rows, and whether the
+    device was still behind the host when the writer closed (else the check showed nothing:
+    a writer reading its buffers early would have read them whole)."""
     writer = store.writer(1)
+    behind = False
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         if stream is not None:
             stream.wait_stream(torch.cuda.default_stream())
@@ -158,11 +189,13 @@ def _write_epoch(store: SoftTargetStore, batches: list[torch.Tensor], logits: to
             out = logits[ids]
             if stream is not None:
                 busy = a @ b  # ~1 ms of work queued ahead of the logits, on this stream
-                out = logits[ids.to(logits.device, non_blocking=True)] + busy[0, 0] * 0
+                out = logits[ids.pin_memory().to(logits.device, non_blocking=True)] + busy[0, 0] * 0
             writer.write(ids, out)
+        if stream is not None:
+            behind = not stream.query()
     writer.close()  # outside the side stream
     store.seal(1)
-    return store.read_epoch(1).astype(np.float32)
+    return store.read_epoch(1).astype(np.float32), behind
 
 
 def check_writer(tmp: Path) -> dict:
@@ -170,14 +203,15 @@ def check_writer(tmp: Path) -> dict:
     labels = np.arange(n) % K
     logits = torch.randn(n, K, generator=torch.Generator().manual_seed(0)) * 4
     batches = list(torch.randperm(n, generator=torch.Generator().manual_seed(1)).split(128))
-    on_cpu = _write_epoch(SoftTargetStore.create(tmp / "cpu", labels, K), batches, logits, None)
+    on_cpu, _ = _write_epoch(SoftTargetStore.create(tmp / "cpu", labels, K), batches, logits, None)
     gpu_logits = logits.cuda()
     result = {"rows": n}
     for name, stream in (("default_stream", torch.cuda.default_stream()), ("side_stream", torch.cuda.Stream())):
-        stored = _write_epoch(SoftTargetStore.create(tmp / name, labels, K), batches, gpu_logits, stream)
+        stored, behind = _write_epoch(SoftTargetStore.create(tmp / name, labels, K), batches, gpu_logits, stream)
         difference = np.abs(stored - on_cpu).max(axis=1)
         # float16 rows of a softmax computed on two devices may differ in the last bit
-        result[name] = {"max_abs_diff": float(difference.max()), "rows_wrong": int((difference > 1e-3).sum())}
+        result[name] = {"max_abs_diff": float(difference.max()), "rows_wrong": int((difference > 1e-3).sum()),
+                        "device_behind_at_close": behind}
     result["ok"] = all(result[s]["rows_wrong"] == 0 for s in ("default_stream", "side_stream"))
     return result
 
@@ -265,7 +299,7 @@ def check_syncs(tmp: Path, steps: int, device: str = "cuda", batch_size: int = 1
         run.store.seal(1)
         for epoch, bar in ((2, False), (3, True)):  # epochs with a teacher
             torch.cuda.synchronize()
-            with warnings.catch_warnings(record=True) as caught:
+            with warnings.catch_warnings(record=True) as caught, _bar_drawn(bar):
                 warnings.simplefilter("always")
                 torch.cuda.set_sync_debug_mode("warn")
                 try:
@@ -280,9 +314,28 @@ def check_syncs(tmp: Path, steps: int, device: str = "cuda", batch_size: int = 1
                 "syncs_per_step": len(syncs) / steps, "syncs": len(syncs), "steps": steps,
                 "where": dict(where.most_common(6)),
             }
-    # the epoch's totals are read once at its end; the progress bar reads its loss each step
-    result["ok"] = all(result[aug]["syncs"] <= 1 for aug in ("none", "cutout", "cutmix"))
+    # the epoch's totals are read once at its end (a CUDA sync: the detector's positive
+    # control); the progress bar reads its loss each step
+    once = 1 if device == "cuda" else 0
+    result["ok"] = all(result[aug]["syncs"] == once and (device != "cuda" or result[f"{aug}_progress_bar"]["syncs"]
+                                                         > once) for aug in ("none", "cutout", "cutmix"))
     return result
+
+
+@contextlib.contextmanager
+def _bar_drawn(drawn: bool):
+    """The training loop's progress bar drawn (into a string) when ``drawn``: tqdm turns
+    itself off where its output is no terminal, as on a GPU machine run by a script."""
+    if not drawn:
+        yield
+        return
+    def bar(*args, **kwargs):
+        return tqdm(*args, **{**kwargs, "disable": bool(kwargs.get("disable")), "file": io.StringIO()})
+    engine.tqdm = bar
+    try:
+        yield
+    finally:
+        engine.tqdm = tqdm
 
 
 # -- 4. two ranks draw apart -------------------------------------------------------------------
@@ -402,11 +455,19 @@ def main() -> None:
     if args.device == "cuda":
         checks[1:1] = [("writer", check_writer), ("write_time", check_write_time), ("tokens", check_tokens),
                        ("syncs", lambda tmp: check_syncs(tmp, args.sync_steps))]
-        checks += [("throughput", lambda tmp: check_throughput(tmp, args.samples)),
-                   ("overhead", lambda tmp: check_overhead(tmp, args.samples, args.overhead_repeats)),
-                   ("train", lambda tmp: check_train(tmp, args.samples))]
+        checks += [("train", lambda tmp: check_train(tmp, args.samples)),  # short: before the long two
+                   ("throughput", lambda tmp: check_throughput(tmp, args.samples)),
+                   ("overhead", lambda tmp: check_overhead(tmp, args.samples, args.overhead_repeats))]
     if args.checks:
-        checks = [(name, check) for name, check in checks if name in args.checks.split(",")]
+        wanted = [name.strip() for name in args.checks.split(",")]
+        unknown = sorted(set(wanted) - {name for name, _ in checks})
+        if unknown:
+            parser.error(f"--checks: no check {', '.join(unknown)} on {args.device}; "
+                         f"choose among {', '.join(name for name, _ in checks)}")
+        checks = [(name, check) for name, check in checks if name in wanted]
+    if args.out:  # written now and after every check: a run cut short keeps what it found
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
     with tempfile.TemporaryDirectory() as tmp, float32_precision(False):  # as pskd-store train runs
         for name, check in checks:
             started = time.perf_counter()
@@ -414,12 +475,15 @@ def main() -> None:
             try:
                 result = check(Path(tmp) / name)
             except Exception as err:  # report and go on: the other checks still tell something
-                result = {"error": f"{type(err).__name__}: {err}"}
+                result = {"error": _error(err)}
             result["check_s"] = time.perf_counter() - started
             emit(name, result, results)
             if args.out:
                 args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
+    failed = [name for name, _ in checks if "error" in results[name] or results[name].get("ok") is False]
+    if failed:
+        sys.exit(f"gpu_check: {', '.join(failed)} failed (see the JSON above)")
 
 
 if __name__ == "__main__":

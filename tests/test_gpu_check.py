@@ -80,3 +80,25 @@ def test_the_write_time_check_times_every_call_of_every_epoch_on_the_cpu(tmp_pat
     for measured in result.values():
         assert measured["calls"] == 5 and 0 < measured["median_us"] <= measured["max_us"]
         assert measured["mean_us"] <= measured["max_us"]
+
+
+def test_a_check_not_there_is_refused_and_a_failed_one_fails_the_run(tmp_path, monkeypatch, torch_state_kept):
+    """On a lent GPU a mistyped --checks would run nothing and say nothing; a check that
+    failed must show in the exit status, with its traceback in the report written so far."""
+    out = tmp_path / "gpu_check.json"
+    monkeypatch.setattr(sys, "argv", [str(GPU_CHECK), "--device", "cpu", "--checks", "matrix, rank_drawz"])
+    with pytest.raises(SystemExit) as refused:
+        runpy.run_path(str(GPU_CHECK), run_name="__main__")
+    assert refused.value.code == 2
+    monkeypatch.setattr(sys, "argv", [str(GPU_CHECK), "--device", "cpu", "--checks", "matrix", "--matrix-steps", "1",
+                                      "--matrix-batch", "2", "--matrix-workers", "0", "--out", str(out)])
+    monkeypatch.setattr("pskd_store.training.build_run", _fails)  # every matrix run fails where it builds
+    with pytest.raises(SystemExit, match="gpu_check: matrix failed"):
+        runpy.run_path(str(GPU_CHECK), run_name="__main__")
+    matrix = json.loads(out.read_text())["matrix"]
+    assert not matrix["ok"] and "RuntimeError: a device path broke" in matrix["pskd+none"]["error"]
+    assert "Traceback" in matrix["pskd+none"]["error"] and "_fails" in matrix["pskd+none"]["error"]
+
+
+def _fails(*args, **kwargs):
+    raise RuntimeError("a device path broke")
