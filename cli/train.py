@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
@@ -26,7 +25,7 @@ from pskd_store.recipe import (
     TrainConfig,
     absolute_if_local,
 )
-from pskd_store.run_directory import RunDirectory, RunError
+from pskd_store.run_directory import RunDirectory, RunError, RunHeldError
 from pskd_store.store import StoreError
 
 from .logs import setup_logging
@@ -285,9 +284,18 @@ def _after_a_stop(run: RunDirectory, made: bool, error: str | None) -> None:
         root.removeHandler(handler)  # and never opened again
         handler.close()
     if made:
-        with contextlib.suppress(RunError), run.lock():  # another process's run, if it holds it now: left alone
-            if not run.config.exists():
-                shutil.rmtree(run.path, ignore_errors=True)
+        try:
+            with run.lock():  # another process's run, if it holds it now: left alone
+                _remove_unless_begun(run)
+        except RunHeldError:
+            pass
+        except RunError:  # a file system without locks: none holds it
+            _remove_unless_begun(run)
+
+
+def _remove_unless_begun(run: RunDirectory) -> None:
+    if not run.config.exists():
+        shutil.rmtree(run.path, ignore_errors=True)
 
 
 def _make(directory: Path) -> bool:
@@ -297,6 +305,9 @@ def _make(directory: Path) -> bool:
         directory.mkdir(parents=True)
     except FileExistsError:
         return False
+    except OSError as err:
+        raise RunError(f"cannot make {directory} ({err.strerror}): make its parent writable, or train into another "
+                       "--output") from err
     return True
 
 

@@ -35,6 +35,10 @@ class RunError(ValueError):
     """A run directory that cannot be read: the message names the problem and the fix."""
 
 
+class RunHeldError(RunError):
+    """A run another process holds (trains, or resumes) now."""
+
+
 _HELD_LOCKS: set[int] = set()  # the file descriptors of the run locks this process holds
 
 
@@ -170,7 +174,7 @@ class RunDirectory:
                     fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
                     file.seek(0)
-                    raise RunError(_held_by(file.read().strip(), self.path / ".lock")) from None
+                    raise RunHeldError(_held_by(file.read().strip(), self.path / ".lock")) from None
                 except OSError as err:  # ENOLCK, EOPNOTSUPP: a network or FUSE file system without locks
                     raise RunError(f"cannot lock {self.path / '.lock'} ({err.strerror}): its file system takes no "
                                    "locks; train into a directory on one that does (a local disk)") from err

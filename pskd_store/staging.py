@@ -255,18 +255,22 @@ class EpochStaging:
         """Hold the epoch's seal for this process while it runs. A second seal of the epoch
         at the same time (each rank of a hand-written loop sealing, say) is refused before it
         writes anything: its arrays would replace the ones the first published. A claim whose
-        owner is gone (a seal killed) is removed; of two claims made at once, whichever is
-        checked second refuses, as a part's claims do."""
-        me, hold = Owner.this_process(), _Sealing()
+        owner is gone (a seal killed, or one of this process that failed) is removed; of two
+        claims made at once, whichever is checked second refuses, as a part's claims do. A
+        seal that succeeds removes the staging, its claim with it."""
+        me = Owner.this_process()
+        hold = _Sealing()  # _LIVE_CLAIMS holds it weakly: alive while this frame holds it
         _LIVE_CLAIMS[me.token] = hold
-        require_groups(self.root, self.path)
-        number = max(self._seal_claims(), default=-1) + 1
-        key = self._seal_key(number)
-        _store_set_if_absent(self.root.store, key, json.dumps(asdict(me)).encode())
-        mine = self._seal_owner(number) == me
+        key = None
         try:
+            number = max(self._seal_claims(), default=-1) + 1
+            _store_set_if_absent(self.root.store, self._seal_key(number), json.dumps(asdict(me)).encode())
+            if self._seal_owner(number) != me:
+                raise StoreError(f"another process claimed the seal of epoch {self.epoch} at the same moment as this "
+                                 "one: seal each epoch in one process (rank 0 of a DDP loop)")
+            key = self._seal_key(number)
             for other in self._seal_claims():
-                owner = None if mine and other == number else self._seal_owner(other)
+                owner = None if other == number else self._seal_owner(other)
                 if owner is not None and owner.state() != "gone":
                     raise StoreError(
                         f"epoch {self.epoch} is being sealed by {owner} at the same time: seal each epoch in one "
@@ -276,10 +280,23 @@ class EpochStaging:
                 if other != number:
                     store_io.delete(self.root.store, self._seal_key(other))
             yield
+        except BaseException:
+            if key is not None:
+                with contextlib.suppress(OSError):  # left, it reads as gone: the next seal takes it over
+                    store_io.delete(self.root.store, key)
+            raise
         finally:
-            del _LIVE_CLAIMS[me.token]
-            if mine:  # after a seal the staging, this claim with it, is gone already
-                store_io.delete(self.root.store, key)
+            _LIVE_CLAIMS.pop(me.token, None)
+            del hold
+
+    def sealing_by(self) -> str | None:
+        """Who seals the epoch now, if a seal may still run (alive, or on another machine)."""
+        for number in self._seal_claims():
+            owner = self._seal_owner(number)
+            if owner is not None and owner.state() != "gone":
+                return f"{owner}" + ("" if owner.state() == "alive" else
+                                     f" (if that process is gone, delete {self.url}/{self._seal_key(number)})")
+        return None
 
     def _seal_key(self, number: int) -> str:
         return f"{self.path}/owners/seal.{number}"
@@ -332,6 +349,9 @@ class EpochStaging:
         Refused while an owner on this machine is still writing a part.
         """
         ranks = sorted(set(self._ranks()) | set(self._claimed_ranks())) if rank is None else [rank]
+        if (sealer := self.sealing_by()) is not None:
+            raise StoreError(f"cannot discard epoch {self.epoch}'s rows: the epoch is being sealed by {sealer}; wait "
+                             "for its seal, or stop it first")
         for r in ranks:
             claims = self._claims(r)
             if claims and not self._part_attrs(r).get("closed"):
@@ -349,6 +369,10 @@ class EpochStaging:
             store_io.delete(self.root.store, self._claim_key(rank, number))
 
     # -- internals ---------------------------------------------------------------------------
+
+    def has_parts(self) -> bool:
+        """Whether a writer made a part of the epoch (a claim alone wrote no rows)."""
+        return bool(self._ranks())
 
     def _ranks(self) -> list[int]:
         """The ranks with a part (a claim alone has written no rows)."""

@@ -931,6 +931,9 @@ class SoftTargetStore:
     def _seal(self, epoch: int, scratch_dir: str | Path | None, allow_empty: bool,
               schedule: dict[str, float] | None) -> dict[str, Any]:
         staging = self.staging(epoch)
+        self.require_next(epoch)  # refused before anything is written: a sealed epoch, one out of order
+        if not staging.has_parts():
+            raise StoreError(f"nothing was written for epoch {epoch}: no writer staged rows in {self.url}")
         with staging.sealing():
             self.require_next(epoch)  # sealed by another process before this one held the epoch
             return self._seal_held(epoch, staging, scratch_dir, allow_empty, schedule)
@@ -938,8 +941,6 @@ class SoftTargetStore:
     def _seal_held(self, epoch: int, staging: EpochStaging, scratch_dir: str | Path | None, allow_empty: bool,
                    schedule: dict[str, float] | None) -> dict[str, Any]:
         parts = staging.parts()
-        if not parts:
-            raise StoreError(f"nothing was written for epoch {epoch}: no writer staged rows in {self.url}")
         if not allow_empty and not any(part.rows for part in parts):
             raise StoreError(f"nothing was written for epoch {epoch}: every writer closed empty")
         if len({part.world_size for part in parts}) > 1:

@@ -9,6 +9,7 @@ real subprocesses against a real run directory.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
@@ -622,6 +623,16 @@ def test_a_run_refused_before_it_began_leaves_no_folder(tmp_path, data_dir, monk
     refused = pskd_in_process("train", "--arch", "fmnist_cnn", "--data-dir", str(data_dir), *given)
     assert refused.returncode == 1 and "takes 28x28 inputs but mnist1d has mnist1d inputs" in refused.stderr
     assert not (tmp_path / "run").exists() and not list(tmp_path.glob("runs/*"))
+
+
+def test_a_run_refused_by_a_file_system_without_locks_leaves_no_folder(tmp_path, data_dir, monkeypatch):
+    def no_locks(file, operation) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr("fcntl.flock", no_locks)
+    refused = pskd_in_process("train", "--data-dir", str(data_dir), "-o", str(tmp_path / "run"))
+    assert refused.returncode == 1 and "its file system takes no locks" in refused.stderr
+    assert not (tmp_path / "run").exists()
 
 
 def _hold_a_run_being_built(path: Path, ready: Path) -> None:

@@ -24,6 +24,7 @@ from pskd_store.array_files import ARRAY_CONFIG, codecs_with_checksum
 from pskd_store.errors import EpochNotSealedError, StoreDamagedError, StoreError
 from pskd_store.integrity import CheckedArray, row_ranges
 from pskd_store.service import PredictionService, cache_folder
+from pskd_store.staging import EpochStaging
 from pskd_store.store import SoftTargetStore
 from pskd_store.store_keys import epoch_key
 from pskd_store.verify import verify_path, verify_store
@@ -508,7 +509,9 @@ def test_a_seal_refuses_to_publish_onto_a_store_another_process_rolled_back(tmp_
 
     def merged_then_rolled_back(*args, **kwargs):
         result = merge(*args, **kwargs)
-        assert reopen(sealing).rollback(1) == [2]  # the other process
+        with monkeypatch.context() as before_the_claim:  # its discard ran before this seal claimed the epoch
+            before_the_claim.setattr(EpochStaging, "sealing_by", lambda staging: None)
+            assert reopen(sealing).rollback(1) == [2]  # the other process
         return result
 
     monkeypatch.setattr(store_module, "merge_epoch", merged_then_rolled_back)

@@ -1340,3 +1340,76 @@ def test_a_store_made_anew_under_an_open_one_is_refused_not_taken_for_it(tmp_pat
         store.refresh()
     with pytest.raises(StoreError, match="was made anew"):
         store.writer(2)
+
+
+def test_a_seal_checks_again_once_it_holds_the_epoch_and_refuses_a_claim_it_lost(tmp_path, labels, monkeypatch):
+    """Another process sealed the epoch between this seal's first look and its claim: refused
+    as sealed. A claim another process made under the same number at the same moment: refused."""
+    import dataclasses
+
+    import pskd_store.staging as staging_module
+    from pskd_store.staging import EpochStaging, Owner, _machine, _process_start
+
+    store = SoftTargetStore.create(tmp_path / "s", labels, K, chunk_rows=CHUNK_ROWS)
+    write_epoch(store, 1, seal=False)
+    other, sealing = SoftTargetStore.open(tmp_path / "s"), EpochStaging.sealing
+
+    def sealed_first_by_the_other(staging):
+        monkeypatch.setattr(EpochStaging, "sealing", sealing)
+        other.seal(1)
+        return sealing(staging)
+
+    monkeypatch.setattr(EpochStaging, "sealing", sealed_first_by_the_other)
+    with pytest.raises(StoreError, match="epoch 1 is already sealed"):
+        store.seal(1)
+    assert store.sealed_epochs == [1]
+    write_epoch(store, 2, seal=False)
+    parent = os.getppid()  # a process that runs, on this machine
+    winner = dataclasses.replace(Owner.this_process(), pid=parent, machine=_machine(), started=_process_start(parent))
+    put = staging_module._store_set_if_absent
+
+    def beaten_to_it(zstore, key, data):
+        put(zstore, key, json.dumps(dataclasses.asdict(winner)).encode())
+        put(zstore, key, data)
+
+    monkeypatch.setattr(staging_module, "_store_set_if_absent", beaten_to_it)
+    with pytest.raises(StoreError, match="another process claimed the seal of epoch 2 at the same moment"):
+        store.seal(2)
+    monkeypatch.undo()
+    claims = tmp_path / "s" / "staging" / "epoch_0002" / "owners"
+    assert [path.name for path in claims.glob("seal.*")] == ["seal.0"]  # the winner's, left to it
+
+
+def test_a_failed_seal_lets_its_claim_go_and_a_sealed_one_leaves_none(tmp_path, labels, monkeypatch):
+    """The claim of a seal that failed is removed (or reads as gone), so the next seal goes on;
+    rows are not discarded while a seal holds the epoch; a seal that published never tries
+    to remove its claim again (the staging's removal took it, and an error then would report
+    a sealed epoch as unpublished)."""
+    import pskd_store.staging as staging_module
+    import pskd_store.store as store_module
+
+    store = SoftTargetStore.create(tmp_path / "s", labels, K, chunk_rows=CHUNK_ROWS)
+    written = write_epoch(store, 1, seal=False)
+    merge, discards = store_module.merge_epoch, []
+
+    def failing_merge(*args, **kwargs):
+        with pytest.raises(StoreError, match="cannot discard epoch 1's rows: the epoch is being sealed by process"):
+            SoftTargetStore.open(tmp_path / "s").discard_staging(1)
+        discards.append(True)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store_module, "merge_epoch", failing_merge)
+    with pytest.raises(StoreError, match="cannot seal epoch 1: No space left on device"):
+        store.seal(1)
+    assert discards and not list((tmp_path / "s" / "staging" / "epoch_0001" / "owners").glob("seal.*"))
+    monkeypatch.setattr(store_module, "merge_epoch", merge)
+    delete = staging_module.store_io.delete
+
+    def unreachable_claims(zstore, key):
+        if "/seal." in key:
+            raise OSError(104, "Connection reset by peer")
+        delete(zstore, key)
+
+    monkeypatch.setattr(staging_module.store_io, "delete", unreachable_claims)
+    store.seal(1)
+    np.testing.assert_array_equal(store.read_epoch(1), written.astype(np.float16))
