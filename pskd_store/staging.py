@@ -171,10 +171,10 @@ class EpochStaging:
         self.path = f"{STAGING}/{epoch_key(epoch)}"
 
     @classmethod
-    def all_epochs(cls, root: zarr.Group) -> list[EpochStaging]:
+    def all_epochs(cls, root: zarr.Group, url: str = "") -> list[EpochStaging]:
         """Every epoch with staged rows in the store."""
         matches = (_EPOCH.fullmatch(name) for name in store_io.list_dir(root.store, STAGING))
-        return [cls(root, epoch) for epoch in sorted(int(m[1]) for m in matches if m)]
+        return [cls(root, epoch, url) for epoch in sorted(int(m[1]) for m in matches if m)]
 
     # -- writers ---------------------------------------------------------------------------
 
@@ -265,9 +265,6 @@ class EpochStaging:
         try:
             number = max(self._seal_claims(), default=-1) + 1
             _store_set_if_absent(self.root.store, self._seal_key(number), json.dumps(asdict(me)).encode())
-            if self._seal_owner(number) != me:
-                raise StoreError(f"another process claimed the seal of epoch {self.epoch} at the same moment as this "
-                                 "one: seal each epoch in one process (rank 0 of a DDP loop)")
             key = self._seal_key(number)
             for other in self._seal_claims():
                 owner = None if other == number else self._seal_owner(other)
@@ -279,24 +276,27 @@ class EpochStaging:
                            f"; if that process is gone, delete {self.url}/{self._seal_key(other)}"))
                 if other != number:
                     store_io.delete(self.root.store, self._seal_key(other))
+            # read back last: a claim made under this number by another at the same moment, or
+            # this one deleted by a seal that took it for a gone owner's, and this seal holds nothing
+            if self._seal_owner(number) != me:
+                raise StoreError(f"another process claimed the seal of epoch {self.epoch} at the same moment as this "
+                                 "one: seal each epoch in one process (rank 0 of a DDP loop)")
             yield
         except BaseException:
-            if key is not None:
-                with contextlib.suppress(OSError):  # left, it reads as gone: the next seal takes it over
+            with contextlib.suppress(OSError):  # left, it reads as gone once this process ends
+                if key is not None and self._seal_owner(number) == me:  # ours, not a claim made under its number
                     store_io.delete(self.root.store, key)
             raise
         finally:
             _LIVE_CLAIMS.pop(me.token, None)
             del hold
 
-    def sealing_by(self) -> str | None:
-        """Who seals the epoch now, if a seal may still run (alive, or on another machine)."""
-        for number in self._seal_claims():
-            owner = self._seal_owner(number)
-            if owner is not None and owner.state() != "gone":
-                return f"{owner}" + ("" if owner.state() == "alive" else
-                                     f" (if that process is gone, delete {self.url}/{self._seal_key(number)})")
-        return None
+    def sealing_by(self) -> Owner | None:
+        """The owner of a seal of the epoch that runs now on this machine. One on another
+        machine cannot be checked: like a part's owner there, it does not stop a discard (a
+        resume elsewhere after a seal was killed rolls its epoch back)."""
+        owners = (self._seal_owner(number) for number in self._seal_claims())
+        return next((owner for owner in owners if owner is not None and owner.state() == "alive"), None)
 
     def _seal_key(self, number: int) -> str:
         return f"{self.path}/owners/seal.{number}"

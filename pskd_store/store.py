@@ -941,6 +941,8 @@ class SoftTargetStore:
     def _seal_held(self, epoch: int, staging: EpochStaging, scratch_dir: str | Path | None, allow_empty: bool,
                    schedule: dict[str, float] | None) -> dict[str, Any]:
         parts = staging.parts()
+        if not parts:  # discarded by another process since this seal first looked
+            raise StoreError(f"nothing was written for epoch {epoch}: no writer staged rows in {self.url}")
         if not allow_empty and not any(part.rows for part in parts):
             raise StoreError(f"nothing was written for epoch {epoch}: every writer closed empty")
         if len({part.world_size for part in parts}) > 1:
@@ -1022,7 +1024,7 @@ class SoftTargetStore:
                 f"cannot roll back to epoch {last_kept}: its predictions were pruned "
                 f"(kept: {self.teacher_epochs}); resume from a later checkpoint"
             )
-        for staging in EpochStaging.all_epochs(self._group):
+        for staging in EpochStaging.all_epochs(self._group, self.url):
             if staging.epoch > last_kept:
                 staging.discard()
         if not dropped:
@@ -1091,7 +1093,7 @@ class SoftTargetStore:
         """Remove the staged rows of sealed epochs and the teachers beyond ``keep_epochs``:
         the newly sealed epoch's, and what a seal killed after its publication left."""
         sealed = set(self.sealed_epochs)
-        for staging in EpochStaging.all_epochs(self._group):
+        for staging in EpochStaging.all_epochs(self._group, self.url):
             if staging.epoch in sealed:
                 staging.remove()
         pruned = {epoch_key(epoch) for epoch in sealed.difference(self.teacher_epochs)}

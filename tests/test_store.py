@@ -1310,6 +1310,26 @@ def test_a_second_seal_of_an_epoch_at_the_same_time_is_refused_before_it_writes(
     assert verify_path(store.url).ok
 
 
+@pytest.mark.parametrize("where", ["here", "elsewhere"])
+def test_a_rollback_after_a_seal_was_killed_discards_its_claim(tmp_path, labels, where):
+    """A resume after a seal was killed rolls its epoch back, on this machine or another (a
+    new container is another pid namespace): the dead seal's claim does not stop it."""
+    import dataclasses
+
+    from pskd_store.staging import Owner
+
+    store = SoftTargetStore.create(tmp_path / "s", labels, K, chunk_rows=CHUNK_ROWS)
+    write_epoch(store, 1)
+    write_epoch(store, 2, seal=False)
+    me = Owner.this_process()
+    killed = (dataclasses.replace(me, pid=2 ** 22 + 1, started="1") if where == "here"
+              else dataclasses.replace(me, machine="another machine", host="node7"))
+    (tmp_path / "s" / "staging" / "epoch_0002" / "owners" / "seal.0").write_text(json.dumps(dataclasses.asdict(killed)))
+    assert store.rollback(1) == [] and not (tmp_path / "s" / "staging" / "epoch_0002").exists()
+    write_epoch(store, 2)
+    assert store.sealed_epochs == [1, 2]
+
+
 def test_the_seal_of_a_process_that_is_gone_is_taken_over_and_one_elsewhere_named(tmp_path, labels):
     import dataclasses
 
@@ -1363,6 +1383,17 @@ def test_a_seal_checks_again_once_it_holds_the_epoch_and_refuses_a_claim_it_lost
     with pytest.raises(StoreError, match="epoch 1 is already sealed"):
         store.seal(1)
     assert store.sealed_epochs == [1]
+
+    def discarded_first_by_the_other(staging):
+        monkeypatch.setattr(EpochStaging, "sealing", sealing)
+        other.discard_staging(2)
+        return sealing(staging)
+
+    write_epoch(store, 2, seal=False)
+    monkeypatch.setattr(EpochStaging, "sealing", discarded_first_by_the_other)
+    with pytest.raises(StoreError, match="nothing was written for epoch 2"):
+        store.seal(2, allow_empty=True)
+    assert store.sealed_epochs == [1] and not (tmp_path / "s" / "teacher" / "epoch_0002").exists()
     write_epoch(store, 2, seal=False)
     parent = os.getppid()  # a process that runs, on this machine
     winner = dataclasses.replace(Owner.this_process(), pid=parent, machine=_machine(), started=_process_start(parent))
