@@ -306,8 +306,7 @@ class EpochStaging:
         return sorted(int(m[1]) for m in map(_SEAL_CLAIM.fullmatch, names) if m)
 
     def _seal_owner(self, number: int) -> Owner | None:
-        data = _store_get(self.root.store, self._seal_key(number))
-        return None if data is None else Owner(**json.loads(data))
+        return self._owner_at(self._seal_key(number))
 
     def parts(self) -> list[StagedPart]:
         """Every part, by rank; refuses an epoch with a part that was never closed (a part
@@ -400,7 +399,10 @@ class EpochStaging:
 
     def _owner(self, rank: int, number: int) -> Owner | None:
         """The owner claim ``number`` names; None once it was released."""
-        data = _store_get(self.root.store, self._claim_key(rank, number))
+        return self._owner_at(self._claim_key(rank, number))
+
+    def _owner_at(self, key: str) -> Owner | None:
+        data = _store_get(self.root.store, key)
         return None if data is None else Owner(**json.loads(data))
 
 

@@ -930,10 +930,9 @@ class SoftTargetStore:
 
     def _seal(self, epoch: int, scratch_dir: str | Path | None, allow_empty: bool,
               schedule: dict[str, float] | None) -> dict[str, Any]:
-        staging = self.staging(epoch)
-        self.require_next(epoch)  # refused before anything is written: a sealed epoch, one out of order
+        staging = self.staging(epoch)  # refused before anything is written: a sealed epoch, one out of order
         if not staging.has_parts():
-            raise StoreError(f"nothing was written for epoch {epoch}: no writer staged rows in {self.url}")
+            raise self._nothing_written(epoch)
         with staging.sealing():
             self.require_next(epoch)  # sealed by another process before this one held the epoch
             return self._seal_held(epoch, staging, scratch_dir, allow_empty, schedule)
@@ -942,7 +941,7 @@ class SoftTargetStore:
                    schedule: dict[str, float] | None) -> dict[str, Any]:
         parts = staging.parts()
         if not parts:  # discarded by another process since this seal first looked
-            raise StoreError(f"nothing was written for epoch {epoch}: no writer staged rows in {self.url}")
+            raise self._nothing_written(epoch)
         if not allow_empty and not any(part.rows for part in parts):
             raise StoreError(f"nothing was written for epoch {epoch}: every writer closed empty")
         if len({part.world_size for part in parts}) > 1:
@@ -998,6 +997,9 @@ class SoftTargetStore:
                 f"{self.teacher_epochs}) by hand to reclaim the space", RuntimeWarning, stacklevel=4,
             )
         return info
+
+    def _nothing_written(self, epoch: int) -> StoreError:
+        return StoreError(f"nothing was written for epoch {epoch}: no writer staged rows in {self.url}")
 
     def rollback(self, last_kept: int) -> list[int]:
         """Unseal every epoch after ``last_kept`` (to resume from an earlier checkpoint),
